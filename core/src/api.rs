@@ -1,0 +1,447 @@
+//! The `segmentation.dev/v1alpha1` API: `Segment` and `SegmentSource`.
+//!
+//! These types are the single source of the CRD YAML in `crds/` (generated
+//! by `segment-operator crd`). Validation the API server can do lives here as
+//! OpenAPI constraints and CEL rules, so a malformed object is rejected at
+//! `kubectl apply`; what needs a parser (SQL, cron, time zones) is checked by
+//! [`crate::definition`] and [`crate::schedule`] and reported in status.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, Toleration};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub const GROUP: &str = "segmentation.dev";
+pub const VERSION: &str = "v1alpha1";
+
+/// Annotation that requests a manual run; its value (an RFC 3339 time) is
+/// remembered in status so one request starts exactly one run.
+pub const RUN_REQUESTED_ANNOTATION: &str = "segmentation.dev/run-requested-at";
+/// Annotation that approves a version held by the rollover guard.
+pub const APPROVE_VERSION_ANNOTATION: &str = "segmentation.dev/approve-version";
+/// Finalizer that removes store data and results before a Segment goes away.
+pub const FINALIZER: &str = "segmentation.dev/cleanup";
+/// Labels put on every Job the operator creates.
+pub const SEGMENT_LABEL: &str = "segmentation.dev/segment";
+pub const VERSION_LABEL: &str = "segmentation.dev/version";
+pub const JOB_KIND_LABEL: &str = "segmentation.dev/job-kind";
+
+/// A customer segment: a definition evaluated over the lake on a schedule,
+/// loaded as numbered versions into the store, one of which is served.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "segmentation.dev",
+    version = "v1alpha1",
+    kind = "Segment",
+    namespaced,
+    status = "SegmentStatus",
+    shortname = "seg",
+    category = "segmentation",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Active","type":"integer","jsonPath":".status.activeVersion"}"#,
+    printcolumn = r#"{"name":"Members","type":"integer","jsonPath":".status.members"}"#,
+    printcolumn = r#"{"name":"Last Run","type":"date","jsonPath":".status.lastSuccessfulTime"}"#,
+    printcolumn = r#"{"name":"Next Run","type":"string","format":"date-time","jsonPath":".status.nextScheduleTime"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SegmentSpec {
+    /// What the segment means, for people reading `kubectl get -o yaml`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// How members are found: exactly one of `sql`, `rules` or `static`.
+    pub definition: Definition,
+    /// When to recompute. Without a schedule the segment is computed when it
+    /// is created, when its definition changes and on request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Schedule>,
+    #[serde(default)]
+    pub retention: Retention,
+    #[serde(default)]
+    pub rollover: RolloverPolicy,
+    /// Serve this retained version instead of the newest one (rollback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub pin_version: Option<u64>,
+    /// Overrides for the compute and ingest Jobs of this segment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute: Option<ComputeOverrides>,
+    /// What happens to store data and result files when the Segment is deleted.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+/// Exactly one of `sql`, `rules` or `static`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "(has(self.sql) ? 1 : 0) + (has(self.rules) ? 1 : 0) + (has(self.static) ? 1 : 0) == 1",
+    "message": "definition must set exactly one of sql, rules or static",
+    "fieldPath": ".",
+    "reason": "FieldValueInvalid"
+}]))]
+pub struct Definition {
+    /// A query returning one column of user ids. `now()` is the run's
+    /// snapshot time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 65536))]
+    pub sql: Option<String>,
+    /// A structured rule (all/any/not, property, event, segment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::rules::rule_schema")]
+    pub rules: Option<crate::rules::Rule>,
+    /// An uploaded list of user ids (CSV with a `user_id` column, or one id a line).
+    #[serde(default, rename = "static", skip_serializing_if = "Option::is_none")]
+    pub static_list: Option<StaticList>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StaticList {
+    /// `s3://bucket/key` or `file:///path`.
+    #[schemars(regex(pattern = r"^(s3|file)://.+"))]
+    pub uri: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Schedule {
+    /// Five-field cron (`*/30 * * * *`) or a macro (`@hourly`, `@daily`, ...).
+    #[schemars(length(min = 1, max = 128))]
+    pub cron: String,
+    /// IANA time zone the cron is read in; UTC when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
+    /// Stop scheduled runs; manual requests still run.
+    #[serde(default)]
+    pub suspend: bool,
+    #[serde(default)]
+    pub concurrency_policy: ConcurrencyPolicy,
+    /// A scheduled run that could not start within this many seconds of its
+    /// time is skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub starting_deadline_seconds: Option<i64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum ConcurrencyPolicy {
+    /// A run due while another is in flight waits for it to finish.
+    #[default]
+    Forbid,
+    /// A run due while another is in flight cancels it.
+    Replace,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "self.keepVersions >= 1",
+    "message": "keepVersions must be at least 1",
+    "fieldPath": ".keepVersions",
+    "reason": "FieldValueInvalid"
+}]))]
+pub struct Retention {
+    /// Versions kept in the store (the active and the pinned one are always kept).
+    #[serde(default = "default_keep_versions")]
+    pub keep_versions: u32,
+    /// How long result files stay in object storage (`30m`, `12h`, `7d`, `2w`).
+    #[serde(default = "default_keep_results_for")]
+    #[schemars(regex(pattern = r"^[0-9]+(s|m|h|d|w)$"))]
+    pub keep_results_for: String,
+}
+
+fn default_keep_versions() -> u32 {
+    3
+}
+fn default_keep_results_for() -> String {
+    "7d".to_string()
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention { keep_versions: default_keep_versions(), keep_results_for: default_keep_results_for() }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.maxChangeRatio) || (self.maxChangeRatio >= 0.0 && self.maxChangeRatio <= 1.0)",
+    "message": "maxChangeRatio must be between 0 and 1",
+    "fieldPath": ".maxChangeRatio",
+    "reason": "FieldValueInvalid"
+}]))]
+pub struct RolloverPolicy {
+    /// Hold a version whose membership differs from the active one by more
+    /// than this share of the active members, until approved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_change_ratio: Option<f64>,
+    /// Hold a version with fewer members than this, until approved.
+    #[serde(default)]
+    pub min_members: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ComputeOverrides {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+    /// Extra environment for the worker container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<Vec<EnvVar>>,
+    /// Seconds a compute Job may run before it is failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub active_deadline_seconds: Option<i64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum DeletionPolicy {
+    /// Remove store data and result files with the Segment.
+    #[default]
+    Delete,
+    /// Leave store data and result files in place.
+    Retain,
+}
+
+/// Observed state, rebuilt by every reconcile from the Jobs and the store.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SegmentStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// The version readers are served now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_version: Option<u64>,
+    /// Members of the active version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members: Option<u64>,
+    /// The highest version number ever allocated; numbers are never reused.
+    #[serde(default)]
+    pub latest_version: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_schedule_time: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_schedule_time: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_successful_time: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_run: Option<RunStatus>,
+    /// Retained versions, newest first, then a short history of failed runs.
+    #[serde(default)]
+    pub versions: Vec<VersionStatus>,
+    /// The last `run-requested-at` annotation value that started a run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handled_run_request: Option<String>,
+    /// Failed runs since the last success; drives the retry backoff.
+    #[serde(default)]
+    pub consecutive_failures: u32,
+    /// When a run that failed for a transient reason is retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<DateTime<Utc>>,
+    /// When expired result files were last collected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub results_collected_at: Option<DateTime<Utc>>,
+}
+
+/// A condition in the shape of `metav1.Condition`, so kstatus, Flux and
+/// Argo CD read it without configuration.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    pub reason: String,
+    #[serde(default)]
+    pub message: String,
+    pub last_transition_time: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunStatus {
+    pub version: u64,
+    pub phase: RunPhase,
+    /// The Job of the current phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// `now()` and `within` windows are evaluated at this time.
+    pub snapshot_time: DateTime<Utc>,
+    pub started_at: DateTime<Utc>,
+    pub trigger: RunTrigger,
+    pub definition_hash: String,
+    /// The Segment generation the run was started for.
+    pub generation: i64,
+    /// When the compute Job finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub computed_at: Option<DateTime<Utc>>,
+    /// When the ingest Job finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingested_at: Option<DateTime<Utc>>,
+    /// Why the run waits (`ChangeRatioExceeded`, `BelowMinMembers`,
+    /// `WaitingForComputeSlot`), and the details for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum RunPhase {
+    /// Waiting for a free compute slot (cluster-wide limit).
+    Pending,
+    Computing,
+    Ingesting,
+    /// Loaded, held by the rollover guard until approved.
+    AwaitingApproval,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum RunTrigger {
+    /// The segment has no version to serve yet (new, or its store data was lost).
+    Initial,
+    /// The definition changed.
+    Definition,
+    Schedule,
+    /// The `run-requested-at` annotation.
+    Manual,
+    /// A run that failed for a transient reason, retried with backoff.
+    Retry,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VersionStatus {
+    pub version: u64,
+    pub state: VersionState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members: Option<u64>,
+    pub snapshot_time: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub computed_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingested_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub results_uri: Option<String>,
+    pub definition_hash: String,
+    /// Why a run failed (the worker's one-line reason).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum VersionState {
+    /// Served to readers now.
+    Active,
+    /// Loaded and promoted once; kept for rollback.
+    Retained,
+    /// Loaded, held by the rollover guard.
+    AwaitingApproval,
+    /// The run failed; nothing of it is served.
+    Failed,
+}
+
+/// A lake table that definitions refer to by `table`.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "segmentation.dev",
+    version = "v1alpha1",
+    kind = "SegmentSource",
+    namespaced,
+    shortname = "segsrc",
+    category = "segmentation",
+    printcolumn = r#"{"name":"Table","type":"string","jsonPath":".spec.table"}"#,
+    printcolumn = r#"{"name":"Format","type":"string","jsonPath":".spec.format"}"#,
+    printcolumn = r#"{"name":"URI","type":"string","jsonPath":".spec.uri"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SegmentSourceSpec {
+    /// The name SQL and rules use for this table.
+    #[schemars(regex(pattern = r"^[a-z_][a-z0-9_]{0,62}$"))]
+    pub table: String,
+    /// `s3://bucket/prefix/`, a glob, or `file:///path`.
+    #[schemars(regex(pattern = r"^(s3|file)://.+"))]
+    pub uri: String,
+    pub format: SourceFormat,
+    #[serde(default = "default_user_id_column")]
+    #[schemars(length(min = 1))]
+    pub user_id_column: String,
+    /// Needed by rules with `within` windows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp_column: Option<String>,
+}
+
+fn default_user_id_column() -> String {
+    "user_id".to_string()
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceFormat {
+    Parquet,
+    Csv,
+    Ndjson,
+}
+
+impl Segment {
+    /// `namespace/name`, the key used by the store, results and events.
+    pub fn key(&self) -> SegmentKey {
+        SegmentKey {
+            namespace: self.metadata.namespace.clone().unwrap_or_default(),
+            name: self.metadata.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// Identifies a segment across the store, results and Kafka messages.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SegmentKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl SegmentKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        SegmentKey { namespace: namespace.into(), name: name.into() }
+    }
+}
+
+impl std::fmt::Display for SegmentKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Both CRDs as one YAML stream, as checked in under `crds/`.
+pub fn crds_yaml() -> String {
+    use kube::CustomResourceExt;
+    [Segment::crd(), SegmentSource::crd()]
+        .iter()
+        .map(|crd| serde_yaml::to_string(crd).expect("a CRD serializes to YAML"))
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+/// Path of the checked-in CRDs, relative to the workspace root.
+pub const CRDS_FILE: &str = "crds/segmentation.dev.yaml";

@@ -1,0 +1,17 @@
+//! Contracts shared by the segment-operator binaries.
+//!
+//! - [`api`]: the `Segment` and `SegmentSource` custom resources.
+//! - [`definition`], [`rules`], [`schedule`]: checks done before anything is launched.
+//! - [`planner`]: the lifecycle as a pure function from what is observed to what to do.
+//! - [`store`]: the edges (membership store, result files) behind traits.
+//! - [`naming`], [`task`]: names and the task handed to worker Jobs.
+
+pub mod api;
+pub mod definition;
+pub mod duration;
+pub mod naming;
+pub mod planner;
+pub mod rules;
+pub mod schedule;
+pub mod store;
+pub mod task;

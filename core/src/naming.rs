@@ -1,0 +1,85 @@
+//! Names of the objects the operator creates, and where results live.
+//! Deterministic, so a restarted operator finds what it created before.
+
+use sha2::{Digest, Sha256};
+
+use crate::api::SegmentKey;
+
+/// Longest Job name: Jobs copy their name into the `job-name` label, and
+/// label values stop at 63 characters.
+pub const MAX_JOB_NAME: usize = 63;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum JobKind {
+    Compute,
+    Ingest,
+}
+
+impl JobKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Compute => "compute",
+            JobKind::Ingest => "ingest",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<JobKind> {
+        match text {
+            "compute" => Some(JobKind::Compute),
+            "ingest" => Some(JobKind::Ingest),
+            _ => None,
+        }
+    }
+}
+
+/// `<segment>-v<version>-<kind>`; past 63 characters the segment name is
+/// cut and a hash of the whole name keeps it unique.
+pub fn job_name(segment: &str, version: u64, kind: JobKind) -> String {
+    let suffix = format!("-v{version}-{}", kind.as_str());
+    let full = format!("{segment}{suffix}");
+    if full.len() <= MAX_JOB_NAME {
+        return full;
+    }
+    let digest = Sha256::digest(segment.as_bytes());
+    let hash: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    let room = MAX_JOB_NAME - suffix.len() - hash.len() - 1;
+    let head = segment[..room.min(segment.len())].trim_end_matches('-');
+    format!("{head}-{hash}{suffix}")
+}
+
+/// `<base>/<namespace>/<segment>/v<version>/`: where a version's result
+/// parts and `_manifest.json` are written.
+pub fn results_uri(base: &str, segment: &SegmentKey, version: u64) -> String {
+    format!("{}/{}/{}/v{version}/", base.trim_end_matches('/'), segment.namespace, segment.name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_names_are_readable() {
+        assert_eq!(job_name("lapsed-high-value", 43, JobKind::Compute), "lapsed-high-value-v43-compute");
+        assert_eq!(job_name("a", 1, JobKind::Ingest), "a-v1-ingest");
+    }
+
+    #[test]
+    fn long_names_are_cut_with_a_hash_and_stay_distinct() {
+        let a = "x".repeat(60) + "-a";
+        let b = "x".repeat(60) + "-b";
+        let (na, nb) = (job_name(&a, 12345, JobKind::Compute), job_name(&b, 12345, JobKind::Compute));
+        assert!(na.len() <= MAX_JOB_NAME && nb.len() <= MAX_JOB_NAME, "{na} {nb}");
+        assert_ne!(na, nb);
+        assert!(na.ends_with("-v12345-compute"));
+        assert_eq!(na, job_name(&a, 12345, JobKind::Compute));
+        // A name that ends with '-' after the cut must not produce '--'.
+        let dashy = format!("{}-{}", "y".repeat(42), "z".repeat(30));
+        assert!(!job_name(&dashy, 1, JobKind::Ingest).contains("--"));
+    }
+
+    #[test]
+    fn results_uri_layout() {
+        let key = SegmentKey::new("growth", "vip");
+        assert_eq!(results_uri("s3://results/", &key, 7), "s3://results/growth/vip/v7/");
+    }
+}

@@ -1,0 +1,870 @@
+//! The lifecycle of a Segment as a pure function.
+//!
+//! [`plan`] takes a Segment (spec, status, annotations), what was observed
+//! (its Jobs, the store) and the time, and returns the status to write, the
+//! actions to take and when to look again. It keeps nothing between calls:
+//! everything it needs is in the status, the Jobs and the store, so a
+//! restarted operator continues a run where the previous one left it.
+//!
+//! The adapter runs a plan in this order, which keeps every crash point
+//! recoverable:
+//! 1. store actions ([`Action::is_store_action`]): they are idempotent and
+//!    re-derived from "desired vs observed" on the next plan if lost;
+//! 2. the status, which records a new run before its Job exists (intent
+//!    first), so a crash cannot start a run twice;
+//! 3. Job deletions and creations (creations tolerate `AlreadyExists`);
+//! 4. Events.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Duration, Utc};
+
+use crate::api::*;
+use crate::definition::{self, definition_hash, DefinitionError};
+use crate::duration::parse_duration;
+use crate::naming::{job_name, results_uri, JobKind};
+use crate::schedule::{CronSchedule, ScheduleError};
+use crate::store::{SegmentStore, StoreError, StoredVersion};
+use crate::task::Failure;
+
+/// Operator settings that shape plans.
+#[derive(Debug, Clone)]
+pub struct PlannerConfig {
+    /// Base URI of result files (`s3://bucket/prefix`), recorded per version.
+    pub results_base: Option<String>,
+    /// Failed runs kept in `status.versions` for people to read.
+    pub failed_history: usize,
+    /// How often expired result files are collected.
+    pub results_collect_interval: Duration,
+    /// Safety-net requeue while a run is in flight (Job changes also wake
+    /// the controller).
+    pub poll_interval: Duration,
+    /// First retry delay after a transient failure; doubles each time.
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+    /// Consecutive transient failures retried before waiting for the next
+    /// scheduled run.
+    pub max_retries: u32,
+}
+
+impl Default for PlannerConfig {
+    fn default() -> Self {
+        PlannerConfig {
+            results_base: None,
+            failed_history: 5,
+            results_collect_interval: Duration::hours(1),
+            poll_interval: Duration::seconds(60),
+            retry_base: Duration::seconds(30),
+            retry_max: Duration::minutes(15),
+            max_retries: 5,
+        }
+    }
+}
+
+/// A Job of this segment as the adapter saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObservedJob {
+    pub name: String,
+    pub version: u64,
+    pub kind: JobKind,
+    pub state: JobState,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobState {
+    Running,
+    Succeeded { finished_at: DateTime<Utc> },
+    Failed { finished_at: DateTime<Utc>, failure: Failure },
+}
+
+/// What the store holds for the segment.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StoreView {
+    pub active: Option<u64>,
+    pub versions: BTreeMap<u64, StoredVersion>,
+    /// Membership change between the active version and the version of the
+    /// run in flight, measured only when the rollover guard needs it.
+    pub change: Option<ChangeCount>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChangeCount {
+    pub from: u64,
+    pub to: u64,
+    pub changed: u64,
+}
+
+/// Everything a plan is made from.
+#[derive(Debug, Clone)]
+pub struct Observation<'a> {
+    pub segment: &'a Segment,
+    pub jobs: &'a [ObservedJob],
+    pub store: &'a StoreView,
+    /// `table` of every SegmentSource in the namespace; `None` skips the
+    /// unknown-table check.
+    pub source_tables: Option<&'a [String]>,
+    /// Whether the cluster-wide compute limit leaves room for one more Job.
+    pub compute_slot_free: bool,
+    pub now: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub status: SegmentStatus,
+    pub actions: Vec<Action>,
+    /// When to plan again even if nothing changes.
+    pub requeue_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Switch readers to `version` atomically.
+    Activate {
+        version: u64,
+        previous: Option<u64>,
+    },
+    /// Remove a version from the store (incrementally).
+    DeleteVersion {
+        version: u64,
+    },
+    /// Delete result files computed before `older_than`, except `keep`.
+    CollectResults {
+        older_than: DateTime<Utc>,
+        keep: Vec<u64>,
+    },
+    /// Delete the Jobs of a run that was cancelled.
+    CancelJobs {
+        version: u64,
+    },
+    /// Create a compute or ingest Job.
+    Launch(Launch),
+    Event(Event),
+}
+
+impl Action {
+    /// Store actions run before the status is written.
+    pub fn is_store_action(&self) -> bool {
+        matches!(self, Action::Activate { .. } | Action::DeleteVersion { .. } | Action::CollectResults { .. })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Launch {
+    pub kind: JobKind,
+    pub version: u64,
+    pub job_name: String,
+    pub snapshot_time: DateTime<Utc>,
+    pub definition_hash: String,
+    pub generation: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub warning: bool,
+    pub reason: String,
+    pub message: String,
+}
+
+pub const READY: &str = "Ready";
+pub const RECONCILING: &str = "Reconciling";
+pub const STALLED: &str = "Stalled";
+pub const ROLLOVER_HELD: &str = "RolloverHeld";
+
+/// Reads what the planner needs from the store. The change count is
+/// measured only while the run in flight has a loaded version and an
+/// active version exists to compare with.
+pub async fn observe_store(
+    store: &dyn SegmentStore,
+    segment: &SegmentKey,
+    status: Option<&SegmentStatus>,
+) -> Result<StoreView, StoreError> {
+    let active = store.active_version(segment).await?;
+    let versions = store.versions(segment).await?;
+    let candidate = status
+        .and_then(|s| s.current_run.as_ref())
+        .filter(|run| matches!(run.phase, RunPhase::Ingesting | RunPhase::AwaitingApproval))
+        .map(|run| run.version)
+        .filter(|v| versions.contains_key(v));
+    let change = match (active, candidate) {
+        (Some(from), Some(to)) if from != to && versions.contains_key(&from) => {
+            Some(ChangeCount { from, to, changed: store.change_count(segment, from, to).await? })
+        }
+        _ => None,
+    };
+    Ok(StoreView { active, versions, change })
+}
+
+/// Decides what to do next. Pure: the same observation gives the same plan.
+pub fn plan(obs: &Observation<'_>, cfg: &PlannerConfig) -> Plan {
+    let segment = obs.segment;
+    let spec = &segment.spec;
+    let previous = segment.status.clone().unwrap_or_default();
+    let mut p = Planner { obs, cfg, st: previous.clone(), actions: Vec::new(), pin_problem: None };
+
+    let def_hash = definition_hash(&spec.definition);
+    let problem = match (
+        definition::validate(&spec.definition, obs.source_tables),
+        spec.schedule.as_ref().map(CronSchedule::parse).transpose(),
+    ) {
+        (Err(e), _) => Err(Problem::Definition(e)),
+        (_, Err(e)) => Err(Problem::Schedule(e)),
+        (Ok(_), Ok(schedule)) => Ok(schedule),
+    };
+
+    p.sync_with_store();
+    p.advance_run(&def_hash);
+    if let Ok(schedule) = &problem {
+        p.start_run_if_due(&def_hash, schedule.as_ref());
+    }
+    p.launch_pending();
+    p.roll_over();
+    p.retain();
+    p.collect_results();
+    p.st.next_schedule_time = match &problem {
+        Ok(Some(schedule)) if !p.suspended() => schedule.next_after(obs.now),
+        _ => None,
+    };
+    p.set_conditions(problem.as_ref().err(), &def_hash, &previous);
+    p.st.observed_generation = segment.metadata.generation;
+    let requeue_at = p.requeue_at();
+    Plan { status: p.st, actions: p.actions, requeue_at }
+}
+
+enum Problem {
+    Definition(DefinitionError),
+    Schedule(ScheduleError),
+}
+
+struct Planner<'o, 'a> {
+    obs: &'o Observation<'a>,
+    cfg: &'o PlannerConfig,
+    st: SegmentStatus,
+    actions: Vec<Action>,
+    pin_problem: Option<String>,
+}
+
+impl Planner<'_, '_> {
+    fn spec(&self) -> &SegmentSpec {
+        &self.obs.segment.spec
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        self.obs.now
+    }
+
+    fn suspended(&self) -> bool {
+        self.spec().schedule.as_ref().is_some_and(|s| s.suspend)
+    }
+
+    fn event(&mut self, warning: bool, reason: &str, message: String) {
+        self.actions.push(Action::Event(Event { warning, reason: reason.to_string(), message }));
+    }
+
+    fn annotation(&self, key: &str) -> Option<&str> {
+        self.obs.segment.metadata.annotations.as_ref().and_then(|a| a.get(key)).map(String::as_str)
+    }
+
+    fn job(&self, version: u64, kind: JobKind) -> Option<&ObservedJob> {
+        self.obs.jobs.iter().find(|j| j.version == version && j.kind == kind)
+    }
+
+    fn is_servable(state: VersionState) -> bool {
+        matches!(state, VersionState::Active | VersionState::Retained)
+    }
+
+    /// Makes the status agree with the store: loaded versions it does not
+    /// list are adopted (status lost or written by an older operator),
+    /// versions the store no longer has are dropped, and the version
+    /// counter never goes below anything that exists.
+    fn sync_with_store(&mut self) {
+        let store = self.obs.store;
+        let in_flight = self.st.current_run.as_ref().map(|r| r.version);
+        let mut lost = Vec::new();
+        self.st.versions.retain(|v| {
+            let keep = !Self::is_servable(v.state) || store.versions.contains_key(&v.version);
+            if !keep {
+                lost.push(v.version);
+            }
+            keep
+        });
+        for version in lost {
+            self.event(true, "VersionLost", format!("v{version} is no longer in the store and cannot be served"));
+        }
+        for (version, stored) in &store.versions {
+            let known = self.st.versions.iter().any(|v| v.version == *version);
+            if known || Some(*version) == in_flight {
+                continue;
+            }
+            // A failed or cancelled run may have left a complete version behind.
+            self.st.versions.push(VersionStatus {
+                version: *version,
+                state: VersionState::Retained,
+                members: Some(stored.members),
+                snapshot_time: stored.snapshot_time.unwrap_or(self.obs.now),
+                computed_at: None,
+                ingested_at: None,
+                results_uri: self.results_uri(*version),
+                definition_hash: stored.definition_hash.clone().unwrap_or_default(),
+                reason: None,
+                message: None,
+            });
+        }
+        let failed_but_stored: Vec<u64> = self
+            .st
+            .versions
+            .iter()
+            .filter(|v| v.state == VersionState::Failed && store.versions.contains_key(&v.version))
+            .map(|v| v.version)
+            .collect();
+        for version in failed_but_stored {
+            self.actions.push(Action::DeleteVersion { version });
+        }
+        let highest = [
+            store.versions.keys().next_back().copied(),
+            store.active,
+            self.obs.jobs.iter().map(|j| j.version).max(),
+            in_flight,
+            self.st.versions.iter().map(|v| v.version).max(),
+        ];
+        self.st.latest_version = highest.into_iter().flatten().fold(self.st.latest_version, u64::max);
+    }
+
+    fn results_uri(&self, version: u64) -> Option<String> {
+        self.cfg.results_base.as_ref().map(|base| results_uri(base, &self.obs.segment.key(), version))
+    }
+
+    /// Moves the run in flight along by what its Jobs and the store show.
+    fn advance_run(&mut self, def_hash: &str) {
+        let Some(mut run) = self.st.current_run.clone() else {
+            return;
+        };
+        if run.definition_hash != def_hash {
+            self.cancel_run(&run, "Superseded", "the definition changed; a run of the new definition replaces it");
+            return;
+        }
+        match run.phase {
+            RunPhase::Pending => {}
+            RunPhase::Computing => match self.job(run.version, JobKind::Compute).map(|j| j.state.clone()) {
+                None => self.launch(&run, JobKind::Compute),
+                Some(JobState::Running) => {}
+                Some(JobState::Succeeded { finished_at }) => {
+                    run.computed_at = Some(finished_at);
+                    run.phase = RunPhase::Ingesting;
+                    run.job = Some(job_name(&self.obs.segment.name_any_or_default(), run.version, JobKind::Ingest));
+                    self.launch(&run, JobKind::Ingest);
+                    self.st.current_run = Some(run);
+                }
+                Some(JobState::Failed { failure, .. }) => self.fail_run(&run, "compute", failure),
+            },
+            RunPhase::Ingesting => match self.job(run.version, JobKind::Ingest).map(|j| j.state.clone()) {
+                None => self.launch(&run, JobKind::Ingest),
+                Some(JobState::Running) => {}
+                Some(JobState::Failed { failure, .. }) => {
+                    // Whatever part of the version was written is invisible
+                    // to readers; remove it so it cannot be activated.
+                    self.actions.push(Action::DeleteVersion { version: run.version });
+                    self.fail_run(&run, "ingest", failure);
+                }
+                Some(JobState::Succeeded { finished_at }) => {
+                    run.ingested_at = Some(finished_at);
+                    self.st.current_run = Some(run.clone());
+                    self.guard_and_promote(run);
+                }
+            },
+            RunPhase::AwaitingApproval => self.guard_and_promote(run),
+        }
+    }
+
+    /// Applies the rollover guard to a loaded version: promote it, or hold
+    /// it until `approve-version` names it.
+    fn guard_and_promote(&mut self, mut run: RunStatus) {
+        let Some(stored) = self.obs.store.versions.get(&run.version).cloned() else {
+            self.actions.push(Action::DeleteVersion { version: run.version });
+            let failure = Failure {
+                reason: "IngestIncomplete".into(),
+                message: format!("the ingest Job succeeded but v{} is not complete in the store", run.version),
+            };
+            self.fail_run(&run, "ingest", failure);
+            return;
+        };
+        let approved = self.annotation(APPROVE_VERSION_ANNOTATION).map(str::trim) == Some(run.version.to_string().as_str());
+        let rollover = &self.spec().rollover;
+        let mut hold = None;
+        if stored.members < rollover.min_members {
+            hold = Some((
+                "BelowMinMembers",
+                format!("v{} has {} members, fewer than minMembers {}", run.version, stored.members, rollover.min_members),
+            ));
+        } else if let (Some(max_ratio), Some(active)) = (rollover.max_change_ratio, self.obs.store.active) {
+            let active_members = self.obs.store.versions.get(&active).map(|v| v.members);
+            if active != run.version && active_members.is_some() {
+                let change = self.obs.store.change.filter(|c| c.from == active && c.to == run.version);
+                let Some(change) = change else {
+                    // The adapter measures the change on the next look.
+                    run.reason = Some("ComparingVersions".into());
+                    run.message = Some(format!("measuring the change from v{active}"));
+                    self.st.current_run = Some(run);
+                    return;
+                };
+                let base = active_members.unwrap_or(0).max(1) as f64;
+                let ratio = change.changed as f64 / base;
+                if ratio > max_ratio {
+                    hold = Some((
+                        "ChangeRatioExceeded",
+                        format!(
+                            "v{} changes {} members, {:.1}% of v{active}'s {} (maxChangeRatio {})",
+                            run.version,
+                            change.changed,
+                            ratio * 100.0,
+                            active_members.unwrap_or(0),
+                            max_ratio
+                        ),
+                    ));
+                }
+            }
+        }
+        match hold {
+            Some((reason, message)) if !approved => {
+                if run.phase != RunPhase::AwaitingApproval || run.reason.as_deref() != Some(reason) {
+                    self.event(
+                        true,
+                        "RolloverHeld",
+                        format!("{message}; approve with the annotation {APPROVE_VERSION_ANNOTATION}=\"{}\"", run.version),
+                    );
+                }
+                run.phase = RunPhase::AwaitingApproval;
+                run.job = None;
+                run.reason = Some(reason.to_string());
+                run.message = Some(message);
+                self.st.current_run = Some(run);
+            }
+            _ => self.promote(&run, &stored, approved),
+        }
+    }
+
+    fn promote(&mut self, run: &RunStatus, stored: &StoredVersion, approved: bool) {
+        self.st.versions.push(VersionStatus {
+            version: run.version,
+            state: VersionState::Retained,
+            members: Some(stored.members),
+            snapshot_time: run.snapshot_time,
+            computed_at: run.computed_at,
+            ingested_at: run.ingested_at,
+            results_uri: self.results_uri(run.version),
+            definition_hash: run.definition_hash.clone(),
+            reason: None,
+            message: None,
+        });
+        self.st.current_run = None;
+        self.st.consecutive_failures = 0;
+        self.st.retry_at = None;
+        self.st.last_successful_time = Some(self.now());
+        let how = if approved { " (approved)" } else { "" };
+        self.event(false, "VersionReady", format!("v{} loaded with {} members{how}", run.version, stored.members));
+    }
+
+    fn fail_run(&mut self, run: &RunStatus, stage: &str, failure: Failure) {
+        let serving = match self.st.active_version {
+            Some(v) => format!("v{v} keeps serving"),
+            None => "no version is served yet".to_string(),
+        };
+        self.event(
+            true,
+            "RunFailed",
+            format!("v{} {stage} failed: {}: {}; {serving}", run.version, failure.reason, failure.message),
+        );
+        self.record_ended_run(run, &failure.reason, &failure.message);
+        self.st.consecutive_failures = self.st.consecutive_failures.saturating_add(1);
+        self.st.retry_at = (failure.is_transient() && self.st.consecutive_failures <= self.cfg.max_retries).then(|| {
+            let doublings = (self.st.consecutive_failures - 1).min(16);
+            let delay = self.cfg.retry_base * 2i32.pow(doublings);
+            self.now() + delay.min(self.cfg.retry_max)
+        });
+    }
+
+    fn cancel_run(&mut self, run: &RunStatus, reason: &str, message: &str) {
+        self.actions.push(Action::CancelJobs { version: run.version });
+        if matches!(run.phase, RunPhase::Ingesting | RunPhase::AwaitingApproval) {
+            self.actions.push(Action::DeleteVersion { version: run.version });
+        }
+        self.event(false, "RunCancelled", format!("v{}: {message}", run.version));
+        self.record_ended_run(run, reason, message);
+    }
+
+    fn record_ended_run(&mut self, run: &RunStatus, reason: &str, message: &str) {
+        self.st.versions.push(VersionStatus {
+            version: run.version,
+            state: VersionState::Failed,
+            members: None,
+            snapshot_time: run.snapshot_time,
+            computed_at: run.computed_at,
+            ingested_at: None,
+            results_uri: None,
+            definition_hash: run.definition_hash.clone(),
+            reason: Some(reason.to_string()),
+            message: Some(message.to_string()),
+        });
+        self.st.current_run = None;
+    }
+
+    /// Starts at most one run, for the most important due trigger:
+    /// no version yet or a new definition, then a manual request, then the
+    /// schedule, then a retry. One run satisfies every trigger due with it.
+    fn start_run_if_due(&mut self, def_hash: &str, schedule: Option<&CronSchedule>) {
+        let now = self.now();
+        let suspended = self.suspended();
+        let in_flight = self.st.current_run.is_some();
+        let newest = self.st.versions.iter().max_by_key(|v| v.version);
+        let latest_hash =
+            self.st.current_run.as_ref().map(|r| r.definition_hash.as_str()).or(newest.map(|v| v.definition_hash.as_str()));
+        let any_servable = self.st.versions.iter().any(|v| Self::is_servable(v.state));
+        let automatic = if suspended {
+            None
+        } else if latest_hash.is_none() {
+            Some(RunTrigger::Initial)
+        } else if latest_hash != Some(def_hash) {
+            Some(RunTrigger::Definition)
+        } else if !any_servable && !in_flight && newest.is_some_and(|v| v.state != VersionState::Failed) {
+            Some(RunTrigger::Initial)
+        } else {
+            None
+        };
+
+        let manual = self
+            .annotation(RUN_REQUESTED_ANNOTATION)
+            .filter(|value| Some(*value) != self.st.handled_run_request.as_deref())
+            .map(str::to_string);
+
+        let mut due = None;
+        if let (Some(schedule), false) = (schedule, suspended) {
+            let since = self
+                .st
+                .last_schedule_time
+                .or(self.obs.segment.metadata.creation_timestamp.as_ref().map(to_chrono))
+                .unwrap_or(now);
+            if let Some(at) = schedule.latest_due(since, now) {
+                let deadline = self.spec().schedule.as_ref().and_then(|s| s.starting_deadline_seconds);
+                if deadline.is_some_and(|d| now - at > Duration::seconds(d)) {
+                    self.st.last_schedule_time = Some(at);
+                    self.event(
+                        true,
+                        "MissedSchedule",
+                        format!("the run due at {at} is past startingDeadlineSeconds and is skipped"),
+                    );
+                } else {
+                    due = Some(at);
+                }
+            }
+        }
+        let retry = !suspended && self.st.retry_at.is_some_and(|t| t <= now);
+
+        let trigger = automatic
+            .or(manual.as_ref().map(|_| RunTrigger::Manual))
+            .or(due.map(|_| RunTrigger::Schedule))
+            .or(retry.then_some(RunTrigger::Retry));
+        let Some(trigger) = trigger else { return };
+
+        if let Some(run) = self.st.current_run.clone() {
+            let policy = self.spec().schedule.as_ref().map(|s| s.concurrency_policy).unwrap_or_default();
+            match policy {
+                // Wait: the trigger stays due and is taken once the run ends.
+                ConcurrencyPolicy::Forbid => return,
+                ConcurrencyPolicy::Replace => {
+                    self.cancel_run(&run, "Replaced", "a newer run replaced it (concurrencyPolicy Replace)")
+                }
+            }
+        }
+
+        let snapshot_time = match trigger {
+            RunTrigger::Schedule => due.unwrap_or(now),
+            _ => now,
+        };
+        if let Some(request) = manual {
+            self.st.handled_run_request = Some(request);
+        }
+        if let Some(at) = due {
+            self.st.last_schedule_time = Some(at);
+        }
+        self.st.retry_at = None;
+        self.st.latest_version += 1;
+        let version = self.st.latest_version;
+        self.st.current_run = Some(RunStatus {
+            version,
+            phase: RunPhase::Pending,
+            job: None,
+            snapshot_time,
+            started_at: now,
+            trigger,
+            definition_hash: def_hash.to_string(),
+            generation: self.obs.segment.metadata.generation.unwrap_or(0),
+            computed_at: None,
+            ingested_at: None,
+            reason: None,
+            message: None,
+        });
+        self.event(false, "RunStarted", format!("v{version} started ({trigger:?}), snapshot time {snapshot_time}"));
+    }
+
+    /// A pending run gets its compute Job once the cluster-wide limit
+    /// leaves a slot.
+    fn launch_pending(&mut self) {
+        let Some(mut run) = self.st.current_run.clone().filter(|r| r.phase == RunPhase::Pending) else {
+            return;
+        };
+        if self.obs.compute_slot_free {
+            run.phase = RunPhase::Computing;
+            run.job = Some(job_name(&self.obs.segment.name_any_or_default(), run.version, JobKind::Compute));
+            run.reason = None;
+            run.message = None;
+            self.launch(&run, JobKind::Compute);
+        } else {
+            run.reason = Some("WaitingForComputeSlot".into());
+            run.message = Some("the cluster-wide limit of concurrent compute Jobs is reached".into());
+        }
+        self.st.current_run = Some(run);
+    }
+
+    fn launch(&mut self, run: &RunStatus, kind: JobKind) {
+        self.actions.push(Action::Launch(Launch {
+            kind,
+            version: run.version,
+            job_name: job_name(&self.obs.segment.name_any_or_default(), run.version, kind),
+            snapshot_time: run.snapshot_time,
+            definition_hash: run.definition_hash.clone(),
+            generation: run.generation,
+        }));
+    }
+
+    /// Serves the pinned version, or else the newest promoted one.
+    fn roll_over(&mut self) {
+        let servable: BTreeSet<u64> = self.st.versions.iter().filter(|v| Self::is_servable(v.state)).map(|v| v.version).collect();
+        let observed = self.obs.store.active;
+        let desired = match self.spec().pin_version {
+            Some(pin) if servable.contains(&pin) => Some(pin),
+            Some(pin) => {
+                let retained: Vec<String> = servable.iter().map(|v| format!("v{v}")).collect();
+                self.pin_problem = Some(format!(
+                    "pinVersion {pin} is not a retained version (retained: {})",
+                    if retained.is_empty() { "none".to_string() } else { retained.join(", ") }
+                ));
+                observed.filter(|v| servable.contains(v)).or(servable.last().copied())
+            }
+            None => servable.last().copied(),
+        };
+        if let Some(version) = desired.filter(|d| Some(*d) != observed) {
+            self.actions.push(Action::Activate { version, previous: observed });
+            let (reason, verb) = match observed {
+                Some(old) if old > version => ("RolledBack", format!("from v{old} back to v{version}")),
+                Some(old) => ("RolledOver", format!("from v{old} to v{version}")),
+                None => ("RolledOver", format!("to v{version}")),
+            };
+            self.event(false, reason, format!("readers switched {verb}"));
+        }
+        for v in self.st.versions.iter_mut().filter(|v| Self::is_servable(v.state)) {
+            v.state = if Some(v.version) == desired { VersionState::Active } else { VersionState::Retained };
+        }
+        self.st.active_version = desired;
+        self.st.members = desired.and_then(|d| self.obs.store.versions.get(&d)).map(|v| v.members);
+    }
+
+    /// Keeps `keepVersions` servable versions (always the active, the
+    /// pinned and the one readers see now) and a short failure history.
+    fn retain(&mut self) {
+        let keep = self.spec().retention.keep_versions.max(1) as usize;
+        let protected: BTreeSet<u64> =
+            [self.st.active_version, self.spec().pin_version, self.obs.store.active].into_iter().flatten().collect();
+        self.st.versions.sort_by(|a, b| b.version.cmp(&a.version));
+        let mut kept = self.st.versions.iter().filter(|v| Self::is_servable(v.state) && protected.contains(&v.version)).count();
+        let mut failed_kept = 0;
+        let mut deleted = Vec::new();
+        self.st.versions.retain(|v| {
+            if Self::is_servable(v.state) {
+                if protected.contains(&v.version) {
+                    return true;
+                }
+                if kept < keep {
+                    kept += 1;
+                    return true;
+                }
+                deleted.push(v.version);
+                false
+            } else if v.state == VersionState::Failed {
+                failed_kept += 1;
+                failed_kept <= self.cfg.failed_history
+            } else {
+                true
+            }
+        });
+        for version in deleted {
+            self.actions.push(Action::DeleteVersion { version });
+            self.event(false, "VersionDeleted", format!("v{version} deleted by retention (keepVersions {keep})"));
+        }
+    }
+
+    fn collect_results(&mut self) {
+        let Ok(keep_for) = parse_duration(&self.spec().retention.keep_results_for) else {
+            return;
+        };
+        let now = self.now();
+        let due = self.st.results_collected_at.is_none_or(|t| now - t >= self.cfg.results_collect_interval);
+        if !due || self.st.versions.is_empty() {
+            return;
+        }
+        let mut keep: Vec<u64> =
+            [self.st.active_version, self.spec().pin_version, self.st.current_run.as_ref().map(|r| r.version)]
+                .into_iter()
+                .flatten()
+                .collect();
+        keep.sort_unstable();
+        keep.dedup();
+        self.actions.push(Action::CollectResults { older_than: now - keep_for, keep });
+        self.st.results_collected_at = Some(now);
+    }
+
+    fn set_conditions(&mut self, problem: Option<&Problem>, def_hash: &str, previous: &SegmentStatus) {
+        let newest = self.st.versions.iter().max_by_key(|v| v.version).cloned();
+        let newest_failed = newest
+            .as_ref()
+            .filter(|v| v.state == VersionState::Failed && !matches!(v.reason.as_deref(), Some("Superseded" | "Replaced")));
+        let realized = self.st.versions.iter().any(|v| Self::is_servable(v.state) && v.definition_hash == def_hash);
+        let serving = self.st.active_version.map(|v| format!("v{v} serves {} members", self.st.members.unwrap_or(0)));
+        let run = self.st.current_run.clone();
+
+        let (ready, stalled, reconciling): (Cond, Cond, Cond) = if let Some(problem) = problem {
+            let (reason, message) = match problem {
+                Problem::Definition(e) => ("InvalidDefinition", e.to_string()),
+                Problem::Schedule(e) => ("InvalidSchedule", e.to_string()),
+            };
+            let message = match &serving {
+                Some(s) => format!("{message}; nothing is launched and {s}"),
+                None => format!("{message}; nothing is launched"),
+            };
+            (Cond::f(reason, &message), Cond::t(reason, &message), Cond::f("NotReconciling", "the spec is invalid"))
+        } else if let Some(pin) = &self.pin_problem {
+            (Cond::f("PinnedVersionUnavailable", pin), Cond::t("PinnedVersionUnavailable", pin), Cond::f("NotReconciling", ""))
+        } else {
+            let ready = match (&serving, newest_failed, &run) {
+                (Some(s), Some(failed), _) => Cond::t(
+                    "LastRunFailed",
+                    &format!(
+                        "{s}; v{} failed: {}: {}",
+                        failed.version,
+                        failed.reason.as_deref().unwrap_or(""),
+                        failed.message.as_deref().unwrap_or("")
+                    ),
+                ),
+                (Some(s), None, _) => Cond::t("VersionActive", s),
+                (None, _, Some(run)) => Cond::f(&format!("{:?}", run.phase), &format!("v{} is {:?}", run.version, run.phase)),
+                (None, Some(failed), None) => Cond::f(
+                    "RunFailed",
+                    &format!(
+                        "v{} failed: {}: {}",
+                        failed.version,
+                        failed.reason.as_deref().unwrap_or(""),
+                        failed.message.as_deref().unwrap_or("")
+                    ),
+                ),
+                (None, None, None) if self.suspended() => Cond::f("Suspended", "no version yet and the schedule is suspended"),
+                (None, None, None) => Cond::f("NoVersion", "no version has been computed yet"),
+            };
+            let reconciling = match (&run, realized) {
+                (Some(run), false) => {
+                    Cond::t("RunInProgress", &format!("v{} of the current definition is {:?}", run.version, run.phase))
+                }
+                _ => Cond::f("NotReconciling", ""),
+            };
+            let stalled = match (newest_failed, &run, realized) {
+                (Some(failed), None, false) if self.st.retry_at.is_none() => Cond::t(
+                    "RunFailed",
+                    &format!(
+                        "the current definition has no version: v{} failed: {}: {}",
+                        failed.version,
+                        failed.reason.as_deref().unwrap_or(""),
+                        failed.message.as_deref().unwrap_or("")
+                    ),
+                ),
+                _ => Cond::f("NotStalled", ""),
+            };
+            (ready, stalled, reconciling)
+        };
+        let held = match run.as_ref().filter(|r| r.phase == RunPhase::AwaitingApproval) {
+            Some(run) => Cond::t(run.reason.as_deref().unwrap_or("Held"), run.message.as_deref().unwrap_or("")),
+            None => Cond::f("NotHeld", ""),
+        };
+
+        let prev_ready = previous.conditions.iter().find(|c| c.type_ == READY);
+        if let Some(problem) = problem {
+            let changed = prev_ready.is_none_or(|c| c.reason != ready.reason || c.message != ready.message);
+            if changed {
+                let reason = match problem {
+                    Problem::Definition(_) => "InvalidDefinition",
+                    Problem::Schedule(_) => "InvalidSchedule",
+                };
+                self.event(true, reason, ready.message.clone());
+            }
+        }
+
+        let generation = self.obs.segment.metadata.generation;
+        let now = self.now();
+        self.st.conditions = [(READY, ready), (RECONCILING, reconciling), (STALLED, stalled), (ROLLOVER_HELD, held)]
+            .into_iter()
+            .map(|(type_, c)| {
+                let status = if c.status { "True" } else { "False" };
+                let since = previous
+                    .conditions
+                    .iter()
+                    .find(|p| p.type_ == type_ && p.status == status)
+                    .map(|p| p.last_transition_time)
+                    .unwrap_or(now);
+                Condition {
+                    type_: type_.to_string(),
+                    status: status.to_string(),
+                    reason: c.reason,
+                    message: c.message,
+                    last_transition_time: since,
+                    observed_generation: generation,
+                }
+            })
+            .collect();
+    }
+
+    fn requeue_at(&self) -> Option<DateTime<Utc>> {
+        let now = self.now();
+        let run = self.st.current_run.as_ref().map(|run| match run.phase {
+            RunPhase::Pending => now + Duration::seconds(15),
+            _ => now + self.cfg.poll_interval,
+        });
+        let collect =
+            self.st.results_collected_at.filter(|_| !self.st.versions.is_empty()).map(|t| t + self.cfg.results_collect_interval);
+        [self.st.next_schedule_time, self.st.retry_at, run, collect].into_iter().flatten().min()
+    }
+}
+
+struct Cond {
+    status: bool,
+    reason: String,
+    message: String,
+}
+
+impl Cond {
+    fn t(reason: &str, message: &str) -> Cond {
+        Cond { status: true, reason: reason.to_string(), message: message.to_string() }
+    }
+    fn f(reason: &str, message: &str) -> Cond {
+        Cond { status: false, reason: reason.to_string(), message: message.to_string() }
+    }
+}
+
+fn to_chrono(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> DateTime<Utc> {
+    DateTime::<Utc>::from_timestamp(t.0.as_second(), t.0.subsec_nanosecond() as u32).unwrap_or_default()
+}
+
+trait NameOrDefault {
+    fn name_any_or_default(&self) -> String;
+}
+
+impl NameOrDefault for Segment {
+    fn name_any_or_default(&self) -> String {
+        self.metadata.name.clone().unwrap_or_default()
+    }
+}

@@ -1,0 +1,82 @@
+//! What the operator hands a compute or ingest Job: one JSON document in
+//! the `SEGMENT_TASK` environment variable. Sources are resolved by the
+//! operator when it launches the Job, so workers need no Kubernetes access.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::api::{Definition, SegmentKey, SegmentSourceSpec};
+
+/// Environment variable that carries the task JSON.
+pub const TASK_ENV: &str = "SEGMENT_TASK";
+/// Where a failing worker writes its one-line `Reason: message`.
+pub const TERMINATION_LOG: &str = "/dev/termination-log";
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ComputeTask {
+    pub segment: SegmentKey,
+    pub version: u64,
+    pub generation: i64,
+    pub definition_hash: String,
+    /// `now()` and `within` windows are evaluated at this time.
+    pub snapshot_time: DateTime<Utc>,
+    pub definition: Definition,
+    pub sources: Vec<SegmentSourceSpec>,
+    /// Where the result parts and `_manifest.json` go.
+    pub results_uri: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct IngestTask {
+    pub segment: SegmentKey,
+    pub version: u64,
+    pub snapshot_time: DateTime<Utc>,
+    pub results_uri: String,
+}
+
+/// Why a run failed, read from the worker's termination message
+/// (`Reason: message`) or, without one, from the Job's condition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub reason: String,
+    pub message: String,
+}
+
+impl Failure {
+    /// Reasons that a retry cannot fix: the definition itself is wrong.
+    pub const PERMANENT: [&'static str; 5] = ["InvalidDefinition", "UnknownTable", "UnknownColumn", "QueryError", "NotOneColumn"];
+
+    /// Parses a termination message of the form `Reason: message`.
+    pub fn from_termination_message(text: &str) -> Option<Failure> {
+        let line = text.lines().find(|l| !l.trim().is_empty())?.trim();
+        match line.split_once(": ") {
+            Some((reason, message)) if !reason.is_empty() && reason.chars().all(|c| c.is_ascii_alphanumeric()) => {
+                Some(Failure { reason: reason.to_string(), message: message.to_string() })
+            }
+            _ => Some(Failure { reason: "WorkerFailed".into(), message: line.to_string() }),
+        }
+    }
+
+    pub fn is_transient(&self) -> bool {
+        !Self::PERMANENT.contains(&self.reason.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn termination_messages_are_classified() {
+        let f = Failure::from_termination_message("UnknownTable: table `x` is not declared\n").unwrap();
+        assert_eq!((f.reason.as_str(), f.message.as_str()), ("UnknownTable", "table `x` is not declared"));
+        assert!(!f.is_transient());
+        let f = Failure::from_termination_message("UnreadableSource: s3://lake/orders/: access denied").unwrap();
+        assert!(f.is_transient());
+        let f = Failure::from_termination_message("panicked at main.rs").unwrap();
+        assert_eq!(f.reason, "WorkerFailed");
+        assert!(Failure::from_termination_message("  \n").is_none());
+    }
+}

@@ -1,0 +1,3 @@
+fn main() {
+    print!("{}", segment_core::api::crds_yaml());
+}
