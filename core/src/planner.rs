@@ -671,9 +671,15 @@ impl Planner<'_, '_> {
     /// pinned and the one readers see now) and a short failure history.
     fn retain(&mut self) {
         let keep = self.spec().retention.keep_versions.max(1) as usize;
+        // The version readers see now is protected only while no switch
+        // away from it is planned: the adapter runs Activate before any
+        // DeleteVersion and stops at the first failure, so once the switch
+        // is planned the old version can go in the same plan.
+        let switching = self.st.active_version.is_some_and(|d| Some(d) != self.obs.store.active);
+        let serving_now = if switching { None } else { self.obs.store.active };
         let protected: BTreeSet<u64> =
-            [self.st.active_version, self.spec().pin_version, self.obs.store.active].into_iter().flatten().collect();
-        self.st.versions.sort_by(|a, b| b.version.cmp(&a.version));
+            [self.st.active_version, self.spec().pin_version, serving_now].into_iter().flatten().collect();
+        self.st.versions.sort_by_key(|v| std::cmp::Reverse(v.version));
         let mut kept = self.st.versions.iter().filter(|v| Self::is_servable(v.state) && protected.contains(&v.version)).count();
         let mut failed_kept = 0;
         let mut deleted = Vec::new();

@@ -1,3 +1,27 @@
-fn main() {
-    print!("{}", segment_core::api::crds_yaml());
+use clap::Parser;
+use segment_operator::config::{Cli, Command};
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crd => print!("{}", segment_core::api::crds_yaml()),
+        Command::Run(args) => {
+            init_logging(args.log_json);
+            if let Err(error) = segment_operator::controller::run(*args).await {
+                eprintln!("segment-operator: {error}");
+                std::process::exit(1);
+            }
+        }
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
 }

@@ -1,0 +1,109 @@
+//! Command line of `segment-operator`. Every flag has an environment
+//! fallback so the Helm chart can set them either way.
+
+use std::net::SocketAddr;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "segment-operator",
+    version,
+    about = "Runs the lifecycle of Segment resources: compute, ingest, rollover, retention"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print the CustomResourceDefinitions (the content of crds/).
+    Crd,
+    /// Run the operator against the current Kubernetes context or in-cluster config.
+    Run(Box<RunArgs>),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Watch Segments in this namespace only; all namespaces when unset.
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+
+    /// Log as JSON lines (production) instead of text.
+    #[arg(long, env = "LOG_JSON", default_value_t = false)]
+    pub log_json: bool,
+
+    #[command(flatten)]
+    pub jobs: JobArgs,
+
+    #[command(flatten)]
+    pub leader: LeaderArgs,
+
+    /// At most this many compute Jobs run at once across the cluster; runs
+    /// beyond it wait in phase Pending. 0 means no limit.
+    #[arg(long, env = "MAX_CONCURRENT_COMPUTES", default_value_t = 0)]
+    pub max_concurrent_computes: usize,
+
+    /// Base URI of result files (`s3://bucket/prefix` or `file:///path`).
+    #[arg(long, env = "RESULTS_URI", default_value = "s3://segment-results")]
+    pub results_uri: String,
+}
+
+/// Defaults for the Jobs the operator creates; `spec.compute` overrides them.
+#[derive(Args, Debug, Clone)]
+pub struct JobArgs {
+    /// Image of `segment-worker`.
+    #[arg(long, env = "WORKER_IMAGE", default_value = concat!("segment-operator/segment-worker:", env!("CARGO_PKG_VERSION")))]
+    pub worker_image: String,
+
+    /// ServiceAccount the worker pods run as.
+    #[arg(long, env = "WORKER_SERVICE_ACCOUNT", default_value = "segment-worker")]
+    pub worker_service_account: String,
+
+    /// Secret whose keys become the workers' environment (REDIS_URL, AWS_*).
+    #[arg(long, env = "WORKER_ENV_SECRET")]
+    pub worker_env_secret: Option<String>,
+
+    /// Finished Jobs are removed this many seconds after they end.
+    #[arg(long, env = "JOB_TTL_SECONDS", default_value_t = 3600)]
+    pub job_ttl_seconds: i32,
+
+    /// Pod retries inside one Job before the run fails.
+    #[arg(long, env = "JOB_BACKOFF_LIMIT", default_value_t = 2)]
+    pub job_backoff_limit: i32,
+
+    #[arg(long, env = "WORKER_CPU_REQUEST", default_value = "500m")]
+    pub worker_cpu_request: String,
+
+    #[arg(long, env = "WORKER_MEMORY_REQUEST", default_value = "1Gi")]
+    pub worker_memory_request: String,
+
+    #[arg(long, env = "WORKER_MEMORY_LIMIT", default_value = "4Gi")]
+    pub worker_memory_limit: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LeaderArgs {
+    /// Elect one active replica through a coordination.k8s.io Lease.
+    #[arg(long, env = "LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+
+    #[arg(long, env = "LEASE_NAME", default_value = "segment-operator")]
+    pub lease_name: String,
+
+    /// Namespace of the Lease; the pod's namespace in a cluster.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+
+    /// This replica's identity in the Lease.
+    #[arg(long, env = "POD_NAME", default_value = "segment-operator-local")]
+    pub identity: String,
+
+    #[arg(long, env = "LEASE_DURATION_SECONDS", default_value_t = 15)]
+    pub lease_duration_seconds: u32,
+}

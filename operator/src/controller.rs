@@ -1,0 +1,146 @@
+//! Wires the reconciler into a kube-runtime Controller that watches
+//! Segments, the Jobs they own and the SegmentSources they read.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
+use kube::api::Api;
+use kube::runtime::controller::{Config as ControllerConfig, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use segment_core::api::{Segment, SegmentSource, SEGMENT_LABEL};
+use segment_core::planner::PlannerConfig;
+use segment_core::store::{MemoryResults, MemoryStore};
+use tracing::{error, info, warn};
+
+use crate::config::RunArgs;
+use crate::http::{self, Health};
+use crate::leader::LeaseLock;
+use crate::metrics::Metrics;
+use crate::reconcile::{self, ComputeSlots, Context};
+
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs the operator until SIGTERM/SIGINT, or until leadership is lost.
+pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let client = Client::try_default().await?;
+    let metrics = Arc::new(Metrics::default());
+    let health = Health { metrics: metrics.clone(), ready: Default::default() };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let http_stop = {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.changed().await;
+        }
+    };
+    let http_task = tokio::spawn(http::serve(args.metrics_addr, health.clone(), http_stop));
+    client.apiserver_version().await?;
+    health.ready.store(true, Ordering::Relaxed);
+
+    warn!("the embedded store keeps versions in this process only; point workers and the operator at Redis for a real cluster");
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        store: Arc::new(MemoryStore::new()),
+        results: Arc::new(MemoryResults::default()),
+        planner: PlannerConfig { results_base: Some(args.results_uri.clone()), ..Default::default() },
+        jobs: args.jobs.clone(),
+        results_base: args.results_uri.clone(),
+        slots: ComputeSlots::new(args.max_concurrent_computes),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter { controller: "segment-operator".into(), instance: Some(args.leader.identity.clone()) },
+        ),
+        metrics,
+        clock: Arc::new(chrono::Utc::now),
+    });
+
+    let namespace = args.namespace.as_deref();
+    let segments: Api<Segment> = api(&client, namespace);
+    let jobs: Api<Job> = api(&client, namespace);
+    let sources: Api<SegmentSource> = api(&client, namespace);
+    let controller = Controller::new(segments, watcher::Config::default().any_semantic());
+    let cache = controller.store();
+    let controller = controller
+        .with_config(ControllerConfig::default().concurrency(16))
+        .owns(jobs, watcher::Config::default().labels(SEGMENT_LABEL))
+        // A new or changed SegmentSource can make a definition valid (or
+        // invalid): look at every Segment of its namespace again.
+        .watches(sources, watcher::Config::default(), move |source: SegmentSource| {
+            let namespace = source.namespace();
+            cache
+                .state()
+                .iter()
+                .filter(|segment| segment.namespace() == namespace)
+                .map(|segment| ObjectRef::from(segment.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(shutdown_signal(stop_tx.clone()))
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((object, _)) => tracing::debug!(segment = %object.name, "reconciled"),
+                Err(e) => warn!(error = %e, "reconcile error"),
+            }
+        });
+
+    let outcome = if args.leader.leader_election {
+        let lock = LeaseLock::new(
+            client.clone(),
+            &args.leader.lease_namespace,
+            &args.leader.lease_name,
+            &args.leader.identity,
+            args.leader.lease_duration_seconds,
+        );
+        let mut stop = stop_rx.clone();
+        tokio::select! {
+            r = lock.run_as_leader(controller) => r.map_err(|e| e.to_string()),
+            _ = stop.changed() => Ok(()),
+        }
+    } else {
+        controller.await;
+        Ok(())
+    };
+    let _ = stop_tx.send(true);
+    let _ = http_task.await;
+    match outcome {
+        Ok(()) => {
+            info!("stopped");
+            Ok(())
+        }
+        Err(e) => {
+            error!(error = %e, "stopping");
+            Err(e.into())
+        }
+    }
+}
+
+async fn shutdown_signal(stop: tokio::sync::watch::Sender<bool>) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    info!("shutdown requested; finishing reconciles in flight");
+    let _ = stop.send(true);
+}

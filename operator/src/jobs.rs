@@ -1,0 +1,258 @@
+//! The compute and ingest Jobs: how they are built from a plan's
+//! [`Launch`], and how a Job read back from the cluster becomes an
+//! [`ObservedJob`] for the planner.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, EnvFromSource, EnvVar, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements,
+    SeccompProfile, SecretEnvSource, SecurityContext,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::{Resource, ResourceExt};
+use segment_core::api::{Segment, SegmentSource, JOB_KIND_LABEL, SEGMENT_LABEL, VERSION_LABEL};
+use segment_core::naming::{results_uri, JobKind};
+use segment_core::planner::{JobState, Launch, ObservedJob};
+use segment_core::task::{ComputeTask, Failure, IngestTask, TASK_ENV, TERMINATION_LOG};
+
+use crate::config::JobArgs;
+use crate::time::to_chrono;
+
+pub const CONTAINER: &str = "worker";
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "segment-operator");
+
+/// Labels on every Job (and its pods) of one run.
+pub fn labels(segment: &str, version: u64, kind: JobKind) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (SEGMENT_LABEL.to_string(), segment.to_string()),
+        (VERSION_LABEL.to_string(), version.to_string()),
+        (JOB_KIND_LABEL.to_string(), kind.as_str().to_string()),
+        (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
+    ])
+}
+
+/// Builds the Job for `launch`. Sources are resolved now so the worker
+/// needs no access to the Kubernetes API.
+pub fn build_job(
+    segment: &Segment,
+    launch: &Launch,
+    sources: &[SegmentSource],
+    defaults: &JobArgs,
+    results_base: &str,
+) -> Result<Job, serde_json::Error> {
+    let key = segment.key();
+    let results = results_uri(results_base, &key, launch.version);
+    let task = match launch.kind {
+        JobKind::Compute => serde_json::to_string(&ComputeTask {
+            segment: key.clone(),
+            version: launch.version,
+            generation: launch.generation,
+            definition_hash: launch.definition_hash.clone(),
+            snapshot_time: launch.snapshot_time,
+            definition: segment.spec.definition.clone(),
+            sources: sources.iter().map(|s| s.spec.clone()).collect(),
+            results_uri: results,
+        })?,
+        JobKind::Ingest => serde_json::to_string(&IngestTask {
+            segment: key.clone(),
+            version: launch.version,
+            snapshot_time: launch.snapshot_time,
+            results_uri: results,
+        })?,
+    };
+    let overrides = segment.spec.compute.clone().unwrap_or_default();
+    let labels = labels(&key.name, launch.version, launch.kind);
+
+    let mut env = vec![EnvVar { name: TASK_ENV.to_string(), value: Some(task), ..Default::default() }];
+    env.extend(overrides.env.clone().unwrap_or_default());
+    let env_from = defaults.worker_env_secret.as_ref().map(|name| {
+        vec![EnvFromSource {
+            secret_ref: Some(SecretEnvSource { name: name.clone(), optional: Some(false) }),
+            ..Default::default()
+        }]
+    });
+    let resources = overrides.resources.clone().unwrap_or_else(|| ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), Quantity(defaults.worker_cpu_request.clone())),
+            ("memory".to_string(), Quantity(defaults.worker_memory_request.clone())),
+        ])),
+        limits: Some(BTreeMap::from([("memory".to_string(), Quantity(defaults.worker_memory_limit.clone()))])),
+        ..Default::default()
+    });
+
+    let container = Container {
+        name: CONTAINER.to_string(),
+        image: Some(overrides.image.clone().unwrap_or_else(|| defaults.worker_image.clone())),
+        args: Some(vec![launch.kind.as_str().to_string()]),
+        env: Some(env),
+        env_from,
+        resources: Some(resources),
+        termination_message_path: Some(TERMINATION_LOG.to_string()),
+        // The worker writes `Reason: message` there; when it crashes before
+        // that, the log tail is the next best explanation.
+        termination_message_policy: Some("FallbackToLogsOnError".to_string()),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".to_string()]), ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+
+    Ok(Job {
+        metadata: ObjectMeta {
+            name: Some(launch.job_name.clone()),
+            namespace: Some(key.namespace.clone()),
+            labels: Some(labels.clone()),
+            owner_references: segment.controller_owner_ref(&()).map(|r| vec![r]),
+            ..Default::default()
+        },
+        spec: Some(JobSpec {
+            backoff_limit: Some(defaults.job_backoff_limit),
+            ttl_seconds_after_finished: Some(defaults.job_ttl_seconds),
+            active_deadline_seconds: overrides.active_deadline_seconds,
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(labels), ..Default::default() }),
+                spec: Some(PodSpec {
+                    restart_policy: Some("Never".to_string()),
+                    service_account_name: Some(
+                        overrides.service_account_name.clone().unwrap_or_else(|| defaults.worker_service_account.clone()),
+                    ),
+                    node_selector: overrides.node_selector.clone(),
+                    tolerations: overrides.tolerations.clone(),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".to_string(), ..Default::default() }),
+                        ..Default::default()
+                    }),
+                    containers: vec![container],
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+/// Reads a Job of a segment back; Jobs without our labels are ignored.
+/// `failure_detail` is the worker's termination message, when known.
+pub fn observe_job(job: &Job, failure_detail: Option<&str>) -> Option<ObservedJob> {
+    let labels = job.metadata.labels.as_ref()?;
+    let version = labels.get(VERSION_LABEL)?.parse().ok()?;
+    let kind = JobKind::parse(labels.get(JOB_KIND_LABEL)?)?;
+    let status = job.status.clone().unwrap_or_default();
+    let conditions = status.conditions.unwrap_or_default();
+    let condition = |type_: &str| conditions.iter().find(|c| c.type_ == type_ && c.status == "True");
+    let state = if let Some(done) = condition("Complete") {
+        let at = status.completion_time.as_ref().or(done.last_transition_time.as_ref());
+        JobState::Succeeded { finished_at: at.map(to_chrono).unwrap_or_default() }
+    } else if let Some(failed) = condition("Failed") {
+        let failure = failure_detail.and_then(Failure::from_termination_message).unwrap_or_else(|| Failure {
+            reason: failed.reason.clone().unwrap_or_else(|| "JobFailed".to_string()),
+            message: failed.message.clone().unwrap_or_default(),
+        });
+        JobState::Failed { finished_at: failed.last_transition_time.as_ref().map(to_chrono).unwrap_or_default(), failure }
+    } else {
+        JobState::Running
+    };
+    Some(ObservedJob { name: job.name_any(), version, kind, state })
+}
+
+/// Whether a Job has neither completed nor failed (it holds a compute slot).
+pub fn is_active(job: &Job) -> bool {
+    let conditions = job.status.as_ref().and_then(|s| s.conditions.as_ref());
+    !conditions.is_some_and(|cs| cs.iter().any(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True"))
+}
+
+/// Whether the Job failed, so its pods' termination messages are worth reading.
+pub fn has_failed(job: &Job) -> bool {
+    let conditions = job.status.as_ref().and_then(|s| s.conditions.as_ref());
+    conditions.is_some_and(|cs| cs.iter().any(|c| c.type_ == "Failed" && c.status == "True"))
+}
+
+/// The owner of a Job, for mapping Job events back to their Segment.
+pub fn owner_name(job: &Job) -> Option<String> {
+    job.owner_references().iter().find(|o| o.kind == Segment::kind(&())).map(|o| o.name.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn defaults() -> JobArgs {
+        JobArgs {
+            worker_image: "worker:1".into(),
+            worker_service_account: "segment-worker".into(),
+            worker_env_secret: None,
+            job_ttl_seconds: 600,
+            job_backoff_limit: 1,
+            worker_cpu_request: "250m".into(),
+            worker_memory_request: "512Mi".into(),
+            worker_memory_limit: "2Gi".into(),
+        }
+    }
+
+    fn launch(name: &str) -> Launch {
+        Launch {
+            kind: JobKind::Compute,
+            version: 4,
+            job_name: segment_core::naming::job_name(name, 4, JobKind::Compute),
+            snapshot_time: chrono::Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
+            definition_hash: "abc".into(),
+            generation: 2,
+        }
+    }
+
+    #[test]
+    fn spec_compute_overrides_the_operator_defaults() {
+        let segment: Segment = serde_yaml::from_str(
+            r#"
+metadata: {name: vip, namespace: growth, uid: u1}
+spec:
+  definition: {sql: SELECT user_id FROM orders}
+  compute:
+    image: custom:2
+    serviceAccountName: lake-reader
+    resources: {requests: {cpu: "2"}, limits: {memory: 8Gi}}
+    nodeSelector: {pool: batch}
+    tolerations: [{key: batch, operator: Exists, effect: NoSchedule}]
+    env: [{name: RUST_LOG, value: debug}]
+    activeDeadlineSeconds: 1800
+"#,
+        )
+        .unwrap();
+        let job = build_job(&segment, &launch("vip"), &[], &defaults(), "s3://r").unwrap();
+        let spec = job.spec.unwrap();
+        assert_eq!(spec.active_deadline_seconds, Some(1800));
+        let pod = spec.template.spec.unwrap();
+        assert_eq!(pod.service_account_name.as_deref(), Some("lake-reader"));
+        assert_eq!(pod.node_selector.unwrap()["pool"], "batch");
+        assert_eq!(pod.tolerations.unwrap()[0].key.as_deref(), Some("batch"));
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some("custom:2"));
+        assert_eq!(c.resources.as_ref().unwrap().requests.as_ref().unwrap()["cpu"].0, "2");
+        let env: Vec<&str> = c.env.as_ref().unwrap().iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(env, vec![TASK_ENV, "RUST_LOG"]);
+        assert!(c.env_from.is_none());
+    }
+
+    #[test]
+    fn long_segment_names_give_valid_job_names_and_labels() {
+        let name = "a".repeat(70);
+        let segment: Segment = serde_yaml::from_str(&format!(
+            "metadata: {{name: {name}, namespace: growth, uid: u1}}\nspec: {{definition: {{sql: SELECT user_id FROM orders}}}}\n"
+        ))
+        .unwrap();
+        let job = build_job(&segment, &launch(&name), &[], &defaults(), "s3://r").unwrap();
+        let job_name = job.metadata.name.clone().unwrap();
+        assert!(job_name.len() <= 63, "{job_name}");
+        let observed = observe_job(&job, None).unwrap();
+        assert_eq!((observed.version, observed.kind, observed.state), (4, JobKind::Compute, JobState::Running));
+    }
+}

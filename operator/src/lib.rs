@@ -1,0 +1,17 @@
+//! segment-operator: the Kubernetes side of the Segment lifecycle.
+//!
+//! The lifecycle itself is [`segment_core::planner`]; this crate observes
+//! the cluster for it and carries its plans out:
+//! - [`reconcile`]: one Segment — observe, plan, execute (store, status, Jobs, Events);
+//! - [`jobs`]: building compute/ingest Jobs and reading them back;
+//! - [`leader`]: Lease-based leader election;
+//! - [`controller`]: wiring the kube-runtime Controller, metrics and probes.
+
+pub mod config;
+pub mod controller;
+pub mod http;
+pub mod jobs;
+pub mod leader;
+pub mod metrics;
+pub mod reconcile;
+pub mod time;

@@ -1,0 +1,553 @@
+//! The Kubernetes adapter driven through kube's mock service: each test
+//! reconciles a Segment against the fake API server and asserts the exact
+//! requests sent, what the store holds, and the status written.
+
+use crate::fake_api;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use fake_api::{SharedWorld, World};
+use k8s_openapi::api::batch::v1::{Job, JobCondition, JobStatus};
+use k8s_openapi::api::core::v1::{ContainerState, ContainerStateTerminated, ContainerStatus, Pod, PodStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use kube::runtime::events::{Recorder, Reporter};
+use segment_core::api::{
+    RunPhase, Segment, SegmentKey, SegmentSource, VersionState, APPROVE_VERSION_ANNOTATION, FINALIZER, JOB_KIND_LABEL,
+    SEGMENT_LABEL, VERSION_LABEL,
+};
+use segment_core::planner::PlannerConfig;
+use segment_core::store::{MemoryResults, MemoryStore, ResultStore, SegmentStore};
+use segment_core::task::{ComputeTask, IngestTask, TASK_ENV};
+use segment_operator::config::JobArgs;
+use segment_operator::metrics::Metrics;
+use segment_operator::reconcile::{reconcile, ComputeSlots, Context};
+
+const NS: &str = "growth";
+const SEGMENTS: &str = "/apis/segmentation.dev/v1alpha1/namespaces/growth/segments/vip";
+const STATUS: &str = "/apis/segmentation.dev/v1alpha1/namespaces/growth/segments/vip/status";
+const JOBS: &str = "/apis/batch/v1/namespaces/growth/jobs";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/growth/events";
+
+fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 3, 2, 10, 0, 0).unwrap()
+}
+
+fn segment(extra_spec: &str) -> Segment {
+    let yaml = format!(
+        r#"
+apiVersion: segmentation.dev/v1alpha1
+kind: Segment
+metadata:
+  name: vip
+  namespace: growth
+  uid: 9a1c-uid
+  generation: 1
+  creationTimestamp: "2026-03-02T09:00:00Z"
+  finalizers: ["{FINALIZER}"]
+spec:
+  definition:
+    sql: SELECT user_id FROM orders GROUP BY user_id HAVING count(*) >= 3
+{extra_spec}"#
+    );
+    serde_yaml::from_str(&yaml).unwrap()
+}
+
+fn source(table: &str) -> SegmentSource {
+    serde_yaml::from_str(&format!(
+        "apiVersion: segmentation.dev/v1alpha1\nkind: SegmentSource\nmetadata: {{name: {table}, namespace: growth}}\n\
+         spec: {{table: {table}, uri: 's3://lake/{table}/', format: parquet}}\n"
+    ))
+    .unwrap()
+}
+
+fn job_args() -> JobArgs {
+    JobArgs {
+        worker_image: "segment-worker:test".into(),
+        worker_service_account: "segment-worker".into(),
+        worker_env_secret: Some("segment-credentials".into()),
+        job_ttl_seconds: 3600,
+        job_backoff_limit: 2,
+        worker_cpu_request: "500m".into(),
+        worker_memory_request: "1Gi".into(),
+        worker_memory_limit: "4Gi".into(),
+    }
+}
+
+/// One operator process: its store handles, fake cluster and clock.
+struct Harness {
+    world: SharedWorld,
+    store: Arc<MemoryStore>,
+    results: Arc<MemoryResults>,
+    now: Arc<Mutex<DateTime<Utc>>>,
+    metrics: Arc<Metrics>,
+    compute_limit: usize,
+}
+
+impl Harness {
+    fn new(segment: Segment) -> Harness {
+        let world = World { segment: Some(segment), sources: vec![source("orders")], ..Default::default() };
+        Harness {
+            world: Arc::new(Mutex::new(world)),
+            store: Arc::new(MemoryStore::new()),
+            results: Arc::new(MemoryResults::default()),
+            now: Arc::new(Mutex::new(t0())),
+            metrics: Arc::new(Metrics::default()),
+            compute_limit: 0,
+        }
+    }
+
+    fn context(&self) -> Arc<Context> {
+        let client = fake_api::client(self.world.clone());
+        let now = self.now.clone();
+        Arc::new(Context {
+            client: client.clone(),
+            store: self.store.clone(),
+            results: self.results.clone(),
+            planner: PlannerConfig { results_base: Some("s3://results".into()), ..Default::default() },
+            jobs: job_args(),
+            results_base: "s3://results".into(),
+            slots: ComputeSlots::new(self.compute_limit),
+            recorder: Recorder::new(client, Reporter { controller: "segment-operator".into(), instance: None }),
+            metrics: self.metrics.clone(),
+            clock: Arc::new(move || *now.lock().unwrap()),
+        })
+    }
+
+    /// Reconciles the world's Segment once with a fresh context (as a
+    /// restarted operator would) and returns the write requests it sent.
+    async fn reconcile(&self) -> Vec<String> {
+        self.try_reconcile().await.expect("reconcile succeeds")
+    }
+
+    async fn try_reconcile(&self) -> Result<Vec<String>, String> {
+        let segment = self.segment();
+        let before = self.world.lock().unwrap().log.len();
+        let result = reconcile(Arc::new(segment), self.context()).await;
+        let world = self.world.lock().unwrap();
+        let writes = world.log[before..].iter().filter(|l| l.method != "GET").map(|l| l.line()).collect();
+        result.map(|_| writes).map_err(|e| e.to_string())
+    }
+
+    fn segment(&self) -> Segment {
+        self.world.lock().unwrap().segment.clone().unwrap()
+    }
+
+    fn edit(&self, f: impl FnOnce(&mut Segment)) {
+        f(self.world.lock().unwrap().segment.as_mut().unwrap())
+    }
+
+    fn advance(&self, by: Duration) {
+        *self.now.lock().unwrap() += by;
+    }
+
+    fn job(&self, name: &str) -> Job {
+        let world = self.world.lock().unwrap();
+        world.jobs.iter().find(|j| j.metadata.name.as_deref() == Some(name)).cloned().unwrap_or_else(|| panic!("no job {name}"))
+    }
+
+    fn finish_job(&self, name: &str, condition: &str, reason: Option<&str>) {
+        let at = Time(k8s_openapi::jiff::Timestamp::from_second(self.now.lock().unwrap().timestamp()).unwrap());
+        let mut world = self.world.lock().unwrap();
+        let job = world.jobs.iter_mut().find(|j| j.metadata.name.as_deref() == Some(name)).unwrap();
+        job.status = Some(JobStatus {
+            conditions: Some(vec![JobCondition {
+                type_: condition.into(),
+                status: "True".into(),
+                reason: reason.map(str::to_string),
+                last_transition_time: Some(at.clone()),
+                ..Default::default()
+            }]),
+            completion_time: (condition == "Complete").then_some(at),
+            ..Default::default()
+        });
+    }
+
+    fn key(&self) -> SegmentKey {
+        SegmentKey::new(NS, "vip")
+    }
+
+    /// Drives a fresh Segment to version `version` being active, with the
+    /// given members loaded by the (simulated) ingest.
+    async fn run_to_active(&self, version: u64, members: &[&str]) {
+        self.reconcile().await;
+        let compute = format!("vip-v{version}-compute");
+        self.finish_job(&compute, "Complete", None);
+        self.reconcile().await;
+        self.store.load_version(&self.key(), version, members.iter().map(|m| m.to_string()), None, None);
+        self.finish_job(&format!("vip-v{version}-ingest"), "Complete", None);
+        self.reconcile().await;
+        assert_eq!(self.store.active_version(&self.key()).await.unwrap(), Some(version));
+    }
+}
+
+fn env_task(job: &Job) -> String {
+    let container = &job.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0];
+    container.env.as_ref().unwrap().iter().find(|e| e.name == TASK_ENV).unwrap().value.clone().unwrap()
+}
+
+fn event_reasons(world: &SharedWorld) -> Vec<String> {
+    world
+        .lock()
+        .unwrap()
+        .requests("POST", "/events")
+        .iter()
+        .map(|l| l.body["reason"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_new_segment_gets_the_finalizer_before_anything_else() {
+    let mut seg = segment("");
+    seg.metadata.finalizers = None;
+    let h = Harness::new(seg);
+    assert_eq!(h.reconcile().await, vec![format!("PATCH {SEGMENTS}")]);
+    assert_eq!(h.segment().metadata.finalizers, Some(vec![FINALIZER.to_string()]));
+    assert!(h.world.lock().unwrap().jobs.is_empty(), "no Job before the finalizer is in place");
+}
+
+#[tokio::test]
+async fn first_reconcile_records_the_run_then_creates_the_compute_job() {
+    let h = Harness::new(segment(""));
+    let writes = h.reconcile().await;
+    assert_eq!(writes, vec![format!("PATCH {STATUS}"), format!("POST {JOBS}"), format!("POST {EVENTS}")]);
+
+    let status = h.segment().status.unwrap();
+    let run = status.current_run.unwrap();
+    assert_eq!((run.version, run.phase, run.job.as_deref()), (1, RunPhase::Computing, Some("vip-v1-compute")));
+    assert_eq!(run.snapshot_time, t0());
+
+    let job = h.job("vip-v1-compute");
+    let labels = job.metadata.labels.clone().unwrap();
+    assert_eq!(labels[SEGMENT_LABEL], "vip");
+    assert_eq!(labels[VERSION_LABEL], "1");
+    assert_eq!(labels[JOB_KIND_LABEL], "compute");
+    let owner = &job.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()), ("Segment", "vip", "9a1c-uid"));
+    assert_eq!(owner.controller, Some(true));
+    let spec = job.spec.as_ref().unwrap();
+    assert_eq!((spec.ttl_seconds_after_finished, spec.backoff_limit), (Some(3600), Some(2)));
+    let pod = spec.template.spec.as_ref().unwrap();
+    assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+    assert_eq!(pod.service_account_name.as_deref(), Some("segment-worker"));
+    let container = &pod.containers[0];
+    assert_eq!(container.image.as_deref(), Some("segment-worker:test"));
+    assert_eq!(container.args, Some(vec!["compute".to_string()]));
+    assert_eq!(container.env_from.as_ref().unwrap()[0].secret_ref.as_ref().unwrap().name, "segment-credentials");
+    let requests = container.resources.as_ref().unwrap().requests.as_ref().unwrap();
+    assert_eq!(requests["cpu"].0, "500m");
+
+    let task: ComputeTask = serde_json::from_str(&env_task(&job)).unwrap();
+    assert_eq!(task.version, 1);
+    assert_eq!(task.snapshot_time, t0());
+    assert_eq!(task.results_uri, "s3://results/growth/vip/v1/");
+    assert_eq!(task.sources.len(), 1);
+    assert_eq!(task.sources[0].table, "orders");
+    assert_eq!(event_reasons(&h.world), vec!["RunStarted"]);
+}
+
+#[tokio::test]
+async fn a_restarted_operator_resumes_the_run_without_a_second_job() {
+    let h = Harness::new(segment(""));
+    h.reconcile().await;
+    h.advance(Duration::seconds(30));
+    // A new context is a new operator process: nothing in memory.
+    let writes = h.reconcile().await;
+    assert!(writes.is_empty(), "nothing to write while the Job runs: {writes:?}");
+    assert_eq!(h.world.lock().unwrap().jobs.len(), 1);
+
+    // The status was written but the Job creation was lost (crash between
+    // the two): the same Job is created again, once.
+    h.world.lock().unwrap().jobs.clear();
+    let writes = h.reconcile().await;
+    assert_eq!(writes, vec![format!("POST {JOBS}")]);
+    assert_eq!(h.job("vip-v1-compute").metadata.name.as_deref(), Some("vip-v1-compute"));
+}
+
+#[tokio::test]
+async fn a_finished_compute_job_starts_the_ingest_job() {
+    let h = Harness::new(segment(""));
+    h.reconcile().await;
+    h.finish_job("vip-v1-compute", "Complete", None);
+    let writes = h.reconcile().await;
+    assert_eq!(writes, vec![format!("PATCH {STATUS}"), format!("POST {JOBS}")]);
+    let run = h.segment().status.unwrap().current_run.unwrap();
+    assert_eq!((run.phase, run.job.as_deref()), (RunPhase::Ingesting, Some("vip-v1-ingest")));
+    let ingest = h.job("vip-v1-ingest");
+    let task: IngestTask = serde_json::from_str(&env_task(&ingest)).unwrap();
+    assert_eq!((task.version, task.results_uri.as_str()), (1, "s3://results/growth/vip/v1/"));
+    assert_eq!(ingest.spec.unwrap().template.spec.unwrap().containers[0].args, Some(vec!["ingest".to_string()]));
+}
+
+#[tokio::test]
+async fn a_finished_ingest_rolls_readers_over() {
+    let h = Harness::new(segment(""));
+    h.run_to_active(1, &["u1", "u2", "u3"]).await;
+    let status = h.segment().status.unwrap();
+    assert_eq!((status.active_version, status.members), (Some(1), Some(3)));
+    assert!(status.current_run.is_none());
+    assert_eq!(status.versions[0].state, VersionState::Active);
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "VersionActive"));
+    assert_eq!(event_reasons(&h.world), vec!["RunStarted", "VersionReady", "RolledOver"]);
+    assert!(h.metrics.encode().contains("segment_operator_runs_total{result=\"succeeded\"} 1"), "{}", h.metrics.encode());
+    assert!(h.metrics.encode().contains("segment_operator_segment_members{namespace=\"growth\",segment=\"vip\"} 3"));
+}
+
+#[tokio::test]
+async fn a_failed_job_reports_the_workers_reason_and_the_previous_version_keeps_serving() {
+    let h = Harness::new(segment(""));
+    h.run_to_active(1, &["u1", "u2"]).await;
+    h.edit(|s| {
+        s.metadata.annotations =
+            Some(BTreeMap::from([("segmentation.dev/run-requested-at".into(), "2026-03-02T10:05:00Z".into())]))
+    });
+    h.reconcile().await;
+    h.finish_job("vip-v2-compute", "Failed", Some("BackoffLimitExceeded"));
+    h.world.lock().unwrap().pods.push(Pod {
+        metadata: ObjectMeta {
+            name: Some("vip-v2-compute-x1".into()),
+            labels: Some(BTreeMap::from([("job-name".into(), "vip-v2-compute".into())])),
+            ..Default::default()
+        },
+        status: Some(PodStatus {
+            container_statuses: Some(vec![ContainerStatus {
+                name: "worker".into(),
+                state: Some(ContainerState {
+                    terminated: Some(ContainerStateTerminated {
+                        exit_code: 2,
+                        message: Some("UnknownColumn: column `amount` is not in table orders".into()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        spec: None,
+    });
+    let writes = h.reconcile().await;
+    assert_eq!(writes, vec![format!("PATCH {STATUS}"), format!("POST {EVENTS}")]);
+    let pod_reads = h.world.lock().unwrap().requests("GET", "/pods");
+    assert_eq!(pod_reads.len(), 1);
+    assert!(pod_reads[0].query.contains("labelSelector=job-name=vip-v2-compute"), "{}", pod_reads[0].query);
+
+    let status = h.segment().status.unwrap();
+    let failed = status.versions.iter().find(|v| v.version == 2).unwrap();
+    assert_eq!((failed.state, failed.reason.as_deref()), (VersionState::Failed, Some("UnknownColumn")));
+    assert_eq!(status.active_version, Some(1));
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "LastRunFailed"));
+    assert!(ready.message.contains("column `amount`"), "{}", ready.message);
+    assert_eq!(status.retry_at, None, "a definition error is not retried");
+    assert_eq!(h.store.active_version(&h.key()).await.unwrap(), Some(1));
+    let warning = h.world.lock().unwrap().requests("POST", "/events").pop().unwrap();
+    assert_eq!((warning.body["type"].as_str(), warning.body["reason"].as_str()), (Some("Warning"), Some("RunFailed")));
+}
+
+#[tokio::test]
+async fn a_held_rollover_waits_for_the_approval_annotation() {
+    let h = Harness::new(segment("  rollover: {maxChangeRatio: 0.2}\n"));
+    h.run_to_active(1, &["u1", "u2", "u3", "u4", "u5"]).await;
+    h.edit(|s| {
+        s.metadata.annotations =
+            Some(BTreeMap::from([("segmentation.dev/run-requested-at".into(), "2026-03-02T11:00:00Z".into())]))
+    });
+    h.reconcile().await;
+    h.finish_job("vip-v2-compute", "Complete", None);
+    h.reconcile().await;
+    h.store.load_version(&h.key(), 2, ["u1", "x1", "x2", "x3", "x4"].map(String::from), None, None);
+    h.finish_job("vip-v2-ingest", "Complete", None);
+
+    // The first look measures the change, the plan holds the version.
+    h.reconcile().await;
+    let status = h.segment().status.unwrap();
+    assert_eq!(status.current_run.as_ref().map(|r| r.phase), Some(RunPhase::AwaitingApproval));
+    let held = status.conditions.iter().find(|c| c.type_ == "RolloverHeld").unwrap();
+    assert_eq!((held.status.as_str(), held.reason.as_str()), ("True", "ChangeRatioExceeded"));
+    assert_eq!(h.store.active_version(&h.key()).await.unwrap(), Some(1), "the held version is not served");
+    assert!(event_reasons(&h.world).contains(&"RolloverHeld".to_string()));
+
+    // Looking again changes nothing.
+    assert!(h.reconcile().await.is_empty());
+
+    h.edit(|s| {
+        s.metadata.annotations.as_mut().unwrap().insert(APPROVE_VERSION_ANNOTATION.into(), "2".into());
+    });
+    h.reconcile().await;
+    assert_eq!(h.store.active_version(&h.key()).await.unwrap(), Some(2));
+    let status = h.segment().status.unwrap();
+    assert_eq!(status.active_version, Some(2));
+    assert_eq!(status.conditions.iter().find(|c| c.type_ == "RolloverHeld").unwrap().status, "False");
+}
+
+#[tokio::test]
+async fn retention_removes_versions_beyond_keep_versions_from_the_store() {
+    let h = Harness::new(segment("  retention: {keepVersions: 1}\n"));
+    h.run_to_active(1, &["u1"]).await;
+    h.edit(|s| {
+        s.metadata.annotations =
+            Some(BTreeMap::from([("segmentation.dev/run-requested-at".into(), "2026-03-02T11:00:00Z".into())]))
+    });
+    h.run_to_active(2, &["u1", "u2"]).await;
+    let versions = h.store.versions(&h.key()).await.unwrap();
+    assert_eq!(versions.keys().copied().collect::<Vec<_>>(), vec![2], "v1 is deleted, v2 kept");
+    let status = h.segment().status.unwrap();
+    assert_eq!(status.versions.iter().map(|v| v.version).collect::<Vec<_>>(), vec![2]);
+    assert!(event_reasons(&h.world).contains(&"VersionDeleted".to_string()));
+}
+
+#[tokio::test]
+async fn pin_version_rolls_back_and_clearing_it_rolls_forward() {
+    let h = Harness::new(segment(""));
+    h.run_to_active(1, &["u1"]).await;
+    h.edit(|s| {
+        s.metadata.annotations =
+            Some(BTreeMap::from([("segmentation.dev/run-requested-at".into(), "2026-03-02T11:00:00Z".into())]))
+    });
+    h.run_to_active(2, &["u1", "u2"]).await;
+    h.edit(|s| s.spec.pin_version = Some(1));
+    h.reconcile().await;
+    assert_eq!(h.store.active_version(&h.key()).await.unwrap(), Some(1));
+    assert_eq!(h.store.active_members(&h.key()).unwrap().len(), 1);
+    assert!(event_reasons(&h.world).contains(&"RolledBack".to_string()));
+    h.edit(|s| s.spec.pin_version = None);
+    h.reconcile().await;
+    assert_eq!(h.store.active_version(&h.key()).await.unwrap(), Some(2));
+}
+
+#[tokio::test]
+async fn deleting_removes_store_data_and_results_then_the_finalizer() {
+    let h = Harness::new(segment(""));
+    h.run_to_active(1, &["u1"]).await;
+    h.results.record(&h.key(), 1, t0());
+    h.edit(|s| s.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::from_second(t0().timestamp()).unwrap())));
+    let writes = h.reconcile().await;
+    assert_eq!(writes, vec![format!("PATCH {SEGMENTS}")]);
+    assert!(h.store.versions(&h.key()).await.unwrap().is_empty());
+    assert!(h.results.versions(&h.key()).is_empty());
+    assert_eq!(h.segment().metadata.finalizers, Some(vec![]));
+}
+
+#[tokio::test]
+async fn deletion_policy_retain_keeps_store_data_and_results() {
+    let h = Harness::new(segment("  deletionPolicy: Retain\n"));
+    h.run_to_active(1, &["u1"]).await;
+    h.results.record(&h.key(), 1, t0());
+    h.edit(|s| s.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::from_second(t0().timestamp()).unwrap())));
+    h.reconcile().await;
+    assert_eq!(h.store.versions(&h.key()).await.unwrap().len(), 1);
+    assert_eq!(h.results.versions(&h.key()), vec![1]);
+    assert_eq!(h.segment().metadata.finalizers, Some(vec![]));
+}
+
+#[tokio::test]
+async fn a_store_outage_keeps_the_finalizer_and_fails_the_reconcile() {
+    let h = Harness::new(segment(""));
+    h.run_to_active(1, &["u1"]).await;
+    h.edit(|s| s.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::from_second(t0().timestamp()).unwrap())));
+    h.store.set_unavailable(true);
+    let error = h.try_reconcile().await.unwrap_err();
+    assert!(error.contains("store unavailable"), "{error}");
+    assert_eq!(h.segment().metadata.finalizers, Some(vec![FINALIZER.to_string()]));
+}
+
+#[tokio::test]
+async fn an_invalid_definition_is_reported_and_nothing_is_launched() {
+    let h = Harness::new(segment(""));
+    h.edit(|s| s.spec.definition.sql = Some("SELEC user_id FROM orders".into()));
+    let writes = h.reconcile().await;
+    assert_eq!(writes, vec![format!("PATCH {STATUS}"), format!("POST {EVENTS}")]);
+    assert!(h.world.lock().unwrap().jobs.is_empty());
+    let status = h.segment().status.unwrap();
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "InvalidDefinition"));
+    assert!(ready.message.starts_with("spec.definition.sql: does not parse:"), "{}", ready.message);
+    // The same state again: no second status write, no second Event.
+    assert!(h.reconcile().await.is_empty());
+}
+
+#[tokio::test]
+async fn a_table_without_a_segment_source_is_an_invalid_definition() {
+    let h = Harness::new(segment(""));
+    h.edit(|s| s.spec.definition.sql = Some("SELECT user_id FROM refunds".into()));
+    h.reconcile().await;
+    let ready = h.segment().status.unwrap().conditions.into_iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(ready.reason, "InvalidDefinition");
+    assert!(ready.message.contains("unknown table `refunds`"), "{}", ready.message);
+    assert!(h.world.lock().unwrap().jobs.is_empty());
+}
+
+#[tokio::test]
+async fn an_invalid_schedule_is_reported_and_nothing_is_launched() {
+    let h = Harness::new(segment("  schedule: {cron: '0 */5 * * * *'}\n"));
+    h.reconcile().await;
+    let ready = h.segment().status.unwrap().conditions.into_iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "InvalidSchedule"));
+    assert!(ready.message.contains("6 fields"), "{}", ready.message);
+    assert!(h.world.lock().unwrap().jobs.is_empty());
+}
+
+#[tokio::test]
+async fn the_cluster_wide_compute_limit_queues_runs() {
+    let mut h = Harness::new(segment(""));
+    h.compute_limit = 1;
+    // Another segment's compute Job holds the only slot.
+    h.world.lock().unwrap().jobs.push(Job {
+        metadata: ObjectMeta {
+            name: Some("other-v7-compute".into()),
+            namespace: Some("marketing".into()),
+            labels: Some(BTreeMap::from([(JOB_KIND_LABEL.into(), "compute".into()), (SEGMENT_LABEL.into(), "other".into())])),
+            ..Default::default()
+        },
+        ..Default::default()
+    });
+    let writes = h.reconcile().await;
+    assert_eq!(writes, vec![format!("PATCH {STATUS}"), format!("POST {EVENTS}")], "the run is recorded, no Job");
+    let cluster_lists = h.world.lock().unwrap().requests("GET", "/apis/batch/v1/jobs");
+    assert!(cluster_lists.iter().any(|l| l.path == "/apis/batch/v1/jobs" && l.query.contains("job-kind=compute")));
+    let run = h.segment().status.unwrap().current_run.unwrap();
+    assert_eq!((run.phase, run.reason.as_deref()), (RunPhase::Pending, Some("WaitingForComputeSlot")));
+
+    h.finish_job("other-v7-compute", "Complete", None);
+    let writes = h.reconcile().await;
+    assert_eq!(writes, vec![format!("PATCH {STATUS}"), format!("POST {JOBS}")]);
+    assert_eq!(h.segment().status.unwrap().current_run.unwrap().phase, RunPhase::Computing);
+}
+
+#[tokio::test]
+async fn replace_policy_deletes_the_jobs_of_the_run_it_replaces() {
+    let h = Harness::new(segment("  schedule: {cron: '*/10 * * * *', concurrencyPolicy: Replace}\n"));
+    h.reconcile().await; // v1 starts (no version yet)
+    h.advance(Duration::minutes(10)); // the 10:10 run is due while v1 computes
+    let writes = h.reconcile().await;
+    assert_eq!(
+        writes,
+        vec![
+            format!("PATCH {STATUS}"),
+            format!("DELETE {JOBS}/vip-v1-compute"),
+            format!("POST {JOBS}"),
+            format!("POST {EVENTS}"),
+            format!("POST {EVENTS}")
+        ]
+    );
+    let status = h.segment().status.unwrap();
+    assert_eq!(status.current_run.as_ref().map(|r| r.version), Some(2));
+    assert_eq!(status.versions.iter().find(|v| v.version == 1).and_then(|v| v.reason.as_deref()), Some("Replaced"));
+}
+
+#[tokio::test]
+async fn expired_results_are_collected_but_the_active_versions_are_kept() {
+    let h = Harness::new(segment("  retention: {keepVersions: 3, keepResultsFor: 1d}\n"));
+    h.results.record(&h.key(), 1, t0() - Duration::days(3));
+    h.run_to_active(1, &["u1"]).await;
+    h.results.record(&h.key(), 5, t0() - Duration::days(3));
+    h.results.record(&h.key(), 6, t0());
+    h.advance(Duration::hours(2));
+    h.reconcile().await;
+    assert_eq!(h.results.versions(&h.key()), vec![1, 6], "v5 expired; v1 is active; v6 is recent");
+    let collected = h.results.collect(&h.key(), t0() + Duration::days(30), &[]).await.unwrap();
+    assert_eq!(collected, 2);
+}
