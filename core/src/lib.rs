@@ -15,3 +15,4 @@ pub mod rules;
 pub mod schedule;
 pub mod store;
 pub mod task;
+pub mod validation;

@@ -21,7 +21,7 @@ pub const MAX_GROUP_ITEMS: usize = 16;
 pub const MAX_VALUES: usize = 1000;
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
+#[serde(try_from = "RuleRepr", into = "RuleRepr")]
 pub enum Rule {
     All(Vec<Rule>),
     Any(Vec<Rule>),
@@ -29,6 +29,59 @@ pub enum Rule {
     Property(PropertyRule),
     Event(EventRule),
     Segment(SegmentRule),
+}
+
+/// The wire form of a rule: an object with exactly one key. Going through
+/// it (rather than serde's enum form) reads the same from JSON and YAML and
+/// names the keys in the error.
+#[derive(Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RuleRepr {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    all: Option<Vec<Rule>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    any: Option<Vec<Rule>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    not: Option<Box<Rule>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    property: Option<PropertyRule>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    event: Option<EventRule>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    segment: Option<SegmentRule>,
+}
+
+impl TryFrom<RuleRepr> for Rule {
+    type Error = String;
+
+    fn try_from(r: RuleRepr) -> Result<Rule, String> {
+        let mut found: Vec<Rule> = Vec::new();
+        found.extend(r.all.map(Rule::All));
+        found.extend(r.any.map(Rule::Any));
+        found.extend(r.not.map(Rule::Not));
+        found.extend(r.property.map(Rule::Property));
+        found.extend(r.event.map(Rule::Event));
+        found.extend(r.segment.map(Rule::Segment));
+        match found.len() {
+            1 => Ok(found.remove(0)),
+            n => Err(format!("a rule sets exactly one of all, any, not, property, event, segment; this one sets {n}")),
+        }
+    }
+}
+
+impl From<Rule> for RuleRepr {
+    fn from(rule: Rule) -> RuleRepr {
+        let mut r = RuleRepr::default();
+        match rule {
+            Rule::All(v) => r.all = Some(v),
+            Rule::Any(v) => r.any = Some(v),
+            Rule::Not(v) => r.not = Some(v),
+            Rule::Property(v) => r.property = Some(v),
+            Rule::Event(v) => r.event = Some(v),
+            Rule::Segment(v) => r.segment = Some(v),
+        }
+        r
+    }
 }
 
 /// Users whose row in `table` satisfies a comparison on `column`.

@@ -20,6 +20,12 @@ pub struct Cli {
 pub enum Command {
     /// Print the CustomResourceDefinitions (the content of crds/).
     Crd,
+    /// Check Segment manifests (files or directories) the way the operator
+    /// does before launching anything: SQL, rules, cron, time zone, tables.
+    Check {
+        #[arg(required = true)]
+        paths: Vec<std::path::PathBuf>,
+    },
     /// Run the operator against the current Kubernetes context or in-cluster config.
     Run(Box<RunArgs>),
 }

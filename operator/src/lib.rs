@@ -5,13 +5,16 @@
 //! - [`reconcile`]: one Segment — observe, plan, execute (store, status, Jobs, Events);
 //! - [`jobs`]: building compute/ingest Jobs and reading them back;
 //! - [`leader`]: Lease-based leader election;
-//! - [`controller`]: wiring the kube-runtime Controller, metrics and probes.
+//! - [`controller`]: wiring the kube-runtime Controller, metrics and probes;
+//! - [`manifests`], [`check`]: manifests read from files, checked without a cluster.
 
+pub mod check;
 pub mod config;
 pub mod controller;
 pub mod http;
 pub mod jobs;
 pub mod leader;
+pub mod manifests;
 pub mod metrics;
 pub mod reconcile;
 pub mod time;

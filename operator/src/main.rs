@@ -6,6 +6,15 @@ async fn main() {
     let cli = Cli::parse();
     match cli.command {
         Command::Crd => print!("{}", segment_core::api::crds_yaml()),
+        Command::Check { paths } => {
+            let manifests = segment_operator::manifests::load(&paths).unwrap_or_else(|e| {
+                eprintln!("segment-operator: {e}");
+                std::process::exit(2);
+            });
+            let (report, all_ok) = segment_operator::check::report(&manifests, chrono::Utc::now());
+            print!("{report}");
+            std::process::exit(if all_ok { 0 } else { 1 });
+        }
         Command::Run(args) => {
             init_logging(args.log_json);
             if let Err(error) = segment_operator::controller::run(*args).await {

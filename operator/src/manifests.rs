@@ -1,0 +1,81 @@
+//! Segment and SegmentSource manifests read from files, for the commands
+//! that work without a cluster (`check`, and standalone mode).
+
+use std::path::{Path, PathBuf};
+
+use segment_core::api::{Segment, SegmentSource};
+use serde::Deserialize;
+
+#[derive(Debug, Default)]
+pub struct Manifests {
+    pub segments: Vec<Segment>,
+    pub sources: Vec<SegmentSource>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: document {index}: {message}")]
+    Parse { path: PathBuf, index: usize, message: String },
+}
+
+/// Namespace given to manifests that name none, as kubectl does.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// Reads every `.yaml`/`.yml` file under `paths` (directories are walked,
+/// sorted by name). Documents of other kinds are skipped; a Segment or
+/// SegmentSource that does not parse is an error naming file and document.
+pub fn load(paths: &[PathBuf]) -> Result<Manifests, ManifestError> {
+    let mut files = Vec::new();
+    for path in paths {
+        collect_files(path, &mut files)?;
+    }
+    let mut out = Manifests::default();
+    for file in files {
+        let text = std::fs::read_to_string(&file).map_err(|source| ManifestError::Read { path: file.clone(), source })?;
+        for (index, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+            let parse_err = |message: String| ManifestError::Parse { path: file.clone(), index: index + 1, message };
+            let value = serde_yaml::Value::deserialize(document).map_err(|e| parse_err(e.to_string()))?;
+            match value.get("kind").and_then(|k| k.as_str()) {
+                Some("Segment") => {
+                    let mut segment: Segment = serde_yaml::from_value(value).map_err(|e| parse_err(e.to_string()))?;
+                    segment.metadata.namespace.get_or_insert_with(|| DEFAULT_NAMESPACE.to_string());
+                    out.segments.push(segment);
+                }
+                Some("SegmentSource") => {
+                    let mut source: SegmentSource = serde_yaml::from_value(value).map_err(|e| parse_err(e.to_string()))?;
+                    source.metadata.namespace.get_or_insert_with(|| DEFAULT_NAMESPACE.to_string());
+                    out.sources.push(source);
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), ManifestError> {
+    let read_err = |source| ManifestError::Read { path: path.to_path_buf(), source };
+    if path.is_dir() {
+        let mut entries: Vec<PathBuf> =
+            std::fs::read_dir(path).map_err(read_err)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        entries.sort();
+        for entry in entries {
+            if entry.is_dir() || entry.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                collect_files(&entry, out)?;
+            }
+        }
+    } else {
+        std::fs::metadata(path).map_err(read_err)?;
+        out.push(path.to_path_buf());
+    }
+    Ok(())
+}
+
+impl Manifests {
+    /// `table` of every SegmentSource in `namespace`.
+    pub fn tables_in(&self, namespace: &str) -> Vec<String> {
+        self.sources.iter().filter(|s| s.metadata.namespace.as_deref() == Some(namespace)).map(|s| s.spec.table.clone()).collect()
+    }
+}
