@@ -75,12 +75,13 @@ pub struct SegmentSpec {
 }
 
 /// Exactly one of `sql`, `rules` or `static`.
+// No `fieldPath`: the error is about this object itself, and the API server
+// rejects a CRD whose fieldPath is "." ("unexpected end of JSON path").
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "(has(self.sql) ? 1 : 0) + (has(self.rules) ? 1 : 0) + (has(self.static) ? 1 : 0) == 1",
     "message": "definition must set exactly one of sql, rules or static",
-    "fieldPath": ".",
     "reason": "FieldValueInvalid"
 }]))]
 pub struct Definition {
