@@ -12,6 +12,7 @@ pub mod duration;
 pub mod naming;
 pub mod planner;
 pub mod rules;
+pub mod rules_sql;
 pub mod schedule;
 pub mod store;
 pub mod task;

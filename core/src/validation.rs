@@ -29,14 +29,16 @@ pub struct Checked {
 /// Checks `spec`; `known_tables` (the SegmentSources of the namespace)
 /// turns references to undeclared tables into errors.
 pub fn check_spec(spec: &SegmentSpec, known_tables: Option<&[String]>) -> Result<Checked, Invalid> {
-    let refs = definition::validate(&spec.definition, known_tables)
-        .map_err(|e| Invalid { reason: "InvalidDefinition", field: e.field, message: e.message })?;
-    let schedule = spec
-        .schedule
-        .as_ref()
-        .map(CronSchedule::parse)
-        .transpose()
-        .map_err(|e| Invalid { reason: "InvalidSchedule", field: e.field.to_string(), message: e.message })?;
+    let refs = definition::validate(&spec.definition, known_tables).map_err(|e| Invalid {
+        reason: "InvalidDefinition",
+        field: e.field,
+        message: e.message,
+    })?;
+    let schedule = spec.schedule.as_ref().map(CronSchedule::parse).transpose().map_err(|e| Invalid {
+        reason: "InvalidSchedule",
+        field: e.field.to_string(),
+        message: e.message,
+    })?;
     if let Some(deadline) = spec.schedule.as_ref().and_then(|s| s.starting_deadline_seconds) {
         if deadline < 1 {
             return Err(invalid_spec("spec.schedule.startingDeadlineSeconds", format!("must be at least 1, got {deadline}")));
@@ -73,19 +75,31 @@ mod tests {
     fn each_kind_of_problem_has_its_reason_and_field() {
         let cases = [
             ("definition: {sql: 'SELECT'}", "InvalidDefinition", "spec.definition.sql"),
-            ("definition: {sql: 'SELECT user_id FROM t'}\nschedule: {cron: '61 * * * *'}", "InvalidSchedule", "spec.schedule.cron"),
+            (
+                "definition: {sql: 'SELECT user_id FROM t'}\nschedule: {cron: '61 * * * *'}",
+                "InvalidSchedule",
+                "spec.schedule.cron",
+            ),
             (
                 "definition: {sql: 'SELECT user_id FROM t'}\nschedule: {cron: '@daily', timeZone: Mars/Olympus}",
                 "InvalidSchedule",
                 "spec.schedule.timeZone",
             ),
-            ("definition: {sql: 'SELECT user_id FROM t'}\nretention: {keepVersions: 0}", "InvalidSpec", "spec.retention.keepVersions"),
+            (
+                "definition: {sql: 'SELECT user_id FROM t'}\nretention: {keepVersions: 0}",
+                "InvalidSpec",
+                "spec.retention.keepVersions",
+            ),
             (
                 "definition: {sql: 'SELECT user_id FROM t'}\nretention: {keepResultsFor: 7y}",
                 "InvalidSpec",
                 "spec.retention.keepResultsFor",
             ),
-            ("definition: {sql: 'SELECT user_id FROM t'}\nrollover: {maxChangeRatio: 1.5}", "InvalidSpec", "spec.rollover.maxChangeRatio"),
+            (
+                "definition: {sql: 'SELECT user_id FROM t'}\nrollover: {maxChangeRatio: 1.5}",
+                "InvalidSpec",
+                "spec.rollover.maxChangeRatio",
+            ),
             ("definition: {sql: 'SELECT user_id FROM t'}\npinVersion: 0", "InvalidSpec", "spec.pinVersion"),
         ];
         for (yaml, reason, field) in cases {
