@@ -20,12 +20,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, Duration, Utc};
 
 use crate::api::*;
-use crate::definition::{self, definition_hash, DefinitionError};
+use crate::definition::definition_hash;
 use crate::duration::parse_duration;
 use crate::naming::{job_name, results_uri, JobKind};
-use crate::schedule::{CronSchedule, ScheduleError};
+use crate::schedule::CronSchedule;
 use crate::store::{SegmentStore, StoreError, StoredVersion};
 use crate::task::Failure;
+use crate::validation::{check_spec, Invalid};
 
 /// Operator settings that shape plans.
 #[derive(Debug, Clone)]
@@ -199,17 +200,23 @@ pub fn plan(obs: &Observation<'_>, cfg: &PlannerConfig) -> Plan {
     let segment = obs.segment;
     let spec = &segment.spec;
     let previous = segment.status.clone().unwrap_or_default();
-    let mut p = Planner { obs, cfg, st: previous.clone(), actions: Vec::new(), pin_problem: None };
+    let mut p = Planner {
+        obs,
+        cfg,
+        st: previous.clone(),
+        actions: Vec::new(),
+        pin_problem: None,
+        launch_blocked: false,
+        lost_versions: false,
+    };
 
     let def_hash = definition_hash(&spec.definition);
-    let problem = match (
-        definition::validate(&spec.definition, obs.source_tables),
-        spec.schedule.as_ref().map(CronSchedule::parse).transpose(),
-    ) {
-        (Err(e), _) => Err(Problem::Definition(e)),
-        (_, Err(e)) => Err(Problem::Schedule(e)),
-        (Ok(_), Ok(schedule)) => Ok(schedule),
-    };
+    // The same checks as `segment-operator check`, so a spec that never
+    // met the API server's CEL rules (standalone mode) is judged alike.
+    let problem = check_spec(spec, obs.source_tables).map(|checked| checked.schedule);
+    // An invalid spec launches nothing, not even the next Job of a run in
+    // flight: the run stays where it is and continues once the spec is fixed.
+    p.launch_blocked = problem.is_err();
 
     p.sync_with_store();
     p.advance_run(&def_hash);
@@ -217,6 +224,7 @@ pub fn plan(obs: &Observation<'_>, cfg: &PlannerConfig) -> Plan {
         p.start_run_if_due(&def_hash, schedule.as_ref());
     }
     p.launch_pending();
+    p.cancel_stray_jobs();
     p.roll_over();
     p.retain();
     p.collect_results();
@@ -230,17 +238,16 @@ pub fn plan(obs: &Observation<'_>, cfg: &PlannerConfig) -> Plan {
     Plan { status: p.st, actions: p.actions, requeue_at }
 }
 
-enum Problem {
-    Definition(DefinitionError),
-    Schedule(ScheduleError),
-}
-
 struct Planner<'o, 'a> {
     obs: &'o Observation<'a>,
     cfg: &'o PlannerConfig,
     st: SegmentStatus,
     actions: Vec<Action>,
     pin_problem: Option<String>,
+    launch_blocked: bool,
+    /// Servable versions vanished from the store in this plan. Only this
+    /// plan knows: `sync_with_store` drops them from the status.
+    lost_versions: bool,
 }
 
 impl Planner<'_, '_> {
@@ -287,6 +294,7 @@ impl Planner<'_, '_> {
             }
             keep
         });
+        self.lost_versions = !lost.is_empty();
         for version in lost {
             self.event(true, "VersionLost", format!("v{version} is no longer in the store and cannot be served"));
         }
@@ -317,7 +325,7 @@ impl Planner<'_, '_> {
             .map(|v| v.version)
             .collect();
         for version in failed_but_stored {
-            self.actions.push(Action::DeleteVersion { version });
+            self.delete_leftover(version);
         }
         let highest = [
             store.versions.keys().next_back().copied(),
@@ -327,6 +335,20 @@ impl Planner<'_, '_> {
             self.st.versions.iter().map(|v| v.version).max(),
         ];
         self.st.latest_version = highest.into_iter().flatten().fold(self.st.latest_version, u64::max);
+    }
+
+    /// Deletes what a failed or cancelled run left in the store. The
+    /// version readers see now is left alone: the adapter runs store actions
+    /// in plan order, and the switch away from it (`roll_over`) comes later
+    /// in the plan; the next plan deletes it as a failed version still
+    /// stored. A complete pinned version waits for the pin to move.
+    fn delete_leftover(&mut self, version: u64) {
+        let store = self.obs.store;
+        let pinned_and_complete = self.spec().pin_version == Some(version) && store.versions.contains_key(&version);
+        if store.active == Some(version) || pinned_and_complete {
+            return;
+        }
+        self.actions.push(Action::DeleteVersion { version });
     }
 
     fn results_uri(&self, version: u64) -> Option<String> {
@@ -347,6 +369,9 @@ impl Planner<'_, '_> {
             RunPhase::Computing => match self.job(run.version, JobKind::Compute).map(|j| j.state.clone()) {
                 None => self.launch(&run, JobKind::Compute),
                 Some(JobState::Running) => {}
+                // Ingesting needs a Job: wait, and take the step once the
+                // spec is valid again.
+                Some(JobState::Succeeded { .. }) if self.launch_blocked => {}
                 Some(JobState::Succeeded { finished_at }) => {
                     run.computed_at = Some(finished_at);
                     run.phase = RunPhase::Ingesting;
@@ -362,7 +387,7 @@ impl Planner<'_, '_> {
                 Some(JobState::Failed { failure, .. }) => {
                     // Whatever part of the version was written is invisible
                     // to readers; remove it so it cannot be activated.
-                    self.actions.push(Action::DeleteVersion { version: run.version });
+                    self.delete_leftover(run.version);
                     self.fail_run(&run, "ingest", failure);
                 }
                 Some(JobState::Succeeded { finished_at }) => {
@@ -379,7 +404,7 @@ impl Planner<'_, '_> {
     /// it until `approve-version` names it.
     fn guard_and_promote(&mut self, mut run: RunStatus) {
         let Some(stored) = self.obs.store.versions.get(&run.version).cloned() else {
-            self.actions.push(Action::DeleteVersion { version: run.version });
+            self.delete_leftover(run.version);
             let failure = Failure {
                 reason: "IngestIncomplete".into(),
                 message: format!("the ingest Job succeeded but v{} is not complete in the store", run.version),
@@ -438,7 +463,8 @@ impl Planner<'_, '_> {
                 run.message = Some(message);
                 self.st.current_run = Some(run);
             }
-            _ => self.promote(&run, &stored, approved),
+            Some(_) => self.promote(&run, &stored, true),
+            None => self.promote(&run, &stored, false),
         }
     }
 
@@ -483,9 +509,13 @@ impl Planner<'_, '_> {
     }
 
     fn cancel_run(&mut self, run: &RunStatus, reason: &str, message: &str) {
+        // This plan may already have queued the run's next Job (its compute
+        // finished just now); the adapter would create it after deleting the
+        // run's Jobs, leaving a Job of a cancelled run behind.
+        self.actions.retain(|a| !matches!(a, Action::Launch(l) if l.version == run.version));
         self.actions.push(Action::CancelJobs { version: run.version });
         if matches!(run.phase, RunPhase::Ingesting | RunPhase::AwaitingApproval) {
-            self.actions.push(Action::DeleteVersion { version: run.version });
+            self.delete_leftover(run.version);
         }
         self.event(false, "RunCancelled", format!("v{}: {message}", run.version));
         self.record_ended_run(run, reason, message);
@@ -524,7 +554,8 @@ impl Planner<'_, '_> {
             Some(RunTrigger::Initial)
         } else if latest_hash != Some(def_hash) {
             Some(RunTrigger::Definition)
-        } else if !any_servable && !in_flight && newest.is_some_and(|v| v.state != VersionState::Failed) {
+        } else if !any_servable && !in_flight && (self.lost_versions || newest.is_some_and(|v| v.state != VersionState::Failed)) {
+            // The store lost every version: rebuild, whatever failed before.
             Some(RunTrigger::Initial)
         } else {
             None
@@ -537,10 +568,22 @@ impl Planner<'_, '_> {
 
         let mut due = None;
         if let (Some(schedule), false) = (schedule, suspended) {
+            // Without a creation time (manifests outside Kubernetes), the
+            // newest run this status knows of anchors the schedule; `now`
+            // alone would never let a scheduled time fall due.
+            let newest_run = self
+                .st
+                .current_run
+                .as_ref()
+                .map(|r| r.started_at)
+                .into_iter()
+                .chain(self.st.versions.iter().map(|v| v.snapshot_time))
+                .max();
             let since = self
                 .st
                 .last_schedule_time
                 .or(self.obs.segment.metadata.creation_timestamp.as_ref().map(to_chrono))
+                .or(newest_run)
                 .unwrap_or(now);
             if let Some(at) = schedule.latest_due(since, now) {
                 let deadline = self.spec().schedule.as_ref().and_then(|s| s.starting_deadline_seconds);
@@ -586,6 +629,10 @@ impl Planner<'_, '_> {
             self.st.last_schedule_time = Some(at);
         }
         self.st.retry_at = None;
+        // Each new trigger gets the full retry budget; only retries draw on it.
+        if trigger != RunTrigger::Retry {
+            self.st.consecutive_failures = 0;
+        }
         self.st.latest_version += 1;
         let version = self.st.latest_version;
         self.st.current_run = Some(RunStatus {
@@ -608,7 +655,7 @@ impl Planner<'_, '_> {
     /// A pending run gets its compute Job once the cluster-wide limit
     /// leaves a slot.
     fn launch_pending(&mut self) {
-        let Some(mut run) = self.st.current_run.clone().filter(|r| r.phase == RunPhase::Pending) else {
+        let Some(mut run) = self.st.current_run.clone().filter(|r| r.phase == RunPhase::Pending && !self.launch_blocked) else {
             return;
         };
         if self.obs.compute_slot_free {
@@ -624,7 +671,31 @@ impl Planner<'_, '_> {
         self.st.current_run = Some(run);
     }
 
+    /// Jobs still running for a version other than the run in flight
+    /// belong to a run that ended: the operator stopped between writing the
+    /// status that ended it and deleting its Jobs. Left alone, a compute Job
+    /// holds a slot of the cluster-wide limit and an ingest Job loads a
+    /// version nobody will promote.
+    fn cancel_stray_jobs(&mut self) {
+        let in_flight = self.st.current_run.as_ref().map(|r| r.version);
+        let stray: BTreeSet<u64> = self
+            .obs
+            .jobs
+            .iter()
+            .filter(|j| j.state == JobState::Running && Some(j.version) != in_flight)
+            .map(|j| j.version)
+            .collect();
+        for version in stray {
+            if !self.actions.contains(&Action::CancelJobs { version }) {
+                self.actions.push(Action::CancelJobs { version });
+            }
+        }
+    }
+
     fn launch(&mut self, run: &RunStatus, kind: JobKind) {
+        if self.launch_blocked {
+            return;
+        }
         self.actions.push(Action::Launch(Launch {
             kind,
             version: run.version,
@@ -727,7 +798,7 @@ impl Planner<'_, '_> {
         self.st.results_collected_at = Some(now);
     }
 
-    fn set_conditions(&mut self, problem: Option<&Problem>, def_hash: &str, previous: &SegmentStatus) {
+    fn set_conditions(&mut self, problem: Option<&Invalid>, def_hash: &str, previous: &SegmentStatus) {
         let newest = self.st.versions.iter().max_by_key(|v| v.version).cloned();
         let newest_failed = newest
             .as_ref()
@@ -737,10 +808,7 @@ impl Planner<'_, '_> {
         let run = self.st.current_run.clone();
 
         let (ready, stalled, reconciling): (Cond, Cond, Cond) = if let Some(problem) = problem {
-            let (reason, message) = match problem {
-                Problem::Definition(e) => ("InvalidDefinition", e.to_string()),
-                Problem::Schedule(e) => ("InvalidSchedule", e.to_string()),
-            };
+            let (reason, message) = (problem.reason, problem.to_string());
             let message = match &serving {
                 Some(s) => format!("{message}; nothing is launched and {s}"),
                 None => format!("{message}; nothing is launched"),
@@ -802,11 +870,7 @@ impl Planner<'_, '_> {
         if let Some(problem) = problem {
             let changed = prev_ready.is_none_or(|c| c.reason != ready.reason || c.message != ready.message);
             if changed {
-                let reason = match problem {
-                    Problem::Definition(_) => "InvalidDefinition",
-                    Problem::Schedule(_) => "InvalidSchedule",
-                };
-                self.event(true, reason, ready.message.clone());
+                self.event(true, problem.reason, ready.message.clone());
             }
         }
 
@@ -842,7 +906,10 @@ impl Planner<'_, '_> {
         });
         let collect =
             self.st.results_collected_at.filter(|_| !self.st.versions.is_empty()).map(|t| t + self.cfg.results_collect_interval);
-        [self.st.next_schedule_time, self.st.retry_at, run, collect].into_iter().flatten().min()
+        // A time already past is one this plan could not act on (a retry
+        // while suspended or while the spec is invalid); waking for it would
+        // only spin. Spec changes and Job updates wake the controller anyway.
+        [self.st.next_schedule_time, self.st.retry_at, run, collect].into_iter().flatten().filter(|t| *t > now).min()
     }
 }
 

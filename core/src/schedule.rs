@@ -55,7 +55,13 @@ impl CronSchedule {
                 message: format!("`{name}` is not an IANA time zone (for example Europe/Madrid)"),
             })?,
         };
-        Ok(CronSchedule { cron, zone })
+        let schedule = CronSchedule { cron, zone };
+        // `0 0 30 2 *` parses but never fires: say so instead of waiting forever.
+        let reference = DateTime::<Utc>::from_timestamp(946_684_800, 0).unwrap_or_default();
+        if schedule.next_after(reference).is_none() {
+            return Err(ScheduleError { field: "spec.schedule.cron", message: format!("`{text}` never fires (no such date)") });
+        }
+        Ok(schedule)
     }
 
     /// The first scheduled time strictly after `t`.
@@ -71,5 +77,17 @@ impl CronSchedule {
         }
         let latest = self.cron.find_previous_occurrence(&until.with_timezone(&self.zone), true).ok()?.with_timezone(&Utc);
         (latest > after).then_some(latest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cron_that_never_fires_is_rejected() {
+        let err = CronSchedule::from_parts("0 0 30 2 *", None).unwrap_err();
+        assert!(err.message.contains("never fires"), "{err}");
+        assert!(CronSchedule::from_parts("0 0 29 2 *", None).is_ok(), "29 February exists in leap years");
     }
 }

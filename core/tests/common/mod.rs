@@ -1,0 +1,343 @@
+//! A small simulated world for driving the planner end to end: it applies
+//! plans the way the operator's adapter does (store actions, then the
+//! status, then Jobs, then Events), turns launches into Jobs that tests
+//! finish by hand, and loads a version into a `MemoryStore` when its ingest
+//! Job succeeds.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Duration, Utc};
+use segment_core::api::*;
+use segment_core::definition::definition_hash;
+use segment_core::naming::{job_name, JobKind};
+use segment_core::planner::{self, Action, Event, JobState, Launch, Observation, ObservedJob, Plan, PlannerConfig, StoreView};
+use segment_core::store::{MemoryStore, SegmentStore};
+use segment_core::task::Failure;
+
+pub const NAME: &str = "vip";
+pub const NAMESPACE: &str = "growth";
+/// `metadata.creationTimestamp` of every test Segment (a Friday).
+pub const CREATED: &str = "2024-03-01T10:00:00Z";
+
+pub fn t(text: &str) -> DateTime<Utc> {
+    text.parse().unwrap_or_else(|e| panic!("bad time `{text}`: {e}"))
+}
+
+/// A Segment named `growth/vip`, generation 1, with the given `spec` YAML.
+pub fn segment(spec_yaml: &str) -> Segment {
+    let spec: String = spec_yaml.lines().map(|l| format!("  {l}\n")).collect();
+    let doc = format!(
+        "apiVersion: segmentation.dev/v1alpha1\nkind: Segment\nmetadata:\n  name: {NAME}\n  namespace: {NAMESPACE}\n  \
+         generation: 1\n  creationTimestamp: \"{CREATED}\"\nspec:\n{spec}"
+    );
+    serde_yaml::from_str(&doc).unwrap_or_else(|e| panic!("bad Segment YAML: {e}\n{doc}"))
+}
+
+pub fn key() -> SegmentKey {
+    SegmentKey::new(NAMESPACE, NAME)
+}
+
+pub fn users(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+pub struct World {
+    pub segment: Segment,
+    pub jobs: Vec<ObservedJob>,
+    pub store: MemoryStore,
+    pub now: DateTime<Utc>,
+    pub slot_free: bool,
+    pub source_tables: Option<Vec<String>>,
+    pub cfg: PlannerConfig,
+    /// Members an ingest loads for a version; `default_members` otherwise.
+    pub members: BTreeMap<u64, Vec<String>>,
+    pub default_members: Vec<String>,
+    /// Every event of every applied plan, in order.
+    pub events: Vec<Event>,
+    /// Every `CollectResults` applied, with the time it was applied.
+    pub collected: Vec<(DateTime<Utc>, Action)>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl World {
+    pub fn new(spec_yaml: &str) -> World {
+        World::with_segment(segment(spec_yaml))
+    }
+
+    pub fn with_segment(segment: Segment) -> World {
+        World {
+            segment,
+            jobs: Vec::new(),
+            store: MemoryStore::new(),
+            now: t(CREATED),
+            slot_free: true,
+            source_tables: None,
+            cfg: PlannerConfig::default(),
+            members: BTreeMap::new(),
+            default_members: users(&["u1", "u2", "u3"]),
+            events: Vec::new(),
+            collected: Vec::new(),
+            rt: tokio::runtime::Builder::new_current_thread().build().expect("a tokio runtime"),
+        }
+    }
+
+    pub fn status(&self) -> &SegmentStatus {
+        self.segment.status.as_ref().expect("the Segment has a status")
+    }
+
+    pub fn run(&self) -> &RunStatus {
+        self.status().current_run.as_ref().expect("a run is in flight")
+    }
+
+    pub fn store_view(&self) -> StoreView {
+        self.rt.block_on(planner::observe_store(&self.store, &key(), self.segment.status.as_ref())).expect("the store answers")
+    }
+
+    /// Plans on what the world looks like now, without applying anything.
+    pub fn plan(&self) -> Plan {
+        self.plan_with(&self.store_view())
+    }
+
+    pub fn plan_with(&self, view: &StoreView) -> Plan {
+        let obs = Observation {
+            segment: &self.segment,
+            jobs: &self.jobs,
+            store: view,
+            source_tables: self.source_tables.as_deref(),
+            compute_slot_free: self.slot_free,
+            now: self.now,
+        };
+        planner::plan(&obs, &self.cfg)
+    }
+
+    /// Plans and applies the plan, as one reconcile of the operator.
+    pub fn reconcile(&mut self) -> Plan {
+        let plan = self.plan();
+        self.apply(&plan);
+        plan
+    }
+
+    /// Applies `plan` in the adapter's order.
+    pub fn apply(&mut self, plan: &Plan) {
+        self.apply_store_actions(plan);
+        self.segment.status = Some(plan.status.clone());
+        self.apply_jobs(plan);
+        self.events.extend(events(plan).into_iter().cloned());
+    }
+
+    /// Applies only step 1 of a plan: the operator crashed right after it.
+    pub fn apply_store_actions(&mut self, plan: &Plan) {
+        for action in &plan.actions {
+            match action {
+                Action::Activate { version, .. } => {
+                    let activated = self.rt.block_on(self.store.activate(&key(), *version));
+                    assert!(activated.is_ok(), "Activate of v{version}, which the store does not hold: {activated:?}");
+                }
+                Action::DeleteVersion { version } => {
+                    assert_ne!(
+                        self.store_active(),
+                        Some(*version),
+                        "DeleteVersion of the version readers see: {:?}",
+                        plan.actions
+                    );
+                    self.rt.block_on(self.store.delete_version(&key(), *version)).expect("the store deletes");
+                }
+                Action::CollectResults { .. } => self.collected.push((self.now, action.clone())),
+                _ => {}
+            }
+        }
+    }
+
+    /// Applies step 3 of a plan as the adapter does: Job deletions and
+    /// creations in plan order (an existing name is `AlreadyExists` and
+    /// left alone).
+    pub fn apply_jobs(&mut self, plan: &Plan) {
+        for action in &plan.actions {
+            match action {
+                Action::CancelJobs { version } => self.jobs.retain(|j| j.version != *version),
+                Action::Launch(launch) if !self.jobs.iter().any(|j| j.name == launch.job_name) => {
+                    self.jobs.push(ObservedJob {
+                        name: launch.job_name.clone(),
+                        version: launch.version,
+                        kind: launch.kind,
+                        state: JobState::Running,
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Reconciles until nothing more happens (the controller re-plans after
+    /// every status write); returns every plan made.
+    pub fn settle(&mut self) -> Vec<Plan> {
+        let mut plans = Vec::new();
+        for _ in 0..10 {
+            let before = self.segment.status.clone();
+            let plan = self.reconcile();
+            let quiet = plan.actions.iter().all(|a| matches!(a, Action::Event(_) | Action::CollectResults { .. }));
+            let unchanged = before.as_ref() == Some(&plan.status);
+            plans.push(plan);
+            if quiet && unchanged {
+                return plans;
+            }
+        }
+        panic!("the planner does not settle: {:#?}", plans.last());
+    }
+
+    pub fn advance(&mut self, by: Duration) {
+        self.now += by;
+    }
+
+    pub fn advance_to(&mut self, to: DateTime<Utc>) {
+        assert!(to >= self.now, "time goes forward");
+        self.now = to;
+    }
+
+    pub fn job(&self, version: u64, kind: JobKind) -> Option<&ObservedJob> {
+        self.jobs.iter().find(|j| j.version == version && j.kind == kind)
+    }
+
+    fn job_mut(&mut self, version: u64, kind: JobKind) -> &mut ObservedJob {
+        self.jobs
+            .iter_mut()
+            .find(|j| j.version == version && j.kind == kind)
+            .unwrap_or_else(|| panic!("no {kind:?} Job for v{version}"))
+    }
+
+    /// The Job of `version` and `kind` succeeds now; an ingest loads the
+    /// version into the store first, as the worker does.
+    pub fn succeed(&mut self, version: u64, kind: JobKind) {
+        if kind == JobKind::Ingest {
+            self.load(version);
+        }
+        let now = self.now;
+        self.job_mut(version, kind).state = JobState::Succeeded { finished_at: now };
+    }
+
+    /// The Job succeeds without the version reaching the store.
+    pub fn succeed_without_loading(&mut self, version: u64, kind: JobKind) {
+        let now = self.now;
+        self.job_mut(version, kind).state = JobState::Succeeded { finished_at: now };
+    }
+
+    /// The Job fails with the worker's termination message.
+    pub fn fail(&mut self, version: u64, kind: JobKind, termination_message: &str) {
+        let failure = Failure::from_termination_message(termination_message).expect("a termination message");
+        let now = self.now;
+        self.job_mut(version, kind).state = JobState::Failed { finished_at: now, failure };
+    }
+
+    /// Loads `version` into the store with its members, snapshot time and
+    /// definition hash (from the run in flight when it is that version).
+    pub fn load(&mut self, version: u64) {
+        let members = self.members.get(&version).cloned().unwrap_or_else(|| self.default_members.clone());
+        let run = self.segment.status.as_ref().and_then(|s| s.current_run.as_ref()).filter(|r| r.version == version);
+        let snapshot = run.map(|r| r.snapshot_time);
+        let hash = run.map(|r| r.definition_hash.clone()).unwrap_or_else(|| definition_hash(&self.segment.spec.definition));
+        self.store.load_version(&key(), version, members, snapshot, Some(hash));
+    }
+
+    /// Drives the run in flight through compute and ingest to the end,
+    /// reconciling after each step; returns the plan of the last step.
+    pub fn complete_run(&mut self) -> Plan {
+        let version = self.run().version;
+        self.settle();
+        self.succeed(version, JobKind::Compute);
+        self.reconcile();
+        self.succeed(version, JobKind::Ingest);
+        let plan = self.reconcile();
+        self.settle();
+        plan
+    }
+
+    /// Changes the spec; the API server bumps `metadata.generation`.
+    pub fn edit(&mut self, change: impl FnOnce(&mut SegmentSpec)) {
+        change(&mut self.segment.spec);
+        self.segment.metadata.generation = Some(self.segment.metadata.generation.unwrap_or(0) + 1);
+    }
+
+    pub fn annotate(&mut self, key: &str, value: &str) {
+        self.segment.metadata.annotations.get_or_insert_with(Default::default).insert(key.to_string(), value.to_string());
+    }
+
+    pub fn request_run(&mut self) {
+        let value = self.now.to_rfc3339();
+        self.annotate(RUN_REQUESTED_ANNOTATION, &value);
+    }
+
+    pub fn store_active(&self) -> Option<u64> {
+        self.rt.block_on(self.store.active_version(&key())).expect("the store answers")
+    }
+
+    pub fn store_versions(&self) -> Vec<u64> {
+        self.rt.block_on(self.store.versions(&key())).expect("the store answers").keys().copied().collect()
+    }
+
+    pub fn wipe_store(&mut self) {
+        self.rt.block_on(self.store.delete_segment(&key())).expect("the store answers");
+    }
+
+    pub fn compute_job_name(version: u64) -> String {
+        job_name(NAME, version, JobKind::Compute)
+    }
+}
+
+pub fn launches(plan: &Plan) -> Vec<&Launch> {
+    plan.actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Launch(l) => Some(l),
+            _ => None,
+        })
+        .collect()
+}
+
+pub fn events(plan: &Plan) -> Vec<&Event> {
+    plan.actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Event(e) => Some(e),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Reasons of the plan's events, warnings marked with a leading `!`.
+pub fn event_reasons(plan: &Plan) -> Vec<String> {
+    events(plan).iter().map(|e| if e.warning { format!("!{}", e.reason) } else { e.reason.clone() }).collect()
+}
+
+/// The plan's actions other than Events and `CollectResults`.
+pub fn effects(plan: &Plan) -> Vec<Action> {
+    plan.actions.iter().filter(|a| !matches!(a, Action::Event(_) | Action::CollectResults { .. })).cloned().collect()
+}
+
+pub fn condition<'s>(status: &'s SegmentStatus, type_: &str) -> &'s Condition {
+    status.conditions.iter().find(|c| c.type_ == type_).unwrap_or_else(|| panic!("no {type_} condition in {status:#?}"))
+}
+
+/// `(status, reason)` of a condition, for compact assertions.
+pub fn cond(status: &SegmentStatus, type_: &str) -> (String, String) {
+    let c = condition(status, type_);
+    (c.status.clone(), c.reason.clone())
+}
+
+pub fn is(status: &str, reason: &str) -> (String, String) {
+    (status.to_string(), reason.to_string())
+}
+
+/// `(version, state)` of every entry in `status.versions`.
+pub fn version_states(status: &SegmentStatus) -> Vec<(u64, VersionState)> {
+    status.versions.iter().map(|v| (v.version, v.state)).collect()
+}
+
+pub fn version(status: &SegmentStatus, version: u64) -> &VersionStatus {
+    status.versions.iter().find(|v| v.version == version).unwrap_or_else(|| panic!("no v{version} in {status:#?}"))
+}
+
+pub fn has_launch(plan: &Plan) -> bool {
+    !launches(plan).is_empty()
+}
