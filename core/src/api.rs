@@ -62,6 +62,8 @@ pub struct SegmentSpec {
     pub retention: Retention,
     #[serde(default)]
     pub rollover: RolloverPolicy,
+    #[serde(default)]
+    pub ingest: IngestPolicy,
     /// Serve this retained version instead of the newest one (rollback).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
@@ -188,6 +190,16 @@ pub struct RolloverPolicy {
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+pub struct IngestPolicy {
+    /// Result parts that may fail to load (corrupted, unreadable after
+    /// retries) before the whole run fails. The default 0 loads a version
+    /// only when every part loads.
+    #[serde(default)]
+    pub max_failed_parts: u32,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct ComputeOverrides {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
@@ -248,7 +260,8 @@ pub struct SegmentStatus {
     /// The last `run-requested-at` annotation value that started a run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handled_run_request: Option<String>,
-    /// Failed runs since the last success; drives the retry backoff.
+    /// Failed runs since the last success or the last new trigger; drives
+    /// the retry backoff and its budget.
     #[serde(default)]
     pub consecutive_failures: u32,
     /// When a run that failed for a transient reason is retried.

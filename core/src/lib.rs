@@ -9,6 +9,7 @@
 pub mod api;
 pub mod definition;
 pub mod duration;
+pub mod manifest;
 pub mod naming;
 pub mod planner;
 pub mod rules;

@@ -8,6 +8,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 
 use crate::api::SegmentKey;
 
@@ -30,12 +31,55 @@ pub struct StoredVersion {
     pub definition_hash: Option<String>,
 }
 
-/// The lifecycle operations on the membership store.
+/// A realtime include or exclude of one user, kept per segment so that the
+/// ingest of the next version re-applies it (see [`SegmentStore::record_override`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Override {
+    pub user: String,
+    pub op: OverrideOp,
+    /// When the event happened; the newest override of a user wins.
+    pub ts: DateTime<Utc>,
+    /// The producer's id: a redelivered message has the same one.
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OverrideOp {
+    Include,
+    Exclude,
+}
+
+impl Override {
+    /// Whether `self` replaces `other` as a user's override: newer time
+    /// wins, equal times are ordered by id so every replica agrees.
+    pub fn supersedes(&self, other: &Override) -> bool {
+        (self.ts, &self.id) > (other.ts, &other.id)
+    }
+}
+
+/// A user who entered or left a segment between two versions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub user: String,
+    pub entered: bool,
+}
+
+/// One page of a diff; `next` is the opaque cursor of the next page,
+/// `None` once the diff is complete.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DiffPage {
+    pub changes: Vec<Change>,
+    pub next: Option<String>,
+}
+
+/// The membership store as the lifecycle, ingest and realtime use it.
+/// Every write is idempotent: a retried batch changes nothing the second time.
 #[async_trait]
 pub trait SegmentStore: Send + Sync {
     /// The version readers see now.
     async fn active_version(&self, segment: &SegmentKey) -> Result<Option<u64>, StoreError>;
-    /// Every complete version held for the segment.
+    /// Every complete (sealed) version held for the segment.
     async fn versions(&self, segment: &SegmentKey) -> Result<BTreeMap<u64, StoredVersion>, StoreError>;
     /// Users in exactly one of the two versions (entered plus exited).
     async fn change_count(&self, segment: &SegmentKey, from: u64, to: u64) -> Result<u64, StoreError>;
@@ -45,6 +89,47 @@ pub trait SegmentStore: Send + Sync {
     async fn delete_version(&self, segment: &SegmentKey, version: u64) -> Result<(), StoreError>;
     /// Removes everything the store holds for the segment.
     async fn delete_segment(&self, segment: &SegmentKey) -> Result<(), StoreError>;
+
+    /// Adds members to a version being loaded. Readers cannot see the
+    /// version until it is activated, and [`versions`](Self::versions)
+    /// does not list it until it is sealed.
+    async fn load_members(&self, segment: &SegmentKey, version: u64, users: &[String]) -> Result<(), StoreError>;
+    /// Marks a loaded version complete; written last by ingest.
+    async fn seal_version(&self, segment: &SegmentKey, version: u64, meta: &StoredVersion) -> Result<(), StoreError>;
+
+    /// Records a realtime override and applies it to the active version.
+    /// Returns false when a newer (or the same) override was already
+    /// recorded for the user, in which case nothing changes.
+    async fn record_override(&self, segment: &SegmentKey, change: &Override) -> Result<bool, StoreError>;
+    /// Overrides with a time after `since`: what a version computed at
+    /// snapshot time `since` does not know yet.
+    async fn overrides_since(&self, segment: &SegmentKey, since: DateTime<Utc>) -> Result<Vec<Override>, StoreError>;
+    /// Applies overrides to a version (ingest, before sealing).
+    async fn apply_overrides(&self, segment: &SegmentKey, version: u64, overrides: &[Override]) -> Result<(), StoreError>;
+
+    /// A page of the users who entered (in `to`, not in `from`) or exited
+    /// (in `from`, not in `to`). Start with `cursor` `None`.
+    async fn diff_page(
+        &self,
+        segment: &SegmentKey,
+        from: u64,
+        to: u64,
+        cursor: Option<&str>,
+        page_size: usize,
+    ) -> Result<DiffPage, StoreError>;
+}
+
+/// What serving reads: each call is one round trip to the store.
+#[async_trait]
+pub trait MembershipReader: Send + Sync {
+    /// The active version of every segment.
+    async fn aliases(&self) -> Result<BTreeMap<SegmentKey, u64>, StoreError>;
+    /// Every (segment, version) the user is loaded in; filter with
+    /// [`aliases`](Self::aliases) to get the active ones.
+    async fn user_versions(&self, user: &str) -> Result<Vec<(SegmentKey, u64)>, StoreError>;
+    async fn is_member(&self, segment: &SegmentKey, version: u64, user: &str) -> Result<bool, StoreError>;
+    /// Many (segment, version, user) checks at once.
+    async fn check(&self, pairs: &[(SegmentKey, u64, String)]) -> Result<Vec<bool>, StoreError>;
 }
 
 /// Result files in object storage.
@@ -60,7 +145,11 @@ pub trait ResultStore: Send + Sync {
 #[derive(Default, Debug, Clone)]
 struct SegmentData {
     active: Option<u64>,
+    /// Sealed versions.
     versions: BTreeMap<u64, (StoredVersion, BTreeSet<String>)>,
+    /// Versions being loaded.
+    loading: BTreeMap<u64, BTreeSet<String>>,
+    overrides: BTreeMap<String, Override>,
 }
 
 /// The embedded store: everything in process memory. It backs standalone
@@ -107,7 +196,7 @@ impl MemoryStore {
         f(&mut self.segments.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    fn check(&self) -> Result<(), StoreError> {
+    fn ensure_available(&self) -> Result<(), StoreError> {
         if *self.unavailable.lock().unwrap_or_else(|e| e.into_inner()) {
             Err(StoreError::Unavailable("embedded store switched off".into()))
         } else {
@@ -116,28 +205,50 @@ impl MemoryStore {
     }
 }
 
+impl SegmentData {
+    fn members_mut(&mut self, version: u64) -> &mut BTreeSet<String> {
+        match self.versions.get_mut(&version) {
+            Some((_, members)) => members,
+            None => self.loading.entry(version).or_default(),
+        }
+    }
+
+    fn members(&self, version: u64) -> Option<&BTreeSet<String>> {
+        self.versions.get(&version).map(|(_, m)| m).or_else(|| self.loading.get(&version))
+    }
+
+    fn apply(&mut self, version: u64, change: &Override) {
+        let members = self.members_mut(version);
+        match change.op {
+            OverrideOp::Include => members.insert(change.user.clone()),
+            OverrideOp::Exclude => members.remove(&change.user),
+        };
+        if let Some((meta, members)) = self.versions.get_mut(&version) {
+            meta.members = members.len() as u64;
+        }
+    }
+}
+
 #[async_trait]
 impl SegmentStore for MemoryStore {
     async fn active_version(&self, segment: &SegmentKey) -> Result<Option<u64>, StoreError> {
-        self.check()?;
+        self.ensure_available()?;
         Ok(self.with(|all| all.get(segment).and_then(|d| d.active)))
     }
 
     async fn versions(&self, segment: &SegmentKey) -> Result<BTreeMap<u64, StoredVersion>, StoreError> {
-        self.check()?;
+        self.ensure_available()?;
         Ok(self.with(|all| {
             all.get(segment).map(|d| d.versions.iter().map(|(v, (meta, _))| (*v, meta.clone())).collect()).unwrap_or_default()
         }))
     }
 
     async fn change_count(&self, segment: &SegmentKey, from: u64, to: u64) -> Result<u64, StoreError> {
-        self.check()?;
+        self.ensure_available()?;
         self.with(|all| {
             let data = all.get(segment);
             let get = |v: u64| {
-                data.and_then(|d| d.versions.get(&v))
-                    .map(|(_, m)| m)
-                    .ok_or(StoreError::MissingVersion { segment: segment.to_string(), version: v })
+                data.and_then(|d| d.members(v)).ok_or(StoreError::MissingVersion { segment: segment.to_string(), version: v })
             };
             let (a, b) = (get(from)?, get(to)?);
             Ok(a.symmetric_difference(b).count() as u64)
@@ -145,7 +256,7 @@ impl SegmentStore for MemoryStore {
     }
 
     async fn activate(&self, segment: &SegmentKey, version: u64) -> Result<(), StoreError> {
-        self.check()?;
+        self.ensure_available()?;
         self.with(|all| {
             let data = all.entry(segment.clone()).or_default();
             if !data.versions.contains_key(&version) {
@@ -157,10 +268,11 @@ impl SegmentStore for MemoryStore {
     }
 
     async fn delete_version(&self, segment: &SegmentKey, version: u64) -> Result<(), StoreError> {
-        self.check()?;
+        self.ensure_available()?;
         self.with(|all| {
             if let Some(data) = all.get_mut(segment) {
                 data.versions.remove(&version);
+                data.loading.remove(&version);
                 if data.active == Some(version) {
                     data.active = None;
                 }
@@ -170,9 +282,135 @@ impl SegmentStore for MemoryStore {
     }
 
     async fn delete_segment(&self, segment: &SegmentKey) -> Result<(), StoreError> {
-        self.check()?;
+        self.ensure_available()?;
         self.with(|all| all.remove(segment));
         Ok(())
+    }
+
+    async fn load_members(&self, segment: &SegmentKey, version: u64, users: &[String]) -> Result<(), StoreError> {
+        self.ensure_available()?;
+        self.with(|all| all.entry(segment.clone()).or_default().members_mut(version).extend(users.iter().cloned()));
+        Ok(())
+    }
+
+    async fn seal_version(&self, segment: &SegmentKey, version: u64, meta: &StoredVersion) -> Result<(), StoreError> {
+        self.ensure_available()?;
+        self.with(|all| {
+            let data = all.entry(segment.clone()).or_default();
+            let members =
+                data.loading.remove(&version).or_else(|| data.versions.remove(&version).map(|(_, m)| m)).unwrap_or_default();
+            data.versions.insert(version, (meta.clone(), members));
+        });
+        Ok(())
+    }
+
+    async fn record_override(&self, segment: &SegmentKey, change: &Override) -> Result<bool, StoreError> {
+        self.ensure_available()?;
+        Ok(self.with(|all| {
+            let data = all.entry(segment.clone()).or_default();
+            if data.overrides.get(&change.user).is_some_and(|current| !change.supersedes(current)) {
+                return false;
+            }
+            data.overrides.insert(change.user.clone(), change.clone());
+            if let Some(active) = data.active {
+                data.apply(active, change);
+            }
+            true
+        }))
+    }
+
+    async fn overrides_since(&self, segment: &SegmentKey, since: DateTime<Utc>) -> Result<Vec<Override>, StoreError> {
+        self.ensure_available()?;
+        Ok(self.with(|all| {
+            all.get(segment).map(|d| d.overrides.values().filter(|o| o.ts > since).cloned().collect()).unwrap_or_default()
+        }))
+    }
+
+    async fn apply_overrides(&self, segment: &SegmentKey, version: u64, overrides: &[Override]) -> Result<(), StoreError> {
+        self.ensure_available()?;
+        self.with(|all| {
+            let data = all.entry(segment.clone()).or_default();
+            for change in overrides {
+                data.apply(version, change);
+            }
+        });
+        Ok(())
+    }
+
+    async fn diff_page(
+        &self,
+        segment: &SegmentKey,
+        from: u64,
+        to: u64,
+        cursor: Option<&str>,
+        page_size: usize,
+    ) -> Result<DiffPage, StoreError> {
+        self.ensure_available()?;
+        self.with(|all| {
+            let data = all.get(segment);
+            let get = |v: u64| {
+                data.and_then(|d| d.members(v)).ok_or(StoreError::MissingVersion { segment: segment.to_string(), version: v })
+            };
+            let (old, new) = (get(from)?, get(to)?);
+            // The cursor is the last user returned; entered users come
+            // first (phase "e"), then exited ones (phase "x").
+            let (phase, after) = match cursor.and_then(|c| c.split_once(':')) {
+                Some((phase, after)) => (phase.to_string(), Some(after.to_string())),
+                None => ("e".to_string(), None),
+            };
+            let mut page = DiffPage::default();
+            let phases: &[(&str, &BTreeSet<String>, &BTreeSet<String>, bool)] = &[("e", new, old, true), ("x", old, new, false)];
+            for (name, source, other, entered) in phases.iter().skip_while(|p| p.0 != phase) {
+                let start = if *name == phase { after.clone() } else { None };
+                let candidates = source
+                    .iter()
+                    .filter(|u| start.as_ref().is_none_or(|s| u.as_str() > s.as_str()))
+                    .filter(|u| !other.contains(*u));
+                for user in candidates {
+                    if page.changes.len() == page_size {
+                        page.next = page.changes.last().map(|c: &Change| format!("{name}:{}", c.user));
+                        return Ok(page);
+                    }
+                    page.changes.push(Change { user: user.clone(), entered: *entered });
+                }
+            }
+            Ok(page)
+        })
+    }
+}
+
+#[async_trait]
+impl MembershipReader for MemoryStore {
+    async fn aliases(&self) -> Result<BTreeMap<SegmentKey, u64>, StoreError> {
+        self.ensure_available()?;
+        Ok(self.with(|all| all.iter().filter_map(|(k, d)| d.active.map(|v| (k.clone(), v))).collect()))
+    }
+
+    async fn user_versions(&self, user: &str) -> Result<Vec<(SegmentKey, u64)>, StoreError> {
+        self.ensure_available()?;
+        Ok(self.with(|all| {
+            let mut out = Vec::new();
+            for (key, data) in all.iter() {
+                for (version, (_, members)) in &data.versions {
+                    if members.contains(user) {
+                        out.push((key.clone(), *version));
+                    }
+                }
+            }
+            out
+        }))
+    }
+
+    async fn is_member(&self, segment: &SegmentKey, version: u64, user: &str) -> Result<bool, StoreError> {
+        self.ensure_available()?;
+        Ok(self.with(|all| all.get(segment).and_then(|d| d.versions.get(&version)).is_some_and(|(_, m)| m.contains(user))))
+    }
+
+    async fn check(&self, pairs: &[(SegmentKey, u64, String)]) -> Result<Vec<bool>, StoreError> {
+        self.ensure_available()?;
+        Ok(self.with(|all| {
+            pairs.iter().map(|(k, v, u)| all.get(k).and_then(|d| d.versions.get(v)).is_some_and(|(_, m)| m.contains(u))).collect()
+        }))
     }
 }
 

@@ -23,7 +23,19 @@ pub struct ComputeTask {
     pub snapshot_time: DateTime<Utc>,
     pub definition: Definition,
     pub sources: Vec<SegmentSourceSpec>,
+    /// Active versions of the segments a rule refers to, by name.
+    #[serde(default)]
+    pub segment_inputs: Vec<SegmentInput>,
     /// Where the result parts and `_manifest.json` go.
+    pub results_uri: String,
+}
+
+/// Members of another segment's active version, read from its results.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SegmentInput {
+    pub name: String,
+    pub version: u64,
     pub results_uri: String,
 }
 
@@ -34,6 +46,9 @@ pub struct IngestTask {
     pub version: u64,
     pub snapshot_time: DateTime<Utc>,
     pub results_uri: String,
+    /// Parts that may fail to load before the run fails (`spec.ingest.maxFailedParts`).
+    #[serde(default)]
+    pub max_failed_parts: u32,
 }
 
 /// Why a run failed, read from the worker's termination message

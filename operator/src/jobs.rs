@@ -15,7 +15,7 @@ use kube::{Resource, ResourceExt};
 use segment_core::api::{Segment, SegmentSource, JOB_KIND_LABEL, SEGMENT_LABEL, VERSION_LABEL};
 use segment_core::naming::{results_uri, JobKind};
 use segment_core::planner::{JobState, Launch, ObservedJob};
-use segment_core::task::{ComputeTask, Failure, IngestTask, TASK_ENV, TERMINATION_LOG};
+use segment_core::task::{ComputeTask, Failure, IngestTask, SegmentInput, TASK_ENV, TERMINATION_LOG};
 
 use crate::config::JobArgs;
 use crate::time::to_chrono;
@@ -39,6 +39,7 @@ pub fn build_job(
     segment: &Segment,
     launch: &Launch,
     sources: &[SegmentSource],
+    segment_inputs: &[SegmentInput],
     defaults: &JobArgs,
     results_base: &str,
 ) -> Result<Job, serde_json::Error> {
@@ -53,6 +54,7 @@ pub fn build_job(
             snapshot_time: launch.snapshot_time,
             definition: segment.spec.definition.clone(),
             sources: sources.iter().map(|s| s.spec.clone()).collect(),
+            segment_inputs: segment_inputs.to_vec(),
             results_uri: results,
         })?,
         JobKind::Ingest => serde_json::to_string(&IngestTask {
@@ -60,6 +62,7 @@ pub fn build_job(
             version: launch.version,
             snapshot_time: launch.snapshot_time,
             results_uri: results,
+            max_failed_parts: segment.spec.ingest.max_failed_parts,
         })?,
     };
     let overrides = segment.spec.compute.clone().unwrap_or_default();
@@ -227,7 +230,7 @@ spec:
 "#,
         )
         .unwrap();
-        let job = build_job(&segment, &launch("vip"), &[], &defaults(), "s3://r").unwrap();
+        let job = build_job(&segment, &launch("vip"), &[], &[], &defaults(), "s3://r").unwrap();
         let spec = job.spec.unwrap();
         assert_eq!(spec.active_deadline_seconds, Some(1800));
         let pod = spec.template.spec.unwrap();
@@ -249,7 +252,7 @@ spec:
             "metadata: {{name: {name}, namespace: growth, uid: u1}}\nspec: {{definition: {{sql: SELECT user_id FROM orders}}}}\n"
         ))
         .unwrap();
-        let job = build_job(&segment, &launch(&name), &[], &defaults(), "s3://r").unwrap();
+        let job = build_job(&segment, &launch(&name), &[], &[], &defaults(), "s3://r").unwrap();
         let job_name = job.metadata.name.clone().unwrap();
         assert!(job_name.len() <= 63, "{job_name}");
         let observed = observe_job(&job, None).unwrap();

@@ -13,12 +13,14 @@ use kube::runtime::controller::Action as Requeue;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
 use kube::{Client, Resource, ResourceExt};
+use segment_core::api::SegmentKey;
 use segment_core::api::{
     DeletionPolicy, Segment, SegmentSource, SegmentStatus, FINALIZER, JOB_KIND_LABEL, SEGMENT_LABEL, VERSION_LABEL,
 };
-use segment_core::naming::JobKind;
+use segment_core::naming::{results_uri, JobKind};
 use segment_core::planner::{self, Action, Launch, Observation, Plan, PlannerConfig};
 use segment_core::store::{ResultStore, SegmentStore, StoreError};
+use segment_core::task::SegmentInput;
 use serde_json::json;
 use tokio::sync::Mutex;
 use tracing::{info, warn};
@@ -197,7 +199,11 @@ async fn execute(segment: &Segment, plan: &Plan, sources: &[SegmentSource], ctx:
                 }
             }
             Action::Launch(launch) => {
-                let job = jobs::build_job(segment, launch, sources, &ctx.jobs, &ctx.results_base)?;
+                let inputs = match launch.kind {
+                    JobKind::Compute => segment_inputs(ctx, segment).await?,
+                    JobKind::Ingest => Vec::new(),
+                };
+                let job = jobs::build_job(segment, launch, sources, &inputs, &ctx.jobs, &ctx.results_base)?;
                 match jobs_api.create(&PostParams::default(), &job).await {
                     Ok(_) => {
                         ctx.metrics.jobs_created.inc();
@@ -231,13 +237,40 @@ async fn execute(segment: &Segment, plan: &Plan, sources: &[SegmentSource], ctx:
     Ok(())
 }
 
+/// The active versions of the segments a rule refers to. A segment that
+/// is missing or has no active version is left out; the compute Job then
+/// fails with a transient reason and the run is retried.
+async fn segment_inputs(ctx: &Context, segment: &Segment) -> Result<Vec<SegmentInput>, Error> {
+    let Some(rules) = &segment.spec.definition.rules else { return Ok(Vec::new()) };
+    let namespace = segment.namespace().ok_or(Error::NoNamespace)?;
+    let api: Api<Segment> = Api::namespaced(ctx.client.clone(), &namespace);
+    let mut inputs = Vec::new();
+    for name in rules.segment_refs() {
+        let active = api.get_opt(name).await?.and_then(|s| s.status).and_then(|s| s.active_version);
+        if let Some(version) = active {
+            let key = SegmentKey::new(&namespace, name);
+            inputs.push(SegmentInput {
+                name: name.to_string(),
+                version,
+                results_uri: results_uri(&ctx.results_base, &key, version),
+            });
+        }
+    }
+    Ok(inputs)
+}
+
 /// Writes the whole status by server-side apply: fields the planner dropped
 /// (a finished `currentRun`) disappear, which a merge patch would not do.
 async fn write_status(ctx: &Context, segment: &Segment, status: &SegmentStatus) -> Result<(), Error> {
     let api: Api<Segment> = Api::namespaced(ctx.client.clone(), &segment.namespace().ok_or(Error::NoNamespace)?);
+    // The resourceVersion makes the write conditional: a plan made from a
+    // stale copy of the Segment (the watch cache lags a write) is refused
+    // with 409 instead of overwriting newer status, and the reconcile is
+    // retried on fresh data.
     let body = json!({
         "apiVersion": Segment::api_version(&()),
         "kind": Segment::kind(&()),
+        "metadata": {"resourceVersion": segment.resource_version()},
         "status": status,
     });
     api.patch_status(&segment.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body)).await?;

@@ -266,6 +266,24 @@ async fn a_restarted_operator_resumes_the_run_without_a_second_job() {
 }
 
 #[tokio::test]
+async fn a_plan_made_from_a_stale_copy_is_refused_and_launches_nothing() {
+    let h = Harness::new(segment(""));
+    h.edit(|s| s.metadata.resource_version = Some("41".into()));
+    let stale = h.segment();
+    h.reconcile().await; // v1 starts; the Segment is now at a newer resourceVersion
+    let jobs_before = h.world.lock().unwrap().jobs.len();
+    h.edit(|s| {
+        s.metadata.annotations =
+            Some(BTreeMap::from([("segmentation.dev/run-requested-at".into(), "2026-03-02T10:01:00Z".into())]))
+    });
+    // A reconcile working from the copy read before v1 was recorded.
+    let error = reconcile(Arc::new(stale), h.context()).await.unwrap_err().to_string();
+    assert!(error.contains("409") || error.contains("modified"), "{error}");
+    assert_eq!(h.world.lock().unwrap().jobs.len(), jobs_before, "no second run from stale data");
+    assert_eq!(h.segment().status.unwrap().current_run.unwrap().version, 1);
+}
+
+#[tokio::test]
 async fn a_finished_compute_job_starts_the_ingest_job() {
     let h = Harness::new(segment(""));
     h.reconcile().await;

@@ -175,7 +175,12 @@ fn answer(world: &mut World, req: &Logged) -> (StatusCode, Value) {
         }
         ("PATCH", ["apis", "segmentation.dev", "v1alpha1", "namespaces", _, "segments", _, "status"]) => {
             let segment = world.segment.as_mut().expect("a segment in the world");
+            let expected = req.body["metadata"]["resourceVersion"].as_str();
+            if expected.is_some() && expected != segment.metadata.resource_version.as_deref() {
+                return status(409, "Conflict", "the object has been modified; please apply your changes to the latest version");
+            }
             segment.status = Some(serde_json::from_value(req.body["status"].clone()).unwrap());
+            segment.metadata.resource_version = Some(rv);
             (StatusCode::OK, json!(segment))
         }
         ("PATCH", ["apis", "segmentation.dev", "v1alpha1", "namespaces", _, "segments", _]) => {

@@ -1,0 +1,128 @@
+//! The result of a compute run in object storage:
+//!
+//! ```text
+//! <resultsUri>/<namespace>/<segment>/v<version>/part-00000.txt ...
+//! <resultsUri>/<namespace>/<segment>/v<version>/_manifest.json
+//! ```
+//!
+//! A part holds user ids, one per line (UTF-8, `\n`-terminated, no
+//! duplicates across parts). The manifest is written last: no manifest
+//! means no result. Ingest checks every part's count and checksum.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::api::SegmentKey;
+
+pub const MANIFEST_FILE: &str = "_manifest.json";
+/// Version of the manifest and part format.
+pub const FORMAT: &str = "segment-ids/v1";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Manifest {
+    pub format: String,
+    pub segment: SegmentKey,
+    pub version: u64,
+    pub generation: i64,
+    pub definition_hash: String,
+    pub snapshot_time: DateTime<Utc>,
+    pub computed_at: DateTime<Utc>,
+    /// Sum of the parts' members.
+    pub members: u64,
+    pub parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Part {
+    /// File name inside the version's directory.
+    pub file: String,
+    pub members: u64,
+    /// `sha256:<hex>` of the file's bytes.
+    pub checksum: String,
+}
+
+/// File name of part `index`.
+pub fn part_file(index: usize) -> String {
+    format!("part-{index:05}.txt")
+}
+
+/// The checksum recorded for a part.
+pub fn checksum(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+/// Encodes user ids as a part.
+pub fn encode_part<'a>(users: impl IntoIterator<Item = &'a str>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for user in users {
+        out.extend_from_slice(user.as_bytes());
+        out.push(b'\n');
+    }
+    out
+}
+
+/// Why a part or manifest cannot be trusted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResultError {
+    #[error("{file}: checksum {actual} does not match the manifest's {expected}")]
+    Checksum { file: String, expected: String, actual: String },
+    #[error("{file}: {actual} members, the manifest says {expected}")]
+    Count { file: String, expected: u64, actual: u64 },
+    #[error("{file}: not UTF-8 text")]
+    Encoding { file: String },
+    #[error("manifest: {0}")]
+    Manifest(String),
+}
+
+impl Manifest {
+    /// Checks the manifest itself: format, and that the parts add up.
+    pub fn validate(&self) -> Result<(), ResultError> {
+        if self.format != FORMAT {
+            return Err(ResultError::Manifest(format!("format `{}`, this version reads `{FORMAT}`", self.format)));
+        }
+        let sum: u64 = self.parts.iter().map(|p| p.members).sum();
+        if sum != self.members {
+            return Err(ResultError::Manifest(format!("parts hold {sum} members, the manifest says {}", self.members)));
+        }
+        Ok(())
+    }
+}
+
+impl Part {
+    /// Verifies a part's bytes against the manifest and returns its ids.
+    pub fn decode<'a>(&self, bytes: &'a [u8]) -> Result<Vec<&'a str>, ResultError> {
+        let actual = checksum(bytes);
+        if actual != self.checksum {
+            return Err(ResultError::Checksum { file: self.file.clone(), expected: self.checksum.clone(), actual });
+        }
+        let text = std::str::from_utf8(bytes).map_err(|_| ResultError::Encoding { file: self.file.clone() })?;
+        let users: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+        if users.len() as u64 != self.members {
+            return Err(ResultError::Count { file: self.file.clone(), expected: self.members, actual: users.len() as u64 });
+        }
+        Ok(users)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_part_round_trips_and_corruption_is_caught() {
+        let bytes = encode_part(["u1", "u2", "u3"]);
+        let part = Part { file: part_file(0), members: 3, checksum: checksum(&bytes) };
+        assert_eq!(part.decode(&bytes).unwrap(), vec!["u1", "u2", "u3"]);
+        let mut corrupted = bytes.clone();
+        corrupted[0] = b'x';
+        assert!(matches!(part.decode(&corrupted), Err(ResultError::Checksum { .. })));
+        let wrong_count = Part { members: 4, ..part.clone() };
+        assert!(matches!(wrong_count.decode(&bytes), Err(ResultError::Count { expected: 4, actual: 3, .. })));
+        assert_eq!(part_file(12), "part-00012.txt");
+    }
+}
