@@ -94,8 +94,15 @@ pub trait SegmentStore: Send + Sync {
     /// version until it is activated, and [`versions`](Self::versions)
     /// does not list it until it is sealed.
     async fn load_members(&self, segment: &SegmentKey, version: u64, users: &[String]) -> Result<(), StoreError>;
-    /// Marks a loaded version complete; written last by ingest.
-    async fn seal_version(&self, segment: &SegmentKey, version: u64, meta: &StoredVersion) -> Result<(), StoreError>;
+    /// Marks a loaded version complete (written last by ingest) and
+    /// returns what is recorded; the member count is the store's own.
+    async fn seal_version(
+        &self,
+        segment: &SegmentKey,
+        version: u64,
+        snapshot_time: Option<DateTime<Utc>>,
+        definition_hash: Option<&str>,
+    ) -> Result<StoredVersion, StoreError>;
 
     /// Records a realtime override and applies it to the active version.
     /// Returns false when a newer (or the same) override was already
@@ -293,15 +300,26 @@ impl SegmentStore for MemoryStore {
         Ok(())
     }
 
-    async fn seal_version(&self, segment: &SegmentKey, version: u64, meta: &StoredVersion) -> Result<(), StoreError> {
+    async fn seal_version(
+        &self,
+        segment: &SegmentKey,
+        version: u64,
+        snapshot_time: Option<DateTime<Utc>>,
+        definition_hash: Option<&str>,
+    ) -> Result<StoredVersion, StoreError> {
         self.ensure_available()?;
-        self.with(|all| {
+        Ok(self.with(|all| {
             let data = all.entry(segment.clone()).or_default();
             let members =
                 data.loading.remove(&version).or_else(|| data.versions.remove(&version).map(|(_, m)| m)).unwrap_or_default();
+            let meta = StoredVersion {
+                members: members.len() as u64,
+                snapshot_time,
+                definition_hash: definition_hash.map(str::to_string),
+            };
             data.versions.insert(version, (meta.clone(), members));
-        });
-        Ok(())
+            meta
+        }))
     }
 
     async fn record_override(&self, segment: &SegmentKey, change: &Override) -> Result<bool, StoreError> {

@@ -1450,8 +1450,8 @@ mod properties {
                         let entry = plan.status.versions.iter().find(|v| v.version == *version);
                         // Stray Jobs of a run replaced earlier (under Replace, before a
                         // crash) may still be cancelled now; a new replacement may not.
-                        let replaced_now = !failed_before.contains(version)
-                            && entry.is_some_and(|v| v.reason.as_deref() == Some("Replaced"));
+                        let replaced_now =
+                            !failed_before.contains(version) && entry.is_some_and(|v| v.reason.as_deref() == Some("Replaced"));
                         prop_assert!(!replaced_now, "a run replaced under Forbid: {:?}", plan.actions);
                     }
                     _ => {}

@@ -1,0 +1,185 @@
+//! Result files in object storage (layout in `segment_core::manifest`):
+//! writing parts and the manifest (compute), reading and verifying them
+//! (ingest), and collecting expired ones (the operator).
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use segment_core::api::SegmentKey;
+use segment_core::manifest::{checksum, encode_part, part_file, Manifest, Part, MANIFEST_FILE};
+use segment_core::store::{ResultStore, StoreError};
+
+use crate::objects::{child, locate, Location, ObjectsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResultsError {
+    #[error(transparent)]
+    Location(#[from] ObjectsError),
+    #[error("{path}: {source}")]
+    Io { path: String, source: object_store::Error },
+    #[error("{path}: not a valid manifest: {message}")]
+    BadManifest { path: String, message: String },
+}
+
+impl From<ResultsError> for StoreError {
+    fn from(e: ResultsError) -> StoreError {
+        StoreError::Unavailable(e.to_string())
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(object_store::Error) -> ResultsError + '_ {
+    move |source| ResultsError::Io { path: path.to_string(), source }
+}
+
+/// The directory of one version's results.
+#[derive(Clone, Debug)]
+pub struct ResultDir {
+    location: Location,
+}
+
+impl ResultDir {
+    pub fn open(uri: &str) -> Result<ResultDir, ResultsError> {
+        Ok(ResultDir { location: locate(uri)? })
+    }
+
+    fn path(&self, file: &str) -> Path {
+        child(&self.location.path, file)
+    }
+
+    /// Writes part `index` and returns its manifest entry.
+    pub async fn write_part<'a>(&self, index: usize, users: impl IntoIterator<Item = &'a str>) -> Result<Part, ResultsError> {
+        let bytes = encode_part(users);
+        let members = bytes.iter().filter(|b| **b == b'\n').count() as u64;
+        let part = Part { file: part_file(index), members, checksum: checksum(&bytes) };
+        let path = self.path(&part.file);
+        self.location.store.put(&path, PutPayload::from(bytes)).await.map_err(io(&path))?;
+        Ok(part)
+    }
+
+    /// Writes the manifest; call it after every part is written.
+    pub async fn write_manifest(&self, manifest: &Manifest) -> Result<(), ResultsError> {
+        let path = self.path(MANIFEST_FILE);
+        let body = serde_json::to_vec_pretty(manifest)
+            .map_err(|e| ResultsError::BadManifest { path: path.to_string(), message: e.to_string() })?;
+        self.location.store.put(&path, PutPayload::from(body)).await.map_err(io(&path))?;
+        Ok(())
+    }
+
+    /// The manifest, or `None` when there is none (no result).
+    pub async fn read_manifest(&self) -> Result<Option<Manifest>, ResultsError> {
+        let path = self.path(MANIFEST_FILE);
+        let bytes = match self.location.store.get(&path).await {
+            Ok(found) => found.bytes().await.map_err(io(&path))?,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(io(&path)(e)),
+        };
+        let manifest: Manifest = serde_json::from_slice(&bytes)
+            .map_err(|e| ResultsError::BadManifest { path: path.to_string(), message: e.to_string() })?;
+        manifest.validate().map_err(|e| ResultsError::BadManifest { path: path.to_string(), message: e.to_string() })?;
+        Ok(Some(manifest))
+    }
+
+    /// The raw bytes of a part; verify them with [`Part::decode`].
+    pub async fn read_part(&self, part: &Part) -> Result<Bytes, ResultsError> {
+        let path = self.path(&part.file);
+        let found = self.location.store.get(&path).await.map_err(io(&path))?;
+        found.bytes().await.map_err(io(&path))
+    }
+
+    /// Deletes every file of the directory, manifest first so that a
+    /// half-deleted result reads as no result at all.
+    pub async fn delete(&self) -> Result<(), ResultsError> {
+        delete_prefix(&self.location.store, &self.location.path).await
+    }
+}
+
+async fn delete_prefix(store: &std::sync::Arc<dyn ObjectStore>, prefix: &Path) -> Result<(), ResultsError> {
+    let mut paths: Vec<Path> = store.list(Some(prefix)).map_ok(|meta| meta.location).try_collect().await.map_err(io(prefix))?;
+    paths.sort_by_key(|p| !p.as_ref().ends_with(MANIFEST_FILE));
+    for path in paths {
+        match store.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(io(&path)(e)),
+        }
+    }
+    Ok(())
+}
+
+/// The results of every segment under one base URI, as the operator's
+/// retention sees them.
+#[derive(Clone, Debug)]
+pub struct ObjectResults {
+    base: String,
+}
+
+impl ObjectResults {
+    pub fn new(base: impl Into<String>) -> ObjectResults {
+        ObjectResults { base: base.into() }
+    }
+
+    fn segment_location(&self, segment: &SegmentKey) -> Result<Location, ResultsError> {
+        Ok(locate(&format!("{}/{}/{}/", self.base.trim_end_matches('/'), segment.namespace, segment.name))?)
+    }
+
+    /// Versions with result files, with the time they were computed (the
+    /// manifest's `computedAt`, or the newest file when there is none).
+    pub async fn versions(&self, segment: &SegmentKey) -> Result<Vec<(u64, DateTime<Utc>)>, ResultsError> {
+        let location = self.segment_location(segment)?;
+        let listing = location.store.list_with_delimiter(Some(&location.path)).await.map_err(io(&location.path))?;
+        let mut out = Vec::new();
+        for prefix in listing.common_prefixes {
+            let Some(version) = prefix.filename().and_then(|n| n.strip_prefix('v')).and_then(|n| n.parse::<u64>().ok()) else {
+                continue;
+            };
+            let manifest_path = child(&prefix, MANIFEST_FILE);
+            let computed_at = match location.store.get(&manifest_path).await {
+                Ok(found) => {
+                    let bytes = found.bytes().await.map_err(io(&manifest_path))?;
+                    serde_json::from_slice::<Manifest>(&bytes).ok().map(|m| m.computed_at)
+                }
+                Err(object_store::Error::NotFound { .. }) => None,
+                Err(e) => return Err(io(&manifest_path)(e)),
+            };
+            let computed_at = match computed_at {
+                Some(t) => t,
+                None => {
+                    let newest = location
+                        .store
+                        .list(Some(&prefix))
+                        .map_ok(|m| m.last_modified)
+                        .try_fold(DateTime::<Utc>::MIN_UTC, |a, b| async move { Ok(a.max(b)) })
+                        .await
+                        .map_err(io(&prefix))?;
+                    newest
+                }
+            };
+            out.push((version, computed_at));
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl ResultStore for ObjectResults {
+    async fn collect(&self, segment: &SegmentKey, older_than: DateTime<Utc>, keep: &[u64]) -> Result<usize, StoreError> {
+        let location = self.segment_location(segment)?;
+        let mut removed = 0;
+        for (version, computed_at) in self.versions(segment).await? {
+            if keep.contains(&version) || computed_at >= older_than {
+                continue;
+            }
+            delete_prefix(&location.store, &child(&location.path, &format!("v{version}"))).await?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    async fn delete_segment(&self, segment: &SegmentKey) -> Result<(), StoreError> {
+        let location = self.segment_location(segment)?;
+        Ok(delete_prefix(&location.store, &location.path).await?)
+    }
+}

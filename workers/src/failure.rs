@@ -1,0 +1,28 @@
+//! How a worker fails: a reason the operator understands (see
+//! `segment_core::task::Failure`) and a message for people, written as one
+//! line to the termination log so it lands in the Segment's status.
+
+use std::path::Path;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}: {message}")]
+pub struct WorkerError {
+    /// `UnknownTable`, `UnknownColumn`, `QueryError`, `NotOneColumn`,
+    /// `UnreadableSource`, `SegmentNotReady`, `NoResult`, `CorruptResult`,
+    /// `StoreUnavailable`, `BadTask`, `WriteFailed`.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl WorkerError {
+    pub fn new(reason: &'static str, message: impl Into<String>) -> WorkerError {
+        WorkerError { reason, message: message.into() }
+    }
+
+    /// Writes `Reason: message` (one line) to `path`; a worker that cannot
+    /// write it still exits non-zero, so this never fails.
+    pub fn write_termination_log(&self, path: &Path) {
+        let line = format!("{self}").replace('\n', " ");
+        let _ = std::fs::write(path, format!("{line}\n"));
+    }
+}

@@ -1,0 +1,146 @@
+//! `segment-worker ingest`: loads one version's result files into the
+//! store, invisibly to readers, and seals it. It never activates it: the
+//! operator rolls over after its guard.
+//!
+//! Every part is checked against the manifest (checksum and count) and
+//! loaded in batches; a part that fails is retried, and up to
+//! `max_failed_parts` parts may fail before the whole run does. Realtime
+//! overrides newer than the snapshot are applied last, so they survive the
+//! rollover. Loading is idempotent: a retried Job loads the same sets.
+
+use std::time::Duration;
+
+use segment_core::manifest::{Manifest, Part};
+use segment_core::store::{SegmentStore, StoreError};
+use segment_core::task::IngestTask;
+use segment_store::results::ResultDir;
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::failure::WorkerError;
+
+/// Users per store batch.
+pub const BATCH: usize = 5_000;
+/// Attempts per part before it counts as failed.
+pub const ATTEMPTS: usize = 3;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IngestReport {
+    pub version: u64,
+    pub members: u64,
+    pub parts: usize,
+    pub failed_parts: Vec<String>,
+    pub overrides_applied: usize,
+}
+
+pub async fn run(task: &IngestTask, store: &dyn SegmentStore) -> Result<IngestReport, WorkerError> {
+    let dir = ResultDir::open(&task.results_uri).map_err(|e| WorkerError::new("BadTask", e.to_string()))?;
+    let manifest = dir
+        .read_manifest()
+        .await
+        .map_err(|e| WorkerError::new("CorruptResult", e.to_string()))?
+        .ok_or_else(|| WorkerError::new("NoResult", format!("no _manifest.json under {}", task.results_uri)))?;
+    check_manifest_matches(task, &manifest)?;
+
+    let mut failed = Vec::new();
+    for part in &manifest.parts {
+        match load_part_with_retries(&dir, part, task, store).await {
+            Ok(_) => {}
+            Err(PartError::Store(e)) => return Err(WorkerError::new("StoreUnavailable", e.to_string())),
+            Err(PartError::Part(reason)) => {
+                warn!(part = %part.file, %reason, "part failed");
+                failed.push(format!("{}: {reason}", part.file));
+                if failed.len() > task.max_failed_parts as usize {
+                    // Nothing is sealed, so the partial version is invisible;
+                    // the operator deletes it.
+                    return Err(WorkerError::new(
+                        "CorruptResult",
+                        format!(
+                            "{} of {} parts failed (tolerated: {}): {}",
+                            failed.len(),
+                            manifest.parts.len(),
+                            task.max_failed_parts,
+                            failed.join("; ")
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+
+    let overrides = store
+        .overrides_since(&task.segment, task.snapshot_time)
+        .await
+        .map_err(|e| WorkerError::new("StoreUnavailable", e.to_string()))?;
+    store
+        .apply_overrides(&task.segment, task.version, &overrides)
+        .await
+        .map_err(|e| WorkerError::new("StoreUnavailable", e.to_string()))?;
+
+    // The store counts the members itself: overrides may have changed
+    // the files' count.
+    let meta = store
+        .seal_version(&task.segment, task.version, Some(task.snapshot_time), Some(&manifest.definition_hash))
+        .await
+        .map_err(|e| WorkerError::new("StoreUnavailable", e.to_string()))?;
+    let members = meta.members;
+    let report = IngestReport {
+        version: task.version,
+        members,
+        parts: manifest.parts.len(),
+        failed_parts: failed,
+        overrides_applied: overrides.len(),
+    };
+    info!(segment = %task.segment, version = task.version, members, "ingested");
+    Ok(report)
+}
+
+fn check_manifest_matches(task: &IngestTask, manifest: &Manifest) -> Result<(), WorkerError> {
+    if manifest.segment != task.segment || manifest.version != task.version {
+        return Err(WorkerError::new(
+            "CorruptResult",
+            format!(
+                "the manifest is for {} v{}, the task for {} v{}",
+                manifest.segment, manifest.version, task.segment, task.version
+            ),
+        ));
+    }
+    Ok(())
+}
+
+enum PartError {
+    /// The part itself is bad or unreadable.
+    Part(String),
+    /// The store failed: the whole run fails (and is retried later).
+    Store(StoreError),
+}
+
+async fn load_part_with_retries(
+    dir: &ResultDir,
+    part: &Part,
+    task: &IngestTask,
+    store: &dyn SegmentStore,
+) -> Result<u64, PartError> {
+    let mut last = String::new();
+    for attempt in 0..ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+        }
+        let bytes = match dir.read_part(part).await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                last = e.to_string();
+                continue;
+            }
+        };
+        // A checksum or count mismatch will not fix itself: no retry.
+        let users = part.decode(&bytes).map_err(|e| PartError::Part(e.to_string()))?;
+        for batch in users.chunks(BATCH) {
+            let owned: Vec<String> = batch.iter().map(|u| u.to_string()).collect();
+            store.load_members(&task.segment, task.version, &owned).await.map_err(PartError::Store)?;
+        }
+        return Ok(users.len() as u64);
+    }
+    Err(PartError::Part(format!("unreadable after {ATTEMPTS} attempts: {last}")))
+}
