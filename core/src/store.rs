@@ -104,14 +104,19 @@ pub trait SegmentStore: Send + Sync {
         definition_hash: Option<&str>,
     ) -> Result<StoredVersion, StoreError>;
 
-    /// Records a realtime override and applies it to the active version.
-    /// Returns false when a newer (or the same) override was already
-    /// recorded for the user, in which case nothing changes.
+    /// Records a realtime override and applies it to the active version,
+    /// and to every newer version (one being loaded, or one sealed with a
+    /// snapshot before the override), so that it survives the next
+    /// rollover whenever it arrives. Returns false when a newer (or the
+    /// same) override was already recorded for the user, in which case
+    /// nothing changes.
     async fn record_override(&self, segment: &SegmentKey, change: &Override) -> Result<bool, StoreError>;
     /// Overrides with a time after `since`: what a version computed at
     /// snapshot time `since` does not know yet.
     async fn overrides_since(&self, segment: &SegmentKey, since: DateTime<Utc>) -> Result<Vec<Override>, StoreError>;
-    /// Applies overrides to a version (ingest, before sealing).
+    /// Applies overrides to a version (ingest, before sealing). Where a
+    /// newer override of the same user was recorded since the caller read
+    /// its list, the newer one is applied instead: the newest always wins.
     async fn apply_overrides(&self, segment: &SegmentKey, version: u64, overrides: &[Override]) -> Result<(), StoreError>;
 
     /// A page of the users who entered (in `to`, not in `from`) or exited
@@ -132,7 +137,8 @@ pub trait MembershipReader: Send + Sync {
     /// The active version of every segment.
     async fn aliases(&self) -> Result<BTreeMap<SegmentKey, u64>, StoreError>;
     /// Every (segment, version) the user is loaded in; filter with
-    /// [`aliases`](Self::aliases) to get the active ones.
+    /// [`aliases`](Self::aliases) to get the active ones. Versions still
+    /// being loaded may be listed too (never active, so filtered out).
     async fn user_versions(&self, user: &str) -> Result<Vec<(SegmentKey, u64)>, StoreError>;
     async fn is_member(&self, segment: &SegmentKey, version: u64, user: &str) -> Result<bool, StoreError>;
     /// Many (segment, version, user) checks at once.
@@ -222,6 +228,21 @@ impl SegmentData {
 
     fn members(&self, version: u64) -> Option<&BTreeSet<String>> {
         self.versions.get(&version).map(|(_, m)| m).or_else(|| self.loading.get(&version))
+    }
+
+    /// The versions a new override reaches: the active one and every newer
+    /// one that does not already reflect it (being loaded, or sealed with a
+    /// snapshot before the override). With no active version, all loaded
+    /// ones are newer.
+    fn override_targets(&self, change: &Override) -> Vec<u64> {
+        let newer = |v: &u64| self.active.is_none_or(|active| *v > active);
+        let sealed = self
+            .versions
+            .iter()
+            .filter(|(v, (meta, _))| newer(v) && meta.snapshot_time.is_none_or(|snapshot| snapshot < change.ts))
+            .map(|(v, _)| *v);
+        let loading = self.loading.keys().copied().filter(newer);
+        self.active.into_iter().chain(sealed).chain(loading).collect()
     }
 
     fn apply(&mut self, version: u64, change: &Override) {
@@ -330,8 +351,8 @@ impl SegmentStore for MemoryStore {
                 return false;
             }
             data.overrides.insert(change.user.clone(), change.clone());
-            if let Some(active) = data.active {
-                data.apply(active, change);
+            for version in data.override_targets(change) {
+                data.apply(version, change);
             }
             true
         }))
@@ -349,7 +370,11 @@ impl SegmentStore for MemoryStore {
         self.with(|all| {
             let data = all.entry(segment.clone()).or_default();
             for change in overrides {
-                data.apply(version, change);
+                let newest = match data.overrides.get(&change.user) {
+                    Some(recorded) if recorded.supersedes(change) => recorded.clone(),
+                    _ => change.clone(),
+                };
+                data.apply(version, &newest);
             }
         });
         Ok(())
@@ -364,6 +389,8 @@ impl SegmentStore for MemoryStore {
         page_size: usize,
     ) -> Result<DiffPage, StoreError> {
         self.ensure_available()?;
+        // A page holds at least one change, or a caller could never advance.
+        let page_size = page_size.max(1);
         self.with(|all| {
             let data = all.get(segment);
             let get = |v: u64| {
@@ -386,7 +413,11 @@ impl SegmentStore for MemoryStore {
                     .filter(|u| !other.contains(*u));
                 for user in candidates {
                     if page.changes.len() == page_size {
-                        page.next = page.changes.last().map(|c: &Change| format!("{name}:{}", c.user));
+                        // The phase of the last change, not the one being
+                        // scanned: a page that fills exactly at the end of
+                        // the entered users must not skip the exited ones.
+                        page.next =
+                            page.changes.last().map(|c: &Change| format!("{}:{}", if c.entered { "e" } else { "x" }, c.user));
                         return Ok(page);
                     }
                     page.changes.push(Change { user: user.clone(), entered: *entered });

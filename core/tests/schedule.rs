@@ -89,10 +89,10 @@ fn next_after_is_strictly_after() {
 }
 
 #[test]
-fn a_cron_that_never_fires_has_no_next_time() {
-    let c = cron("0 0 30 2 *", None);
-    assert_eq!(c.next_after(t("2024-03-01T00:00:00Z")), None);
-    assert_eq!(c.latest_due(t("2020-01-01T00:00:00Z"), t("2024-03-01T00:00:00Z")), None);
+fn a_cron_that_never_fires_is_rejected_when_parsed() {
+    let err = CronSchedule::from_parts("0 0 30 2 *", None).unwrap_err();
+    assert_eq!(err.field, "spec.schedule.cron");
+    assert!(err.message.contains("never fires"), "{err}");
 }
 
 #[test]

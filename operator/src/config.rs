@@ -55,6 +55,10 @@ pub struct RunArgs {
     #[arg(long, env = "MAX_CONCURRENT_COMPUTES", default_value_t = 0)]
     pub max_concurrent_computes: usize,
 
+    /// The store: `redis://host:port` or `redis+cluster://host:port,host:port`.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: String,
+
     /// Base URI of result files (`s3://bucket/prefix` or `file:///path`).
     #[arg(long, env = "RESULTS_URI", default_value = "s3://segment-results")]
     pub results_uri: String,

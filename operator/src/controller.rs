@@ -14,7 +14,8 @@ use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use segment_core::api::{Segment, SegmentSource, SEGMENT_LABEL};
 use segment_core::planner::PlannerConfig;
-use segment_core::store::{MemoryResults, MemoryStore};
+use segment_store::redis::RedisStore;
+use segment_store::results::ObjectResults;
 use tracing::{error, info, warn};
 
 use crate::config::RunArgs;
@@ -50,11 +51,11 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
     client.apiserver_version().await?;
     health.ready.store(true, Ordering::Relaxed);
 
-    warn!("the embedded store keeps versions in this process only; point workers and the operator at Redis for a real cluster");
+    let store = RedisStore::connect(&args.redis_url).await?;
     let ctx = Arc::new(Context {
         client: client.clone(),
-        store: Arc::new(MemoryStore::new()),
-        results: Arc::new(MemoryResults::default()),
+        store: Arc::new(store),
+        results: Arc::new(ObjectResults::new(args.results_uri.clone())),
         planner: PlannerConfig { results_base: Some(args.results_uri.clone()), ..Default::default() },
         jobs: args.jobs.clone(),
         results_base: args.results_uri.clone(),

@@ -43,6 +43,22 @@ struct Process {
     child: Child,
 }
 
+/// Servers die with the thread that started them, even when it never
+/// drops their handle (a panic that aborts, a killed test run), so no test
+/// run leaves servers behind. The kernel signals on the spawning thread's
+/// exit, not the process's: start long-lived servers from a thread that
+/// lives as long as they must.
+fn die_with_parent(command: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        })
+    }
+}
+
 impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -52,7 +68,7 @@ impl Drop for Process {
 
 fn spawn_redis(port: u16, dir: &Path, extra: &[&str]) -> Process {
     require("redis-server", "apt-get install redis-server");
-    let child = Command::new("redis-server")
+    let child = die_with_parent(&mut Command::new("redis-server"))
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .arg("--dir")
         .arg(dir)
@@ -151,7 +167,7 @@ impl S3Server {
         require("moto_server", "python3 -m pip install 'moto[server]'");
         let dir = tempfile::tempdir().expect("a temp dir");
         let port = free_port();
-        let child = Command::new("moto_server")
+        let child = die_with_parent(&mut Command::new("moto_server"))
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .current_dir(dir.path())
             .stdout(Stdio::null())
@@ -196,4 +212,170 @@ fn http(port: u16, method: &str, path: &str) -> Option<String> {
     let mut reply = String::new();
     stream.read_to_string(&mut reply).ok()?;
     (!reply.is_empty()).then_some(reply)
+}
+
+/// One S3 server for the whole test process, with the `AWS_*` environment
+/// pointing at it. S3 clients read that environment, which is global to
+/// the process, so every test of a binary shares this server (and makes
+/// buckets with [`S3Server::create_bucket`]).
+pub fn shared_s3() -> &'static S3Server {
+    static SERVER: std::sync::OnceLock<S3Server> = std::sync::OnceLock::new();
+    SERVER.get_or_init(|| {
+        // Children die with the thread that spawned them (see
+        // `die_with_parent`), so the process-wide server is started from a
+        // thread that lives as long as the process.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(S3Server::start(&[]));
+            loop {
+                std::thread::park();
+            }
+        });
+        let server = rx.recv().expect("the S3 server thread answers");
+        for (key, value) in server.env() {
+            // Set once, before any client of this process reads it.
+            std::env::set_var(key, value);
+        }
+        server
+    })
+}
+
+impl S3Server {
+    /// Creates a bucket; an existing one is fine.
+    pub fn create_bucket(&self, bucket: &str) {
+        let reply = http(self.port, "PUT", &format!("/{bucket}")).unwrap_or_default();
+        assert!(
+            reply.starts_with("HTTP/1.1 200") || reply.contains("BucketAlreadyOwnedByYou"),
+            "creating bucket {bucket}: {reply}"
+        );
+    }
+}
+
+/// A reply of the tiny RESP client below ([`redis_call`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resp {
+    Simple(String),
+    Error(String),
+    Int(i64),
+    Bulk(Option<Vec<u8>>),
+    Array(Option<Vec<Resp>>),
+}
+
+impl Resp {
+    /// The reply as text (simple and bulk strings).
+    pub fn text(&self) -> Option<String> {
+        match self {
+            Resp::Simple(s) => Some(s.clone()),
+            Resp::Bulk(Some(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+            _ => None,
+        }
+    }
+
+    /// The reply as a list of texts (arrays of strings).
+    pub fn texts(&self) -> Vec<String> {
+        match self {
+            Resp::Array(Some(items)) => items.iter().filter_map(Resp::text).collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Sends one command to the server on `port` and reads its whole reply, so
+/// tests can look at Redis directly (INFO, KEYS, ...) without a client
+/// library. `None` when the server cannot be reached.
+pub fn redis_call(port: u16, args: &[&str]) -> Option<Resp> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let mut request = format!("*{}\r\n", args.len()).into_bytes();
+    for arg in args {
+        request.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+        request.extend_from_slice(arg.as_bytes());
+        request.extend_from_slice(b"\r\n");
+    }
+    stream.write_all(&request).ok()?;
+    read_resp(&mut std::io::BufReader::new(stream))
+}
+
+fn read_resp(reader: &mut impl std::io::BufRead) -> Option<Resp> {
+    let mut line = String::new();
+    reader.read_line(&mut line).ok()?;
+    let line = line.trim_end_matches("\r\n");
+    let (kind, rest) = line.split_at_checked(1)?;
+    Some(match kind {
+        "+" => Resp::Simple(rest.to_string()),
+        "-" => Resp::Error(rest.to_string()),
+        ":" => Resp::Int(rest.parse().ok()?),
+        "$" => match rest.parse::<i64>().ok()? {
+            n if n < 0 => Resp::Bulk(None),
+            n => {
+                let mut data = vec![0u8; n as usize + 2];
+                reader.read_exact(&mut data).ok()?;
+                data.truncate(n as usize);
+                Resp::Bulk(Some(data))
+            }
+        },
+        "*" => match rest.parse::<i64>().ok()? {
+            n if n < 0 => Resp::Array(None),
+            n => Resp::Array(Some((0..n).map(|_| read_resp(reader)).collect::<Option<Vec<_>>>()?)),
+        },
+        _ => return None,
+    })
+}
+
+/// `used_memory` from `INFO memory` of the server on `port`.
+pub fn redis_used_memory(port: u16) -> u64 {
+    let info = redis_call(port, &["INFO", "memory"]).and_then(|r| r.text()).unwrap_or_default();
+    info.lines().find_map(|l| l.strip_prefix("used_memory:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
+impl RedisServer {
+    /// Bytes the server reports in use.
+    pub fn used_memory(&self) -> u64 {
+        redis_used_memory(self.port)
+    }
+
+    /// Every key matching a glob pattern (KEYS: fine for test data).
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        redis_call(self.port, &["KEYS", pattern]).map(|r| r.texts()).unwrap_or_default()
+    }
+}
+
+impl RedisCluster {
+    /// The store URL of this cluster: `redis+cluster://host:port,...`.
+    pub fn url(&self) -> String {
+        let nodes: Vec<String> = self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        format!("redis+cluster://{}", nodes.join(","))
+    }
+
+    /// Bytes in use over all nodes.
+    pub fn used_memory(&self) -> u64 {
+        self.ports.iter().map(|p| redis_used_memory(*p)).sum()
+    }
+
+    /// Every key matching a glob pattern, over all nodes.
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        self.ports.iter().flat_map(|p| redis_call(*p, &["KEYS", pattern]).map(|r| r.texts()).unwrap_or_default()).collect()
+    }
+}
+
+impl RedisCluster {
+    /// Moves `slots` hash slots, with their keys, from node `from` to node
+    /// `to` (indexes into `ports`), as an operator rebalancing would.
+    pub fn reshard(&self, from: usize, to: usize, slots: u32) {
+        let id = |i: usize| redis_call(self.ports[i], &["CLUSTER", "MYID"]).and_then(|r| r.text()).expect("a node id");
+        let status = Command::new("redis-cli")
+            .args(["--cluster", "reshard", &format!("127.0.0.1:{}", self.ports[from])])
+            .args(["--cluster-from", &id(from), "--cluster-to", &id(to)])
+            .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli runs");
+        assert!(status.success(), "redis-cli --cluster reshard failed");
+        for port in &self.ports {
+            wait_until("cluster_state:ok", Duration::from_secs(20), || {
+                redis_command(*port, "CLUSTER INFO\r\n").is_some_and(|r| r.contains("cluster_state:ok"))
+            });
+        }
+    }
 }

@@ -1,9 +1,90 @@
-//! `segment-worker compute`.
+//! `segment-worker compute`: evaluates a definition over the lake with
+//! DataFusion and writes the result (`segment_core::manifest`).
+//!
+//! - Lake tables are read where they are (`s3://` or `file://`, Parquet,
+//!   CSV with a header, NDJSON) as listing tables, so files stream through
+//!   the engine rather than being loaded.
+//! - `now()` (and `current_timestamp`, `current_date`, `current_time`) is
+//!   the task's snapshot time, so a version recomputed later has the same
+//!   members.
+//! - Members are distinct, non-empty ids, sorted, so a retried run writes
+//!   byte-identical parts. Parts are written as the result streams out;
+//!   the manifest is written last, and an earlier manifest of the same
+//!   version is removed first: no manifest, no result.
+//! - The engine's memory is capped; sorts and aggregations spill to disk.
+//!
+//! Configuration (environment):
+//! - `SEGMENT_COMPUTE_MEMORY_MB`: the engine's memory pool (default 1024);
+//! - `SEGMENT_COMPUTE_SPILL_DIR`: where spill files go (default: the OS
+//!   temp dir);
+//! - `SEGMENT_COMPUTE_PART_SIZE`: ids per result part (default 1,000,000);
+//! - `SEGMENT_COMPUTE_PARTITIONS`: parallelism (default: the CPUs).
 
-use segment_core::task::ComputeTask;
+use std::collections::{BTreeMap, BTreeSet};
+use std::error::Error as StdError;
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use datafusion::arrow::array::{AsArray, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::arrow::error::ArrowError;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::catalog::streaming::StreamingTable;
+use datafusion::catalog::TableProvider;
+use datafusion::common::{Column, SchemaError, TableReference};
+use datafusion::dataframe::DataFrame;
+use datafusion::datasource::file_format::csv::CsvFormat;
+use datafusion::datasource::file_format::json::JsonFormat;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::file_format::FileFormat;
+use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use datafusion::datasource::MemTable;
+use datafusion::error::DataFusionError;
+use datafusion::execution::context::SQLOptions;
+use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::simplify::{ExprSimplifyResult, SimplifyContext};
+use datafusion::logical_expr::{
+    cast, col, lit, ColumnarValue, Expr, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::streaming::PartitionStream;
+use datafusion::physical_plan::{execute_stream, ExecutionPlan};
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::scalar::ScalarValue;
+use futures::{StreamExt, TryStreamExt};
+use object_store::ObjectStoreExt;
+use segment_core::api::{SegmentSourceSpec, SourceFormat, StaticList};
+use segment_core::definition::DefinitionError;
+use segment_core::manifest::{self, Manifest, Part};
+use segment_core::rules_sql::{self, segment_table};
+use segment_core::task::{ComputeTask, SegmentInput};
+use segment_store::objects::{child, locate};
+use segment_store::results::ResultDir;
 use serde::Serialize;
+use tracing::info;
 
 use crate::failure::WorkerError;
+
+pub const MEMORY_ENV: &str = "SEGMENT_COMPUTE_MEMORY_MB";
+pub const SPILL_DIR_ENV: &str = "SEGMENT_COMPUTE_SPILL_DIR";
+pub const PART_SIZE_ENV: &str = "SEGMENT_COMPUTE_PART_SIZE";
+pub const PARTITIONS_ENV: &str = "SEGMENT_COMPUTE_PARTITIONS";
+
+/// Ids per result part unless configured.
+pub const DEFAULT_PART_SIZE: usize = 1_000_000;
+pub const DEFAULT_MEMORY_MB: usize = 1024;
+
+/// The one column of a segment's members.
+const USER_ID: &str = "user_id";
+/// The table a static list is read as.
+const STATIC_TABLE: &str = "static_list";
+/// Bytes read from a static list to tell a CSV from a plain list of ids.
+const SNIFF_BYTES: u64 = 64 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -11,8 +92,797 @@ pub struct ComputeReport {
     pub version: u64,
     pub members: u64,
     pub parts: usize,
+    /// Bytes sorts and aggregations wrote to disk for want of memory; a
+    /// run that spills a lot runs faster with more memory.
+    pub spilled_bytes: u64,
 }
 
+/// How the engine runs; [`ComputeOptions::from_env`] reads the Job's environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComputeOptions {
+    /// Bytes the engine may hold before sorts and aggregations spill.
+    pub memory_limit: usize,
+    /// Directory for spill files; the OS temp dir when unset.
+    pub spill_dir: Option<PathBuf>,
+    /// Ids per result part.
+    pub part_size: usize,
+    /// Parallel partitions; the CPUs when unset.
+    pub partitions: Option<usize>,
+}
+
+impl Default for ComputeOptions {
+    fn default() -> Self {
+        ComputeOptions {
+            memory_limit: DEFAULT_MEMORY_MB * 1024 * 1024,
+            spill_dir: None,
+            part_size: DEFAULT_PART_SIZE,
+            partitions: None,
+        }
+    }
+}
+
+impl ComputeOptions {
+    pub fn from_env() -> Result<ComputeOptions, WorkerError> {
+        let number = |name: &str| -> Result<Option<usize>, WorkerError> {
+            match std::env::var(name) {
+                Ok(text) => match text.trim().parse::<usize>() {
+                    Ok(n) if n > 0 => Ok(Some(n)),
+                    _ => Err(WorkerError::new("BadTask", format!("{name}=`{text}` is not a positive whole number"))),
+                },
+                Err(_) => Ok(None),
+            }
+        };
+        let defaults = ComputeOptions::default();
+        Ok(ComputeOptions {
+            memory_limit: number(MEMORY_ENV)?.map(|mb| mb * 1024 * 1024).unwrap_or(defaults.memory_limit),
+            spill_dir: std::env::var_os(SPILL_DIR_ENV).filter(|d| !d.is_empty()).map(PathBuf::from),
+            part_size: number(PART_SIZE_ENV)?.unwrap_or(defaults.part_size),
+            partitions: number(PARTITIONS_ENV)?,
+        })
+    }
+}
+
+/// Runs `task` with the options of the environment.
 pub async fn run(task: &ComputeTask) -> Result<ComputeReport, WorkerError> {
-    Err(WorkerError::new("QueryError", format!("compute of {} is not available in this build", task.segment)))
+    run_with(task, &ComputeOptions::from_env()?).await
+}
+
+pub async fn run_with(task: &ComputeTask, options: &ComputeOptions) -> Result<ComputeReport, WorkerError> {
+    let started = Instant::now();
+    let dir = ResultDir::open(&task.results_uri).map_err(|e| WorkerError::new("WriteFailed", e.to_string()))?;
+    // A manifest left by an earlier run of this version would vouch for
+    // parts this run is about to overwrite.
+    retract_manifest(&task.results_uri).await?;
+
+    let (parts, total, spilled_bytes) =
+        evaluate(task, options, &dir).await.map_err(|e| WorkerError { message: one_line(&e.message), ..e })?;
+
+    let manifest = Manifest {
+        format: manifest::FORMAT.to_string(),
+        segment: task.segment.clone(),
+        version: task.version,
+        generation: task.generation,
+        definition_hash: task.definition_hash.clone(),
+        snapshot_time: task.snapshot_time,
+        computed_at: Utc::now(),
+        members: total,
+        parts,
+    };
+    dir.write_manifest(&manifest)
+        .await
+        .map_err(|e| WorkerError::new("WriteFailed", one_line(&format!("{}: {e}", task.results_uri))))?;
+    info!(
+        segment = %task.segment,
+        version = task.version,
+        members = total,
+        parts = manifest.parts.len(),
+        spilled_bytes,
+        seconds = started.elapsed().as_secs_f64(),
+        "computed"
+    );
+    Ok(ComputeReport { version: task.version, members: total, parts: manifest.parts.len(), spilled_bytes })
+}
+
+/// The result's parts, its member count and the bytes spilled on the way.
+async fn evaluate(task: &ComputeTask, options: &ComputeOptions, dir: &ResultDir) -> Result<(Vec<Part>, u64, u64), WorkerError> {
+    let engine = Engine::new(task, options)?;
+    let members = engine.members().await?;
+    let task_ctx = Arc::new(members.task_ctx());
+    let plan = members.create_physical_plan().await.map_err(|e| engine.classify(e))?;
+    let stream = execute_stream(plan.clone(), task_ctx).map_err(|e| engine.classify(e))?;
+    let (parts, total) = write_parts(dir, &task.results_uri, stream, options.part_size.max(1), &engine).await?;
+    Ok((parts, total, spilled_bytes(plan.as_ref())))
+}
+
+fn spilled_bytes(plan: &dyn ExecutionPlan) -> u64 {
+    let own = plan.metrics().and_then(|m| m.spilled_bytes()).unwrap_or(0) as u64;
+    own + plan.children().into_iter().map(|child| spilled_bytes(child.as_ref())).sum::<u64>()
+}
+
+async fn retract_manifest(results_uri: &str) -> Result<(), WorkerError> {
+    let failed = |e: String| WorkerError::new("WriteFailed", format!("{results_uri}: {e}"));
+    let location = locate(results_uri).map_err(|e| failed(e.to_string()))?;
+    let path = child(&location.path, manifest::MANIFEST_FILE);
+    match location.store.delete(&path).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(failed(format!("removing the previous {}: {e}", manifest::MANIFEST_FILE))),
+    }
+}
+
+async fn write_parts(
+    dir: &ResultDir,
+    results_uri: &str,
+    mut stream: SendableRecordBatchStream,
+    part_size: usize,
+    engine: &Engine<'_>,
+) -> Result<(Vec<Part>, u64), WorkerError> {
+    let mut parts = Vec::new();
+    let mut buffer = String::new();
+    let mut in_buffer = 0usize;
+    let mut total = 0u64;
+    let flush = |buffer: &mut String, index: usize| {
+        let text = std::mem::take(buffer);
+        async move {
+            dir.write_part(index, text.split_terminator('\n'))
+                .await
+                .map_err(|e| WorkerError::new("WriteFailed", format!("{results_uri}: {e}")))
+        }
+    };
+    while let Some(batch) = stream.next().await {
+        let batch = batch.map_err(|e| engine.classify(e))?;
+        let ids = utf8_column(&batch).map_err(|e| WorkerError::new("QueryError", e))?;
+        for id in ids.iter().flatten() {
+            if id.contains(['\n', '\r']) {
+                return Err(WorkerError::new("QueryError", format!("user id {id:?} contains a line break")));
+            }
+            buffer.push_str(id);
+            buffer.push('\n');
+            in_buffer += 1;
+            total += 1;
+            if in_buffer == part_size {
+                parts.push(flush(&mut buffer, parts.len()).await?);
+                in_buffer = 0;
+            }
+        }
+    }
+    if in_buffer > 0 {
+        parts.push(flush(&mut buffer, parts.len()).await?);
+    }
+    Ok((parts, total))
+}
+
+fn utf8_column(batch: &RecordBatch) -> Result<StringArray, String> {
+    let column = batch.column(0);
+    if let Some(strings) = column.as_string_opt::<i32>() {
+        return Ok(strings.clone());
+    }
+    let cast = datafusion::arrow::compute::cast(column, &DataType::Utf8).map_err(|e| e.to_string())?;
+    Ok(cast.as_string::<i32>().clone())
+}
+
+/// One run's DataFusion session and the tables registered in it.
+struct Engine<'a> {
+    task: &'a ComputeTask,
+    ctx: SessionContext,
+    /// Registered tables and where they are read from, for messages.
+    tables: std::sync::Mutex<BTreeMap<String, String>>,
+}
+
+impl<'a> Engine<'a> {
+    fn new(task: &'a ComputeTask, options: &ComputeOptions) -> Result<Engine<'a>, WorkerError> {
+        let engine_error = |e: DataFusionError| WorkerError::new("QueryError", format!("starting the engine: {e}"));
+        let pool = TrackConsumersPool::new(FairSpillPool::new(options.memory_limit), NonZeroUsize::MIN.saturating_add(4));
+        let mut runtime = RuntimeEnvBuilder::new().with_memory_pool(Arc::new(pool));
+        if let Some(dir) = &options.spill_dir {
+            runtime = runtime.with_temp_file_path(dir);
+        }
+        let runtime = runtime.build_arc().map_err(engine_error)?;
+        let mut config = SessionConfig::new().with_information_schema(false);
+        if let Some(partitions) = options.partitions {
+            config = config.with_target_partitions(partitions);
+        }
+        // Zoned timestamps come out in UTC, like the snapshot time.
+        config.options_mut().execution.time_zone = Some(UTC_OFFSET.to_string());
+        // Each sorting partition sets this much aside to merge its spills;
+        // the default (10 MB) alone exceeds a small pool.
+        let partitions = config.target_partitions().max(1);
+        let execution = &mut config.options_mut().execution;
+        execution.sort_spill_reservation_bytes =
+            execution.sort_spill_reservation_bytes.min(options.memory_limit / (4 * partitions));
+        let ctx = SessionContext::new_with_config_rt(config, runtime);
+        ctx.register_udf(ScalarUDF::from(SnapshotNow::new(task.snapshot_time)));
+        Ok(Engine { task, ctx, tables: Default::default() })
+    }
+
+    /// The definition's members: one `user_id` column of distinct,
+    /// non-empty ids in ascending order.
+    async fn members(&self) -> Result<DataFrame, WorkerError> {
+        let definition = &self.task.definition;
+        let frame = match (&definition.sql, &definition.rules, &definition.static_list) {
+            (Some(sql), None, None) => self.query(sql).await?,
+            (None, Some(rule), None) => {
+                for name in rule.segment_refs() {
+                    if !self.task.segment_inputs.iter().any(|input| input.name == name) {
+                        return Err(WorkerError::new(
+                            "SegmentNotReady",
+                            format!("segment `{name}` has no active version to read yet"),
+                        ));
+                    }
+                }
+                let sql = rules_sql::compile(rule, &self.task.sources).map_err(rules_error)?;
+                self.query(&sql).await?
+            }
+            (None, None, Some(list)) => self.static_list(list).await?,
+            _ => return Err(WorkerError::new("InvalidDefinition", "spec.definition: set exactly one of sql, rules or static")),
+        };
+        self.distinct_ids(frame)
+    }
+
+    fn distinct_ids(&self, frame: DataFrame) -> Result<DataFrame, WorkerError> {
+        let schema = frame.schema().clone();
+        if schema.fields().len() != 1 {
+            let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+            return Err(WorkerError::new(
+                "NotOneColumn",
+                format!(
+                    "the definition returns {} columns ({}); it must return one column of user ids",
+                    names.len(),
+                    names.join(", ")
+                ),
+            ));
+        }
+        let (qualifier, field) = schema.qualified_field(0);
+        if !is_id_type(field.data_type()) {
+            return Err(WorkerError::new(
+                "QueryError",
+                format!("the definition returns `{}` of type {}; user ids are text or integers", field.name(), field.data_type()),
+            ));
+        }
+        let id = cast(Expr::Column(Column::from((qualifier, field))), DataType::Utf8).alias(USER_ID);
+        let present = col(USER_ID).is_not_null().and(col(USER_ID).not_eq(lit("")));
+        frame
+            .select(vec![id])
+            .and_then(|f| f.filter(present))
+            .and_then(|f| f.distinct())
+            .and_then(|f| f.sort(vec![col(USER_ID).sort(true, false)]))
+            .map_err(|e| self.classify(e))
+    }
+
+    /// Plans `sql` at the snapshot time, registering the tables it reads.
+    async fn query(&self, sql: &str) -> Result<DataFrame, WorkerError> {
+        let parsing = self.ctx.state();
+        let dialect = parsing.config().options().sql_parser.dialect;
+        let statement = parsing.sql_to_statement(sql, &dialect).map_err(|e| self.classify(e))?;
+        let references = parsing.resolve_table_references(&statement).map_err(|e| self.classify(e))?;
+        let mut undeclared = Vec::new();
+        for reference in references {
+            let name = reference.table().to_string();
+            if self.tables.lock().map(|t| t.contains_key(&name)).unwrap_or(false) {
+                continue;
+            }
+            if let Some(source) = self.task.sources.iter().find(|s| s.table == name) {
+                self.register_source(source).await?;
+            } else if let Some(input) = self.task.segment_inputs.iter().find(|i| segment_table(&i.name) == name) {
+                self.register_segment_input(input).await?;
+            } else {
+                // Maybe a table function; the planner decides.
+                undeclared.push(name);
+            }
+        }
+        let mut state = self.ctx.state();
+        state.execution_props_mut().query_execution_start_time = Some(self.task.snapshot_time);
+        let plan = match state.statement_to_plan(statement).await {
+            Ok(plan) => plan,
+            Err(e) => {
+                if let Some(name) = undeclared.first() {
+                    let declared: Vec<&str> = self.task.sources.iter().map(|s| s.table.as_str()).collect();
+                    return Err(WorkerError::new(
+                        "UnknownTable",
+                        format!(
+                            "table `{name}` is not declared by any SegmentSource (declared: {})",
+                            if declared.is_empty() { "none".to_string() } else { declared.join(", ") }
+                        ),
+                    ));
+                }
+                return Err(self.classify(e));
+            }
+        };
+        // Definitions read; they do not create tables, write files or change settings.
+        SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false)
+            .verify_plan(&plan)
+            .map_err(|e| self.classify(e))?;
+        Ok(DataFrame::new(state, plan))
+    }
+
+    async fn register_source(&self, source: &SegmentSourceSpec) -> Result<(), WorkerError> {
+        let unreadable =
+            |detail: String| WorkerError::new("UnreadableSource", format!("table `{}` ({}): {detail}", source.table, source.uri));
+        let location = locate(&source.uri).map_err(|e| unreadable(e.to_string()))?;
+        self.ctx.register_object_store(&location.root, location.store);
+        let url = listing_url(&source.uri).map_err(unreadable)?;
+        let extension = self.data_file_extension(&url, source.format).await.map_err(unreadable)?;
+        let format: Arc<dyn FileFormat> = match source.format {
+            SourceFormat::Parquet => Arc::new(ParquetFormat::default()),
+            SourceFormat::Csv => Arc::new(CsvFormat::default().with_has_header(true)),
+            SourceFormat::Ndjson => Arc::new(JsonFormat::default()),
+        };
+        let options = ListingOptions::new(format).with_file_extension(extension);
+        let state = self.ctx.state();
+        let mut schema = options.infer_schema(&state, &url).await.map_err(|e| unreadable(one_line(&e.to_string())))?;
+        if source.format == SourceFormat::Csv {
+            schema = ids_as_text(&schema, &source.user_id_column);
+        }
+        let config = ListingTableConfig::new(url).with_listing_options(options).with_schema(schema);
+        let table = ListingTable::try_new(config).map_err(|e| unreadable(one_line(&e.to_string())))?;
+        self.register(&source.table, &source.uri, Arc::new(table))
+    }
+
+    /// The extension of the data files under `url`: a directory may hold
+    /// markers (`_SUCCESS`) and other files next to the data.
+    async fn data_file_extension(&self, url: &ListingTableUrl, format: SourceFormat) -> Result<String, String> {
+        let state = self.ctx.state();
+        let store = state.runtime_env().object_store(url).map_err(|e| e.to_string())?;
+        let files: Vec<_> = url
+            .list_all_files(&state, store.as_ref(), "")
+            .await
+            .map_err(|e| one_line(&e.to_string()))?
+            .try_collect()
+            .await
+            .map_err(|e| one_line(&e.to_string()))?;
+        let names: Vec<&str> = files
+            .iter()
+            .filter_map(|meta| meta.location.filename())
+            .filter(|name| !name.starts_with('_') && !name.starts_with('.'))
+            .collect();
+        if names.is_empty() {
+            return Err("no data files there".to_string());
+        }
+        if !url.is_collection() && files.len() == 1 {
+            return Ok(String::new());
+        }
+        let known: &[&str] = match format {
+            SourceFormat::Parquet => &[".parquet", ".parq"],
+            SourceFormat::Csv => &[".csv"],
+            SourceFormat::Ndjson => &[".ndjson", ".jsonl", ".json"],
+        };
+        Ok(known.iter().find(|ext| names.iter().any(|n| n.ends_with(*ext))).map(|ext| ext.to_string()).unwrap_or_default())
+    }
+
+    /// Another segment's members, streamed from its result parts; every
+    /// part is checked against the manifest as it is read.
+    async fn register_segment_input(&self, input: &SegmentInput) -> Result<(), WorkerError> {
+        let unreadable = |detail: String| {
+            WorkerError::new(
+                "UnreadableSource",
+                format!("segment `{}` v{} ({}): {detail}", input.name, input.version, input.results_uri),
+            )
+        };
+        let dir = ResultDir::open(&input.results_uri).map_err(|e| unreadable(e.to_string()))?;
+        let manifest = dir.read_manifest().await.map_err(|e| unreadable(e.to_string()))?.ok_or_else(|| {
+            WorkerError::new(
+                "SegmentNotReady",
+                format!(
+                    "segment `{}` v{} has no result at {} (no {})",
+                    input.name,
+                    input.version,
+                    input.results_uri,
+                    manifest::MANIFEST_FILE
+                ),
+            )
+        })?;
+        if manifest.version != input.version {
+            return Err(unreadable(format!("the manifest there is for v{}", manifest.version)));
+        }
+        let schema = Arc::new(Schema::new(vec![Field::new(USER_ID, DataType::Utf8, false)]));
+        let table: Arc<dyn TableProvider> = if manifest.parts.is_empty() {
+            Arc::new(MemTable::try_new(schema, vec![vec![]]).map_err(|e| unreadable(e.to_string()))?)
+        } else {
+            let partitions: Vec<Arc<dyn PartitionStream>> = manifest
+                .parts
+                .iter()
+                .map(|part| {
+                    Arc::new(ResultPartStream {
+                        schema: schema.clone(),
+                        dir: dir.clone(),
+                        part: part.clone(),
+                        segment: input.name.clone(),
+                        uri: input.results_uri.clone(),
+                    }) as Arc<dyn PartitionStream>
+                })
+                .collect();
+            Arc::new(StreamingTable::try_new(schema, partitions).map_err(|e| unreadable(e.to_string()))?)
+        };
+        self.register(&segment_table(&input.name), &input.results_uri, table)
+    }
+
+    /// A static list: a CSV with a `user_id` column, or one id a line.
+    async fn static_list(&self, list: &StaticList) -> Result<DataFrame, WorkerError> {
+        let unreadable = |detail: String| WorkerError::new("UnreadableSource", format!("static list {}: {detail}", list.uri));
+        let location = locate(&list.uri).map_err(|e| unreadable(e.to_string()))?;
+        let meta = location.store.head(&location.path).await.map_err(|e| unreadable(one_line(&e.to_string())))?;
+        let head = location
+            .store
+            .get_range(&location.path, 0..meta.size.min(SNIFF_BYTES))
+            .await
+            .map_err(|e| unreadable(one_line(&e.to_string())))?;
+        self.ctx.register_object_store(&location.root, location.store);
+        let text = String::from_utf8_lossy(&head);
+        let first = text.trim_start_matches('\u{feff}').lines().next().unwrap_or("").trim();
+        let header: Vec<String> = first.split(',').map(|f| f.trim().trim_matches('"').trim().to_string()).collect();
+        let (format, columns) = if header.iter().any(|c| c == USER_ID) {
+            (CsvFormat::default().with_has_header(true), unique_names(header))
+        } else if first.contains(',') {
+            return Err(WorkerError::new(
+                "UnknownColumn",
+                format!("static list {}: the CSV header has no `{USER_ID}` column (columns: {})", list.uri, header.join(", ")),
+            ));
+        } else {
+            // One id a line: separators that never occur in ids keep
+            // commas and quotes inside an id intact.
+            (CsvFormat::default().with_has_header(false).with_delimiter(0x1f).with_quote(0x1e), vec![USER_ID.to_string()])
+        };
+        let schema = Arc::new(Schema::new(columns.iter().map(|c| Field::new(c, DataType::Utf8, true)).collect::<Vec<_>>()));
+        let url = listing_url(&list.uri).map_err(unreadable)?;
+        let options = ListingOptions::new(Arc::new(format)).with_file_extension("");
+        let config = ListingTableConfig::new(url).with_listing_options(options).with_schema(schema);
+        let table = ListingTable::try_new(config).map_err(|e| unreadable(one_line(&e.to_string())))?;
+        self.register(STATIC_TABLE, &list.uri, Arc::new(table))?;
+        // Uploaded lists carry stray spaces and CRs.
+        self.query(&format!("SELECT trim(\"{USER_ID}\") AS {USER_ID} FROM {STATIC_TABLE}")).await
+    }
+
+    fn register(&self, name: &str, uri: &str, table: Arc<dyn TableProvider>) -> Result<(), WorkerError> {
+        self.ctx
+            .register_table(TableReference::bare(name), table)
+            .map_err(|e| WorkerError::new("QueryError", format!("registering table `{name}`: {}", one_line(&e.to_string()))))?;
+        if let Ok(mut tables) = self.tables.lock() {
+            tables.insert(name.to_string(), uri.to_string());
+        }
+        Ok(())
+    }
+
+    /// Turns an engine error into the reason the operator acts on.
+    fn classify(&self, error: DataFusionError) -> WorkerError {
+        match cause(&error) {
+            Cause::Worker(e) => e,
+            Cause::Source(detail) => self.unreadable(&detail),
+            Cause::UnknownColumn(message) => WorkerError::new("UnknownColumn", message),
+            Cause::Resources(detail) => {
+                WorkerError::new("ResourcesExhausted", format!("{detail} (raise {MEMORY_ENV} or the compute Job's memory)"))
+            }
+            Cause::Query(detail) => WorkerError::new("QueryError", detail),
+        }
+    }
+
+    /// Names the tables a read error may come from: the engine's message
+    /// names a file at best.
+    fn unreadable(&self, detail: &str) -> WorkerError {
+        let tables = self.tables.lock().map(|t| t.clone()).unwrap_or_default();
+        let mentioned: Vec<_> = tables.iter().filter(|(_, uri)| mentions(detail, uri)).collect();
+        let named = if mentioned.is_empty() { tables.iter().collect() } else { mentioned };
+        let list: Vec<String> = named.iter().map(|(name, uri)| format!("`{name}` ({uri})")).collect();
+        let what = if list.len() == 1 { format!("table {}", list[0]) } else { format!("tables {}", list.join(", ")) };
+        WorkerError::new("UnreadableSource", format!("reading {what}: {detail}"))
+    }
+}
+
+/// Whether an error message names a file under `uri`.
+fn mentions(detail: &str, uri: &str) -> bool {
+    let path = uri.split_once("://").map(|(_, rest)| rest).unwrap_or(uri);
+    let path = path.trim_start_matches("./").trim_start_matches('/').trim_end_matches('/');
+    !path.is_empty() && detail.contains(path)
+}
+
+fn rules_error(e: DefinitionError) -> WorkerError {
+    if e.field.ends_with(".table") && e.message.starts_with("unknown table") {
+        WorkerError::new("UnknownTable", e.to_string())
+    } else {
+        WorkerError::new("InvalidDefinition", e.to_string())
+    }
+}
+
+fn is_id_type(data_type: &DataType) -> bool {
+    match data_type {
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => true,
+        DataType::Dictionary(_, value) => is_id_type(value),
+        t => t.is_integer(),
+    }
+}
+
+/// CSV inference reads `00123` as the number 123; ids are text.
+fn ids_as_text(schema: &SchemaRef, user_id_column: &str) -> SchemaRef {
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|f| if f.name() == user_id_column { Field::new(f.name(), DataType::Utf8, true) } else { f.as_ref().clone() })
+        .collect();
+    Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()))
+}
+
+fn unique_names(names: Vec<String>) -> Vec<String> {
+    let mut seen = BTreeSet::new();
+    names
+        .into_iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let name = if name.is_empty() { format!("column_{}", i + 1) } else { name };
+            if seen.insert(name.clone()) {
+                name
+            } else {
+                format!("{name}_{}", i + 1)
+            }
+        })
+        .collect()
+}
+
+/// The listing URL of a source: a directory (`…/`), a single file, or a
+/// glob in the last segments (`s3://lake/orders/*.parquet`).
+fn listing_url(uri: &str) -> Result<ListingTableUrl, String> {
+    if let Some(path) = uri.strip_prefix("file://") {
+        // `file:///abs` or `file://./rel`: local paths, globs included, are
+        // resolved against the working directory like `locate` does.
+        return ListingTableUrl::parse(path).map_err(|e| one_line(&e.to_string()));
+    }
+    let Some(glob_at) = uri.find(['*', '?', '[']) else {
+        return ListingTableUrl::parse(uri).map_err(|e| one_line(&e.to_string()));
+    };
+    let base_end = uri[..glob_at].rfind('/').map(|i| i + 1).unwrap_or(0);
+    let (base, glob) = uri.split_at(base_end);
+    ListingTableUrl::parse(base).and_then(|url| url.with_glob(glob)).map_err(|e| one_line(&e.to_string()))
+}
+
+/// Messages end up in a termination log and a status field: one line, bounded.
+fn one_line(text: &str) -> String {
+    const MAX: usize = 1500;
+    let joined = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
+    // Wrapped errors repeat their prefix ("Parquet error: Parquet error: …").
+    let mut segments: Vec<&str> = joined.split(": ").collect();
+    segments.dedup();
+    let joined = segments.join(": ");
+    match joined.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}…", &joined[..cut]),
+        None => joined,
+    }
+}
+
+/// What went wrong, as far as the operator cares.
+enum Cause {
+    /// A failure this module raised inside the engine.
+    Worker(WorkerError),
+    /// Files could not be listed, fetched or decoded.
+    Source(String),
+    UnknownColumn(String),
+    Resources(String),
+    Query(String),
+}
+
+fn cause(error: &DataFusionError) -> Cause {
+    let mut current = error;
+    loop {
+        current = match current {
+            DataFusionError::Context(_, inner) | DataFusionError::Diagnostic(_, inner) => inner,
+            DataFusionError::Shared(inner) => inner.as_ref(),
+            DataFusionError::Collection(errors) if !errors.is_empty() => &errors[0],
+            DataFusionError::External(inner) => {
+                return cause_of_dyn(inner.as_ref()).unwrap_or_else(|| Cause::Query(one_line(&inner.to_string())))
+            }
+            DataFusionError::ArrowError(inner, _) => return cause_of_arrow(inner),
+            DataFusionError::ParquetError(inner) => return Cause::Source(one_line(&inner.to_string())),
+            DataFusionError::ObjectStore(inner) => return Cause::Source(one_line(&inner.to_string())),
+            DataFusionError::IoError(inner) => return Cause::Source(one_line(&inner.to_string())),
+            DataFusionError::SchemaError(inner, _) => {
+                return match inner.as_ref() {
+                    SchemaError::FieldNotFound { field, valid_fields } => {
+                        Cause::UnknownColumn(unknown_column(inner, &field.flat_name(), valid_fields))
+                    }
+                    other => Cause::Query(one_line(&other.to_string())),
+                }
+            }
+            DataFusionError::ResourcesExhausted(detail) => return Cause::Resources(one_line(detail)),
+            DataFusionError::SQL(inner, _) => return Cause::Query(format!("SQL syntax: {}", one_line(&inner.to_string()))),
+            other => return Cause::Query(one_line(&other.message())),
+        };
+    }
+}
+
+fn cause_of_dyn(error: &(dyn StdError + Send + Sync + 'static)) -> Option<Cause> {
+    if let Some(e) = error.downcast_ref::<DataFusionError>() {
+        return Some(cause(e));
+    }
+    if let Some(e) = error.downcast_ref::<WorkerError>() {
+        return Some(Cause::Worker(e.clone()));
+    }
+    if let Some(e) = error.downcast_ref::<ArrowError>() {
+        return Some(cause_of_arrow(e));
+    }
+    if error.is::<datafusion::parquet::errors::ParquetError>()
+        || error.is::<object_store::Error>()
+        || error.is::<std::io::Error>()
+    {
+        return Some(Cause::Source(one_line(&error.to_string())));
+    }
+    None
+}
+
+fn cause_of_arrow(error: &ArrowError) -> Cause {
+    match error {
+        ArrowError::ExternalError(inner) => {
+            cause_of_dyn(inner.as_ref()).unwrap_or_else(|| Cause::Source(one_line(&inner.to_string())))
+        }
+        ArrowError::CsvError(_) | ArrowError::JsonError(_) | ArrowError::ParquetError(_) | ArrowError::IoError(..) => {
+            Cause::Source(one_line(&error.to_string()))
+        }
+        // The CSV reader's message for a value that does not fit the
+        // inferred type; casts in a query say "Cannot cast".
+        ArrowError::ParseError(message) if message.contains(" at line ") => Cause::Source(one_line(&error.to_string())),
+        other => Cause::Query(one_line(&other.to_string())),
+    }
+}
+
+fn unknown_column(error: &SchemaError, name: &str, valid: &[Column]) -> String {
+    let tables: BTreeSet<String> = valid.iter().filter_map(|c| c.relation.as_ref().map(|r| r.to_string())).collect();
+    let place = if tables.is_empty() {
+        String::new()
+    } else {
+        format!(" in {}", tables.iter().map(|t| format!("`{t}`")).collect::<Vec<_>>().join(", "))
+    };
+    let mut columns: Vec<String> = valid.iter().map(|c| c.flat_name()).collect();
+    if columns.len() > 20 {
+        columns.truncate(20);
+        columns.push("…".to_string());
+    }
+    // The engine's message goes on to list every column on more lines.
+    let first = error.to_string().lines().next().unwrap_or_default().to_string();
+    format!("unknown column `{name}`{place}: {first}; columns: {}", columns.join(", "))
+}
+
+/// The offset the snapshot time is given in; DataFusion treats it like `UTC`.
+const UTC_OFFSET: &str = "+00:00";
+
+/// `now()` and `current_timestamp` fixed at the snapshot time.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct SnapshotNow {
+    signature: Signature,
+    aliases: Vec<String>,
+    nanos: Option<i64>,
+}
+
+impl SnapshotNow {
+    fn new(snapshot: DateTime<Utc>) -> SnapshotNow {
+        SnapshotNow {
+            signature: Signature::nullary(Volatility::Immutable),
+            aliases: vec!["current_timestamp".to_string()],
+            nanos: snapshot.timestamp_nanos_opt(),
+        }
+    }
+
+    fn value(&self) -> ScalarValue {
+        ScalarValue::TimestampNanosecond(self.nanos, Some(Arc::from(UTC_OFFSET)))
+    }
+}
+
+impl ScalarUDFImpl for SnapshotNow {
+    fn name(&self) -> &str {
+        "now"
+    }
+
+    fn aliases(&self) -> &[String] {
+        &self.aliases
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _args: &[DataType]) -> datafusion::error::Result<DataType> {
+        Ok(DataType::Timestamp(TimeUnit::Nanosecond, Some(Arc::from(UTC_OFFSET))))
+    }
+
+    fn invoke_with_args(&self, _args: ScalarFunctionArgs) -> datafusion::error::Result<ColumnarValue> {
+        Ok(ColumnarValue::Scalar(self.value()))
+    }
+
+    fn simplify(&self, _args: Vec<Expr>, _info: &SimplifyContext) -> datafusion::error::Result<ExprSimplifyResult> {
+        Ok(ExprSimplifyResult::Simplified(lit(self.value())))
+    }
+}
+
+/// One result part of another segment, read and verified when scanned.
+#[derive(Debug)]
+struct ResultPartStream {
+    schema: SchemaRef,
+    dir: ResultDir,
+    part: Part,
+    segment: String,
+    uri: String,
+}
+
+impl PartitionStream for ResultPartStream {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let (dir, part, schema) = (self.dir.clone(), self.part.clone(), self.schema.clone());
+        let (segment, uri) = (self.segment.clone(), self.uri.clone());
+        let batch_size = ctx.session_config().batch_size().max(1);
+        let batches = futures::stream::once(async move {
+            let failed = |detail: String| {
+                DataFusionError::External(Box::new(WorkerError::new(
+                    "UnreadableSource",
+                    format!("segment `{segment}` ({uri}): {}: {detail}", part.file),
+                )))
+            };
+            let bytes = dir.read_part(&part).await.map_err(|e| failed(e.to_string()))?;
+            let ids = part.decode(&bytes).map_err(|e| failed(e.to_string()))?;
+            let batches = ids
+                .chunks(batch_size)
+                .map(|chunk| {
+                    RecordBatch::try_new(schema.clone(), vec![Arc::new(StringArray::from_iter_values(chunk.iter().copied()))])
+                        .map_err(|e| DataFusionError::ArrowError(Box::new(e), None))
+                })
+                .collect::<Vec<_>>();
+            Ok::<_, DataFusionError>(futures::stream::iter(batches))
+        })
+        .try_flatten();
+        Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), batches))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listing_urls_keep_directories_files_and_globs() {
+        let dir = listing_url("s3://lake/orders/").unwrap();
+        assert!(dir.is_collection());
+        assert_eq!(dir.prefix().as_ref(), "orders");
+        let file = listing_url("s3://lake/users/users.csv").unwrap();
+        assert!(!file.is_collection());
+        let glob = listing_url("s3://lake/events/2025-*/part-*.ndjson").unwrap();
+        assert_eq!(glob.prefix().as_ref(), "events");
+        assert!(glob.get_glob().is_some());
+        let relative = listing_url("file://./lake/orders/").unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        assert!(relative.as_str().contains(cwd.to_str().unwrap()), "{}", relative.as_str());
+        assert!(relative.is_collection());
+    }
+
+    /// The override itself, not only the planner's start time: a plan made
+    /// the ordinary way (`SessionContext::sql` marks a fresh start time)
+    /// still sees the snapshot.
+    #[tokio::test]
+    async fn now_is_the_snapshot_time() {
+        let snapshot = DateTime::parse_from_rfc3339("2001-02-03T04:05:06.789Z").unwrap().with_timezone(&Utc);
+        let task: ComputeTask = serde_json::from_value(serde_json::json!({
+            "segment": {"namespace": "n", "name": "s"}, "version": 1, "generation": 1, "definitionHash": "h",
+            "snapshotTime": snapshot, "definition": {"sql": "SELECT 1"}, "sources": [], "resultsUri": "file:///tmp/x/"
+        }))
+        .unwrap();
+        let engine = Engine::new(&task, &ComputeOptions::default()).unwrap();
+        let frame = engine.ctx.sql("SELECT now() AS a, current_timestamp AS b").await.unwrap();
+        let zoned = DataType::Timestamp(TimeUnit::Nanosecond, Some(Arc::from(UTC_OFFSET)));
+        assert!(frame.schema().fields().iter().all(|f| f.data_type() == &zoned), "{:?}", frame.schema());
+        let batches = frame.collect().await.unwrap();
+        for column in batches[0].columns() {
+            let value = ScalarValue::try_from_array(column, 0).unwrap();
+            assert_eq!(value, ScalarValue::TimestampNanosecond(snapshot.timestamp_nanos_opt(), Some(Arc::from(UTC_OFFSET))));
+        }
+    }
+
+    #[test]
+    fn options_come_from_the_environment_names() {
+        let defaults = ComputeOptions::default();
+        assert_eq!(defaults.memory_limit, 1024 * 1024 * 1024);
+        assert_eq!(defaults.part_size, 1_000_000);
+        assert!(mentions("Object at location tmp/x/lake/orders/part-0.parquet not found", "file:///tmp/x/lake/orders/"));
+        assert!(!mentions("something else", "s3://lake/orders/"));
+        assert_eq!(one_line("Parquet error: Parquet error: bad\n  footer\n"), "Parquet error: bad footer");
+        assert_eq!(one_line(&"x".repeat(2000)).chars().count(), 1501);
+        assert_eq!(unique_names(vec!["user_id".into(), "".into(), "user_id".into()]), vec!["user_id", "column_2", "user_id_3"]);
+    }
 }

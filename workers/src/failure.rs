@@ -7,8 +7,9 @@ use std::path::Path;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{reason}: {message}")]
 pub struct WorkerError {
-    /// `UnknownTable`, `UnknownColumn`, `QueryError`, `NotOneColumn`,
-    /// `UnreadableSource`, `SegmentNotReady`, `NoResult`, `CorruptResult`,
+    /// `InvalidDefinition`, `UnknownTable`, `UnknownColumn`, `QueryError`,
+    /// `NotOneColumn`, `UnreadableSource`, `SegmentNotReady`,
+    /// `ResourcesExhausted`, `NoResult`, `CorruptResult`,
     /// `StoreUnavailable`, `BadTask`, `WriteFailed`.
     pub reason: &'static str,
     pub message: String,

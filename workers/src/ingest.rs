@@ -10,6 +10,8 @@
 
 use std::time::Duration;
 
+use futures::{StreamExt, TryStreamExt};
+
 use segment_core::manifest::{Manifest, Part};
 use segment_core::store::{SegmentStore, StoreError};
 use segment_core::task::IngestTask;
@@ -21,6 +23,8 @@ use crate::failure::WorkerError;
 
 /// Users per store batch.
 pub const BATCH: usize = 5_000;
+/// Batches sent to the store at once.
+pub const IN_FLIGHT: usize = 4;
 /// Attempts per part before it counts as failed.
 pub const ATTEMPTS: usize = 3;
 
@@ -136,10 +140,15 @@ async fn load_part_with_retries(
         };
         // A checksum or count mismatch will not fix itself: no retry.
         let users = part.decode(&bytes).map_err(|e| PartError::Part(e.to_string()))?;
-        for batch in users.chunks(BATCH) {
-            let owned: Vec<String> = batch.iter().map(|u| u.to_string()).collect();
-            store.load_members(&task.segment, task.version, &owned).await.map_err(PartError::Store)?;
-        }
+        // Several batches in flight keep the store busy while the next
+        // one is encoded; loads are idempotent, so their order is free.
+        let batches = users.chunks(BATCH).map(|batch| batch.iter().map(|u| u.to_string()).collect::<Vec<String>>());
+        futures::stream::iter(batches)
+            .map(|owned| async move { store.load_members(&task.segment, task.version, &owned).await })
+            .buffer_unordered(IN_FLIGHT)
+            .try_collect::<()>()
+            .await
+            .map_err(PartError::Store)?;
         return Ok(users.len() as u64);
     }
     Err(PartError::Part(format!("unreadable after {ATTEMPTS} attempts: {last}")))

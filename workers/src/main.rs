@@ -33,6 +33,18 @@ enum Command {
         users: u64,
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// The lake's reference time (RFC 3339): activity falls in the 180
+        /// days before it. Defaults to today's midnight (UTC), so `within`
+        /// windows evaluated now find recent activity; pass it to get the
+        /// same files on every run.
+        #[arg(long)]
+        now: Option<chrono::DateTime<chrono::Utc>>,
+        /// Mean orders per user.
+        #[arg(long, default_value_t = 3)]
+        orders_per_user: u32,
+        /// Mean app events per user.
+        #[arg(long, default_value_t = 10)]
+        events_per_user: u32,
     },
 }
 
@@ -86,12 +98,26 @@ async fn main() -> ExitCode {
             .await;
             finish(result, &args.termination_log)
         }
-        Command::GenerateLake { out, users, seed } => match lakegen::generate(&out, &lakegen::LakeSpec { users, seed }) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("segment-worker: {}: {e}", out.display());
-                ExitCode::FAILURE
-            }
-        },
+        Command::GenerateLake { out, users, seed, now, orders_per_user, events_per_user } => {
+            let now = now.unwrap_or_else(|| {
+                let today = chrono::Utc::now().date_naive().and_time(chrono::NaiveTime::MIN);
+                chrono::DateTime::from_naive_utc_and_offset(today, chrono::Utc)
+            });
+            let spec = lakegen::LakeSpec { users, seed, now, orders_per_user, events_per_user };
+            generate_lake(&out, &spec)
+        }
+    }
+}
+
+fn generate_lake(out: &std::path::Path, spec: &lakegen::LakeSpec) -> ExitCode {
+    match lakegen::generate(out, spec) {
+        Ok(summary) => {
+            println!("{}", serde_json::to_string(&summary).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("segment-worker: {}: {e}", out.display());
+            ExitCode::FAILURE
+        }
     }
 }

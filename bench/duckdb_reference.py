@@ -1,0 +1,26 @@
+"""Runs the compute benchmark's queries in DuckDB over the same lake files,
+as the reference engine of bench/src/bin/compute.rs.
+
+usage: python3 bench/duckdb_reference.py LAKE_DIR QUERIES_JSON
+QUERIES_JSON: [{"name": ..., "sql": ...}] with now() already replaced by
+the snapshot timestamp. Prints one JSON list: [{"name", "seconds", "rows"}].
+"""
+import json
+import sys
+import time
+
+import duckdb
+
+lake, queries_path = sys.argv[1], sys.argv[2]
+queries = json.load(open(queries_path))
+con = duckdb.connect()
+con.execute("SET TimeZone = 'UTC'")
+con.execute(f"CREATE VIEW orders AS SELECT * FROM read_parquet('{lake}/orders/*.parquet')")
+con.execute(f"CREATE VIEW users AS SELECT * FROM read_csv_auto('{lake}/users/users.csv', types={{'user_id': 'VARCHAR'}})")
+con.execute(f"CREATE VIEW app_events AS SELECT * FROM read_json_auto('{lake}/app_events/*.ndjson')")
+out = []
+for q in queries:
+    start = time.perf_counter()
+    rows = con.execute(f"SELECT DISTINCT CAST(user_id AS VARCHAR) FROM ({q['sql']}) AS q").fetchall()
+    out.append({"name": q["name"], "seconds": time.perf_counter() - start, "rows": len(rows)})
+print(json.dumps(out))

@@ -1,0 +1,133 @@
+//! Compute time for reference segments over a generated lake, next to
+//! DuckDB (the reference engine, from PyPI) running the same SQL on the
+//! same files in the same run.
+//!
+//! cargo run --release -p segment-bench --bin compute -- [users]
+//! (1,000,000 users give ~3M orders and ~10M app events)
+
+use std::process::Command;
+
+use chrono::{DateTime, Duration, Utc};
+use segment_bench::row;
+use segment_core::api::{Definition, SegmentKey, SegmentSourceSpec, SourceFormat};
+use segment_core::rules::Rule;
+use segment_core::rules_sql;
+use segment_core::task::ComputeTask;
+use segment_worker::compute;
+use segment_worker::lakegen::{generate, LakeSpec};
+
+fn sources(lake: &std::path::Path) -> Vec<SegmentSourceSpec> {
+    let source = |table: &str, format, ts: Option<&str>| SegmentSourceSpec {
+        table: table.into(),
+        uri: format!("file://{}/{table}/", lake.display()),
+        format,
+        user_id_column: "user_id".into(),
+        timestamp_column: ts.map(str::to_string),
+    };
+    vec![
+        source("orders", SourceFormat::Parquet, Some("created_at")),
+        source("users", SourceFormat::Csv, None),
+        source("app_events", SourceFormat::Ndjson, Some("ts")),
+    ]
+}
+
+/// (name, definition as our engine runs it, the same as SQL for DuckDB).
+fn reference_segments(sources: &[SegmentSourceSpec]) -> Vec<(&'static str, Definition, String)> {
+    let sql = |name: &'static str, text: &str| {
+        (name, Definition { sql: Some(text.into()), rules: None, static_list: None }, text.to_string())
+    };
+    let rules = |name: &'static str, yaml: &str| {
+        let rule: Rule = serde_yaml::from_str(yaml).expect("a rule");
+        let compiled = rules_sql::compile(&rule, sources).expect("rules compile");
+        (name, Definition { sql: None, rules: Some(rule), static_list: None }, compiled)
+    };
+    vec![
+        sql(
+            "lapsed-high-value (sql)",
+            "SELECT user_id FROM orders WHERE created_at >= now() - INTERVAL '90 days' GROUP BY user_id \
+             HAVING count(*) >= 3 AND max(created_at) < now() - INTERVAL '30 days'",
+        ),
+        rules(
+            "southern-europe-buyers (rules)",
+            "all:\n- property: {table: users, column: country, op: in, values: [ES, IT]}\n\
+             - event: {table: orders, within: 90d, where: [{column: status, op: eq, value: delivered}]}\n",
+        ),
+        sql(
+            "churn-risk (sql, NOT EXISTS)",
+            "SELECT DISTINCT e.user_id FROM app_events e WHERE e.ts >= now() - INTERVAL '60 days' AND NOT EXISTS \
+             (SELECT 1 FROM app_events r WHERE r.user_id = e.user_id AND r.ts >= now() - INTERVAL '14 days')",
+        ),
+        sql(
+            "top-decile-spenders (sql, window)",
+            "SELECT user_id FROM (SELECT user_id, ntile(10) OVER (ORDER BY sum(amount) DESC) AS decile \
+             FROM orders WHERE status = 'delivered' GROUP BY user_id) AS ranked WHERE decile = 1",
+        ),
+        rules(
+            "engaged-not-buying (rules)",
+            "all:\n- event: {table: app_events, count: {gte: 5}, within: 30d}\n- not: {event: {table: orders, within: 30d}}\n",
+        ),
+    ]
+}
+
+fn duckdb_sql(sql: &str, snapshot: DateTime<Utc>) -> String {
+    sql.replace("now()", &format!("TIMESTAMPTZ '{}'", snapshot.format("%Y-%m-%d %H:%M:%S+00")))
+}
+
+#[tokio::main]
+async fn main() {
+    let users: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1_000_000);
+    let work = tempfile::tempdir().expect("a temp dir");
+    let lake = work.path().join("lake");
+    let spec = LakeSpec::new(users, 7);
+    let (summary, gen_seconds) = segment_bench::timed(|| generate(&lake, &spec).expect("lake generated"));
+    let snapshot = spec.now - Duration::hours(1);
+    let sources = sources(&lake);
+    println!(
+        "compute benchmark: {} users, {} orders, {} app events (lake generated in {gen_seconds:.1}s)",
+        summary.users, summary.orders, summary.events
+    );
+
+    let mut queries = Vec::new();
+    let mut ours = Vec::new();
+    for (i, (name, definition, sql)) in reference_segments(&sources).into_iter().enumerate() {
+        let task = ComputeTask {
+            segment: SegmentKey::new("bench", format!("s{i}")),
+            version: 1,
+            generation: 1,
+            definition_hash: "bench".into(),
+            snapshot_time: snapshot,
+            definition,
+            sources: sources.clone(),
+            segment_inputs: Vec::new(),
+            results_uri: format!("file://{}/results/s{i}/v1/", work.path().display()),
+        };
+        let start = std::time::Instant::now();
+        let report = compute::run(&task).await.unwrap_or_else(|e| panic!("{name}: {e}"));
+        ours.push((name, start.elapsed().as_secs_f64(), report.members));
+        queries.push(serde_json::json!({"name": name, "sql": duckdb_sql(&sql, snapshot)}));
+    }
+
+    let queries_path = work.path().join("queries.json");
+    std::fs::write(&queries_path, serde_json::to_vec(&queries).expect("json")).expect("queries written");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/duckdb_reference.py");
+    let out = Command::new("python3").arg(script).arg(&lake).arg(&queries_path).output().expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "duckdb reference failed (python3 -m pip install duckdb): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reference: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("duckdb figures");
+
+    println!("{:<36} {:>12} {:>12} {:>12} {:>12}", "segment", "ours (s)", "duckdb (s)", "members", "duckdb rows");
+    let (mut total_ours, mut total_ref) = (0.0, 0.0);
+    for ((name, seconds, members), reference) in ours.iter().zip(&reference) {
+        let ref_seconds = reference["seconds"].as_f64().unwrap_or(f64::NAN);
+        let ref_rows = reference["rows"].as_u64().unwrap_or(0);
+        println!("{name:<36} {seconds:>12.2} {ref_seconds:>12.2} {members:>12} {ref_rows:>12}");
+        assert_eq!(*members, ref_rows, "{name}: the engines disagree on the members");
+        total_ours += seconds;
+        total_ref += ref_seconds;
+    }
+    row("total, ours (includes writing result files)", total_ours, "s");
+    row("total, duckdb (query + fetch)", total_ref, "s");
+}

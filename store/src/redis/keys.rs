@@ -1,0 +1,144 @@
+//! The key layout (docs/storage.md). Every key of one segment carries the
+//! hash tag `{ns/name}`, so in a cluster they share one slot: the Lua
+//! scripts that compare-and-set across them are atomic, and a segment's
+//! pipelines go to one node. A user's reverse index is tagged by the user.
+
+use chrono::{DateTime, Datelike, SecondsFormat, Utc};
+use segment_core::api::SegmentKey;
+use segment_core::store::StoreError;
+
+/// Hash `ns/name` → active version.
+pub(crate) const ALIASES: &str = "sg:aliases";
+/// Rollover notifications: payload `ns/name <version>`, or `ns/name -` when
+/// the segment no longer has an active version.
+pub const ROLLOVER_CHANNEL: &str = "sg:rollover";
+/// Value of a reverse-index field; the field name carries the information.
+pub(crate) const PRESENT: &str = "1";
+/// Width of [`order_key`]; the Lua scripts slice stored overrides by it.
+pub(crate) const ORDER_KEY_WIDTH: usize = 30;
+
+/// The keys of one segment.
+pub(crate) struct SegmentKeys {
+    /// `ns/name`: the alias field and the prefix of reverse-index fields.
+    pub field: String,
+    /// `sg:{ns/name}:`
+    base: String,
+}
+
+impl SegmentKeys {
+    pub fn new(segment: &SegmentKey) -> SegmentKeys {
+        let field = segment.to_string();
+        let base = format!("sg:{{{field}}}:");
+        SegmentKeys { field, base }
+    }
+
+    /// Set of the members of one version.
+    pub fn version(&self, version: u64) -> String {
+        format!("{}v{version}", self.base)
+    }
+
+    /// What [`version`](Self::version) puts before the number (for scripts).
+    pub fn version_prefix(&self) -> String {
+        format!("{}v", self.base)
+    }
+
+    /// Hash version → JSON metadata of every sealed version.
+    pub fn meta(&self) -> String {
+        format!("{}meta", self.base)
+    }
+
+    /// Set of every version that has data, sealed or still loading, so
+    /// deletes find partial loads and overrides reach versions in flight.
+    pub fn loaded(&self) -> String {
+        format!("{}loaded", self.base)
+    }
+
+    /// Hash user → newest override.
+    pub fn overrides(&self) -> String {
+        format!("{}ov", self.base)
+    }
+
+    /// Field of the user's reverse-index hash for one version.
+    pub fn user_field(&self, version: u64) -> String {
+        format!("{}#{version}", self.field)
+    }
+}
+
+/// The reverse index of a user: hash `ns/name#version` → `1`.
+pub(crate) fn user_key(user: &str) -> String {
+    format!("sg:u:{{{user}}}")
+}
+
+pub(crate) fn parse_segment(field: &str) -> Option<SegmentKey> {
+    let (namespace, name) = field.split_once('/')?;
+    Some(SegmentKey::new(namespace, name))
+}
+
+pub(crate) fn parse_user_field(field: &str) -> Option<(SegmentKey, u64)> {
+    let (segment, version) = field.rsplit_once('#')?;
+    Some((parse_segment(segment)?, version.parse().ok()?))
+}
+
+/// Rejects segment keys the layout cannot round-trip: `/` separates the
+/// namespace from the name, `#` the segment from the version, and braces
+/// would move the hash tag (Kubernetes names never contain any of them).
+pub(crate) fn check_segment(segment: &SegmentKey) -> Result<(), StoreError> {
+    let bad = |part: &str, what: &str, forbidden: &[char]| {
+        if part.is_empty() {
+            return Some(format!("{what} is empty"));
+        }
+        part.chars().find(|c| forbidden.contains(c)).map(|c| format!("{what} {part:?} contains {c:?}"))
+    };
+    let reason =
+        bad(&segment.namespace, "namespace", &['{', '}', '#', '/']).or_else(|| bad(&segment.name, "name", &['{', '}', '#']));
+    match reason {
+        Some(reason) => Err(StoreError::Other(format!("invalid segment key {segment}: {reason}"))),
+        None => Ok(()),
+    }
+}
+
+/// A fixed-width UTC timestamp whose byte order is time order, so the Lua
+/// scripts compare override times and snapshot times as strings. Years
+/// outside 0..=9999 are clamped (RFC 3339 cannot carry them anyway).
+pub(crate) fn order_key(ts: &DateTime<Utc>) -> String {
+    match ts.year() {
+        y if y < 0 => "0000-01-01T00:00:00.000000000Z".to_string(),
+        y if y > 9999 => "9999-12-31T23:59:59.999999999Z".to_string(),
+        _ => ts.to_rfc3339_opts(SecondsFormat::Nanos, true),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn fields_round_trip() {
+        let segment = SegmentKey::new("growth", "lapsed-high-value");
+        let keys = SegmentKeys::new(&segment);
+        assert_eq!(keys.version(42), "sg:{growth/lapsed-high-value}:v42");
+        assert_eq!(parse_user_field(&keys.user_field(42)), Some((segment.clone(), 42)));
+        assert_eq!(parse_segment(&keys.field), Some(segment));
+        assert_eq!(user_key("u1"), "sg:u:{u1}");
+        assert_eq!(parse_user_field("no-version"), None);
+    }
+
+    #[test]
+    fn order_keys_sort_like_times() {
+        let a = Utc.with_ymd_and_hms(2024, 1, 1, 0, 0, 0).unwrap();
+        let b = a + chrono::Duration::nanoseconds(1);
+        let c = Utc.with_ymd_and_hms(2031, 12, 9, 23, 0, 0).unwrap();
+        let keys: Vec<String> = [a, b, c].iter().map(order_key).collect();
+        assert!(keys.iter().all(|k| k.len() == ORDER_KEY_WIDTH), "{keys:?}");
+        assert!(keys[0] < keys[1] && keys[1] < keys[2]);
+    }
+
+    #[test]
+    fn odd_segment_keys_are_refused() {
+        assert!(check_segment(&SegmentKey::new("ns", "ok-name")).is_ok());
+        for (ns, name) in [("", "a"), ("a", ""), ("a/b", "c"), ("a", "b#1"), ("a", "{b}")] {
+            assert!(check_segment(&SegmentKey::new(ns, name)).is_err(), "{ns}/{name}");
+        }
+    }
+}

@@ -1,0 +1,698 @@
+//! The Redis store, on one server or a Redis Cluster. Key layout, the
+//! reasons behind it, the commands each operation sends and the memory
+//! cost per membership: docs/storage.md.
+
+mod conn;
+mod keys;
+mod scripts;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::{cmd, Cmd, FromRedisValue, ScriptInvocation, Value};
+use segment_core::api::SegmentKey;
+use segment_core::store::{Change, DiffPage, MembershipReader, Override, OverrideOp, SegmentStore, StoreError, StoredVersion};
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use conn::{parse, within, Batch, Conn};
+pub use keys::ROLLOVER_CHANNEL;
+use keys::{check_segment, order_key, parse_segment, parse_user_field, user_key, SegmentKeys, ALIASES, PRESENT};
+
+/// Users per round trip of a bulk load (each costs one SADD element and
+/// one HSET).
+const LOAD_CHUNK: usize = 10_000;
+/// Elements per variadic SADD.
+const SADD_CHUNK: usize = 1_000;
+/// Elements per SSCAN/HSCAN step of an incremental delete or scan.
+const SCAN_COUNT: usize = 1_000;
+/// Overrides per script call of `apply_overrides`, so no call holds the
+/// server for long.
+const OVERRIDE_CHUNK: usize = 500;
+
+/// Deadlines of store calls: nothing waits longer for Redis than these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisStoreOptions {
+    /// Establishing the connection (and the pub/sub connection).
+    pub connect_timeout: Duration,
+    /// One read round trip (serving's calls).
+    pub read_timeout: Duration,
+    /// One small write round trip (activate, overrides).
+    pub write_timeout: Duration,
+    /// One round trip of a bulk operation (a load batch, a delete step).
+    pub bulk_timeout: Duration,
+}
+
+impl Default for RedisStoreOptions {
+    fn default() -> Self {
+        RedisStoreOptions {
+            connect_timeout: Duration::from_secs(5),
+            read_timeout: Duration::from_secs(2),
+            write_timeout: Duration::from_secs(5),
+            bulk_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A rollover notice: `segment` now serves `version` (`None`: nothing, the
+/// version or segment was deleted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rollover {
+    pub segment: SegmentKey,
+    pub version: Option<u64>,
+}
+
+impl Rollover {
+    /// Parses the payload published on [`ROLLOVER_CHANNEL`].
+    pub fn parse(payload: &str) -> Option<Rollover> {
+        let (segment, version) = payload.rsplit_once(' ')?;
+        let version = match version {
+            "-" => None,
+            v => Some(v.parse().ok()?),
+        };
+        Some(Rollover { segment: parse_segment(segment)?, version })
+    }
+
+    fn payload(segment: &SegmentKeys, version: Option<u64>) -> String {
+        match version {
+            Some(v) => format!("{} {v}", segment.field),
+            None => format!("{} -", segment.field),
+        }
+    }
+}
+
+/// A connection to one Redis server or a Redis Cluster. Cheap to clone:
+/// clones share the connection.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: Conn,
+    /// Where rollover notifications can be subscribed: the server, or each
+    /// cluster node in turn (PUBLISH reaches every node of a cluster).
+    pubsub: Vec<redis::Client>,
+    options: RedisStoreOptions,
+}
+
+/// The metadata of a sealed version as stored (JSON in the meta hash).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct VersionMeta {
+    /// The count at sealing; [`SegmentStore::versions`] reports the live one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    members: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    snapshot_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    definition_hash: Option<String>,
+}
+
+enum Target {
+    Single(String),
+    Cluster(Vec<String>),
+}
+
+/// `redis://`, `rediss://` and `unix://` name one server;
+/// `redis+cluster://[user:password@]host:port,host:port` the seed nodes of
+/// a cluster (database 0 only, as Redis Cluster has no other).
+fn parse_url(url: &str) -> Result<Target, StoreError> {
+    let Some(rest) = url.strip_prefix("redis+cluster://") else {
+        return Ok(Target::Single(url.to_string()));
+    };
+    let (auth, hosts) = match rest.rsplit_once('@') {
+        Some((auth, hosts)) => (format!("{auth}@"), hosts),
+        None => (String::new(), rest),
+    };
+    let (hosts, db) = hosts.split_once('/').unwrap_or((hosts, ""));
+    if !(db.is_empty() || db == "0") {
+        return Err(StoreError::Other(format!("Redis URL: a cluster has only database 0, not {db:?}")));
+    }
+    let nodes: Vec<String> =
+        hosts.split(',').map(str::trim).filter(|h| !h.is_empty()).map(|h| format!("redis://{auth}{h}/")).collect();
+    if nodes.is_empty() {
+        return Err(StoreError::Other("Redis URL: redis+cluster:// names no host:port".into()));
+    }
+    Ok(Target::Cluster(nodes))
+}
+
+fn bad_url(e: redis::RedisError) -> StoreError {
+    StoreError::Other(format!("Redis URL: {e}"))
+}
+
+impl RedisStore {
+    /// `redis://host:port[/db]` for one server, `redis+cluster://host:port,host:port` for a cluster.
+    pub async fn connect(url: &str) -> Result<RedisStore, StoreError> {
+        RedisStore::connect_with(url, RedisStoreOptions::default()).await
+    }
+
+    pub async fn connect_with(url: &str, options: RedisStoreOptions) -> Result<RedisStore, StoreError> {
+        let (conn, pubsub) = match parse_url(url)? {
+            Target::Single(url) => {
+                let client = redis::Client::open(url.as_str()).map_err(bad_url)?;
+                // The per-request deadline is ours (`within`); the manager's
+                // own only has to outlast the longest of them.
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(options.connect_timeout))
+                    .set_response_timeout(Some(options.bulk_timeout));
+                let manager = within(options.connect_timeout, ConnectionManager::new_with_config(client.clone(), config)).await?;
+                (Conn::Single(manager), vec![client])
+            }
+            Target::Cluster(nodes) => {
+                let pubsub = nodes.iter().map(|n| redis::Client::open(n.as_str())).collect::<Result<_, _>>().map_err(bad_url)?;
+                let client = ClusterClientBuilder::new(nodes)
+                    .connection_timeout(options.connect_timeout)
+                    .response_timeout(options.bulk_timeout)
+                    .retries(3)
+                    .build()
+                    .map_err(bad_url)?;
+                let connection = within(options.connect_timeout, client.get_async_connection()).await?;
+                (Conn::Cluster(connection, Default::default()), pubsub)
+            }
+        };
+        Ok(RedisStore { inner: Arc::new(Inner { conn, pubsub, options }) })
+    }
+
+    pub fn options(&self) -> &RedisStoreOptions {
+        &self.inner.options
+    }
+
+    /// Rollover notices from now on, on a dedicated pub/sub connection. The
+    /// stream ends when that connection drops: subscribe again and treat
+    /// the gap as "anything may have changed" (drop the whole cache).
+    pub async fn rollover_notifications(&self) -> Result<BoxStream<'static, Rollover>, StoreError> {
+        let mut last = StoreError::Unavailable("no Redis node to subscribe to".into());
+        for client in &self.inner.pubsub {
+            let subscribed = within(self.inner.options.connect_timeout, async {
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe(ROLLOVER_CHANNEL).await?;
+                Ok(pubsub)
+            })
+            .await;
+            match subscribed {
+                Ok(pubsub) => {
+                    let notices = pubsub.into_on_message().filter_map(|msg| {
+                        let notice = std::str::from_utf8(msg.get_payload_bytes()).ok().and_then(Rollover::parse);
+                        if notice.is_none() {
+                            warn!(payload = ?msg.get_payload_bytes(), "ignoring a malformed rollover notice");
+                        }
+                        futures::future::ready(notice)
+                    });
+                    return Ok(notices.boxed());
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    async fn run(&self, batch: Batch, limit: Duration) -> Result<Vec<Value>, StoreError> {
+        within(limit, self.inner.conn.run(batch)).await
+    }
+
+    async fn query<T: FromRedisValue>(&self, cmd: Cmd, limit: Duration) -> Result<T, StoreError> {
+        let mut conn = self.inner.conn.clone();
+        within(limit, async move { cmd.query_async(&mut conn).await }).await
+    }
+
+    async fn script<T: FromRedisValue>(&self, invocation: ScriptInvocation<'static>, limit: Duration) -> Result<T, StoreError> {
+        let mut conn = self.inner.conn.clone();
+        within(limit, async move { invocation.invoke_async(&mut conn).await }).await
+    }
+
+    fn read(&self) -> Duration {
+        self.inner.options.read_timeout
+    }
+
+    fn write(&self) -> Duration {
+        self.inner.options.write_timeout
+    }
+
+    fn bulk(&self) -> Duration {
+        self.inner.options.bulk_timeout
+    }
+
+    /// Deletes one version's data step by step: reverse-index fields in
+    /// SSCAN batches, then the set (UNLINK frees it off the main thread),
+    /// then its registry entry, so an interrupted delete can be resumed
+    /// and nothing is ever left unreachable.
+    async fn purge_version(&self, keys: &SegmentKeys, version: u64) -> Result<(), StoreError> {
+        let set = keys.version(version);
+        let field = keys.user_field(version);
+        let mut cursor = 0u64;
+        loop {
+            let step = cmd("SSCAN").arg(&set).arg(cursor).arg("COUNT").arg(SCAN_COUNT).clone();
+            let (next, users): (u64, Vec<String>) = self.query(step, self.bulk()).await?;
+            let mut batch = Batch::new();
+            for user in &users {
+                let key = user_key(user);
+                batch.add(&key, cmd("HDEL").arg(&key).arg(&field).clone());
+            }
+            self.run(batch, self.bulk()).await?;
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        let mut batch = Batch::new();
+        batch.add(&set, cmd("UNLINK").arg(&set).clone());
+        batch.add(&set, cmd("SREM").arg(keys.loaded()).arg(version).clone());
+        self.run(batch, self.bulk()).await?;
+        Ok(())
+    }
+
+    async fn publish(&self, keys: &SegmentKeys, version: Option<u64>) -> Result<(), StoreError> {
+        let publish = cmd("PUBLISH").arg(ROLLOVER_CHANNEL).arg(Rollover::payload(keys, version)).clone();
+        self.query::<i64>(publish, self.write()).await.map(drop)
+    }
+
+    /// The reverse-index writes that follow a membership change of `user`
+    /// in `versions` (idempotent, so a retry or redelivery repeats them).
+    fn reverse_index(batch: &mut Batch, keys: &SegmentKeys, user: &str, include: bool, versions: &[u64]) {
+        let key = user_key(user);
+        for version in versions {
+            let field = keys.user_field(*version);
+            let command = if include {
+                cmd("HSET").arg(&key).arg(field).arg(PRESENT).clone()
+            } else {
+                cmd("HDEL").arg(&key).arg(field).clone()
+            };
+            batch.add(&key, command);
+        }
+    }
+}
+
+fn check_present(segment: &SegmentKey, versions: &[u64], present: &[bool]) -> Result<(), StoreError> {
+    match versions.iter().zip(present).find(|(_, present)| !**present) {
+        Some((version, _)) => Err(StoreError::MissingVersion { segment: segment.to_string(), version: *version }),
+        None => Ok(()),
+    }
+}
+
+/// Stored form of an override: its order key, then its JSON (scripts/mod docs).
+fn stored_override(change: &Override) -> Result<String, StoreError> {
+    let json = serde_json::to_string(change).map_err(|e| StoreError::Other(format!("encoding an override: {e}")))?;
+    Ok(format!("{}{json}", order_key(&change.ts)))
+}
+
+fn parse_stored_override(value: &str) -> Option<Override> {
+    serde_json::from_str(value.get(keys::ORDER_KEY_WIDTH..)?).ok()
+}
+
+fn op_name(op: OverrideOp) -> &'static str {
+    match op {
+        OverrideOp::Include => "include",
+        OverrideOp::Exclude => "exclude",
+    }
+}
+
+/// Where a diff page resumes: the phase (entered users first, then exited
+/// ones), the SSCAN cursor of that phase, and how many users of the batch
+/// that cursor returns were already handled (SSCAN returns a whole batch,
+/// which may be larger than a page).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DiffCursor {
+    entered: bool,
+    scan: u64,
+    skip: usize,
+}
+
+impl DiffCursor {
+    const START: DiffCursor = DiffCursor { entered: true, scan: 0, skip: 0 };
+
+    fn parse(cursor: &str) -> Option<DiffCursor> {
+        let mut parts = cursor.split(':');
+        let entered = match parts.next()? {
+            "e" => true,
+            "x" => false,
+            _ => return None,
+        };
+        let scan = parts.next()?.parse().ok()?;
+        let skip = parts.next()?.parse().ok()?;
+        parts.next().is_none().then_some(DiffCursor { entered, scan, skip })
+    }
+
+    fn render(&self) -> String {
+        format!("{}:{}:{}", if self.entered { "e" } else { "x" }, self.scan, self.skip)
+    }
+}
+
+#[async_trait]
+impl SegmentStore for RedisStore {
+    async fn active_version(&self, segment: &SegmentKey) -> Result<Option<u64>, StoreError> {
+        let keys = SegmentKeys::new(segment);
+        self.query(cmd("HGET").arg(ALIASES).arg(&keys.field).clone(), self.read()).await
+    }
+
+    async fn versions(&self, segment: &SegmentKey) -> Result<BTreeMap<u64, StoredVersion>, StoreError> {
+        let keys = SegmentKeys::new(segment);
+        let mut invocation = scripts::VERSIONS.key(keys.meta());
+        invocation.arg(keys.version_prefix());
+        let flat: Vec<Value> = self.script(invocation, self.read()).await?;
+        let mut out = BTreeMap::new();
+        let mut items = flat.into_iter();
+        while let (Some(version), Some(json), Some(count)) = (items.next(), items.next(), items.next()) {
+            let version: u64 = parse(version, "a version number")?;
+            let json: String = parse(json, "version metadata")?;
+            let members: u64 = parse(count, "a member count")?;
+            let meta: VersionMeta =
+                serde_json::from_str(&json).map_err(|e| StoreError::Other(format!("metadata of {segment} v{version}: {e}")))?;
+            let snapshot_time = match meta.snapshot_time {
+                Some(t) => Some(
+                    DateTime::parse_from_rfc3339(&t)
+                        .map_err(|e| StoreError::Other(format!("snapshot time of {segment} v{version}: {e}")))?
+                        .with_timezone(&Utc),
+                ),
+                None => None,
+            };
+            out.insert(version, StoredVersion { members, snapshot_time, definition_hash: meta.definition_hash });
+        }
+        Ok(out)
+    }
+
+    async fn change_count(&self, segment: &SegmentKey, from: u64, to: u64) -> Result<u64, StoreError> {
+        let keys = SegmentKeys::new(segment);
+        let (a, b) = (keys.version(from), keys.version(to));
+        let mut batch = Batch::new();
+        batch.add(&a, cmd("SMISMEMBER").arg(keys.loaded()).arg(from).arg(to).clone());
+        batch.add(&a, cmd("SCARD").arg(&a).clone());
+        batch.add(&a, cmd("SCARD").arg(&b).clone());
+        batch.add(&a, cmd("SINTERCARD").arg(2).arg(&a).arg(&b).clone());
+        let mut replies = self.run(batch, self.read()).await?.into_iter();
+        let mut next = |what: &str| replies.next().ok_or_else(|| StoreError::Other(format!("no reply for {what}")));
+        let present: Vec<bool> = parse(next("SMISMEMBER")?, "SMISMEMBER")?;
+        check_present(segment, &[from, to], &present)?;
+        let size_a: u64 = parse(next("SCARD")?, "SCARD")?;
+        let size_b: u64 = parse(next("SCARD")?, "SCARD")?;
+        let common: u64 = parse(next("SINTERCARD")?, "SINTERCARD")?;
+        Ok(size_a + size_b - 2 * common)
+    }
+
+    async fn activate(&self, segment: &SegmentKey, version: u64) -> Result<(), StoreError> {
+        check_segment(segment)?;
+        let keys = SegmentKeys::new(segment);
+        let sealed: bool = self.query(cmd("HEXISTS").arg(keys.meta()).arg(version).clone(), self.read()).await?;
+        if !sealed {
+            return Err(StoreError::MissingVersion { segment: segment.to_string(), version });
+        }
+        // The alias is the only thing readers follow, so this one HSET is
+        // the whole rollover. The notice follows it (a cluster routes
+        // PUBLISH by channel name, so it cannot share the pipeline): a
+        // cache that drops entries on the notice re-reads the new alias.
+        self.query::<i64>(cmd("HSET").arg(ALIASES).arg(&keys.field).arg(version).clone(), self.write()).await?;
+        self.publish(&keys, Some(version)).await
+    }
+
+    async fn delete_version(&self, segment: &SegmentKey, version: u64) -> Result<(), StoreError> {
+        let keys = SegmentKeys::new(segment);
+        // Unlisted first, so nothing starts using a half-deleted version.
+        self.query::<i64>(cmd("HDEL").arg(keys.meta()).arg(version).clone(), self.write()).await?;
+        let mut clear = scripts::CLEAR_ALIAS_IF.key(ALIASES);
+        clear.arg(&keys.field).arg(version);
+        let cleared: i64 = self.script(clear, self.write()).await?;
+        if cleared == 1 {
+            self.publish(&keys, None).await?;
+        }
+        self.purge_version(&keys, version).await
+    }
+
+    async fn delete_segment(&self, segment: &SegmentKey) -> Result<(), StoreError> {
+        let keys = SegmentKeys::new(segment);
+        let removed: i64 = self.query(cmd("HDEL").arg(ALIASES).arg(&keys.field).clone(), self.write()).await?;
+        if removed == 1 {
+            self.publish(&keys, None).await?;
+        }
+        let mut batch = Batch::new();
+        batch.add(&keys.meta(), cmd("SMEMBERS").arg(keys.loaded()).clone());
+        batch.add(&keys.meta(), cmd("HKEYS").arg(keys.meta()).clone());
+        let mut versions = BTreeSet::new();
+        for reply in self.run(batch, self.read()).await? {
+            let listed: Vec<u64> = parse(reply, "a version list")?;
+            versions.extend(listed);
+        }
+        // Meta first: `versions()` must not list what is being removed.
+        self.query::<i64>(cmd("UNLINK").arg(keys.meta()).clone(), self.write()).await?;
+        for version in versions {
+            self.purge_version(&keys, version).await?;
+        }
+        self.query::<i64>(cmd("UNLINK").arg(keys.overrides()).arg(keys.loaded()).clone(), self.write()).await?;
+        Ok(())
+    }
+
+    async fn load_members(&self, segment: &SegmentKey, version: u64, users: &[String]) -> Result<(), StoreError> {
+        check_segment(segment)?;
+        let keys = SegmentKeys::new(segment);
+        let set = keys.version(version);
+        let field = keys.user_field(version);
+        // Registered even when empty, so the version exists (as it does in
+        // the embedded store) and deletes find it.
+        let mut batch = Batch::new();
+        batch.add(&set, cmd("SADD").arg(keys.loaded()).arg(version).clone());
+        for chunk in users.chunks(LOAD_CHUNK) {
+            for part in chunk.chunks(SADD_CHUNK) {
+                batch.add(&set, cmd("SADD").arg(&set).arg(part).clone());
+            }
+            for user in chunk {
+                let key = user_key(user);
+                batch.add(&key, cmd("HSET").arg(&key).arg(&field).arg(PRESENT).clone());
+            }
+            self.run(std::mem::take(&mut batch), self.bulk()).await?;
+        }
+        self.run(batch, self.bulk()).await?;
+        Ok(())
+    }
+
+    async fn seal_version(
+        &self,
+        segment: &SegmentKey,
+        version: u64,
+        snapshot_time: Option<DateTime<Utc>>,
+        definition_hash: Option<&str>,
+    ) -> Result<StoredVersion, StoreError> {
+        check_segment(segment)?;
+        let keys = SegmentKeys::new(segment);
+        let meta = VersionMeta {
+            members: None,
+            snapshot_time: snapshot_time.as_ref().map(order_key),
+            definition_hash: definition_hash.map(str::to_string),
+        };
+        let rest = serde_json::to_string(&meta).map_err(|e| StoreError::Other(format!("encoding version metadata: {e}")))?;
+        let mut seal = scripts::SEAL.key(keys.meta());
+        seal.key(keys.version(version)).key(keys.loaded()).arg(version).arg(rest);
+        let members: u64 = self.script(seal, self.write()).await?;
+        Ok(StoredVersion { members, snapshot_time, definition_hash: definition_hash.map(str::to_string) })
+    }
+
+    async fn record_override(&self, segment: &SegmentKey, change: &Override) -> Result<bool, StoreError> {
+        check_segment(segment)?;
+        let keys = SegmentKeys::new(segment);
+        // The alias lives in another slot, so it is read first. A rollover
+        // in between is harmless: the script also applies the override to
+        // every version newer than the one read.
+        let active: Option<u64> = self.query(cmd("HGET").arg(ALIASES).arg(&keys.field).clone(), self.read()).await?;
+        let mut record = scripts::RECORD_OVERRIDE.key(keys.overrides());
+        record
+            .key(keys.loaded())
+            .key(keys.meta())
+            .arg(&change.user)
+            .arg(order_key(&change.ts))
+            .arg(&change.id)
+            .arg(op_name(change.op))
+            .arg(stored_override(change)?)
+            .arg(active.unwrap_or(0))
+            .arg(keys.version_prefix());
+        let reply: Vec<u64> = self.script(record, self.write()).await?;
+        let recorded = reply.first() == Some(&1);
+        if let [_, include, versions @ ..] = reply.as_slice() {
+            let mut batch = Batch::new();
+            RedisStore::reverse_index(&mut batch, &keys, &change.user, *include == 1, versions);
+            self.run(batch, self.write()).await?;
+        }
+        Ok(recorded)
+    }
+
+    async fn overrides_since(&self, segment: &SegmentKey, since: DateTime<Utc>) -> Result<Vec<Override>, StoreError> {
+        let keys = SegmentKeys::new(segment);
+        let mut out = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let step = cmd("HSCAN").arg(keys.overrides()).arg(cursor).arg("COUNT").arg(SCAN_COUNT).clone();
+            let (next, entries): (u64, Vec<(String, String)>) = self.query(step, self.bulk()).await?;
+            for (user, value) in entries {
+                match parse_stored_override(&value) {
+                    Some(change) if change.ts > since => out.push(change),
+                    Some(_) => {}
+                    None => warn!(%segment, %user, "ignoring an unreadable stored override"),
+                }
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        // HSCAN may return an entry twice while the hash grows.
+        out.sort_by(|a, b| a.user.cmp(&b.user));
+        out.dedup_by(|a, b| a.user == b.user);
+        Ok(out)
+    }
+
+    async fn apply_overrides(&self, segment: &SegmentKey, version: u64, overrides: &[Override]) -> Result<(), StoreError> {
+        check_segment(segment)?;
+        let keys = SegmentKeys::new(segment);
+        for chunk in overrides.chunks(OVERRIDE_CHUNK) {
+            let mut apply = scripts::APPLY_OVERRIDES.key(keys.overrides());
+            apply.key(keys.version(version)).key(keys.loaded()).arg(version);
+            for change in chunk {
+                apply.arg(&change.user).arg(order_key(&change.ts)).arg(&change.id).arg(op_name(change.op));
+            }
+            let applied: Vec<u64> = self.script(apply, self.bulk()).await?;
+            let mut batch = Batch::new();
+            for (change, include) in chunk.iter().zip(applied) {
+                RedisStore::reverse_index(&mut batch, &keys, &change.user, include == 1, &[version]);
+            }
+            self.run(batch, self.bulk()).await?;
+        }
+        Ok(())
+    }
+
+    async fn diff_page(
+        &self,
+        segment: &SegmentKey,
+        from: u64,
+        to: u64,
+        cursor: Option<&str>,
+        page_size: usize,
+    ) -> Result<DiffPage, StoreError> {
+        let keys = SegmentKeys::new(segment);
+        let page_size = page_size.max(1);
+        let mut at = match cursor {
+            None => DiffCursor::START,
+            Some(c) => DiffCursor::parse(c)
+                .ok_or_else(|| StoreError::Other(format!("diff cursor {c:?} is not one this store returned")))?,
+        };
+        let (old, new) = (keys.version(from), keys.version(to));
+        let count = page_size.clamp(100, SCAN_COUNT);
+        let mut page = DiffPage::default();
+        let mut first = true;
+        loop {
+            let (source, other) = if at.entered { (&new, &old) } else { (&old, &new) };
+            let mut batch = Batch::new();
+            if first {
+                batch.add(source, cmd("SMISMEMBER").arg(keys.loaded()).arg(from).arg(to).clone());
+            }
+            batch.add(source, cmd("SSCAN").arg(source).arg(at.scan).arg("COUNT").arg(count).clone());
+            let mut replies = self.run(batch, self.read()).await?.into_iter();
+            if first {
+                let present: Vec<bool> = parse(replies.next().unwrap_or_default(), "SMISMEMBER")?;
+                check_present(segment, &[from, to], &present)?;
+                first = false;
+            }
+            let (next, users): (u64, Vec<String>) = parse(replies.next().unwrap_or_default(), "SSCAN")?;
+            let pending = users.get(at.skip..).unwrap_or_default();
+            if !pending.is_empty() {
+                let in_other: Vec<bool> = self.query(cmd("SMISMEMBER").arg(other).arg(pending).clone(), self.read()).await?;
+                for (i, (user, in_other)) in pending.iter().zip(in_other).enumerate() {
+                    if in_other {
+                        continue;
+                    }
+                    if page.changes.len() == page_size {
+                        page.next = Some(DiffCursor { skip: at.skip + i, ..at }.render());
+                        return Ok(page);
+                    }
+                    page.changes.push(Change { user: user.clone(), entered: at.entered });
+                }
+            }
+            at = match (next, at.entered) {
+                (0, true) => DiffCursor { entered: false, scan: 0, skip: 0 },
+                (0, false) => return Ok(page),
+                (next, entered) => DiffCursor { entered, scan: next, skip: 0 },
+            };
+        }
+    }
+}
+
+#[async_trait]
+impl MembershipReader for RedisStore {
+    async fn aliases(&self) -> Result<BTreeMap<SegmentKey, u64>, StoreError> {
+        let all: Vec<(String, String)> = self.query(cmd("HGETALL").arg(ALIASES).clone(), self.read()).await?;
+        let mut out = BTreeMap::new();
+        for (field, version) in all {
+            match (parse_segment(&field), version.parse()) {
+                (Some(segment), Ok(version)) => {
+                    out.insert(segment, version);
+                }
+                _ => warn!(%field, %version, "ignoring a malformed alias"),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn user_versions(&self, user: &str) -> Result<Vec<(SegmentKey, u64)>, StoreError> {
+        let fields: Vec<String> = self.query(cmd("HKEYS").arg(user_key(user)).clone(), self.read()).await?;
+        Ok(fields
+            .iter()
+            .filter_map(|field| {
+                let parsed = parse_user_field(field);
+                if parsed.is_none() {
+                    warn!(%user, %field, "ignoring a malformed reverse-index field");
+                }
+                parsed
+            })
+            .collect())
+    }
+
+    async fn is_member(&self, segment: &SegmentKey, version: u64, user: &str) -> Result<bool, StoreError> {
+        let set = SegmentKeys::new(segment).version(version);
+        self.query(cmd("SISMEMBER").arg(set).arg(user).clone(), self.read()).await
+    }
+
+    async fn check(&self, pairs: &[(SegmentKey, u64, String)]) -> Result<Vec<bool>, StoreError> {
+        let mut batch = Batch::new();
+        for (segment, version, user) in pairs {
+            let set = SegmentKeys::new(segment).version(*version);
+            batch.add(&set, cmd("SISMEMBER").arg(&set).arg(user).clone());
+        }
+        self.run(batch, self.read()).await?.into_iter().map(|v| parse(v, "SISMEMBER")).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert!(matches!(parse_url("redis://127.0.0.1:6379/2"), Ok(Target::Single(u)) if u == "redis://127.0.0.1:6379/2"));
+        let Ok(Target::Cluster(nodes)) = parse_url("redis+cluster://u:p@a:1,b:2/") else { panic!("a cluster URL") };
+        assert_eq!(nodes, ["redis://u:p@a:1/", "redis://u:p@b:2/"]);
+        assert!(parse_url("redis+cluster://a:1/3").is_err());
+        assert!(parse_url("redis+cluster://").is_err());
+    }
+
+    #[test]
+    fn rollover_payloads() {
+        let keys = SegmentKeys::new(&SegmentKey::new("ns", "a"));
+        assert_eq!(
+            Rollover::parse(&Rollover::payload(&keys, Some(7))),
+            Some(Rollover { segment: SegmentKey::new("ns", "a"), version: Some(7) })
+        );
+        assert_eq!(Rollover::parse("ns/a -").and_then(|r| r.version), None);
+        assert_eq!(Rollover::parse("garbage"), None);
+    }
+
+    #[test]
+    fn diff_cursors_round_trip() {
+        let at = DiffCursor { entered: false, scan: 123, skip: 4 };
+        assert_eq!(DiffCursor::parse(&at.render()), Some(at));
+        assert_eq!(DiffCursor::parse("e:1"), None);
+        assert_eq!(DiffCursor::parse("q:1:2"), None);
+    }
+}

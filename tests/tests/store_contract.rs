@@ -1,0 +1,718 @@
+//! The store contract (DESIGN section 6), one suite run against the
+//! embedded store, a single redis-server and a three-node Redis Cluster,
+//! plus what only Redis has: rollover notifications, readers racing
+//! rollovers, failing fast when Redis is gone, and memory per membership.
+//!
+//! Every contract takes its own namespace, so they share a server.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeZone, Utc};
+use futures::StreamExt;
+use segment_core::api::SegmentKey;
+use segment_core::store::{MembershipReader, MemoryStore, Override, OverrideOp, SegmentStore, StoreError};
+use segment_store::redis::{RedisStore, RedisStoreOptions, Rollover};
+use segment_tests::{RedisCluster, RedisServer};
+
+trait Store: SegmentStore + MembershipReader {}
+impl<S: SegmentStore + MembershipReader> Store for S {}
+
+fn users(prefix: &str, range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|i| format!("{prefix}-{i:05}")).collect()
+}
+
+fn set(users: &[String]) -> BTreeSet<String> {
+    users.iter().cloned().collect()
+}
+
+/// A time `minutes` after a fixed origin, with nanoseconds, so round
+/// trips through the store are checked to the nanosecond.
+fn at(minutes: i64) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2025, 3, 1, 12, 0, 0).unwrap()
+        + chrono::Duration::minutes(minutes)
+        + chrono::Duration::nanoseconds(123_456_789)
+}
+
+fn ov(user: &str, op: OverrideOp, ts: DateTime<Utc>, id: &str) -> Override {
+    Override { user: user.into(), op, ts, id: id.into() }
+}
+
+async fn load_sealed(store: &impl Store, segment: &SegmentKey, version: u64, members: &[String], snapshot: DateTime<Utc>) {
+    // Two batches, the second overlapping the first, as a retried part would.
+    let half = members.len() / 2;
+    store.load_members(segment, version, &members[..half]).await.unwrap();
+    store.load_members(segment, version, &members[half.saturating_sub(3)..]).await.unwrap();
+    let sealed = store.seal_version(segment, version, Some(snapshot), Some("hash")).await.unwrap();
+    assert_eq!(sealed.members, set(members).len() as u64, "{segment} v{version}: the store counts its own members");
+}
+
+/// The members of `candidates` a reader is served right now: the alias,
+/// then one batch check against that version.
+async fn served(store: &impl Store, segment: &SegmentKey, candidates: &[String]) -> BTreeSet<String> {
+    let Some(version) = store.aliases().await.unwrap().get(segment).copied() else {
+        return BTreeSet::new();
+    };
+    let pairs: Vec<_> = candidates.iter().map(|u| (segment.clone(), version, u.clone())).collect();
+    let found = store.check(&pairs).await.unwrap();
+    candidates.iter().zip(found).filter(|(_, f)| *f).map(|(u, _)| u.clone()).collect()
+}
+
+/// The version of `segment` a user is served in, if any: the reverse index
+/// filtered by the aliases ("which segments is U in", for one segment).
+async fn served_version(store: &impl Store, segment: &SegmentKey, user: &str) -> Option<u64> {
+    let aliases = store.aliases().await.unwrap();
+    let listed = store.user_versions(user).await.unwrap();
+    listed.into_iter().find(|(s, v)| s == segment && aliases.get(s) == Some(v)).map(|(_, v)| v)
+}
+
+async fn versions_of(store: &impl Store, segment: &SegmentKey, user: &str) -> BTreeSet<u64> {
+    store.user_versions(user).await.unwrap().into_iter().filter(|(s, _)| s == segment).map(|(_, v)| v).collect()
+}
+
+fn missing(result: Result<impl std::fmt::Debug, StoreError>, version: u64) {
+    match result {
+        Err(StoreError::MissingVersion { version: v, .. }) if v == version => {}
+        other => panic!("expected MissingVersion v{version}, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------- contracts
+
+async fn load_seal_and_list(store: &impl Store, segment: &SegmentKey) {
+    let members = users("u", 0..120);
+    assert!(store.versions(segment).await.unwrap().is_empty());
+    load_sealed(store, segment, 1, &members, at(0)).await;
+    store.load_members(segment, 2, &users("u", 50..80)).await.unwrap();
+    let versions = store.versions(segment).await.unwrap();
+    assert_eq!(versions.keys().copied().collect::<Vec<_>>(), [1], "a version being loaded is not listed");
+    assert_eq!(versions[&1].members, 120);
+    assert_eq!(versions[&1].snapshot_time, Some(at(0)), "snapshot time round-trips to the nanosecond");
+    assert_eq!(versions[&1].definition_hash.as_deref(), Some("hash"));
+
+    let sealed = store.seal_version(segment, 2, None, None).await.unwrap();
+    assert_eq!((sealed.members, sealed.snapshot_time, sealed.definition_hash), (30, None, None));
+    let versions = store.versions(segment).await.unwrap();
+    assert_eq!(versions[&2].members, 30);
+    assert_eq!((versions[&2].snapshot_time, versions[&2].definition_hash.clone()), (None, None));
+    // An empty version can be sealed: a definition may match nobody.
+    assert_eq!(store.seal_version(segment, 3, Some(at(1)), None).await.unwrap().members, 0);
+    assert_eq!(store.versions(segment).await.unwrap()[&3].members, 0);
+    assert_eq!(store.active_version(segment).await.unwrap(), None, "nothing is active before activate");
+}
+
+async fn invisible_until_activated(store: &impl Store, segment: &SegmentKey) {
+    let old = users("old", 0..50);
+    let new = users("new", 0..50);
+    let all: Vec<String> = old.iter().chain(&new).cloned().collect();
+    load_sealed(store, segment, 1, &old, at(0)).await;
+    assert!(!store.aliases().await.unwrap().contains_key(segment), "sealed is not active");
+    assert!(served(store, segment, &all).await.is_empty());
+    store.activate(segment, 1).await.unwrap();
+    assert_eq!(served(store, segment, &all).await, set(&old));
+
+    store.load_members(segment, 2, &new).await.unwrap();
+    missing(store.activate(segment, 2).await, 2);
+    assert_eq!(store.active_version(segment).await.unwrap(), Some(1), "a refused activate changes nothing");
+    assert_eq!(served(store, segment, &all).await, set(&old), "a version being loaded is invisible");
+    assert_eq!(served_version(store, segment, &new[0]).await, None);
+    store.seal_version(segment, 2, Some(at(1)), None).await.unwrap();
+    assert_eq!(served(store, segment, &all).await, set(&old), "a sealed version is invisible until activated");
+
+    store.activate(segment, 2).await.unwrap();
+    assert_eq!(store.active_version(segment).await.unwrap(), Some(2));
+    assert_eq!(store.aliases().await.unwrap().get(segment), Some(&2));
+    assert_eq!(served(store, segment, &all).await, set(&new));
+    assert_eq!(served_version(store, segment, &new[0]).await, Some(2));
+    assert_eq!(served_version(store, segment, &old[0]).await, None);
+    missing(store.activate(segment, 9).await, 9);
+}
+
+async fn rollback_to_an_older_version(store: &impl Store, segment: &SegmentKey) {
+    let both = users("both", 0..40);
+    let only_old = users("old", 0..40);
+    let only_new = users("new", 0..40);
+    let v1: Vec<String> = both.iter().chain(&only_old).cloned().collect();
+    let v2: Vec<String> = both.iter().chain(&only_new).cloned().collect();
+    let all: Vec<String> = v1.iter().chain(&only_new).cloned().collect();
+    load_sealed(store, segment, 1, &v1, at(0)).await;
+    load_sealed(store, segment, 2, &v2, at(10)).await;
+    store.activate(segment, 1).await.unwrap();
+    store.activate(segment, 2).await.unwrap();
+    assert_eq!(served(store, segment, &all).await, set(&v2));
+
+    // pinVersion: 1
+    store.activate(segment, 1).await.unwrap();
+    assert_eq!(served(store, segment, &all).await, set(&v1), "users in both versions stay, new ones go");
+    assert!(store.is_member(segment, 1, &both[0]).await.unwrap());
+    assert!(!store.is_member(segment, 1, &only_new[0]).await.unwrap());
+    assert_eq!(versions_of(store, segment, &both[0]).await, BTreeSet::from([1, 2]), "one reverse entry per version");
+    assert_eq!(served_version(store, segment, &both[0]).await, Some(1));
+    assert_eq!(served_version(store, segment, &only_new[0]).await, None);
+    assert_eq!(served_version(store, segment, &only_old[0]).await, Some(1));
+}
+
+async fn deleting_an_old_version_keeps_the_active_one(store: &impl Store, segment: &SegmentKey) {
+    // More than one SSCAN batch, so the incremental delete loops.
+    let v1 = users("u", 0..2500);
+    let v2 = users("u", 1000..3000);
+    load_sealed(store, segment, 1, &v1, at(0)).await;
+    load_sealed(store, segment, 2, &v2, at(10)).await;
+    store.activate(segment, 2).await.unwrap();
+    store.delete_version(segment, 1).await.unwrap();
+
+    assert_eq!(store.versions(segment).await.unwrap().keys().copied().collect::<Vec<_>>(), [2]);
+    assert_eq!(store.active_version(segment).await.unwrap(), Some(2));
+    let all = users("u", 0..3000);
+    assert_eq!(served(store, segment, &all).await, set(&v2), "every active member is still readable");
+    assert_eq!(versions_of(store, segment, "u-01500").await, BTreeSet::from([2]), "the deleted version's field is gone");
+    assert!(versions_of(store, segment, "u-00010").await.is_empty(), "a user only in the deleted version has no field left");
+    assert!(!store.is_member(segment, 1, "u-00010").await.unwrap());
+    missing(store.change_count(segment, 1, 2).await, 1);
+    // Deleting what is not there is fine (a retried retention pass).
+    store.delete_version(segment, 1).await.unwrap();
+    store.delete_version(segment, 77).await.unwrap();
+
+    // A partially loaded version (failed ingest) is deleted the same way.
+    store.load_members(segment, 3, &users("partial", 0..10)).await.unwrap();
+    store.delete_version(segment, 3).await.unwrap();
+    assert!(versions_of(store, segment, "partial-00001").await.is_empty());
+    missing(store.change_count(segment, 2, 3).await, 3);
+
+    // Never asked by the operator, but safe: deleting the active version
+    // leaves the segment without one rather than pointing at nothing.
+    store.delete_version(segment, 2).await.unwrap();
+    assert_eq!(store.active_version(segment).await.unwrap(), None);
+    assert!(!store.aliases().await.unwrap().contains_key(segment));
+}
+
+async fn loads_are_idempotent(store: &impl Store, segment: &SegmentKey) {
+    let batch = users("u", 0..300);
+    store.load_members(segment, 1, &batch).await.unwrap();
+    let first = store.seal_version(segment, 1, Some(at(0)), Some("h")).await.unwrap();
+    store.load_members(segment, 1, &batch).await.unwrap();
+    store.load_members(segment, 1, &batch[100..200]).await.unwrap();
+    let again = store.seal_version(segment, 1, Some(at(0)), Some("h")).await.unwrap();
+    assert_eq!(first, again, "a retried ingest records the same version");
+    assert_eq!(again.members, 300);
+    assert_eq!(store.versions(segment).await.unwrap()[&1].members, 300);
+    assert_eq!(store.user_versions("u-00150").await.unwrap().iter().filter(|(s, _)| s == segment).count(), 1);
+    store.activate(segment, 1).await.unwrap();
+    store.activate(segment, 1).await.unwrap();
+    assert_eq!(store.active_version(segment).await.unwrap(), Some(1));
+    // Empty loads change nothing.
+    store.load_members(segment, 1, &[]).await.unwrap();
+    assert_eq!(store.seal_version(segment, 1, Some(at(0)), Some("h")).await.unwrap().members, 300);
+}
+
+async fn changes_are_set_arithmetic(store: &impl Store, segment: &SegmentKey) {
+    // Big enough for the sets to be hash tables scanned in several steps.
+    let a = users("u", 0..1800);
+    let b = users("u", 1200..3300);
+    load_sealed(store, segment, 1, &a, at(0)).await;
+    load_sealed(store, segment, 2, &b, at(10)).await;
+    let (sa, sb) = (set(&a), set(&b));
+    let entered: BTreeSet<String> = sb.difference(&sa).cloned().collect();
+    let exited: BTreeSet<String> = sa.difference(&sb).cloned().collect();
+    assert_eq!(store.change_count(segment, 1, 2).await.unwrap(), (entered.len() + exited.len()) as u64);
+    assert_eq!(store.change_count(segment, 2, 1).await.unwrap(), (entered.len() + exited.len()) as u64);
+    assert_eq!(store.change_count(segment, 1, 1).await.unwrap(), 0);
+
+    for page_size in [37, 500] {
+        let (mut got_entered, mut got_exited) = (BTreeSet::new(), BTreeSet::new());
+        let mut cursor: Option<String> = None;
+        let mut pages = 0;
+        loop {
+            let page = store.diff_page(segment, 1, 2, cursor.as_deref(), page_size).await.unwrap();
+            pages += 1;
+            assert!(page.changes.len() <= page_size, "a page holds at most {page_size}");
+            assert!(page.next.is_none() || page.changes.len() == page_size, "only the last page is short");
+            for change in page.changes {
+                let fresh = if change.entered { got_entered.insert(change.user) } else { got_exited.insert(change.user) };
+                assert!(fresh, "no user is reported twice");
+            }
+            match page.next {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+            assert!(pages < 10_000, "the diff must end");
+        }
+        assert_eq!(got_entered, entered, "page size {page_size}: entered = to - from");
+        assert_eq!(got_exited, exited, "page size {page_size}: exited = from - to");
+        assert!(pages >= (entered.len() + exited.len()) / page_size, "pages of {page_size}: {pages}");
+    }
+    let same = store.diff_page(segment, 2, 2, None, 10).await.unwrap();
+    assert!(same.changes.is_empty() && same.next.is_none());
+    missing(store.change_count(segment, 1, 9).await, 9);
+    missing(store.diff_page(segment, 9, 2, None, 10).await, 9);
+    // A version being loaded can be compared too (the guard runs before sealing is not required).
+    store.load_members(segment, 3, &users("u", 0..10)).await.unwrap();
+    assert_eq!(store.change_count(segment, 1, 3).await.unwrap(), 1790);
+}
+
+async fn the_newest_override_wins(store: &impl Store, segment: &SegmentKey) {
+    load_sealed(store, segment, 1, &users("u", 0..3), at(0)).await;
+    store.activate(segment, 1).await.unwrap();
+    let u1 = "u-00001";
+
+    assert!(store.record_override(segment, &ov(u1, OverrideOp::Exclude, at(10), "a")).await.unwrap());
+    assert!(!store.is_member(segment, 1, u1).await.unwrap(), "an exclude leaves the active version");
+    assert_eq!(served_version(store, segment, u1).await, None, "and the reverse index");
+    assert!(!store.record_override(segment, &ov(u1, OverrideOp::Exclude, at(10), "a")).await.unwrap(), "redelivery");
+    assert!(!store.record_override(segment, &ov(u1, OverrideOp::Include, at(5), "z")).await.unwrap(), "an older one loses");
+    assert!(!store.is_member(segment, 1, u1).await.unwrap());
+    // Same time: the id breaks the tie, the same way everywhere.
+    assert!(store.record_override(segment, &ov(u1, OverrideOp::Include, at(10), "b")).await.unwrap());
+    assert!(store.is_member(segment, 1, u1).await.unwrap());
+    assert_eq!(served_version(store, segment, u1).await, Some(1));
+
+    assert!(store.record_override(segment, &ov("vip", OverrideOp::Include, at(12), "c")).await.unwrap());
+    assert!(store.is_member(segment, 1, "vip").await.unwrap(), "an include adds a user who was not computed");
+    assert_eq!(served_version(store, segment, "vip").await, Some(1));
+    assert_eq!(store.versions(segment).await.unwrap()[&1].members, 4, "the count follows overrides");
+    assert!(!store.record_override(segment, &ov("vip", OverrideOp::Include, at(12), "c")).await.unwrap());
+    assert_eq!(store.versions(segment).await.unwrap()[&1].members, 4, "a redelivery changes nothing");
+
+    let since = |t| async move {
+        let mut found: Vec<(String, String)> =
+            store.overrides_since(segment, t).await.unwrap().into_iter().map(|o| (o.user, o.id)).collect();
+        found.sort();
+        found
+    };
+    assert_eq!(since(at(0)).await, [(u1.to_string(), "b".to_string()), ("vip".into(), "c".into())], "one, the newest, per user");
+    assert_eq!(since(at(10)).await, [("vip".to_string(), "c".to_string())], "strictly after `since`");
+    assert!(since(at(12)).await.is_empty());
+}
+
+/// The ingest flow: overrides newer than a version's snapshot are applied to
+/// it before sealing, older ones are not, and they survive the rollover.
+async fn overrides_survive_the_rollover(store: &impl Store, segment: &SegmentKey) {
+    let computed = users("u", 0..10);
+    load_sealed(store, segment, 1, &computed, at(0)).await;
+    store.activate(segment, 1).await.unwrap();
+    store.record_override(segment, &ov("u-00001", OverrideOp::Exclude, at(5), "a")).await.unwrap();
+    store.record_override(segment, &ov("u-00002", OverrideOp::Exclude, at(15), "b")).await.unwrap();
+    store.record_override(segment, &ov("vip", OverrideOp::Include, at(16), "c")).await.unwrap();
+
+    let snapshot = at(10);
+    store.load_members(segment, 2, &computed).await.unwrap();
+    let newer = store.overrides_since(segment, snapshot).await.unwrap();
+    assert_eq!(newer.len(), 2);
+    store.apply_overrides(segment, 2, &newer).await.unwrap();
+    assert_eq!(store.seal_version(segment, 2, Some(snapshot), None).await.unwrap().members, 10);
+    store.activate(segment, 2).await.unwrap();
+
+    let mut candidates = computed.clone();
+    candidates.push("vip".into());
+    let now = served(store, segment, &candidates).await;
+    assert!(now.contains("u-00001"), "an override older than the snapshot is not re-applied");
+    assert!(!now.contains("u-00002"), "the exclude survives the rollover");
+    assert!(now.contains("vip"), "the include survives the rollover");
+    assert_eq!(served_version(store, segment, "vip").await, Some(2));
+    assert_eq!(served_version(store, segment, "u-00002").await, None);
+}
+
+/// Overrides that arrive after ingest read its list still reach the new
+/// version: while it is loading, while it awaits rollover, and when ingest
+/// applies a list that is stale by then.
+async fn late_overrides_reach_versions_in_flight(store: &impl Store, segment: &SegmentKey) {
+    let computed = users("u", 0..10);
+    load_sealed(store, segment, 1, &computed, at(0)).await;
+    store.activate(segment, 1).await.unwrap();
+    // v2 sealed (snapshot at 10), held by the guard; v3 still loading.
+    load_sealed(store, segment, 2, &computed, at(10)).await;
+    store.load_members(segment, 3, &computed).await.unwrap();
+
+    store.record_override(segment, &ov("u-00003", OverrideOp::Exclude, at(11), "late")).await.unwrap();
+    store.record_override(segment, &ov("early", OverrideOp::Include, at(9), "early")).await.unwrap();
+
+    // Ingest of v3 read its list before a newer override of the same user.
+    let list = vec![ov("u-00005", OverrideOp::Exclude, at(12), "x")];
+    store.record_override(segment, &list[0]).await.unwrap();
+    store.record_override(segment, &ov("u-00005", OverrideOp::Include, at(13), "y")).await.unwrap();
+    store.apply_overrides(segment, 3, &list).await.unwrap();
+    store.seal_version(segment, 3, Some(at(11)), None).await.unwrap();
+
+    // (Read once sealed: what readers see of a version still loading is
+    // not part of the contract.)
+    for version in [1, 2, 3] {
+        assert!(!store.is_member(segment, version, "u-00003").await.unwrap(), "v{version} got the late exclude");
+    }
+    assert!(store.is_member(segment, 1, "early").await.unwrap(), "the active version gets every override");
+    assert!(!store.is_member(segment, 2, "early").await.unwrap(), "v2's snapshot already reflects an older event");
+    assert!(store.is_member(segment, 3, "early").await.unwrap(), "a loading version's snapshot is not known yet");
+    assert!(store.is_member(segment, 3, "u-00005").await.unwrap(), "the newest override wins over a stale list");
+    assert_eq!(versions_of(store, segment, "u-00005").await, BTreeSet::from([1, 2, 3]));
+    assert_eq!(versions_of(store, segment, "early").await, BTreeSet::from([1, 3]));
+    assert_eq!(store.versions(segment).await.unwrap()[&3].members, 10, "10 - u-00003 + early");
+
+    store.activate(segment, 2).await.unwrap();
+    assert!(!served(store, segment, &computed).await.contains("u-00003"), "v2 kept the exclude through the rollover");
+    store.activate(segment, 3).await.unwrap();
+    let now = served(store, segment, &computed).await;
+    assert!(!now.contains("u-00003") && now.contains("u-00005"));
+    // Retained older versions are left as they were computed.
+    store.record_override(segment, &ov("u-00007", OverrideOp::Exclude, at(20), "z")).await.unwrap();
+    assert!(store.is_member(segment, 1, "u-00007").await.unwrap());
+    assert!(!store.is_member(segment, 3, "u-00007").await.unwrap());
+}
+
+async fn reads_agree(store: &impl Store, namespace: &str) {
+    let a = SegmentKey::new(namespace, "a");
+    let b = SegmentKey::new(namespace, "b");
+    load_sealed(store, &a, 1, &users("u", 0..60), at(0)).await;
+    load_sealed(store, &a, 2, &users("u", 30..90), at(1)).await;
+    load_sealed(store, &b, 1, &users("u", 50..120), at(0)).await;
+    load_sealed(store, &b, 4, &users("u", 0..10), at(1)).await;
+    store.activate(&a, 2).await.unwrap();
+    store.activate(&b, 1).await.unwrap();
+    let sample = users("u", 0..130);
+    let mut pairs = Vec::new();
+    for user in &sample {
+        for (segment, version) in [(&a, 1), (&a, 2), (&a, 3), (&b, 1), (&b, 4)] {
+            pairs.push((segment.clone(), version, user.clone()));
+        }
+    }
+    let checked = store.check(&pairs).await.unwrap();
+    assert_eq!(checked.len(), pairs.len());
+    let mut expected: BTreeMap<String, BTreeSet<(SegmentKey, u64)>> = BTreeMap::new();
+    for ((segment, version, user), found) in pairs.iter().zip(&checked) {
+        assert_eq!(*found, store.is_member(segment, *version, user).await.unwrap(), "{segment} v{version} {user}");
+        if *found {
+            expected.entry(user.clone()).or_default().insert((segment.clone(), *version));
+        }
+    }
+    for user in &sample {
+        let listed: BTreeSet<(SegmentKey, u64)> =
+            store.user_versions(user).await.unwrap().into_iter().filter(|(s, _)| s.namespace == namespace).collect();
+        assert_eq!(listed, expected.get(user).cloned().unwrap_or_default(), "user_versions({user}) agrees with is_member");
+    }
+    assert_eq!(served_version(store, &a, "u-00055").await, Some(2));
+    assert_eq!(served_version(store, &b, "u-00055").await, Some(1));
+    assert_eq!(served_version(store, &a, "u-00005").await, None, "in a's retained v1 only");
+    assert!(store.check(&[]).await.unwrap().is_empty());
+    assert!(store.user_versions("nobody-at-all").await.unwrap().is_empty());
+}
+
+async fn deleting_a_segment_removes_everything(store: &impl Store, segment: &SegmentKey) {
+    load_sealed(store, segment, 1, &users("u", 0..1500), at(0)).await;
+    load_sealed(store, segment, 2, &users("u", 500..2000), at(10)).await;
+    store.load_members(segment, 3, &users("u", 0..5)).await.unwrap();
+    store.activate(segment, 2).await.unwrap();
+    store.record_override(segment, &ov("vip", OverrideOp::Include, at(20), "v")).await.unwrap();
+
+    store.delete_segment(segment).await.unwrap();
+    assert!(!store.aliases().await.unwrap().contains_key(segment));
+    assert_eq!(store.active_version(segment).await.unwrap(), None);
+    assert!(store.versions(segment).await.unwrap().is_empty());
+    assert!(store.overrides_since(segment, at(-1000)).await.unwrap().is_empty());
+    for user in ["u-00000", "u-01000", "u-01999", "vip"] {
+        assert!(versions_of(store, segment, user).await.is_empty(), "{user} keeps no reverse entry");
+    }
+    assert!(!store.is_member(segment, 2, "u-01000").await.unwrap());
+    missing(store.change_count(segment, 1, 2).await, 1);
+    store.delete_segment(segment).await.unwrap();
+
+    // The name can be used again from scratch.
+    load_sealed(store, segment, 1, &users("u", 0..3), at(30)).await;
+    store.activate(segment, 1).await.unwrap();
+    assert_eq!(served(store, segment, &users("u", 0..2000)).await, set(&users("u", 0..3)));
+}
+
+/// Every contract, each in its own namespace under `prefix`.
+async fn run_contract(store: &impl Store, prefix: &str) {
+    let segment = |name: &str| SegmentKey::new(format!("{prefix}-{name}"), "segment");
+    load_seal_and_list(store, &segment("load")).await;
+    invisible_until_activated(store, &segment("invisible")).await;
+    rollback_to_an_older_version(store, &segment("rollback")).await;
+    deleting_an_old_version_keeps_the_active_one(store, &segment("delete-version")).await;
+    loads_are_idempotent(store, &segment("idempotent")).await;
+    changes_are_set_arithmetic(store, &segment("diff")).await;
+    the_newest_override_wins(store, &segment("overrides")).await;
+    overrides_survive_the_rollover(store, &segment("survive")).await;
+    late_overrides_reach_versions_in_flight(store, &segment("late")).await;
+    reads_agree(store, &format!("{prefix}-reads")).await;
+    deleting_a_segment_removes_everything(store, &segment("delete-segment")).await;
+}
+
+#[tokio::test]
+async fn embedded_store_keeps_the_contract() {
+    run_contract(&MemoryStore::new(), "mem").await;
+}
+
+#[tokio::test]
+async fn redis_keeps_the_contract() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    run_contract(&store, "single").await;
+    // The deleted segment was created again with one version: only that is left.
+    let mut left = server.keys("sg:{single-delete-segment/segment}*");
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            "sg:{single-delete-segment/segment}:loaded",
+            "sg:{single-delete-segment/segment}:meta",
+            "sg:{single-delete-segment/segment}:v1"
+        ]
+    );
+    assert!(server.keys("sg:{single-delete-version/segment}:v*").is_empty(), "deleted versions leave no set behind");
+}
+
+#[tokio::test]
+async fn redis_cluster_keeps_the_contract() {
+    let cluster = RedisCluster::start();
+    let store = RedisStore::connect(&cluster.url()).await.unwrap();
+    run_contract(&store, "cluster").await;
+    let mut left = cluster.keys("sg:{cluster-delete-segment/segment}*");
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            "sg:{cluster-delete-segment/segment}:loaded",
+            "sg:{cluster-delete-segment/segment}:meta",
+            "sg:{cluster-delete-segment/segment}:v1"
+        ]
+    );
+    assert!(cluster.keys("sg:{cluster-delete-version/segment}:v*").is_empty(), "deleted versions leave no set behind");
+}
+
+// ------------------------------------------------------------- Redis only
+
+async fn next_notice(notices: &mut (impl futures::Stream<Item = Rollover> + Unpin)) -> Rollover {
+    tokio::time::timeout(Duration::from_secs(5), notices.next())
+        .await
+        .expect("a rollover notice within 5s")
+        .expect("the notice stream is open")
+}
+
+async fn rollovers_are_announced(store: &RedisStore, namespace: &str) {
+    let segment = SegmentKey::new(namespace, "announced");
+    let mut notices = store.rollover_notifications().await.unwrap();
+    load_sealed(store, &segment, 1, &users("u", 0..5), at(0)).await;
+    load_sealed(store, &segment, 2, &users("u", 0..5), at(1)).await;
+    store.activate(&segment, 1).await.unwrap();
+    assert_eq!(next_notice(&mut notices).await, Rollover { segment: segment.clone(), version: Some(1) });
+    store.activate(&segment, 2).await.unwrap();
+    assert_eq!(next_notice(&mut notices).await, Rollover { segment: segment.clone(), version: Some(2) });
+    store.delete_version(&segment, 1).await.unwrap();
+    store.delete_version(&segment, 2).await.unwrap();
+    assert_eq!(next_notice(&mut notices).await, Rollover { segment: segment.clone(), version: None }, "no active version");
+}
+
+/// Readers take the alias once and read with it while rollovers flip the
+/// segment between two versions: each read sees exactly one version.
+async fn readers_never_see_a_mix(store: &RedisStore, namespace: &str) {
+    let segment = SegmentKey::new(namespace, "flip");
+    let a = users("u", 0..2000);
+    let b = users("u", 1000..3000);
+    load_sealed(store, &segment, 1, &a, at(0)).await;
+    load_sealed(store, &segment, 2, &b, at(1)).await;
+    store.activate(&segment, 1).await.unwrap();
+    // Users only in A, in both, and only in B.
+    let sample: Vec<String> = users("u", 0..3000).into_iter().step_by(15).collect();
+    let expected = |version: u64| -> Vec<bool> {
+        let members = if version == 1 { set(&a) } else { set(&b) };
+        sample.iter().map(|u| members.contains(u)).collect()
+    };
+    let (only_a, only_b) = ("u-00003".to_string(), "u-02999".to_string());
+
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let (store, segment, sample, done) = (store.clone(), segment.clone(), sample.clone(), done.clone());
+        let (expected_a, expected_b) = (expected(1), expected(2));
+        let (only_a, only_b) = (only_a.clone(), only_b.clone());
+        readers.push(tokio::spawn(async move {
+            let mut seen = BTreeMap::<u64, usize>::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let version = store.aliases().await.unwrap()[&segment];
+                let pairs: Vec<_> = sample.iter().map(|u| (segment.clone(), version, u.clone())).collect();
+                let found = store.check(&pairs).await.unwrap();
+                assert_eq!(&found, if version == 1 { &expected_a } else { &expected_b }, "a read of v{version} saw a mix");
+                // "Which segments is U in", filtered by the alias just read.
+                for (user, in_version) in [(&only_a, 1), (&only_b, 2)] {
+                    let listed = store.user_versions(user).await.unwrap();
+                    let served = listed.iter().any(|(s, v)| *s == segment && *v == version);
+                    assert_eq!(served, version == in_version, "{user} under v{version}");
+                }
+                *seen.entry(version).or_default() += 1;
+            }
+            seen
+        }));
+    }
+    for flip in 0..300u64 {
+        store.activate(&segment, 1 + flip % 2).await.unwrap();
+        if flip % 20 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut seen = BTreeMap::<u64, usize>::new();
+    for reader in readers {
+        for (version, reads) in reader.await.unwrap() {
+            *seen.entry(version).or_default() += reads;
+        }
+    }
+    println!("reads per version while flipping: {seen:?}");
+    assert!(seen.values().sum::<usize>() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_rollover_is_atomic_and_announced() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    rollovers_are_announced(&store, "single").await;
+    readers_never_see_a_mix(&store, "single").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_rollover_is_atomic_and_announced() {
+    let cluster = RedisCluster::start();
+    let store = RedisStore::connect(&cluster.url()).await.unwrap();
+    rollovers_are_announced(&store, "cluster").await;
+    readers_never_see_a_mix(&store, "cluster").await;
+}
+
+/// Slots move between nodes under a running store: batches built from
+/// its cached slot table meet MOVED replies and must still land right.
+#[tokio::test]
+async fn redis_cluster_survives_resharding() {
+    let cluster = RedisCluster::start();
+    let store = RedisStore::connect(&cluster.url()).await.unwrap();
+    let segments: Vec<SegmentKey> = (0..6).map(|i| SegmentKey::new("reshard", format!("s{i}"))).collect();
+    let v1 = users("u", 0..3000);
+    let v2 = users("u", 1500..4500);
+    for segment in &segments {
+        load_sealed(&store, segment, 1, &v1, at(0)).await;
+        store.activate(segment, 1).await.unwrap();
+    }
+    // Half of each node's slots move on; the store's slot table is stale.
+    cluster.reshard(0, 1, 2700);
+    cluster.reshard(2, 0, 2700);
+    let all = users("u", 0..4500);
+    for segment in &segments {
+        assert_eq!(served(&store, segment, &all).await, set(&v1), "{segment} reads right after resharding");
+        load_sealed(&store, segment, 2, &v2, at(1)).await;
+        store.activate(segment, 2).await.unwrap();
+        assert_eq!(served(&store, segment, &all).await, set(&v2));
+        store.delete_version(segment, 1).await.unwrap();
+    }
+    for user in ["u-00000", "u-02000", "u-04499"] {
+        let listed: BTreeSet<(SegmentKey, u64)> = store.user_versions(user).await.unwrap().into_iter().collect();
+        let expected: BTreeSet<(SegmentKey, u64)> =
+            if user == "u-00000" { BTreeSet::new() } else { segments.iter().map(|s| (s.clone(), 2)).collect() };
+        assert_eq!(listed, expected, "reverse index of {user}");
+    }
+}
+
+/// With Redis gone every call fails with `Unavailable` within its deadline.
+async fn fails_fast_when_down(store: &RedisStore) {
+    let segment = SegmentKey::new("down", "segment");
+    let limit = Duration::from_secs(3);
+    macro_rules! unavailable {
+        ($call:expr) => {{
+            let start = Instant::now();
+            let result = $call.await.map(|_| ());
+            let took = start.elapsed();
+            assert!(matches!(result, Err(StoreError::Unavailable(_))), "{}: {result:?}", stringify!($call));
+            assert!(took < limit, "{} took {took:?}", stringify!($call));
+        }};
+    }
+    unavailable!(store.aliases());
+    unavailable!(store.user_versions("u-1"));
+    unavailable!(store.is_member(&segment, 1, "u-1"));
+    unavailable!(store.check(&[(segment.clone(), 1, "u-1".to_string()), (SegmentKey::new("down", "other"), 1, "u-2".into())]));
+    unavailable!(store.active_version(&segment));
+    unavailable!(store.versions(&segment));
+    unavailable!(store.load_members(&segment, 2, &users("u", 0..100)));
+    unavailable!(store.seal_version(&segment, 2, None, None));
+    unavailable!(store.activate(&segment, 1));
+    unavailable!(store.record_override(&segment, &ov("u-1", OverrideOp::Exclude, at(1), "x")));
+    unavailable!(store.delete_version(&segment, 1));
+    unavailable!(store.rollover_notifications());
+}
+
+fn short_deadlines() -> RedisStoreOptions {
+    RedisStoreOptions {
+        connect_timeout: Duration::from_millis(500),
+        read_timeout: Duration::from_millis(500),
+        write_timeout: Duration::from_millis(500),
+        bulk_timeout: Duration::from_secs(1),
+    }
+}
+
+#[tokio::test]
+async fn redis_down_fails_fast() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect_with(&server.url(), short_deadlines()).await.unwrap();
+    let segment = SegmentKey::new("down", "segment");
+    load_sealed(&store, &segment, 1, &users("u", 0..10), at(0)).await;
+    store.activate(&segment, 1).await.unwrap();
+    let url = server.url();
+    drop(server);
+    fails_fast_when_down(&store).await;
+
+    let start = Instant::now();
+    let refused = RedisStore::connect_with(&url, short_deadlines()).await;
+    assert!(matches!(refused, Err(StoreError::Unavailable(_))), "connecting to nothing: {:?}", refused.err());
+    assert!(start.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn redis_cluster_down_fails_fast() {
+    let cluster = RedisCluster::start();
+    let store = RedisStore::connect_with(&cluster.url(), short_deadlines()).await.unwrap();
+    let segment = SegmentKey::new("down", "segment");
+    load_sealed(&store, &segment, 1, &users("u", 0..10), at(0)).await;
+    store.activate(&segment, 1).await.unwrap();
+    drop(cluster);
+    fails_fast_when_down(&store).await;
+}
+
+/// Loads `ids` into each of `segments` segments (so users share their
+/// reverse-index key) and returns Redis bytes per membership.
+async fn bytes_per_membership(store: &RedisStore, used_memory: impl Fn() -> u64, ids: &[String], segments: usize) -> f64 {
+    let before = used_memory();
+    let start = Instant::now();
+    for s in 0..segments {
+        let segment = SegmentKey::new("memory", format!("s{s}"));
+        for chunk in ids.chunks(5_000) {
+            store.load_members(&segment, 1, chunk).await.unwrap();
+        }
+        store.seal_version(&segment, 1, Some(at(0)), Some("h")).await.unwrap();
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let total = (ids.len() * segments) as f64;
+    let per_membership = used_memory().saturating_sub(before) as f64 / total;
+    println!(
+        "{total} memberships ({} users of {} bytes x {segments} segments): {per_membership:.1} bytes/membership, {:.0} memberships/s (debug build)",
+        ids.len(),
+        ids[0].len(),
+        total / seconds
+    );
+    per_membership
+}
+
+/// Memory per membership, reported (docs/storage.md quotes it). Each
+/// figure comes from a fresh server, so nothing freed lazily before skews
+/// it. `SEGMENT_MEMORY_MEMBERS` sets the size of a run.
+#[tokio::test]
+async fn redis_memory_per_membership() {
+    let members: usize = std::env::var("SEGMENT_MEMORY_MEMBERS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
+    let short = users("member", 0..members);
+    let uuids: Vec<String> = (0..members).map(|i| format!("{i:08x}-7d3e-4a1b-9c2f-{:012x}", i * 7919)).collect();
+    let mut figures = Vec::new();
+    for (ids, segments) in [(&short[..], 1), (&uuids[..], 1), (&short[..members / 10], 10)] {
+        let server = RedisServer::start();
+        let store = RedisStore::connect(&server.url()).await.unwrap();
+        figures.push(bytes_per_membership(&store, || server.used_memory(), ids, segments).await);
+    }
+    assert!(figures.iter().all(|f| *f > 0.0));
+    assert!(figures[2] < figures[0], "a user in several segments shares one reverse-index key: {figures:?}");
+
+    let cluster = RedisCluster::start();
+    let store = RedisStore::connect(&cluster.url()).await.unwrap();
+    bytes_per_membership(&store, || cluster.used_memory(), &short[..members / 4], 1).await;
+}

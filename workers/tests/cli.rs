@@ -1,0 +1,85 @@
+//! The `segment-worker` binary as a Job runs it: the task in
+//! `SEGMENT_TASK`, a one-line `Reason: message` in the termination log when
+//! it fails, the report on stdout when it succeeds.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::{json, Value};
+
+const WORKER: &str = env!("CARGO_BIN_EXE_segment-worker");
+
+fn generate_lake(dir: &Path) -> Value {
+    let out = Command::new(WORKER)
+        .args(["generate-lake", "--users", "400", "--seed", "5", "--now", "2025-06-01T00:00:00Z", "--out"])
+        .arg(dir.join("lake"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn compute(cwd: &Path, task: &Value, termination_log: &Path) -> Output {
+    Command::new(WORKER)
+        .arg("compute")
+        .current_dir(cwd)
+        .env("SEGMENT_TASK", task.to_string())
+        .env("TERMINATION_LOG", termination_log)
+        .env("SEGMENT_COMPUTE_MEMORY_MB", "256")
+        .output()
+        .unwrap()
+}
+
+/// A task as the operator writes it, with the example's relative sources.
+fn task(sql: &str, results: &str) -> Value {
+    json!({
+        "segment": {"namespace": "growth", "name": "lapsed"},
+        "version": 4,
+        "generation": 2,
+        "definitionHash": "sha256:abc",
+        "snapshotTime": "2025-06-01T00:00:00Z",
+        "definition": {"sql": sql},
+        "sources": [
+            {"table": "orders", "uri": "file://./lake/orders/", "format": "parquet", "timestampColumn": "created_at"},
+            {"table": "users", "uri": "file://./lake/users/", "format": "csv"}
+        ],
+        "resultsUri": results,
+    })
+}
+
+#[test]
+fn a_failing_compute_writes_its_reason_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    generate_lake(dir.path());
+    let log = dir.path().join("termination-log");
+    let out = compute(dir.path(), &task("SELECT user_id FROM refunds", "file://./results/v4/"), &log);
+    assert!(!out.status.success());
+    let written = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(written.lines().count(), 1, "{written}");
+    assert!(written.starts_with("UnknownTable: table `refunds`"), "{written}");
+    let failure = segment_core::task::Failure::from_termination_message(&written).unwrap();
+    assert_eq!(failure.reason, "UnknownTable");
+    assert!(!failure.is_transient());
+
+    let out = Command::new(WORKER).arg("compute").env("SEGMENT_TASK", "{not json").env("TERMINATION_LOG", &log).output().unwrap();
+    assert!(!out.status.success());
+    assert!(std::fs::read_to_string(&log).unwrap().starts_with("BadTask: SEGMENT_TASK"));
+}
+
+#[test]
+fn a_compute_job_reads_relative_sources_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let summary = generate_lake(dir.path());
+    assert_eq!(summary["users"], 400);
+    let log = dir.path().join("termination-log");
+    let sql = "SELECT user_id FROM orders WHERE created_at >= now() - INTERVAL '90 days' \
+               GROUP BY user_id HAVING count(*) >= 3 AND max(created_at) < now() - INTERVAL '30 days'";
+    let out = compute(dir.path(), &task(sql, "file://./results/v4/"), &log);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["version"], 4);
+    assert!(report["members"].as_u64().unwrap() > 0, "{report}");
+    let manifest: Value = serde_json::from_slice(&std::fs::read(dir.path().join("results/v4/_manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["members"], report["members"]);
+    assert!(!log.exists());
+}
