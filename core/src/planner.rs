@@ -818,26 +818,10 @@ impl Planner<'_, '_> {
             (Cond::f("PinnedVersionUnavailable", pin), Cond::t("PinnedVersionUnavailable", pin), Cond::f("NotReconciling", ""))
         } else {
             let ready = match (&serving, newest_failed, &run) {
-                (Some(s), Some(failed), _) => Cond::t(
-                    "LastRunFailed",
-                    &format!(
-                        "{s}; v{} failed: {}: {}",
-                        failed.version,
-                        failed.reason.as_deref().unwrap_or(""),
-                        failed.message.as_deref().unwrap_or("")
-                    ),
-                ),
+                (Some(s), Some(failed), _) => Cond::t("LastRunFailed", &format!("{s}; {}", failure_text(failed))),
                 (Some(s), None, _) => Cond::t("VersionActive", s),
                 (None, _, Some(run)) => Cond::f(&format!("{:?}", run.phase), &format!("v{} is {:?}", run.version, run.phase)),
-                (None, Some(failed), None) => Cond::f(
-                    "RunFailed",
-                    &format!(
-                        "v{} failed: {}: {}",
-                        failed.version,
-                        failed.reason.as_deref().unwrap_or(""),
-                        failed.message.as_deref().unwrap_or("")
-                    ),
-                ),
+                (None, Some(failed), None) => Cond::f("RunFailed", &failure_text(failed)),
                 (None, None, None) if self.suspended() => Cond::f("Suspended", "no version yet and the schedule is suspended"),
                 (None, None, None) => Cond::f("NoVersion", "no version has been computed yet"),
             };
@@ -848,15 +832,9 @@ impl Planner<'_, '_> {
                 _ => Cond::f("NotReconciling", ""),
             };
             let stalled = match (newest_failed, &run, realized) {
-                (Some(failed), None, false) if self.st.retry_at.is_none() => Cond::t(
-                    "RunFailed",
-                    &format!(
-                        "the current definition has no version: v{} failed: {}: {}",
-                        failed.version,
-                        failed.reason.as_deref().unwrap_or(""),
-                        failed.message.as_deref().unwrap_or("")
-                    ),
-                ),
+                (Some(failed), None, false) if self.st.retry_at.is_none() => {
+                    Cond::t("RunFailed", &format!("the current definition has no version: {}", failure_text(failed)))
+                }
                 _ => Cond::f("NotStalled", ""),
             };
             (ready, stalled, reconciling)
@@ -911,6 +889,11 @@ impl Planner<'_, '_> {
         // only spin. Spec changes and Job updates wake the controller anyway.
         [self.st.next_schedule_time, self.st.retry_at, run, collect].into_iter().flatten().filter(|t| *t > now).min()
     }
+}
+
+/// `v43 failed: Reason: message`, as conditions quote a failed run.
+fn failure_text(failed: &VersionStatus) -> String {
+    format!("v{} failed: {}: {}", failed.version, failed.reason.as_deref().unwrap_or(""), failed.message.as_deref().unwrap_or(""))
 }
 
 struct Cond {
