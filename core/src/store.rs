@@ -8,7 +8,9 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
 
 use crate::api::SegmentKey;
 
@@ -145,6 +147,37 @@ pub trait MembershipReader: Send + Sync {
     async fn check(&self, pairs: &[(SegmentKey, u64, String)]) -> Result<Vec<bool>, StoreError>;
 }
 
+/// A rollover notice: `segment` now serves `version` (`None`: nothing, the
+/// version or segment was deleted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rollover {
+    pub segment: SegmentKey,
+    pub version: Option<u64>,
+}
+
+impl Rollover {
+    /// Parses the wire form `ns/name <version>` or `ns/name -` (the payload
+    /// the Redis store publishes).
+    pub fn parse(payload: &str) -> Option<Rollover> {
+        let (segment, version) = payload.rsplit_once(' ')?;
+        let version = match version {
+            "-" => None,
+            v => Some(v.parse().ok()?),
+        };
+        let (namespace, name) = segment.split_once('/')?;
+        Some(Rollover { segment: SegmentKey::new(namespace, name), version })
+    }
+}
+
+/// Where caches learn about rollovers.
+#[async_trait]
+pub trait RolloverFeed: Send + Sync {
+    /// Rollover notices from now on. The stream ends when notices may have
+    /// been missed (connection lost, reader too slow): subscribe again and
+    /// treat the gap as "anything may have changed".
+    async fn rollovers(&self) -> Result<BoxStream<'static, Rollover>, StoreError>;
+}
+
 /// Result files in object storage.
 #[async_trait]
 pub trait ResultStore: Send + Sync {
@@ -165,17 +198,41 @@ struct SegmentData {
     overrides: BTreeMap<String, Override>,
 }
 
+/// What the embedded store broadcasts to its rollover subscribers.
+#[derive(Debug, Clone)]
+enum FeedEvent {
+    Rollover(Rollover),
+    /// The store went down: subscriptions end, as a Redis pub/sub
+    /// connection would.
+    Lost,
+}
+
+/// Notices a slow subscriber may fall behind by before its stream ends.
+const FEED_CAPACITY: usize = 1024;
+
 /// The embedded store: everything in process memory. It backs standalone
 /// mode and is the store the lifecycle tests run against.
-#[derive(Default, Debug)]
+#[derive(Debug)]
 pub struct MemoryStore {
     segments: Mutex<HashMap<SegmentKey, SegmentData>>,
     unavailable: Mutex<bool>,
+    feed: broadcast::Sender<FeedEvent>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore { segments: Default::default(), unavailable: Default::default(), feed: broadcast::channel(FEED_CAPACITY).0 }
+    }
 }
 
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    fn notify(&self, segment: &SegmentKey, version: Option<u64>) {
+        // No subscribers is not an error: nobody caches anything.
+        let _ = self.feed.send(FeedEvent::Rollover(Rollover { segment: segment.clone(), version }));
     }
 
     /// Loads a complete version (what a successful ingest leaves behind).
@@ -201,8 +258,12 @@ impl MemoryStore {
     }
 
     /// Makes every call fail as if the store were down, or brings it back.
+    /// Going down also ends every rollover subscription.
     pub fn set_unavailable(&self, down: bool) {
         *self.unavailable.lock().unwrap_or_else(|e| e.into_inner()) = down;
+        if down {
+            let _ = self.feed.send(FeedEvent::Lost);
+        }
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut HashMap<SegmentKey, SegmentData>) -> T) -> T {
@@ -292,26 +353,35 @@ impl SegmentStore for MemoryStore {
             }
             data.active = Some(version);
             Ok(())
-        })
+        })?;
+        self.notify(segment, Some(version));
+        Ok(())
     }
 
     async fn delete_version(&self, segment: &SegmentKey, version: u64) -> Result<(), StoreError> {
         self.ensure_available()?;
-        self.with(|all| {
-            if let Some(data) = all.get_mut(segment) {
-                data.versions.remove(&version);
-                data.loading.remove(&version);
-                if data.active == Some(version) {
-                    data.active = None;
-                }
+        let cleared = self.with(|all| {
+            let Some(data) = all.get_mut(segment) else { return false };
+            data.versions.remove(&version);
+            data.loading.remove(&version);
+            let cleared = data.active == Some(version);
+            if cleared {
+                data.active = None;
             }
+            cleared
         });
+        if cleared {
+            self.notify(segment, None);
+        }
         Ok(())
     }
 
     async fn delete_segment(&self, segment: &SegmentKey) -> Result<(), StoreError> {
         self.ensure_available()?;
-        self.with(|all| all.remove(segment));
+        let removed = self.with(|all| all.remove(segment));
+        if removed.is_some_and(|data| data.active.is_some()) {
+            self.notify(segment, None);
+        }
         Ok(())
     }
 
@@ -460,6 +530,23 @@ impl MembershipReader for MemoryStore {
         Ok(self.with(|all| {
             pairs.iter().map(|(k, v, u)| all.get(k).and_then(|d| d.versions.get(v)).is_some_and(|(_, m)| m.contains(u))).collect()
         }))
+    }
+}
+
+#[async_trait]
+impl RolloverFeed for MemoryStore {
+    async fn rollovers(&self) -> Result<BoxStream<'static, Rollover>, StoreError> {
+        self.ensure_available()?;
+        let receiver = self.feed.subscribe();
+        // A lagged receiver has missed notices, which the contract reports
+        // by ending the stream, like a lost store connection.
+        let stream = futures::stream::unfold(receiver, |mut receiver| async move {
+            match receiver.recv().await {
+                Ok(FeedEvent::Rollover(notice)) => Some((notice, receiver)),
+                Ok(FeedEvent::Lost) | Err(_) => None,
+            }
+        });
+        Ok(Box::pin(stream))
     }
 }
 

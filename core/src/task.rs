@@ -5,7 +5,9 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::api::{Definition, SegmentKey, SegmentSourceSpec};
+use crate::api::{Definition, Segment, SegmentKey, SegmentSourceSpec};
+use crate::naming::results_uri;
+use crate::planner::Launch;
 
 /// Environment variable that carries the task JSON.
 pub const TASK_ENV: &str = "SEGMENT_TASK";
@@ -49,6 +51,58 @@ pub struct IngestTask {
     /// Parts that may fail to load before the run fails (`spec.ingest.maxFailedParts`).
     #[serde(default)]
     pub max_failed_parts: u32,
+}
+
+/// The task of a compute Job (or of an in-process compute in standalone mode).
+pub fn compute_task(
+    segment: &Segment,
+    launch: &Launch,
+    sources: Vec<SegmentSourceSpec>,
+    segment_inputs: Vec<SegmentInput>,
+    results_base: &str,
+) -> ComputeTask {
+    let key = segment.key();
+    ComputeTask {
+        results_uri: results_uri(results_base, &key, launch.version),
+        segment: key,
+        version: launch.version,
+        generation: launch.generation,
+        definition_hash: launch.definition_hash.clone(),
+        snapshot_time: launch.snapshot_time,
+        definition: segment.spec.definition.clone(),
+        sources,
+        segment_inputs,
+    }
+}
+
+/// Inputs of a rules definition that refers to other segments: each
+/// referenced segment's active version (`active_of`), read from its results.
+/// A segment without an active version is left out; the compute then fails
+/// with `SegmentNotReady` (transient) and is retried.
+pub fn segment_inputs(segment: &Segment, results_base: &str, active_of: impl Fn(&str) -> Option<u64>) -> Vec<SegmentInput> {
+    let Some(rules) = &segment.spec.definition.rules else { return Vec::new() };
+    let namespace = segment.key().namespace;
+    rules
+        .segment_refs()
+        .into_iter()
+        .filter_map(|name| {
+            let version = active_of(name)?;
+            let results_uri = results_uri(results_base, &SegmentKey::new(&namespace, name), version);
+            Some(SegmentInput { name: name.to_string(), version, results_uri })
+        })
+        .collect()
+}
+
+/// The task of an ingest Job.
+pub fn ingest_task(segment: &Segment, launch: &Launch, results_base: &str) -> IngestTask {
+    let key = segment.key();
+    IngestTask {
+        results_uri: results_uri(results_base, &key, launch.version),
+        segment: key,
+        version: launch.version,
+        snapshot_time: launch.snapshot_time,
+        max_failed_parts: segment.spec.ingest.max_failed_parts,
+    }
 }
 
 /// Why a run failed, read from the worker's termination message

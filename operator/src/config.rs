@@ -28,6 +28,9 @@ pub enum Command {
     },
     /// Run the operator against the current Kubernetes context or in-cluster config.
     Run(Box<RunArgs>),
+    /// Run the whole lifecycle on this machine from a directory of
+    /// manifests: compute and ingest in-process, serving on --listen.
+    Standalone(StandaloneArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -62,6 +65,24 @@ pub struct RunArgs {
     /// Base URI of result files (`s3://bucket/prefix` or `file:///path`).
     #[arg(long, env = "RESULTS_URI", default_value = "s3://segment-results")]
     pub results_uri: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StandaloneArgs {
+    /// Directory of SegmentSource and Segment manifests (reloaded on change).
+    pub dir: std::path::PathBuf,
+
+    /// Address of the serving API.
+    #[arg(long, env = "LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Use this Redis as the store; the embedded store when unset.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Where result files go; `<dir>/.results` when unset.
+    #[arg(long, env = "RESULTS_URI")]
+    pub results_uri: Option<String>,
 }
 
 /// Defaults for the Jobs the operator creates; `spec.compute` overrides them.

@@ -13,9 +13,9 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 use segment_core::api::{Segment, SegmentSource, JOB_KIND_LABEL, SEGMENT_LABEL, VERSION_LABEL};
-use segment_core::naming::{results_uri, JobKind};
+use segment_core::naming::JobKind;
 use segment_core::planner::{JobState, Launch, ObservedJob};
-use segment_core::task::{ComputeTask, Failure, IngestTask, SegmentInput, TASK_ENV, TERMINATION_LOG};
+use segment_core::task::{compute_task, ingest_task, Failure, SegmentInput, TASK_ENV, TERMINATION_LOG};
 
 use crate::config::JobArgs;
 use crate::time::to_chrono;
@@ -44,26 +44,12 @@ pub fn build_job(
     results_base: &str,
 ) -> Result<Job, serde_json::Error> {
     let key = segment.key();
-    let results = results_uri(results_base, &key, launch.version);
     let task = match launch.kind {
-        JobKind::Compute => serde_json::to_string(&ComputeTask {
-            segment: key.clone(),
-            version: launch.version,
-            generation: launch.generation,
-            definition_hash: launch.definition_hash.clone(),
-            snapshot_time: launch.snapshot_time,
-            definition: segment.spec.definition.clone(),
-            sources: sources.iter().map(|s| s.spec.clone()).collect(),
-            segment_inputs: segment_inputs.to_vec(),
-            results_uri: results,
-        })?,
-        JobKind::Ingest => serde_json::to_string(&IngestTask {
-            segment: key.clone(),
-            version: launch.version,
-            snapshot_time: launch.snapshot_time,
-            results_uri: results,
-            max_failed_parts: segment.spec.ingest.max_failed_parts,
-        })?,
+        JobKind::Compute => {
+            let sources = sources.iter().map(|s| s.spec.clone()).collect();
+            serde_json::to_string(&compute_task(segment, launch, sources, segment_inputs.to_vec(), results_base))?
+        }
+        JobKind::Ingest => serde_json::to_string(&ingest_task(segment, launch, results_base))?,
     };
     let overrides = segment.spec.compute.clone().unwrap_or_default();
     let labels = labels(&key.name, launch.version, launch.kind);

@@ -17,4 +17,5 @@ pub mod leader;
 pub mod manifests;
 pub mod metrics;
 pub mod reconcile;
+pub mod standalone;
 pub mod time;

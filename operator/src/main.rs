@@ -15,6 +15,12 @@ async fn main() {
             print!("{report}");
             std::process::exit(if all_ok { 0 } else { 1 });
         }
+        Command::Standalone(args) => {
+            if let Err(error) = segment_operator::standalone::run(args).await {
+                eprintln!("segment-operator: {error}");
+                std::process::exit(1);
+            }
+        }
         Command::Run(args) => {
             init_logging(args.log_json);
             if let Err(error) = segment_operator::controller::run(*args).await {

@@ -13,11 +13,10 @@ use kube::runtime::controller::Action as Requeue;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
 use kube::{Client, Resource, ResourceExt};
-use segment_core::api::SegmentKey;
 use segment_core::api::{
     DeletionPolicy, Segment, SegmentSource, SegmentStatus, FINALIZER, JOB_KIND_LABEL, SEGMENT_LABEL, VERSION_LABEL,
 };
-use segment_core::naming::{results_uri, JobKind};
+use segment_core::naming::JobKind;
 use segment_core::planner::{self, Action, Launch, Observation, Plan, PlannerConfig};
 use segment_core::store::{ResultStore, SegmentStore, StoreError};
 use segment_core::task::SegmentInput;
@@ -237,26 +236,18 @@ async fn execute(segment: &Segment, plan: &Plan, sources: &[SegmentSource], ctx:
     Ok(())
 }
 
-/// The active versions of the segments a rule refers to. A segment that
-/// is missing or has no active version is left out; the compute Job then
-/// fails with a transient reason and the run is retried.
+/// The active versions of the segments a rule refers to, read from their
+/// Segments' status.
 async fn segment_inputs(ctx: &Context, segment: &Segment) -> Result<Vec<SegmentInput>, Error> {
     let Some(rules) = &segment.spec.definition.rules else { return Ok(Vec::new()) };
-    let namespace = segment.namespace().ok_or(Error::NoNamespace)?;
-    let api: Api<Segment> = Api::namespaced(ctx.client.clone(), &namespace);
-    let mut inputs = Vec::new();
+    let api: Api<Segment> = Api::namespaced(ctx.client.clone(), &segment.namespace().ok_or(Error::NoNamespace)?);
+    let mut active = std::collections::HashMap::new();
     for name in rules.segment_refs() {
-        let active = api.get_opt(name).await?.and_then(|s| s.status).and_then(|s| s.active_version);
-        if let Some(version) = active {
-            let key = SegmentKey::new(&namespace, name);
-            inputs.push(SegmentInput {
-                name: name.to_string(),
-                version,
-                results_uri: results_uri(&ctx.results_base, &key, version),
-            });
+        if let Some(version) = api.get_opt(name).await?.and_then(|s| s.status).and_then(|s| s.active_version) {
+            active.insert(name.to_string(), version);
         }
     }
-    Ok(inputs)
+    Ok(segment_core::task::segment_inputs(segment, &ctx.results_base, |name| active.get(name).copied()))
 }
 
 /// Writes the whole status by server-side apply: fields the planner dropped

@@ -142,7 +142,7 @@ async fn load_part_with_retries(
         let users = part.decode(&bytes).map_err(|e| PartError::Part(e.to_string()))?;
         // Several batches in flight keep the store busy while the next
         // one is encoded; loads are idempotent, so their order is free.
-        let batches = users.chunks(BATCH).map(|batch| batch.iter().map(|u| u.to_string()).collect::<Vec<String>>());
+        let batches: Vec<Vec<String>> = users.chunks(BATCH).map(owned_batch).collect();
         futures::stream::iter(batches)
             .map(|owned| async move { store.load_members(&task.segment, task.version, &owned).await })
             .buffer_unordered(IN_FLIGHT)
@@ -152,4 +152,10 @@ async fn load_part_with_retries(
         return Ok(users.len() as u64);
     }
     Err(PartError::Part(format!("unreadable after {ATTEMPTS} attempts: {last}")))
+}
+
+// A named function (not a closure) so the future stays `Send` for every
+// lifetime of the borrowed ids.
+fn owned_batch(batch: &[&str]) -> Vec<String> {
+    batch.iter().map(|u| u.to_string()).collect()
 }

@@ -18,7 +18,10 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::{cmd, Cmd, FromRedisValue, ScriptInvocation, Value};
 use segment_core::api::SegmentKey;
-use segment_core::store::{Change, DiffPage, MembershipReader, Override, OverrideOp, SegmentStore, StoreError, StoredVersion};
+pub use segment_core::store::Rollover;
+use segment_core::store::{
+    Change, DiffPage, MembershipReader, Override, OverrideOp, RolloverFeed, SegmentStore, StoreError, StoredVersion,
+};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
@@ -61,30 +64,11 @@ impl Default for RedisStoreOptions {
     }
 }
 
-/// A rollover notice: `segment` now serves `version` (`None`: nothing, the
-/// version or segment was deleted).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rollover {
-    pub segment: SegmentKey,
-    pub version: Option<u64>,
-}
-
-impl Rollover {
-    /// Parses the payload published on [`ROLLOVER_CHANNEL`].
-    pub fn parse(payload: &str) -> Option<Rollover> {
-        let (segment, version) = payload.rsplit_once(' ')?;
-        let version = match version {
-            "-" => None,
-            v => Some(v.parse().ok()?),
-        };
-        Some(Rollover { segment: parse_segment(segment)?, version })
-    }
-
-    fn payload(segment: &SegmentKeys, version: Option<u64>) -> String {
-        match version {
-            Some(v) => format!("{} {v}", segment.field),
-            None => format!("{} -", segment.field),
-        }
+/// The payload published on [`ROLLOVER_CHANNEL`], read back by [`Rollover::parse`].
+fn rollover_payload(segment: &SegmentKeys, version: Option<u64>) -> String {
+    match version {
+        Some(v) => format!("{} {v}", segment.field),
+        None => format!("{} -", segment.field),
     }
 }
 
@@ -270,7 +254,7 @@ impl RedisStore {
     }
 
     async fn publish(&self, keys: &SegmentKeys, version: Option<u64>) -> Result<(), StoreError> {
-        let publish = cmd("PUBLISH").arg(ROLLOVER_CHANNEL).arg(Rollover::payload(keys, version)).clone();
+        let publish = cmd("PUBLISH").arg(ROLLOVER_CHANNEL).arg(rollover_payload(keys, version)).clone();
         self.query::<i64>(publish, self.write()).await.map(drop)
     }
 
@@ -620,6 +604,13 @@ impl SegmentStore for RedisStore {
 }
 
 #[async_trait]
+impl RolloverFeed for RedisStore {
+    async fn rollovers(&self) -> Result<BoxStream<'static, Rollover>, StoreError> {
+        self.rollover_notifications().await
+    }
+}
+
+#[async_trait]
 impl MembershipReader for RedisStore {
     async fn aliases(&self) -> Result<BTreeMap<SegmentKey, u64>, StoreError> {
         let all: Vec<(String, String)> = self.query(cmd("HGETALL").arg(ALIASES).clone(), self.read()).await?;
@@ -681,7 +672,7 @@ mod tests {
     fn rollover_payloads() {
         let keys = SegmentKeys::new(&SegmentKey::new("ns", "a"));
         assert_eq!(
-            Rollover::parse(&Rollover::payload(&keys, Some(7))),
+            Rollover::parse(&rollover_payload(&keys, Some(7))),
             Some(Rollover { segment: SegmentKey::new("ns", "a"), version: Some(7) })
         );
         assert_eq!(Rollover::parse("ns/a -").and_then(|r| r.version), None);

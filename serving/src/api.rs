@@ -1,0 +1,463 @@
+//! Routes, their request and response types, and the OpenAPI document
+//! generated from them.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json, Router};
+use segment_core::api::SegmentKey;
+use serde::{Deserialize, Serialize};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::auth::{authenticate, Access};
+use crate::error::{ApiError, ErrorBody};
+use crate::state::AppState;
+use crate::MAX_USER_LEN;
+
+/// Kubernetes names are at most 253 bytes; anything longer cannot name a segment.
+const MAX_NAME_LEN: usize = 253;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "segment-serving", description = "Customer segment membership, served from the segment store."),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "membership", description = "Which segments a user is in"),
+        (name = "segments", description = "Active and retained versions"),
+        (name = "operations", description = "Probes, metrics and this document"),
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+    }
+}
+
+/// One segment a user is in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct UserSegment {
+    pub namespace: String,
+    pub name: String,
+    /// The active version the user is a member of.
+    pub version: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct UserSegments {
+    pub user: String,
+    pub segments: Vec<UserSegment>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct UserQuery {
+    /// Only segments of this namespace.
+    pub namespace: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Membership {
+    pub member: bool,
+    /// The active version the answer is about.
+    pub version: u64,
+}
+
+/// One (namespace, segment, user) triple to check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Check {
+    pub namespace: String,
+    pub segment: String,
+    pub user: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CheckRequest {
+    pub checks: Vec<Check>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CheckResult {
+    pub namespace: String,
+    pub segment: String,
+    pub user: String,
+    pub member: bool,
+    pub version: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CheckResponse {
+    /// In the order of the request's checks.
+    pub results: Vec<CheckResult>,
+}
+
+/// A sealed version the store holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VersionInfo {
+    pub version: u64,
+    pub members: u64,
+    pub active: bool,
+    /// RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub definition_hash: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SegmentInfo {
+    pub namespace: String,
+    pub name: String,
+    /// What readers see; absent while no version is active.
+    pub active_version: Option<u64>,
+    /// Retained versions, oldest first.
+    pub versions: Vec<VersionInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SegmentList {
+    pub namespace: String,
+    /// Segments with an active version, by name.
+    pub segments: Vec<SegmentInfo>,
+}
+
+fn check_user(field: &str, user: &str) -> Result<(), ApiError> {
+    if user.is_empty() {
+        Err(ApiError::invalid(field, format!("{field}: a user id must not be empty")))
+    } else if user.len() > MAX_USER_LEN {
+        Err(ApiError::invalid(field, format!("{field}: a user id is at most {MAX_USER_LEN} bytes, this one has {}", user.len())))
+    } else {
+        Ok(())
+    }
+}
+
+fn check_name(field: &str, name: &str) -> Result<(), ApiError> {
+    if name.is_empty() {
+        Err(ApiError::invalid(field, format!("{field} must not be empty")))
+    } else if name.len() > MAX_NAME_LEN {
+        Err(ApiError::invalid(field, format!("{field} is at most {MAX_NAME_LEN} bytes")))
+    } else {
+        Ok(())
+    }
+}
+
+fn no_active_version(field: Option<&str>, segment: &SegmentKey) -> ApiError {
+    ApiError::not_found(field, format!("segment {segment} is unknown or has no active version"))
+}
+
+/// Active segments of a user.
+#[utoipa::path(
+    get,
+    path = "/v1/users/{user}/segments",
+    tag = "membership",
+    params(("user" = String, Path, description = "User id, 1 to 256 bytes"), UserQuery),
+    responses(
+        (status = 200, description = "The user's active segments (empty when none)", body = UserSegments),
+        (status = 400, description = "Bad user id or namespace", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Namespace not allowed for this token", body = ErrorBody),
+        (status = 503, description = "Store unavailable and nothing cached", body = ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+async fn user_segments(
+    State(state): State<AppState>,
+    Extension(access): Extension<Access>,
+    Path(user): Path<String>,
+    Query(query): Query<UserQuery>,
+) -> Result<Json<UserSegments>, ApiError> {
+    check_user("user", &user)?;
+    if let Some(namespace) = &query.namespace {
+        check_name("namespace", namespace)?;
+        access.check("namespace", namespace)?;
+    }
+    let loaded = state.user_versions(&user).await.map_err(|e| ApiError::store(&e))?;
+    let aliases = state.aliases();
+    let mut segments: Vec<UserSegment> = loaded
+        .iter()
+        .filter(|(segment, version)| aliases.get(segment) == Some(version))
+        .filter(|(segment, _)| query.namespace.as_ref().is_none_or(|ns| *ns == segment.namespace))
+        .filter(|(segment, _)| access.allows(&segment.namespace))
+        .map(|(segment, version)| UserSegment {
+            namespace: segment.namespace.clone(),
+            name: segment.name.clone(),
+            version: *version,
+        })
+        .collect();
+    segments.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    segments.dedup();
+    Ok(Json(UserSegments { user, segments }))
+}
+
+/// Whether a user is in the active version of a segment.
+#[utoipa::path(
+    get,
+    path = "/v1/namespaces/{namespace}/segments/{name}/members/{user}",
+    tag = "membership",
+    params(
+        ("namespace" = String, Path, description = "Namespace of the Segment"),
+        ("name" = String, Path, description = "Name of the Segment"),
+        ("user" = String, Path, description = "User id, 1 to 256 bytes"),
+    ),
+    responses(
+        (status = 200, description = "Membership in the active version", body = Membership),
+        (status = 400, description = "Bad user id or name", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Namespace not allowed for this token", body = ErrorBody),
+        (status = 404, description = "Segment unknown or without an active version", body = ErrorBody),
+        (status = 503, description = "Store unavailable and nothing cached", body = ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+async fn member(
+    State(state): State<AppState>,
+    Extension(access): Extension<Access>,
+    Path((namespace, name, user)): Path<(String, String, String)>,
+) -> Result<Json<Membership>, ApiError> {
+    check_name("namespace", &namespace)?;
+    check_name("name", &name)?;
+    check_user("user", &user)?;
+    access.check("namespace", &namespace)?;
+    let segment = SegmentKey::new(namespace, name);
+    let version = state.active_version(&segment).ok_or_else(|| no_active_version(Some("name"), &segment))?;
+    let answers = state.members(&[(segment, version, user)]).await.map_err(|e| ApiError::store(&e))?;
+    Ok(Json(Membership { member: answers.first().copied().unwrap_or(false), version }))
+}
+
+/// Many membership checks at once.
+#[utoipa::path(
+    post,
+    path = "/v1/membership:check",
+    tag = "membership",
+    request_body = CheckRequest,
+    responses(
+        (status = 200, description = "One result per check, in order", body = CheckResponse),
+        (status = 400, description = "Malformed body, bad field or too many checks", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "A namespace not allowed for this token", body = ErrorBody),
+        (status = 404, description = "A segment unknown or without an active version", body = ErrorBody),
+        (status = 503, description = "Store unavailable and not everything cached", body = ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+async fn check(
+    State(state): State<AppState>,
+    Extension(access): Extension<Access>,
+    body: Result<Json<CheckRequest>, JsonRejection>,
+) -> Result<Json<CheckResponse>, ApiError> {
+    let Json(request) = body.map_err(|e| ApiError::invalid("body", format!("body: {}", e.body_text())))?;
+    let max = state.config().max_checks;
+    if request.checks.len() > max {
+        return Err(ApiError::invalid("checks", format!("checks: at most {max} per request, got {}", request.checks.len())));
+    }
+    let aliases = state.aliases();
+    let mut triples = Vec::with_capacity(request.checks.len());
+    for (i, c) in request.checks.iter().enumerate() {
+        let field = |name: &str| format!("checks[{i}].{name}");
+        check_name(&field("namespace"), &c.namespace)?;
+        check_name(&field("segment"), &c.segment)?;
+        check_user(&field("user"), &c.user)?;
+        access.check(&field("namespace"), &c.namespace)?;
+        let segment = SegmentKey::new(c.namespace.clone(), c.segment.clone());
+        let version = *aliases.get(&segment).ok_or_else(|| no_active_version(Some(&field("segment")), &segment))?;
+        triples.push((segment, version, c.user.clone()));
+    }
+    let answers = state.members(&triples).await.map_err(|e| ApiError::store(&e))?;
+    let results = request
+        .checks
+        .into_iter()
+        .zip(triples.iter().zip(answers))
+        .map(|(c, ((_, version, _), member))| CheckResult {
+            namespace: c.namespace,
+            segment: c.segment,
+            user: c.user,
+            member,
+            version: *version,
+        })
+        .collect();
+    Ok(Json(CheckResponse { results }))
+}
+
+async fn segment_info(state: &AppState, segment: SegmentKey, active: Option<u64>) -> Result<SegmentInfo, ApiError> {
+    let versions = state.versions(&segment).await.map_err(|e| ApiError::store(&e))?;
+    let versions = versions
+        .iter()
+        .map(|(version, stored)| VersionInfo {
+            version: *version,
+            members: stored.members,
+            active: active == Some(*version),
+            snapshot_time: stored.snapshot_time.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
+            definition_hash: stored.definition_hash.clone(),
+        })
+        .collect();
+    Ok(SegmentInfo { namespace: segment.namespace, name: segment.name, active_version: active, versions })
+}
+
+/// Segments of a namespace that have an active version.
+#[utoipa::path(
+    get,
+    path = "/v1/namespaces/{namespace}/segments",
+    tag = "segments",
+    params(("namespace" = String, Path, description = "Namespace of the Segments")),
+    responses(
+        (status = 200, description = "Active and retained versions with member counts", body = SegmentList),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Namespace not allowed for this token", body = ErrorBody),
+        (status = 503, description = "Store unavailable and nothing cached", body = ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+async fn list_segments(
+    State(state): State<AppState>,
+    Extension(access): Extension<Access>,
+    Path(namespace): Path<String>,
+) -> Result<Json<SegmentList>, ApiError> {
+    check_name("namespace", &namespace)?;
+    access.check("namespace", &namespace)?;
+    let aliases = state.aliases();
+    let infos = aliases
+        .iter()
+        .filter(|(segment, _)| segment.namespace == namespace)
+        .map(|(segment, version)| segment_info(&state, segment.clone(), Some(*version)));
+    let segments = futures::future::try_join_all(infos).await?;
+    Ok(Json(SegmentList { namespace, segments }))
+}
+
+/// One segment: its active version and the retained ones.
+#[utoipa::path(
+    get,
+    path = "/v1/namespaces/{namespace}/segments/{name}",
+    tag = "segments",
+    params(
+        ("namespace" = String, Path, description = "Namespace of the Segment"),
+        ("name" = String, Path, description = "Name of the Segment"),
+    ),
+    responses(
+        (status = 200, description = "Active and retained versions with member counts", body = SegmentInfo),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Namespace not allowed for this token", body = ErrorBody),
+        (status = 404, description = "The store holds nothing for this segment", body = ErrorBody),
+        (status = 503, description = "Store unavailable and nothing cached", body = ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+async fn get_segment(
+    State(state): State<AppState>,
+    Extension(access): Extension<Access>,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Result<Json<SegmentInfo>, ApiError> {
+    check_name("namespace", &namespace)?;
+    check_name("name", &name)?;
+    access.check("namespace", &namespace)?;
+    let segment = SegmentKey::new(namespace, name);
+    let active = state.active_version(&segment);
+    let info = segment_info(&state, segment.clone(), active).await?;
+    if info.active_version.is_none() && info.versions.is_empty() {
+        return Err(ApiError::not_found(Some("name"), format!("segment {segment} is unknown")));
+    }
+    Ok(Json(info))
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "Alive", body = String)))]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Readiness: the alias map was loaded at least once.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = String),
+        (status = 503, description = "The alias map was never loaded", body = String),
+    )
+)]
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.is_ready() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: the alias map has not been loaded from the store yet").into_response()
+    }
+}
+
+/// Prometheus metrics (OpenMetrics text).
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Metrics", body = String)))]
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics().encode())
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations", responses((status = 200, description = "OpenAPI document")))]
+async fn openapi_json() -> impl IntoResponse {
+    static DOCUMENT: OnceLock<String> = OnceLock::new();
+    let document = DOCUMENT.get_or_init(|| openapi().to_json().unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")));
+    ([(header::CONTENT_TYPE, "application/json")], document.as_str())
+}
+
+async fn unmatched() -> ApiError {
+    ApiError::not_found(None, "no such route; see /openapi.json")
+}
+
+/// Records every request by route template (not the raw path, which
+/// would make a label per user) and status code.
+async fn track(State(state): State<AppState>, route: Option<MatchedPath>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().as_str().to_string();
+    let response = next.run(request).await;
+    let route = route.as_ref().map_or("unmatched", |r| r.as_str());
+    state.metrics().request(route, &method, response.status().as_u16(), started.elapsed().as_secs_f64());
+    response
+}
+
+/// The routes, each paired with its OpenAPI operation by `routes!`, so the
+/// document cannot drift from what is served: the `/v1` API, the
+/// operational routes, and the document of both.
+fn parts() -> (Router<AppState>, Router<AppState>, utoipa::openapi::OpenApi) {
+    let (api, mut document) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(user_segments))
+        .routes(routes!(member))
+        .routes(routes!(check))
+        .routes(routes!(list_segments))
+        .routes(routes!(get_segment))
+        .split_for_parts();
+    let (operations, operations_document) = OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi_json))
+        .split_for_parts();
+    document.merge(operations_document);
+    (api, operations, document)
+}
+
+/// The OpenAPI document of every route [`router`] serves.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    parts().2
+}
+
+/// The serving API over `state`: `/v1/...` (behind bearer auth when
+/// tokens are configured), `/openapi.json`, `/metrics`, `/healthz`, `/readyz`.
+pub fn router(state: AppState) -> Router {
+    let (api, operations, _) = parts();
+    api.route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .merge(operations)
+        .route_layer(middleware::from_fn_with_state(state.clone(), track))
+        .fallback(unmatched)
+        .with_state(state)
+}

@@ -1,0 +1,122 @@
+//! `segment-serving`: the serving API in front of Redis.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use segment_serving::{router, AppState, ServingConfig, Tokens};
+use segment_store::redis::{RedisStore, RedisStoreOptions};
+use tracing::{error, info, warn};
+
+#[derive(Debug, Parser)]
+#[command(name = "segment-serving", version, about = "Serves segment membership over HTTP/JSON from Redis.")]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "SERVING_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// The store: redis://host:port[/db] or redis+cluster://host:port,host:port.
+    #[arg(long, env = "REDIS_URL")]
+    redis_url: String,
+    /// How long cached answers are served (rollover notices drop them sooner).
+    #[arg(long, env = "SERVING_CACHE_TTL_MS", default_value_t = 2000)]
+    cache_ttl_ms: u64,
+    /// Entries per cache.
+    #[arg(long, env = "SERVING_CACHE_CAPACITY", default_value_t = 100_000)]
+    cache_capacity: u64,
+    /// Deadline of each store call; past it a request is answered from cache or gets 503.
+    #[arg(long, env = "SERVING_STORE_TIMEOUT_MS", default_value_t = 250)]
+    store_timeout_ms: u64,
+    /// How often the alias map is re-read even without rollover notices.
+    #[arg(long, env = "SERVING_REFRESH_INTERVAL_MS", default_value_t = 5000)]
+    refresh_interval_ms: u64,
+    /// Most checks per POST /v1/membership:check.
+    #[arg(long, env = "SERVING_MAX_CHECKS", default_value_t = 1000)]
+    max_checks: usize,
+    /// YAML or JSON map of bearer token to the namespaces it may read (`*`: all). Without it, auth is off.
+    #[arg(long, env = "SERVING_TOKENS_FILE")]
+    tokens_file: Option<PathBuf>,
+    /// Log JSON lines instead of text.
+    #[arg(long, env = "SERVING_LOG_JSON")]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    if args.log_json {
+        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let tokens = match &args.tokens_file {
+        Some(path) => Some(Tokens::load(path).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let config = ServingConfig {
+        cache_ttl: Duration::from_millis(args.cache_ttl_ms),
+        cache_capacity: args.cache_capacity,
+        store_timeout: Duration::from_millis(args.store_timeout_ms.max(1)),
+        refresh_interval: Duration::from_millis(args.refresh_interval_ms.max(100)),
+        max_checks: args.max_checks,
+        tokens,
+        ..ServingConfig::default()
+    };
+    let options = RedisStoreOptions { read_timeout: config.store_timeout, ..RedisStoreOptions::default() };
+    let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|e| format!("listening on {}: {e}", args.listen))?;
+    let mut shutdown = Box::pin(shutdown_signal());
+    // Redis may start after us (a pod restarting next to it): keep trying
+    // rather than crash-looping, until told to stop.
+    let mut backoff = Duration::from_millis(200);
+    let store = loop {
+        tokio::select! {
+            connected = RedisStore::connect_with(&args.redis_url, options.clone()) => match connected {
+                Ok(store) => break store,
+                Err(e) => warn!(error = %e, retry_in = ?backoff, "connecting to Redis failed"),
+            },
+            _ = &mut shutdown => return Ok(()),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = &mut shutdown => return Ok(()),
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    };
+    let state = AppState::new(Arc::new(store), config);
+    info!(listen = %args.listen, auth = args.tokens_file.is_some(), "serving");
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await.map_err(|e| format!("serving: {e}"))
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => info!("SIGINT: shutting down"),
+        _ = terminate => info!("SIGTERM: shutting down"),
+    }
+}

@@ -1,0 +1,69 @@
+//! The serving API (DESIGN section 7): which segments a user is in,
+//! membership checks and version listings over HTTP/JSON, answered from an
+//! in-process cache in front of the store. Routes, caching and failure
+//! behaviour: docs/serving.md.
+//!
+//! The binary (`segment-serving`) is a thin shell around [`router`] and
+//! [`AppState::new`], so the operator's standalone mode can serve the same
+//! API from its embedded store.
+
+mod api;
+mod auth;
+mod error;
+mod metrics;
+mod state;
+
+use std::time::Duration;
+
+pub use api::{openapi, router};
+pub use auth::{Access, Tokens, TokensError};
+pub use error::{ApiError, ErrorBody};
+pub use metrics::Metrics;
+pub use state::AppState;
+
+use segment_core::store::{MembershipReader, RolloverFeed, SegmentStore};
+
+/// What serving needs from a store: reads, version listings and rollover
+/// notices. Both `MemoryStore` and `RedisStore` are one.
+pub trait ServingStore: SegmentStore + MembershipReader + RolloverFeed {}
+
+impl<T: SegmentStore + MembershipReader + RolloverFeed + ?Sized> ServingStore for T {}
+
+/// Tunables of the serving API; [`Default`] is what the binary starts with.
+#[derive(Debug, Clone)]
+pub struct ServingConfig {
+    /// How long a cached answer may be served. Rollover notices drop
+    /// stale entries sooner; the TTL bounds what realtime overrides and
+    /// missed notices can leave stale.
+    pub cache_ttl: Duration,
+    /// Entries per cache (users, memberships, version lists).
+    pub cache_capacity: u64,
+    /// Deadline of every store call; past it the request is answered from
+    /// cache or gets a 503.
+    pub store_timeout: Duration,
+    /// Deadline of subscribing to rollover notices.
+    pub subscribe_timeout: Duration,
+    /// How often the alias map is re-read even without notices.
+    pub refresh_interval: Duration,
+    /// Most (namespace, segment, user) triples one `membership:check` takes.
+    pub max_checks: usize,
+    /// Bearer tokens and the namespaces each may read; `None` turns auth off.
+    pub tokens: Option<Tokens>,
+}
+
+impl Default for ServingConfig {
+    fn default() -> Self {
+        ServingConfig {
+            cache_ttl: Duration::from_secs(2),
+            cache_capacity: 100_000,
+            store_timeout: Duration::from_millis(250),
+            subscribe_timeout: Duration::from_secs(2),
+            refresh_interval: Duration::from_secs(5),
+            max_checks: 1000,
+            tokens: None,
+        }
+    }
+}
+
+/// Longest user id accepted; longer ones are refused before reaching the store.
+pub const MAX_USER_LEN: usize = 256;

@@ -1,0 +1,314 @@
+//! Shared state: the store handle, the alias map kept in memory, the
+//! caches in front of the store, and the task that keeps the alias map
+//! current from rollover notices.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, Weak};
+use std::time::Duration;
+
+use futures::StreamExt;
+use moka::future::Cache;
+use segment_core::api::SegmentKey;
+use segment_core::store::{Rollover, StoreError, StoredVersion};
+use tracing::{debug, info, warn};
+
+use crate::auth::Tokens;
+use crate::metrics::Metrics;
+use crate::{ServingConfig, ServingStore};
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// A cached value with the cache generation it was read in. A read that
+/// started before a rollover notice may finish after it: tagging makes its
+/// answer invalid instead of letting it outlive the notice.
+#[derive(Clone)]
+struct Tagged<T> {
+    generation: u64,
+    value: T,
+}
+
+type UserVersions = Arc<Vec<(SegmentKey, u64)>>;
+type Versions = Arc<BTreeMap<u64, StoredVersion>>;
+
+/// Cheap to clone: clones share everything.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn ServingStore>,
+    config: ServingConfig,
+    metrics: Metrics,
+    aliases: RwLock<Arc<BTreeMap<SegmentKey, u64>>>,
+    /// Bumped whenever user or version-list entries may be stale: a
+    /// rollover notice, a re-subscription, an alias change found by a
+    /// periodic refresh.
+    generation: AtomicU64,
+    ready: AtomicBool,
+    /// user → every (segment, version) the user is loaded in, unfiltered:
+    /// filtering against the alias map happens per request, so it follows
+    /// the alias map even for a cached entry.
+    users: Cache<String, Tagged<UserVersions>>,
+    /// (segment, version, user) → member. Keyed by version, so a rollover
+    /// moves readers to new keys instead of needing invalidation.
+    members: Cache<(SegmentKey, u64, String), bool>,
+    versions: Cache<SegmentKey, Tagged<Versions>>,
+}
+
+impl AppState {
+    /// Builds the state and, inside a Tokio runtime, starts the task that
+    /// loads the alias map and follows rollover notices (it stops once
+    /// every clone of the state is dropped). Outside a runtime nothing is
+    /// started and [`refresh_aliases`](Self::refresh_aliases) is up to the
+    /// caller.
+    pub fn new(store: Arc<dyn ServingStore>, config: ServingConfig) -> AppState {
+        let inner = Arc::new(Inner {
+            users: new_cache("users", &config),
+            members: new_cache("members", &config),
+            versions: new_cache("versions", &config),
+            store,
+            config,
+            metrics: Metrics::default(),
+            aliases: Default::default(),
+            generation: AtomicU64::new(0),
+            ready: AtomicBool::new(false),
+        });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(follow_rollovers(Arc::downgrade(&inner)));
+        }
+        AppState { inner }
+    }
+
+    pub fn config(&self) -> &ServingConfig {
+        &self.inner.config
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub(crate) fn tokens(&self) -> Option<&Tokens> {
+        self.inner.config.tokens.as_ref()
+    }
+
+    /// True once the alias map was loaded at least once.
+    pub fn is_ready(&self) -> bool {
+        self.inner.ready.load(Ordering::Acquire)
+    }
+
+    /// The active version of every segment, as last learned.
+    pub fn aliases(&self) -> Arc<BTreeMap<SegmentKey, u64>> {
+        self.inner.aliases.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn active_version(&self, segment: &SegmentKey) -> Option<u64> {
+        self.aliases().get(segment).copied()
+    }
+
+    /// Re-reads the alias map from the store; stale user entries are dropped
+    /// if anything changed.
+    pub async fn refresh_aliases(&self) -> Result<(), StoreError> {
+        self.inner.refresh_aliases(false).await
+    }
+
+    /// Every (segment, version) the user is loaded in: cache, else one
+    /// `user_versions` round trip.
+    pub(crate) async fn user_versions(&self, user: &str) -> Result<UserVersions, StoreError> {
+        let inner = &self.inner;
+        let generation = inner.generation.load(Ordering::Acquire);
+        if let Some(hit) = inner.users.get(user).await.filter(|e| e.generation == generation) {
+            inner.metrics.cache("users", 1, 0);
+            return Ok(hit.value);
+        }
+        inner.metrics.cache("users", 0, 1);
+        let value = Arc::new(inner.call("user_versions", inner.store.user_versions(user)).await?);
+        inner.users.insert(user.to_string(), Tagged { generation, value: value.clone() }).await;
+        Ok(value)
+    }
+
+    /// Answers each (segment, version, user) from cache, and the misses with
+    /// one `check` round trip (`is_member` for a single one).
+    pub(crate) async fn members(&self, triples: &[(SegmentKey, u64, String)]) -> Result<Vec<bool>, StoreError> {
+        let inner = &self.inner;
+        let mut answers = Vec::with_capacity(triples.len());
+        let mut misses = Vec::new();
+        for (i, triple) in triples.iter().enumerate() {
+            let hit = inner.members.get(triple).await;
+            if hit.is_none() {
+                misses.push(i);
+            }
+            answers.push(hit.unwrap_or(false));
+        }
+        inner.metrics.cache("members", (triples.len() - misses.len()) as u64, misses.len() as u64);
+        let fetched = match misses.as_slice() {
+            [] => return Ok(answers),
+            [one] => {
+                let (segment, version, user) = &triples[*one];
+                vec![inner.call("is_member", inner.store.is_member(segment, *version, user)).await?]
+            }
+            _ => {
+                let asked: Vec<_> = misses.iter().map(|i| triples[*i].clone()).collect();
+                let fetched = inner.call("check", inner.store.check(&asked)).await?;
+                if fetched.len() != asked.len() {
+                    return Err(StoreError::Other(format!("check answered {} of {} pairs", fetched.len(), asked.len())));
+                }
+                fetched
+            }
+        };
+        for (i, member) in misses.into_iter().zip(fetched) {
+            answers[i] = member;
+            inner.members.insert(triples[i].clone(), member).await;
+        }
+        Ok(answers)
+    }
+
+    /// The sealed versions of a segment: cache, else one `versions` round trip.
+    pub(crate) async fn versions(&self, segment: &SegmentKey) -> Result<Versions, StoreError> {
+        let inner = &self.inner;
+        let generation = inner.generation.load(Ordering::Acquire);
+        if let Some(hit) = inner.versions.get(segment).await.filter(|e| e.generation == generation) {
+            inner.metrics.cache("versions", 1, 0);
+            return Ok(hit.value);
+        }
+        inner.metrics.cache("versions", 0, 1);
+        let value = Arc::new(inner.call("versions", inner.store.versions(segment)).await?);
+        inner.versions.insert(segment.clone(), Tagged { generation, value: value.clone() }).await;
+        Ok(value)
+    }
+}
+
+fn new_cache<K, V>(name: &str, config: &ServingConfig) -> Cache<K, V>
+where
+    K: std::hash::Hash + Eq + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    Cache::builder().name(name).max_capacity(config.cache_capacity).time_to_live(config.cache_ttl).build()
+}
+
+impl Inner {
+    /// Runs a store call under the configured deadline; a missed deadline
+    /// counts as the store being unavailable.
+    async fn call<T>(&self, operation: &str, call: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+        let timeout = self.config.store_timeout;
+        let result = match tokio::time::timeout(timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Unavailable(format!("{operation}: no answer from the store within {timeout:?}"))),
+        };
+        if let Err(e) = &result {
+            self.metrics.store_error(operation, matches!(e, StoreError::Unavailable(_)));
+        }
+        result
+    }
+
+    /// Drops whatever may be stale after an unknown change.
+    fn invalidate(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        // Tagged entries are already unreachable; this frees their memory.
+        self.users.invalidate_all();
+        self.versions.invalidate_all();
+    }
+
+    fn apply(&self, notice: Rollover) {
+        self.metrics.rollover_notice();
+        debug!(segment = %notice.segment, version = ?notice.version, "rollover notice");
+        {
+            let mut aliases = self.aliases.write().unwrap_or_else(|e| e.into_inner());
+            let mut next = (**aliases).clone();
+            match notice.version {
+                Some(version) => next.insert(notice.segment, version),
+                None => next.remove(&notice.segment),
+            };
+            *aliases = Arc::new(next);
+        }
+        // After the alias changed: a request that sees the new generation
+        // also sees the new alias.
+        self.invalidate();
+    }
+
+    /// Replaces the alias map with the store's. `changed_anyway` says the
+    /// caches must be dropped even if the map is unchanged (notices may
+    /// have been missed, e.g. after re-subscribing).
+    async fn refresh_aliases(&self, changed_anyway: bool) -> Result<(), StoreError> {
+        let generation = self.generation.load(Ordering::Acquire);
+        let fresh = self.call("aliases", self.store.aliases()).await?;
+        {
+            let mut aliases = self.aliases.write().unwrap_or_else(|e| e.into_inner());
+            // A notice applied while this read was in flight is newer than
+            // what the read returned; the next refresh picks up the rest.
+            if self.generation.load(Ordering::Acquire) == generation && **aliases != fresh {
+                *aliases = Arc::new(fresh);
+                drop(aliases);
+                self.invalidate();
+            } else if changed_anyway {
+                drop(aliases);
+                self.invalidate();
+            }
+        }
+        if !self.ready.swap(true, Ordering::AcqRel) {
+            info!(segments = self.aliases.read().map(|a| a.len()).unwrap_or(0), "alias map loaded; ready");
+        }
+        Ok(())
+    }
+}
+
+/// Keeps the alias map current: subscribe, load the map, apply notices as
+/// they come, re-read the map every `refresh_interval` as a safety net, and
+/// when the feed ends, subscribe again with backoff. Holds only a weak
+/// reference between events, so dropping the state stops it.
+async fn follow_rollovers(state: Weak<Inner>) {
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let Some(inner) = state.upgrade() else { return };
+        let subscribe_timeout = inner.config.subscribe_timeout;
+        let refresh_interval = inner.config.refresh_interval;
+        let feed = match tokio::time::timeout(subscribe_timeout, inner.store.rollovers()).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Unavailable(format!("subscribing took longer than {subscribe_timeout:?}"))),
+        };
+        // Loaded after subscribing, so a rollover in between reaches us
+        // through one or the other; and re-subscribing means notices may
+        // have been missed, so the caches go too.
+        if let Err(e) = inner.refresh_aliases(true).await {
+            warn!(error = %e, "loading the alias map failed; retrying");
+        }
+        drop(inner);
+        match feed {
+            Ok(mut notices) => {
+                if let Some(inner) = state.upgrade() {
+                    inner.metrics.feed_reconnect();
+                }
+                backoff = MIN_BACKOFF;
+                let mut tick = tokio::time::interval(refresh_interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.tick().await;
+                loop {
+                    tokio::select! {
+                        notice = notices.next() => {
+                            let Some(inner) = state.upgrade() else { return };
+                            match notice {
+                                Some(notice) => inner.apply(notice),
+                                None => {
+                                    warn!("rollover feed ended; subscribing again");
+                                    break;
+                                }
+                            }
+                        }
+                        _ = tick.tick() => {
+                            let Some(inner) = state.upgrade() else { return };
+                            if let Err(e) = inner.refresh_aliases(false).await {
+                                warn!(error = %e, "periodic alias refresh failed");
+                            }
+                        }
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, retry_in = ?backoff, "subscribing to rollover notices failed"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}

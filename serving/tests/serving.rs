@@ -1,0 +1,470 @@
+//! The serving API end to end: routes over real data loaded through the
+//! store traits, on the embedded store and on a real `redis-server`
+//! (started by the harness), rollovers through notices, failure and
+//! recovery, bad input, auth and metrics.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::Router;
+use http::{Request, StatusCode};
+use segment_core::api::SegmentKey;
+use segment_core::store::{MemoryStore, SegmentStore};
+use segment_serving::{router, AppState, ServingConfig, ServingStore, Tokens};
+use segment_store::redis::RedisStore;
+use segment_tests::RedisServer;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+/// Long enough that only a rollover notice (never the TTL or the periodic
+/// refresh) can make a rollover visible within a test.
+fn config() -> ServingConfig {
+    ServingConfig {
+        cache_ttl: Duration::from_secs(600),
+        refresh_interval: Duration::from_secs(600),
+        store_timeout: Duration::from_millis(500),
+        ..ServingConfig::default()
+    }
+}
+
+fn users(names: &[&str]) -> Vec<String> {
+    names.iter().map(|n| n.to_string()).collect()
+}
+
+async fn load(store: &dyn ServingStore, segment: &SegmentKey, version: u64, members: &[&str]) {
+    store.load_members(segment, version, &users(members)).await.unwrap();
+    store.seal_version(segment, version, None, Some("hash")).await.unwrap();
+}
+
+fn lapsed() -> SegmentKey {
+    SegmentKey::new("growth", "lapsed")
+}
+
+fn vip() -> SegmentKey {
+    SegmentKey::new("crm", "vip")
+}
+
+/// growth/lapsed: v1 {u1, u2} active, v2 {u2, u3} sealed; crm/vip: v1 {u1} active.
+async fn fixture(store: &dyn ServingStore) {
+    load(store, &lapsed(), 1, &["u1", "u2"]).await;
+    load(store, &lapsed(), 2, &["u2", "u3"]).await;
+    load(store, &vip(), 1, &["u1"]).await;
+    store.activate(&lapsed(), 1).await.unwrap();
+    store.activate(&vip(), 1).await.unwrap();
+}
+
+struct Api {
+    router: Router,
+    state: AppState,
+}
+
+impl Api {
+    async fn start(store: Arc<dyn ServingStore>, config: ServingConfig) -> Api {
+        let state = AppState::new(store, config);
+        let api = Api { router: router(state.clone()), state };
+        api.wait_ready().await;
+        api
+    }
+
+    async fn wait_ready(&self) {
+        let start = Instant::now();
+        while !self.state.is_ready() {
+            assert!(start.elapsed() < Duration::from_secs(10), "serving never loaded the alias map");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn send(&self, request: Request<Body>) -> (StatusCode, Value) {
+        // Bounded, so a hanging request fails the test instead of stalling it.
+        let response = tokio::time::timeout(Duration::from_secs(10), self.router.clone().oneshot(request))
+            .await
+            .expect("the request returns")
+            .unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 24).await.unwrap();
+        let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+        (status, body)
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.send(Request::get(path).body(Body::empty()).unwrap()).await
+    }
+
+    async fn get_as(&self, token: &str, path: &str) -> (StatusCode, Value) {
+        self.send(Request::get(path).header("authorization", format!("Bearer {token}")).body(Body::empty()).unwrap()).await
+    }
+
+    async fn post(&self, path: &str, body: impl Into<Body>) -> (StatusCode, Value) {
+        self.send(Request::post(path).header("content-type", "application/json").body(body.into()).unwrap()).await
+    }
+
+    async fn check(&self, checks: Value) -> (StatusCode, Value) {
+        self.post("/v1/membership:check", json!({ "checks": checks }).to_string()).await
+    }
+
+    async fn member(&self, segment: &SegmentKey, user: &str) -> (StatusCode, Value) {
+        self.get(&format!("/v1/namespaces/{}/segments/{}/members/{user}", segment.namespace, segment.name)).await
+    }
+
+    /// Polls until `path` answers `expected`: rollovers arrive by notice,
+    /// asynchronously, but within a bounded wait.
+    async fn eventually(&self, path: &str, expected: Value) {
+        let start = Instant::now();
+        loop {
+            let (status, body) = self.get(path).await;
+            if status == StatusCode::OK && body == expected {
+                return;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "{path}: still {status} {body}, expected {expected}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn segments(user: &str, list: &[(&str, &str, u64)]) -> Value {
+    let segments: Vec<Value> = list.iter().map(|(ns, name, v)| json!({"namespace": ns, "name": name, "version": v})).collect();
+    json!({ "user": user, "segments": segments })
+}
+
+/// Every route over the fixture, then a rollover and a rollback seen
+/// through notices while the cache holds the old answers.
+async fn routes_and_rollovers(store: Arc<dyn ServingStore>) {
+    fixture(store.as_ref()).await;
+    let api = Api::start(store.clone(), config()).await;
+
+    let (status, body) = api.get("/v1/users/u1/segments").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, segments("u1", &[("crm", "vip", 1), ("growth", "lapsed", 1)]));
+    assert_eq!(api.get("/v1/users/u1/segments?namespace=growth").await.1, segments("u1", &[("growth", "lapsed", 1)]));
+    assert_eq!(api.get("/v1/users/u3/segments").await.1, segments("u3", &[]), "v2 is sealed but not active");
+    assert_eq!(api.get("/v1/users/nobody/segments").await, (StatusCode::OK, segments("nobody", &[])));
+
+    assert_eq!(api.member(&lapsed(), "u1").await, (StatusCode::OK, json!({"member": true, "version": 1})));
+    assert_eq!(api.member(&lapsed(), "u3").await, (StatusCode::OK, json!({"member": false, "version": 1})));
+    let (status, body) = api.member(&SegmentKey::new("growth", "nope"), "u1").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body["error"].as_str().unwrap().contains("growth/nope"), "{body}");
+
+    let (status, body) = api
+        .check(json!([
+            {"namespace": "growth", "segment": "lapsed", "user": "u1"},
+            {"namespace": "growth", "segment": "lapsed", "user": "u3"},
+            {"namespace": "crm", "segment": "vip", "user": "u2"},
+            {"namespace": "crm", "segment": "vip", "user": "u1"},
+        ]))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let members: Vec<(bool, u64)> = body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["member"].as_bool().unwrap(), r["version"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(members, [(true, 1), (false, 1), (false, 1), (true, 1)]);
+    assert_eq!(body["results"][2], json!({"namespace": "crm", "segment": "vip", "user": "u2", "member": false, "version": 1}));
+
+    let (status, body) = api.get("/v1/namespaces/growth/segments/lapsed").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["activeVersion"], 1);
+    let versions: Vec<(u64, u64, bool)> = body["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["version"].as_u64().unwrap(), v["members"].as_u64().unwrap(), v["active"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(versions, [(1, 2, true), (2, 2, false)]);
+    assert_eq!(body["versions"][0]["definitionHash"], "hash");
+    let (status, body) = api.get("/v1/namespaces/growth/segments").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["namespace"], "growth");
+    assert_eq!(body["segments"].as_array().unwrap().len(), 1);
+    assert_eq!(body["segments"][0]["name"], "lapsed");
+    assert_eq!(api.get("/v1/namespaces/empty/segments").await, (StatusCode::OK, json!({"namespace": "empty", "segments": []})));
+    assert_eq!(api.get("/v1/namespaces/growth/segments/nope").await.0, StatusCode::NOT_FOUND);
+
+    // Rollover to v2: the cached answers above must not outlive the notice
+    // (the TTL and the periodic refresh are both ten minutes here).
+    store.activate(&lapsed(), 2).await.unwrap();
+    api.eventually("/v1/namespaces/growth/segments/lapsed/members/u3", json!({"member": true, "version": 2})).await;
+    api.eventually("/v1/users/u3/segments", segments("u3", &[("growth", "lapsed", 2)])).await;
+    api.eventually("/v1/users/u1/segments", segments("u1", &[("crm", "vip", 1)])).await;
+    assert_eq!(api.get("/v1/users/u2/segments").await.1, segments("u2", &[("growth", "lapsed", 2)]));
+    assert_eq!(api.member(&lapsed(), "u1").await.1, json!({"member": false, "version": 2}));
+    assert_eq!(api.get("/v1/namespaces/growth/segments/lapsed").await.1["activeVersion"], 2);
+
+    // Pinning back to v1 follows the alias, including for u2 (in both).
+    store.activate(&lapsed(), 1).await.unwrap();
+    api.eventually("/v1/users/u3/segments", segments("u3", &[])).await;
+    api.eventually("/v1/users/u2/segments", segments("u2", &[("growth", "lapsed", 1)])).await;
+    assert_eq!(api.get("/v1/users/u1/segments").await.1, segments("u1", &[("crm", "vip", 1), ("growth", "lapsed", 1)]));
+    assert_eq!(api.member(&lapsed(), "u3").await.1, json!({"member": false, "version": 1}));
+
+    // A user whose (empty) answer was cached before the new version was
+    // even loaded: only the notice can make the new membership visible.
+    assert_eq!(api.get("/v1/users/u4/segments").await.1, segments("u4", &[]));
+    load(store.as_ref(), &lapsed(), 3, &["u4"]).await;
+    assert_eq!(api.get("/v1/users/u4/segments").await.1, segments("u4", &[]), "cached, and v3 is not active");
+    store.activate(&lapsed(), 3).await.unwrap();
+    api.eventually("/v1/users/u4/segments", segments("u4", &[("growth", "lapsed", 3)])).await;
+    store.activate(&lapsed(), 1).await.unwrap();
+    api.eventually("/v1/users/u4/segments", segments("u4", &[])).await;
+
+    // Deleting the segment clears its alias: readers get a 404.
+    store.delete_segment(&vip()).await.unwrap();
+    let start = Instant::now();
+    while api.member(&vip(), "u1").await.0 != StatusCode::NOT_FOUND {
+        assert!(start.elapsed() < Duration::from_secs(10), "the deleted segment is still served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(api.get("/v1/users/u1/segments").await.1, segments("u1", &[("growth", "lapsed", 1)]));
+}
+
+#[tokio::test]
+async fn routes_and_rollovers_on_the_embedded_store() {
+    routes_and_rollovers(Arc::new(MemoryStore::new())).await;
+}
+
+#[tokio::test]
+async fn routes_and_rollovers_on_redis() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url()).await.unwrap();
+    routes_and_rollovers(Arc::new(store)).await;
+}
+
+#[tokio::test]
+async fn openapi_document_lists_every_route() {
+    let api = Api::start(Arc::new(MemoryStore::new()), config()).await;
+    let (status, document) = api.get("/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    let paths = document["paths"].as_object().unwrap();
+    let expected = [
+        ("/v1/users/{user}/segments", "get"),
+        ("/v1/namespaces/{namespace}/segments/{name}/members/{user}", "get"),
+        ("/v1/membership:check", "post"),
+        ("/v1/namespaces/{namespace}/segments", "get"),
+        ("/v1/namespaces/{namespace}/segments/{name}", "get"),
+        ("/openapi.json", "get"),
+        ("/metrics", "get"),
+        ("/healthz", "get"),
+        ("/readyz", "get"),
+    ];
+    for (path, method) in expected {
+        assert!(paths.get(path).and_then(|p| p.get(method)).is_some(), "{method} {path} missing from {:?}", paths.keys());
+    }
+    assert_eq!(paths.len(), expected.len(), "undocumented extras: {:?}", paths.keys());
+    for schema in ["UserSegments", "Membership", "CheckRequest", "CheckResponse", "SegmentInfo", "SegmentList", "ErrorBody"] {
+        assert!(document["components"]["schemas"].get(schema).is_some(), "schema {schema} missing");
+    }
+    assert_eq!(document, serde_json::to_value(segment_serving::openapi()).unwrap(), "served as generated");
+}
+
+#[tokio::test]
+async fn redis_down_serves_cached_answers_and_503s_the_rest() {
+    let redis = RedisServer::start();
+    let store = Arc::new(RedisStore::connect(&redis.url()).await.unwrap());
+    fixture(store.as_ref()).await;
+    let api = Api::start(store, config()).await;
+    assert_eq!(api.member(&lapsed(), "u1").await, (StatusCode::OK, json!({"member": true, "version": 1})));
+    assert_eq!(api.get("/v1/users/u1/segments").await.0, StatusCode::OK);
+
+    drop(redis);
+
+    assert_eq!(api.member(&lapsed(), "u1").await, (StatusCode::OK, json!({"member": true, "version": 1})), "from cache");
+    assert_eq!(api.get("/v1/users/u1/segments").await.1, segments("u1", &[("crm", "vip", 1), ("growth", "lapsed", 1)]));
+    let (status, body) = api.member(&lapsed(), "u2").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["reason"], "StoreUnavailable");
+    assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()));
+    let (status, body) = api.get("/v1/users/u2/segments").await;
+    assert_eq!((status, &body["reason"]), (StatusCode::SERVICE_UNAVAILABLE, &json!("StoreUnavailable")));
+    let (status, _) = api.check(json!([{"namespace": "growth", "segment": "lapsed", "user": "u9"}])).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    // Still alive, and still ready: the alias map in memory is intact.
+    assert_eq!(api.get("/healthz").await.0, StatusCode::OK);
+    assert_eq!(api.get("/readyz").await.0, StatusCode::OK);
+    let metrics = api.get("/metrics").await.1;
+    assert!(metrics
+        .as_str()
+        .unwrap()
+        .contains("segment_serving_store_errors_total{operation=\"is_member\",kind=\"unavailable\"}"));
+}
+
+#[tokio::test]
+async fn recovers_when_the_store_comes_back() {
+    let store = Arc::new(MemoryStore::new());
+    fixture(store.as_ref()).await;
+    let api = Api::start(store.clone(), config()).await;
+    assert_eq!(api.member(&lapsed(), "u1").await.0, StatusCode::OK);
+
+    store.set_unavailable(true);
+    assert_eq!(api.member(&lapsed(), "u1").await.0, StatusCode::OK, "from cache");
+    let (status, body) = api.member(&lapsed(), "u2").await;
+    assert_eq!((status, &body["reason"]), (StatusCode::SERVICE_UNAVAILABLE, &json!("StoreUnavailable")));
+
+    store.set_unavailable(false);
+    assert_eq!(api.member(&lapsed(), "u2").await, (StatusCode::OK, json!({"member": true, "version": 1})));
+    // The feed was lost with the store: notices flow again once serving
+    // has re-subscribed on its own.
+    store.activate(&lapsed(), 2).await.unwrap();
+    api.eventually("/v1/namespaces/growth/segments/lapsed/members/u3", json!({"member": true, "version": 2})).await;
+}
+
+#[tokio::test]
+async fn ready_only_once_the_alias_map_was_loaded() {
+    let store = Arc::new(MemoryStore::new());
+    fixture(store.as_ref()).await;
+    store.set_unavailable(true);
+    let state = AppState::new(store.clone(), config());
+    let api = Api { router: router(state.clone()), state };
+    let (status, body) = api.get("/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(api.get("/healthz").await.0, StatusCode::OK);
+    store.set_unavailable(false);
+    api.wait_ready().await;
+    assert_eq!(api.get("/readyz").await.0, StatusCode::OK);
+    assert_eq!(api.member(&lapsed(), "u1").await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn bad_input_gets_4xx_naming_the_field() {
+    let store = Arc::new(MemoryStore::new());
+    fixture(store.as_ref()).await;
+    let api = Api::start(store, ServingConfig { max_checks: 3, ..config() }).await;
+    let field = |(status, body): (StatusCode, Value)| (status, body["field"].as_str().unwrap_or_default().to_string());
+    let bad = |f: &str| (StatusCode::BAD_REQUEST, f.to_string());
+
+    let long = "x".repeat(257);
+    assert_eq!(field(api.get(&format!("/v1/users/{long}/segments")).await), bad("user"));
+    assert_eq!(field(api.member(&lapsed(), &long).await), bad("user"));
+    assert_eq!(api.get(&format!("/v1/users/{}/segments", "x".repeat(256))).await.0, StatusCode::OK, "256 bytes is fine");
+    assert_eq!(field(api.get("/v1/users/u1/segments?namespace=").await), bad("namespace"));
+    assert!(api.get("/v1/users//segments").await.0.is_client_error());
+
+    let one = |user: &str| json!({"namespace": "growth", "segment": "lapsed", "user": user});
+    assert_eq!(field(api.check(json!([one("u1"), one("")])).await), bad("checks[1].user"));
+    assert_eq!(field(api.check(json!([one(&long)])).await), bad("checks[0].user"));
+    assert_eq!(field(api.check(json!([one("a"), one("b"), one("c"), one("d")])).await), bad("checks"));
+    let unknown = json!([{"namespace": "growth", "segment": "nope", "user": "u1"}]);
+    let (status, body) = api.check(unknown).await;
+    assert_eq!((status, body["field"].as_str()), (StatusCode::NOT_FOUND, Some("checks[0].segment")));
+    assert!(body["error"].as_str().unwrap().contains("growth/nope"), "{body}");
+
+    let (status, body) = api.post("/v1/membership:check", "{not json").await;
+    assert_eq!((status, body["field"].as_str()), (StatusCode::BAD_REQUEST, Some("body")), "{body}");
+    let (status, body) = api.post("/v1/membership:check", r#"{"checks": [{"namespace": "growth", "user": "u1"}]}"#).await;
+    assert_eq!(status.as_u16() / 100, 4);
+    assert!(body["error"].as_str().unwrap().contains("segment"), "names the missing field: {body}");
+    let (status, body) = api.send(Request::post("/v1/membership:check").body(Body::from("{}")).unwrap()).await;
+    assert!(status.is_client_error(), "no content type: {status} {body}");
+    assert_eq!(body["field"], "body");
+    assert_eq!(api.check(json!([])).await, (StatusCode::OK, json!({"results": []})));
+}
+
+#[tokio::test]
+async fn bearer_tokens_scope_namespaces() {
+    let store = Arc::new(MemoryStore::new());
+    fixture(store.as_ref()).await;
+    let growth_only: &[&str] = &["growth"];
+    let everything: &[&str] = &["*"];
+    let tokens = Tokens::from_entries([("admin-token", everything), ("growth-token", growth_only)]);
+    let api = Api::start(store, ServingConfig { tokens: Some(tokens), ..config() }).await;
+
+    let (status, body) = api.get("/v1/users/u1/segments").await;
+    assert_eq!((status, &body["reason"]), (StatusCode::UNAUTHORIZED, &json!("Unauthorized")));
+    assert_eq!(api.get_as("wrong", "/v1/users/u1/segments").await.0, StatusCode::UNAUTHORIZED);
+
+    let all = segments("u1", &[("crm", "vip", 1), ("growth", "lapsed", 1)]);
+    assert_eq!(api.get_as("admin-token", "/v1/users/u1/segments").await, (StatusCode::OK, all));
+    assert_eq!(
+        api.get_as("growth-token", "/v1/users/u1/segments").await,
+        (StatusCode::OK, segments("u1", &[("growth", "lapsed", 1)])),
+        "filtered to allowed namespaces"
+    );
+    let (status, body) = api.get_as("growth-token", "/v1/users/u1/segments?namespace=crm").await;
+    assert_eq!((status, body["field"].as_str()), (StatusCode::FORBIDDEN, Some("namespace")));
+    assert_eq!(api.get_as("growth-token", "/v1/namespaces/crm/segments/vip/members/u1").await.0, StatusCode::FORBIDDEN);
+    assert_eq!(api.get_as("growth-token", "/v1/namespaces/crm/segments/nope/members/u1").await.0, StatusCode::FORBIDDEN);
+    assert_eq!(api.get_as("growth-token", "/v1/namespaces/crm/segments").await.0, StatusCode::FORBIDDEN);
+    assert_eq!(api.get_as("growth-token", "/v1/namespaces/growth/segments/lapsed/members/u1").await.0, StatusCode::OK);
+    let checks = json!({"checks": [
+        {"namespace": "growth", "segment": "lapsed", "user": "u1"},
+        {"namespace": "crm", "segment": "vip", "user": "u1"},
+    ]});
+    let request = Request::post("/v1/membership:check")
+        .header("authorization", "Bearer growth-token")
+        .header("content-type", "application/json")
+        .body(Body::from(checks.to_string()))
+        .unwrap();
+    let (status, body) = api.send(request).await;
+    assert_eq!((status, body["field"].as_str()), (StatusCode::FORBIDDEN, Some("checks[1].namespace")));
+
+    // Probes, metrics and the document stay open.
+    for path in ["/healthz", "/readyz", "/metrics", "/openapi.json"] {
+        assert_eq!(api.get(path).await.0, StatusCode::OK, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn tokens_file_in_yaml_or_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dir.path().join("tokens.yaml");
+    std::fs::write(&yaml, "t-admin: ['*']\nt-growth:\n  - growth\n").unwrap();
+    let json = dir.path().join("tokens.json");
+    std::fs::write(&json, r#"{"t-admin": ["*"], "t-growth": ["growth"]}"#).unwrap();
+    assert_eq!(Tokens::load(&yaml).unwrap(), Tokens::load(&json).unwrap());
+    let broken = dir.path().join("broken.yaml");
+    std::fs::write(&broken, "t-admin: '*'\n").unwrap();
+    let error = Tokens::load(&broken).unwrap_err().to_string();
+    assert!(error.contains("broken.yaml"), "{error}");
+    assert!(Tokens::load(&dir.path().join("missing")).is_err());
+}
+
+#[tokio::test]
+async fn metrics_count_requests_and_cache_hits() {
+    let store = Arc::new(MemoryStore::new());
+    fixture(store.as_ref()).await;
+    let api = Api::start(store, config()).await;
+    for _ in 0..3 {
+        assert_eq!(api.member(&lapsed(), "u1").await.0, StatusCode::OK);
+    }
+    assert_eq!(api.member(&lapsed(), &"x".repeat(300)).await.0, StatusCode::BAD_REQUEST);
+    api.get("/v1/users/u1/segments").await;
+    api.get("/v1/users/u1/segments").await;
+    let (status, text) = api.get("/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    let text = text.as_str().unwrap();
+    let route = "/v1/namespaces/{namespace}/segments/{name}/members/{user}";
+    for line in [
+        format!("segment_serving_http_requests_total{{route=\"{route}\",method=\"GET\",code=\"200\"}} 3"),
+        format!("segment_serving_http_requests_total{{route=\"{route}\",method=\"GET\",code=\"400\"}} 1"),
+        format!("segment_serving_http_request_duration_seconds_count{{route=\"{route}\"}} 4"),
+        "segment_serving_cache_hits_total{cache=\"members\"} 2".to_string(),
+        "segment_serving_cache_misses_total{cache=\"members\"} 1".to_string(),
+        "segment_serving_cache_hits_total{cache=\"users\"} 1".to_string(),
+    ] {
+        assert!(text.contains(&line), "missing {line} in\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn serves_over_tcp() {
+    let store = Arc::new(MemoryStore::new());
+    fixture(store.as_ref()).await;
+    let api = Api::start(store, config()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = api.router.clone();
+    let server = tokio::spawn(async move { axum::serve(listener, router).await });
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(b"GET /v1/namespaces/growth/segments/lapsed/members/u1 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut response)).await.unwrap().unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.ends_with(r#"{"member":true,"version":1}"#), "{response}");
+    server.abort();
+}
