@@ -57,6 +57,13 @@ fn local_uri(dir: &tempfile::TempDir, version: u64) -> String {
     format!("file://{}/v{version}/", dir.path().display())
 }
 
+/// Ingests `members` as v1 and serves it, as a segment looks before the run under test.
+async fn serve_v1<S: SegmentStore>(store: &S, segment: &SegmentKey, dir: &tempfile::TempDir, members: Vec<String>) {
+    write_result(&local_uri(dir, 1), segment, 1, &[members]).await;
+    ingest::run(&task(segment, 1, &local_uri(dir, 1), 0), store).await.unwrap();
+    store.activate(segment, 1).await.unwrap();
+}
+
 /// Members a reader sees through the active version.
 async fn served<S: MembershipReader>(store: &S, segment: &SegmentKey, candidates: &[String]) -> BTreeSet<String> {
     let Some(version) = store.aliases().await.unwrap().get(segment).copied() else { return BTreeSet::new() };
@@ -67,9 +74,7 @@ async fn served<S: MembershipReader>(store: &S, segment: &SegmentKey, candidates
 
 async fn loads_every_part_invisibly<S: SegmentStore + MembershipReader>(store: &S, segment: &SegmentKey) {
     let dir = tempfile::tempdir().unwrap();
-    write_result(&local_uri(&dir, 1), segment, 1, &[users(0..100)]).await;
-    ingest::run(&task(segment, 1, &local_uri(&dir, 1), 0), store).await.unwrap();
-    store.activate(segment, 1).await.unwrap();
+    serve_v1(store, segment, &dir, users(0..100)).await;
 
     write_result(&local_uri(&dir, 2), segment, 2, &[users(50..2050), users(2050..4050), users(4050..4100)]).await;
     let report = ingest::run(&task(segment, 2, &local_uri(&dir, 2), 0), store).await.unwrap();
@@ -90,9 +95,7 @@ async fn a_corrupted_part_fails_the_run_and_leaves_the_active_version<S: Segment
     segment: &SegmentKey,
 ) {
     let dir = tempfile::tempdir().unwrap();
-    write_result(&local_uri(&dir, 1), segment, 1, &[users(0..10)]).await;
-    ingest::run(&task(segment, 1, &local_uri(&dir, 1), 0), store).await.unwrap();
-    store.activate(segment, 1).await.unwrap();
+    serve_v1(store, segment, &dir, users(0..10)).await;
 
     write_result(&local_uri(&dir, 2), segment, 2, &[users(100..200), users(200..300)]).await;
     let part = dir.path().join("v2/part-00001.txt");
@@ -130,9 +133,7 @@ async fn overrides_newer_than_the_snapshot_survive_the_rollover<S: SegmentStore 
     segment: &SegmentKey,
 ) {
     let dir = tempfile::tempdir().unwrap();
-    write_result(&local_uri(&dir, 1), segment, 1, &[users(0..10)]).await;
-    ingest::run(&task(segment, 1, &local_uri(&dir, 1), 0), store).await.unwrap();
-    store.activate(segment, 1).await.unwrap();
+    serve_v1(store, segment, &dir, users(0..10)).await;
     let at = |minutes: i64| snapshot() + Duration::minutes(minutes);
     let ov = |user: &str, op, ts, id: &str| Override { user: user.into(), op, ts, id: id.into() };
     // Before the snapshot: the lake already reflects it, so it is not re-applied.

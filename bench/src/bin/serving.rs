@@ -64,7 +64,10 @@ async fn main() {
     let hit = format!("{base}/v1/users/u0000042/segments");
     let miss = format!("{base}/v1/users/u0[0-1][0-9]{{5}}/segments");
     println!("serving benchmark: {SEGMENTS} segments x {USERS} users in Redis, {seconds}s per run, oha -q (open loop, latency corrected)");
-    println!("{:<28} {:>10} {:>12} {:>9} {:>9} {:>9} {:>8}", "run", "offered", "achieved/s", "p50 ms", "p99 ms", "p99.9 ms", "ok");
+    println!(
+        "{:<28} {:>10} {:>12} {:>9} {:>9} {:>9} {:>8}",
+        "run", "offered", "achieved/s", "p50 ms", "p99 ms", "p99.9 ms", "ok"
+    );
     let port = redis.port;
     let report = tokio::task::spawn_blocking(move || {
         for (name, url, regex) in [("users route, cache hit", &hit, false), ("users route, cache miss", &miss, true)] {
