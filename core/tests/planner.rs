@@ -37,6 +37,14 @@ fn rerun(w: &mut World) -> u64 {
     w.run().version
 }
 
+/// A manual run whose compute finished: its ingest Job is running.
+fn rerun_to_ingesting(w: &mut World) -> u64 {
+    let v = rerun(w);
+    w.succeed(v, Compute);
+    w.reconcile();
+    v
+}
+
 // ---------------------------------------------------------------------------
 // First run
 // ---------------------------------------------------------------------------
@@ -699,9 +707,7 @@ fn transient_failures_are_retried_with_backoff_up_to_max_retries() {
 fn an_ingest_failure_deletes_the_partial_version_and_keeps_the_previous() {
     let mut w = world_with_v1(&spec(""));
     w.advance(Duration::minutes(1));
-    let v = rerun(&mut w);
-    w.succeed(v, Compute);
-    w.reconcile();
+    let v = rerun_to_ingesting(&mut w);
     w.fail(v, Ingest, "StoreUnavailable: connection refused");
     let plan = w.reconcile();
     assert_eq!(effects(&plan), vec![Action::DeleteVersion { version: 2 }]);
@@ -716,9 +722,7 @@ fn an_ingest_failure_deletes_the_partial_version_and_keeps_the_previous() {
 fn an_ingest_that_leaves_no_version_is_incomplete() {
     let mut w = world_with_v1(&spec(""));
     w.advance(Duration::minutes(1));
-    let v = rerun(&mut w);
-    w.succeed(v, Compute);
-    w.reconcile();
+    let v = rerun_to_ingesting(&mut w);
     w.succeed_without_loading(v, Ingest);
     let plan = w.reconcile();
     assert_eq!(effects(&plan), vec![Action::DeleteVersion { version: 2 }]);
@@ -797,9 +801,7 @@ fn max_change_ratio_measures_the_change_then_holds_or_promotes() {
     // v2 changes 5 of v1's 4 members: a, b out; e, f, g in.
     w.members.insert(2, users(&["c", "d", "e", "f", "g"]));
     w.advance(Duration::minutes(1));
-    let v = rerun(&mut w);
-    w.succeed(v, Compute);
-    w.reconcile();
+    let v = rerun_to_ingesting(&mut w);
     w.succeed(v, Ingest);
 
     // Before the adapter has measured the change, the run waits for it.
@@ -929,9 +931,7 @@ fn retention_keeps_keep_versions_and_deletes_the_oldest() {
 fn retention_deletes_the_old_version_only_after_the_switch_away_from_it() {
     let mut w = world_with_v1(&spec("retention:\n  keepVersions: 1\n"));
     w.advance(Duration::minutes(1));
-    let v = rerun(&mut w);
-    w.succeed(v, Compute);
-    w.reconcile();
+    let v = rerun_to_ingesting(&mut w);
     w.succeed(v, Ingest);
     let plan = w.reconcile();
     // Store actions run in plan order: readers are on v2 before v1 goes.
@@ -1043,9 +1043,7 @@ fn a_missing_job_is_launched_again_under_the_same_name() {
 fn a_crash_after_the_store_actions_is_completed_without_repeating_them() {
     let mut w = world_with_v1(&spec(""));
     w.advance(Duration::minutes(1));
-    let v = rerun(&mut w);
-    w.succeed(v, Compute);
-    w.reconcile();
+    let v = rerun_to_ingesting(&mut w);
     w.succeed(v, Ingest);
     let plan = w.plan();
     assert!(plan.actions.contains(&Action::Activate { version: 2, previous: Some(1) }));
@@ -1061,9 +1059,7 @@ fn a_crash_after_the_store_actions_is_completed_without_repeating_them() {
 fn a_crash_after_activation_then_a_definition_change_never_deletes_what_readers_see() {
     let mut w = world_with_v1(&spec(""));
     w.advance(Duration::minutes(1));
-    let v = rerun(&mut w);
-    w.succeed(v, Compute);
-    w.reconcile();
+    let v = rerun_to_ingesting(&mut w);
     w.succeed(v, Ingest);
     let plan = w.plan();
     w.apply_store_actions(&plan);

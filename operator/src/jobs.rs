@@ -164,11 +164,6 @@ pub fn has_failed(job: &Job) -> bool {
     conditions.is_some_and(|cs| cs.iter().any(|c| c.type_ == "Failed" && c.status == "True"))
 }
 
-/// The owner of a Job, for mapping Job events back to their Segment.
-pub fn owner_name(job: &Job) -> Option<String> {
-    job.owner_references().iter().find(|o| o.kind == Segment::kind(&())).map(|o| o.name.clone())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

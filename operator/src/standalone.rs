@@ -83,10 +83,6 @@ impl Engine {
         })
     }
 
-    pub fn segments(&self) -> impl Iterator<Item = &Segment> {
-        self.segments.values()
-    }
-
     /// Reads the manifests again when a file changed. A changed spec
     /// counts as a new generation, as the API server would count it.
     pub async fn reload_if_changed(&mut self) -> Result<bool, StandaloneError> {
