@@ -14,6 +14,10 @@ use tokio::sync::broadcast;
 
 use crate::api::SegmentKey;
 
+/// Longest user id accepted (bytes), by the serving API and the realtime
+/// worker alike; longer ones are refused before reaching the store.
+pub const MAX_USER_LEN: usize = 256;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     #[error("store unavailable: {0}")]
@@ -75,6 +79,21 @@ pub struct DiffPage {
     pub next: Option<String>,
 }
 
+/// Where publishing one version's entered/exited events stands (see
+/// [`SegmentStore::claim_changes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangesClaim {
+    /// The caller publishes the diff from `from`, the version whose events
+    /// were published last (`None`: this is the first version announced,
+    /// there is nothing to diff against), then calls
+    /// [`SegmentStore::finish_changes`].
+    Granted { from: Option<u64> },
+    /// This version's events were all published already.
+    AlreadyPublished,
+    /// Another worker holds an unexpired claim on this version.
+    HeldElsewhere,
+}
+
 /// The membership store as the lifecycle, ingest and realtime use it.
 /// Every write is idempotent: a retried batch changes nothing the second time.
 #[async_trait]
@@ -131,6 +150,21 @@ pub trait SegmentStore: Send + Sync {
         cursor: Option<&str>,
         page_size: usize,
     ) -> Result<DiffPage, StoreError>;
+
+    /// Claims publishing the change events of `version` for `lease`, so
+    /// that each version is announced once however many realtime workers
+    /// see its rollover. A claim whose holder died expires, and the next
+    /// claimant publishes the version again (events carry ids to dedupe).
+    async fn claim_changes(
+        &self,
+        segment: &SegmentKey,
+        version: u64,
+        holder: &str,
+        lease: std::time::Duration,
+    ) -> Result<ChangesClaim, StoreError>;
+    /// Records that every event of `version` was published, if `holder`
+    /// still holds the claim; false when the claim was lost meanwhile.
+    async fn finish_changes(&self, segment: &SegmentKey, version: u64, holder: &str) -> Result<bool, StoreError>;
 }
 
 /// What serving reads: each call is one round trip to the store.
@@ -196,6 +230,10 @@ struct SegmentData {
     /// Versions being loaded.
     loading: BTreeMap<u64, BTreeSet<String>>,
     overrides: BTreeMap<String, Override>,
+    /// The version whose change events were published last.
+    announced: Option<u64>,
+    /// (version, holder, expiry) of the claim on publishing change events.
+    announcing: Option<(u64, String, DateTime<Utc>)>,
 }
 
 /// What the embedded store broadcasts to its rollover subscribers.
@@ -495,6 +533,46 @@ impl SegmentStore for MemoryStore {
             }
             Ok(page)
         })
+    }
+
+    async fn claim_changes(
+        &self,
+        segment: &SegmentKey,
+        version: u64,
+        holder: &str,
+        lease: std::time::Duration,
+    ) -> Result<ChangesClaim, StoreError> {
+        self.ensure_available()?;
+        let now = Utc::now();
+        let expiry = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
+        Ok(self.with(|all| {
+            let data = all.entry(segment.clone()).or_default();
+            if data.announced == Some(version) {
+                return ChangesClaim::AlreadyPublished;
+            }
+            if let Some((claimed, by, until)) = &data.announcing {
+                if *claimed == version && by != holder && *until > now {
+                    return ChangesClaim::HeldElsewhere;
+                }
+            }
+            data.announcing = Some((version, holder.to_string(), expiry));
+            ChangesClaim::Granted { from: data.announced }
+        }))
+    }
+
+    async fn finish_changes(&self, segment: &SegmentKey, version: u64, holder: &str) -> Result<bool, StoreError> {
+        self.ensure_available()?;
+        Ok(self.with(|all| {
+            let Some(data) = all.get_mut(segment) else { return false };
+            match &data.announcing {
+                Some((claimed, by, _)) if *claimed == version && by == holder => {
+                    data.announcing = None;
+                    data.announced = Some(version);
+                    true
+                }
+                _ => false,
+            }
+        }))
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, TimeZone, Utc};
 use futures::StreamExt;
 use segment_core::api::SegmentKey;
-use segment_core::store::{MembershipReader, MemoryStore, Override, OverrideOp, SegmentStore, StoreError};
+use segment_core::store::{ChangesClaim, MembershipReader, MemoryStore, Override, OverrideOp, SegmentStore, StoreError};
 use segment_store::redis::{RedisStore, RedisStoreOptions, Rollover};
 use segment_tests::{RedisCluster, RedisServer};
 
@@ -419,6 +419,35 @@ async fn deleting_a_segment_removes_everything(store: &impl Store, segment: &Seg
     assert_eq!(served(store, segment, &users("u", 0..2000)).await, set(&users("u", 0..3)));
 }
 
+/// Each version's change events are published once: one claimant at a
+/// time, a finished version is never claimed again, a dead claimant's
+/// claim expires, and the diff base is the version published last.
+async fn change_events_are_claimed_once(store: &impl Store, segment: &SegmentKey) {
+    let long = Duration::from_secs(60);
+    assert_eq!(store.claim_changes(segment, 1, "a", long).await.unwrap(), ChangesClaim::Granted { from: None });
+    assert_eq!(store.claim_changes(segment, 1, "b", long).await.unwrap(), ChangesClaim::HeldElsewhere);
+    // The holder may claim again (a retry after a failed page).
+    assert_eq!(store.claim_changes(segment, 1, "a", long).await.unwrap(), ChangesClaim::Granted { from: None });
+    assert!(!store.finish_changes(segment, 1, "b").await.unwrap(), "only the holder finishes");
+    assert!(store.finish_changes(segment, 1, "a").await.unwrap());
+    assert_eq!(store.claim_changes(segment, 1, "b", long).await.unwrap(), ChangesClaim::AlreadyPublished);
+
+    // Holder "a" dies while publishing version 2; its claim expires.
+    let short = Duration::from_millis(50);
+    assert_eq!(store.claim_changes(segment, 2, "a", short).await.unwrap(), ChangesClaim::Granted { from: Some(1) });
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(store.claim_changes(segment, 2, "b", long).await.unwrap(), ChangesClaim::Granted { from: Some(1) });
+    assert!(!store.finish_changes(segment, 2, "a").await.unwrap(), "a claim taken over is lost");
+    assert!(store.finish_changes(segment, 2, "b").await.unwrap());
+
+    // A rollback to version 1 is announced as the diff from 2.
+    assert_eq!(store.claim_changes(segment, 1, "a", long).await.unwrap(), ChangesClaim::Granted { from: Some(2) });
+    assert!(store.finish_changes(segment, 1, "a").await.unwrap());
+
+    store.delete_segment(segment).await.unwrap();
+    assert_eq!(store.claim_changes(segment, 1, "a", long).await.unwrap(), ChangesClaim::Granted { from: None });
+}
+
 /// Every contract, each in its own namespace under `prefix`.
 async fn run_contract(store: &impl Store, prefix: &str) {
     let segment = |name: &str| SegmentKey::new(format!("{prefix}-{name}"), "segment");
@@ -433,6 +462,7 @@ async fn run_contract(store: &impl Store, prefix: &str) {
     late_overrides_reach_versions_in_flight(store, &segment("late")).await;
     reads_agree(store, &format!("{prefix}-reads")).await;
     deleting_a_segment_removes_everything(store, &segment("delete-segment")).await;
+    change_events_are_claimed_once(store, &segment("changes")).await;
 }
 
 #[tokio::test]

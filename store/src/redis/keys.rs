@@ -58,6 +58,12 @@ impl SegmentKeys {
         format!("{}ov", self.base)
     }
 
+    /// Hash of change-event bookkeeping: `version` (published last) and
+    /// `claim` (`<version> <expiry ms> <holder>` of the worker publishing).
+    pub fn changes(&self) -> String {
+        format!("{}changes", self.base)
+    }
+
     /// Field of the user's reverse-index hash for one version.
     pub fn user_field(&self, version: u64) -> String {
         format!("{}#{version}", self.field)

@@ -20,7 +20,7 @@ use redis::{cmd, Cmd, FromRedisValue, ScriptInvocation, Value};
 use segment_core::api::SegmentKey;
 pub use segment_core::store::Rollover;
 use segment_core::store::{
-    Change, DiffPage, MembershipReader, Override, OverrideOp, RolloverFeed, SegmentStore, StoreError, StoredVersion,
+    Change, ChangesClaim, DiffPage, MembershipReader, Override, OverrideOp, RolloverFeed, SegmentStore, StoreError, StoredVersion,
 };
 use serde::{Deserialize, Serialize};
 use tracing::warn;
@@ -427,7 +427,8 @@ impl SegmentStore for RedisStore {
         for version in versions {
             self.purge_version(&keys, version).await?;
         }
-        self.query::<i64>(cmd("UNLINK").arg(keys.overrides()).arg(keys.loaded()).clone(), self.write()).await?;
+        self.query::<i64>(cmd("UNLINK").arg(keys.overrides()).arg(keys.loaded()).arg(keys.changes()).clone(), self.write())
+            .await?;
         Ok(())
     }
 
@@ -600,6 +601,37 @@ impl SegmentStore for RedisStore {
                 (next, entered) => DiffCursor { entered, scan: next, skip: 0 },
             };
         }
+    }
+
+    async fn claim_changes(
+        &self,
+        segment: &SegmentKey,
+        version: u64,
+        holder: &str,
+        lease: Duration,
+    ) -> Result<ChangesClaim, StoreError> {
+        check_segment(segment)?;
+        let keys = SegmentKeys::new(segment);
+        let now = Utc::now().timestamp_millis();
+        let expiry = now.saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
+        let mut claim = scripts::CLAIM_CHANGES.key(keys.changes());
+        claim.arg(version).arg(holder).arg(now).arg(expiry);
+        let reply: Vec<u64> = self.script(claim, self.write()).await?;
+        match reply.as_slice() {
+            [0] => Ok(ChangesClaim::AlreadyPublished),
+            [1] => Ok(ChangesClaim::HeldElsewhere),
+            [2, published] => Ok(ChangesClaim::Granted { from: (*published > 0).then_some(*published) }),
+            other => Err(StoreError::Other(format!("unexpected reply to a change claim: {other:?}"))),
+        }
+    }
+
+    async fn finish_changes(&self, segment: &SegmentKey, version: u64, holder: &str) -> Result<bool, StoreError> {
+        check_segment(segment)?;
+        let keys = SegmentKeys::new(segment);
+        let mut finish = scripts::FINISH_CHANGES.key(keys.changes());
+        finish.arg(version).arg(holder);
+        let done: u64 = self.script(finish, self.write()).await?;
+        Ok(done == 1)
     }
 }
 

@@ -172,3 +172,44 @@ return 0
 "#,
     )
 });
+
+/// KEYS: changes. ARGV: version, holder, now (ms), expiry (ms).
+///
+/// Claims publishing a version's change events: `{0}` when they were
+/// published already, `{1}` while another holder's claim is live, else
+/// `{2, version published last or 0}` and the claim is the caller's.
+pub(crate) static CLAIM_CHANGES: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local key, version, holder, now, expiry = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local published = redis.call('HGET', key, 'version')
+if published == version then return {0} end
+local claim = redis.call('HGET', key, 'claim')
+if claim then
+  local claimed, until_ms, by = string.match(claim, '^(%d+) (%d+) (.*)$')
+  if claimed == version and by ~= holder and tonumber(until_ms) > now then return {1} end
+end
+redis.call('HSET', key, 'claim', version .. ' ' .. expiry .. ' ' .. holder)
+return {2, tonumber(published or '0')}
+"#,
+    )
+});
+
+/// KEYS: changes. ARGV: version, holder.
+///
+/// Marks the version's events published if the caller still holds the
+/// claim; returns 1 then, 0 when the claim was lost.
+pub(crate) static FINISH_CHANGES: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local key, version, holder = KEYS[1], ARGV[1], ARGV[2]
+local claim = redis.call('HGET', key, 'claim')
+if not claim then return 0 end
+local claimed, by = string.match(claim, '^(%d+) %d+ (.*)$')
+if claimed ~= version or by ~= holder then return 0 end
+redis.call('HSET', key, 'version', version)
+redis.call('HDEL', key, 'claim')
+return 1
+"#,
+    )
+});
