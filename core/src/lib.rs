@@ -5,11 +5,13 @@
 //! - [`planner`]: the lifecycle as a pure function from what is observed to what to do.
 //! - [`store`]: the edges (membership store, result files) behind traits.
 //! - [`naming`], [`task`]: names and the task handed to worker Jobs.
+//! - [`manifests`]: Segments and SegmentSources read from files.
 
 pub mod api;
 pub mod definition;
 pub mod duration;
 pub mod manifest;
+pub mod manifests;
 pub mod naming;
 pub mod planner;
 pub mod rules;

@@ -14,11 +14,10 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use segment_operator::config::StandaloneArgs;
 use segment_operator::standalone;
+use segment_tests::examples::{expected_members, SEGMENTS};
 use segment_tests::{free_port, RedisServer};
 use segment_worker::lakegen;
 use serde_json::{json, Value};
-
-const SEGMENTS: [&str; 5] = ["lapsed-high-value", "southern-europe-buyers", "vip-list", "churn-risk", "win-back"];
 
 fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
     let body = body.map(|b| b.to_string()).unwrap_or_default();
@@ -87,41 +86,6 @@ fn served(port: u16, users: &[String]) -> BTreeMap<String, BTreeSet<String>> {
     out
 }
 
-/// The example definitions evaluated in plain Rust over the generated rows.
-fn expected(spec: &lakegen::LakeSpec, snapshots: &BTreeMap<String, (u64, DateTime<Utc>)>) -> BTreeMap<String, BTreeSet<String>> {
-    let days = chrono::Duration::days;
-    let snap = |name: &str| snapshots[name].1;
-    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for rows in lakegen::rows(spec) {
-        let id = rows.user.user_id.clone();
-        let t = snap("lapsed-high-value");
-        let recent: Vec<_> = rows.orders.iter().filter(|o| o.created_at >= t - days(90)).collect();
-        if recent.len() >= 3 && recent.iter().map(|o| o.created_at).max().is_some_and(|m| m < t - days(30)) {
-            out.entry("lapsed-high-value".into()).or_default().insert(id.clone());
-        }
-        let t = snap("southern-europe-buyers");
-        let delivered = rows.orders.iter().any(|o| o.status == "delivered" && o.created_at > t - days(90) && o.created_at <= t);
-        if ["ES", "IT"].contains(&rows.user.country) && delivered {
-            out.entry("southern-europe-buyers".into()).or_default().insert(id.clone());
-        }
-        let t = snap("churn-risk");
-        let active = rows.events.iter().any(|e| e.ts >= t - days(60));
-        let recently = rows.events.iter().any(|e| e.ts >= t - days(14));
-        if active && !recently {
-            out.entry("churn-risk".into()).or_default().insert(id.clone());
-        }
-    }
-    out.insert("vip-list".into(), lakegen::vip_list(spec).into_iter().map(|(u, _)| u).collect());
-    let get = |name: &str| out.get(name).cloned().unwrap_or_default();
-    let win_back =
-        get("lapsed-high-value").intersection(&get("churn-risk")).filter(|u| !get("vip-list").contains(*u)).cloned().collect();
-    out.insert("win-back".into(), win_back);
-    for name in SEGMENTS {
-        out.entry(name.to_string()).or_default();
-    }
-    out
-}
-
 fn edit_segment(dir: &Path, name: &str, edit: impl FnOnce(&mut Value)) {
     let path = dir.join("segments.yaml");
     let text = std::fs::read_to_string(&path).unwrap();
@@ -170,7 +134,7 @@ async fn the_examples_end_to_end(redis_url: Option<String>) {
             let active = active_versions(port);
             (active.len() == SEGMENTS.len()).then_some(active)
         });
-        let want = expected(&spec, &snapshots);
+        let want = expected_members(&spec, |name| snapshots[name].1);
         let got = served(port, &users);
         for name in SEGMENTS {
             assert_eq!(got[name], want[name], "{name}: served members differ from the independent evaluation");

@@ -14,8 +14,9 @@ pub mod controller;
 pub mod http;
 pub mod jobs;
 pub mod leader;
-pub mod manifests;
 pub mod metrics;
+/// Manifests from files live in the core library, shared with `kubectl segment preview`.
+pub use segment_core::manifests;
 pub mod reconcile;
 pub mod standalone;
 pub mod time;

@@ -96,13 +96,11 @@ impl Engine {
         Ok(true)
     }
 
-    async fn apply_manifests(&mut self, loaded: Manifests) -> Result<(), StandaloneError> {
-        self.sources = loaded.sources.into_iter().map(|s| self.absolute_source(s)).collect();
+    async fn apply_manifests(&mut self, mut loaded: Manifests) -> Result<(), StandaloneError> {
+        loaded.resolve_relative_uris(&self.dir);
+        self.sources = loaded.sources;
         let mut seen = Vec::new();
         for mut segment in loaded.segments {
-            if let Some(list) = segment.spec.definition.static_list.as_mut() {
-                list.uri = self.absolute_uri(&list.uri);
-            }
             let key = segment.key();
             seen.push(key.clone());
             match self.segments.get(&key) {
@@ -133,19 +131,6 @@ impl Engine {
             );
         }
         Ok(())
-    }
-
-    /// `file://./x` in a manifest means `x` next to the manifest directory.
-    fn absolute_uri(&self, uri: &str) -> String {
-        match uri.strip_prefix("file://./") {
-            Some(rest) => format!("file://{}/{rest}", self.dir.display()),
-            None => uri.to_string(),
-        }
-    }
-
-    fn absolute_source(&self, mut source: SegmentSource) -> SegmentSource {
-        source.spec.uri = self.absolute_uri(&source.spec.uri);
-        source
     }
 
     /// Plans every Segment once and carries the plans out. Returns when to

@@ -3,15 +3,8 @@
 use std::process::Command;
 
 fn operator(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_segment-operator"))
-        .args(args)
-        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-        .output()
-        .expect("the binary runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+    segment_tests::run_command(
+        Command::new(env!("CARGO_BIN_EXE_segment-operator")).args(args).current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/..")),
     )
 }
 

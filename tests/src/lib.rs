@@ -1,7 +1,15 @@
 //! Starts real servers for the integration tests: Redis, a three-node Redis
-//! Cluster and an S3-compatible server (moto), each on free loopback ports
-//! with its own temporary directory, so tests run in parallel. Servers
-//! stop when their handle is dropped.
+//! Cluster, an S3-compatible server (moto) and a Kafka-protocol broker
+//! (tansu), each on free loopback ports with its own temporary directory,
+//! so tests run in parallel. Servers stop when their handle is dropped.
+//! Also writes result files the way compute does ([`write_result`]).
+//!
+//! Also shared by the tests of several crates: [`kube_api`], a fake
+//! Kubernetes API server behind kube's mock service, and [`examples`], the
+//! example Segments evaluated independently of the compute path.
+
+pub mod examples;
+pub mod kube_api;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -10,6 +18,17 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
+
+/// Runs a command to completion: (exit code, or -1 when killed by a
+/// signal; stdout; stderr).
+pub fn run_command(command: &mut Command) -> (i32, String, String) {
+    let out = command.output().expect("the command runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
 
 /// A port nothing listens on right now.
 pub fn free_port() -> u16 {
@@ -378,4 +397,67 @@ impl RedisCluster {
             });
         }
     }
+}
+
+/// A Kafka-protocol broker: `tansu` with its in-memory storage engine.
+pub struct KafkaBroker {
+    pub port: u16,
+    _process: Process,
+    _dir: TempDir,
+}
+
+impl KafkaBroker {
+    pub fn start() -> KafkaBroker {
+        require("tansu", "cargo install tansu --features dynostore");
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let log = std::fs::File::create(dir.path().join("tansu.log")).expect("a log file");
+        let child = die_with_parent(&mut Command::new("tansu"))
+            .arg("broker")
+            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .current_dir(dir.path())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("tansu starts");
+        let process = Process { child };
+        wait_until("tansu", Duration::from_secs(30), || TcpStream::connect(("127.0.0.1", port)).is_ok());
+        KafkaBroker { port, _process: process, _dir: dir }
+    }
+
+    /// The bootstrap servers setting for clients.
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+/// Writes a result the way compute does: parts, then the manifest last.
+pub async fn write_result(
+    uri: &str,
+    segment: &segment_core::api::SegmentKey,
+    version: u64,
+    snapshot_time: chrono::DateTime<chrono::Utc>,
+    parts: &[Vec<String>],
+) -> segment_core::manifest::Manifest {
+    let dir = segment_store::results::ResultDir::open(uri).expect("a result location");
+    let mut written = Vec::new();
+    for (i, part) in parts.iter().enumerate() {
+        written.push(dir.write_part(i, part.iter().map(String::as_str)).await.expect("a part written"));
+    }
+    let manifest = segment_core::manifest::Manifest {
+        format: segment_core::manifest::FORMAT.to_string(),
+        segment: segment.clone(),
+        version,
+        generation: 1,
+        definition_hash: "feedc0de".into(),
+        snapshot_time,
+        computed_at: snapshot_time + chrono::Duration::minutes(2),
+        members: written.iter().map(|p| p.members).sum(),
+        parts: written,
+    };
+    dir.write_manifest(&manifest).await.expect("the manifest written");
+    manifest
 }

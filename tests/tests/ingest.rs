@@ -5,11 +5,10 @@ use std::collections::BTreeSet;
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use segment_core::api::SegmentKey;
-use segment_core::manifest::{Manifest, FORMAT};
+use segment_core::manifest::Manifest;
 use segment_core::store::{MembershipReader, MemoryStore, Override, OverrideOp, SegmentStore};
 use segment_core::task::IngestTask;
 use segment_store::redis::RedisStore;
-use segment_store::results::ResultDir;
 use segment_tests::RedisServer;
 use segment_worker::ingest;
 
@@ -21,26 +20,8 @@ fn users(range: std::ops::Range<u32>) -> Vec<String> {
     range.map(|i| format!("user-{i:06}")).collect()
 }
 
-/// Writes a result the way compute does: parts, then the manifest.
 async fn write_result(uri: &str, segment: &SegmentKey, version: u64, parts: &[Vec<String>]) -> Manifest {
-    let dir = ResultDir::open(uri).unwrap();
-    let mut written = Vec::new();
-    for (i, part) in parts.iter().enumerate() {
-        written.push(dir.write_part(i, part.iter().map(String::as_str)).await.unwrap());
-    }
-    let manifest = Manifest {
-        format: FORMAT.to_string(),
-        segment: segment.clone(),
-        version,
-        generation: 1,
-        definition_hash: "feedc0de".into(),
-        snapshot_time: snapshot(),
-        computed_at: snapshot() + Duration::minutes(2),
-        members: written.iter().map(|p| p.members).sum(),
-        parts: written,
-    };
-    dir.write_manifest(&manifest).await.unwrap();
-    manifest
+    segment_tests::write_result(uri, segment, version, snapshot(), parts).await
 }
 
 fn task(segment: &SegmentKey, version: u64, uri: &str, tolerance: u32) -> IngestTask {

@@ -83,6 +83,8 @@ struct Harness {
     now: Arc<Mutex<DateTime<Utc>>>,
     metrics: Arc<Metrics>,
     compute_limit: usize,
+    /// The operator's watched namespace (`--namespace`), if any.
+    watch_namespace: Option<String>,
 }
 
 impl Harness {
@@ -95,6 +97,7 @@ impl Harness {
             now: Arc::new(Mutex::new(t0())),
             metrics: Arc::new(Metrics::default()),
             compute_limit: 0,
+            watch_namespace: None,
         }
     }
 
@@ -108,7 +111,7 @@ impl Harness {
             planner: PlannerConfig { results_base: Some("s3://results".into()), ..Default::default() },
             jobs: job_args(),
             results_base: "s3://results".into(),
-            slots: ComputeSlots::new(self.compute_limit),
+            slots: ComputeSlots::new(self.compute_limit, self.watch_namespace.clone()),
             recorder: Recorder::new(client, Reporter { controller: "segment-operator".into(), instance: None }),
             metrics: self.metrics.clone(),
             clock: Arc::new(move || *now.lock().unwrap()),
@@ -533,6 +536,34 @@ async fn the_cluster_wide_compute_limit_queues_runs() {
     let writes = h.reconcile().await;
     assert_eq!(writes, vec![format!("PATCH {STATUS}"), format!("POST {JOBS}")]);
     assert_eq!(h.segment().status.unwrap().current_run.unwrap().phase, RunPhase::Computing);
+}
+
+/// An operator watching one namespace counts compute Jobs there only: it
+/// starts none elsewhere, and needs no cluster-wide permission to list.
+#[tokio::test]
+async fn a_namespaced_operator_counts_only_its_namespace() {
+    let mut h = Harness::new(segment(""));
+    h.compute_limit = 1;
+    let namespace = h.segment().metadata.namespace.clone().unwrap();
+    h.watch_namespace = Some(namespace.clone());
+    let compute_job = |name: &str, ns: &str| Job {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(ns.into()),
+            labels: Some(BTreeMap::from([(JOB_KIND_LABEL.into(), "compute".into()), (SEGMENT_LABEL.into(), "other".into())])),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    h.world.lock().unwrap().jobs.push(compute_job("elsewhere-v1-compute", "not-watched"));
+    let writes = h.reconcile().await;
+    assert_eq!(
+        writes,
+        vec![format!("PATCH {STATUS}"), format!("POST {JOBS}"), format!("POST {EVENTS}")],
+        "the other namespace's Job takes no slot"
+    );
+    let lists = h.world.lock().unwrap().requests("GET", "/apis/batch/v1");
+    assert!(lists.iter().all(|l| l.path == format!("/apis/batch/v1/namespaces/{namespace}/jobs")), "{lists:?}");
 }
 
 #[tokio::test]

@@ -1,34 +1,20 @@
 //! A stand-in for the Kubernetes API server, behind kube's mock service
-//! (tower-test). It answers the calls the operator makes from a small
-//! in-memory world and logs every request, so tests assert the exact
-//! requests a reconcile sends, in order.
+//! (the shared [`segment_tests::kube_api`]). It answers the calls the
+//! operator makes from a small in-memory world and logs every request, so
+//! tests assert the exact requests a reconcile sends, in order.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use http::{Request, Response, StatusCode};
+use http::StatusCode;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
-use kube::client::Body;
 use kube::Client;
 use segment_core::api::{Segment, SegmentSource};
+pub use segment_tests::kube_api::Logged;
+use segment_tests::kube_api::{self, status};
 use serde_json::{json, Value};
-
-#[derive(Debug, Clone)]
-pub struct Logged {
-    pub method: String,
-    pub path: String,
-    pub query: String,
-    pub body: Value,
-}
-
-impl Logged {
-    /// `METHOD path`, the form tests compare sequences in.
-    pub fn line(&self) -> String {
-        format!("{} {}", self.method, self.path)
-    }
-}
 
 #[derive(Default)]
 pub struct World {
@@ -55,53 +41,12 @@ pub type SharedWorld = Arc<Mutex<World>>;
 
 /// A client whose requests are answered by `world`.
 pub fn client(world: SharedWorld) -> Client {
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    tokio::spawn(async move {
-        while let Some((request, send)) = handle.next_request().await {
-            let (parts, body) = request.into_parts();
-            let bytes = body.collect_bytes().await.unwrap_or_default();
-            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            let logged = Logged {
-                method: parts.method.to_string(),
-                path: parts.uri.path().to_string(),
-                query: parts.uri.query().map(decode).unwrap_or_default(),
-                body,
-            };
-            let (status, reply) = answer(&mut world.lock().unwrap(), &logged);
-            world.lock().unwrap().log.push(logged);
-            let response = Response::builder()
-                .status(status)
-                .header("content-type", "application/json")
-                .body(Body::from(serde_json::to_vec(&reply).unwrap()))
-                .unwrap();
-            send.send_response(response);
-        }
-    });
-    Client::new(service, "default")
-}
-
-fn decode(query: &str) -> String {
-    let mut out = String::new();
-    let bytes = query.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
-                out.push(u8::from_str_radix(hex, 16).map(char::from).unwrap_or('?'));
-                i += 3;
-            }
-            b'+' => {
-                out.push(' ');
-                i += 1;
-            }
-            b => {
-                out.push(b as char);
-                i += 1;
-            }
-        }
-    }
-    out
+    kube_api::client("default", move |request| {
+        let mut world = world.lock().unwrap();
+        let reply = answer(&mut world, request);
+        world.log.push(request.clone());
+        reply
+    })
 }
 
 /// `labelSelector=a=b,c=d` from a query, as pairs.
@@ -120,13 +65,6 @@ fn matches(labels: Option<&BTreeMap<String, String>>, wanted: &[(String, String)
 
 fn list(api_version: &str, kind: &str, items: Vec<Value>) -> Value {
     json!({"apiVersion": api_version, "kind": kind, "metadata": {"resourceVersion": "1"}, "items": items})
-}
-
-fn status(code: u16, reason: &str, message: &str) -> (StatusCode, Value) {
-    (
-        StatusCode::from_u16(code).unwrap(),
-        json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "code": code, "reason": reason, "message": message}),
-    )
 }
 
 fn answer(world: &mut World, req: &Logged) -> (StatusCode, Value) {

@@ -1,10 +1,13 @@
 //! Segment and SegmentSource manifests read from files, for the commands
-//! that work without a cluster (`check`, and standalone mode).
+//! that work without a cluster (`segment-operator check`, standalone mode,
+//! `kubectl segment preview`), and the one rule for the locations in them:
+//! `file://./x` means `x` next to the manifests.
 
 use std::path::{Path, PathBuf};
 
-use segment_core::api::{Segment, SegmentSource};
 use serde::Deserialize;
+
+use crate::api::{Segment, SegmentSource, SegmentSourceSpec};
 
 #[derive(Debug, Default)]
 pub struct Manifests {
@@ -76,6 +79,46 @@ fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), ManifestErro
 impl Manifests {
     /// `table` of every SegmentSource in `namespace`.
     pub fn tables_in(&self, namespace: &str) -> Vec<String> {
-        self.sources.iter().filter(|s| s.metadata.namespace.as_deref() == Some(namespace)).map(|s| s.spec.table.clone()).collect()
+        self.sources_in(namespace).into_iter().map(|s| s.table).collect()
+    }
+
+    /// The SegmentSources of `namespace`, as a compute task takes them.
+    pub fn sources_in(&self, namespace: &str) -> Vec<SegmentSourceSpec> {
+        self.sources.iter().filter(|s| s.metadata.namespace.as_deref() == Some(namespace)).map(|s| s.spec.clone()).collect()
+    }
+
+    /// Makes the `file://./` locations of sources and static lists
+    /// absolute, relative to `dir` (the manifest directory).
+    pub fn resolve_relative_uris(&mut self, dir: &Path) {
+        for source in &mut self.sources {
+            source.spec.uri = resolve_relative_uri(&source.spec.uri, dir);
+        }
+        for segment in &mut self.segments {
+            if let Some(list) = segment.spec.definition.static_list.as_mut() {
+                list.uri = resolve_relative_uri(&list.uri, dir);
+            }
+        }
+    }
+}
+
+/// `file://./x` in a manifest means `x` next to the manifest directory
+/// `dir`; other locations are left as they are.
+pub fn resolve_relative_uri(uri: &str, dir: &Path) -> String {
+    match uri.strip_prefix("file://./") {
+        Some(rest) => format!("file://{}/{rest}", dir.display()),
+        None => uri.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_file_locations_are_resolved_against_the_manifest_directory() {
+        let dir = Path::new("/srv/segments");
+        assert_eq!(resolve_relative_uri("file://./lake/orders/", dir), "file:///srv/segments/lake/orders/");
+        assert_eq!(resolve_relative_uri("file:///data/orders/", dir), "file:///data/orders/");
+        assert_eq!(resolve_relative_uri("s3://lake/orders/", dir), "s3://lake/orders/");
     }
 }
