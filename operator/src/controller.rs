@@ -59,7 +59,7 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
         planner: PlannerConfig { results_base: Some(args.results_uri.clone()), ..Default::default() },
         jobs: args.jobs.clone(),
         results_base: args.results_uri.clone(),
-        slots: ComputeSlots::new(args.max_concurrent_computes),
+        slots: ComputeSlots::new(args.max_concurrent_computes, args.namespace.clone()),
         recorder: Recorder::new(
             client.clone(),
             Reporter { controller: "segment-operator".into(), instance: Some(args.leader.identity.clone()) },

@@ -59,22 +59,29 @@ pub enum Error {
     NoNamespace,
 }
 
-/// The cluster-wide limit on concurrent compute Jobs. Counting and
-/// creating happen under one lock so two reconciles cannot both take the
-/// last slot; the count comes from the API server, so a restarted operator
-/// sees the Jobs its predecessor started.
+/// The limit on concurrent compute Jobs of this operator (cluster-wide, or
+/// in its one watched namespace). Counting and creating happen under one
+/// lock so two reconciles cannot both take the last slot; the count comes
+/// from the API server, so a restarted operator sees the Jobs its
+/// predecessor started.
 pub struct ComputeSlots {
     limit: Option<usize>,
+    /// The watched namespace: the operator creates Jobs nowhere else, so
+    /// it counts (and needs permission to list) only there.
+    namespace: Option<String>,
     lock: Mutex<()>,
 }
 
 impl ComputeSlots {
-    pub fn new(limit: usize) -> Self {
-        ComputeSlots { limit: (limit > 0).then_some(limit), lock: Mutex::new(()) }
+    pub fn new(limit: usize, namespace: Option<String>) -> Self {
+        ComputeSlots { limit: (limit > 0).then_some(limit), namespace, lock: Mutex::new(()) }
     }
 
-    async fn active_computes(client: &Client) -> Result<usize, kube::Error> {
-        let jobs: Api<Job> = Api::all(client.clone());
+    async fn active_computes(&self, client: &Client) -> Result<usize, kube::Error> {
+        let jobs: Api<Job> = match &self.namespace {
+            Some(namespace) => Api::namespaced(client.clone(), namespace),
+            None => Api::all(client.clone()),
+        };
         let list = jobs.list(&ListParams::default().labels(&format!("{JOB_KIND_LABEL}=compute"))).await?;
         Ok(list.items.iter().filter(|j| jobs::is_active(j)).count())
     }
@@ -146,7 +153,7 @@ async fn apply(segment: &Segment, ctx: &Context) -> Result<Requeue, Error> {
     let _slot = match ctx.slots.limit {
         Some(limit) if launches_compute => {
             let guard = ctx.slots.lock.lock().await;
-            if ComputeSlots::active_computes(&ctx.client).await? >= limit {
+            if ctx.slots.active_computes(&ctx.client).await? >= limit {
                 plan = planner::plan(&observe(false), &ctx.planner);
             }
             Some(guard)
