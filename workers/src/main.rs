@@ -25,6 +25,9 @@ enum Command {
         #[arg(long, env = "REDIS_URL")]
         redis_url: String,
     },
+    /// Apply include/exclude events from Kafka to the active versions and
+    /// publish entered/exited events on every rollover (a Deployment).
+    Realtime(Box<RealtimeArgs>),
     /// Write a deterministic example lake (orders, users, app events).
     GenerateLake {
         #[arg(long)]
@@ -46,6 +49,53 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         events_per_user: u32,
     },
+}
+
+#[derive(Args)]
+struct RealtimeArgs {
+    /// `redis://host:port` or `redis+cluster://host:port,host:port`.
+    #[arg(long, env = "REDIS_URL")]
+    redis_url: String,
+    /// Kafka bootstrap servers, `host:port[,host:port...]`.
+    #[arg(long, env = "KAFKA_BROKERS")]
+    brokers: String,
+    /// Topic of include/exclude events (key = user id).
+    #[arg(long, env = "MEMBERSHIP_TOPIC", default_value = "segment-membership")]
+    membership_topic: String,
+    /// Where messages that cannot be applied go, with the reason in headers.
+    #[arg(long, env = "DLQ_TOPIC", default_value = "segment-membership-dlq")]
+    dlq_topic: String,
+    /// Topic of entered/exited events (key = user id).
+    #[arg(long, env = "CHANGES_TOPIC", default_value = "segment-changes")]
+    changes_topic: String,
+    /// Consumer group; replicas share the partitions.
+    #[arg(long, env = "KAFKA_GROUP_ID", default_value = "segment-realtime")]
+    group_id: String,
+    /// A librdkafka setting, `KEY=VALUE` (repeatable), e.g.
+    /// `security.protocol=SASL_SSL`.
+    #[arg(long = "kafka-option", value_parser = parse_kafka_option)]
+    kafka_options: Vec<(String, String)>,
+    #[arg(long, env = "KAFKA_SASL_USERNAME")]
+    kafka_sasl_username: Option<String>,
+    #[arg(long, env = "KAFKA_SASL_PASSWORD", hide_env_values = true)]
+    kafka_sasl_password: Option<String>,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    metrics_addr: std::net::SocketAddr,
+    /// Log as JSON lines (production) instead of text.
+    #[arg(long, env = "LOG_JSON", default_value_t = false)]
+    log_json: bool,
+    /// Seconds between checks of every segment for a rollover whose
+    /// changes were not published (missed notice, failed publish).
+    #[arg(long, env = "RESYNC_SECONDS", default_value_t = 30)]
+    resync_seconds: u64,
+}
+
+fn parse_kafka_option(value: &str) -> Result<(String, String), String> {
+    match value.split_once('=') {
+        Some((key, v)) if !key.trim().is_empty() => Ok((key.trim().to_string(), v.to_string())),
+        _ => Err(format!("{value:?} is not KEY=VALUE")),
+    }
 }
 
 #[derive(Args)]
@@ -78,11 +128,18 @@ fn finish<T: serde::Serialize>(result: Result<T, WorkerError>, termination_log: 
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let json_logs = matches!(&cli.command, Command::Realtime(args) if args.log_json);
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr);
+    if json_logs {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
+    match cli.command {
+        Command::Realtime(args) => realtime(*args).await,
         Command::Compute(args) => {
             let result = async { compute::run(&parse::<ComputeTask>(&args)?).await }.await;
             finish(result, &args.termination_log)
@@ -106,6 +163,80 @@ async fn main() -> ExitCode {
             let spec = lakegen::LakeSpec { users, seed, now, orders_per_user, events_per_user };
             generate_lake(&out, &spec)
         }
+    }
+}
+
+async fn realtime(args: RealtimeArgs) -> ExitCode {
+    use segment_worker::realtime::{kafka, metrics::Metrics};
+    use std::sync::Arc;
+    let store = match segment_store::redis::RedisStore::connect(&args.redis_url).await {
+        Ok(store) => Arc::new(store),
+        Err(e) => {
+            eprintln!("segment-worker: --redis-url: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(args.metrics_addr).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("segment-worker: --metrics-addr {}: {e}", args.metrics_addr);
+            return ExitCode::FAILURE;
+        }
+    };
+    let metrics = Arc::new(Metrics::default());
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let mut http_shutdown = shutdown.clone();
+    let server = segment_worker::realtime::metrics::serve(listener, metrics.clone(), async move {
+        let _ = http_shutdown.wait_for(|stop| *stop).await;
+    });
+    let server = tokio::spawn(server);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        let _ = stop.send(true);
+    });
+    // The pod name in a cluster (HOSTNAME), plus the pid, names this
+    // worker's claims on change events.
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "segment-worker".into());
+    let config = kafka::RealtimeConfig {
+        kafka: kafka::KafkaSettings {
+            brokers: args.brokers,
+            options: args.kafka_options,
+            sasl_username: args.kafka_sasl_username,
+            sasl_password: args.kafka_sasl_password,
+        },
+        membership_topic: args.membership_topic,
+        dead_letter_topic: args.dlq_topic,
+        changes_topic: args.changes_topic,
+        group_id: args.group_id,
+        holder: format!("{host}-{}", std::process::id()),
+        claim_lease: std::time::Duration::from_secs(60),
+        resync_interval: std::time::Duration::from_secs(args.resync_seconds.max(1)),
+    };
+    let result = kafka::run(config, store, metrics, shutdown).await;
+    if let Ok(Err(e)) = server.await {
+        eprintln!("segment-worker: metrics server: {e}");
+    }
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("segment-worker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
 }
 

@@ -1,0 +1,404 @@
+//! `segment-worker realtime` against a real Kafka-protocol broker (tansu)
+//! and a real Redis, both started by the harness: include/exclude reach the
+//! store and survive the next rollover, bad messages go to the dead-letter
+//! topic while the worker keeps going, each rollover's changes are
+//! published once, and a worker killed mid-stream loses and duplicates
+//! nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeZone, Utc};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use segment_core::api::SegmentKey;
+use segment_core::store::{MembershipReader, SegmentStore};
+use segment_core::task::IngestTask;
+use segment_store::redis::RedisStore;
+use segment_tests::{KafkaBroker, RedisServer};
+use segment_worker::realtime::changes::ChangeEvent;
+use segment_worker::realtime::kafka::{self, KafkaSettings, RealtimeConfig, REASON_HEADER};
+use segment_worker::realtime::metrics::Metrics;
+use serde_json::json;
+use tokio::sync::watch;
+
+const MEMBERSHIP: &str = "segment-membership";
+const DEAD_LETTERS: &str = "segment-membership-dlq";
+const CHANGES: &str = "segment-changes";
+/// How long anything asynchronous may take before a test gives up.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn users(prefix: &str, range: std::ops::Range<u32>) -> Vec<String> {
+    range.map(|i| format!("{prefix}-{i:05}")).collect()
+}
+
+struct Setup {
+    broker: KafkaBroker,
+    redis: RedisServer,
+    store: Arc<RedisStore>,
+    segment: SegmentKey,
+    results: tempfile::TempDir,
+}
+
+impl Setup {
+    /// A broker with the three topics, and Redis serving `members` as v1.
+    async fn start(members: Vec<String>) -> Setup {
+        let broker = KafkaBroker::start();
+        let redis = RedisServer::start();
+        let admin: AdminClient<DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", broker.brokers()).create().expect("an admin client");
+        let topics = [(MEMBERSHIP, 3), (DEAD_LETTERS, 1), (CHANGES, 3)]
+            .map(|(name, partitions)| NewTopic::new(name, partitions, TopicReplication::Fixed(1)));
+        for result in admin.create_topics(&topics, &AdminOptions::new()).await.expect("topics created") {
+            result.expect("topic created");
+        }
+        let store = Arc::new(RedisStore::connect(&redis.url()).await.unwrap());
+        let setup =
+            Setup { broker, redis, store, segment: SegmentKey::new("growth", "vip"), results: tempfile::tempdir().unwrap() };
+        setup.ingest(1, Utc::now() - chrono::Duration::hours(2), members).await;
+        setup.store.activate(&setup.segment, 1).await.unwrap();
+        setup
+    }
+
+    /// Loads a version through the real ingest path (which re-applies
+    /// overrides newer than the snapshot); it is not activated.
+    async fn ingest(&self, version: u64, snapshot: DateTime<Utc>, members: Vec<String>) {
+        let uri = format!("file://{}/v{version}/", self.results.path().display());
+        segment_tests::write_result(&uri, &self.segment, version, snapshot, &[members]).await;
+        let task =
+            IngestTask { segment: self.segment.clone(), version, snapshot_time: snapshot, results_uri: uri, max_failed_parts: 0 };
+        segment_worker::ingest::run(&task, self.store.as_ref()).await.expect("ingest succeeds");
+    }
+
+    fn config(&self, holder: &str) -> RealtimeConfig {
+        RealtimeConfig {
+            kafka: KafkaSettings { brokers: self.broker.brokers(), ..Default::default() },
+            membership_topic: MEMBERSHIP.into(),
+            dead_letter_topic: DEAD_LETTERS.into(),
+            changes_topic: CHANGES.into(),
+            group_id: "segment-realtime".into(),
+            holder: holder.into(),
+            claim_lease: Duration::from_secs(30),
+            resync_interval: Duration::from_millis(200),
+        }
+    }
+
+    /// Runs a worker in this process until the returned sender says stop.
+    fn run_worker(&self, holder: &str) -> (watch::Sender<bool>, Arc<Metrics>, tokio::task::JoinHandle<()>) {
+        let (stop, shutdown) = watch::channel(false);
+        let metrics = Arc::new(Metrics::default());
+        let task = tokio::spawn(kafka::run(self.config(holder), self.store.clone(), metrics.clone(), shutdown));
+        let handle = tokio::spawn(async move { task.await.unwrap().expect("the worker runs") });
+        (stop, metrics, handle)
+    }
+
+    fn producer(&self) -> FutureProducer {
+        KafkaSettings { brokers: self.broker.brokers(), ..Default::default() }.producer().unwrap()
+    }
+
+    async fn served(&self, candidates: &[String]) -> BTreeSet<String> {
+        let version = self.store.active_version(&self.segment).await.unwrap().expect("an active version");
+        let pairs: Vec<_> = candidates.iter().map(|u| (self.segment.clone(), version, u.clone())).collect();
+        let found = self.store.check(&pairs).await.unwrap();
+        candidates.iter().zip(found).filter(|(_, f)| *f).map(|(u, _)| u.clone()).collect()
+    }
+
+    /// Waits until the served members among `candidates` are `expected`.
+    async fn wait_served(&self, candidates: &[String], expected: &BTreeSet<String>) {
+        let start = Instant::now();
+        loop {
+            let served = self.served(candidates).await;
+            if &served == expected {
+                return;
+            }
+            assert!(start.elapsed() < PATIENCE, "served {served:?}, expected {expected:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn event(user: &str, op: &str, ts: DateTime<Utc>, id: &str) -> String {
+    json!({"segment": "growth/vip", "user": user, "op": op, "ts": ts.to_rfc3339(), "id": id}).to_string()
+}
+
+async fn send(producer: &FutureProducer, topic: &str, key: Option<&str>, payload: &str) {
+    let mut record = FutureRecord::<str, str>::to(topic).payload(payload);
+    if let Some(key) = key {
+        record = record.key(key);
+    }
+    producer.send(record, Timeout::After(Duration::from_secs(30))).await.map_err(|(e, _)| e).expect("produced");
+}
+
+/// Reads `topic` from the start until `count` messages arrived, then a
+/// little longer so that extra (duplicate) messages would show too.
+async fn read_topic(brokers: &str, topic: &str, count: usize) -> Vec<(Option<String>, String, BTreeMap<String, String>)> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader-{}", rand_suffix()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut out = Vec::new();
+    let start = Instant::now();
+    let mut done_at: Option<Instant> = None;
+    loop {
+        let limit = match done_at {
+            Some(at) if at.elapsed() > Duration::from_secs(2) => return out,
+            Some(_) => Duration::from_millis(500),
+            None => PATIENCE.saturating_sub(start.elapsed()),
+        };
+        match tokio::time::timeout(limit, consumer.recv()).await {
+            Ok(Ok(message)) => {
+                let key = message.key().map(|k| String::from_utf8_lossy(k).into_owned());
+                let value = String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned();
+                let headers = message
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push((key, value, headers));
+                if out.len() >= count && done_at.is_none() {
+                    done_at = Some(Instant::now());
+                }
+            }
+            Ok(Err(e)) => panic!("reading {topic}: {e}"),
+            Err(_) if done_at.is_some() => {}
+            Err(_) => panic!("only {} of {count} messages arrived on {topic}: {out:?}", out.len()),
+        }
+    }
+}
+
+fn rand_suffix() -> u64 {
+    Utc::now().timestamp_nanos_opt().unwrap_or_default() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn include_and_exclude_reach_the_store_and_survive_the_rollover() {
+    let setup = Setup::start(users("u", 0..10)).await;
+    let (stop, metrics, worker) = setup.run_worker("w1");
+    let producer = setup.producer();
+    let now = Utc::now();
+    send(&producer, MEMBERSHIP, Some("new-1"), &event("new-1", "include", now, "e1")).await;
+    send(&producer, MEMBERSHIP, Some("u-00003"), &event("u-00003", "exclude", now, "e2")).await;
+    // Redelivered: changes nothing.
+    send(&producer, MEMBERSHIP, Some("new-1"), &event("new-1", "include", now, "e1")).await;
+
+    let mut candidates = users("u", 0..10);
+    candidates.push("new-1".into());
+    let mut expected: BTreeSet<String> = users("u", 0..10).into_iter().collect();
+    expected.insert("new-1".into());
+    expected.remove("u-00003");
+    setup.wait_served(&candidates, &expected).await;
+
+    // The next version was computed before the events (snapshot an hour
+    // ago) and knows neither: the ingest re-applies both.
+    setup.ingest(2, now - chrono::Duration::hours(1), users("u", 0..10)).await;
+    setup.store.activate(&setup.segment, 2).await.unwrap();
+    assert_eq!(setup.served(&candidates).await, expected, "overrides survive the rollover");
+
+    stop.send(true).unwrap();
+    worker.await.unwrap();
+    let text = metrics.encode();
+    assert!(text.contains("segment_realtime_messages_total{outcome=\"applied\"} 2"), "{text}");
+    assert!(text.contains("segment_realtime_messages_total{outcome=\"unchanged\"} 1"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_messages_go_to_the_dead_letter_topic_and_the_worker_keeps_going() {
+    let setup = Setup::start(users("u", 0..3)).await;
+    let (stop, metrics, worker) = setup.run_worker("w1");
+    let producer = setup.producer();
+    let now = Utc::now();
+    let bad = [
+        (Some("u-1"), "{\"segment\": ".to_string(), "malformed_json"),
+        (Some("u-1"), json!({"segment": "growth/vip", "user": "u-1", "op": "include", "id": "x"}).to_string(), "missing_field"),
+        (Some("u-1"), event("u-1", "toggle", now, "x"), "invalid_field"),
+        (Some("u-1"), event("u-1", "include", now, "x").replace("growth/vip", "growth/nope"), "unknown_segment"),
+        (Some("someone-else"), event("u-1", "include", now, "x"), "key_mismatch"),
+    ];
+    for (key, payload, _) in &bad {
+        send(&producer, MEMBERSHIP, *key, payload).await;
+    }
+    send(&producer, MEMBERSHIP, Some("late"), &event("late", "include", now, "ok")).await;
+
+    let letters = read_topic(&setup.broker.brokers(), DEAD_LETTERS, bad.len()).await;
+    assert_eq!(letters.len(), bad.len(), "each bad message once: {letters:?}");
+    let by_payload: BTreeMap<&str, &BTreeMap<String, String>> = letters.iter().map(|(_, v, h)| (v.as_str(), h)).collect();
+    for (key, payload, reason) in &bad {
+        let headers = by_payload.get(payload.as_str()).unwrap_or_else(|| panic!("{payload} not dead-lettered: {letters:?}"));
+        assert_eq!(headers.get(REASON_HEADER).map(String::as_str), Some(*reason), "{payload}: {headers:?}");
+        assert!(headers.get("segment-dlq-error").is_some_and(|e| !e.is_empty()), "{headers:?}");
+        assert!(headers.get("segment-dlq-source").is_some_and(|s| s.starts_with(MEMBERSHIP)), "{headers:?}");
+        let original_key = letters.iter().find(|(_, v, _)| v == payload).and_then(|(k, _, _)| k.clone());
+        assert_eq!(original_key.as_deref(), *key, "the original key is kept");
+    }
+    // The good message after the bad ones was applied.
+    let mut expected: BTreeSet<String> = users("u", 0..3).into_iter().collect();
+    expected.insert("late".into());
+    let mut candidates = users("u", 0..3);
+    candidates.push("late".into());
+    setup.wait_served(&candidates, &expected).await;
+
+    stop.send(true).unwrap();
+    worker.await.unwrap();
+    let text = metrics.encode();
+    for (_, _, reason) in &bad {
+        assert!(text.contains(&format!("segment_realtime_dead_letters_total{{reason=\"{reason}\"}} 1")), "{reason}: {text}");
+    }
+    assert!(text.contains("segment_realtime_messages_total{outcome=\"dead_lettered\"} 5"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_rollover_publishes_its_changes_once() {
+    let setup = Setup::start(users("u", 0..300)).await;
+    // Two replicas see every rollover notice.
+    let (stop_1, metrics_1, worker_1) = setup.run_worker("w1");
+    let (stop_2, metrics_2, worker_2) = setup.run_worker("w2");
+    let snapshot = Utc::now() - chrono::Duration::hours(1);
+
+    // Wait until v1 is the baseline (a worker swept it), so v2 has a base.
+    let start = Instant::now();
+    while !(metrics_1.encode() + &metrics_2.encode()).contains("announcements_total{result=\"baseline\"} 1") {
+        assert!(start.elapsed() < PATIENCE, "v1 never became the baseline");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    setup.ingest(2, snapshot, users("u", 100..450)).await;
+    setup.store.activate(&setup.segment, 2).await.unwrap();
+    // v2's events: 150 entered (300..450), 100 exited (0..100).
+    let published = read_topic(&setup.broker.brokers(), CHANGES, 250).await;
+
+    // A restarted worker sweeps every segment at start: v2 is not published again.
+    stop_1.send(true).unwrap();
+    worker_1.await.unwrap();
+    let (stop_3, _metrics_3, worker_3) = setup.run_worker("w3");
+    // v3 rolls back to v1's members: 100 entered, 150 exited.
+    setup.ingest(3, snapshot, users("u", 0..300)).await;
+    setup.store.activate(&setup.segment, 3).await.unwrap();
+    let all = read_topic(&setup.broker.brokers(), CHANGES, 500).await;
+    for stop in [stop_2, stop_3] {
+        stop.send(true).unwrap();
+    }
+    worker_2.await.unwrap();
+    worker_3.await.unwrap();
+
+    let events: Vec<ChangeEvent> = all.iter().map(|(_, v, _)| serde_json::from_str(v).expect("a change event")).collect();
+    for ((key, _, _), event) in all.iter().zip(&events) {
+        assert_eq!(key.as_deref(), Some(event.user.as_str()), "keyed by user");
+    }
+    assert_eq!(events.len(), 500, "every change exactly once");
+    let of = |version: u64, change: &str| -> BTreeSet<String> {
+        events.iter().filter(|e| e.version == version && e.change == change).map(|e| e.user.clone()).collect()
+    };
+    assert_eq!(of(2, "entered"), users("u", 300..450).into_iter().collect());
+    assert_eq!(of(2, "exited"), users("u", 0..100).into_iter().collect());
+    assert_eq!(of(3, "entered"), users("u", 0..100).into_iter().collect());
+    assert_eq!(of(3, "exited"), users("u", 300..450).into_iter().collect());
+    assert!(events.iter().all(|e| e.previous_version + 1 == e.version && e.segment == "growth/vip"));
+    let ids: BTreeSet<&str> = events.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids.len(), 500);
+    assert_eq!(published.len(), 250, "v2's events, and nothing else, before v3");
+}
+
+/// The binary, killed with SIGKILL while it works through a stream and
+/// started again: every user ends with the effect of their newest event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_loses_nothing_and_duplicates_nothing() {
+    let setup = Setup::start(users("u", 0..50)).await;
+    let producer = setup.producer();
+    let start = Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap();
+    let people = users("p", 0..400);
+    let rounds = 25u32;
+    // Round r flips every user: include on even rounds, exclude on odd;
+    // the last round (24) includes the even users and excludes the odd ones.
+    let mut last_id = BTreeMap::new();
+    let mut payloads = Vec::new();
+    for round in 0..rounds {
+        for (i, user) in people.iter().enumerate() {
+            let include = if round == rounds - 1 { i % 2 == 0 } else { round % 2 == 0 };
+            let id = format!("{user}-r{round}");
+            let ts = start + chrono::Duration::seconds(round as i64);
+            payloads.push((user.clone(), event(user, if include { "include" } else { "exclude" }, ts, &id)));
+            last_id.insert(user.clone(), id);
+        }
+    }
+    let sends = payloads.iter().map(|(user, payload)| {
+        producer.send(
+            FutureRecord::to(MEMBERSHIP).key(user.as_str()).payload(payload.as_str()),
+            Timeout::After(Duration::from_secs(30)),
+        )
+    });
+    for result in futures::future::join_all(sends).await {
+        result.map_err(|(e, _)| e).expect("produced");
+    }
+
+    let spawn = || -> Child {
+        Command::new(env!("CARGO_BIN_EXE_segment-worker"))
+            .arg("realtime")
+            .args(["--redis-url", &setup.redis.url(), "--brokers", &setup.broker.brokers()])
+            .args(["--metrics-addr", &format!("127.0.0.1:{}", segment_tests::free_port())])
+            // The killed member's partitions move to the new one after its
+            // session times out; the default 45 s would only slow the test.
+            .args(["--kafka-option", "session.timeout.ms=6000", "--kafka-option", "heartbeat.interval.ms=1000"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("segment-worker starts")
+    };
+    let recorded = || async { setup.store.overrides_since(&setup.segment, start - chrono::Duration::days(1)).await.unwrap() };
+
+    let mut first = spawn();
+    let begun = Instant::now();
+    loop {
+        let seen = recorded().await;
+        if seen.iter().any(|o| o.id.contains("-r2")) {
+            // Mid-stream: the last round has not been reached.
+            assert!(!seen.iter().any(|o| o.id.ends_with(&format!("-r{}", rounds - 1))), "killed too late to test anything");
+            break;
+        }
+        assert!(begun.elapsed() < PATIENCE, "the worker made no progress");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+
+    let mut second = spawn();
+    let begun = Instant::now();
+    loop {
+        let seen: BTreeMap<String, String> = recorded().await.into_iter().map(|o| (o.user, o.id)).collect();
+        if seen == last_id {
+            break;
+        }
+        assert!(
+            begun.elapsed() < PATIENCE,
+            "after the restart {} of {} users reached their last event",
+            seen.iter().filter(|(u, id)| last_id.get(*u) == Some(id)).count(),
+            last_id.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    second.kill().unwrap();
+    second.wait().unwrap();
+
+    let even: BTreeSet<String> = people.iter().enumerate().filter(|(i, _)| i % 2 == 0).map(|(_, u)| u.clone()).collect();
+    let mut candidates = people.clone();
+    candidates.extend(users("u", 0..50));
+    let mut expected = even;
+    expected.extend(users("u", 0..50));
+    assert_eq!(setup.served(&candidates).await, expected);
+    // Members counted by the store agree: nothing was added twice.
+    let versions = setup.store.versions(&setup.segment).await.unwrap();
+    assert_eq!(versions[&1].members, expected.len() as u64);
+}
