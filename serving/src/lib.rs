@@ -65,5 +65,4 @@ impl Default for ServingConfig {
     }
 }
 
-/// Longest user id accepted; longer ones are refused before reaching the store.
-pub const MAX_USER_LEN: usize = 256;
+pub use segment_core::store::MAX_USER_LEN;

@@ -9,7 +9,7 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub route: String,
-    pub method: String,
+    pub method: &'static str,
     pub code: u16,
 }
 
@@ -21,14 +21,14 @@ pub struct RouteLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CacheLabels {
     /// `users`, `members` or `versions`.
-    pub cache: String,
+    pub cache: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StoreErrorLabels {
-    pub operation: String,
+    pub operation: &'static str,
     /// `unavailable` (down, slow, timed out) or `other`.
-    pub kind: String,
+    pub kind: &'static str,
 }
 
 type HistogramFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
@@ -78,14 +78,14 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn request(&self, route: &str, method: &str, code: u16, seconds: f64) {
-        let labels = RequestLabels { route: route.to_string(), method: method.to_string(), code };
+    pub fn request(&self, route: &str, method: &'static str, code: u16, seconds: f64) {
+        let labels = RequestLabels { route: route.to_string(), method, code };
         self.requests.get_or_create(&labels).inc();
         self.request_seconds.get_or_create(&RouteLabels { route: route.to_string() }).observe(seconds);
     }
 
-    pub fn cache(&self, cache: &str, hits: u64, misses: u64) {
-        let labels = CacheLabels { cache: cache.to_string() };
+    pub fn cache(&self, cache: &'static str, hits: u64, misses: u64) {
+        let labels = CacheLabels { cache };
         if hits > 0 {
             self.cache_hits.get_or_create(&labels).inc_by(hits);
         }
@@ -94,9 +94,9 @@ impl Metrics {
         }
     }
 
-    pub fn store_error(&self, operation: &str, unavailable: bool) {
+    pub fn store_error(&self, operation: &'static str, unavailable: bool) {
         let kind = if unavailable { "unavailable" } else { "other" };
-        self.store_errors.get_or_create(&StoreErrorLabels { operation: operation.to_string(), kind: kind.to_string() }).inc();
+        self.store_errors.get_or_create(&StoreErrorLabels { operation, kind }).inc();
     }
 
     pub fn rollover_notice(&self) {

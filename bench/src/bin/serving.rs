@@ -15,6 +15,11 @@ use segment_serving::{router, AppState, ServingConfig};
 use segment_store::redis::RedisStore;
 use segment_tests::RedisServer;
 
+/// The allocator of the `segment-serving` binary, so the router measured
+/// here in process allocates as it does in production.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const USERS: u64 = 200_000;
 const SEGMENTS: u64 = 10;
 

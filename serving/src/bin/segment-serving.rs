@@ -10,6 +10,9 @@ use segment_serving::{router, AppState, ServingConfig, Tokens};
 use segment_store::redis::{RedisStore, RedisStoreOptions};
 use tracing::{error, info, warn};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "segment-serving", version, about = "Serves segment membership over HTTP/JSON from Redis.")]
 struct Args {
