@@ -283,12 +283,16 @@ impl<'a> Engine<'a> {
         }
         // Zoned timestamps come out in UTC, like the snapshot time.
         config.options_mut().execution.time_zone = Some(UTC_OFFSET.to_string());
-        // Each sorting partition sets this much aside to merge its spills;
-        // the default (10 MB) alone exceeds a small pool.
-        let partitions = config.target_partitions().max(1);
+        // One global sort instead of a sort per partition merged at the end:
+        // that final merge cannot spill and, while other partitions still
+        // aggregate and sort, finds the pool taken and fails the run. The
+        // scan and the de-duplication stay parallel; the sort starts
+        // merging only once they are done, with the whole pool to itself.
+        config.options_mut().optimizer.repartition_sorts = false;
+        // The sort sets this much aside to merge its spills; the default
+        // (10 MB) alone exceeds a small pool.
         let execution = &mut config.options_mut().execution;
-        execution.sort_spill_reservation_bytes =
-            execution.sort_spill_reservation_bytes.min(options.memory_limit / (4 * partitions));
+        execution.sort_spill_reservation_bytes = execution.sort_spill_reservation_bytes.min(options.memory_limit / 4);
         let ctx = SessionContext::new_with_config_rt(config, runtime);
         ctx.register_udf(ScalarUDF::from(SnapshotNow::new(task.snapshot_time)));
         Ok(Engine { task, ctx, tables: Default::default() })
@@ -872,6 +876,30 @@ mod tests {
             let value = ScalarValue::try_from_array(column, 0).unwrap();
             assert_eq!(value, ScalarValue::TimestampNanosecond(snapshot.timestamp_nanos_opt(), Some(Arc::from(UTC_OFFSET))));
         }
+    }
+
+    /// The members are sorted once, globally: a per-partition sort needs a
+    /// final merge that cannot spill and fails under a small memory limit
+    /// while other partitions are still running.
+    #[tokio::test]
+    async fn members_are_sorted_once_whatever_the_partitions() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids = dir.path().join("ids.csv");
+        std::fs::write(&ids, "user_id\nu2\nu1\nu2\n").unwrap();
+        let task: ComputeTask = serde_json::from_value(serde_json::json!({
+            "segment": {"namespace": "n", "name": "s"}, "version": 1, "generation": 1, "definitionHash": "h",
+            "snapshotTime": Utc::now(), "definition": {"sql": "SELECT user_id FROM ids"},
+            "sources": [{"table": "ids", "uri": format!("file://{}", ids.display()), "format": "csv"}],
+            "resultsUri": format!("file://{}/results/", dir.path().display())
+        }))
+        .unwrap();
+        let options = ComputeOptions { partitions: Some(4), ..ComputeOptions::default() };
+        let engine = Engine::new(&task, &options).unwrap();
+        let plan = engine.members().await.unwrap().create_physical_plan().await.unwrap();
+        let text = datafusion::physical_plan::displayable(plan.as_ref()).indent(false).to_string();
+        assert!(!text.contains("SortPreservingMergeExec"), "{text}");
+        assert_eq!(text.matches("SortExec").count(), 1, "{text}");
+        assert!(text.contains("AggregateExec: mode=FinalPartitioned"), "the de-duplication stays parallel:\n{text}");
     }
 
     #[test]
