@@ -1,8 +1,9 @@
 //! The serving API over a real Redis, with an open-loop load generator
 //! (`oha -q`, from crates.io) at fixed rates, cache hits and misses, and
-//! its maximum throughput next to `redis-benchmark` GET on the same Redis.
+//! its maximum throughput (`oha`, and `wrk`, a C load generator as light as
+//! `redis-benchmark`) next to `redis-benchmark` GET on the same Redis.
 //!
-//! cargo install oha
+//! cargo install oha; apt-get install wrk
 //! cargo run --release -p segment-bench --bin serving -- [seconds per rate]
 
 use std::process::Command;
@@ -38,8 +39,54 @@ fn oha(args: &[String]) -> (f64, f64, f64, f64, f64) {
     (rps, ms("p50"), ms("p99"), ms("p99.9"), ok)
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+/// Runs wrk (closed loop, one thread, 64 connections) on random users and
+/// returns (requests/s, p50, p99 in ms, failed requests).
+fn wrk(base: &str, seconds: u64) -> (f64, f64, f64, u64) {
+    let script = tempfile::Builder::new().suffix(".lua").tempfile().expect("a temp file");
+    std::fs::write(
+        script.path(),
+        format!(
+            "math.randomseed(7)\nrequest = function()\n  return wrk.format(\"GET\", string.format(\"/v1/users/u%07d/segments\", math.random(0, {})))\nend\n",
+            USERS - 1
+        ),
+    )
+    .expect("the wrk script");
+    let out = Command::new("wrk")
+        .args(["-t1", "-c64", "--latency", &format!("-d{seconds}s"), "-s"])
+        .arg(script.path())
+        .arg(base)
+        .output()
+        .expect("wrk runs (apt-get install wrk)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |prefix: &str| text.lines().find_map(|l| l.trim().strip_prefix(prefix).map(|v| v.trim().to_string()));
+    let ms = |value: Option<String>| {
+        let value = value.unwrap_or_default();
+        let (number, scale) = if let Some(v) = value.strip_suffix("us") {
+            (v, 0.001)
+        } else if let Some(v) = value.strip_suffix("ms") {
+            (v, 1.0)
+        } else if let Some(v) = value.strip_suffix('s') {
+            (v, 1000.0)
+        } else {
+            (value.as_str(), f64::NAN)
+        };
+        number.parse::<f64>().map_or(f64::NAN, |n| n * scale)
+    };
+    let rps = field("Requests/sec:").and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no figure in wrk output: {text}"));
+    let failed =
+        field("Non-2xx or 3xx responses:").and_then(|v| v.parse().ok()).unwrap_or(0) + field("Socket errors:").map_or(0, |_| 1);
+    (rps, ms(field("50%")), ms(field("99%")), failed)
+}
+
+/// Serving runs on as many Tokio worker threads as `segment-serving` is
+/// given with `SERVING_WORKER_THREADS` (default 2, the machine's cores).
+fn main() {
+    let workers = std::env::var("SERVING_WORKER_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    println!("serving on {workers} Tokio worker thread(s)");
+    tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build().expect("a runtime").block_on(run());
+}
+
+async fn run() {
     let seconds: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(10);
     let redis = RedisServer::start();
     let store = RedisStore::connect(&redis.url()).await.expect("redis");
@@ -90,11 +137,16 @@ async fn main() {
         let (max_rps, p50, p99, p999, ok) =
             oha(&["-z".into(), duration.clone(), "-c".into(), "64".into(), "--rand-regex-url".into(), miss.clone()]);
         println!("{:<28} {:>10} {max_rps:>12.0} {p50:>9.3} {p99:>9.3} {p999:>9.3} {ok:>8.3}", "max throughput, cache miss", "-");
+        let (wrk_rps, p50, p99, failed) = wrk(&base, seconds);
+        let ok = if failed == 0 { "all".to_string() } else { format!("{failed} failed") };
+        println!("{:<28} {:>10} {wrk_rps:>12.0} {p50:>9.3} {p99:>9.3} {:>9} {ok:>8}", "max, cache miss (wrk)", "-", "-");
         let get = redis_benchmark(port, 1_000_000, 1, &["GET", "key:__rand_int__"]);
-        (max_rps, get)
+        (max_rps, wrk_rps, get)
     })
     .await
     .expect("the load runs");
-    row("redis-benchmark GET, -c 16 (ceiling)", report.1, "requests/s");
-    row("serving max / ceiling", 100.0 * report.0 / report.1, "%");
+    let (oha_max, wrk_max, ceiling) = report;
+    row("redis-benchmark GET, -c 16 (ceiling)", ceiling, "requests/s");
+    row("serving max (oha) / ceiling", 100.0 * oha_max / ceiling, "%");
+    row("serving max (wrk) / ceiling", 100.0 * wrk_max / ceiling, "%");
 }
