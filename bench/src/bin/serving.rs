@@ -78,8 +78,10 @@ fn wrk(base: &str, seconds: u64) -> (f64, f64, f64, u64) {
     (rps, ms(field("50%")), ms(field("99%")), failed)
 }
 
-/// Serving runs on as many Tokio worker threads as `segment-serving` is
-/// given with `SERVING_WORKER_THREADS` (default 2, the machine's cores).
+/// Serving runs in this process on `SERVING_WORKER_THREADS` Tokio worker
+/// threads (default 2, the machine's cores, as `segment-serving` uses), to
+/// see whether fewer threads than cores help when the load generator and
+/// Redis share them.
 fn main() {
     let workers = std::env::var("SERVING_WORKER_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
     println!("serving on {workers} Tokio worker thread(s)");
