@@ -132,6 +132,16 @@ pub trait SegmentStore: Send + Sync {
     /// same) override was already recorded for the user, in which case
     /// nothing changes.
     async fn record_override(&self, segment: &SegmentKey, change: &Override) -> Result<bool, StoreError>;
+    /// [`record_override`](Self::record_override) for a segment that is
+    /// served; `None`, with nothing recorded, when it has no active
+    /// version (overrides of a segment nobody reads would be kept
+    /// forever). Stores that read the alias anyway answer in one go.
+    async fn record_override_if_active(&self, segment: &SegmentKey, change: &Override) -> Result<Option<bool>, StoreError> {
+        if self.active_version(segment).await?.is_none() {
+            return Ok(None);
+        }
+        self.record_override(segment, change).await.map(Some)
+    }
     /// Overrides with a time after `since`: what a version computed at
     /// snapshot time `since` does not know yet.
     async fn overrides_since(&self, segment: &SegmentKey, since: DateTime<Utc>) -> Result<Vec<Override>, StoreError>;

@@ -284,6 +284,20 @@ async fn the_newest_override_wins(store: &impl Store, segment: &SegmentKey) {
     assert!(since(at(12)).await.is_empty());
 }
 
+/// The realtime worker's call: nothing is recorded for a segment that has no
+/// active version, and the same as `record_override` once it has one.
+async fn overrides_only_for_served_segments(store: &impl Store, segment: &SegmentKey) {
+    load_sealed(store, segment, 1, &users("u", 0..3), at(0)).await;
+    let exclude = ov("u-00001", OverrideOp::Exclude, at(10), "a");
+    assert_eq!(store.record_override_if_active(segment, &exclude).await.unwrap(), None, "not served yet");
+    assert!(store.overrides_since(segment, at(0)).await.unwrap().is_empty(), "nothing recorded");
+    assert!(store.is_member(segment, 1, "u-00001").await.unwrap(), "nothing applied");
+    store.activate(segment, 1).await.unwrap();
+    assert_eq!(store.record_override_if_active(segment, &exclude).await.unwrap(), Some(true));
+    assert!(!store.is_member(segment, 1, "u-00001").await.unwrap());
+    assert_eq!(store.record_override_if_active(segment, &exclude).await.unwrap(), Some(false), "redelivery");
+}
+
 /// The ingest flow: overrides newer than a version's snapshot are applied to
 /// it before sealing, older ones are not, and they survive the rollover.
 async fn overrides_survive_the_rollover(store: &impl Store, segment: &SegmentKey) {
@@ -458,6 +472,7 @@ async fn run_contract(store: &impl Store, prefix: &str) {
     loads_are_idempotent(store, &segment("idempotent")).await;
     changes_are_set_arithmetic(store, &segment("diff")).await;
     the_newest_override_wins(store, &segment("overrides")).await;
+    overrides_only_for_served_segments(store, &segment("served-only")).await;
     overrides_survive_the_rollover(store, &segment("survive")).await;
     late_overrides_reach_versions_in_flight(store, &segment("late")).await;
     reads_agree(store, &format!("{prefix}-reads")).await;

@@ -198,6 +198,33 @@ impl RedisStore {
         Err(last)
     }
 
+    /// Records an override and applies it to `active` and every newer
+    /// version. The alias lives in another slot, so the caller reads it
+    /// first; a rollover in between is harmless, since the script also
+    /// applies the override to every version newer than the one read.
+    async fn record_override_at(&self, segment: &SegmentKey, change: &Override, active: Option<u64>) -> Result<bool, StoreError> {
+        let keys = SegmentKeys::new(segment);
+        let mut record = scripts::RECORD_OVERRIDE.key(keys.overrides());
+        record
+            .key(keys.loaded())
+            .key(keys.meta())
+            .arg(&change.user)
+            .arg(order_key(&change.ts))
+            .arg(&change.id)
+            .arg(op_name(change.op))
+            .arg(stored_override(change)?)
+            .arg(active.unwrap_or(0))
+            .arg(keys.version_prefix());
+        let reply: Vec<u64> = self.script(record, self.write()).await?;
+        let recorded = reply.first() == Some(&1);
+        if let [_, include, versions @ ..] = reply.as_slice() {
+            let mut batch = Batch::new();
+            RedisStore::reverse_index(&mut batch, &keys, &change.user, *include == 1, versions);
+            self.run(batch, self.write()).await?;
+        }
+        Ok(recorded)
+    }
+
     async fn run(&self, batch: Batch, limit: Duration) -> Result<Vec<Value>, StoreError> {
         within(limit, self.inner.conn.run(batch)).await
     }
@@ -478,30 +505,16 @@ impl SegmentStore for RedisStore {
 
     async fn record_override(&self, segment: &SegmentKey, change: &Override) -> Result<bool, StoreError> {
         check_segment(segment)?;
-        let keys = SegmentKeys::new(segment);
-        // The alias lives in another slot, so it is read first. A rollover
-        // in between is harmless: the script also applies the override to
-        // every version newer than the one read.
-        let active: Option<u64> = self.query(cmd("HGET").arg(ALIASES).arg(&keys.field).clone(), self.read()).await?;
-        let mut record = scripts::RECORD_OVERRIDE.key(keys.overrides());
-        record
-            .key(keys.loaded())
-            .key(keys.meta())
-            .arg(&change.user)
-            .arg(order_key(&change.ts))
-            .arg(&change.id)
-            .arg(op_name(change.op))
-            .arg(stored_override(change)?)
-            .arg(active.unwrap_or(0))
-            .arg(keys.version_prefix());
-        let reply: Vec<u64> = self.script(record, self.write()).await?;
-        let recorded = reply.first() == Some(&1);
-        if let [_, include, versions @ ..] = reply.as_slice() {
-            let mut batch = Batch::new();
-            RedisStore::reverse_index(&mut batch, &keys, &change.user, *include == 1, versions);
-            self.run(batch, self.write()).await?;
+        let active = self.active_version(segment).await?;
+        self.record_override_at(segment, change, active).await
+    }
+
+    async fn record_override_if_active(&self, segment: &SegmentKey, change: &Override) -> Result<Option<bool>, StoreError> {
+        check_segment(segment)?;
+        match self.active_version(segment).await? {
+            None => Ok(None),
+            active => self.record_override_at(segment, change, active).await.map(Some),
         }
-        Ok(recorded)
     }
 
     async fn overrides_since(&self, segment: &SegmentKey, since: DateTime<Utc>) -> Result<Vec<Override>, StoreError> {

@@ -39,15 +39,13 @@ pub async fn apply(store: &dyn SegmentStore, key: Option<&[u8]>, payload: Option
     };
     // Overrides of a segment that was never served (a typo, a deleted
     // segment) would be kept forever and reach nobody.
-    if store.active_version(&event.segment).await?.is_none() {
-        return Ok(Outcome::Rejected(Rejection::new(
+    Ok(match store.record_override_if_active(&event.segment, &event.change).await? {
+        Some(true) => Outcome::Applied,
+        Some(false) => Outcome::Unchanged,
+        None => Outcome::Rejected(Rejection::new(
             RejectReason::UnknownSegment,
             format!("segment: {} has no active version", event.segment),
-        )));
-    }
-    Ok(match store.record_override(&event.segment, &event.change).await? {
-        true => Outcome::Applied,
-        false => Outcome::Unchanged,
+        )),
     })
 }
 
