@@ -9,44 +9,22 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct PlaceLabel {
-    place: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct OutcomeLabel {
-    outcome: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReasonLabel {
-    reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ChangeLabel {
-    change: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ResultLabel {
-    result: &'static str,
-}
+/// One label, `name="value"`: every family here is split by a single
+/// fixed set of values.
+type Label = [(&'static str, &'static str); 1];
 
 pub struct Metrics {
     registry: Registry,
-    messages: Family<OutcomeLabel, Counter>,
-    dead_letters: Family<ReasonLabel, Counter>,
+    messages: Family<Label, Counter>,
+    dead_letters: Family<Label, Counter>,
     store_errors: Counter,
-    kafka_errors: Family<PlaceLabel, Counter>,
-    change_events: Family<ChangeLabel, Counter>,
-    announcements: Family<ResultLabel, Counter>,
+    kafka_errors: Family<Label, Counter>,
+    change_events: Family<Label, Counter>,
+    announcements: Family<Label, Counter>,
     /// Set once the consumer is subscribed and the store answered.
     ready: AtomicBool,
 }
@@ -85,11 +63,11 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn message(&self, outcome: &'static str) {
-        self.messages.get_or_create(&OutcomeLabel { outcome }).inc();
+        self.messages.get_or_create(&[("outcome", outcome)]).inc();
     }
 
     pub fn dead_letter(&self, reason: &'static str) {
-        self.dead_letters.get_or_create(&ReasonLabel { reason }).inc();
+        self.dead_letters.get_or_create(&[("reason", reason)]).inc();
     }
 
     pub fn store_error(&self) {
@@ -97,16 +75,16 @@ impl Metrics {
     }
 
     pub fn kafka_error(&self, place: &'static str) {
-        self.kafka_errors.get_or_create(&PlaceLabel { place }).inc();
+        self.kafka_errors.get_or_create(&[("place", place)]).inc();
     }
 
     pub fn change_events(&self, entered: u64, exited: u64) {
-        self.change_events.get_or_create(&ChangeLabel { change: "entered" }).inc_by(entered);
-        self.change_events.get_or_create(&ChangeLabel { change: "exited" }).inc_by(exited);
+        self.change_events.get_or_create(&[("change", "entered")]).inc_by(entered);
+        self.change_events.get_or_create(&[("change", "exited")]).inc_by(exited);
     }
 
     pub fn announcement(&self, result: &'static str) {
-        self.announcements.get_or_create(&ResultLabel { result }).inc();
+        self.announcements.get_or_create(&[("result", result)]).inc();
     }
 
     pub fn set_ready(&self, ready: bool) {
