@@ -1,15 +1,18 @@
 //! Routes, their request and response types, and the OpenAPI document
 //! generated from them.
 
+use std::borrow::Cow;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::OnceLock;
+use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{MatchedPath, Path, Query, Request, State};
-use axum::http::{header, StatusCode};
-use axum::middleware::{self, Next};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json, Router};
+use axum::{Json, Router};
 use segment_core::api::SegmentKey;
 use serde::{Deserialize, Serialize};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -17,7 +20,7 @@ use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::auth::{authenticate, Access};
+use crate::auth::Access;
 use crate::error::{ApiError, ErrorBody};
 use crate::state::AppState;
 use crate::MAX_USER_LEN;
@@ -46,19 +49,33 @@ impl Modify for BearerAuth {
     }
 }
 
-/// One segment a user is in.
+/// One segment a user is in. Borrows the names when answering, so the
+/// most frequent route copies no strings into its response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct UserSegment {
-    pub namespace: String,
-    pub name: String,
+pub struct UserSegment<'a> {
+    #[schema(value_type = String)]
+    pub namespace: Cow<'a, str>,
+    #[schema(value_type = String)]
+    pub name: Cow<'a, str>,
     /// The active version the user is a member of.
     pub version: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct UserSegments {
-    pub user: String,
-    pub segments: Vec<UserSegment>,
+pub struct UserSegments<'a> {
+    #[schema(value_type = String)]
+    pub user: Cow<'a, str>,
+    pub segments: Vec<UserSegment<'a>>,
+}
+
+/// A JSON response serialized into a buffer sized for the API's typical
+/// answers (a few hundred bytes), instead of one that grows while writing.
+fn json<T: Serialize>(value: &T) -> Response {
+    let mut body = Vec::with_capacity(512);
+    match serde_json::to_writer(&mut body, value) {
+        Ok(()) => ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding the response: {e}")).into_response(),
+    }
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -175,11 +192,11 @@ fn no_active_version(field: Option<&str>, segment: &SegmentKey) -> ApiError {
     security((), ("bearer" = []))
 )]
 async fn user_segments(
+    access: Access,
     State(state): State<AppState>,
-    Extension(access): Extension<Access>,
     Path(user): Path<String>,
     Query(query): Query<UserQuery>,
-) -> Result<Json<UserSegments>, ApiError> {
+) -> Result<Response, ApiError> {
     check_user("user", &user)?;
     if let Some(namespace) = &query.namespace {
         check_name("namespace", namespace)?;
@@ -193,14 +210,14 @@ async fn user_segments(
         .filter(|(segment, _)| query.namespace.as_ref().is_none_or(|ns| *ns == segment.namespace))
         .filter(|(segment, _)| access.allows(&segment.namespace))
         .map(|(segment, version)| UserSegment {
-            namespace: segment.namespace.clone(),
-            name: segment.name.clone(),
+            namespace: Cow::Borrowed(&segment.namespace),
+            name: Cow::Borrowed(&segment.name),
             version: *version,
         })
         .collect();
     segments.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     segments.dedup();
-    Ok(Json(UserSegments { user, segments }))
+    Ok(json(&UserSegments { user: Cow::Borrowed(&user), segments }))
 }
 
 /// Whether a user is in the active version of a segment.
@@ -224,10 +241,10 @@ async fn user_segments(
     security((), ("bearer" = []))
 )]
 async fn member(
+    access: Access,
     State(state): State<AppState>,
-    Extension(access): Extension<Access>,
     Path((namespace, name, user)): Path<(String, String, String)>,
-) -> Result<Json<Membership>, ApiError> {
+) -> Result<Response, ApiError> {
     check_name("namespace", &namespace)?;
     check_name("name", &name)?;
     check_user("user", &user)?;
@@ -235,7 +252,7 @@ async fn member(
     let segment = SegmentKey::new(namespace, name);
     let version = state.active_version(&segment).ok_or_else(|| no_active_version(Some("name"), &segment))?;
     let answers = state.members(&[(segment, version, user)]).await.map_err(|e| ApiError::store(&e))?;
-    Ok(Json(Membership { member: answers.first().copied().unwrap_or(false), version }))
+    Ok(json(&Membership { member: answers.first().copied().unwrap_or(false), version }))
 }
 
 /// Many membership checks at once.
@@ -255,8 +272,8 @@ async fn member(
     security((), ("bearer" = []))
 )]
 async fn check(
+    access: Access,
     State(state): State<AppState>,
-    Extension(access): Extension<Access>,
     body: Result<Json<CheckRequest>, JsonRejection>,
 ) -> Result<Json<CheckResponse>, ApiError> {
     let Json(request) = body.map_err(|e| ApiError::invalid("body", format!("body: {}", e.body_text())))?;
@@ -322,8 +339,8 @@ async fn segment_info(state: &AppState, segment: SegmentKey, active: Option<u64>
     security((), ("bearer" = []))
 )]
 async fn list_segments(
+    access: Access,
     State(state): State<AppState>,
-    Extension(access): Extension<Access>,
     Path(namespace): Path<String>,
 ) -> Result<Json<SegmentList>, ApiError> {
     check_name("namespace", &namespace)?;
@@ -356,8 +373,8 @@ async fn list_segments(
     security((), ("bearer" = []))
 )]
 async fn get_segment(
+    access: Access,
     State(state): State<AppState>,
-    Extension(access): Extension<Access>,
     Path((namespace, name)): Path<(String, String)>,
 ) -> Result<Json<SegmentInfo>, ApiError> {
     check_name("namespace", &namespace)?;
@@ -415,14 +432,81 @@ async fn unmatched() -> ApiError {
 }
 
 /// Records every request by route template (not the raw path, which
-/// would make a label per user) and status code.
-async fn track(State(state): State<AppState>, route: Option<MatchedPath>, request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let method = method_label(request.method());
-    let response = next.run(request).await;
-    let route = route.as_ref().map_or("unmatched", |r| r.as_str());
-    state.metrics().request(route, method, response.status().as_u16(), started.elapsed().as_secs_f64());
-    response
+/// would make a label per user) and status code. A plain tower layer
+/// rather than `middleware::from_fn`, which boxes a future and clones the
+/// state on every request.
+#[derive(Clone)]
+struct Track<S> {
+    inner: S,
+    state: AppState,
+}
+
+/// The layer that wraps each route in [`Track`].
+#[derive(Clone)]
+struct TrackRequests(AppState);
+
+impl<S> tower::Layer<S> for TrackRequests {
+    type Service = Track<S>;
+
+    fn layer(&self, inner: S) -> Track<S> {
+        Track { inner, state: self.0.clone() }
+    }
+}
+
+impl<S> tower::Service<Request> for Track<S>
+where
+    S: tower::Service<Request, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = Tracked<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Tracked<S::Future> {
+        let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |r| route_label(r.as_str()));
+        let method = method_label(request.method());
+        Tracked { response: self.inner.call(request), state: self.state.clone(), route, method, started: Instant::now() }
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct Tracked<F> {
+        #[pin]
+        response: F,
+        state: AppState,
+        route: &'static str,
+        method: &'static str,
+        started: Instant,
+    }
+}
+
+impl<F, E> Future for Tracked<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.response.poll(cx));
+        if let Ok(response) = &result {
+            let seconds = this.started.elapsed().as_secs_f64();
+            this.state.metrics().request(this.route, this.method, response.status().as_u16(), seconds);
+        }
+        Poll::Ready(result)
+    }
+}
+
+/// The route template as a `'static` label, so counting a request
+/// allocates nothing: the templates are the OpenAPI document's paths,
+/// which `routes!` ties to the router.
+fn route_label(template: &str) -> &'static str {
+    static TEMPLATES: OnceLock<Vec<&'static str>> = OnceLock::new();
+    let templates = TEMPLATES.get_or_init(|| openapi().paths.paths.into_keys().map(|p| &*p.leak()).collect());
+    templates.iter().copied().find(|t| *t == template).unwrap_or("other")
 }
 
 /// The method as a label without allocating per request; the API uses
@@ -463,12 +547,9 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 }
 
 /// The serving API over `state`: `/v1/...` (behind bearer auth when
-/// tokens are configured), `/openapi.json`, `/metrics`, `/healthz`, `/readyz`.
+/// tokens are configured: every `/v1` handler takes an [`Access`]),
+/// `/openapi.json`, `/metrics`, `/healthz`, `/readyz`.
 pub fn router(state: AppState) -> Router {
     let (api, operations, _) = parts();
-    api.route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
-        .merge(operations)
-        .route_layer(middleware::from_fn_with_state(state.clone(), track))
-        .fallback(unmatched)
-        .with_state(state)
+    api.merge(operations).route_layer(TrackRequests(state.clone())).fallback(unmatched).with_state(state)
 }

@@ -5,10 +5,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::FromRequestParts;
 use axum::http::header;
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::http::request::Parts;
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -102,28 +101,26 @@ impl Tokens {
     }
 }
 
-/// Puts the request's [`Access`] in its extensions, or answers 401.
-pub(crate) async fn authenticate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    let access = match state.tokens() {
-        None => Access::All,
-        Some(tokens) => {
-            let presented = request
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-                .map(str::trim);
-            match presented {
-                None => return ApiError::unauthorized("missing bearer token (Authorization: Bearer <token>)").into_response(),
-                Some(token) => match tokens.access(token) {
-                    Some(access) => access.clone(),
-                    None => return ApiError::unauthorized("invalid bearer token").into_response(),
-                },
-            }
+/// The request's [`Access`], from its bearer token; a missing or unknown
+/// token is rejected with 401 before the handler runs. Every `/v1` handler
+/// takes one (first, so a bad token is reported before bad input), which
+/// is what puts those routes behind auth.
+impl FromRequestParts<AppState> for Access {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Access, ApiError> {
+        let Some(tokens) = state.tokens() else { return Ok(Access::All) };
+        let presented = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(str::trim);
+        match presented {
+            None => Err(ApiError::unauthorized("missing bearer token (Authorization: Bearer <token>)")),
+            Some(token) => tokens.access(token).cloned().ok_or_else(|| ApiError::unauthorized("invalid bearer token")),
         }
-    };
-    request.extensions_mut().insert(access);
-    next.run(request).await
+    }
 }
 
 #[cfg(test)]

@@ -3,14 +3,16 @@
 //! in-process cache in front of the store. Routes, caching and failure
 //! behaviour: docs/serving.md.
 //!
-//! The binary (`segment-serving`) is a thin shell around [`router`] and
-//! [`AppState::new`], so the operator's standalone mode can serve the same
-//! API from its embedded store.
+//! The binary (`segment-serving`) is a thin shell around [`Server`] (a
+//! thread per core, each with its own store connection); the operator's
+//! standalone mode serves the same [`router`] from its embedded store.
 
 mod api;
 mod auth;
+mod cache;
 mod error;
 mod metrics;
+mod server;
 mod state;
 
 use std::time::Duration;
@@ -19,6 +21,7 @@ pub use api::{openapi, router};
 pub use auth::{Access, Tokens, TokensError};
 pub use error::{ApiError, ErrorBody};
 pub use metrics::Metrics;
+pub use server::{ServeError, Server};
 pub use state::AppState;
 
 use segment_core::store::{MembershipReader, RolloverFeed, SegmentStore};

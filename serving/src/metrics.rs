@@ -8,14 +8,14 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub route: String,
+    pub route: &'static str,
     pub method: &'static str,
     pub code: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    pub route: String,
+    pub route: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -78,10 +78,9 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn request(&self, route: &str, method: &'static str, code: u16, seconds: f64) {
-        let labels = RequestLabels { route: route.to_string(), method, code };
-        self.requests.get_or_create(&labels).inc();
-        self.request_seconds.get_or_create(&RouteLabels { route: route.to_string() }).observe(seconds);
+    pub fn request(&self, route: &'static str, method: &'static str, code: u16, seconds: f64) {
+        self.requests.get_or_create(&RequestLabels { route, method, code }).inc();
+        self.request_seconds.get_or_create(&RouteLabels { route }).observe(seconds);
     }
 
     pub fn cache(&self, cache: &'static str, hits: u64, misses: u64) {

@@ -9,12 +9,12 @@ use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use futures::StreamExt;
-use moka::future::Cache;
 use segment_core::api::SegmentKey;
 use segment_core::store::{Rollover, StoreError, StoredVersion};
 use tracing::{debug, info, warn};
 
 use crate::auth::Tokens;
+use crate::cache::TtlCache;
 use crate::metrics::Metrics;
 use crate::{ServingConfig, ServingStore};
 
@@ -33,13 +33,19 @@ struct Tagged<T> {
 type UserVersions = Arc<Vec<(SegmentKey, u64)>>;
 type Versions = Arc<BTreeMap<u64, StoredVersion>>;
 
-/// Cheap to clone: clones share everything.
+/// Cheap to clone: clones share everything. [`with_store`](Self::with_store)
+/// makes one that shares everything but the store connection it reads
+/// through.
 #[derive(Clone)]
 pub struct AppState {
     inner: Arc<Inner>,
+    /// What requests read through: one connection per serving thread, so
+    /// a request and its store round trip stay on one thread.
+    store: Arc<dyn ServingStore>,
 }
 
 struct Inner {
+    /// The connection the alias map is loaded and followed through.
     store: Arc<dyn ServingStore>,
     config: ServingConfig,
     metrics: Metrics,
@@ -52,11 +58,11 @@ struct Inner {
     /// user → every (segment, version) the user is loaded in, unfiltered:
     /// filtering against the alias map happens per request, so it follows
     /// the alias map even for a cached entry.
-    users: Cache<String, Tagged<UserVersions>, CacheHasher>,
+    users: TtlCache<String, Tagged<UserVersions>>,
     /// (segment, version, user) → member. Keyed by version, so a rollover
     /// moves readers to new keys instead of needing invalidation.
-    members: Cache<(SegmentKey, u64, String), bool, CacheHasher>,
-    versions: Cache<SegmentKey, Tagged<Versions>, CacheHasher>,
+    members: TtlCache<(SegmentKey, u64, String), bool>,
+    versions: TtlCache<SegmentKey, Tagged<Versions>>,
 }
 
 impl AppState {
@@ -67,10 +73,10 @@ impl AppState {
     /// caller.
     pub fn new(store: Arc<dyn ServingStore>, config: ServingConfig) -> AppState {
         let inner = Arc::new(Inner {
-            users: new_cache("users", &config),
-            members: new_cache("members", &config),
-            versions: new_cache("versions", &config),
-            store,
+            users: TtlCache::new(config.cache_capacity, config.cache_ttl),
+            members: TtlCache::new(config.cache_capacity, config.cache_ttl),
+            versions: TtlCache::new(config.cache_capacity, config.cache_ttl),
+            store: store.clone(),
             config,
             metrics: Metrics::default(),
             aliases: Default::default(),
@@ -80,7 +86,13 @@ impl AppState {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(follow_rollovers(Arc::downgrade(&inner)));
         }
-        AppState { inner }
+        AppState { inner, store }
+    }
+
+    /// A state sharing this one's caches, alias map and metrics that reads
+    /// through `store`, another connection to the same store.
+    pub fn with_store(&self, store: Arc<dyn ServingStore>) -> AppState {
+        AppState { inner: self.inner.clone(), store }
     }
 
     pub fn config(&self) -> &ServingConfig {
@@ -120,13 +132,13 @@ impl AppState {
     pub(crate) async fn user_versions(&self, user: &str) -> Result<UserVersions, StoreError> {
         let inner = &self.inner;
         let generation = inner.generation.load(Ordering::Acquire);
-        if let Some(hit) = inner.users.get(user).await.filter(|e| e.generation == generation) {
+        if let Some(hit) = inner.users.get(user).filter(|e| e.generation == generation) {
             inner.metrics.cache("users", 1, 0);
             return Ok(hit.value);
         }
         inner.metrics.cache("users", 0, 1);
-        let value = Arc::new(inner.call("user_versions", inner.store.user_versions(user)).await?);
-        inner.users.insert(user.to_string(), Tagged { generation, value: value.clone() }).await;
+        let value = Arc::new(inner.call("user_versions", self.store.user_versions(user)).await?);
+        inner.users.insert(user.to_string(), Tagged { generation, value: value.clone() });
         Ok(value)
     }
 
@@ -137,7 +149,7 @@ impl AppState {
         let mut answers = Vec::with_capacity(triples.len());
         let mut misses = Vec::new();
         for (i, triple) in triples.iter().enumerate() {
-            let hit = inner.members.get(triple).await;
+            let hit = inner.members.get(triple);
             if hit.is_none() {
                 misses.push(i);
             }
@@ -148,11 +160,11 @@ impl AppState {
             [] => return Ok(answers),
             [one] => {
                 let (segment, version, user) = &triples[*one];
-                vec![inner.call("is_member", inner.store.is_member(segment, *version, user)).await?]
+                vec![inner.call("is_member", self.store.is_member(segment, *version, user)).await?]
             }
             _ => {
                 let asked: Vec<_> = misses.iter().map(|i| triples[*i].clone()).collect();
-                let fetched = inner.call("check", inner.store.check(&asked)).await?;
+                let fetched = inner.call("check", self.store.check(&asked)).await?;
                 if fetched.len() != asked.len() {
                     return Err(StoreError::Other(format!("check answered {} of {} pairs", fetched.len(), asked.len())));
                 }
@@ -161,7 +173,7 @@ impl AppState {
         };
         for (i, member) in misses.into_iter().zip(fetched) {
             answers[i] = member;
-            inner.members.insert(triples[i].clone(), member).await;
+            inner.members.insert(triples[i].clone(), member);
         }
         Ok(answers)
     }
@@ -170,31 +182,15 @@ impl AppState {
     pub(crate) async fn versions(&self, segment: &SegmentKey) -> Result<Versions, StoreError> {
         let inner = &self.inner;
         let generation = inner.generation.load(Ordering::Acquire);
-        if let Some(hit) = inner.versions.get(segment).await.filter(|e| e.generation == generation) {
+        if let Some(hit) = inner.versions.get(segment).filter(|e| e.generation == generation) {
             inner.metrics.cache("versions", 1, 0);
             return Ok(hit.value);
         }
         inner.metrics.cache("versions", 0, 1);
-        let value = Arc::new(inner.call("versions", inner.store.versions(segment)).await?);
-        inner.versions.insert(segment.clone(), Tagged { generation, value: value.clone() }).await;
+        let value = Arc::new(inner.call("versions", self.store.versions(segment)).await?);
+        inner.versions.insert(segment.clone(), Tagged { generation, value: value.clone() });
         Ok(value)
     }
-}
-
-/// The caches' hasher: seeded per process like the default one, but far
-/// cheaper per key than SipHash, which profiles of the miss path showed.
-type CacheHasher = foldhash::fast::RandomState;
-
-fn new_cache<K, V>(name: &str, config: &ServingConfig) -> Cache<K, V, CacheHasher>
-where
-    K: std::hash::Hash + Eq + Send + Sync + 'static,
-    V: Clone + Send + Sync + 'static,
-{
-    Cache::builder()
-        .name(name)
-        .max_capacity(config.cache_capacity)
-        .time_to_live(config.cache_ttl)
-        .build_with_hasher(CacheHasher::default())
 }
 
 impl Inner {
@@ -216,8 +212,8 @@ impl Inner {
     fn invalidate(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         // Tagged entries are already unreachable; this frees their memory.
-        self.users.invalidate_all();
-        self.versions.invalidate_all();
+        self.users.clear();
+        self.versions.clear();
     }
 
     fn apply(&self, notice: Rollover) {

@@ -11,7 +11,7 @@ use axum::Router;
 use http::{Request, StatusCode};
 use segment_core::api::SegmentKey;
 use segment_core::store::{MemoryStore, SegmentStore};
-use segment_serving::{router, AppState, ServingConfig, ServingStore, Tokens};
+use segment_serving::{router, AppState, Server, ServingConfig, ServingStore, Tokens};
 use segment_store::redis::RedisStore;
 use segment_tests::RedisServer;
 use serde_json::{json, Value};
@@ -447,24 +447,123 @@ async fn metrics_count_requests_and_cache_hits() {
     }
 }
 
+/// One request over a fresh TCP connection (`connection: close`, so
+/// consecutive requests may land on different serving threads):
+/// (status code, body).
+async fn http_get(address: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await?;
+        stream.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes()).await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let response =
+        tokio::time::timeout(Duration::from_secs(10), exchange).await.expect("answered in time").expect("an HTTP exchange");
+    let status = response.get(9..12).and_then(|code| code.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+async fn eventually_over_tcp(address: std::net::SocketAddr, path: &str, expected: &Value) {
+    let start = Instant::now();
+    loop {
+        let (status, body) = http_get(address, path).await;
+        if status == 200 && serde_json::from_str::<Value>(&body).ok().as_ref() == Some(expected) {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{path}: still {status} {body}, expected {expected}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn redis_clients(port: u16) -> usize {
+    let out = std::process::Command::new("redis-cli").args(["-p", &port.to_string(), "CLIENT", "LIST"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains(" cmd=") && !l.contains("cmd=client")).count()
+}
+
+/// The binary's way of serving: threads with a Redis connection each,
+/// sharing the alias map and caches, so a rollover reaches every thread.
 #[tokio::test]
-async fn serves_over_tcp() {
+async fn server_threads_read_through_their_own_connections_and_share_rollovers() {
+    let redis = RedisServer::start();
+    let admin = RedisStore::connect(&redis.url()).await.unwrap();
+    fixture(&admin).await;
+    let url = redis.url();
+    let connect = move || {
+        let url = url.clone();
+        async move { RedisStore::connect(&url).await.map(|s| Arc::new(s) as Arc<dyn ServingStore>) }
+    };
+    let before = redis_clients(redis.port);
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), 3, config(), connect).unwrap();
+    let address = server.address();
+    let u2 = |version| segments("u2", &[("growth", "lapsed", version)]);
+    // Many connections, so every thread answers some of them.
+    for _ in 0..30 {
+        eventually_over_tcp(address, "/v1/users/u2/segments", &u2(1)).await;
+    }
+    // Three command connections (one per thread) and the notice feed.
+    let start = Instant::now();
+    while redis_clients(redis.port) - before != 4 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{} new Redis clients, expected 3 threads and the feed",
+            redis_clients(redis.port) - before
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    admin.activate(&lapsed(), 2).await.unwrap();
+    for _ in 0..30 {
+        eventually_over_tcp(address, "/v1/users/u2/segments", &u2(2)).await;
+        eventually_over_tcp(address, "/v1/users/u1/segments", &segments("u1", &[("crm", "vip", 1)])).await;
+    }
+    tokio::task::spawn_blocking(move || server.shutdown()).await.unwrap().expect("a clean shutdown");
+    assert!(tokio::net::TcpStream::connect(address).await.is_err(), "nothing listens after shutdown");
+}
+
+/// A pod may start before its Redis: the server keeps connecting with
+/// backoff, serves once connected, and stops on request either way.
+#[tokio::test]
+async fn server_retries_the_store_until_it_answers_and_stops_on_request() {
     let store = Arc::new(MemoryStore::new());
     fixture(store.as_ref()).await;
-    let api = Api::start(store, config()).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let router = api.router.clone();
-    let server = tokio::spawn(async move { axum::serve(listener, router).await });
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    stream
-        .write_all(b"GET /v1/namespaces/growth/segments/lapsed/members/u1 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut response)).await.unwrap().unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    assert!(response.ends_with(r#"{"member":true,"version":1}"#), "{response}");
-    server.abort();
+    let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (counted, shared) = (attempts.clone(), store.clone());
+    let connect = move || {
+        let (attempt, store) = (counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst), shared.clone());
+        async move {
+            if attempt < 2 {
+                Err(segment_core::store::StoreError::Unavailable("not yet".into()))
+            } else {
+                Ok(store as Arc<dyn ServingStore>)
+            }
+        }
+    };
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), 1, config(), connect).unwrap();
+    eventually_over_tcp(
+        server.address(),
+        "/v1/namespaces/growth/segments/lapsed/members/u1",
+        &json!({"member": true, "version": 1}),
+    )
+    .await;
+    assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 3, "two failures, then connected");
+    tokio::task::spawn_blocking(move || server.shutdown()).await.unwrap().expect("a clean shutdown");
+
+    // Never connected: shutting down does not wait for the store.
+    let never = || async { Err::<Arc<dyn ServingStore>, _>(segment_core::store::StoreError::Unavailable("down".into())) };
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), 2, config(), never).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    tokio::task::spawn_blocking(move || server.shutdown()).await.unwrap().expect("a clean shutdown");
+    assert!(started.elapsed() < Duration::from_secs(2), "stopped while retrying, without waiting out the backoff");
+}
+
+/// Two servers cannot take one port (no SO_REUSEPORT sharing by surprise).
+#[tokio::test]
+async fn server_refuses_a_port_in_use() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let never = || async { Err::<Arc<dyn ServingStore>, _>(segment_core::store::StoreError::Unavailable("down".into())) };
+    let error = Server::start(taken.local_addr().unwrap(), 1, config(), never).err().expect("the port is taken");
+    assert!(error.to_string().starts_with("listening on 127.0.0.1:"), "{error}");
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use segment_serving::{router, AppState, ServingConfig, Tokens};
+use segment_serving::{Server, ServingConfig, ServingStore, Tokens};
 use segment_store::redis::{RedisStore, RedisStoreOptions};
 use tracing::{error, info, warn};
 
@@ -40,13 +40,16 @@ struct Args {
     /// YAML or JSON map of bearer token to the namespaces it may read (`*`: all). Without it, auth is off.
     #[arg(long, env = "SERVING_TOKENS_FILE")]
     tokens_file: Option<PathBuf>,
+    /// Serving threads, each with its own store connection; 0: one per CPU
+    /// the process may use (its cgroup's CPU limit included).
+    #[arg(long, env = "SERVING_THREADS", default_value_t = 0)]
+    threads: usize,
     /// Log JSON lines instead of text.
     #[arg(long, env = "SERVING_LOG_JSON")]
     log_json: bool,
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     if args.log_json {
@@ -54,7 +57,7 @@ async fn main() -> std::process::ExitCode {
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
-    match run(args).await {
+    match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             error!("{e}");
@@ -63,7 +66,7 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(args: Args) -> Result<(), String> {
+fn run(args: Args) -> Result<(), String> {
     let tokens = match &args.tokens_file {
         Some(path) => Some(Tokens::load(path).map_err(|e| e.to_string())?),
         None => None,
@@ -77,29 +80,27 @@ async fn run(args: Args) -> Result<(), String> {
         tokens,
         ..ServingConfig::default()
     };
-    let options = RedisStoreOptions { read_timeout: config.store_timeout, ..RedisStoreOptions::default() };
-    let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|e| format!("listening on {}: {e}", args.listen))?;
-    let mut shutdown = Box::pin(shutdown_signal());
-    // Redis may start after us (a pod restarting next to it): keep trying
-    // rather than crash-looping, until told to stop.
-    let mut backoff = Duration::from_millis(200);
-    let store = loop {
-        tokio::select! {
-            connected = RedisStore::connect_with(&args.redis_url, options.clone()) => match connected {
-                Ok(store) => break store,
-                Err(e) => warn!(error = %e, retry_in = ?backoff, "connecting to Redis failed"),
-            },
-            _ = &mut shutdown => return Ok(()),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = &mut shutdown => return Ok(()),
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+    let threads = match args.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
     };
-    let state = AppState::new(Arc::new(store), config);
-    info!(listen = %args.listen, auth = args.tokens_file.is_some(), "serving");
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await.map_err(|e| format!("serving: {e}"))
+    let options = RedisStoreOptions { read_timeout: config.store_timeout, ..RedisStoreOptions::default() };
+    let url = args.redis_url.clone();
+    let connect = move || {
+        let (url, options) = (url.clone(), options.clone());
+        async move { RedisStore::connect_with(&url, options).await.map(|store| Arc::new(store) as Arc<dyn ServingStore>) }
+    };
+    let mut server = Server::start(args.listen, threads, config, connect).map_err(|e| e.to_string())?;
+    info!(listen = %server.address(), threads, auth = args.tokens_file.is_some(), "serving");
+    // The serving threads run their own runtimes; this one only waits.
+    let waiting = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("a runtime: {e}"))?;
+    waiting.block_on(async {
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = server.stopped() => warn!("a serving thread stopped; shutting down"),
+        }
+    });
+    server.shutdown().map_err(|e| e.to_string())
 }
 
 async fn shutdown_signal() {
