@@ -1,10 +1,15 @@
-//! The serving API over a real Redis, with an open-loop load generator
-//! (`oha -q`, from crates.io) at fixed rates, cache hits and misses, and
-//! its maximum throughput (`oha`, and `wrk`, a C load generator as light as
-//! `redis-benchmark`) next to `redis-benchmark` GET on the same Redis.
+//! The serving API over a real Redis: `oha -q` (open loop, from crates.io)
+//! at fixed rates for cache hits and misses, then the maximum throughput of
+//! each with `wrk` (a C event loop as light per request as
+//! `redis-benchmark`, so the ratio compares the two servers rather than two
+//! clients), next to `redis-benchmark` GET on the same Redis.
 //!
 //! cargo install oha; apt-get install wrk
-//! cargo run --release -p segment-bench --bin serving -- [seconds per rate]
+//! cargo run --release -p segment-bench --bin serving -- [seconds per run]
+//!
+//! Serving runs as `segment-serving` does ([`Server`]), on `SERVING_THREADS`
+//! threads (default, as the binary's: one per CPU); the load generator,
+//! serving and Redis share the machine.
 
 use std::process::Command;
 use std::sync::Arc;
@@ -12,20 +17,33 @@ use std::sync::Arc;
 use segment_bench::{redis_benchmark, row};
 use segment_core::api::SegmentKey;
 use segment_core::store::SegmentStore;
-use segment_serving::{router, AppState, ServingConfig};
+use segment_serving::{Server, ServingConfig, ServingStore};
 use segment_store::redis::RedisStore;
 use segment_tests::RedisServer;
 
-/// The allocator of the `segment-serving` binary, so the router measured
+/// The allocator of the `segment-serving` binary, so the server measured
 /// here in process allocates as it does in production.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const USERS: u64 = 200_000;
 const SEGMENTS: u64 = 10;
+/// Far fewer entries than users, so random users miss the cache (the run
+/// prints the share that hit).
+const CACHE_CAPACITY: u64 = 10_000;
 
-/// Runs oha and returns (requests/s, p50, p99, p99.9 in ms, success ratio).
-fn oha(args: &[String]) -> (f64, f64, f64, f64, f64) {
+/// What one load run measured.
+struct Figures {
+    rps: f64,
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    /// Requests that did not get a 2xx.
+    failed: u64,
+}
+
+/// Runs oha and returns its figures (latencies in ms).
+fn oha(args: &[String]) -> Figures {
     let out = Command::new("oha")
         .args(["--no-tui", "--output-format", "json"])
         .args(args)
@@ -34,23 +52,31 @@ fn oha(args: &[String]) -> (f64, f64, f64, f64, f64) {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("oha output: {e}: {}", String::from_utf8_lossy(&out.stderr)));
     let ms = |key: &str| report["latencyPercentiles"][key].as_f64().unwrap_or(f64::NAN) * 1000.0;
-    let rps = report["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0);
-    let ok = report["summary"]["successRate"].as_f64().unwrap_or(0.0);
-    (rps, ms("p50"), ms("p99"), ms("p99.9"), ok)
+    let statuses = report["statusCodeDistribution"].as_object().cloned().unwrap_or_default();
+    let failed = statuses.iter().filter(|(code, _)| !code.starts_with('2')).map(|(_, n)| n.as_u64().unwrap_or(0)).sum::<u64>()
+        + report["errorDistribution"].as_object().map_or(0, |e| e.values().map(|n| n.as_u64().unwrap_or(0)).sum());
+    Figures {
+        rps: report["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
+        p50: ms("p50"),
+        p99: ms("p99"),
+        p999: ms("p99.9"),
+        failed,
+    }
 }
 
-/// Runs wrk (closed loop, one thread, 64 connections) on random users and
-/// returns (requests/s, p50, p99 in ms, failed requests).
-fn wrk(base: &str, seconds: u64) -> (f64, f64, f64, u64) {
+/// Runs wrk (closed loop, one thread, 64 connections) on `path`, or on
+/// random users when `path` is `None`, and returns its figures (wrk prints
+/// no p99.9).
+fn wrk(base: &str, path: Option<&str>, seconds: u64) -> Figures {
     let script = tempfile::Builder::new().suffix(".lua").tempfile().expect("a temp file");
-    std::fs::write(
-        script.path(),
-        format!(
+    let lua = match path {
+        Some(path) => format!("request = function()\n  return wrk.format(\"GET\", \"{path}\")\nend\n"),
+        None => format!(
             "math.randomseed(7)\nrequest = function()\n  return wrk.format(\"GET\", string.format(\"/v1/users/u%07d/segments\", math.random(0, {})))\nend\n",
             USERS - 1
         ),
-    )
-    .expect("the wrk script");
+    };
+    std::fs::write(script.path(), lua).expect("the wrk script");
     let out = Command::new("wrk")
         .args(["-t1", "-c64", "--latency", &format!("-d{seconds}s"), "-s"])
         .arg(script.path())
@@ -75,80 +101,106 @@ fn wrk(base: &str, seconds: u64) -> (f64, f64, f64, u64) {
     let rps = field("Requests/sec:").and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no figure in wrk output: {text}"));
     let failed =
         field("Non-2xx or 3xx responses:").and_then(|v| v.parse().ok()).unwrap_or(0) + field("Socket errors:").map_or(0, |_| 1);
-    (rps, ms(field("50%")), ms(field("99%")), failed)
+    Figures { rps, p50: ms(field("50%")), p99: ms(field("99%")), p999: f64::NAN, failed }
 }
 
-/// Serving runs in this process on `SERVING_WORKER_THREADS` Tokio worker
-/// threads (default 2, the machine's cores, as `segment-serving` uses), to
-/// see whether fewer threads than cores help when the load generator and
-/// Redis share them.
+/// The users cache's (hits, misses) so far, from serving's `/metrics`.
+fn users_cache(base: &str) -> (f64, f64) {
+    let out = Command::new("curl").args(["-sf", "-m", "5", &format!("{base}/metrics")]).output().expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("segment_serving_{name}_total{{cache=\"users\"}} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    (value("cache_hits"), value("cache_misses"))
+}
+
+/// Runs `load` and prints its figures with the share of requests the users
+/// cache answered meanwhile.
+fn measured(name: &str, offered: &str, base: &str, load: impl FnOnce() -> Figures) -> Figures {
+    let (hits_before, misses_before) = users_cache(base);
+    let figures = load();
+    let (hits, misses) = users_cache(base);
+    let hit_ratio = 100.0 * (hits - hits_before) / ((hits - hits_before) + (misses - misses_before)).max(1.0);
+    let Figures { rps, p50, p99, p999, failed } = figures;
+    println!("{name:<26} {offered:>8} {rps:>11.0} {p50:>8.3} {p99:>8.3} {p999:>9.3} {hit_ratio:>6.1}% {failed:>7}");
+    figures
+}
+
 fn main() {
-    let workers = std::env::var("SERVING_WORKER_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
-    println!("serving on {workers} Tokio worker thread(s)");
-    tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build().expect("a runtime").block_on(run());
-}
-
-async fn run() {
     let seconds: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(10);
+    // As the binary: one serving thread per CPU unless told otherwise.
+    let threads: usize = std::env::var("SERVING_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let redis = RedisServer::start();
-    let store = RedisStore::connect(&redis.url()).await.expect("redis");
-    // Each user is in about half of the segments.
-    for s in 0..SEGMENTS {
-        let key = SegmentKey::new("bench", format!("segment-{s}"));
-        let members: Vec<String> = (0..USERS).filter(|u| (u * 7 + s * 13) % 2 == 0).map(|u| format!("u{u:07}")).collect();
-        for chunk in members.chunks(10_000) {
-            store.load_members(&key, 1, chunk).await.expect("load");
+    let url = redis.url();
+    let loading = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+    loading.block_on(async {
+        let store = RedisStore::connect(&url).await.expect("redis");
+        // Each user is in about half of the segments.
+        for s in 0..SEGMENTS {
+            let key = SegmentKey::new("bench", format!("segment-{s}"));
+            let members: Vec<String> = (0..USERS).filter(|u| (u * 7 + s * 13) % 2 == 0).map(|u| format!("u{u:07}")).collect();
+            for chunk in members.chunks(10_000) {
+                store.load_members(&key, 1, chunk).await.expect("load");
+            }
+            store.seal_version(&key, 1, None, None).await.expect("seal");
+            store.activate(&key, 1).await.expect("activate");
         }
-        store.seal_version(&key, 1, None, None).await.expect("seal");
-        store.activate(&key, 1).await.expect("activate");
-    }
-    let state = AppState::new(Arc::new(store), ServingConfig::default());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port");
-    let base = format!("http://{}", listener.local_addr().expect("an address"));
-    tokio::spawn(async move { axum::serve(listener, router(state)).await });
+    });
+    drop(loading);
+
+    let config = ServingConfig { cache_capacity: CACHE_CAPACITY, ..ServingConfig::default() };
+    let connect = move || {
+        let url = url.clone();
+        async move { RedisStore::connect(&url).await.map(|store| Arc::new(store) as Arc<dyn ServingStore>) }
+    };
+    let server = Server::start("127.0.0.1:0".parse().expect("an address"), threads, config, connect).expect("serving starts");
+    let base = format!("http://{}", server.address());
     let ready = format!("{base}/readyz");
     for _ in 0..100 {
-        if Command::new("curl").args(["-sf", "-o", "/dev/null", &ready]).status().is_ok_and(|s| s.success()) {
+        if Command::new("curl").args(["-sf", "-m", "1", "-o", "/dev/null", &ready]).status().is_ok_and(|s| s.success()) {
             break;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 
-    let duration = format!("{seconds}s");
-    let hit = format!("{base}/v1/users/u0000042/segments");
+    let hit_path = "/v1/users/u0000042/segments";
+    let hit = format!("{base}{hit_path}");
     let miss = format!("{base}/v1/users/u0[0-1][0-9]{{5}}/segments");
-    println!("serving benchmark: {SEGMENTS} segments x {USERS} users in Redis, {seconds}s per run, oha -q (open loop, latency corrected)");
     println!(
-        "{:<28} {:>10} {:>12} {:>9} {:>9} {:>9} {:>8}",
-        "run", "offered", "achieved/s", "p50 ms", "p99 ms", "p99.9 ms", "ok"
+        "serving benchmark: {SEGMENTS} segments x {USERS} users in Redis, serving on {threads} thread(s), cache of {CACHE_CAPACITY} users, {seconds}s per run"
     );
-    let port = redis.port;
-    let report = tokio::task::spawn_blocking(move || {
-        for (name, url, regex) in [("users route, cache hit", &hit, false), ("users route, cache miss", &miss, true)] {
-            for rate in [5_000u32, 10_000, 20_000] {
-                let mut args = vec!["-z".to_string(), duration.clone(), "-q".into(), rate.to_string(), "-c".into(), "64".into()];
-                args.push("--latency-correction".into());
-                if regex {
-                    args.push("--rand-regex-url".into());
-                }
-                args.push(url.clone());
-                let (rps, p50, p99, p999, ok) = oha(&args);
-                println!("{name:<28} {rate:>10} {rps:>12.0} {p50:>9.3} {p99:>9.3} {p999:>9.3} {ok:>8.3}");
+    println!("fixed rates: oha -q (open loop, latency corrected, 64 connections, 1 worker thread); maximum: wrk (1 thread, 64 connections)");
+    println!(
+        "{:<26} {:>8} {:>11} {:>8} {:>8} {:>9} {:>7} {:>7}",
+        "run", "offered", "achieved/s", "p50 ms", "p99 ms", "p99.9 ms", "hits", "failed"
+    );
+    let duration = format!("{seconds}s");
+    for (name, url, random) in [("users, cache hit", &hit, false), ("users, cache miss", &miss, true)] {
+        for rate in [5_000u32, 10_000, 20_000] {
+            let mut args: Vec<String> =
+                ["-z", &duration, "-q", &rate.to_string(), "-c", "64", "--worker-threads", "1"].map(String::from).into();
+            // -w: requests still in flight at the end are awaited, not
+            // counted as failed.
+            args.extend(["--latency-correction".into(), "-w".into()]);
+            if random {
+                args.push("--rand-regex-url".into());
             }
+            args.push(url.clone());
+            measured(name, &rate.to_string(), &base, || oha(&args));
         }
-        let (max_rps, p50, p99, p999, ok) =
-            oha(&["-z".into(), duration.clone(), "-c".into(), "64".into(), "--rand-regex-url".into(), miss.clone()]);
-        println!("{:<28} {:>10} {max_rps:>12.0} {p50:>9.3} {p99:>9.3} {p999:>9.3} {ok:>8.3}", "max throughput, cache miss", "-");
-        let (wrk_rps, p50, p99, failed) = wrk(&base, seconds);
-        let ok = if failed == 0 { "all".to_string() } else { format!("{failed} failed") };
-        println!("{:<28} {:>10} {wrk_rps:>12.0} {p50:>9.3} {p99:>9.3} {:>9} {ok:>8}", "max, cache miss (wrk)", "-", "-");
-        let get = redis_benchmark(port, 1_000_000, 1, &["GET", "key:__rand_int__"]);
-        (max_rps, wrk_rps, get)
-    })
-    .await
-    .expect("the load runs");
-    let (oha_max, wrk_max, ceiling) = report;
+    }
+    let hit_max = measured("max, cache hit (wrk)", "-", &base, || wrk(&base, Some(hit_path), seconds));
+    let miss_max = measured("max, cache miss (wrk)", "-", &base, || wrk(&base, None, seconds));
+    let ceiling = redis_benchmark(redis.port, 1_000_000, 1, &["GET", "key:__rand_int__"]);
     row("redis-benchmark GET, -c 16 (ceiling)", ceiling, "requests/s");
-    row("serving max (oha) / ceiling", 100.0 * oha_max / ceiling, "%");
-    row("serving max (wrk) / ceiling", 100.0 * wrk_max / ceiling, "%");
+    row("serving max, cache hit / ceiling", 100.0 * hit_max.rps / ceiling, "%");
+    row("serving max, cache miss / ceiling", 100.0 * miss_max.rps / ceiling, "%");
+    server.shutdown().expect("serving stops cleanly");
 }
