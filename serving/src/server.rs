@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use segment_core::store::StoreError;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
@@ -158,6 +159,13 @@ fn serve_thread<F: Future<Output = Result<Arc<dyn ServingStore>, StoreError>>>(
         let stop = async move {
             let _ = shutdown.wait_for(|stop| *stop).await;
         };
+        // No Nagle delay on a reply written in more than one segment (the
+        // OpenAPI document, a large batch check).
+        let listener = listener.tap_io(|stream| {
+            if let Err(e) = stream.set_nodelay(true) {
+                debug!(error = %e, "TCP_NODELAY not set");
+            }
+        });
         axum::serve(listener, router(state)).with_graceful_shutdown(stop).await.map_err(failed)
     })
 }
