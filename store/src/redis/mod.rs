@@ -230,9 +230,11 @@ impl RedisStore {
         within(limit, self.inner.conn.run(batch)).await
     }
 
-    async fn query<T: FromRedisValue>(&self, cmd: Cmd, limit: Duration) -> Result<T, StoreError> {
+    /// Runs one command. Takes it by reference, so a command built in
+    /// place (`cmd("GET").arg(key)`) is sent without being copied.
+    async fn query<T: FromRedisValue>(&self, cmd: &Cmd, limit: Duration) -> Result<T, StoreError> {
         let mut conn = self.inner.conn.clone();
-        within(limit, async move { cmd.query_async(&mut conn).await }).await
+        within(limit, cmd.query_async(&mut conn)).await
     }
 
     async fn script<T: FromRedisValue>(&self, invocation: ScriptInvocation<'static>, limit: Duration) -> Result<T, StoreError> {
@@ -262,7 +264,7 @@ impl RedisStore {
         let mut cursor = 0u64;
         loop {
             let step = cmd("SSCAN").arg(&set).arg(cursor).arg("COUNT").arg(SCAN_COUNT).clone();
-            let (next, users): (u64, Vec<String>) = self.query(step, self.bulk()).await?;
+            let (next, users): (u64, Vec<String>) = self.query(&step, self.bulk()).await?;
             let mut batch = Batch::new();
             for user in &users {
                 let key = user_key(user);
@@ -283,7 +285,7 @@ impl RedisStore {
 
     async fn publish(&self, keys: &SegmentKeys, version: Option<u64>) -> Result<(), StoreError> {
         let publish = cmd("PUBLISH").arg(ROLLOVER_CHANNEL).arg(rollover_payload(keys, version)).clone();
-        self.query::<i64>(publish, self.write()).await.map(drop)
+        self.query::<i64>(&publish, self.write()).await.map(drop)
     }
 
     /// The reverse-index writes that follow a membership change of `user`
@@ -361,7 +363,7 @@ impl DiffCursor {
 impl SegmentStore for RedisStore {
     async fn active_version(&self, segment: &SegmentKey) -> Result<Option<u64>, StoreError> {
         let keys = SegmentKeys::new(segment);
-        self.query(cmd("HGET").arg(ALIASES).arg(&keys.field).clone(), self.read()).await
+        self.query(cmd("HGET").arg(ALIASES).arg(&keys.field), self.read()).await
     }
 
     async fn versions(&self, segment: &SegmentKey) -> Result<BTreeMap<u64, StoredVersion>, StoreError> {
@@ -411,7 +413,7 @@ impl SegmentStore for RedisStore {
     async fn activate(&self, segment: &SegmentKey, version: u64) -> Result<(), StoreError> {
         check_segment(segment)?;
         let keys = SegmentKeys::new(segment);
-        let sealed: bool = self.query(cmd("HEXISTS").arg(keys.meta()).arg(version).clone(), self.read()).await?;
+        let sealed: bool = self.query(cmd("HEXISTS").arg(keys.meta()).arg(version), self.read()).await?;
         if !sealed {
             return Err(StoreError::MissingVersion { segment: segment.to_string(), version });
         }
@@ -419,14 +421,14 @@ impl SegmentStore for RedisStore {
         // the whole rollover. The notice follows it (a cluster routes
         // PUBLISH by channel name, so it cannot share the pipeline): a
         // cache that drops entries on the notice re-reads the new alias.
-        self.query::<i64>(cmd("HSET").arg(ALIASES).arg(&keys.field).arg(version).clone(), self.write()).await?;
+        self.query::<i64>(cmd("HSET").arg(ALIASES).arg(&keys.field).arg(version), self.write()).await?;
         self.publish(&keys, Some(version)).await
     }
 
     async fn delete_version(&self, segment: &SegmentKey, version: u64) -> Result<(), StoreError> {
         let keys = SegmentKeys::new(segment);
         // Unlisted first, so nothing starts using a half-deleted version.
-        self.query::<i64>(cmd("HDEL").arg(keys.meta()).arg(version).clone(), self.write()).await?;
+        self.query::<i64>(cmd("HDEL").arg(keys.meta()).arg(version), self.write()).await?;
         let mut clear = scripts::CLEAR_ALIAS_IF.key(ALIASES);
         clear.arg(&keys.field).arg(version);
         let cleared: i64 = self.script(clear, self.write()).await?;
@@ -438,7 +440,7 @@ impl SegmentStore for RedisStore {
 
     async fn delete_segment(&self, segment: &SegmentKey) -> Result<(), StoreError> {
         let keys = SegmentKeys::new(segment);
-        let removed: i64 = self.query(cmd("HDEL").arg(ALIASES).arg(&keys.field).clone(), self.write()).await?;
+        let removed: i64 = self.query(cmd("HDEL").arg(ALIASES).arg(&keys.field), self.write()).await?;
         if removed == 1 {
             self.publish(&keys, None).await?;
         }
@@ -451,12 +453,11 @@ impl SegmentStore for RedisStore {
             versions.extend(listed);
         }
         // Meta first: `versions()` must not list what is being removed.
-        self.query::<i64>(cmd("UNLINK").arg(keys.meta()).clone(), self.write()).await?;
+        self.query::<i64>(cmd("UNLINK").arg(keys.meta()), self.write()).await?;
         for version in versions {
             self.purge_version(&keys, version).await?;
         }
-        self.query::<i64>(cmd("UNLINK").arg(keys.overrides()).arg(keys.loaded()).arg(keys.changes()).clone(), self.write())
-            .await?;
+        self.query::<i64>(cmd("UNLINK").arg(keys.overrides()).arg(keys.loaded()).arg(keys.changes()), self.write()).await?;
         Ok(())
     }
 
@@ -524,7 +525,7 @@ impl SegmentStore for RedisStore {
         let mut cursor = 0u64;
         loop {
             let step = cmd("HSCAN").arg(keys.overrides()).arg(cursor).arg("COUNT").arg(SCAN_COUNT).clone();
-            let (next, entries): (u64, Vec<(String, String)>) = self.query(step, self.bulk()).await?;
+            let (next, entries): (u64, Vec<(String, String)>) = self.query(&step, self.bulk()).await?;
             for (user, value) in entries {
                 match parse_stored_override(&value) {
                     Some(change) if change.ts > since => out.push(change),
@@ -597,7 +598,7 @@ impl SegmentStore for RedisStore {
             let (next, users): (u64, Vec<String>) = parse(replies.next().unwrap_or_default(), "SSCAN")?;
             let pending = users.get(at.skip..).unwrap_or_default();
             if !pending.is_empty() {
-                let in_other: Vec<bool> = self.query(cmd("SMISMEMBER").arg(other).arg(pending).clone(), self.read()).await?;
+                let in_other: Vec<bool> = self.query(cmd("SMISMEMBER").arg(other).arg(pending), self.read()).await?;
                 for (i, (user, in_other)) in pending.iter().zip(in_other).enumerate() {
                     if in_other {
                         continue;
@@ -659,7 +660,7 @@ impl RolloverFeed for RedisStore {
 #[async_trait]
 impl MembershipReader for RedisStore {
     async fn aliases(&self) -> Result<BTreeMap<SegmentKey, u64>, StoreError> {
-        let all: Vec<(String, String)> = self.query(cmd("HGETALL").arg(ALIASES).clone(), self.read()).await?;
+        let all: Vec<(String, String)> = self.query(cmd("HGETALL").arg(ALIASES), self.read()).await?;
         let mut out = BTreeMap::new();
         for (field, version) in all {
             match (parse_segment(&field), version.parse()) {
@@ -673,11 +674,7 @@ impl MembershipReader for RedisStore {
     }
 
     async fn user_versions(&self, user: &str) -> Result<Vec<(SegmentKey, u64)>, StoreError> {
-        // Built in place rather than with `.arg(..).clone()`: serving's
-        // hot path, where each copy is an allocation per request.
-        let mut hkeys = cmd("HKEYS");
-        hkeys.arg(user_key(user));
-        let fields: Vec<String> = self.query(hkeys, self.read()).await?;
+        let fields: Vec<String> = self.query(cmd("HKEYS").arg(user_key(user)), self.read()).await?;
         Ok(fields
             .iter()
             .filter_map(|field| {
@@ -692,9 +689,7 @@ impl MembershipReader for RedisStore {
 
     async fn is_member(&self, segment: &SegmentKey, version: u64, user: &str) -> Result<bool, StoreError> {
         let set = SegmentKeys::new(segment).version(version);
-        let mut sismember = cmd("SISMEMBER");
-        sismember.arg(set).arg(user);
-        self.query(sismember, self.read()).await
+        self.query(cmd("SISMEMBER").arg(set).arg(user), self.read()).await
     }
 
     async fn check(&self, pairs: &[(SegmentKey, u64, String)]) -> Result<Vec<bool>, StoreError> {
