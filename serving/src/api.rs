@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{MatchedPath, Path, Query, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use segment_core::api::SegmentKey;
@@ -66,16 +66,6 @@ pub struct UserSegments<'a> {
     #[schema(value_type = String)]
     pub user: Cow<'a, str>,
     pub segments: Vec<UserSegment<'a>>,
-}
-
-/// A JSON response serialized into a buffer sized for the API's typical
-/// answers (a few hundred bytes), instead of one that grows while writing.
-fn json<T: Serialize>(value: &T) -> Response {
-    let mut body = Vec::with_capacity(512);
-    match serde_json::to_writer(&mut body, value) {
-        Ok(()) => ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding the response: {e}")).into_response(),
-    }
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -217,7 +207,8 @@ async fn user_segments(
         .collect();
     segments.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     segments.dedup();
-    Ok(json(&UserSegments { user: Cow::Borrowed(&user), segments }))
+    // Serialized here, while the names it borrows are alive.
+    Ok(Json(UserSegments { user: Cow::Borrowed(&user), segments }).into_response())
 }
 
 /// Whether a user is in the active version of a segment.
@@ -244,7 +235,7 @@ async fn member(
     access: Access,
     State(state): State<AppState>,
     Path((namespace, name, user)): Path<(String, String, String)>,
-) -> Result<Response, ApiError> {
+) -> Result<Json<Membership>, ApiError> {
     check_name("namespace", &namespace)?;
     check_name("name", &name)?;
     check_user("user", &user)?;
@@ -252,7 +243,7 @@ async fn member(
     let segment = SegmentKey::new(namespace, name);
     let version = state.active_version(&segment).ok_or_else(|| no_active_version(Some("name"), &segment))?;
     let answers = state.members(&[(segment, version, user)]).await.map_err(|e| ApiError::store(&e))?;
-    Ok(json(&Membership { member: answers.first().copied().unwrap_or(false), version }))
+    Ok(Json(Membership { member: answers.first().copied().unwrap_or(false), version }))
 }
 
 /// Many membership checks at once.
