@@ -21,7 +21,7 @@ pub use api::{openapi, router};
 pub use auth::{Access, Tokens, TokensError};
 pub use error::{ApiError, ErrorBody};
 pub use metrics::Metrics;
-pub use server::{ServeError, Server};
+pub use server::{connect_redis, ServeError, Server};
 pub use state::AppState;
 
 use segment_core::store::{MembershipReader, RolloverFeed, SegmentStore};
@@ -39,7 +39,8 @@ pub struct ServingConfig {
     /// stale entries sooner; the TTL bounds what realtime overrides and
     /// missed notices can leave stale.
     pub cache_ttl: Duration,
-    /// Entries per cache (users, memberships, version lists).
+    /// Entries per cache (users, memberships, version lists); 0 turns
+    /// caching off.
     pub cache_capacity: u64,
     /// Deadline of every store call; past it the request is answered from
     /// cache or gets a 503.

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use axum::serve::ListenerExt;
 use segment_core::store::StoreError;
+use segment_store::redis::{RedisStore, RedisStoreOptions};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
@@ -54,7 +55,8 @@ pub struct Server {
 
 impl Server {
     /// Listens on `listen` (port 0 picks one: see [`address`](Self::address))
-    /// and starts `threads` serving threads (at least one). Each opens its
+    /// and starts `threads` serving threads (0: one per CPU the process may
+    /// use, its cgroup CPU limit included). Each opens its
     /// store connection with `connect`, retrying with backoff for as long
     /// as the store is unreachable (a pod starting before Redis): until
     /// then its connections wait in the listen backlog or go to a thread
@@ -74,7 +76,11 @@ impl Server {
         let (shared_tx, shared_rx) = watch::channel(None::<AppState>);
         let (stopped_tx, stopped) = mpsc::unbounded_channel();
         let mut handles = Vec::new();
-        for thread in 0..threads.max(1) {
+        let threads = match threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        for thread in 0..threads {
             let listener = listener.try_clone().map_err(|source| ServeError::Thread { thread, source })?;
             let (connect, config, shutdown, shared_tx, shared_rx, stopped_tx) =
                 (connect.clone(), config.clone(), shutdown.subscribe(), shared_tx.clone(), shared_rx.clone(), stopped_tx.clone());
@@ -94,6 +100,11 @@ impl Server {
     /// Where the API listens.
     pub fn address(&self) -> SocketAddr {
         self.address
+    }
+
+    /// How many serving threads run.
+    pub fn threads(&self) -> usize {
+        self.threads.len()
     }
 
     /// Resolves when a serving thread has stopped on its own (it failed):
@@ -168,6 +179,15 @@ fn serve_thread<F: Future<Output = Result<Arc<dyn ServingStore>, StoreError>>>(
         });
         axum::serve(listener, router(state)).with_graceful_shutdown(stop).await.map_err(failed)
     })
+}
+
+/// A serving thread's connection to Redis (`redis://` or
+/// `redis+cluster://`), as the binary opens it. The store puts no deadline
+/// of its own on reads: every read serving makes is already bounded by
+/// [`ServingConfig::store_timeout`], and one timer per read is enough.
+pub async fn connect_redis(url: &str) -> Result<Arc<dyn ServingStore>, StoreError> {
+    let options = RedisStoreOptions { read_timeout: None, ..RedisStoreOptions::default() };
+    Ok(Arc::new(RedisStore::connect_with(url, options).await?))
 }
 
 /// Connects, retrying with backoff; `None` when told to stop first.

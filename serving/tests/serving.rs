@@ -11,7 +11,7 @@ use axum::Router;
 use http::{Request, StatusCode};
 use segment_core::api::SegmentKey;
 use segment_core::store::{MemoryStore, SegmentStore};
-use segment_serving::{router, AppState, Server, ServingConfig, ServingStore, Tokens};
+use segment_serving::{connect_redis, router, AppState, Server, ServingConfig, ServingStore, Tokens};
 use segment_store::redis::RedisStore;
 use segment_tests::RedisServer;
 use serde_json::{json, Value};
@@ -493,7 +493,7 @@ async fn server_threads_read_through_their_own_connections_and_share_rollovers()
     let url = redis.url();
     let connect = move || {
         let url = url.clone();
-        async move { RedisStore::connect(&url).await.map(|s| Arc::new(s) as Arc<dyn ServingStore>) }
+        async move { connect_redis(&url).await }
     };
     let before = redis_clients(redis.port);
     let server = Server::start("127.0.0.1:0".parse().unwrap(), 3, config(), connect).unwrap();
@@ -550,13 +550,37 @@ async fn server_retries_the_store_until_it_answers_and_stops_on_request() {
     assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 3, "two failures, then connected");
     tokio::task::spawn_blocking(move || server.shutdown()).await.unwrap().expect("a clean shutdown");
 
-    // Never connected: shutting down does not wait for the store.
-    let never = || async { Err::<Arc<dyn ServingStore>, _>(segment_core::store::StoreError::Unavailable("down".into())) };
-    let server = Server::start("127.0.0.1:0".parse().unwrap(), 2, config(), never).unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let started = Instant::now();
-    tokio::task::spawn_blocking(move || server.shutdown()).await.unwrap().expect("a clean shutdown");
-    assert!(started.elapsed() < Duration::from_secs(2), "stopped while retrying, without waiting out the backoff");
+    // Never connected, a connection attempt that hangs (an unreachable
+    // host): shutting down interrupts it instead of waiting for it.
+    let hanging = || std::future::pending::<Result<Arc<dyn ServingStore>, segment_core::store::StoreError>>();
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), 2, config(), hanging).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // On a thread of its own, so a shutdown that hangs fails the test
+    // instead of stalling it.
+    let (done, stopped) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(server.shutdown()));
+    stopped.recv_timeout(Duration::from_secs(10)).expect("shutdown does not wait for the store").expect("a clean shutdown");
+}
+
+/// A Redis that stops answering (here `CLIENT PAUSE`) gets a 503 within
+/// serving's store timeout, which is the only deadline on the binary's
+/// reads (`connect_redis` gives the store none of its own).
+#[tokio::test]
+async fn a_stalled_redis_gets_a_503_within_the_store_timeout() {
+    let redis = RedisServer::start();
+    let store = connect_redis(&redis.url()).await.unwrap();
+    fixture(store.as_ref()).await;
+    let config = ServingConfig { store_timeout: Duration::from_millis(300), ..config() };
+    let api = Api::start(store, config).await;
+    assert_eq!(api.member(&lapsed(), "u1").await.0, StatusCode::OK);
+    let paused = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "CLIENT", "PAUSE", "3000", "ALL"])
+        .output()
+        .unwrap();
+    assert!(paused.status.success(), "{paused:?}");
+    let (status, body) = api.member(&lapsed(), "u2").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("within 300ms")), "serving's own deadline: {body}");
 }
 
 /// Two servers cannot take one port (no SO_REUSEPORT sharing by surprise).

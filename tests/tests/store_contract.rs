@@ -682,7 +682,7 @@ async fn fails_fast_when_down(store: &RedisStore) {
 fn short_deadlines() -> RedisStoreOptions {
     RedisStoreOptions {
         connect_timeout: Duration::from_millis(500),
-        read_timeout: Duration::from_millis(500),
+        read_timeout: Some(Duration::from_millis(500)),
         write_timeout: Duration::from_millis(500),
         bulk_timeout: Duration::from_secs(1),
     }

@@ -12,12 +12,11 @@
 //! serving and Redis share the machine.
 
 use std::process::Command;
-use std::sync::Arc;
 
 use segment_bench::{redis_benchmark, row};
 use segment_core::api::SegmentKey;
 use segment_core::store::SegmentStore;
-use segment_serving::{Server, ServingConfig, ServingStore};
+use segment_serving::{connect_redis, Server, ServingConfig};
 use segment_store::redis::RedisStore;
 use segment_tests::RedisServer;
 
@@ -131,12 +130,8 @@ fn measured(name: &str, offered: &str, base: &str, load: impl FnOnce() -> Figure
 
 fn main() {
     let seconds: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(10);
-    // As the binary: one serving thread per CPU unless told otherwise.
-    let threads: usize = std::env::var("SERVING_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // 0, as the binary's default: one serving thread per CPU.
+    let threads: usize = std::env::var("SERVING_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
     let redis = RedisServer::start();
     let url = redis.url();
     let loading = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
@@ -158,9 +153,10 @@ fn main() {
     let config = ServingConfig { cache_capacity: CACHE_CAPACITY, ..ServingConfig::default() };
     let connect = move || {
         let url = url.clone();
-        async move { RedisStore::connect(&url).await.map(|store| Arc::new(store) as Arc<dyn ServingStore>) }
+        async move { connect_redis(&url).await }
     };
     let server = Server::start("127.0.0.1:0".parse().expect("an address"), threads, config, connect).expect("serving starts");
+    let threads = server.threads();
     let base = format!("http://{}", server.address());
     let ready = format!("{base}/readyz");
     for _ in 0..100 {

@@ -2,12 +2,10 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use segment_serving::{Server, ServingConfig, ServingStore, Tokens};
-use segment_store::redis::{RedisStore, RedisStoreOptions};
+use segment_serving::{connect_redis, Server, ServingConfig, Tokens};
 use tracing::{error, info, warn};
 
 #[global_allocator]
@@ -80,18 +78,13 @@ fn run(args: Args) -> Result<(), String> {
         tokens,
         ..ServingConfig::default()
     };
-    let threads = match args.threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
-    let options = RedisStoreOptions { read_timeout: config.store_timeout, ..RedisStoreOptions::default() };
     let url = args.redis_url.clone();
     let connect = move || {
-        let (url, options) = (url.clone(), options.clone());
-        async move { RedisStore::connect_with(&url, options).await.map(|store| Arc::new(store) as Arc<dyn ServingStore>) }
+        let url = url.clone();
+        async move { connect_redis(&url).await }
     };
-    let mut server = Server::start(args.listen, threads, config, connect).map_err(|e| e.to_string())?;
-    info!(listen = %server.address(), threads, auth = args.tokens_file.is_some(), "serving");
+    let mut server = Server::start(args.listen, args.threads, config, connect).map_err(|e| e.to_string())?;
+    info!(listen = %server.address(), threads = server.threads(), auth = args.tokens_file.is_some(), "serving");
     // The serving threads run their own runtimes; this one only waits.
     let waiting = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("a runtime: {e}"))?;
     waiting.block_on(async {

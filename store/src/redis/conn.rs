@@ -281,8 +281,13 @@ impl Conn {
 }
 
 /// Runs `op` with a deadline; a missed deadline means the store is
-/// unavailable (the caller answers from cache or fails fast).
-pub(crate) async fn within<T>(limit: Duration, op: impl Future<Output = Result<T, RedisError>>) -> Result<T, StoreError> {
+/// unavailable (the caller answers from cache or fails fast). No deadline
+/// (`None`) is for callers that bound the call themselves.
+pub(crate) async fn within<T>(
+    limit: impl Into<Option<Duration>>,
+    op: impl Future<Output = Result<T, RedisError>>,
+) -> Result<T, StoreError> {
+    let Some(limit) = limit.into() else { return op.await.map_err(store_error) };
     match tokio::time::timeout(limit, op).await {
         Ok(result) => result.map_err(store_error),
         Err(_) => Err(StoreError::Unavailable(format!("no answer from Redis within {limit:?}"))),

@@ -45,8 +45,10 @@ const OVERRIDE_CHUNK: usize = 500;
 pub struct RedisStoreOptions {
     /// Establishing the connection (and the pub/sub connection).
     pub connect_timeout: Duration,
-    /// One read round trip (serving's calls).
-    pub read_timeout: Duration,
+    /// One read round trip. `None` for a caller that bounds every read
+    /// itself (serving, with its `--store-timeout-ms`), so that a read runs
+    /// one timer instead of two.
+    pub read_timeout: Option<Duration>,
     /// One small write round trip (activate, overrides).
     pub write_timeout: Duration,
     /// One round trip of a bulk operation (a load batch, a delete step).
@@ -57,7 +59,7 @@ impl Default for RedisStoreOptions {
     fn default() -> Self {
         RedisStoreOptions {
             connect_timeout: Duration::from_secs(5),
-            read_timeout: Duration::from_secs(2),
+            read_timeout: Some(Duration::from_secs(2)),
             write_timeout: Duration::from_secs(5),
             bulk_timeout: Duration::from_secs(30),
         }
@@ -226,23 +228,27 @@ impl RedisStore {
         Ok(recorded)
     }
 
-    async fn run(&self, batch: Batch, limit: Duration) -> Result<Vec<Value>, StoreError> {
+    async fn run(&self, batch: Batch, limit: impl Into<Option<Duration>>) -> Result<Vec<Value>, StoreError> {
         within(limit, self.inner.conn.run(batch)).await
     }
 
     /// Runs one command. Takes it by reference, so a command built in
     /// place (`cmd("GET").arg(key)`) is sent without being copied.
-    async fn query<T: FromRedisValue>(&self, cmd: &Cmd, limit: Duration) -> Result<T, StoreError> {
+    async fn query<T: FromRedisValue>(&self, cmd: &Cmd, limit: impl Into<Option<Duration>>) -> Result<T, StoreError> {
         let mut conn = self.inner.conn.clone();
         within(limit, cmd.query_async(&mut conn)).await
     }
 
-    async fn script<T: FromRedisValue>(&self, invocation: ScriptInvocation<'static>, limit: Duration) -> Result<T, StoreError> {
+    async fn script<T: FromRedisValue>(
+        &self,
+        invocation: ScriptInvocation<'static>,
+        limit: impl Into<Option<Duration>>,
+    ) -> Result<T, StoreError> {
         let mut conn = self.inner.conn.clone();
         within(limit, async move { invocation.invoke_async(&mut conn).await }).await
     }
 
-    fn read(&self) -> Duration {
+    fn read(&self) -> Option<Duration> {
         self.inner.options.read_timeout
     }
 
