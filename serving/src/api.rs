@@ -4,13 +4,13 @@
 use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{MatchedPath, Path, Query, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use segment_core::api::SegmentKey;
@@ -22,7 +22,7 @@ use utoipa_axum::routes;
 
 use crate::auth::Access;
 use crate::error::{ApiError, ErrorBody};
-use crate::state::AppState;
+use crate::state::{ActiveSegment, AppState};
 use crate::MAX_USER_LEN;
 
 /// Kubernetes names are at most 253 bytes; anything longer cannot name a segment.
@@ -49,8 +49,8 @@ impl Modify for BearerAuth {
     }
 }
 
-/// One segment a user is in. Borrows the names when answering, so the
-/// most frequent route copies no strings into its response.
+/// One segment a user is in. The users route renders each active segment's
+/// entry once (see [`user_segment_json`]), borrowing the names.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct UserSegment<'a> {
     #[schema(value_type = String)]
@@ -192,23 +192,36 @@ async fn user_segments(
         check_name("namespace", namespace)?;
         access.check("namespace", namespace)?;
     }
-    let loaded = state.user_versions(&user).await.map_err(|e| ApiError::store(&e))?;
-    let aliases = state.aliases();
-    let mut segments: Vec<UserSegment> = loaded
+    let active = state.user_segments(&user).await.map_err(|e| ApiError::store(&e))?;
+    let segments = active
         .iter()
-        .filter(|(segment, version)| aliases.get(segment) == Some(version))
-        .filter(|(segment, _)| query.namespace.as_ref().is_none_or(|ns| *ns == segment.namespace))
-        .filter(|(segment, _)| access.allows(&segment.namespace))
-        .map(|(segment, version)| UserSegment {
-            namespace: Cow::Borrowed(&segment.namespace),
-            name: Cow::Borrowed(&segment.name),
-            version: *version,
-        })
-        .collect();
-    segments.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    segments.dedup();
-    // Serialized here, while the names it borrows are alive.
-    Ok(Json(UserSegments { user: Cow::Borrowed(&user), segments }).into_response())
+        .filter(|a| query.namespace.as_ref().is_none_or(|ns| *ns == a.segment.namespace))
+        .filter(|a| access.allows(&a.segment.namespace));
+    Ok(user_segments_json(&user, segments))
+}
+
+/// One segment of the users route's answer in JSON, rendered when its
+/// version becomes active (see [`ActiveSegment`]).
+pub(crate) fn user_segment_json(segment: &SegmentKey, version: u64) -> Box<str> {
+    let entry = UserSegment { namespace: Cow::Borrowed(&segment.namespace), name: Cow::Borrowed(&segment.name), version };
+    serde_json::to_string(&entry).expect("a UserSegment serializes").into_boxed_str()
+}
+
+/// The users route's answer: [`UserSegments`] as serde writes it, put
+/// together from the segments' pre-rendered JSON.
+fn user_segments_json<'a>(user: &str, segments: impl Iterator<Item = &'a Arc<ActiveSegment>>) -> Response {
+    let mut body = Vec::with_capacity(256);
+    body.extend_from_slice(br#"{"user":"#);
+    serde_json::to_writer(&mut body, user).expect("a string serializes");
+    body.extend_from_slice(br#","segments":["#);
+    for (i, segment) in segments.enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(segment.json.as_bytes());
+    }
+    body.extend_from_slice(b"]}");
+    ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
 }
 
 /// Whether a user is in the active version of a segment.
@@ -281,7 +294,7 @@ async fn check(
         check_user(&field("user"), &c.user)?;
         access.check(&field("namespace"), &c.namespace)?;
         let segment = SegmentKey::new(c.namespace.clone(), c.segment.clone());
-        let version = *aliases.get(&segment).ok_or_else(|| no_active_version(Some(&field("segment")), &segment))?;
+        let version = aliases.get(&segment).ok_or_else(|| no_active_version(Some(&field("segment")), &segment))?.version;
         triples.push((segment, version, c.user.clone()));
     }
     let answers = state.members(&triples).await.map_err(|e| ApiError::store(&e))?;
@@ -337,10 +350,9 @@ async fn list_segments(
     check_name("namespace", &namespace)?;
     access.check("namespace", &namespace)?;
     let aliases = state.aliases();
-    let infos = aliases
-        .iter()
-        .filter(|(segment, _)| segment.namespace == namespace)
-        .map(|(segment, version)| segment_info(&state, segment.clone(), Some(*version)));
+    let mut listed: Vec<_> = aliases.values().filter(|active| active.segment.namespace == namespace).collect();
+    listed.sort_by(|a, b| a.segment.name.cmp(&b.segment.name));
+    let infos = listed.into_iter().map(|active| segment_info(&state, active.segment.clone(), Some(active.version)));
     let segments = futures::future::try_join_all(infos).await?;
     Ok(Json(SegmentList { namespace, segments }))
 }
@@ -543,4 +555,42 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 pub fn router(state: AppState) -> Router {
     let (api, operations, _) = parts();
     api.merge(operations).route_layer(TrackRequests(state.clone())).fallback(unmatched).with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The users route writes its answer by hand from pre-rendered parts;
+    /// it must be byte for byte what serde writes for the documented type.
+    #[tokio::test]
+    async fn the_users_answer_is_what_serde_writes_for_user_segments() {
+        let segments = [SegmentKey::new("growth", "active-buyers"), SegmentKey::new("risk", "chargebacks")];
+        let active: Vec<Arc<ActiveSegment>> = segments
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let version = 7 + i as u64 * 1000;
+                Arc::new(ActiveSegment { segment: s.clone(), version, json: user_segment_json(s, version) })
+            })
+            .collect();
+        for (user, shown) in [("u-1", 2), ("quote\"back\\slash\u{1}é\u{2028}", 2), ("nobody", 0)] {
+            let response = user_segments_json(user, active.iter().take(shown));
+            assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+            let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+            let expected = UserSegments {
+                user: Cow::Borrowed(user),
+                segments: active
+                    .iter()
+                    .take(shown)
+                    .map(|a| UserSegment {
+                        namespace: Cow::Borrowed(&a.segment.namespace),
+                        name: Cow::Borrowed(&a.segment.name),
+                        version: a.version,
+                    })
+                    .collect(),
+            };
+            assert_eq!(String::from_utf8_lossy(&body), serde_json::to_string(&expected).unwrap(), "user {user:?}");
+        }
+    }
 }

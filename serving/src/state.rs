@@ -2,7 +2,7 @@
 //! caches in front of the store, and the task that keeps the alias map
 //! current from rollover notices.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
@@ -30,7 +30,30 @@ struct Tagged<T> {
     value: T,
 }
 
-type UserVersions = Arc<Vec<(SegmentKey, u64)>>;
+/// A segment's active version, with the segment's entry in the users
+/// route's answer rendered once, when the version became active, instead
+/// of on every request (serializing it was a fifth of a request's work).
+#[derive(Debug, PartialEq, Eq)]
+pub struct ActiveSegment {
+    pub segment: SegmentKey,
+    pub version: u64,
+    /// This segment as a [`UserSegment`](crate::api::UserSegment) in JSON.
+    pub(crate) json: Box<str>,
+}
+
+impl ActiveSegment {
+    fn new(segment: SegmentKey, version: u64) -> ActiveSegment {
+        let json = crate::api::user_segment_json(&segment, version);
+        ActiveSegment { segment, version, json }
+    }
+}
+
+/// Segment → its active version. Hashed rather than ordered: a users
+/// answer looks up every segment the user is loaded in.
+pub type AliasMap = HashMap<SegmentKey, Arc<ActiveSegment>, foldhash::fast::RandomState>;
+
+/// A user's active segments, sorted by segment, shared with the alias map.
+pub(crate) type UserSegments = Arc<[Arc<ActiveSegment>]>;
 type Versions = Arc<BTreeMap<u64, StoredVersion>>;
 
 /// Cheap to clone: clones share everything. [`with_store`](Self::with_store)
@@ -49,16 +72,16 @@ struct Inner {
     store: Arc<dyn ServingStore>,
     config: ServingConfig,
     metrics: Metrics,
-    aliases: RwLock<Arc<BTreeMap<SegmentKey, u64>>>,
+    aliases: RwLock<Arc<AliasMap>>,
     /// Bumped whenever user or version-list entries may be stale: a
     /// rollover notice, a re-subscription, an alias change found by a
     /// periodic refresh.
     generation: AtomicU64,
     ready: AtomicBool,
-    /// user → every (segment, version) the user is loaded in, unfiltered:
-    /// filtering against the alias map happens per request, so it follows
-    /// the alias map even for a cached entry.
-    users: TtlCache<String, Tagged<UserVersions>>,
+    /// user → the user's active segments. Filtered by the alias map when
+    /// read from the store: any alias change bumps the generation, which
+    /// makes every entry filtered by an older map unreachable.
+    users: TtlCache<String, Tagged<UserSegments>>,
     /// (segment, version, user) → member. Keyed by version, so a rollover
     /// moves readers to new keys instead of needing invalidation.
     members: TtlCache<(SegmentKey, u64, String), bool>,
@@ -113,12 +136,12 @@ impl AppState {
     }
 
     /// The active version of every segment, as last learned.
-    pub fn aliases(&self) -> Arc<BTreeMap<SegmentKey, u64>> {
-        self.inner.aliases.read().unwrap_or_else(|e| e.into_inner()).clone()
+    pub fn aliases(&self) -> Arc<AliasMap> {
+        self.inner.aliases()
     }
 
     pub fn active_version(&self, segment: &SegmentKey) -> Option<u64> {
-        self.aliases().get(segment).copied()
+        self.aliases().get(segment).map(|active| active.version)
     }
 
     /// Re-reads the alias map from the store; stale user entries are dropped
@@ -127,9 +150,9 @@ impl AppState {
         self.inner.refresh_aliases(false).await
     }
 
-    /// Every (segment, version) the user is loaded in: cache, else one
-    /// `user_versions` round trip.
-    pub(crate) async fn user_versions(&self, user: &str) -> Result<UserVersions, StoreError> {
+    /// The user's active segments: cache, else one `user_versions` round
+    /// trip filtered by the alias map.
+    pub(crate) async fn user_segments(&self, user: &str) -> Result<UserSegments, StoreError> {
         let inner = &self.inner;
         let generation = inner.generation.load(Ordering::Acquire);
         if let Some(hit) = inner.users.get(user).filter(|e| e.generation == generation) {
@@ -137,7 +160,17 @@ impl AppState {
             return Ok(hit.value);
         }
         inner.metrics.cache("users", 0, 1);
-        let value = Arc::new(inner.call("user_versions", self.store.user_versions(user)).await?);
+        let loaded = inner.call("user_versions", self.store.user_versions(user)).await?;
+        // Read after the generation: aliases change before the generation
+        // is bumped, so this map is at least as new as `generation` says.
+        let aliases = inner.aliases();
+        let mut active: Vec<Arc<ActiveSegment>> = loaded
+            .iter()
+            .filter_map(|(segment, version)| aliases.get(segment).filter(|active| active.version == *version).cloned())
+            .collect();
+        active.sort_by(|a, b| a.segment.cmp(&b.segment));
+        active.dedup_by(|a, b| a.segment == b.segment);
+        let value: UserSegments = active.into();
         inner.users.insert(user.to_string(), Tagged { generation, value: value.clone() });
         Ok(value)
     }
@@ -194,6 +227,10 @@ impl AppState {
 }
 
 impl Inner {
+    fn aliases(&self) -> Arc<AliasMap> {
+        self.aliases.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Runs a store call under the configured deadline; a missed deadline
     /// counts as the store being unavailable.
     async fn call<T>(&self, operation: &'static str, call: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
@@ -223,7 +260,7 @@ impl Inner {
             let mut aliases = self.aliases.write().unwrap_or_else(|e| e.into_inner());
             let mut next = (**aliases).clone();
             match notice.version {
-                Some(version) => next.insert(notice.segment, version),
+                Some(version) => next.insert(notice.segment.clone(), Arc::new(ActiveSegment::new(notice.segment, version))),
                 None => next.remove(&notice.segment),
             };
             *aliases = Arc::new(next);
@@ -243,8 +280,13 @@ impl Inner {
             let mut aliases = self.aliases.write().unwrap_or_else(|e| e.into_inner());
             // A notice applied while this read was in flight is newer than
             // what the read returned; the next refresh picks up the rest.
-            if self.generation.load(Ordering::Acquire) == generation && **aliases != fresh {
-                *aliases = Arc::new(fresh);
+            if self.generation.load(Ordering::Acquire) == generation && !same_versions(&aliases, &fresh) {
+                *aliases = Arc::new(
+                    fresh
+                        .into_iter()
+                        .map(|(segment, version)| (segment.clone(), Arc::new(ActiveSegment::new(segment, version))))
+                        .collect(),
+                );
                 drop(aliases);
                 self.invalidate();
             } else if changed_anyway {
@@ -257,6 +299,11 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+fn same_versions(aliases: &AliasMap, versions: &BTreeMap<SegmentKey, u64>) -> bool {
+    aliases.len() == versions.len()
+        && versions.iter().all(|(segment, version)| aliases.get(segment).is_some_and(|active| active.version == *version))
 }
 
 /// Keeps the alias map current: subscribe, load the map, apply notices as

@@ -225,6 +225,29 @@ async fn routes_and_rollovers_on_the_embedded_store() {
     routes_and_rollovers(Arc::new(MemoryStore::new())).await;
 }
 
+/// Many segments, activated out of order: the users answer and the listing
+/// come sorted by namespace and name whatever order the alias map holds.
+#[tokio::test]
+async fn answers_are_sorted_by_namespace_and_name() {
+    let store: Arc<dyn ServingStore> = Arc::new(MemoryStore::new());
+    let names = ["m", "c", "x", "a", "q", "f", "z", "b", "k", "t", "d", "s"];
+    for (i, name) in names.iter().enumerate() {
+        let segment = SegmentKey::new(if i % 2 == 0 { "ns-b" } else { "ns-a" }, *name);
+        load(store.as_ref(), &segment, 1, &["u1"]).await;
+        store.activate(&segment, 1).await.unwrap();
+    }
+    let api = Api::start(store, config()).await;
+    let mut expected: Vec<(&str, &str, u64)> =
+        names.iter().enumerate().map(|(i, name)| (if i % 2 == 0 { "ns-b" } else { "ns-a" }, *name, 1)).collect();
+    expected.sort();
+    assert_eq!(api.get("/v1/users/u1/segments").await.1, segments("u1", &expected));
+    let listed = api.get("/v1/namespaces/ns-a/segments").await.1;
+    let listed: Vec<&str> = listed["segments"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    let mut in_ns_a: Vec<&str> = expected.iter().filter(|(ns, _, _)| *ns == "ns-a").map(|(_, name, _)| *name).collect();
+    in_ns_a.sort();
+    assert_eq!(listed, in_ns_a);
+}
+
 #[tokio::test]
 async fn routes_and_rollovers_on_redis() {
     let redis = RedisServer::start();
