@@ -566,14 +566,8 @@ mod tests {
     #[tokio::test]
     async fn the_users_answer_is_what_serde_writes_for_user_segments() {
         let segments = [SegmentKey::new("growth", "active-buyers"), SegmentKey::new("risk", "chargebacks")];
-        let active: Vec<Arc<ActiveSegment>> = segments
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let version = 7 + i as u64 * 1000;
-                Arc::new(ActiveSegment { segment: s.clone(), version, json: user_segment_json(s, version) })
-            })
-            .collect();
+        let active: Vec<Arc<ActiveSegment>> =
+            segments.iter().enumerate().map(|(i, s)| Arc::new(ActiveSegment::new(s.clone(), 7 + i as u64 * 1000))).collect();
         for (user, shown) in [("u-1", 2), ("quote\"back\\slash\u{1}é\u{2028}", 2), ("nobody", 0)] {
             let response = user_segments_json(user, active.iter().take(shown));
             assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");

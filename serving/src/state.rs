@@ -33,7 +33,7 @@ struct Tagged<T> {
 /// A segment's active version, with the segment's entry in the users
 /// route's answer rendered once, when the version became active, instead
 /// of on every request (serializing it was a fifth of a request's work).
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct ActiveSegment {
     pub segment: SegmentKey,
     pub version: u64,
@@ -42,9 +42,14 @@ pub struct ActiveSegment {
 }
 
 impl ActiveSegment {
-    fn new(segment: SegmentKey, version: u64) -> ActiveSegment {
+    pub(crate) fn new(segment: SegmentKey, version: u64) -> ActiveSegment {
         let json = crate::api::user_segment_json(&segment, version);
         ActiveSegment { segment, version, json }
+    }
+
+    /// The alias map's entry for `segment` at `version`.
+    fn entry(segment: SegmentKey, version: u64) -> (SegmentKey, Arc<ActiveSegment>) {
+        (segment.clone(), Arc::new(ActiveSegment::new(segment, version)))
     }
 }
 
@@ -53,7 +58,7 @@ impl ActiveSegment {
 pub type AliasMap = HashMap<SegmentKey, Arc<ActiveSegment>, foldhash::fast::RandomState>;
 
 /// A user's active segments, sorted by segment, shared with the alias map.
-pub(crate) type UserSegments = Arc<[Arc<ActiveSegment>]>;
+pub(crate) type ActiveSegments = Arc<[Arc<ActiveSegment>]>;
 type Versions = Arc<BTreeMap<u64, StoredVersion>>;
 
 /// Cheap to clone: clones share everything. [`with_store`](Self::with_store)
@@ -81,7 +86,7 @@ struct Inner {
     /// user → the user's active segments. Filtered by the alias map when
     /// read from the store: any alias change bumps the generation, which
     /// makes every entry filtered by an older map unreachable.
-    users: TtlCache<String, Tagged<UserSegments>>,
+    users: TtlCache<String, Tagged<ActiveSegments>>,
     /// (segment, version, user) → member. Keyed by version, so a rollover
     /// moves readers to new keys instead of needing invalidation.
     members: TtlCache<(SegmentKey, u64, String), bool>,
@@ -152,7 +157,7 @@ impl AppState {
 
     /// The user's active segments: cache, else one `user_versions` round
     /// trip filtered by the alias map.
-    pub(crate) async fn user_segments(&self, user: &str) -> Result<UserSegments, StoreError> {
+    pub(crate) async fn user_segments(&self, user: &str) -> Result<ActiveSegments, StoreError> {
         let inner = &self.inner;
         let generation = inner.generation.load(Ordering::Acquire);
         if let Some(hit) = inner.users.get(user).filter(|e| e.generation == generation) {
@@ -170,7 +175,7 @@ impl AppState {
             .collect();
         active.sort_by(|a, b| a.segment.cmp(&b.segment));
         active.dedup_by(|a, b| a.segment == b.segment);
-        let value: UserSegments = active.into();
+        let value: ActiveSegments = active.into();
         inner.users.insert(user.to_string(), Tagged { generation, value: value.clone() });
         Ok(value)
     }
@@ -260,9 +265,14 @@ impl Inner {
             let mut aliases = self.aliases.write().unwrap_or_else(|e| e.into_inner());
             let mut next = (**aliases).clone();
             match notice.version {
-                Some(version) => next.insert(notice.segment.clone(), Arc::new(ActiveSegment::new(notice.segment, version))),
-                None => next.remove(&notice.segment),
-            };
+                Some(version) => {
+                    let (segment, active) = ActiveSegment::entry(notice.segment, version);
+                    next.insert(segment, active);
+                }
+                None => {
+                    next.remove(&notice.segment);
+                }
+            }
             *aliases = Arc::new(next);
         }
         // After the alias changed: a request that sees the new generation
@@ -281,12 +291,7 @@ impl Inner {
             // A notice applied while this read was in flight is newer than
             // what the read returned; the next refresh picks up the rest.
             if self.generation.load(Ordering::Acquire) == generation && !same_versions(&aliases, &fresh) {
-                *aliases = Arc::new(
-                    fresh
-                        .into_iter()
-                        .map(|(segment, version)| (segment.clone(), Arc::new(ActiveSegment::new(segment, version))))
-                        .collect(),
-                );
+                *aliases = Arc::new(fresh.into_iter().map(|(segment, version)| ActiveSegment::entry(segment, version)).collect());
                 drop(aliases);
                 self.invalidate();
             } else if changed_anyway {

@@ -202,9 +202,9 @@ fn main() {
     let mut rounds = Vec::new();
     for round in 1..=ROUNDS {
         let ceiling = redis_benchmark(redis.port, 500_000, 1, &["GET", "key:__rand_int__"]);
+        row(&format!("redis-benchmark GET, -c 16 (ceiling) #{round}"), ceiling, "requests/s");
         let hit_max = measured(&format!("max, cache hit (wrk) #{round}"), "-", &base, || wrk(&base, Some(hit_path), seconds));
         let miss_max = measured(&format!("max, cache miss (wrk) #{round}"), "-", &base, || wrk(&base, None, seconds));
-        row(&format!("redis-benchmark GET, -c 16 (ceiling) #{round}"), ceiling, "requests/s");
         rounds.push((ceiling, 100.0 * hit_max.rps / ceiling, 100.0 * miss_max.rps / ceiling));
     }
     let median = |pick: fn(&(f64, f64, f64)) -> f64| {
