@@ -58,10 +58,13 @@ pub struct SegmentSpec {
     /// is created, when its definition changes and on request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<Schedule>,
+    /// How many versions stay loaded, and how long result files are kept.
     #[serde(default)]
     pub retention: Retention,
+    /// The guard a new version passes before readers switch to it.
     #[serde(default)]
     pub rollover: RolloverPolicy,
+    /// How a version is loaded into the store.
     #[serde(default)]
     pub ingest: IngestPolicy,
     /// Serve this retained version instead of the newest one (rollback).
@@ -121,6 +124,8 @@ pub struct Schedule {
     /// Stop scheduled runs; manual requests still run.
     #[serde(default)]
     pub suspend: bool,
+    /// What a run that comes due while another is in flight does:
+    /// `Forbid` (wait for it, the default) or `Replace` (cancel it).
     #[serde(default)]
     pub concurrency_policy: ConcurrencyPolicy,
     /// A scheduled run that could not start within this many seconds of its
@@ -201,20 +206,27 @@ pub struct IngestPolicy {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ComputeOverrides {
+    /// Image of the worker container, instead of the operator's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// CPU and memory of the worker container, instead of the operator's defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// ServiceAccount the worker pods run as, instead of the operator's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_name: Option<String>,
+    /// Node labels the worker pods must be scheduled on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<BTreeMap<String, String>>,
+    /// Taints the worker pods tolerate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tolerations: Option<Vec<Toleration>>,
     /// Extra environment for the worker container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env: Option<Vec<EnvVar>>,
-    /// Seconds a compute Job may run before it is failed.
+    /// Seconds a compute or ingest Job may run before it is failed; the
+    /// operator's `--job-deadline-seconds` when unset, at most its
+    /// `--max-job-deadline-seconds`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub active_deadline_seconds: Option<i64>,
@@ -397,7 +409,9 @@ pub struct SegmentSourceSpec {
     /// `s3://bucket/prefix/`, a glob, or `file:///path`.
     #[schemars(regex(pattern = r"^(s3|file)://.+"))]
     pub uri: String,
+    /// The files' format: `parquet`, `csv` (with a header row) or `ndjson`.
     pub format: SourceFormat,
+    /// The column holding the user id; `user_id` when unset.
     #[serde(default = "default_user_id_column")]
     #[schemars(length(min = 1))]
     pub user_id_column: String,
@@ -447,10 +461,47 @@ impl std::fmt::Display for SegmentKey {
     }
 }
 
+/// The CRD of `K` as the API server gets it: the derived schema with the
+/// unsigned integer formats schemars writes (`uint32`, `uint64`), which the
+/// API server does not know (it warns on every write and checks nothing),
+/// replaced by the bounds they stand for. Without `maximum`, a value that
+/// does not fit a u32 would be stored, and every list of Segments would
+/// then fail to decode.
+pub fn served_crd<K: kube::CustomResourceExt>(
+) -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+    let mut crd = serde_json::to_value(K::crd()).expect("a CRD serializes to JSON");
+    replace_unsigned_formats(&mut crd);
+    serde_json::from_value(crd).expect("the CRD with bounds for unsigned formats")
+}
+
+fn replace_unsigned_formats(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            let maximum = match map.get("format").and_then(|f| f.as_str()) {
+                Some("uint8") => Some(Some(u8::MAX as u32)),
+                Some("uint16") => Some(Some(u16::MAX as u32)),
+                Some("uint32") => Some(Some(u32::MAX)),
+                // The API server keeps integers as int64: its own bound.
+                Some("uint64" | "uint") => Some(None),
+                _ => None,
+            };
+            if let Some(maximum) = maximum {
+                map.remove("format");
+                if let Some(maximum) = maximum {
+                    map.entry("maximum").or_insert(serde_json::json!(maximum));
+                }
+                map.entry("minimum").or_insert(serde_json::json!(0));
+            }
+            map.values_mut().for_each(replace_unsigned_formats);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(replace_unsigned_formats),
+        _ => {}
+    }
+}
+
 /// Both CRDs as one YAML stream, as checked in under `crds/`.
 pub fn crds_yaml() -> String {
-    use kube::CustomResourceExt;
-    [Segment::crd(), SegmentSource::crd()]
+    [served_crd::<Segment>(), served_crd::<SegmentSource>()]
         .iter()
         .map(|crd| serde_yaml::to_string(crd).expect("a CRD serializes to YAML"))
         .collect::<Vec<_>>()

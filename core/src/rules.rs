@@ -343,34 +343,52 @@ pub fn rule_schema(_: &mut SchemaGenerator) -> Schema {
 }
 
 fn rule_schema_at(depth: usize) -> Value {
-    let any_scalar = json!({"x-kubernetes-preserve-unknown-fields": true});
+    // Every field carries a description: `kubectl explain` shows nothing
+    // for a field without one.
+    let any_scalar = |description: &str| json!({"x-kubernetes-preserve-unknown-fields": true, "description": description});
     let comparison_props = json!({
-        "column": {"type": "string", "minLength": 1},
-        "op": {"type": "string", "enum": Op::ALL},
-        "value": any_scalar,
-        "values": {"type": "array", "maxItems": MAX_VALUES, "items": any_scalar},
+        "column": {"type": "string", "minLength": 1, "description": "The column compared."},
+        "op": {"type": "string", "enum": Op::ALL, "description": "The comparison: eq, ne, in, not_in, gt, gte, lt, lte, exists."},
+        "value": any_scalar("The value compared with (a string, number or boolean); not with in, not_in or exists."),
+        "values": {"type": "array", "maxItems": MAX_VALUES, "items": any_scalar("One value of the list."),
+                   "description": "The values of in and not_in."},
     });
-    let comparison = json!({"type": "object", "required": ["column", "op"], "properties": comparison_props});
+    let comparison = json!({"type": "object", "required": ["column", "op"], "properties": comparison_props,
+                            "description": "A condition on one column of the event's rows."});
     let mut property_props = comparison_props.clone();
-    property_props["table"] = json!({"type": "string", "minLength": 1});
-    let count_props: serde_json::Map<String, Value> =
-        ["eq", "gt", "gte", "lt", "lte"].iter().map(|k| (k.to_string(), json!({"type": "integer", "minimum": 0}))).collect();
+    property_props["table"] = json!({"type": "string", "minLength": 1, "description": "The table (a SegmentSource's spec.table) holding one row per user."});
+    let count_props: serde_json::Map<String, Value> = [
+        ("eq", "Exactly this many events."),
+        ("gt", "More than this many events."),
+        ("gte", "At least this many events."),
+        ("lt", "Fewer than this many events."),
+        ("lte", "At most this many events."),
+    ]
+    .iter()
+    .map(|(k, d)| (k.to_string(), json!({"type": "integer", "minimum": 0, "description": d})))
+    .collect();
     let mut props = json!({
-        "property": {"type": "object", "required": ["table", "column", "op"], "properties": property_props},
-        "event": {"type": "object", "required": ["table"], "properties": {
-            "table": {"type": "string", "minLength": 1},
-            "count": {"type": "object", "properties": count_props},
-            "within": {"type": "string", "pattern": "^[0-9]+(s|m|h|d|w)$"},
-            "where": {"type": "array", "maxItems": MAX_GROUP_ITEMS, "items": comparison},
+        "property": {"type": "object", "required": ["table", "column", "op"], "properties": property_props,
+                     "description": "Users whose row in table satisfies the comparison (column op value)."},
+        "event": {"type": "object", "required": ["table"], "description": "Users with a number of rows (events) in table, optionally filtered and restricted to a window ending at the snapshot time.", "properties": {
+            "table": {"type": "string", "minLength": 1, "description": "The table (a SegmentSource's spec.table) of events."},
+            "count": {"type": "object", "properties": count_props, "description": "Bounds on the number of matching events; at least one event when unset."},
+            "within": {"type": "string", "pattern": "^[0-9]+(s|m|h|d|w)$", "description": "Window ending at the snapshot time: 30m, 12h, 90d, 2w."},
+            "where": {"type": "array", "maxItems": MAX_GROUP_ITEMS, "items": comparison, "description": "Conditions every counted event meets."},
         }},
-        "segment": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string", "minLength": 1}}},
+        "segment": {"type": "object", "required": ["name"], "description": "Members of another Segment of the same namespace (its active version).",
+                    "properties": {"name": {"type": "string", "minLength": 1, "description": "The Segment's name."}}},
     });
     let mut keys = vec!["property", "event", "segment"];
     if depth > 0 {
         let child = rule_schema_at(depth - 1);
-        props["all"] = json!({"type": "array", "minItems": 1, "maxItems": MAX_GROUP_ITEMS, "items": child});
-        props["any"] = json!({"type": "array", "minItems": 1, "maxItems": MAX_GROUP_ITEMS, "items": child});
-        props["not"] = child;
+        props["all"] = json!({"type": "array", "minItems": 1, "maxItems": MAX_GROUP_ITEMS, "items": child,
+                              "description": "Users matching every rule of the list."});
+        props["any"] = json!({"type": "array", "minItems": 1, "maxItems": MAX_GROUP_ITEMS, "items": child,
+                              "description": "Users matching at least one rule of the list."});
+        let mut not = child;
+        not["description"] = json!("Users not matching this rule.");
+        props["not"] = not;
         keys.extend(["all", "any", "not"]);
     }
     let count_expr = keys.iter().map(|k| format!("(has(self.{k}) ? 1 : 0)")).collect::<Vec<_>>().join(" + ");

@@ -48,7 +48,7 @@ fn workspace_root() -> PathBuf {
 }
 
 fn crd_json<K: CustomResourceExt>() -> Value {
-    serde_json::to_value(K::crd()).expect("a CRD serializes to JSON")
+    serde_json::to_value(segment_core::api::served_crd::<K>()).expect("a CRD serializes to JSON")
 }
 
 fn openapi_schema<K: CustomResourceExt>() -> Value {
@@ -837,14 +837,20 @@ fn regex_matches(pattern: &str, text: &str) -> Result<bool, String> {
 /// What the API server does to a custom resource before storing it, as far as
 /// the CRD schema decides: strict field validation (as `kubectl apply` asks
 /// for), pruning of nulls, defaults, the OpenAPI value checks, then CEL.
-/// Returns the object as stored, or every error as `path: message`.
+/// Returns the object as stored, or every error as the API server words
+/// it (`path: message`; a CEL rule with reason FieldValueInvalid as
+/// `path: Invalid value: message`, which the e2e suite checks on the real
+/// server with the same fixtures).
 fn admit(schema: &Value, object: &Value) -> Result<Value, Vec<String>> {
     let mut errors = Vec::new();
     let mut object = object.clone();
     prune(&mut object, schema, "", true, &mut errors);
     let object = apply_defaults(schema, &object);
     check_value(&object, schema, "", &mut errors);
-    errors.extend(describe(&cel_errors(schema, &without_nulls(&object))));
+    errors.extend(cel_errors(schema, &without_nulls(&object)).iter().map(|e| match e.kind {
+        ErrorKind::ValidationFailure => format!("{}: Invalid value: {}", e.field_path, e.message),
+        ref kind => format!("{}: {kind:?}: {}", e.field_path, e.message),
+    }));
     if errors.is_empty() {
         Ok(object)
     } else {

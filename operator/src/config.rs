@@ -108,6 +108,18 @@ pub struct JobArgs {
     #[arg(long, env = "JOB_BACKOFF_LIMIT", default_value_t = 2)]
     pub job_backoff_limit: i32,
 
+    /// Default `activeDeadlineSeconds` of compute and ingest Jobs: a run
+    /// whose pod never starts (unknown image, unschedulable, a missing
+    /// Secret) or hangs fails with `DeadlineExceeded` instead of holding
+    /// its compute slot forever.
+    #[arg(long, env = "JOB_DEADLINE_SECONDS", default_value_t = 3600)]
+    pub job_deadline_seconds: i64,
+
+    /// The most a Segment's `spec.compute.activeDeadlineSeconds` may ask
+    /// for; larger values are lowered to it.
+    #[arg(long, env = "MAX_JOB_DEADLINE_SECONDS", default_value_t = 86_400)]
+    pub max_job_deadline_seconds: i64,
+
     #[arg(long, env = "WORKER_CPU_REQUEST", default_value = "500m")]
     pub worker_cpu_request: String,
 

@@ -103,7 +103,9 @@ pub fn build_job(
         spec: Some(JobSpec {
             backoff_limit: Some(defaults.job_backoff_limit),
             ttl_seconds_after_finished: Some(defaults.job_ttl_seconds),
-            active_deadline_seconds: overrides.active_deadline_seconds,
+            active_deadline_seconds: Some(
+                overrides.active_deadline_seconds.unwrap_or(defaults.job_deadline_seconds).min(defaults.max_job_deadline_seconds),
+            ),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta { labels: Some(labels), ..Default::default() }),
                 spec: Some(PodSpec {
@@ -176,6 +178,8 @@ mod tests {
             worker_env_secret: None,
             job_ttl_seconds: 600,
             job_backoff_limit: 1,
+            job_deadline_seconds: 3600,
+            max_job_deadline_seconds: 7200,
             worker_cpu_request: "250m".into(),
             worker_memory_request: "512Mi".into(),
             worker_memory_limit: "2Gi".into(),
@@ -227,6 +231,16 @@ spec:
     }
 
     #[test]
+    fn a_segment_cannot_ask_for_a_deadline_beyond_the_operators_cap() {
+        let segment: Segment = serde_yaml::from_str(
+            "metadata: {name: slow, namespace: growth, uid: u1}\nspec:\n  definition: {sql: SELECT user_id FROM orders}\n  compute: {activeDeadlineSeconds: 999999}\n",
+        )
+        .unwrap();
+        let job = build_job(&segment, &launch("slow"), &[], &[], &defaults(), "s3://r").unwrap();
+        assert_eq!(job.spec.unwrap().active_deadline_seconds, Some(7200));
+    }
+
+    #[test]
     fn long_segment_names_give_valid_job_names_and_labels() {
         let name = "a".repeat(70);
         let segment: Segment = serde_yaml::from_str(&format!(
@@ -234,6 +248,8 @@ spec:
         ))
         .unwrap();
         let job = build_job(&segment, &launch(&name), &[], &[], &defaults(), "s3://r").unwrap();
+        // No deadline asked for: the operator's default applies.
+        assert_eq!(job.spec.as_ref().unwrap().active_deadline_seconds, Some(3600));
         let job_name = job.metadata.name.clone().unwrap();
         assert!(job_name.len() <= 63, "{job_name}");
         let observed = observe_job(&job, None).unwrap();

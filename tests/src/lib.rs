@@ -8,6 +8,7 @@
 //! Kubernetes API server behind kube's mock service, and [`examples`], the
 //! example Segments evaluated independently of the compute path.
 
+pub mod cluster;
 pub mod examples;
 pub mod kube_api;
 

@@ -69,6 +69,8 @@ fn job_args() -> JobArgs {
         worker_env_secret: Some("segment-credentials".into()),
         job_ttl_seconds: 3600,
         job_backoff_limit: 2,
+        job_deadline_seconds: 3600,
+        max_job_deadline_seconds: 86_400,
         worker_cpu_request: "500m".into(),
         worker_memory_request: "1Gi".into(),
         worker_memory_limit: "4Gi".into(),

@@ -1,0 +1,259 @@
+//! A Segment's lifecycle on the real API server, through real Jobs: a run
+//! requested by hand, `pinVersion` rollback, a held version approved, the
+//! schedule, a definition change during a run, a Job deleted by hand, pods
+//! that never start (an unknown image, more CPU than the node has), a
+//! failed definition, and deletion with `deletionPolicy` Delete and Retain.
+//!
+//! Static lists and a small CSV table keep each run short; every test has
+//! its own namespace, Redis, buckets and operator.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::{cluster, condition, is_true, put_object, Operator, Serving, Tenant};
+
+const RUN: Duration = Duration::from_secs(180);
+
+fn list(users: impl IntoIterator<Item = u32>) -> String {
+    let mut csv = "user_id\n".to_string();
+    for user in users {
+        csv.push_str(&format!("u{user:07}\n"));
+    }
+    csv
+}
+
+/// A static-list Segment reading `lists/<name>.csv` of the tenant's lake.
+fn static_segment(tenant: &Tenant, name: &str, extra_spec: Value) -> String {
+    let mut spec = json!({"definition": {"static": {"uri": format!("s3://{}/lists/{name}.csv", tenant.lake_bucket)}}});
+    for (key, value) in extra_spec.as_object().unwrap() {
+        spec[key] = value.clone();
+    }
+    json!({"apiVersion": "segmentation.dev/v1alpha1", "kind": "Segment", "metadata": {"name": name}, "spec": spec}).to_string()
+}
+
+fn active_version(segment: &Value) -> Option<u64> {
+    segment["status"]["activeVersion"].as_u64()
+}
+
+fn version_state(segment: &Value, version: u64) -> Option<String> {
+    let versions = segment["status"]["versions"].as_array()?;
+    let found = versions.iter().find(|v| v["version"].as_u64() == Some(version))?;
+    found["state"].as_str().map(str::to_string)
+}
+
+fn member(serving: &Serving, namespace: &str, segment: &str, user: u32) -> (bool, Option<u64>) {
+    let (status, body) = serving.get(&format!("/v1/namespaces/{namespace}/segments/{segment}/members/u{user:07}"));
+    assert_eq!(status, 200, "{body}");
+    (body["member"] == true, body["version"].as_u64())
+}
+
+fn annotate(tenant: &Tenant, name: &str, annotation: &str) {
+    let output = tenant.kubectl(&["annotate", "segment", name, annotation, "--overwrite"]);
+    assert!(output.success(), "{}", output.stderr);
+}
+
+fn patch_spec(tenant: &Tenant, name: &str, spec: Value) {
+    let patch = json!({"spec": spec}).to_string();
+    let output = tenant.kubectl(&["patch", "segment", name, "--type=merge", "-p", &patch]);
+    assert!(output.success(), "{}", output.stderr);
+}
+
+fn events_with_reason(tenant: &Tenant, reason: &str) -> Vec<Value> {
+    let events: Value = serde_json::from_str(&tenant.kubectl(&["get", "events", "-o", "json"]).stdout).unwrap();
+    events["items"].as_array().unwrap().iter().filter(|e| e["reason"] == reason).cloned().collect()
+}
+
+#[test]
+fn a_run_request_makes_a_new_version_and_pin_version_rolls_back() {
+    let tenant = Tenant::new("rollback");
+    put_object(&tenant.lake_bucket, "lists/vip.csv", &list(1..=5));
+    tenant.apply(&static_segment(&tenant, "vip", json!({})));
+    let _operator = Operator::start(&tenant, &[]);
+    let serving = Serving::start(&tenant.redis.url());
+
+    let v1 = tenant.wait_for_segment("vip", RUN, |s| active_version(s) == Some(1));
+    assert_eq!(v1["status"]["members"], 5);
+
+    put_object(&tenant.lake_bucket, "lists/vip.csv", &list(6..=8));
+    annotate(&tenant, "vip", "segmentation.dev/run-requested-at=2030-01-01T00:00:00Z");
+    let v2 = tenant.wait_for_segment("vip", RUN, |s| active_version(s) == Some(2));
+    assert_eq!(v2["status"]["members"], 3);
+    assert_eq!(v2["status"]["handledRunRequest"], "2030-01-01T00:00:00Z");
+    cluster()
+        .wait_until("serving v2", Duration::from_secs(30), || member(&serving, &tenant.namespace, "vip", 6) == (true, Some(2)));
+    assert_eq!(member(&serving, &tenant.namespace, "vip", 1), (false, Some(2)));
+
+    patch_spec(&tenant, "vip", json!({"pinVersion": 1}));
+    let pinned = tenant.wait_for_segment("vip", RUN, |s| active_version(s) == Some(1));
+    assert_eq!(version_state(&pinned, 2).as_deref(), Some("Retained"));
+    cluster().wait_until("serving v1 again", Duration::from_secs(30), || {
+        member(&serving, &tenant.namespace, "vip", 1) == (true, Some(1))
+    });
+    assert!(!events_with_reason(&tenant, "RolledBack").is_empty(), "a RolledBack event");
+}
+
+#[test]
+fn a_held_version_is_served_only_once_approved() {
+    let tenant = Tenant::new("approval");
+    put_object(&tenant.lake_bucket, "lists/vip.csv", &list(1..=10));
+    tenant.apply(&static_segment(&tenant, "vip", json!({"rollover": {"maxChangeRatio": 0.2}})));
+    let _operator = Operator::start(&tenant, &[]);
+    tenant.wait_for_segment("vip", RUN, |s| active_version(s) == Some(1));
+
+    put_object(&tenant.lake_bucket, "lists/vip.csv", &list(11..=20));
+    annotate(&tenant, "vip", "segmentation.dev/run-requested-at=2030-01-01T00:00:00Z");
+    let held = tenant.wait_for_segment("vip", RUN, |s| is_true(s, "RolloverHeld"));
+    assert_eq!(active_version(&held), Some(1), "the held version is not served");
+    assert_eq!(version_state(&held, 2).as_deref(), Some("AwaitingApproval"));
+    let message = condition(&held, "RolloverHeld").unwrap()["message"].as_str().unwrap().to_string();
+    assert!(message.contains("v2"), "{message}");
+
+    annotate(&tenant, "vip", "segmentation.dev/approve-version=2");
+    let approved = tenant.wait_for_segment("vip", RUN, |s| active_version(s) == Some(2));
+    assert!(!is_true(&approved, "RolloverHeld"));
+}
+
+#[test]
+fn the_schedule_starts_runs() {
+    let tenant = Tenant::new("schedule");
+    put_object(&tenant.lake_bucket, "lists/vip.csv", &list(1..=3));
+    tenant.apply(&static_segment(&tenant, "vip", json!({"schedule": {"cron": "* * * * *"}})));
+    let _operator = Operator::start(&tenant, &[]);
+    let first = tenant.wait_for_segment("vip", RUN, |s| active_version(s).is_some());
+    let next = first["status"]["nextScheduleTime"].as_str().expect("nextScheduleTime").to_string();
+    // The next minute's run makes a new version whose snapshot time is the
+    // scheduled time.
+    let scheduled = tenant.wait_for_segment("vip", RUN, |s| active_version(s) > active_version(&first));
+    assert!(scheduled["status"]["lastScheduleTime"].as_str().is_some_and(|t| t >= next.as_str()), "{:#}", scheduled["status"]);
+    let active = active_version(&scheduled).unwrap();
+    let version = scheduled["status"]["versions"].as_array().unwrap().iter().find(|v| v["version"] == active).unwrap();
+    let snapshot = version["snapshotTime"].as_str().unwrap();
+    assert!(snapshot >= next.as_str() && snapshot.get(16..19) == Some(":00"), "a minute boundary at or after {next}: {version}");
+}
+
+#[test]
+fn a_job_deleted_by_hand_is_recreated_and_a_definition_change_supersedes_a_run_that_cannot_start() {
+    let cluster = cluster();
+    let tenant = Tenant::new("unschedulable");
+    put_object(&tenant.lake_bucket, "lists/vip.csv", &list(1..=3));
+    put_object(&tenant.lake_bucket, "lists/vip-2.csv", &list(1..=4));
+    // More CPU than the node has: the real scheduler leaves the pod Pending.
+    let resources = json!({"compute": {"resources": {"requests": {"cpu": "1000", "memory": "64Mi"}}}});
+    tenant.apply(&static_segment(&tenant, "vip", resources));
+    let _operator = Operator::start(&tenant, &[]);
+
+    let job = "vip-v1-compute";
+    let pod_is_unschedulable = || {
+        let pods: Value =
+            serde_json::from_str(&tenant.kubectl(&["get", "pods", "-l", &format!("job-name={job}"), "-o", "json"]).stdout)
+                .unwrap_or_default();
+        pods["items"].as_array().into_iter().flatten().any(|pod| {
+            condition(pod, "PodScheduled").is_some_and(|c| {
+                c["reason"] == "Unschedulable" && c["message"].as_str().unwrap_or("").contains("Insufficient cpu")
+            })
+        })
+    };
+    cluster.wait_until("the compute pod to be reported unschedulable", RUN, pod_is_unschedulable);
+    let uid = |tenant: &Tenant| {
+        cluster.get_json(&tenant.namespace, "job", job).and_then(|j| j["metadata"]["uid"].as_str().map(str::to_string))
+    };
+    let first_uid = uid(&tenant).expect("the compute Job");
+    let output = tenant.kubectl(&["delete", "job", job, "--wait=true"]);
+    assert!(output.success(), "{}", output.stderr);
+    cluster.wait_until("the operator to create the Job again", RUN, || uid(&tenant).is_some_and(|u| u != first_uid));
+    let segment = tenant.segment("vip");
+    assert_eq!(segment["status"]["currentRun"]["version"], 1, "the same run goes on");
+
+    // A new definition (and CPU that fits) cancels the stuck run.
+    patch_spec(
+        &tenant,
+        "vip",
+        json!({"definition": {"static": {"uri": format!("s3://{}/lists/vip-2.csv", tenant.lake_bucket)}},
+               "compute": {"resources": {"requests": {"cpu": "10m", "memory": "64Mi"}}}}),
+    );
+    let done = tenant.wait_for_segment("vip", RUN, |s| active_version(s) == Some(2));
+    assert_eq!(done["status"]["members"], 4);
+    let v1 = done["status"]["versions"].as_array().unwrap().iter().find(|v| v["version"] == 1).cloned();
+    assert_eq!(v1.map(|v| (v["state"].clone(), v["reason"].clone())), Some((json!("Failed"), json!("Superseded"))));
+    cluster.wait_until("the stuck Job to be deleted", RUN, || uid(&tenant).is_none());
+}
+
+#[test]
+fn a_pod_whose_image_cannot_be_pulled_fails_the_run_at_the_deadline_and_the_old_version_keeps_serving() {
+    let cluster = cluster();
+    let tenant = Tenant::new("badimage");
+    put_object(&tenant.lake_bucket, "lists/vip.csv", &list(1..=3));
+    tenant.apply(&static_segment(&tenant, "vip", json!({})));
+    let _operator = Operator::start(&tenant, &["--job-deadline-seconds", "20"]);
+    tenant.wait_for_segment("vip", RUN, |s| active_version(s) == Some(1));
+
+    patch_spec(&tenant, "vip", json!({"compute": {"image": "registry.invalid/segment-worker:none"}}));
+    annotate(&tenant, "vip", "segmentation.dev/run-requested-at=2030-01-01T00:00:00Z");
+    cluster.wait_until("the pod to wait on its image", RUN, || {
+        let pods = tenant.kubectl(&["get", "pods", "-l", "job-name=vip-v2-compute", "-o", "json"]).stdout;
+        pods.contains("ImagePullBackOff") || pods.contains("ErrImagePull")
+    });
+    let failed = tenant.wait_for_segment("vip", RUN, |s| version_state(s, 2).as_deref() == Some("Failed"));
+    let v2 = failed["status"]["versions"].as_array().unwrap().iter().find(|v| v["version"] == 2).unwrap().clone();
+    assert_eq!(v2["reason"], "DeadlineExceeded", "{v2}");
+    assert_eq!(active_version(&failed), Some(1), "the old version keeps serving");
+    let ready = condition(&failed, "Ready").unwrap();
+    assert_eq!((ready["status"].as_str(), ready["reason"].as_str()), (Some("True"), Some("LastRunFailed")), "{ready}");
+}
+
+#[test]
+fn a_failed_definition_is_stalled_and_the_old_version_keeps_serving() {
+    let tenant = Tenant::new("baddef");
+    put_object(&tenant.lake_bucket, "orders/orders.csv", "user_id,amount\nu0000001,10\nu0000002,250\nu0000003,300\n");
+    tenant.apply(&format!(
+        r#"{{"apiVersion": "segmentation.dev/v1alpha1", "kind": "SegmentSource", "metadata": {{"name": "orders"}},
+            "spec": {{"table": "orders", "uri": "s3://{}/orders/", "format": "csv", "userIdColumn": "user_id"}}}}"#,
+        tenant.lake_bucket
+    ));
+    let sql = |condition: &str| {
+        json!({"apiVersion": "segmentation.dev/v1alpha1", "kind": "Segment", "metadata": {"name": "big-spenders"},
+               "spec": {"definition": {"sql": format!("SELECT user_id FROM orders WHERE {condition}")}}})
+        .to_string()
+    };
+    tenant.apply(&sql("amount > 100"));
+    let _operator = Operator::start(&tenant, &[]);
+    let serving = Serving::start(&tenant.redis.url());
+    let v1 = tenant.wait_for_segment("big-spenders", RUN, |s| active_version(s) == Some(1));
+    assert_eq!(v1["status"]["members"], 2);
+
+    // Parses, reads a declared table, and fails in the engine.
+    tenant.apply(&sql("no_such_column > 100"));
+    let stalled = tenant.wait_for_segment("big-spenders", RUN, |s| is_true(s, "Stalled"));
+    let reason = condition(&stalled, "Stalled").unwrap()["reason"].as_str().unwrap().to_string();
+    assert_eq!(reason, "UnknownColumn", "{:#}", stalled["status"]);
+    assert_eq!(active_version(&stalled), Some(1));
+    assert_eq!(member(&serving, &tenant.namespace, "big-spenders", 2), (true, Some(1)));
+    assert!(!events_with_reason(&tenant, "RunFailed").is_empty(), "a RunFailed event");
+}
+
+#[test]
+fn deletion_removes_the_data_with_delete_and_keeps_it_with_retain() {
+    let cluster = cluster();
+    let tenant = Tenant::new("deletion");
+    put_object(&tenant.lake_bucket, "lists/gone.csv", &list(1..=3));
+    put_object(&tenant.lake_bucket, "lists/kept.csv", &list(1..=3));
+    tenant.apply(&static_segment(&tenant, "gone", json!({"deletionPolicy": "Delete"})));
+    tenant.apply(&static_segment(&tenant, "kept", json!({"deletionPolicy": "Retain"})));
+    let _operator = Operator::start(&tenant, &[]);
+    for name in ["gone", "kept"] {
+        tenant.wait_for_segment(name, RUN, |s| active_version(s) == Some(1));
+    }
+    let keys = |name: &str| tenant.redis.keys(&format!("*{}/{name}*", tenant.namespace));
+    assert!(!keys("gone").is_empty() && !keys("kept").is_empty(), "both are in the store");
+
+    for name in ["gone", "kept"] {
+        let output = tenant.kubectl(&["delete", "segment", name, "--wait=true", "--timeout=120s"]);
+        assert!(output.success(), "deleting {name}: {}", output.stderr);
+    }
+    assert!(keys("gone").is_empty(), "Delete removes the store data: {:?}", keys("gone"));
+    assert!(!keys("kept").is_empty(), "Retain keeps it");
+    // The Jobs go with their Segment (owner references, garbage collector).
+    cluster
+        .wait_until("the Jobs to be collected", RUN, || tenant.kubectl(&["get", "jobs", "-o", "name"]).stdout.trim().is_empty());
+}

@@ -1,0 +1,270 @@
+//! The operator, its CRDs, the chart and the kubectl plugin on a real
+//! Kubernetes control plane (`e2e/local-cluster`: etcd, kube-apiserver,
+//! kube-controller-manager and kube-scheduler built from their Go modules,
+//! and the node agent that runs pods as local processes; docs/testing.md).
+//!
+//! One cluster serves the whole binary; each test works in namespaces of
+//! its own, with its own operator process, Redis and S3 bucket, so tests
+//! run side by side.
+
+mod crds;
+mod examples;
+mod helm;
+mod lifecycle;
+mod plugin;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use segment_tests::cluster::{self, LocalCluster, Output};
+use segment_tests::{free_port, shared_s3, RedisServer, S3Server};
+use serde_json::Value;
+
+/// The shared cluster, with the project's CRDs installed and Established.
+pub fn cluster() -> &'static LocalCluster {
+    static CRDS: std::sync::Once = std::sync::Once::new();
+    let cluster = LocalCluster::shared();
+    CRDS.call_once(|| {
+        let crds = cluster::workspace_root().join("crds");
+        cluster.kubectl_ok(&["apply", "--server-side", "-f", crds.to_str().expect("a UTF-8 path")]);
+        cluster.kubectl_ok(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/segments.segmentation.dev",
+            "crd/segmentsources.segmentation.dev",
+        ]);
+        // The API server publishes a new CRD's OpenAPI (what `kubectl
+        // explain` and client-side tools read) a moment after Established.
+        cluster.wait_until("the CRDs' OpenAPI to be published", Duration::from_secs(60), || {
+            cluster.kubectl(&["get", "--raw", "/openapi/v3/apis/segmentation.dev/v1alpha1"]).success()
+        });
+    });
+    cluster
+}
+
+/// A tenant's namespace with what the operator needs there: a Redis, an S3
+/// bucket for results and one for the lake, the worker's ServiceAccount
+/// and the Secret its Jobs read their environment from.
+pub struct Tenant {
+    pub namespace: String,
+    pub redis: RedisServer,
+    pub results_uri: String,
+    pub lake_bucket: String,
+}
+
+impl Tenant {
+    pub fn new(prefix: &str) -> Tenant {
+        let cluster = cluster();
+        let namespace = cluster.namespace(prefix);
+        let redis = RedisServer::start();
+        let s3 = shared_s3();
+        let results_bucket = format!("results-{namespace}");
+        let lake_bucket = format!("lake-{namespace}");
+        s3.create_bucket(&results_bucket);
+        s3.create_bucket(&lake_bucket);
+        let mut secret = vec!["create", "secret", "generic", "segment-credentials", "-n", &namespace];
+        let literals: Vec<String> = std::iter::once(("REDIS_URL".to_string(), redis.url()))
+            .chain(s3.env())
+            .map(|(key, value)| format!("--from-literal={key}={value}"))
+            .collect();
+        secret.extend(literals.iter().map(String::as_str));
+        cluster.kubectl_ok(&secret);
+        cluster.kubectl_ok(&["create", "serviceaccount", "segment-worker", "-n", &namespace]);
+        Tenant { namespace, redis, results_uri: format!("s3://{results_bucket}"), lake_bucket }
+    }
+
+    /// `kubectl apply --server-side` in this namespace; panics on failure.
+    pub fn apply(&self, manifest: &str) {
+        let output = cluster().apply(&self.namespace, manifest);
+        assert!(output.success(), "kubectl apply: {}{}", output.stdout, output.stderr);
+    }
+
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        let mut all = vec!["-n", self.namespace.as_str()];
+        all.extend_from_slice(args);
+        cluster().kubectl(&all)
+    }
+
+    pub fn segment(&self, name: &str) -> Value {
+        cluster().get_json(&self.namespace, "segment", name).unwrap_or_else(|| panic!("segment {name} exists"))
+    }
+
+    /// Waits until the Segment's status satisfies `done`; on timeout the
+    /// panic shows the last status.
+    pub fn wait_for_segment(&self, name: &str, timeout: Duration, done: impl Fn(&Value) -> bool) -> Value {
+        let start = std::time::Instant::now();
+        loop {
+            let segment = cluster().get_json(&self.namespace, "segment", name);
+            if let Some(segment) = segment.as_ref().filter(|s| done(s)) {
+                return segment.clone();
+            }
+            if start.elapsed() > timeout {
+                let status = segment.map(|s| s["status"].clone()).unwrap_or_default();
+                let jobs = self.kubectl(&["get", "jobs,pods", "-o", "wide"]).stdout;
+                panic!("segment {}/{name}: not done within {timeout:?}; status:\n{status:#}\n{jobs}", self.namespace);
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+/// The status condition `type_` of an object, if any.
+pub fn condition<'a>(object: &'a Value, type_: &str) -> Option<&'a Value> {
+    object["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == type_)
+}
+
+pub fn is_true(object: &Value, type_: &str) -> bool {
+    condition(object, type_).is_some_and(|c| c["status"] == "True")
+}
+
+/// `segment-operator run` as a process, acting with the ServiceAccount
+/// token and RBAC that the chart renders for it (not the admin's).
+pub struct Operator {
+    child: Child,
+    pub metrics_port: u16,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Operator {
+    /// Renders the chart's operator RBAC for a release watching
+    /// `tenant.namespace`, applies it, and starts the operator with a token
+    /// of the chart's operator ServiceAccount.
+    pub fn start(tenant: &Tenant, extra_args: &[&str]) -> Operator {
+        let cluster = cluster();
+        let namespace = &tenant.namespace;
+        let rbac = helm_template(
+            namespace,
+            namespace,
+            &[
+                "--set",
+                &format!("operator.watchNamespace={namespace}"),
+                "--show-only",
+                "templates/operator-rbac.yaml",
+                "--show-only",
+                "templates/serviceaccounts.yaml",
+            ],
+        );
+        tenant.apply(&rbac);
+        let service_account = format!("{namespace}-segment-operator");
+        let token = cluster.service_account_token(namespace, &service_account);
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let kubeconfig = dir.path().join("kubeconfig");
+        cluster.token_kubeconfig(&kubeconfig, &token, namespace);
+        let metrics_port = free_port();
+        let log = dir.path().join("operator.log");
+        let log_file = std::fs::File::create(&log).expect("a log file");
+        let s3 = shared_s3();
+        let child = Command::new(cluster::workspace_binary("segment-operator"))
+            .arg("run")
+            .args(["--namespace", namespace, "--lease-namespace", namespace])
+            .args(["--lease-name", &format!("{namespace}-segment-operator")])
+            .args(["--redis-url", &tenant.redis.url(), "--results-uri", &tenant.results_uri])
+            .args(["--worker-env-secret", "segment-credentials"])
+            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+            // The worker asks for little so tests side by side fit the node.
+            .args(["--worker-cpu-request", "10m", "--worker-memory-request", "64Mi"])
+            .args(extra_args)
+            .env("KUBECONFIG", &kubeconfig)
+            .env("RUST_LOG", "info,kube=warn")
+            .env("POD_NAME", format!("operator-{namespace}"))
+            .envs(s3.env())
+            .stdout(log_file.try_clone().expect("a log handle"))
+            .stderr(log_file)
+            .spawn()
+            .expect("segment-operator starts");
+        Operator { child, metrics_port, log, _dir: dir }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `helm template` of the chart, as the release `release` in `namespace`.
+pub fn helm_template(release: &str, namespace: &str, args: &[&str]) -> String {
+    let chart = cluster::workspace_root().join("charts/segment-operator");
+    let output =
+        cluster::run(cluster().tool("helm").arg("template").arg(release).arg(&chart).args(["--namespace", namespace]).args(args));
+    assert!(output.success(), "helm template: {}", output.stderr);
+    output.stdout
+}
+
+/// Copies the example lake (generated once per test binary, seed 42) into
+/// the tenant's lake bucket, and returns the example manifests with their
+/// `file://./lake/` sources pointed there.
+pub fn example_manifests(tenant: &Tenant) -> (String, String) {
+    let lake = examples::example_lake();
+    examples::upload_dir(&lake, &tenant.lake_bucket);
+    let root = cluster::workspace_root();
+    let read = |file: &str| std::fs::read_to_string(root.join("examples").join(file)).expect("an example manifest");
+    let to_s3 = |text: String| text.replace("file://./lake/", &format!("s3://{}/", tenant.lake_bucket));
+    (to_s3(read("sources.yaml")), to_s3(read("segments.yaml")))
+}
+
+/// The serving API over a tenant's Redis, as a local process.
+pub struct Serving {
+    child: Child,
+    pub port: u16,
+}
+
+impl Serving {
+    pub fn start(redis_url: &str) -> Serving {
+        let port = free_port();
+        let child = Command::new(cluster::workspace_binary("segment-serving"))
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--redis-url", redis_url, "--threads", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("segment-serving starts");
+        Serving { child, port }
+    }
+
+    /// GET a path; (status, JSON body).
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        use std::io::{Read, Write};
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else { return (0, Value::Null) };
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut reply = String::new();
+        let _ = stream.read_to_string(&mut reply);
+        let status = reply.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = reply.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        let json = match (body.find('{'), body.rfind('}')) {
+            (Some(a), Some(b)) => &body[a..=b],
+            _ => "null",
+        };
+        (status, serde_json::from_str(json).unwrap_or(Value::Null))
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The S3 server all tenants' buckets live on.
+pub fn s3() -> &'static S3Server {
+    shared_s3()
+}
+
+/// Writes one object to a bucket of the shared S3 server.
+pub fn put_object(bucket: &str, key: &str, body: &str) {
+    use object_store::{ObjectStoreExt, PutPayload};
+    s3();
+    let store = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket).build().expect("an S3 client");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+    runtime.block_on(store.put(&key.into(), PutPayload::from(body.as_bytes().to_vec()))).expect("an upload");
+}
