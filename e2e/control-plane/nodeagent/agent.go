@@ -84,6 +84,12 @@ func Main(args []string) int {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	go func() {
+		// After the first signal, a second one kills the agent at once
+		// (default handling), for a human whose containers are slow to stop.
+		<-ctx.Done()
+		stop()
+	}()
 	a, err := NewAgent(cfg, logger)
 	if err != nil {
 		logger.Error("cannot start", "err", err)

@@ -78,10 +78,23 @@ func startAgent(t *testing.T) *agentFixture {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Mount points the containers of these tests create on the host.
+	hostMountPoints := []string{defaultTerminationMessagePath, "/tmp/nodeagent-full", "/tmp/nodeagent-test-data"}
+	var created []string
+	for _, p := range hostMountPoints {
+		if _, err := os.Lstat(p); os.IsNotExist(err) {
+			created = append(created, p)
+		}
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- a.Run(ctx) }()
 	t.Cleanup(func() {
+		defer func() {
+			for _, p := range created {
+				_ = os.RemoveAll(p)
+			}
+		}()
 		cancel()
 		select {
 		case err := <-done:

@@ -60,6 +60,12 @@
 //     a container without runAsUser runs as root, like an image without
 //     USER; runAsNonRoot without runAsUser runs as 65532:65532 (distroless
 //     nonroot), as there is no image metadata to consult;
+//   - stopping a container sends SIGTERM to its whole process group (a
+//     runtime signals only PID 1), and when its main process ends, what
+//     is left of the group is killed (as a pid namespace would be); a
+//     process that leaves the group escapes unless a memory cgroup holds
+//     it. A shell as main process gets signals like any process (PID 1 of
+//     a container ignores those it has no handler for);
 //   - containers of an agent that crashed are killed when it starts again
 //     and reported as ContainerStatusUnknown (exit code 137); a clean stop
 //     of the agent stops its containers and reports nothing, like a kubelet.

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -15,8 +16,8 @@ import (
 // as "container-init SPEC" it is the shim, and with NODEAGENT_HELPER set
 // (by a test, in a container's env) it is a container's program.
 func TestMain(m *testing.M) {
-	if len(os.Args) > 1 && os.Args[1] == "container-init" {
-		os.Exit(ContainerInitMain(os.Args[2:]))
+	if filepath.Base(os.Args[0]) == "container-init" {
+		os.Exit(ContainerInitMain(os.Args[1:]))
 	}
 	if mode := os.Getenv("NODEAGENT_HELPER"); mode != "" {
 		os.Exit(helperMain(mode))

@@ -251,8 +251,14 @@ func (w *podWorker) startContainer(ctx context.Context, pod *corev1.Pod, rec *co
 // shimCommand is the exec of container-init in a new mount namespace and
 // process group. Its environment is empty: the container's comes from the
 // spec, and nothing of the agent's should leak in.
+//
+// The subcommand is named twice, as argv[0] and argv[1], so that a
+// multi-tool binary finds it whether it dispatches on the name it is
+// called by or on its first argument (ContainerInitMain skips the extra
+// name); /proc/self/exe is whatever binary the agent runs in.
 func (a *Agent) shimCommand(specPath string) *exec.Cmd {
-	cmd := exec.Command(a.shimPath, "container-init", specPath)
+	cmd := exec.Command(a.shimPath)
+	cmd.Args = []string{"container-init", "container-init", specPath}
 	cmd.Env = []string{}
 	cmd.Dir = "/"
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}

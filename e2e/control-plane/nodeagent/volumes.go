@@ -64,6 +64,12 @@ type volumeFile struct {
 // directories are reused and API-data files rewritten.
 func (b *volumeBuilder) setUp(ctx context.Context, pod *corev1.Pod, volumesDir string) (*podVolumes, error) {
 	pv := &podVolumes{paths: map[string]string{}, readOnly: map[string]bool{}}
+	// Private to root: containers reach volumes through their bind mounts,
+	// which do not need the host path to be searchable; other local users
+	// do not get to read the pod's Secrets.
+	if err := os.MkdirAll(volumesDir, 0o700); err != nil {
+		return nil, err
+	}
 	var fsGroup *int64
 	if sc := pod.Spec.SecurityContext; sc != nil {
 		fsGroup = sc.FSGroup

@@ -105,7 +105,7 @@ fn a_held_version_is_served_only_once_approved() {
     annotate(&tenant, "vip", "segmentation.dev/run-requested-at=2030-01-01T00:00:00Z");
     let held = tenant.wait_for_segment("vip", RUN, |s| is_true(s, "RolloverHeld"));
     assert_eq!(active_version(&held), Some(1), "the held version is not served");
-    assert_eq!(version_state(&held, 2).as_deref(), Some("AwaitingApproval"));
+    assert_eq!(held["status"]["currentRun"]["phase"], "AwaitingApproval", "{:#}", held["status"]);
     let message = condition(&held, "RolloverHeld").unwrap()["message"].as_str().unwrap().to_string();
     assert!(message.contains("v2"), "{message}");
 
@@ -225,8 +225,11 @@ fn a_failed_definition_is_stalled_and_the_old_version_keeps_serving() {
     // Parses, reads a declared table, and fails in the engine.
     tenant.apply(&sql("no_such_column > 100"));
     let stalled = tenant.wait_for_segment("big-spenders", RUN, |s| is_true(s, "Stalled"));
-    let reason = condition(&stalled, "Stalled").unwrap()["reason"].as_str().unwrap().to_string();
-    assert_eq!(reason, "UnknownColumn", "{:#}", stalled["status"]);
+    let stalled_condition = condition(&stalled, "Stalled").unwrap();
+    assert_eq!(stalled_condition["reason"], "RunFailed", "{:#}", stalled["status"]);
+    assert!(stalled_condition["message"].as_str().unwrap().contains("v2 failed: UnknownColumn"), "{stalled_condition}");
+    let v2 = stalled["status"]["versions"].as_array().unwrap().iter().find(|v| v["version"] == 2).unwrap().clone();
+    assert_eq!((v2["state"].as_str(), v2["reason"].as_str()), (Some("Failed"), Some("UnknownColumn")), "{v2}");
     assert_eq!(active_version(&stalled), Some(1));
     assert_eq!(member(&serving, &tenant.namespace, "big-spenders", 2), (true, Some(1)));
     assert!(!events_with_reason(&tenant, "RunFailed").is_empty(), "a RunFailed event");
