@@ -79,7 +79,9 @@ func startAgent(t *testing.T) *agentFixture {
 		t.Fatal(err)
 	}
 	// Mount points the containers of these tests create on the host.
-	hostMountPoints := []string{defaultTerminationMessagePath, "/tmp/nodeagent-full", "/tmp/nodeagent-test-data"}
+	// (/dev/termination-log stays: other agents on this machine may use it
+	// as a mount point, and unlinking it would detach their mounts.)
+	hostMountPoints := []string{"/tmp/nodeagent-full", "/tmp/nodeagent-test-data"}
 	var created []string
 	for _, p := range hostMountPoints {
 		if _, err := os.Lstat(p); os.IsNotExist(err) {

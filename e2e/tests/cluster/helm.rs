@@ -1,1 +1,137 @@
-//! (in progress)
+//! The Helm chart installed into the real cluster with `helm install`: the
+//! operator and serving Deployments become available (their pods run on
+//! the node agent as the workspace's binaries, with in-cluster config and
+//! the chart's ServiceAccount and RBAC), a Segment is computed by the
+//! installed operator and answered by the installed serving; `helm
+//! upgrade` with changed values rolls the Deployments; `helm uninstall`
+//! removes what the chart created.
+//!
+//! Pods on the node agent share the host's network, so the test gives
+//! the operator and serving free ports instead of the chart's 8080.
+
+use std::time::Duration;
+
+use segment_tests::cluster::{run, run_with_stdin, workspace_root};
+use segment_tests::free_port;
+use serde_json::{json, Value};
+
+use crate::{cluster, is_true, put_object, s3, Tenant};
+
+fn helm(args: &[&str]) -> segment_tests::cluster::Output {
+    run(cluster().tool("helm").args(args))
+}
+
+/// kstatus' verdict on the release's Deployments.
+fn deployments_current(tenant: &Tenant) -> bool {
+    let deployments = tenant.kubectl(&["get", "deployments", "-o", "json"]);
+    deployments.success() && run_with_stdin(cluster().tool("kstatus").arg("-"), &deployments.stdout).success()
+}
+
+fn get(port: u16, path: &str) -> (u16, Value) {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return (0, Value::Null) };
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes());
+    let mut reply = String::new();
+    let _ = stream.read_to_string(&mut reply);
+    let status = reply.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = reply.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let json = match (body.find('{'), body.rfind('}')) {
+        (Some(a), Some(b)) => &body[a..=b],
+        _ => "null",
+    };
+    (status, serde_json::from_str(json).unwrap_or(Value::Null))
+}
+
+#[test]
+fn helm_install_upgrade_and_uninstall() {
+    let cluster = cluster();
+    let tenant = Tenant::new("helm");
+    let namespace = tenant.namespace.clone();
+    let release = "segments";
+    let chart = workspace_root().join("charts/segment-operator");
+    let chart = chart.to_str().unwrap();
+    // The operator's S3 credentials, by reference as the chart asks.
+    let s3_env = s3().env();
+    let value = |key: &str| s3_env.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).unwrap();
+    cluster.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "s3-credentials",
+        "-n",
+        &namespace,
+        &format!("--from-literal=AWS_ACCESS_KEY_ID={}", value("AWS_ACCESS_KEY_ID")),
+        &format!("--from-literal=AWS_SECRET_ACCESS_KEY={}", value("AWS_SECRET_ACCESS_KEY")),
+    ]);
+    let (operator_port, serving_port) = (free_port(), free_port());
+    let values = [
+        format!("redis.url={}", tenant.redis.url()),
+        format!("s3.endpoint={}", value("AWS_ENDPOINT_URL")),
+        "s3.region=us-east-1".to_string(),
+        "s3.existingSecret=s3-credentials".to_string(),
+        format!("operator.resultsUri={}", tenant.results_uri),
+        format!("operator.watchNamespace={namespace}"),
+        format!("operator.metricsPort={operator_port}"),
+        "operator.logJson=false".to_string(),
+        "worker.envSecret=segment-credentials".to_string(),
+        // Tenant::new made the worker ServiceAccount already.
+        "worker.serviceAccount.create=false".to_string(),
+        "worker.resources.cpuRequest=10m".to_string(),
+        "worker.resources.memoryRequest=64Mi".to_string(),
+        format!("serving.port={serving_port}"),
+        "serving.replicas=1".to_string(),
+        "serving.autoscaling.enabled=false".to_string(),
+    ];
+    let mut install = vec!["install", release, chart, "-n", &namespace, "--wait", "--timeout", "180s"];
+    for value in &values {
+        install.extend(["--set", value.as_str()]);
+    }
+    let output = helm(&install);
+    assert!(output.success(), "helm install: {}{}", output.stdout, output.stderr);
+    cluster.wait_until("the Deployments to be Current", Duration::from_secs(120), || deployments_current(&tenant));
+
+    // The installed operator computes a Segment; the installed serving answers.
+    put_object(&tenant.lake_bucket, "lists/vip.csv", "user_id\nu0000001\nu0000002\n");
+    tenant.apply(
+        &json!({"apiVersion": "segmentation.dev/v1alpha1", "kind": "Segment", "metadata": {"name": "vip"},
+                "spec": {"definition": {"static": {"uri": format!("s3://{}/lists/vip.csv", tenant.lake_bucket)}}}})
+        .to_string(),
+    );
+    tenant.wait_for_segment("vip", Duration::from_secs(180), |s| is_true(s, "Ready"));
+    cluster.wait_until("serving answers the member", Duration::from_secs(60), || {
+        get(serving_port, &format!("/v1/namespaces/{namespace}/segments/vip/members/u0000002")).1["member"] == true
+    });
+    assert_eq!(get(operator_port, "/healthz").0, 200, "the operator's probe port is the one the values chose");
+
+    // An upgrade with a changed value rolls the serving Deployment.
+    let generation = |name: &str| {
+        cluster.get_json(&namespace, "deployment", name).and_then(|d| d["metadata"]["generation"].as_i64()).unwrap_or(0)
+    };
+    let serving_deployment = format!("{release}-segment-operator-serving");
+    let before = generation(&serving_deployment);
+    let mut upgrade = vec!["upgrade", release, chart, "-n", &namespace, "--wait", "--timeout", "180s"];
+    for value in &values {
+        upgrade.extend(["--set", value.as_str()]);
+    }
+    upgrade.extend(["--set", "serving.cacheTtlMs=500"]);
+    let output = helm(&upgrade);
+    assert!(output.success(), "helm upgrade: {}{}", output.stdout, output.stderr);
+    assert!(generation(&serving_deployment) > before, "the upgrade changed the serving Deployment");
+    let deployment = cluster.get_json(&namespace, "deployment", &serving_deployment).unwrap();
+    assert!(deployment.to_string().contains("500"), "the new cache TTL is in the Deployment");
+    cluster.wait_until("the upgraded Deployments to be Current", Duration::from_secs(120), || deployments_current(&tenant));
+    let status = helm(&["status", release, "-n", &namespace, "-o", "json"]);
+    let status: Value = serde_json::from_str(&status.stdout).expect("helm status as JSON");
+    assert_eq!((status["version"].as_i64(), status["info"]["status"].as_str()), (Some(2), Some("deployed")));
+
+    let output = helm(&["uninstall", release, "-n", &namespace, "--wait", "--timeout", "120s"]);
+    assert!(output.success(), "helm uninstall: {}{}", output.stdout, output.stderr);
+    let left = tenant.kubectl(&["get", "deployments,services,serviceaccounts,roles,rolebindings", "-o", "name"]).stdout;
+    assert!(!left.contains(release), "left after uninstall: {left}");
+    let cluster_role = cluster.kubectl(&["get", "clusterrole", &format!("{release}-segment-operator")]);
+    assert!(!cluster_role.success(), "the ClusterRole is removed");
+    // CRDs in the chart's crds/ stay (Helm never deletes them), so the
+    // Segments and their data survive an uninstall.
+    assert!(cluster.kubectl(&["get", "crd", "segments.segmentation.dev"]).success());
+}
