@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action as Requeue;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
@@ -223,14 +223,22 @@ async fn execute(segment: &Segment, plan: &Plan, sources: &[SegmentSource], ctx:
         }
     }
 
-    let reference = segment.object_ref(&());
+    // Without the resourceVersion, the same event of later reconciles
+    // counts up one series instead of starting a new Event each time.
+    let reference = ObjectReference { resource_version: None, ..segment.object_ref(&()) };
     for action in &plan.actions {
         if let Action::Event(event) = action {
+            let note = truncate(&event.message, 1024);
             let kube_event = KubeEvent {
                 type_: if event.warning { EventType::Warning } else { EventType::Normal },
                 reason: event.reason.clone(),
-                note: Some(truncate(&event.message, 1024)),
-                action: event.reason.clone(),
+                // The recorder counts an event into an earlier one's series
+                // when type, reason, action and object match, keeping the
+                // first note: the note's digest in the action keeps two
+                // different notes (v1 and v2 deleted) apart, while the same
+                // note again is counted.
+                action: format!("{}-{}", event.reason, short_digest(&note)),
+                note: Some(note),
                 secondary: None,
             };
             // An Event that cannot be written must not undo a reconcile
@@ -313,4 +321,10 @@ fn truncate(text: &str, max: usize) -> String {
         end -= 1;
     }
     text[..end].to_string()
+}
+
+/// Eight hex digits of a SHA-256, enough to tell notes of one object apart.
+fn short_digest(text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(text.as_bytes()).iter().take(4).map(|b| format!("{b:02x}")).collect()
 }

@@ -260,3 +260,34 @@ fn deletion_removes_the_data_with_delete_and_keeps_it_with_retain() {
     cluster
         .wait_until("the Jobs to be collected", RUN, || tenant.kubectl(&["get", "jobs", "-o", "name"]).stdout.trim().is_empty());
 }
+
+#[test]
+fn retention_deletes_old_versions_and_each_deletion_is_its_own_event() {
+    let tenant = Tenant::new("retention");
+    put_object(&tenant.lake_bucket, "lists/vip.csv", &list(1..=3));
+    tenant.apply(&static_segment(&tenant, "vip", json!({"retention": {"keepVersions": 3}})));
+    let _operator = Operator::start(&tenant, &[]);
+    tenant.wait_for_segment("vip", RUN, |s| active_version(s) == Some(1));
+    for version in 2..=3u64 {
+        put_object(&tenant.lake_bucket, "lists/vip.csv", &list(1..=(3 + version as u32)));
+        annotate(&tenant, "vip", &format!("segmentation.dev/run-requested-at=2030-01-0{version}T00:00:00Z"));
+        tenant.wait_for_segment("vip", RUN, |s| active_version(s) == Some(version));
+    }
+    let loaded = |version: u64| !tenant.redis.keys(&format!("*{}/vip*:v{version}*", tenant.namespace)).is_empty();
+    assert!(loaded(1) && loaded(2) && loaded(3), "three versions kept: {:?}", tenant.redis.keys("*"));
+
+    // Keeping one version deletes two in one reconcile: two Events, each
+    // with its own note (not one Event counted twice with the first note).
+    patch_spec(&tenant, "vip", json!({"retention": {"keepVersions": 1}}));
+    let kept = tenant.wait_for_segment("vip", RUN, |s| {
+        s["status"]["versions"].as_array().is_some_and(|vs| vs.iter().filter(|v| v["state"] != "Failed").count() == 1)
+    });
+    assert_eq!(active_version(&kept), Some(3));
+    cluster().wait_until("v1 and v2 to leave the store", RUN, || !loaded(1) && !loaded(2));
+    assert!(loaded(3));
+    let notes: Vec<String> =
+        events_with_reason(&tenant, "VersionDeleted").iter().map(|e| e["message"].as_str().unwrap_or("").to_string()).collect();
+    for version in ["v1", "v2"] {
+        assert!(notes.iter().any(|n| n.starts_with(&format!("{version} deleted"))), "no VersionDeleted for {version}: {notes:?}");
+    }
+}
