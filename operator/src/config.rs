@@ -128,6 +128,12 @@ pub struct JobArgs {
 
     #[arg(long, env = "WORKER_MEMORY_LIMIT", default_value = "4Gi")]
     pub worker_memory_limit: String,
+
+    /// Size limit of the worker's scratch emptyDir (its /tmp, where
+    /// compute spills when a sort outgrows memory; the root filesystem is
+    /// read-only).
+    #[arg(long, env = "WORKER_SCRATCH_SIZE_LIMIT", default_value = "20Gi")]
+    pub worker_scratch_size_limit: String,
 }
 
 #[derive(Args, Debug, Clone)]

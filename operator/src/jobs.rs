@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EnvFromSource, EnvVar, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements,
-    SeccompProfile, SecretEnvSource, SecurityContext,
+    Capabilities, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar, PodSecurityContext, PodSpec, PodTemplateSpec,
+    ResourceRequirements, SeccompProfile, SecretEnvSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -21,6 +21,10 @@ use crate::config::JobArgs;
 use crate::time::to_chrono;
 
 pub const CONTAINER: &str = "worker";
+/// The worker's root filesystem is read-only; sorts and aggregations that
+/// outgrow memory spill to the OS temp dir, an emptyDir mounted there.
+pub const SCRATCH_VOLUME: &str = "scratch";
+pub const SCRATCH_PATH: &str = "/tmp";
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "segment-operator");
 
 /// Labels on every Job (and its pods) of one run.
@@ -78,6 +82,11 @@ pub fn build_job(
         env: Some(env),
         env_from,
         resources: Some(resources),
+        volume_mounts: Some(vec![VolumeMount {
+            name: SCRATCH_VOLUME.to_string(),
+            mount_path: SCRATCH_PATH.to_string(),
+            ..Default::default()
+        }]),
         termination_message_path: Some(TERMINATION_LOG.to_string()),
         // The worker writes `Reason: message` there; when it crashes before
         // that, the log tail is the next best explanation.
@@ -121,6 +130,14 @@ pub fn build_job(
                         ..Default::default()
                     }),
                     containers: vec![container],
+                    volumes: Some(vec![Volume {
+                        name: SCRATCH_VOLUME.to_string(),
+                        empty_dir: Some(EmptyDirVolumeSource {
+                            size_limit: Some(Quantity(defaults.worker_scratch_size_limit.clone())),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }]),
                     ..Default::default()
                 }),
             },
@@ -183,6 +200,7 @@ mod tests {
             worker_cpu_request: "250m".into(),
             worker_memory_request: "512Mi".into(),
             worker_memory_limit: "2Gi".into(),
+            worker_scratch_size_limit: "10Gi".into(),
         }
     }
 

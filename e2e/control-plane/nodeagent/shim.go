@@ -13,6 +13,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"golang.org/x/sys/unix"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -189,9 +190,23 @@ func setUpMounts(spec *initSpec) error {
 	if err := syscall.Mount("", "/", "", syscall.MS_REC|syscall.MS_PRIVATE, ""); err != nil {
 		return fmt.Errorf("making mounts private: %w", err)
 	}
+	// Every source is opened before anything is mounted: a volume mounted
+	// on a path (an emptyDir on /tmp) would otherwise hide the sources of
+	// later mounts that live below it (the pod directory under /tmp). The
+	// binds then take the sources through /proc/self/fd.
+	sources := make([]initMount, len(spec.Mounts))
+	for i, m := range spec.Mounts {
+		fd, err := syscall.Open(m.Source, unix.O_PATH|syscall.O_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("volume source %s: %w", m.Source, err)
+		}
+		defer syscall.Close(fd)
+		sources[i] = m
+		sources[i].Source = fmt.Sprintf("/proc/self/fd/%d", fd)
+	}
 	// Mount points are created before the root may become read-only, and
 	// the working directory too (container runtimes create a missing one).
-	for _, m := range spec.Mounts {
+	for _, m := range sources {
 		if err := bindMount(m); err != nil {
 			return err
 		}

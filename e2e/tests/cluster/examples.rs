@@ -32,8 +32,8 @@ pub fn example_lake() -> PathBuf {
 }
 
 /// Uploads every file under `dir` to `bucket` on the shared S3 server,
-/// at the same relative paths.
-pub fn upload_dir(dir: &Path, bucket: &str) {
+/// at the same relative paths under `prefix`.
+pub fn upload_dir(dir: &Path, bucket: &str, prefix: &str) {
     use object_store::{ObjectStoreExt, PutPayload};
     crate::s3();
     let store = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket).build().expect("an S3 client");
@@ -52,7 +52,7 @@ pub fn upload_dir(dir: &Path, bucket: &str) {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
     runtime.block_on(async {
         for file in files {
-            let key = file.strip_prefix(dir).unwrap().to_str().expect("a UTF-8 path").to_string();
+            let key = format!("{prefix}{}", file.strip_prefix(dir).unwrap().to_str().expect("a UTF-8 path"));
             let body = std::fs::read(&file).expect("a lake file");
             store.put(&key.as_str().into(), PutPayload::from(body)).await.expect("an upload");
         }
@@ -140,4 +140,41 @@ fn the_examples_run_through_real_jobs_and_are_served() {
         assert!(!want[name].is_empty(), "{name} has members");
     }
     drop(operator);
+}
+
+/// The worker's root filesystem is read-only (the node agent enforces the
+/// pod's securityContext): a sort that outgrows the memory pool spills to
+/// the scratch emptyDir the operator mounts at /tmp.
+#[test]
+fn a_compute_that_outgrows_its_memory_spills_to_the_scratch_volume() {
+    let tenant = Tenant::new("spill");
+    let spec = lakegen::LakeSpec { users: 30_000, events_per_user: 8, orders_per_user: 1, ..lakegen::LakeSpec::new(0, 99) };
+    let lake = tempfile::tempdir().unwrap();
+    lakegen::generate(lake.path(), &spec).unwrap();
+    upload_dir(&lake.path().join("app_events"), &tenant.lake_bucket, "app_events/");
+    tenant.apply(&format!(
+        r#"{{"apiVersion": "segmentation.dev/v1alpha1", "kind": "SegmentSource", "metadata": {{"name": "app-events"}},
+            "spec": {{"table": "app_events", "uri": "s3://{}/app_events/", "format": "ndjson", "timestampColumn": "ts"}}}}"#,
+        tenant.lake_bucket
+    ));
+    // Nearly every event is its own id: about 240,000 ids of 40 bytes,
+    // more than a 16 MiB pool holds while sorting.
+    tenant.apply(
+        &serde_json::json!({"apiVersion": "segmentation.dev/v1alpha1", "kind": "Segment", "metadata": {"name": "events"},
+            "spec": {"definition": {"sql": "SELECT e.user_id || '/' || e.event || '/' || e.ts FROM app_events e"},
+                     "compute": {"env": [{"name": "SEGMENT_COMPUTE_MEMORY_MB", "value": "16"}]}}})
+        .to_string(),
+    );
+    let _operator = Operator::start(&tenant, &[]);
+    let segment = tenant.wait_for_segment("events", Duration::from_secs(300), |s| {
+        is_true(s, "Ready") || s["status"]["versions"].as_array().is_some_and(|v| v.iter().any(|v| v["state"] == "Failed"))
+    });
+    assert!(is_true(&segment, "Ready"), "{:#}", segment["status"]);
+    let expected: BTreeSet<String> = lakegen::rows(&spec)
+        .flat_map(|r| r.events.into_iter().map(|e| format!("{}/{}/{}", e.user_id, e.event, lakegen::timestamp_text(&e.ts))))
+        .collect();
+    assert_eq!(segment["status"]["members"].as_u64(), Some(expected.len() as u64));
+    let logs = tenant.kubectl(&["logs", "job/events-v1-compute"]);
+    let report: Value = logs.stdout.lines().rev().find_map(|l| serde_json::from_str(l).ok()).expect("the worker's report");
+    assert!(report["spilledBytes"].as_u64().is_some_and(|b| b > 0), "{report}");
 }

@@ -204,7 +204,7 @@ pub fn helm_template(release: &str, namespace: &str, args: &[&str]) -> String {
 /// `file://./lake/` sources pointed there.
 pub fn example_manifests(tenant: &Tenant) -> (String, String) {
     let lake = examples::example_lake();
-    examples::upload_dir(&lake, &tenant.lake_bucket);
+    examples::upload_dir(&lake, &tenant.lake_bucket, "");
     let root = cluster::workspace_root();
     let read = |file: &str| std::fs::read_to_string(root.join("examples").join(file)).expect("an example manifest");
     let to_s3 = |text: String| text.replace("file://./lake/", &format!("s3://{}/", tenant.lake_bucket));

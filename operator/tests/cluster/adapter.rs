@@ -74,6 +74,7 @@ fn job_args() -> JobArgs {
         worker_cpu_request: "500m".into(),
         worker_memory_request: "1Gi".into(),
         worker_memory_limit: "4Gi".into(),
+        worker_scratch_size_limit: "20Gi".into(),
     }
 }
 
