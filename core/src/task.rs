@@ -9,8 +9,18 @@ use crate::api::{Definition, Segment, SegmentKey, SegmentSourceSpec};
 use crate::naming::results_uri;
 use crate::planner::Launch;
 
-/// Environment variable that carries the task JSON.
+/// Environment variable that carries the task JSON (in-process and
+/// hand-run workers).
 pub const TASK_ENV: &str = "SEGMENT_TASK";
+/// Environment variable naming a file with the task JSON.
+pub const TASK_FILE_ENV: &str = "SEGMENT_TASK_FILE";
+/// The pod annotation of a Job that holds its task JSON; a downward API
+/// volume shows it to the worker as [`TASK_FILE`]. An annotation holds up
+/// to 256 KiB (one environment variable only 128 KiB).
+pub const TASK_ANNOTATION: &str = "segmentation.dev/task";
+/// Where the operator's Jobs mount the task.
+pub const TASK_DIR: &str = "/etc/segment-task";
+pub const TASK_FILE: &str = "/etc/segment-task/task.json";
 /// Where a failing worker writes its one-line `Reason: message`.
 pub const TERMINATION_LOG: &str = "/dev/termination-log";
 

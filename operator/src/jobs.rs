@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar, PodSecurityContext, PodSpec, PodTemplateSpec,
-    ResourceRequirements, SeccompProfile, SecretEnvSource, SecurityContext, Volume, VolumeMount,
+    Capabilities, Container, DownwardAPIVolumeFile, DownwardAPIVolumeSource, EmptyDirVolumeSource, EnvFromSource,
+    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile, SecretEnvSource,
+    SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -15,7 +16,9 @@ use kube::{Resource, ResourceExt};
 use segment_core::api::{Segment, SegmentSource, JOB_KIND_LABEL, SEGMENT_LABEL, VERSION_LABEL};
 use segment_core::naming::JobKind;
 use segment_core::planner::{JobState, Launch, ObservedJob};
-use segment_core::task::{compute_task, ingest_task, Failure, SegmentInput, TASK_ENV, TERMINATION_LOG};
+use segment_core::task::{
+    compute_task, ingest_task, Failure, SegmentInput, TASK_ANNOTATION, TASK_DIR, TASK_FILE, TERMINATION_LOG,
+};
 
 use crate::config::JobArgs;
 use crate::time::to_chrono;
@@ -25,6 +28,8 @@ pub const CONTAINER: &str = "worker";
 /// outgrow memory spill to the OS temp dir, an emptyDir mounted there.
 pub const SCRATCH_VOLUME: &str = "scratch";
 pub const SCRATCH_PATH: &str = "/tmp";
+/// The downward API volume that shows the pod's task annotation as a file.
+pub const TASK_VOLUME: &str = "task";
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "segment-operator");
 
 /// Labels on every Job (and its pods) of one run.
@@ -50,7 +55,14 @@ pub fn build_job(
     let key = segment.key();
     let task = match launch.kind {
         JobKind::Compute => {
-            let sources = sources.iter().map(|s| s.spec.clone()).collect();
+            // Only the tables the definition reads: a namespace may declare
+            // hundreds, and the task travels in a pod annotation.
+            let read = segment_core::definition::validate(&segment.spec.definition, None).map(|refs| refs.tables).ok();
+            let sources = sources
+                .iter()
+                .filter(|s| read.as_ref().is_none_or(|tables| tables.contains(&s.spec.table)))
+                .map(|s| s.spec.clone())
+                .collect();
             serde_json::to_string(&compute_task(segment, launch, sources, segment_inputs.to_vec(), results_base))?
         }
         JobKind::Ingest => serde_json::to_string(&ingest_task(segment, launch, results_base))?,
@@ -58,8 +70,7 @@ pub fn build_job(
     let overrides = segment.spec.compute.clone().unwrap_or_default();
     let labels = labels(&key.name, launch.version, launch.kind);
 
-    let mut env = vec![EnvVar { name: TASK_ENV.to_string(), value: Some(task), ..Default::default() }];
-    env.extend(overrides.env.clone().unwrap_or_default());
+    let env = overrides.env.clone().unwrap_or_default();
     let env_from = defaults.worker_env_secret.as_ref().map(|name| {
         vec![EnvFromSource {
             secret_ref: Some(SecretEnvSource { name: name.clone(), optional: Some(false) }),
@@ -78,15 +89,19 @@ pub fn build_job(
     let container = Container {
         name: CONTAINER.to_string(),
         image: Some(overrides.image.clone().unwrap_or_else(|| defaults.worker_image.clone())),
-        args: Some(vec![launch.kind.as_str().to_string()]),
+        args: Some(vec![launch.kind.as_str().to_string(), "--task-file".to_string(), TASK_FILE.to_string()]),
         env: Some(env),
         env_from,
         resources: Some(resources),
-        volume_mounts: Some(vec![VolumeMount {
-            name: SCRATCH_VOLUME.to_string(),
-            mount_path: SCRATCH_PATH.to_string(),
-            ..Default::default()
-        }]),
+        volume_mounts: Some(vec![
+            VolumeMount { name: SCRATCH_VOLUME.to_string(), mount_path: SCRATCH_PATH.to_string(), ..Default::default() },
+            VolumeMount {
+                name: TASK_VOLUME.to_string(),
+                mount_path: TASK_DIR.to_string(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+        ]),
         termination_message_path: Some(TERMINATION_LOG.to_string()),
         // The worker writes `Reason: message` there; when it crashes before
         // that, the log tail is the next best explanation.
@@ -116,7 +131,11 @@ pub fn build_job(
                 overrides.active_deadline_seconds.unwrap_or(defaults.job_deadline_seconds).min(defaults.max_job_deadline_seconds),
             ),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(labels), ..Default::default() }),
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    annotations: Some(BTreeMap::from([(TASK_ANNOTATION.to_string(), task)])),
+                    ..Default::default()
+                }),
                 spec: Some(PodSpec {
                     restart_policy: Some("Never".to_string()),
                     service_account_name: Some(
@@ -130,14 +149,31 @@ pub fn build_job(
                         ..Default::default()
                     }),
                     containers: vec![container],
-                    volumes: Some(vec![Volume {
-                        name: SCRATCH_VOLUME.to_string(),
-                        empty_dir: Some(EmptyDirVolumeSource {
-                            size_limit: Some(Quantity(defaults.worker_scratch_size_limit.clone())),
+                    volumes: Some(vec![
+                        Volume {
+                            name: SCRATCH_VOLUME.to_string(),
+                            empty_dir: Some(EmptyDirVolumeSource {
+                                size_limit: Some(Quantity(defaults.worker_scratch_size_limit.clone())),
+                                ..Default::default()
+                            }),
                             ..Default::default()
-                        }),
-                        ..Default::default()
-                    }]),
+                        },
+                        Volume {
+                            name: TASK_VOLUME.to_string(),
+                            downward_api: Some(DownwardAPIVolumeSource {
+                                items: Some(vec![DownwardAPIVolumeFile {
+                                    path: TASK_FILE.rsplit('/').next().unwrap_or("task.json").to_string(),
+                                    field_ref: Some(ObjectFieldSelector {
+                                        field_path: format!("metadata.annotations['{TASK_ANNOTATION}']"),
+                                        ..Default::default()
+                                    }),
+                                    ..Default::default()
+                                }]),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        },
+                    ]),
                     ..Default::default()
                 }),
             },
@@ -244,8 +280,36 @@ spec:
         assert_eq!(c.image.as_deref(), Some("custom:2"));
         assert_eq!(c.resources.as_ref().unwrap().requests.as_ref().unwrap()["cpu"].0, "2");
         let env: Vec<&str> = c.env.as_ref().unwrap().iter().map(|e| e.name.as_str()).collect();
-        assert_eq!(env, vec![TASK_ENV, "RUST_LOG"]);
+        assert_eq!(env, vec!["RUST_LOG"]);
         assert!(c.env_from.is_none());
+    }
+
+    #[test]
+    fn the_task_names_only_the_tables_the_definition_reads_and_travels_in_a_file() {
+        let segment: Segment = serde_yaml::from_str(
+            "metadata: {name: vip, namespace: growth, uid: u1}\nspec:\n  definition: {sql: SELECT user_id FROM orders}\n",
+        )
+        .unwrap();
+        let sources: Vec<SegmentSource> = ["orders", "users", "app_events"]
+            .iter()
+            .map(|table| {
+                serde_yaml::from_str(&format!(
+                    "metadata: {{name: {table}, namespace: growth}}\nspec: {{table: {table}, uri: 's3://lake/{table}/', format: parquet}}\n"
+                ))
+                .unwrap()
+            })
+            .collect();
+        let job = build_job(&segment, &launch("vip"), &sources, &[], &defaults(), "s3://r").unwrap();
+        let template = job.spec.unwrap().template;
+        let task: serde_json::Value =
+            serde_json::from_str(&template.metadata.unwrap().annotations.unwrap()[TASK_ANNOTATION]).unwrap();
+        let tables: Vec<&str> = task["sources"].as_array().unwrap().iter().map(|s| s["table"].as_str().unwrap()).collect();
+        assert_eq!(tables, ["orders"]);
+        let pod = template.spec.unwrap();
+        let args = pod.containers[0].args.clone().unwrap();
+        assert_eq!(args, ["compute", "--task-file", TASK_FILE]);
+        let mount = pod.containers[0].volume_mounts.as_ref().unwrap().iter().find(|m| m.name == TASK_VOLUME).unwrap();
+        assert_eq!((mount.mount_path.as_str(), mount.read_only), (TASK_DIR, Some(true)));
     }
 
     #[test]

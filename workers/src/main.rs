@@ -2,7 +2,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use segment_core::task::{ComputeTask, IngestTask, TASK_ENV, TERMINATION_LOG};
+use segment_core::task::{ComputeTask, IngestTask, TASK_ENV, TASK_FILE_ENV, TERMINATION_LOG};
 use segment_worker::failure::WorkerError;
 use segment_worker::{compute, ingest, lakegen};
 
@@ -100,16 +100,30 @@ fn parse_kafka_option(value: &str) -> Result<(String, String), String> {
 
 #[derive(Args)]
 struct TaskArgs {
-    /// The task JSON; the operator passes it in this variable.
-    #[arg(long = "task", env = TASK_ENV)]
-    task: String,
+    /// The task JSON (in-process and hand-run workers).
+    #[arg(long = "task", env = TASK_ENV, required_unless_present = "task_file", conflicts_with = "task_file")]
+    task: Option<String>,
+    /// A file holding the task JSON: how the operator's Jobs pass it (a
+    /// downward API volume of the pod's annotation), free of the 128 KiB
+    /// limit of one environment variable.
+    #[arg(long = "task-file", env = TASK_FILE_ENV)]
+    task_file: Option<PathBuf>,
     /// Where the one-line failure reason goes.
     #[arg(long, env = "TERMINATION_LOG", default_value = TERMINATION_LOG)]
     termination_log: PathBuf,
 }
 
 fn parse<T: serde::de::DeserializeOwned>(args: &TaskArgs) -> Result<T, WorkerError> {
-    serde_json::from_str(&args.task).map_err(|e| WorkerError::new("BadTask", format!("{TASK_ENV}: {e}")))
+    let (text, from) = match (&args.task, &args.task_file) {
+        (Some(text), _) => (text.clone(), TASK_ENV.to_string()),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| WorkerError::new("BadTask", format!("--task-file {}: {e}", path.display())))?;
+            (text, format!("--task-file {}", path.display()))
+        }
+        (None, None) => return Err(WorkerError::new("BadTask", format!("no task: set {TASK_ENV} or --task-file"))),
+    };
+    serde_json::from_str(&text).map_err(|e| WorkerError::new("BadTask", format!("{from}: {e}")))
 }
 
 fn finish<T: serde::Serialize>(result: Result<T, WorkerError>, termination_log: &std::path::Path) -> ExitCode {

@@ -291,3 +291,37 @@ fn retention_deletes_old_versions_and_each_deletion_is_its_own_event() {
         assert!(notes.iter().any(|n| n.starts_with(&format!("{version} deleted"))), "no VersionDeleted for {version}: {notes:?}");
     }
 }
+
+/// A namespace that declares hundreds of tables: the Job's task names only
+/// the tables the definition reads and reaches the worker as a file, not
+/// as one environment variable (at most 128 KiB; every source in it made
+/// the container fail to start).
+#[test]
+fn a_segment_runs_in_a_namespace_with_hundreds_of_sources() {
+    let tenant = Tenant::new("sources");
+    put_object(&tenant.lake_bucket, "orders/orders.csv", "user_id,amount\nu0000001,10\nu0000002,250\n");
+    let padding = "p".repeat(300);
+    let sources: Vec<Value> = (0..500)
+        .map(|i| {
+            json!({"apiVersion": "segmentation.dev/v1alpha1", "kind": "SegmentSource", "metadata": {"name": format!("table-{i}")},
+                   "spec": {"table": format!("table_{i}"), "uri": format!("s3://{}/unused/{padding}/{i}/", tenant.lake_bucket),
+                            "format": "parquet"}})
+        })
+        .chain(std::iter::once(json!({"apiVersion": "segmentation.dev/v1alpha1", "kind": "SegmentSource",
+            "metadata": {"name": "orders"},
+            "spec": {"table": "orders", "uri": format!("s3://{}/orders/", tenant.lake_bucket), "format": "csv"}})))
+        .collect();
+    tenant.apply(&json!({"apiVersion": "v1", "kind": "List", "items": sources}).to_string());
+    tenant.apply(
+        &json!({"apiVersion": "segmentation.dev/v1alpha1", "kind": "Segment", "metadata": {"name": "big-spenders"},
+                "spec": {"definition": {"sql": "SELECT user_id FROM orders WHERE amount > 100"}}})
+        .to_string(),
+    );
+    let _operator = Operator::start(&tenant, &[]);
+    let segment = tenant.wait_for_segment("big-spenders", RUN, |s| {
+        active_version(s) == Some(1)
+            || s["status"]["versions"].as_array().is_some_and(|v| v.iter().any(|v| v["state"] == "Failed"))
+    });
+    assert_eq!(active_version(&segment), Some(1), "{:#}", segment["status"]);
+    assert_eq!(segment["status"]["members"], 1);
+}

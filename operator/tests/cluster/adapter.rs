@@ -19,7 +19,7 @@ use segment_core::api::{
 };
 use segment_core::planner::PlannerConfig;
 use segment_core::store::{MemoryResults, MemoryStore, ResultStore, SegmentStore};
-use segment_core::task::{ComputeTask, IngestTask, TASK_ENV};
+use segment_core::task::{ComputeTask, IngestTask, TASK_ANNOTATION, TASK_FILE};
 use segment_operator::config::JobArgs;
 use segment_operator::metrics::Metrics;
 use segment_operator::reconcile::{reconcile, ComputeSlots, Context};
@@ -188,9 +188,11 @@ impl Harness {
     }
 }
 
-fn env_task(job: &Job) -> String {
+fn job_task(job: &Job) -> String {
     let container = &job.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0];
-    container.env.as_ref().unwrap().iter().find(|e| e.name == TASK_ENV).unwrap().value.clone().unwrap()
+    let pod = job.spec.as_ref().unwrap().template.metadata.as_ref().unwrap();
+    assert_eq!(container.args.as_ref().unwrap()[1..], ["--task-file".to_string(), TASK_FILE.to_string()]);
+    pod.annotations.as_ref().unwrap()[TASK_ANNOTATION].clone()
 }
 
 fn event_reasons(world: &SharedWorld) -> Vec<String> {
@@ -239,12 +241,12 @@ async fn first_reconcile_records_the_run_then_creates_the_compute_job() {
     assert_eq!(pod.service_account_name.as_deref(), Some("segment-worker"));
     let container = &pod.containers[0];
     assert_eq!(container.image.as_deref(), Some("segment-worker:test"));
-    assert_eq!(container.args, Some(vec!["compute".to_string()]));
+    assert_eq!(container.args.as_ref().unwrap()[0], "compute");
     assert_eq!(container.env_from.as_ref().unwrap()[0].secret_ref.as_ref().unwrap().name, "segment-credentials");
     let requests = container.resources.as_ref().unwrap().requests.as_ref().unwrap();
     assert_eq!(requests["cpu"].0, "500m");
 
-    let task: ComputeTask = serde_json::from_str(&env_task(&job)).unwrap();
+    let task: ComputeTask = serde_json::from_str(&job_task(&job)).unwrap();
     assert_eq!(task.version, 1);
     assert_eq!(task.snapshot_time, t0());
     assert_eq!(task.results_uri, "s3://results/growth/vip/v1/");
@@ -299,9 +301,9 @@ async fn a_finished_compute_job_starts_the_ingest_job() {
     let run = h.segment().status.unwrap().current_run.unwrap();
     assert_eq!((run.phase, run.job.as_deref()), (RunPhase::Ingesting, Some("vip-v1-ingest")));
     let ingest = h.job("vip-v1-ingest");
-    let task: IngestTask = serde_json::from_str(&env_task(&ingest)).unwrap();
+    let task: IngestTask = serde_json::from_str(&job_task(&ingest)).unwrap();
     assert_eq!((task.version, task.results_uri.as_str()), (1, "s3://results/growth/vip/v1/"));
-    assert_eq!(ingest.spec.unwrap().template.spec.unwrap().containers[0].args, Some(vec!["ingest".to_string()]));
+    assert_eq!(ingest.spec.unwrap().template.spec.unwrap().containers[0].args.as_ref().unwrap()[0], "ingest");
 }
 
 #[tokio::test]
