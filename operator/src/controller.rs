@@ -4,13 +4,13 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::batch::v1::Job;
-use kube::api::Api;
+use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::{Client, ResourceExt};
 use segment_core::api::{Segment, SegmentSource, SEGMENT_LABEL};
 use segment_core::planner::PlannerConfig;
@@ -69,11 +69,11 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
     });
 
     let namespace = args.namespace.as_deref();
-    let segments: Api<Segment> = api(&client, namespace);
     let jobs: Api<Job> = api(&client, namespace);
     let sources: Api<SegmentSource> = api(&client, namespace);
-    let controller = Controller::new(segments, watcher::Config::default().any_semantic());
-    let cache = controller.store();
+    let (cache, writer) = reflector::store();
+    let segments = segment_events(&client, namespace).reflect(writer).applied_objects();
+    let controller = Controller::for_stream(segments, cache.clone());
     let controller = controller
         .with_config(ControllerConfig::default().concurrency(16))
         .owns(jobs, watcher::Config::default().labels(SEGMENT_LABEL))
@@ -126,6 +126,36 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
             Err(e.into())
         }
     }
+}
+
+/// The watch of Segments, each object decoded on its own. A typed watch
+/// fails its whole list when one stored object does not decode (a value
+/// stored before the schema bounded it, an object from another version
+/// of the operator), which would stop the operator for every namespace;
+/// here that object is logged and left out, and the others go on.
+fn segment_events(
+    client: &Client,
+    namespace: Option<&str>,
+) -> impl futures::Stream<Item = Result<watcher::Event<Segment>, watcher::Error>> + Send + 'static {
+    let resource = ApiResource::erase::<Segment>(&());
+    let api: Api<DynamicObject> = match namespace {
+        Some(namespace) => Api::namespaced_with(client.clone(), namespace, &resource),
+        None => Api::all_with(client.clone(), &resource),
+    };
+    watcher(api, watcher::Config::default().any_semantic()).default_backoff().try_filter_map(|event| async move {
+        let decode = |object: DynamicObject| {
+            let (namespace, name) = (object.namespace().unwrap_or_default(), object.name_any());
+            let decoded = serde_json::to_value(&object).and_then(serde_json::from_value::<Segment>);
+            decoded.map_err(|error| warn!(%namespace, segment = %name, %error, "Segment does not decode; left out")).ok()
+        };
+        Ok(match event {
+            watcher::Event::Apply(object) => decode(object).map(watcher::Event::Apply),
+            watcher::Event::InitApply(object) => decode(object).map(watcher::Event::InitApply),
+            watcher::Event::Delete(object) => decode(object).map(watcher::Event::Delete),
+            watcher::Event::Init => Some(watcher::Event::Init),
+            watcher::Event::InitDone => Some(watcher::Event::InitDone),
+        })
+    })
 }
 
 async fn shutdown_signal(stop: tokio::sync::watch::Sender<bool>) {

@@ -252,9 +252,16 @@ impl LocalCluster {
     }
 }
 
+impl LocalCluster {
+    /// Stops every component (also done on drop).
+    pub fn stop(&self) {
+        let _ = Command::new(script()).arg("down").arg(&self.dir).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    }
+}
+
 impl Drop for LocalCluster {
     fn drop(&mut self) {
-        let _ = Command::new(script()).arg("down").arg(&self.dir).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        self.stop();
     }
 }
 

@@ -325,3 +325,30 @@ fn a_segment_runs_in_a_namespace_with_hundreds_of_sources() {
     assert_eq!(active_version(&segment), Some(1), "{:#}", segment["status"]);
     assert_eq!(segment["status"]["members"], 1);
 }
+
+/// A Segment stored under an older, looser schema that no longer decodes
+/// (here `keepVersions` beyond a u32) is left out with a warning; the
+/// operator goes on with every other Segment, in every namespace. On a
+/// cluster of its own: the test loosens the CRD for a moment.
+#[test]
+fn a_segment_that_does_not_decode_does_not_stop_the_others() {
+    let cluster = crate::own_cluster();
+    let crds = std::fs::read_to_string(crate::crds_file()).unwrap();
+    let loose: String =
+        crds.lines().filter(|l| !l.trim_start().starts_with("maximum: 4294967295")).collect::<Vec<_>>().join("\n");
+    assert_ne!(loose, crds, "the CRDs bound unsigned integers");
+    crate::install_crds(cluster, &loose);
+    let broken = Tenant::new_on(cluster, "broken");
+    broken.apply(&static_segment(&broken, "huge", json!({"retention": {"keepVersions": 5_000_000_000u64}})));
+    crate::install_crds(cluster, &crds);
+
+    let tenant = Tenant::new_on(cluster, "healthy");
+    put_object(&tenant.lake_bucket, "lists/vip.csv", &list(1..=3));
+    tenant.apply(&static_segment(&tenant, "vip", json!({})));
+    let operator = Operator::start_with(&tenant, false, &[]);
+    tenant.wait_for_segment("vip", RUN, |s| active_version(s) == Some(1));
+    let log = operator.log();
+    assert!(log.contains("Segment does not decode; left out") && log.contains("huge"), "{log}");
+    drop(operator);
+    cluster.stop();
+}

@@ -25,22 +25,38 @@ use serde_json::Value;
 pub fn cluster() -> &'static LocalCluster {
     static CRDS: std::sync::Once = std::sync::Once::new();
     let cluster = LocalCluster::shared();
-    CRDS.call_once(|| {
-        let crds = cluster::workspace_root().join("crds");
-        cluster.kubectl_ok(&["apply", "--server-side", "-f", crds.to_str().expect("a UTF-8 path")]);
-        cluster.kubectl_ok(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/segments.segmentation.dev",
-            "crd/segmentsources.segmentation.dev",
-        ]);
-        // The API server publishes a new CRD's OpenAPI (what `kubectl
-        // explain` and client-side tools read) a moment after Established.
-        cluster.wait_until("the CRDs' OpenAPI to be published", Duration::from_secs(60), || {
-            cluster.kubectl(&["get", "--raw", "/openapi/v3/apis/segmentation.dev/v1alpha1"]).success()
-        });
+    CRDS.call_once(|| install_crds(cluster, &std::fs::read_to_string(crds_file()).expect("the CRDs")));
+    cluster
+}
+
+pub fn crds_file() -> PathBuf {
+    cluster::workspace_root().join("crds/segmentation.dev.yaml")
+}
+
+/// Applies CRDs (the project's, or a variant of them) and waits until they
+/// are Established and their OpenAPI is published.
+pub fn install_crds(cluster: &LocalCluster, crds: &str) {
+    let output = cluster.apply("default", crds);
+    assert!(output.success(), "applying the CRDs: {}", output.stderr);
+    cluster.kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/segments.segmentation.dev",
+        "crd/segmentsources.segmentation.dev",
+    ]);
+    // The API server publishes a new CRD's OpenAPI (what `kubectl
+    // explain` and client-side tools read) a moment after Established.
+    cluster.wait_until("the CRDs' OpenAPI to be published", Duration::from_secs(60), || {
+        cluster.kubectl(&["get", "--raw", "/openapi/v3/apis/segmentation.dev/v1alpha1"]).success()
     });
+}
+
+/// A cluster of the test's own (for tests that change what every other
+/// test relies on), with the CRDs installed; stop it with `stop()`.
+pub fn own_cluster() -> &'static LocalCluster {
+    let cluster: &'static LocalCluster = Box::leak(Box::new(LocalCluster::start()));
+    install_crds(cluster, &std::fs::read_to_string(crds_file()).expect("the CRDs"));
     cluster
 }
 
@@ -48,6 +64,7 @@ pub fn cluster() -> &'static LocalCluster {
 /// bucket for results and one for the lake, the worker's ServiceAccount
 /// and the Secret its Jobs read their environment from.
 pub struct Tenant {
+    pub cluster: &'static LocalCluster,
     pub namespace: String,
     pub redis: RedisServer,
     pub results_uri: String,
@@ -56,7 +73,10 @@ pub struct Tenant {
 
 impl Tenant {
     pub fn new(prefix: &str) -> Tenant {
-        let cluster = cluster();
+        Tenant::new_on(cluster(), prefix)
+    }
+
+    pub fn new_on(cluster: &'static LocalCluster, prefix: &str) -> Tenant {
         let namespace = cluster.namespace(prefix);
         let redis = RedisServer::start();
         let s3 = shared_s3();
@@ -72,23 +92,23 @@ impl Tenant {
         secret.extend(literals.iter().map(String::as_str));
         cluster.kubectl_ok(&secret);
         cluster.kubectl_ok(&["create", "serviceaccount", "segment-worker", "-n", &namespace]);
-        Tenant { namespace, redis, results_uri: format!("s3://{results_bucket}"), lake_bucket }
+        Tenant { cluster, namespace, redis, results_uri: format!("s3://{results_bucket}"), lake_bucket }
     }
 
     /// `kubectl apply --server-side` in this namespace; panics on failure.
     pub fn apply(&self, manifest: &str) {
-        let output = cluster().apply(&self.namespace, manifest);
+        let output = self.cluster.apply(&self.namespace, manifest);
         assert!(output.success(), "kubectl apply: {}{}", output.stdout, output.stderr);
     }
 
     pub fn kubectl(&self, args: &[&str]) -> Output {
         let mut all = vec!["-n", self.namespace.as_str()];
         all.extend_from_slice(args);
-        cluster().kubectl(&all)
+        self.cluster.kubectl(&all)
     }
 
     pub fn segment(&self, name: &str) -> Value {
-        cluster().get_json(&self.namespace, "segment", name).unwrap_or_else(|| panic!("segment {name} exists"))
+        self.cluster.get_json(&self.namespace, "segment", name).unwrap_or_else(|| panic!("segment {name} exists"))
     }
 
     /// Waits until the Segment's status satisfies `done`; on timeout the
@@ -96,7 +116,7 @@ impl Tenant {
     pub fn wait_for_segment(&self, name: &str, timeout: Duration, done: impl Fn(&Value) -> bool) -> Value {
         let start = std::time::Instant::now();
         loop {
-            let segment = cluster().get_json(&self.namespace, "segment", name);
+            let segment = self.cluster.get_json(&self.namespace, "segment", name);
             if let Some(segment) = segment.as_ref().filter(|s| done(s)) {
                 return segment.clone();
             }
@@ -133,19 +153,19 @@ impl Operator {
     /// `tenant.namespace`, applies it, and starts the operator with a token
     /// of the chart's operator ServiceAccount.
     pub fn start(tenant: &Tenant, extra_args: &[&str]) -> Operator {
-        let cluster = cluster();
+        Operator::start_with(tenant, true, extra_args)
+    }
+
+    /// With `namespaced`, the operator watches the tenant's namespace only
+    /// (a RoleBinding); otherwise every namespace (a ClusterRoleBinding).
+    pub fn start_with(tenant: &Tenant, namespaced: bool, extra_args: &[&str]) -> Operator {
+        let cluster = tenant.cluster;
         let namespace = &tenant.namespace;
+        let watch = if namespaced { format!("operator.watchNamespace={namespace}") } else { "operator.watchNamespace=".into() };
         let rbac = helm_template(
             namespace,
             namespace,
-            &[
-                "--set",
-                &format!("operator.watchNamespace={namespace}"),
-                "--show-only",
-                "templates/operator-rbac.yaml",
-                "--show-only",
-                "templates/serviceaccounts.yaml",
-            ],
+            &["--set", &watch, "--show-only", "templates/operator-rbac.yaml", "--show-only", "templates/serviceaccounts.yaml"],
         );
         tenant.apply(&rbac);
         let service_account = format!("{namespace}-segment-operator");
@@ -159,7 +179,8 @@ impl Operator {
         let s3 = shared_s3();
         let child = Command::new(cluster::workspace_binary("segment-operator"))
             .arg("run")
-            .args(["--namespace", namespace, "--lease-namespace", namespace])
+            .args(if namespaced { vec!["--namespace", namespace.as_str()] } else { vec![] })
+            .args(["--lease-namespace", namespace])
             .args(["--lease-name", &format!("{namespace}-segment-operator")])
             .args(["--redis-url", &tenant.redis.url(), "--results-uri", &tenant.results_uri])
             .args(["--worker-env-secret", "segment-credentials"])
