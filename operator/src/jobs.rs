@@ -55,9 +55,14 @@ pub fn build_job(
     let key = segment.key();
     let task = match launch.kind {
         JobKind::Compute => {
-            // Only the tables the definition reads: a namespace may declare
-            // hundreds, and the task travels in a pod annotation.
-            let read = segment_core::definition::validate(&segment.spec.definition, None).map(|refs| refs.tables).ok();
+            // SQL reads only the tables it names, and a namespace may declare
+            // hundreds: the task (a pod annotation) carries those alone.
+            // Rules read every table (`not` is relative to the users of all
+            // of them), a static list none that matters.
+            let read = match &segment.spec.definition.sql {
+                Some(_) => segment_core::definition::validate(&segment.spec.definition, None).map(|refs| refs.tables).ok(),
+                None => None,
+            };
             let sources = sources
                 .iter()
                 .filter(|s| read.as_ref().is_none_or(|tables| tables.contains(&s.spec.table)))
