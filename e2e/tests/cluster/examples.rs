@@ -92,6 +92,8 @@ fn the_examples_run_through_real_jobs_and_are_served() {
     for name in SEGMENTS {
         let segment = tenant.wait_for_segment(name, Duration::from_secs(300), |s| is_true(s, "Ready"));
         snapshots.insert(name, active_snapshot(&segment).expect("an active version with its snapshot time"));
+        let finalizers = segment["metadata"]["finalizers"].as_array().cloned().unwrap_or_default();
+        assert!(finalizers.contains(&"segmentation.dev/cleanup".into()), "{name}: {finalizers:?}");
     }
 
     // Flux's and Argo's view of health: kstatus computes Current for each.

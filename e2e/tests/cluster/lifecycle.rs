@@ -352,3 +352,99 @@ fn a_segment_that_does_not_decode_does_not_stop_the_others() {
     drop(operator);
     cluster.stop();
 }
+
+/// What the operator checks before launching anything, on the real
+/// server: a definition that does not parse, a table no SegmentSource
+/// declares and a cron that never fires are reported, and no Job is made.
+#[test]
+fn invalid_specs_are_reported_and_nothing_is_launched() {
+    let tenant = Tenant::new("invalid");
+    let segment = |name: &str, spec: Value| {
+        json!({"apiVersion": "segmentation.dev/v1alpha1", "kind": "Segment", "metadata": {"name": name}, "spec": spec})
+            .to_string()
+    };
+    tenant.apply(&segment("unparsable", json!({"definition": {"sql": "SELECT user_id FROM"}})));
+    tenant.apply(&segment("undeclared", json!({"definition": {"sql": "SELECT user_id FROM refunds"}})));
+    tenant.apply(&segment(
+        "never",
+        json!({"definition": {"static": {"uri": "s3://x/list.csv"}}, "schedule": {"cron": "0 0 30 2 *"}}),
+    ));
+    let _operator = Operator::start(&tenant, &[]);
+    for (name, reason, words) in [
+        ("unparsable", "InvalidDefinition", "spec.definition.sql"),
+        ("undeclared", "InvalidDefinition", "refunds"),
+        ("never", "InvalidSchedule", "spec.schedule.cron"),
+    ] {
+        let reported = tenant.wait_for_segment(name, RUN, |s| condition(s, "Ready").is_some_and(|c| c["reason"] == reason));
+        let message = condition(&reported, "Ready").unwrap()["message"].as_str().unwrap().to_string();
+        assert!(message.contains(words), "{name}: {message}");
+        assert!(is_true(&reported, "Stalled"), "{name} is Stalled");
+        assert!(!events_with_reason(&tenant, reason).is_empty(), "a {reason} event");
+    }
+    assert_eq!(tenant.kubectl(&["get", "jobs", "-o", "name"]).stdout.trim(), "", "no Job was created");
+}
+
+/// `--max-concurrent-computes 1`: a second Segment's run waits in phase
+/// Pending while the first one's compute Job runs, and starts after it.
+#[test]
+fn the_compute_limit_queues_runs() {
+    let cluster = cluster();
+    let tenant = Tenant::new("limit");
+    put_object(&tenant.lake_bucket, "lists/a.csv", &list(1..=3));
+    put_object(&tenant.lake_bucket, "lists/b.csv", &list(1..=4));
+    // `a` cannot be scheduled, so its compute Job holds the one slot.
+    let stuck = json!({"compute": {"resources": {"requests": {"cpu": "1000", "memory": "64Mi"}}}});
+    tenant.apply(&static_segment(&tenant, "a", stuck));
+    let _operator = Operator::start(&tenant, &["--max-concurrent-computes", "1"]);
+    cluster.wait_until("a's compute Job", RUN, || cluster.get_json(&tenant.namespace, "job", "a-v1-compute").is_some());
+    tenant.apply(&static_segment(&tenant, "b", json!({})));
+    let waiting = tenant.wait_for_segment("b", RUN, |s| s["status"]["currentRun"]["phase"] == "Pending");
+    assert_eq!(active_version(&waiting), None);
+    assert!(cluster.get_json(&tenant.namespace, "job", "b-v1-compute").is_none(), "b waits for the slot");
+
+    // a's definition changes to one that fits: its stuck run is cancelled,
+    // the slot frees, and both complete.
+    patch_spec(
+        &tenant,
+        "a",
+        json!({"definition": {"static": {"uri": format!("s3://{}/lists/b.csv", tenant.lake_bucket)}},
+               "compute": {"resources": {"requests": {"cpu": "10m", "memory": "64Mi"}}}}),
+    );
+    for name in ["a", "b"] {
+        tenant.wait_for_segment(name, RUN, |s| active_version(s).is_some());
+    }
+}
+
+/// An operator stopped in the middle of a run and started again carries the
+/// run on with the Job the first one created: one Job per run, never two.
+#[test]
+fn a_restarted_operator_resumes_the_run_without_a_second_job() {
+    let cluster = cluster();
+    let tenant = Tenant::new("restart");
+    put_object(&tenant.lake_bucket, "lists/vip.csv", &list(1..=3));
+    put_object(&tenant.lake_bucket, "lists/vip-2.csv", &list(1..=5));
+    tenant.apply(&static_segment(&tenant, "vip", json!({"compute": {"resources": {"requests": {"cpu": "1000"}}}})));
+    let first = Operator::start(&tenant, &[]);
+    cluster.wait_until("the compute Job", RUN, || cluster.get_json(&tenant.namespace, "job", "vip-v1-compute").is_some());
+    let uid = |t: &Tenant| cluster.get_json(&t.namespace, "job", "vip-v1-compute").map(|j| j["metadata"]["uid"].clone());
+    let job = uid(&tenant);
+    drop(first);
+
+    let second = Operator::start(&tenant, &[]);
+    // Once the new operator has reconciled the Segment, the run and its
+    // Job are still the same.
+    cluster.wait_until("the new operator to reconcile", RUN, || second.reconciles() > 0);
+    assert_eq!(uid(&tenant), job, "the same Job");
+    assert_eq!(tenant.segment("vip")["status"]["currentRun"]["version"], 1);
+    let creates = cluster
+        .audit_events()
+        .into_iter()
+        .filter(|e| {
+            e["verb"] == "create"
+                && e["objectRef"]["resource"] == "jobs"
+                && e["objectRef"]["namespace"] == tenant.namespace.as_str()
+                && e["responseStatus"]["code"].as_u64().is_some_and(|c| c < 300)
+        })
+        .count();
+    assert_eq!(creates, 1, "one Job created for the run");
+}
