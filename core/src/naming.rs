@@ -40,11 +40,31 @@ pub fn job_name(segment: &str, version: u64, kind: JobKind) -> String {
     if full.len() <= MAX_JOB_NAME {
         return full;
     }
-    let digest = Sha256::digest(segment.as_bytes());
-    let hash: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    let hash = short_hash(segment);
     let room = MAX_JOB_NAME - suffix.len() - hash.len() - 1;
     let head = segment[..room.min(segment.len())].trim_end_matches('-');
     format!("{head}-{hash}{suffix}")
+}
+
+/// The longest label value Kubernetes accepts.
+pub const MAX_LABEL_VALUE: usize = 63;
+
+/// The value of the segment label on a Segment's Jobs and pods: its name
+/// when that fits a label value, else the name's first characters and a
+/// hash of the whole (a Segment's name may have 253 characters; a Job
+/// with a longer label value is refused by the API server).
+pub fn segment_label_value(segment: &str) -> String {
+    if segment.len() <= MAX_LABEL_VALUE {
+        return segment.to_string();
+    }
+    let hash = short_hash(segment);
+    // A label value ends with an alphanumeric character.
+    let head = segment[..MAX_LABEL_VALUE - hash.len() - 1].trim_end_matches(['-', '.']);
+    format!("{head}-{hash}")
+}
+
+fn short_hash(text: &str) -> String {
+    Sha256::digest(text.as_bytes()).iter().take(4).map(|b| format!("{b:02x}")).collect()
 }
 
 /// `<base>/<namespace>/<segment>/v<version>/`: where a version's result
@@ -56,6 +76,21 @@ pub fn results_uri(base: &str, segment: &SegmentKey, version: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_values_fit_kubernetes_and_stay_apart() {
+        assert_eq!(segment_label_value("vip"), "vip");
+        let a = format!("{}-a", "x".repeat(70));
+        let b = format!("{}-b", "x".repeat(70));
+        for value in [segment_label_value(&a), segment_label_value(&b)] {
+            assert!(value.len() <= MAX_LABEL_VALUE, "{value}");
+            assert!(value.starts_with("xxx") && value.chars().last().unwrap().is_ascii_alphanumeric(), "{value}");
+        }
+        assert_ne!(segment_label_value(&a), segment_label_value(&b));
+        // A cut that would end on '-' or '.' is trimmed.
+        let dotted = format!("{}.{}", "y".repeat(53), "z".repeat(20));
+        assert!(!segment_label_value(&dotted).contains(".-"));
+    }
 
     #[test]
     fn short_names_are_readable() {

@@ -35,7 +35,7 @@ pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "segment-o
 /// Labels on every Job (and its pods) of one run.
 pub fn labels(segment: &str, version: u64, kind: JobKind) -> BTreeMap<String, String> {
     BTreeMap::from([
-        (SEGMENT_LABEL.to_string(), segment.to_string()),
+        (SEGMENT_LABEL.to_string(), segment_core::naming::segment_label_value(segment)),
         (VERSION_LABEL.to_string(), version.to_string()),
         (JOB_KIND_LABEL.to_string(), kind.as_str().to_string()),
         (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
@@ -339,6 +339,8 @@ spec:
         assert_eq!(job.spec.as_ref().unwrap().active_deadline_seconds, Some(3600));
         let job_name = job.metadata.name.clone().unwrap();
         assert!(job_name.len() <= 63, "{job_name}");
+        let segment_label = &job.metadata.labels.as_ref().unwrap()[SEGMENT_LABEL];
+        assert!(segment_label.len() <= 63, "{segment_label}");
         let observed = observe_job(&job, None).unwrap();
         assert_eq!((observed.version, observed.kind, observed.state), (4, JobKind::Compute, JobState::Running));
     }

@@ -119,7 +119,8 @@ async fn apply(segment: &Segment, ctx: &Context) -> Result<Requeue, Error> {
     let name = segment.name_any();
     let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
 
-    let job_list = jobs_api.list(&ListParams::default().labels(&format!("{SEGMENT_LABEL}={name}"))).await?;
+    let label = segment_core::naming::segment_label_value(&name);
+    let job_list = jobs_api.list(&ListParams::default().labels(&format!("{SEGMENT_LABEL}={label}"))).await?;
     let current_version = segment.status.as_ref().and_then(|s| s.current_run.as_ref()).map(|r| r.version);
     let mut observed = Vec::new();
     for job in &job_list.items {
@@ -195,7 +196,8 @@ async fn execute(segment: &Segment, plan: &Plan, sources: &[SegmentSource], ctx:
     for action in &plan.actions {
         match action {
             Action::CancelJobs { version } => {
-                let selector = format!("{SEGMENT_LABEL}={},{VERSION_LABEL}={version}", key.name);
+                let selector =
+                    format!("{SEGMENT_LABEL}={},{VERSION_LABEL}={version}", segment_core::naming::segment_label_value(&key.name));
                 for job in jobs_api.list(&ListParams::default().labels(&selector)).await?.items {
                     match jobs_api.delete(&job.name_any(), &DeleteParams::background()).await {
                         Ok(_) => {}

@@ -448,3 +448,17 @@ fn a_restarted_operator_resumes_the_run_without_a_second_job() {
         .count();
     assert_eq!(creates, 1, "one Job created for the run");
 }
+
+/// A name longer than a label value (63 characters) still runs: the API
+/// server refused its Jobs while the name itself was the label's value.
+#[test]
+fn a_segment_with_a_long_name_runs() {
+    let tenant = Tenant::new("longname");
+    let name = format!("customers-who-ordered-three-times-in-ninety-days-but-not-in-the-last-thirty-{}", "x".repeat(10));
+    assert!(name.len() > 63);
+    put_object(&tenant.lake_bucket, &format!("lists/{name}.csv"), &list(1..=2));
+    tenant.apply(&static_segment(&tenant, &name, json!({})));
+    let _operator = Operator::start(&tenant, &[]);
+    let segment = tenant.wait_for_segment(&name, RUN, |s| active_version(s) == Some(1));
+    assert_eq!(segment["status"]["members"], 2);
+}
