@@ -15,7 +15,7 @@ use segment_tests::cluster::{run, run_with_stdin, workspace_root};
 use segment_tests::free_port;
 use serde_json::{json, Value};
 
-use crate::{cluster, is_true, put_object, s3, Tenant};
+use crate::{cluster, http_get, is_true, json_of, put_object, s3, Tenant};
 
 fn helm(args: &[&str]) -> segment_tests::cluster::Output {
     run(cluster().tool("helm").args(args))
@@ -28,19 +28,8 @@ fn deployments_current(tenant: &Tenant) -> bool {
 }
 
 fn get(port: u16, path: &str) -> (u16, Value) {
-    use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return (0, Value::Null) };
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let _ = stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes());
-    let mut reply = String::new();
-    let _ = stream.read_to_string(&mut reply);
-    let status = reply.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = reply.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    let json = match (body.find('{'), body.rfind('}')) {
-        (Some(a), Some(b)) => &body[a..=b],
-        _ => "null",
-    };
-    (status, serde_json::from_str(json).unwrap_or(Value::Null))
+    let (status, body) = http_get(port, path);
+    (status, json_of(&body))
 }
 
 #[test]

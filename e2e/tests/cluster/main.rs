@@ -205,13 +205,8 @@ impl Operator {
 
     /// Successful reconciles so far, from the operator's /metrics.
     pub fn reconciles(&self) -> u64 {
-        use std::io::{Read, Write};
-        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)) else { return 0 };
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-        let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        let mut reply = String::new();
-        let _ = stream.read_to_string(&mut reply);
-        reply
+        let (_, metrics) = http_get(self.metrics_port, "/metrics");
+        metrics
             .lines()
             .filter(|l| l.starts_with("segment_operator_reconciles_total") && l.contains("result=\"ok\""))
             .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
@@ -267,21 +262,34 @@ impl Serving {
 
     /// GET a path; (status, JSON body).
     pub fn get(&self, path: &str) -> (u16, Value) {
-        use std::io::{Read, Write};
-        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else { return (0, Value::Null) };
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).unwrap();
-        let mut reply = String::new();
-        let _ = stream.read_to_string(&mut reply);
-        let status = reply.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let body = reply.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-        let json = match (body.find('{'), body.rfind('}')) {
-            (Some(a), Some(b)) => &body[a..=b],
-            _ => "null",
-        };
-        (status, serde_json::from_str(json).unwrap_or(Value::Null))
+        let (status, body) = http_get(self.port, path);
+        (status, json_of(&body))
     }
+}
+
+/// The JSON object in an HTTP body, chunked or not (the part between the
+/// first `{` and the last `}`); null when there is none.
+pub fn json_of(body: &str) -> Value {
+    let json = match (body.find('{'), body.rfind('}')) {
+        (Some(a), Some(b)) => &body[a..=b],
+        _ => "null",
+    };
+    serde_json::from_str(json).unwrap_or(Value::Null)
+}
+
+/// GET a path on a loopback port: (status, body as text); status 0 when
+/// nothing listens.
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return (0, String::new()) };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    let _ = stream.write_all(request.as_bytes());
+    let mut reply = String::new();
+    let _ = stream.read_to_string(&mut reply);
+    let status = reply.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = reply.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
 }
 
 impl Drop for Serving {
