@@ -462,3 +462,27 @@ fn a_segment_with_a_long_name_runs() {
     let segment = tenant.wait_for_segment(&name, RUN, |s| active_version(s) == Some(1));
     assert_eq!(segment["status"]["members"], 2);
 }
+
+/// `concurrencyPolicy: Replace`: a run requested while another is in
+/// flight cancels it (its Job is deleted, the version recorded as
+/// `Replaced`) and runs instead.
+#[test]
+fn replace_cancels_the_run_in_flight_and_deletes_its_job() {
+    let cluster = cluster();
+    let tenant = Tenant::new("replace");
+    put_object(&tenant.lake_bucket, "lists/vip.csv", &list(1..=3));
+    let spec = json!({"schedule": {"cron": "0 0 1 1 *", "concurrencyPolicy": "Replace"},
+                      "compute": {"resources": {"requests": {"cpu": "1000", "memory": "64Mi"}}}});
+    tenant.apply(&static_segment(&tenant, "vip", spec));
+    let _operator = Operator::start(&tenant, &[]);
+    cluster.wait_until("v1's compute Job", RUN, || cluster.get_json(&tenant.namespace, "job", "vip-v1-compute").is_some());
+
+    // Resources that fit are no definition change: the stuck run stays
+    // until a requested run replaces it.
+    patch_spec(&tenant, "vip", json!({"compute": {"resources": {"requests": {"cpu": "10m", "memory": "64Mi"}}}}));
+    annotate(&tenant, "vip", "segmentation.dev/run-requested-at=2030-01-01T00:00:00Z");
+    let replaced = tenant.wait_for_segment("vip", RUN, |s| active_version(s) == Some(2));
+    let v1 = replaced["status"]["versions"].as_array().unwrap().iter().find(|v| v["version"] == 1).cloned();
+    assert_eq!(v1.map(|v| (v["state"].clone(), v["reason"].clone())), Some((json!("Failed"), json!("Replaced"))));
+    cluster.wait_until("v1's Job to be deleted", RUN, || cluster.get_json(&tenant.namespace, "job", "vip-v1-compute").is_none());
+}
