@@ -95,11 +95,23 @@ func runUp(args []string) int {
 	cpu := flags.String("node-cpu", "2", "the node's allocatable CPU")
 	memory := flags.String("node-memory", "8Gi", "the node's allocatable memory")
 	timeout := flags.Duration("timeout", 3*time.Minute, "how long to wait for the cluster to be ready")
-	if err := flags.Parse(args); err != nil || flags.NArg() != 1 {
+	// Flags may come before or after DIR.
+	var positional []string
+	for {
+		if err := flags.Parse(args); err != nil {
+			return 2
+		}
+		if flags.NArg() == 0 {
+			break
+		}
+		positional = append(positional, flags.Arg(0))
+		args = flags.Args()[1:]
+	}
+	if len(positional) != 1 {
 		fmt.Fprintln(os.Stderr, "usage: local-cluster up [--image REF=PATH]... [--images FILE] [--parent-pid PID] DIR")
 		return 2
 	}
-	dir, err := filepath.Abs(flags.Arg(0))
+	dir, err := filepath.Abs(positional[0])
 	if err != nil {
 		return fail(err)
 	}
