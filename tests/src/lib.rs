@@ -103,8 +103,8 @@ fn spawn_redis(port: u16, dir: &Path, extra: &[&str]) -> Process {
 /// One Redis server.
 pub struct RedisServer {
     pub port: u16,
-    _process: Process,
-    _dir: TempDir,
+    process: Process,
+    dir: TempDir,
 }
 
 impl RedisServer {
@@ -115,7 +115,24 @@ impl RedisServer {
         wait_until("redis-server", Duration::from_secs(10), || {
             redis_command(port, "PING\r\n").is_some_and(|r| r.starts_with("+PONG"))
         });
-        RedisServer { port, _process: process, _dir: dir }
+        RedisServer { port, process, dir }
+    }
+
+    /// Stops the server: an outage, until [`RedisServer::restart`].
+    pub fn stop(&mut self) {
+        let _ = self.process.child.kill();
+        let _ = self.process.child.wait();
+    }
+
+    /// Starts the server again on the same port, empty (it keeps nothing
+    /// on disk), as a replaced Redis would come back.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.process = spawn_redis(self.port, self.dir.path(), &[]);
+        let port = self.port;
+        wait_until("redis-server", Duration::from_secs(10), || {
+            redis_command(port, "PING\r\n").is_some_and(|r| r.starts_with("+PONG"))
+        });
     }
 
     pub fn url(&self) -> String {

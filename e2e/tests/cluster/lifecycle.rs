@@ -486,3 +486,62 @@ fn replace_cancels_the_run_in_flight_and_deletes_its_job() {
     assert_eq!(v1.map(|v| (v["state"].clone(), v["reason"].clone())), Some((json!("Failed"), json!("Replaced"))));
     cluster.wait_until("v1's Job to be deleted", RUN, || cluster.get_json(&tenant.namespace, "job", "vip-v1-compute").is_none());
 }
+
+/// Two replicas with leader election on the real server: the first takes
+/// the Lease and renews it, the other leaves a live Lease alone and does
+/// not reconcile, and takes over once the leader is gone and its Lease
+/// expired. (Failover under SIGSTOP, SIGTERM and API outages is beyond
+/// this test.)
+#[test]
+fn one_replica_leads_and_the_other_takes_over_an_expired_lease() {
+    let cluster = cluster();
+    let tenant = Tenant::new("leader");
+    put_object(&tenant.lake_bucket, "lists/vip.csv", &list(1..=3));
+    tenant.apply(&static_segment(&tenant, "vip", json!({})));
+    let lease_name = format!("{}-segment-operator", tenant.namespace);
+    let lease = || cluster.get_json(&tenant.namespace, "lease", &lease_name);
+    let holder = || lease().and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string));
+    let renewed = || lease().and_then(|l| l["spec"]["renewTime"].as_str().map(str::to_string));
+
+    let first = Operator::start(&tenant, &["--identity", "replica-a", "--lease-duration-seconds", "6"]);
+    cluster.wait_until("replica-a to take the Lease", RUN, || holder().as_deref() == Some("replica-a"));
+    let second = Operator::start(&tenant, &["--identity", "replica-b", "--lease-duration-seconds", "6"]);
+    tenant.wait_for_segment("vip", RUN, |s| active_version(s) == Some(1));
+    let renew_time = renewed();
+    cluster.wait_until("replica-a to renew", RUN, || renewed() != renew_time);
+    assert_eq!(holder().as_deref(), Some("replica-a"), "a live Lease is left alone");
+    assert!(first.reconciles() > 0);
+    assert_eq!(second.reconciles(), 0, "the replica that does not lead does not reconcile");
+
+    drop(first);
+    cluster.wait_until("replica-b to take the expired Lease", RUN, || holder().as_deref() == Some("replica-b"));
+    put_object(&tenant.lake_bucket, "lists/vip.csv", &list(1..=4));
+    annotate(&tenant, "vip", "segmentation.dev/run-requested-at=2030-01-01T00:00:00Z");
+    tenant.wait_for_segment("vip", RUN, |s| active_version(s) == Some(2));
+    assert!(second.reconciles() > 0);
+}
+
+/// Deleting a Segment while the store is down: the finalizer stays (the
+/// data cannot be removed yet) and the reconcile fails; once the store is
+/// back, the deletion completes.
+#[test]
+fn a_store_outage_holds_the_finalizer_until_the_store_is_back() {
+    let cluster = cluster();
+    let mut tenant = Tenant::new("outage");
+    put_object(&tenant.lake_bucket, "lists/vip.csv", &list(1..=3));
+    tenant.apply(&static_segment(&tenant, "vip", json!({})));
+    let operator = Operator::start(&tenant, &[]);
+    tenant.wait_for_segment("vip", RUN, |s| active_version(s) == Some(1));
+
+    tenant.redis.stop();
+    let errors_before = operator.reconciles_with("error");
+    let output = tenant.kubectl(&["delete", "segment", "vip", "--wait=false"]);
+    assert!(output.success(), "{}", output.stderr);
+    cluster.wait_until("a failed cleanup", RUN, || operator.reconciles_with("error") > errors_before);
+    let held = tenant.segment("vip");
+    assert!(held["metadata"]["deletionTimestamp"].is_string());
+    assert_eq!(held["metadata"]["finalizers"], json!(["segmentation.dev/cleanup"]));
+
+    tenant.redis.restart();
+    cluster.wait_until("the deletion to complete", RUN, || cluster.get_json(&tenant.namespace, "segment", "vip").is_none());
+}

@@ -205,10 +205,16 @@ impl Operator {
 
     /// Successful reconciles so far, from the operator's /metrics.
     pub fn reconciles(&self) -> u64 {
+        self.reconciles_with("ok")
+    }
+
+    /// Reconciles that ended with `result` (ok, error) so far.
+    pub fn reconciles_with(&self, result: &str) -> u64 {
         let (_, metrics) = http_get(self.metrics_port, "/metrics");
+        let label = format!("result=\"{result}\"");
         metrics
             .lines()
-            .filter(|l| l.starts_with("segment_operator_reconciles_total") && l.contains("result=\"ok\""))
+            .filter(|l| l.starts_with("segment_operator_reconciles_total") && l.contains(&label))
             .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
             .sum::<f64>() as u64
     }
