@@ -545,3 +545,27 @@ fn a_store_outage_holds_the_finalizer_until_the_store_is_back() {
     tenant.redis.restart();
     cluster.wait_until("the deletion to complete", RUN, || cluster.get_json(&tenant.namespace, "segment", "vip").is_none());
 }
+
+/// Result files older than `keepResultsFor` are deleted when the periodic
+/// collection comes due, except the active version's. The test makes it
+/// due at once by dating the last collection back.
+#[test]
+fn expired_results_are_collected_and_the_active_versions_are_kept() {
+    let tenant = Tenant::new("results");
+    put_object(&tenant.lake_bucket, "lists/vip.csv", &list(1..=3));
+    tenant.apply(&static_segment(&tenant, "vip", json!({"retention": {"keepVersions": 3, "keepResultsFor": "1s"}})));
+    let _operator = Operator::start(&tenant, &[]);
+    tenant.wait_for_segment("vip", RUN, |s| active_version(s) == Some(1));
+    put_object(&tenant.lake_bucket, "lists/vip.csv", &list(1..=4));
+    annotate(&tenant, "vip", "segmentation.dev/run-requested-at=2030-01-01T00:00:00Z");
+    tenant.wait_for_segment("vip", RUN, |s| active_version(s) == Some(2));
+    let bucket = tenant.results_uri.trim_start_matches("s3://");
+    let files = |version: u32| crate::list_objects(bucket, &format!("{}/vip/v{version}", tenant.namespace));
+    assert!(!files(1).is_empty() && !files(2).is_empty());
+
+    let patch = json!({"status": {"resultsCollectedAt": "2020-01-01T00:00:00Z"}}).to_string();
+    let output = tenant.kubectl(&["patch", "segment", "vip", "--subresource=status", "--type=merge", "-p", &patch]);
+    assert!(output.success(), "{}", output.stderr);
+    cluster().wait_until("v1's results to be collected", RUN, || files(1).is_empty());
+    assert!(!files(2).is_empty(), "the active version's results are kept");
+}

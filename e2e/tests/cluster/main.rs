@@ -318,3 +318,19 @@ pub fn put_object(bucket: &str, key: &str, body: &str) {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
     runtime.block_on(store.put(&key.into(), PutPayload::from(body.as_bytes().to_vec()))).expect("an upload");
 }
+
+/// The keys under `prefix` in a bucket of the shared S3 server.
+pub fn list_objects(bucket: &str, prefix: &str) -> Vec<String> {
+    use futures::TryStreamExt;
+    use object_store::ObjectStore;
+    s3();
+    let store = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket).build().expect("an S3 client");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+    let prefix = object_store::path::Path::from(prefix);
+    runtime
+        .block_on(store.list(Some(&prefix)).try_collect::<Vec<_>>())
+        .expect("a listing")
+        .into_iter()
+        .map(|meta| meta.location.to_string())
+        .collect()
+}

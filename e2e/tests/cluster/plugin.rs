@@ -165,3 +165,41 @@ fn kubectl_segment_goes_through_the_https_proxy_like_kubectl() {
     );
     assert!(!bypassed.success(), "NO_PROXY bypasses the proxy");
 }
+
+/// The namespace comes from `-n`, else from the chosen context (current
+/// or `--context`), as kubectl chooses it.
+#[test]
+fn kubectl_segment_chooses_the_context_and_namespace_as_kubectl_does() {
+    let cluster = cluster();
+    let (first, second) = (Tenant::new("context-a"), Tenant::new("context-b"));
+    for tenant in [&first, &second] {
+        tenant.apply(
+            &json!({"apiVersion": "segmentation.dev/v1alpha1", "kind": "Segment", "metadata": {"name": "vip"},
+                    "spec": {"description": format!("the one in {}", tenant.namespace),
+                             "definition": {"static": {"uri": "s3://nowhere/list.csv"}}}})
+            .to_string(),
+        );
+    }
+    // The admin's kubeconfig with a second context in the other namespace.
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::copy(&cluster.info.kubeconfig, &kubeconfig).unwrap();
+    let kubectl = |args: &[&str]| {
+        let output = run(cluster.tool("kubectl").env("KUBECONFIG", &kubeconfig).args(args));
+        assert!(output.success(), "kubectl {args:?}: {}", output.stderr);
+    };
+    kubectl(&["config", "set-context", "local", "--namespace", &first.namespace]);
+    let user = "kubernetes-admin";
+    kubectl(&["config", "set-context", "other", "--cluster", "local", "--user", user, "--namespace", &second.namespace]);
+
+    let plugins = plugin_dir();
+    let env = [("KUBECONFIG", kubeconfig.to_str().unwrap())];
+    let described = |args: &[&str]| {
+        let output = kubectl_segment(plugins.path(), &env, args);
+        assert!(output.success(), "{}", output.stderr);
+        output.stdout.lines().find(|l| l.starts_with("Description:")).unwrap_or_default().to_string()
+    };
+    assert!(described(&["status", "vip"]).ends_with(&format!("the one in {}", first.namespace)));
+    assert!(described(&["status", "vip", "--context", "other"]).ends_with(&format!("the one in {}", second.namespace)));
+    assert!(described(&["status", "vip", "-n", &second.namespace]).ends_with(&format!("the one in {}", second.namespace)));
+}
