@@ -136,6 +136,18 @@ func runContainerInit(spec *initSpec) error {
 			return fmt.Errorf("joining memory cgroup: %w", err)
 		}
 	}
+	// The command is looked up before the volumes are mounted: it stands
+	// for a program of the image, which a volume mounted on /tmp must not
+	// hide (the workspace's binaries may live under /tmp). It is held open
+	// and executed through /proc/self/fd. A command found only once the
+	// volumes are mounted (a script in a volume) is looked up after.
+	imagePath := ""
+	if found, err := lookPathIn(spec.Argv[0], envValue(spec.Env, "PATH")); err == nil {
+		// Not close-on-exec: exec of /proc/self/fd/N needs the fd open.
+		if fd, err := syscall.Open(found, unix.O_PATH, 0); err == nil {
+			imagePath = fmt.Sprintf("/proc/self/fd/%d", fd)
+		}
+	}
 	if spec.Isolate {
 		if err := setUpMounts(spec); err != nil {
 			return err
@@ -143,9 +155,13 @@ func runContainerInit(spec *initSpec) error {
 	} else if len(spec.Mounts) > 0 || spec.ReadOnlyRoot {
 		return errors.New("mounts requested without a private mount namespace")
 	}
-	path, err := lookPathIn(spec.Argv[0], envValue(spec.Env, "PATH"))
-	if err != nil {
-		return err
+	path := imagePath
+	if path == "" {
+		found, err := lookPathIn(spec.Argv[0], envValue(spec.Env, "PATH"))
+		if err != nil {
+			return err
+		}
+		path = found
 	}
 	// chdir while still root: the default working directory is the pod
 	// directory, which a non-root user could not reach by path when the
@@ -177,8 +193,8 @@ func runContainerInit(spec *initSpec) error {
 			return fmt.Errorf("prctl(PR_SET_NO_NEW_PRIVS): %w", errno)
 		}
 	}
-	err = syscall.Exec(path, spec.Argv, spec.Env)
-	return fmt.Errorf("exec %q: %w", path, err)
+	err := syscall.Exec(path, spec.Argv, spec.Env)
+	return fmt.Errorf("exec %q: %w", spec.Argv[0], err)
 }
 
 // setUpMounts builds the container's view of the host's mount table. It
