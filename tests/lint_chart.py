@@ -8,7 +8,7 @@
 Two real Helm v4 libraries do the work, each in its own process (each
 embeds a Go runtime, and two Go runtimes in one process are not safe):
 
-- helm-sdkpy (DESIGN section 9) runs `helm lint`. Its Lint takes no values
+- helm-sdkpy runs `helm lint`. Its Lint takes no values
   and its report loses the messages' text, so the chart is copied with the
   values under test written into its values.yaml, and a failure is
   explained by the second library's report of the same lint.

@@ -1,4 +1,4 @@
-//! The serving API (DESIGN section 7): which segments a user is in,
+//! The serving API (docs/serving.md): which segments a user is in,
 //! membership checks and version listings over HTTP/JSON, answered from an
 //! in-process cache in front of the store. Routes, caching and failure
 //! behaviour: docs/serving.md.

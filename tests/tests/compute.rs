@@ -174,7 +174,7 @@ fn within(t: DateTime<Utc>, now: DateTime<Utc>, window: Duration) -> bool {
     t > now - window && t <= now
 }
 
-/// "Ordered 3+ times in 90 days, none in the last 30", as the DESIGN's SQL
+/// "Ordered 3+ times in 90 days, none in the last 30", as the README's SQL
 /// says it (`>=` the window start, `max(...) <` the recent cut-off).
 fn lapsed_by_sql(lake: &Lake, now: DateTime<Utc>) -> BTreeSet<String> {
     lake.users_where(|r| {
@@ -360,7 +360,7 @@ async fn reference_segments_match_an_independent_evaluation() {
             assert_members(&name, &members, &case.expected);
         }
     }
-    // The DESIGN's SQL and the rule differ only at the window edges, which
+    // The README's SQL and the rule differ only at the window edges, which
     // this lake does not hit.
     assert_eq!(lapsed_by_sql(&lake, lake.now()), lapsed_by_rules(&lake, lake.now()));
 }

@@ -1,4 +1,4 @@
-//! The store contract (DESIGN section 6), one suite run against the
+//! The store contract (`core/src/store.rs`), one suite run against the
 //! embedded store, a single redis-server and a three-node Redis Cluster,
 //! plus what only Redis has: rollover notifications, readers racing
 //! rollovers, failing fast when Redis is gone, and memory per membership.

@@ -1,5 +1,5 @@
 //! Change events: on every rollover, one event per user who entered or
-//! exited the segment, published to the changes topic (DESIGN section 8).
+//! exited the segment, published to the changes topic (docs/realtime.md).
 //!
 //! Each version is announced once: the store hands out a claim per
 //! (segment, version) and remembers the version announced last, which is

@@ -1,4 +1,4 @@
-//! The membership topic's messages (DESIGN section 8): key = user id,
+//! The membership topic's messages (docs/realtime.md): key = user id,
 //! value `{"segment":"ns/name","user":"u1","op":"include"|"exclude",
 //! "ts":"RFC3339","id":"..."}`. Parsing is strict and names the field that
 //! is wrong, because a rejected message lands in the dead-letter topic with

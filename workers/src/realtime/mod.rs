@@ -1,6 +1,6 @@
 //! `segment-worker realtime`: applies include/exclude events from Kafka to
 //! the active versions and announces entered/exited changes on rollover
-//! (DESIGN section 8).
+//! (docs/realtime.md).
 //!
 //! - [`message`]: the membership topic's message format, parsed strictly;
 //! - [`apply`]: one message's effect on the store (plain Rust, no Kafka);
