@@ -315,6 +315,18 @@ fn the_operator_rbac_grants_what_the_operator_calls_and_nothing_else() {
                 "Job" => ("batch", "jobs"),
                 "Pod" => ("", "pods"),
                 "Lease" => ("coordination.k8s.io", "leases"),
+                // An untyped watch (each Segment decoded on its own): the
+                // type it erases says what it reaches.
+                "DynamicObject" => {
+                    let erased = code
+                        .split("ApiResource::erase::<")
+                        .nth(1)
+                        .map(|p| p.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect::<String>());
+                    match erased.as_deref() {
+                        Some("Segment") => ("segmentation.dev", "segments"),
+                        other => panic!("{} erases {other:?} for an Api<DynamicObject>: add it here", path.display()),
+                    }
+                }
                 other => panic!(
                     "{} uses Api<{other}>: grant what it needs in charts/segment-operator/templates/operator-rbac.yaml \
                      (with a comment on why) and add it here",
