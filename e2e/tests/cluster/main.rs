@@ -38,13 +38,14 @@ pub fn crds_file() -> PathBuf {
 pub fn install_crds(cluster: &LocalCluster, crds: &str) {
     let output = cluster.apply("default", crds);
     assert!(output.success(), "applying the CRDs: {}", output.stderr);
-    cluster.kubectl_ok(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/segments.segmentation.dev",
-        "crd/segmentsources.segmentation.dev",
-    ]);
+    // Polled rather than `kubectl wait`, which fails on a CRD whose status
+    // has no conditions yet (just created).
+    for crd in ["segments.segmentation.dev", "segmentsources.segmentation.dev"] {
+        cluster.wait_until(&format!("{crd} to be Established"), Duration::from_secs(60), || {
+            let output = cluster.kubectl(&["get", "crd", crd, "-o", "json"]);
+            serde_json::from_str::<Value>(&output.stdout).is_ok_and(|crd| is_true(&crd, "Established"))
+        });
+    }
     // The API server publishes a new CRD's OpenAPI (what `kubectl
     // explain` and client-side tools read) a moment after Established.
     cluster.wait_until("the CRDs' OpenAPI to be published", Duration::from_secs(60), || {
