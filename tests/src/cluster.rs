@@ -69,7 +69,6 @@ pub struct ClusterInfo {
     pub bin: PathBuf,
     pub api_port: u16,
     pub audit_log: PathBuf,
-    pub node_root: PathBuf,
 }
 
 /// A running local control plane.
@@ -126,7 +125,6 @@ impl LocalCluster {
                 bin: text("bin").into(),
                 api_port: info["apiPort"].as_u64().unwrap_or_default() as u16,
                 audit_log: text("auditLog").into(),
-                node_root: text("nodeRoot").into(),
             },
             dir: dir.to_path_buf(),
             _temp: None,
@@ -137,10 +135,6 @@ impl LocalCluster {
     pub fn shared() -> &'static LocalCluster {
         static CLUSTER: OnceLock<LocalCluster> = OnceLock::new();
         CLUSTER.get_or_init(LocalCluster::start)
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// A tool of the cluster's bin/ (kubectl, helm, kstatus) with the

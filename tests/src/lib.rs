@@ -23,12 +23,8 @@ use tempfile::TempDir;
 /// Runs a command to completion: (exit code, or -1 when killed by a
 /// signal; stdout; stderr).
 pub fn run_command(command: &mut Command) -> (i32, String, String) {
-    let out = command.output().expect("the command runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let output = cluster::run(command);
+    (output.code, output.stdout, output.stderr)
 }
 
 /// A port nothing listens on right now.

@@ -32,6 +32,16 @@ fn static_segment(tenant: &Tenant, name: &str, extra_spec: Value) -> String {
     json!({"apiVersion": "segmentation.dev/v1alpha1", "kind": "Segment", "metadata": {"name": name}, "spec": spec}).to_string()
 }
 
+/// CPU no node has: the real scheduler leaves such a pod Pending.
+const UNSCHEDULABLE: &str = "1000";
+/// CPU that fits next to the other tests' pods.
+const FITS: &str = "10m";
+
+/// `spec.compute` asking for `cpu` (and a little memory).
+fn compute(cpu: &str) -> Value {
+    json!({"compute": {"resources": {"requests": {"cpu": cpu, "memory": "64Mi"}}}})
+}
+
 fn active_version(segment: &Value) -> Option<u64> {
     segment["status"]["activeVersion"].as_u64()
 }
@@ -139,7 +149,7 @@ fn a_job_deleted_by_hand_is_recreated_and_a_definition_change_supersedes_a_run_t
     put_object(&tenant.lake_bucket, "lists/vip.csv", &list(1..=3));
     put_object(&tenant.lake_bucket, "lists/vip-2.csv", &list(1..=4));
     // More CPU than the node has: the real scheduler leaves the pod Pending.
-    let resources = json!({"compute": {"resources": {"requests": {"cpu": "1000", "memory": "64Mi"}}}});
+    let resources = compute(UNSCHEDULABLE);
     tenant.apply(&static_segment(&tenant, "vip", resources));
     let _operator = Operator::start(&tenant, &[]);
 
@@ -170,7 +180,7 @@ fn a_job_deleted_by_hand_is_recreated_and_a_definition_change_supersedes_a_run_t
         &tenant,
         "vip",
         json!({"definition": {"static": {"uri": format!("s3://{}/lists/vip-2.csv", tenant.lake_bucket)}},
-               "compute": {"resources": {"requests": {"cpu": "10m", "memory": "64Mi"}}}}),
+               "compute": compute(FITS)["compute"]}),
     );
     let done = tenant.wait_for_segment("vip", RUN, |s| active_version(s) == Some(2));
     assert_eq!(done["status"]["members"], 4);
@@ -393,7 +403,7 @@ fn the_compute_limit_queues_runs() {
     put_object(&tenant.lake_bucket, "lists/a.csv", &list(1..=3));
     put_object(&tenant.lake_bucket, "lists/b.csv", &list(1..=4));
     // `a` cannot be scheduled, so its compute Job holds the one slot.
-    let stuck = json!({"compute": {"resources": {"requests": {"cpu": "1000", "memory": "64Mi"}}}});
+    let stuck = compute(UNSCHEDULABLE);
     tenant.apply(&static_segment(&tenant, "a", stuck));
     let _operator = Operator::start(&tenant, &["--max-concurrent-computes", "1"]);
     cluster.wait_until("a's compute Job", RUN, || cluster.get_json(&tenant.namespace, "job", "a-v1-compute").is_some());
@@ -408,7 +418,7 @@ fn the_compute_limit_queues_runs() {
         &tenant,
         "a",
         json!({"definition": {"static": {"uri": format!("s3://{}/lists/b.csv", tenant.lake_bucket)}},
-               "compute": {"resources": {"requests": {"cpu": "10m", "memory": "64Mi"}}}}),
+               "compute": compute(FITS)["compute"]}),
     );
     for name in ["a", "b"] {
         tenant.wait_for_segment(name, RUN, |s| active_version(s).is_some());
@@ -423,7 +433,7 @@ fn a_restarted_operator_resumes_the_run_without_a_second_job() {
     let tenant = Tenant::new("restart");
     put_object(&tenant.lake_bucket, "lists/vip.csv", &list(1..=3));
     put_object(&tenant.lake_bucket, "lists/vip-2.csv", &list(1..=5));
-    tenant.apply(&static_segment(&tenant, "vip", json!({"compute": {"resources": {"requests": {"cpu": "1000"}}}})));
+    tenant.apply(&static_segment(&tenant, "vip", compute(UNSCHEDULABLE)));
     let first = Operator::start(&tenant, &[]);
     cluster.wait_until("the compute Job", RUN, || cluster.get_json(&tenant.namespace, "job", "vip-v1-compute").is_some());
     let uid = |t: &Tenant| cluster.get_json(&t.namespace, "job", "vip-v1-compute").map(|j| j["metadata"]["uid"].clone());
@@ -472,14 +482,14 @@ fn replace_cancels_the_run_in_flight_and_deletes_its_job() {
     let tenant = Tenant::new("replace");
     put_object(&tenant.lake_bucket, "lists/vip.csv", &list(1..=3));
     let spec = json!({"schedule": {"cron": "0 0 1 1 *", "concurrencyPolicy": "Replace"},
-                      "compute": {"resources": {"requests": {"cpu": "1000", "memory": "64Mi"}}}});
+                      "compute": compute(UNSCHEDULABLE)["compute"]});
     tenant.apply(&static_segment(&tenant, "vip", spec));
     let _operator = Operator::start(&tenant, &[]);
     cluster.wait_until("v1's compute Job", RUN, || cluster.get_json(&tenant.namespace, "job", "vip-v1-compute").is_some());
 
     // Resources that fit are no definition change: the stuck run stays
     // until a requested run replaces it.
-    patch_spec(&tenant, "vip", json!({"compute": {"resources": {"requests": {"cpu": "10m", "memory": "64Mi"}}}}));
+    patch_spec(&tenant, "vip", compute(FITS));
     annotate(&tenant, "vip", "segmentation.dev/run-requested-at=2030-01-01T00:00:00Z");
     let replaced = tenant.wait_for_segment("vip", RUN, |s| active_version(s) == Some(2));
     let v1 = replaced["status"]["versions"].as_array().unwrap().iter().find(|v| v["version"] == 1).cloned();
