@@ -10,10 +10,12 @@
 pub mod api;
 pub mod definition;
 pub mod duration;
+pub mod executor;
 pub mod manifest;
 pub mod manifests;
 pub mod naming;
 pub mod planner;
+pub mod reasons;
 pub mod rules;
 pub mod rules_sql;
 pub mod schedule;

@@ -6,14 +6,8 @@
 //! everything it needs is in the status, the Jobs and the store, so a
 //! restarted operator continues a run where the previous one left it.
 //!
-//! The adapter runs a plan in this order, which keeps every crash point
-//! recoverable:
-//! 1. store actions ([`Action::is_store_action`]): they are idempotent and
-//!    re-derived from "desired vs observed" on the next plan if lost;
-//! 2. the status, which records a new run before its Job exists (intent
-//!    first), so a crash cannot start a run twice;
-//! 3. Job deletions and creations (creations tolerate `AlreadyExists`);
-//! 4. Events.
+//! [`crate::executor`] carries a plan out, in the one order that keeps
+//! every crash point recoverable (store, status, Jobs, Events).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -23,6 +17,7 @@ use crate::api::*;
 use crate::definition::definition_hash;
 use crate::duration::parse_duration;
 use crate::naming::{job_name, results_uri, JobKind};
+use crate::reasons::{ConditionType, EventReason, FailureReason};
 use crate::schedule::CronSchedule;
 use crate::store::{SegmentStore, StoreError, StoredVersion};
 use crate::task::Failure;
@@ -142,13 +137,6 @@ pub enum Action {
     Event(Event),
 }
 
-impl Action {
-    /// Store actions run before the status is written.
-    pub fn is_store_action(&self) -> bool {
-        matches!(self, Action::Activate { .. } | Action::DeleteVersion { .. } | Action::CollectResults { .. })
-    }
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct Launch {
     pub kind: JobKind,
@@ -159,17 +147,19 @@ pub struct Launch {
     pub generation: i64,
 }
 
+/// An Event to publish on the Segment; its reason says whether it is a
+/// warning ([`EventReason::is_warning`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
-    pub warning: bool,
-    pub reason: String,
+    pub reason: EventReason,
     pub message: String,
 }
 
-pub const READY: &str = "Ready";
-pub const RECONCILING: &str = "Reconciling";
-pub const STALLED: &str = "Stalled";
-pub const ROLLOVER_HELD: &str = "RolloverHeld";
+impl Event {
+    pub fn is_warning(&self) -> bool {
+        self.reason.is_warning()
+    }
+}
 
 /// Reads what the planner needs from the store. The change count is
 /// measured only while the run in flight has a loaded version and an
@@ -263,8 +253,8 @@ impl Planner<'_, '_> {
         self.spec().schedule.as_ref().is_some_and(|s| s.suspend)
     }
 
-    fn event(&mut self, warning: bool, reason: &str, message: String) {
-        self.actions.push(Action::Event(Event { warning, reason: reason.to_string(), message }));
+    fn event(&mut self, reason: EventReason, message: String) {
+        self.actions.push(Action::Event(Event { reason, message }));
     }
 
     fn annotation(&self, key: &str) -> Option<&str> {
@@ -296,7 +286,7 @@ impl Planner<'_, '_> {
         });
         self.lost_versions = !lost.is_empty();
         for version in lost {
-            self.event(true, "VersionLost", format!("v{version} is no longer in the store and cannot be served"));
+            self.event(EventReason::VersionLost, format!("v{version} is no longer in the store and cannot be served"));
         }
         for (version, stored) in &store.versions {
             let known = self.st.versions.iter().any(|v| v.version == *version);
@@ -405,10 +395,10 @@ impl Planner<'_, '_> {
     fn guard_and_promote(&mut self, mut run: RunStatus) {
         let Some(stored) = self.obs.store.versions.get(&run.version).cloned() else {
             self.delete_leftover(run.version);
-            let failure = Failure {
-                reason: "IngestIncomplete".into(),
-                message: format!("the ingest Job succeeded but v{} is not complete in the store", run.version),
-            };
+            let failure = Failure::new(
+                FailureReason::IngestIncomplete,
+                format!("the ingest Job succeeded but v{} is not complete in the store", run.version),
+            );
             self.fail_run(&run, "ingest", failure);
             return;
         };
@@ -452,8 +442,7 @@ impl Planner<'_, '_> {
             Some((reason, message)) if !approved => {
                 if run.phase != RunPhase::AwaitingApproval || run.reason.as_deref() != Some(reason) {
                     self.event(
-                        true,
-                        "RolloverHeld",
+                        EventReason::RolloverHeld,
                         format!("{message}; approve with the annotation {APPROVE_VERSION_ANNOTATION}=\"{}\"", run.version),
                     );
                 }
@@ -486,7 +475,7 @@ impl Planner<'_, '_> {
         self.st.retry_at = None;
         self.st.last_successful_time = Some(self.now());
         let how = if approved { " (approved)" } else { "" };
-        self.event(false, "VersionReady", format!("v{} loaded with {} members{how}", run.version, stored.members));
+        self.event(EventReason::VersionReady, format!("v{} loaded with {} members{how}", run.version, stored.members));
     }
 
     fn fail_run(&mut self, run: &RunStatus, stage: &str, failure: Failure) {
@@ -495,11 +484,10 @@ impl Planner<'_, '_> {
             None => "no version is served yet".to_string(),
         };
         self.event(
-            true,
-            "RunFailed",
+            EventReason::RunFailed,
             format!("v{} {stage} failed: {}: {}; {serving}", run.version, failure.reason, failure.message),
         );
-        self.record_ended_run(run, &failure.reason, &failure.message);
+        self.record_ended_run(run, failure.reason.as_str(), &failure.message);
         self.st.consecutive_failures = self.st.consecutive_failures.saturating_add(1);
         self.st.retry_at = (failure.is_transient() && self.st.consecutive_failures <= self.cfg.max_retries).then(|| {
             let doublings = (self.st.consecutive_failures - 1).min(16);
@@ -517,7 +505,7 @@ impl Planner<'_, '_> {
         if matches!(run.phase, RunPhase::Ingesting | RunPhase::AwaitingApproval) {
             self.delete_leftover(run.version);
         }
-        self.event(false, "RunCancelled", format!("v{}: {message}", run.version));
+        self.event(EventReason::RunCancelled, format!("v{}: {message}", run.version));
         self.record_ended_run(run, reason, message);
     }
 
@@ -590,8 +578,7 @@ impl Planner<'_, '_> {
                 if deadline.is_some_and(|d| now - at > Duration::seconds(d)) {
                     self.st.last_schedule_time = Some(at);
                     self.event(
-                        true,
-                        "MissedSchedule",
+                        EventReason::MissedSchedule,
                         format!("the run due at {at} is past startingDeadlineSeconds and is skipped"),
                     );
                 } else {
@@ -649,7 +636,7 @@ impl Planner<'_, '_> {
             reason: None,
             message: None,
         });
-        self.event(false, "RunStarted", format!("v{version} started ({trigger:?}), snapshot time {snapshot_time}"));
+        self.event(EventReason::RunStarted, format!("v{version} started ({trigger:?}), snapshot time {snapshot_time}"));
     }
 
     /// A pending run gets its compute Job once the cluster-wide limit
@@ -725,11 +712,11 @@ impl Planner<'_, '_> {
         if let Some(version) = desired.filter(|d| Some(*d) != observed) {
             self.actions.push(Action::Activate { version, previous: observed });
             let (reason, verb) = match observed {
-                Some(old) if old > version => ("RolledBack", format!("from v{old} back to v{version}")),
-                Some(old) => ("RolledOver", format!("from v{old} to v{version}")),
-                None => ("RolledOver", format!("to v{version}")),
+                Some(old) if old > version => (EventReason::RolledBack, format!("from v{old} back to v{version}")),
+                Some(old) => (EventReason::RolledOver, format!("from v{old} to v{version}")),
+                None => (EventReason::RolledOver, format!("to v{version}")),
             };
-            self.event(false, reason, format!("readers switched {verb}"));
+            self.event(reason, format!("readers switched {verb}"));
         }
         for v in self.st.versions.iter_mut().filter(|v| Self::is_servable(v.state)) {
             v.state = if Some(v.version) == desired { VersionState::Active } else { VersionState::Retained };
@@ -774,7 +761,7 @@ impl Planner<'_, '_> {
         });
         for version in deleted {
             self.actions.push(Action::DeleteVersion { version });
-            self.event(false, "VersionDeleted", format!("v{version} deleted by retention (keepVersions {keep})"));
+            self.event(EventReason::VersionDeleted, format!("v{version} deleted by retention (keepVersions {keep})"));
         }
     }
 
@@ -808,7 +795,7 @@ impl Planner<'_, '_> {
         let run = self.st.current_run.clone();
 
         let (ready, stalled, reconciling): (Cond, Cond, Cond) = if let Some(problem) = problem {
-            let (reason, message) = (problem.reason, problem.to_string());
+            let (reason, message) = (problem.reason.as_str(), problem.to_string());
             let message = match &serving {
                 Some(s) => format!("{message}; nothing is launched and {s}"),
                 None => format!("{message}; nothing is launched"),
@@ -844,36 +831,41 @@ impl Planner<'_, '_> {
             None => Cond::f("NotHeld", ""),
         };
 
-        let prev_ready = previous.conditions.iter().find(|c| c.type_ == READY);
+        let prev_ready = previous.conditions.iter().find(|c| c.type_ == ConditionType::Ready.as_str());
         if let Some(problem) = problem {
             let changed = prev_ready.is_none_or(|c| c.reason != ready.reason || c.message != ready.message);
             if changed {
-                self.event(true, problem.reason, ready.message.clone());
+                self.event(problem.reason.into(), ready.message.clone());
             }
         }
 
         let generation = self.obs.segment.metadata.generation;
         let now = self.now();
-        self.st.conditions = [(READY, ready), (RECONCILING, reconciling), (STALLED, stalled), (ROLLOVER_HELD, held)]
-            .into_iter()
-            .map(|(type_, c)| {
-                let status = if c.status { "True" } else { "False" };
-                let since = previous
-                    .conditions
-                    .iter()
-                    .find(|p| p.type_ == type_ && p.status == status)
-                    .map(|p| p.last_transition_time)
-                    .unwrap_or(now);
-                Condition {
-                    type_: type_.to_string(),
-                    status: status.to_string(),
-                    reason: c.reason,
-                    message: c.message,
-                    last_transition_time: since,
-                    observed_generation: generation,
-                }
-            })
-            .collect();
+        self.st.conditions = [
+            (ConditionType::Ready, ready),
+            (ConditionType::Reconciling, reconciling),
+            (ConditionType::Stalled, stalled),
+            (ConditionType::RolloverHeld, held),
+        ]
+        .into_iter()
+        .map(|(type_, c)| {
+            let status = if c.status { "True" } else { "False" };
+            let since = previous
+                .conditions
+                .iter()
+                .find(|p| p.type_ == type_.as_str() && p.status == status)
+                .map(|p| p.last_transition_time)
+                .unwrap_or(now);
+            Condition {
+                type_: type_.as_str().to_string(),
+                status: status.to_string(),
+                reason: c.reason,
+                message: c.message,
+                last_transition_time: since,
+                observed_generation: generation,
+            }
+        })
+        .collect();
     }
 
     fn requeue_at(&self) -> Option<DateTime<Utc>> {

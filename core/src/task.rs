@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::api::{Definition, Segment, SegmentKey, SegmentSourceSpec};
 use crate::naming::results_uri;
 use crate::planner::Launch;
+use crate::reasons::FailureReason;
 
 /// Environment variable that carries the task JSON (in-process and
 /// hand-run workers).
@@ -119,27 +120,42 @@ pub fn ingest_task(segment: &Segment, launch: &Launch, results_base: &str) -> In
 /// (`Reason: message`) or, without one, from the Job's condition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
-    pub reason: String,
+    pub reason: FailureReason,
     pub message: String,
 }
 
 impl Failure {
-    /// Reasons that a retry cannot fix: the definition itself is wrong.
-    pub const PERMANENT: [&'static str; 5] = ["InvalidDefinition", "UnknownTable", "UnknownColumn", "QueryError", "NotOneColumn"];
+    pub fn new(reason: FailureReason, message: impl Into<String>) -> Failure {
+        Failure { reason, message: message.into() }
+    }
 
-    /// Parses a termination message of the form `Reason: message`.
+    /// Parses a termination message of the form `Reason: message`. A line
+    /// without a known reason is `WorkerFailed` with the whole line as its
+    /// message (a panic, a worker of another version).
     pub fn from_termination_message(text: &str) -> Option<Failure> {
         let line = text.lines().find(|l| !l.trim().is_empty())?.trim();
-        match line.split_once(": ") {
-            Some((reason, message)) if !reason.is_empty() && reason.chars().all(|c| c.is_ascii_alphanumeric()) => {
-                Some(Failure { reason: reason.to_string(), message: message.to_string() })
+        let known = line.split_once(": ").and_then(|(reason, message)| Some((reason.parse().ok()?, message)));
+        Some(match known {
+            Some((reason, message)) => Failure::new(reason, message),
+            None => Failure::new(FailureReason::WorkerFailed, line),
+        })
+    }
+
+    /// A failure the Job controller reported (`reason` of the Job's
+    /// `Failed` condition) when the worker left no termination message.
+    pub fn from_job_condition(reason: Option<&str>, message: Option<&str>) -> Failure {
+        let message = message.unwrap_or_default();
+        match reason.map(str::parse) {
+            Some(Ok(reason @ (FailureReason::DeadlineExceeded | FailureReason::BackoffLimitExceeded))) => {
+                Failure::new(reason, message)
             }
-            _ => Some(Failure { reason: "WorkerFailed".into(), message: line.to_string() }),
+            Some(_) => Failure::new(FailureReason::JobFailed, format!("{}: {message}", reason.unwrap_or_default())),
+            None => Failure::new(FailureReason::JobFailed, message),
         }
     }
 
     pub fn is_transient(&self) -> bool {
-        !Self::PERMANENT.contains(&self.reason.as_str())
+        self.reason.is_transient()
     }
 }
 
@@ -150,12 +166,24 @@ mod tests {
     #[test]
     fn termination_messages_are_classified() {
         let f = Failure::from_termination_message("UnknownTable: table `x` is not declared\n").unwrap();
-        assert_eq!((f.reason.as_str(), f.message.as_str()), ("UnknownTable", "table `x` is not declared"));
+        assert_eq!((f.reason, f.message.as_str()), (FailureReason::UnknownTable, "table `x` is not declared"));
         assert!(!f.is_transient());
         let f = Failure::from_termination_message("UnreadableSource: s3://lake/orders/: access denied").unwrap();
         assert!(f.is_transient());
         let f = Failure::from_termination_message("panicked at main.rs").unwrap();
-        assert_eq!(f.reason, "WorkerFailed");
+        assert_eq!(f.reason, FailureReason::WorkerFailed);
+        let f = Failure::from_termination_message("NoSuchReason: something").unwrap();
+        assert_eq!((f.reason, f.message.as_str()), (FailureReason::WorkerFailed, "NoSuchReason: something"));
         assert!(Failure::from_termination_message("  \n").is_none());
+    }
+
+    #[test]
+    fn job_conditions_are_classified() {
+        let f = Failure::from_job_condition(Some("DeadlineExceeded"), Some("Job was active longer than specified deadline"));
+        assert_eq!(f.reason, FailureReason::DeadlineExceeded);
+        let f = Failure::from_job_condition(Some("PodFailurePolicy"), Some("matched a rule"));
+        assert_eq!((f.reason, f.message.as_str()), (FailureReason::JobFailed, "PodFailurePolicy: matched a rule"));
+        // A worker reason in a Job condition is not the worker's word.
+        assert_eq!(Failure::from_job_condition(Some("QueryError"), None).reason, FailureReason::JobFailed);
     }
 }

@@ -6,6 +6,7 @@
 use crate::api::SegmentSpec;
 use crate::definition::{self, DefinitionRefs};
 use crate::duration::parse_duration;
+use crate::reasons::SpecProblem;
 use crate::schedule::CronSchedule;
 
 /// Why a spec cannot be run: the condition reason, the field and the
@@ -13,8 +14,7 @@ use crate::schedule::CronSchedule;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
 pub struct Invalid {
-    /// `InvalidDefinition`, `InvalidSchedule` or `InvalidSpec`.
-    pub reason: &'static str,
+    pub reason: SpecProblem,
     pub field: String,
     pub message: String,
 }
@@ -30,12 +30,12 @@ pub struct Checked {
 /// turns references to undeclared tables into errors.
 pub fn check_spec(spec: &SegmentSpec, known_tables: Option<&[String]>) -> Result<Checked, Invalid> {
     let refs = definition::validate(&spec.definition, known_tables).map_err(|e| Invalid {
-        reason: "InvalidDefinition",
+        reason: SpecProblem::InvalidDefinition,
         field: e.field,
         message: e.message,
     })?;
     let schedule = spec.schedule.as_ref().map(CronSchedule::parse).transpose().map_err(|e| Invalid {
-        reason: "InvalidSchedule",
+        reason: SpecProblem::InvalidSchedule,
         field: e.field.to_string(),
         message: e.message,
     })?;
@@ -60,7 +60,7 @@ pub fn check_spec(spec: &SegmentSpec, known_tables: Option<&[String]>) -> Result
 }
 
 fn invalid_spec(field: &str, message: String) -> Invalid {
-    Invalid { reason: "InvalidSpec", field: field.to_string(), message }
+    Invalid { reason: SpecProblem::InvalidSpec, field: field.to_string(), message }
 }
 
 #[cfg(test)]
@@ -104,7 +104,7 @@ mod tests {
         ];
         for (yaml, reason, field) in cases {
             let err = check_spec(&spec(yaml), None).unwrap_err();
-            assert_eq!((err.reason, err.field.as_str()), (reason, field), "{yaml}: {err}");
+            assert_eq!((err.reason.as_str(), err.field.as_str()), (reason, field), "{yaml}: {err}");
         }
     }
 

@@ -9,7 +9,8 @@ use common::*;
 use segment_core::api::*;
 use segment_core::definition::definition_hash;
 use segment_core::naming::JobKind::{Compute, Ingest};
-use segment_core::planner::{Action, ChangeCount, Launch, PlannerConfig, READY, RECONCILING, ROLLOVER_HELD, STALLED};
+use segment_core::planner::{Action, ChangeCount, Launch, PlannerConfig};
+use ConditionType::{Ready as READY, Reconciling as RECONCILING, RolloverHeld as ROLLOVER_HELD, Stalled as STALLED};
 
 const SQL: &str = "SELECT user_id FROM orders";
 
@@ -510,7 +511,10 @@ fn an_invalid_spec_launches_nothing_and_warns_once() {
         assert_eq!(plan.status.next_schedule_time, None, "{ctx}");
         let evs = events(&plan);
         assert_eq!(evs.len(), 1, "{ctx}: {evs:?}");
-        assert!(evs[0].warning && evs[0].reason == case.reason && evs[0].message == ready.message, "{ctx}: {evs:?}");
+        assert!(
+            evs[0].is_warning() && evs[0].reason.as_str() == case.reason && evs[0].message == ready.message,
+            "{ctx}: {evs:?}"
+        );
 
         w.advance(Duration::minutes(1));
         let again = w.reconcile();
@@ -924,7 +928,10 @@ fn retention_keeps_keep_versions_and_deletes_the_oldest() {
     }
     assert_eq!(version_states(w.status()), [(3, VersionState::Active), (2, VersionState::Retained)]);
     assert_eq!(w.store_versions(), [2, 3]);
-    assert!(w.events.iter().any(|e| e.reason == "VersionDeleted" && e.message == "v1 deleted by retention (keepVersions 2)"));
+    assert!(w
+        .events
+        .iter()
+        .any(|e| e.reason == EventReason::VersionDeleted && e.message == "v1 deleted by retention (keepVersions 2)"));
 }
 
 #[test]
@@ -1186,6 +1193,7 @@ mod properties {
     use std::collections::BTreeSet;
 
     use proptest::prelude::*;
+    use segment_core::executor::Step;
     use segment_core::naming::{job_name, JobKind};
     use segment_core::planner::{JobState, Plan};
 
@@ -1350,8 +1358,7 @@ mod properties {
                 }
                 Op::CrashAfterStatus => {
                     let plan = self.checked_plan()?;
-                    self.w.apply_store_actions(&plan);
-                    self.w.segment.status = Some(plan.status.clone());
+                    self.w.apply_through(&plan, Step::Status);
                     self.record_written(&plan);
                 }
             }
@@ -1466,7 +1473,8 @@ mod properties {
             prop_assert!(!invalid || launched.is_empty(), "Launch with an invalid spec: {:?}", plan.actions);
             prop_assert!(ready.status == "False" || plan.status.active_version.is_some(), "Ready without a version");
             let types: Vec<&str> = plan.status.conditions.iter().map(|c| c.type_.as_str()).collect();
-            prop_assert_eq!(types, [READY, RECONCILING, STALLED, ROLLOVER_HELD]);
+            let expected: Vec<&str> = ConditionType::ALL.iter().map(|t| t.as_str()).collect();
+            prop_assert_eq!(types, expected);
             Ok(plan)
         }
 

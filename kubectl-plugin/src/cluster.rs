@@ -13,6 +13,7 @@ use kube::{Api, Client};
 use segment_core::api::{
     ConcurrencyPolicy, RunPhase, Segment, SegmentStatus, VersionState, APPROVE_VERSION_ANNOTATION, RUN_REQUESTED_ANNOTATION,
 };
+use segment_core::reasons::ConditionType;
 use serde_json::{json, Value};
 
 use crate::table::{age, table, time};
@@ -243,7 +244,7 @@ pub fn render_status(segment: &Segment, now: DateTime<Utc>) -> String {
     if let Some(description) = &segment.spec.description {
         summary.push(("Description", description.clone()));
     }
-    let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
+    let ready = status.conditions.iter().find(|c| c.type_ == ConditionType::Ready.as_str());
     summary.push((
         "Ready",
         ready.map(|c| format!("{} ({}) {}", c.status, c.reason, c.message).trim_end().to_string()).unwrap_or_else(|| "-".into()),

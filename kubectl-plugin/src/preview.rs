@@ -25,6 +25,7 @@ use segment_core::definition::definition_hash;
 use segment_core::manifests::{self, Manifests};
 use segment_core::naming::{job_name, JobKind};
 use segment_core::planner::Launch;
+use segment_core::reasons::SpecProblem;
 use segment_core::rules_sql;
 use segment_core::task::{compute_task, segment_inputs};
 use segment_core::validation::{check_spec, Invalid};
@@ -322,13 +323,12 @@ fn check(segment: &Segment, sources: &[SegmentSourceSpec]) -> Result<(Vec<String
     let tables: Vec<String> = sources.iter().map(|s| s.table.clone()).collect();
     let checked = check_spec(&segment.spec, Some(&tables)).map_err(PreviewError::Invalid)?;
     let definition = &segment.spec.definition;
-    let compiled_sql =
-        match &definition.rules {
-            Some(rule) => Some(rules_sql::compile(rule, sources).map_err(|e| {
-                PreviewError::Invalid(Invalid { reason: "InvalidDefinition", field: e.field, message: e.message })
-            })?),
-            None => None,
-        };
+    let compiled_sql = match &definition.rules {
+        Some(rule) => Some(rules_sql::compile(rule, sources).map_err(|e| {
+            PreviewError::Invalid(Invalid { reason: SpecProblem::InvalidDefinition, field: e.field, message: e.message })
+        })?),
+        None => None,
+    };
     let mut reads: Vec<String> = checked
         .refs
         .tables

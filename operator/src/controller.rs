@@ -92,8 +92,10 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|result| async move {
             match result {
-                Ok((object, _)) => tracing::debug!(segment = %object.name, "reconciled"),
-                Err(e) => warn!(error = %e, "reconcile error"),
+                Ok((object, _)) => tracing::debug!(segment = %object, "reconciled"),
+                // error_policy has logged the reconcile's own failures.
+                Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
+                Err(e) => warn!(error = %e, "controller error"),
             }
         });
 

@@ -69,7 +69,7 @@ mod tests {
         assert_eq!(get(&health, "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
         health.ready.store(true, Ordering::Relaxed);
         assert_eq!(get(&health, "/readyz").await.0, StatusCode::OK);
-        health.metrics.reconciled(true, 0.01);
+        health.metrics.reconciled(Ok(()), 0.01);
         let (status, text) = get(&health, "/metrics").await;
         assert_eq!(status, StatusCode::OK);
         assert!(text.contains("segment_operator_reconciles_total{result=\"ok\"} 1"), "{text}");

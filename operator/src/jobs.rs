@@ -201,10 +201,9 @@ pub fn observe_job(job: &Job, failure_detail: Option<&str>) -> Option<ObservedJo
         let at = status.completion_time.as_ref().or(done.last_transition_time.as_ref());
         JobState::Succeeded { finished_at: at.map(to_chrono).unwrap_or_default() }
     } else if let Some(failed) = condition("Failed") {
-        let failure = failure_detail.and_then(Failure::from_termination_message).unwrap_or_else(|| Failure {
-            reason: failed.reason.clone().unwrap_or_else(|| "JobFailed".to_string()),
-            message: failed.message.clone().unwrap_or_default(),
-        });
+        let failure = failure_detail
+            .and_then(Failure::from_termination_message)
+            .unwrap_or_else(|| Failure::from_job_condition(failed.reason.as_deref(), failed.message.as_deref()));
         JobState::Failed { finished_at: failed.last_transition_time.as_ref().map(to_chrono).unwrap_or_default(), failure }
     } else {
         JobState::Running

@@ -7,10 +7,18 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use segment_core::planner::{Action, Plan};
+use segment_core::reasons::EventReason;
+
+use crate::reconcile;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabel {
+    pub error: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -22,6 +30,8 @@ pub struct SegmentLabels {
 pub struct Metrics {
     pub registry: Registry,
     pub reconciles: Family<ResultLabel, Counter>,
+    /// Failed reconciles by kind (`reconcile::Error::metric_label`).
+    pub reconcile_errors: Family<ErrorLabel, Counter>,
     pub reconcile_seconds: Histogram,
     /// Runs by outcome: started, succeeded, failed, held, cancelled.
     pub runs: Family<ResultLabel, Counter>,
@@ -33,22 +43,34 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("segment_operator");
         let reconciles = Family::<ResultLabel, Counter>::default();
+        let reconcile_errors = Family::<ErrorLabel, Counter>::default();
         let reconcile_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 14));
         let runs = Family::<ResultLabel, Counter>::default();
         let members = Family::<SegmentLabels, Gauge>::default();
         let jobs_created = Counter::default();
-        registry.register("reconciles", "Reconciles by result (ok, error)", reconciles.clone());
+        registry.register("reconciles", "Reconciles by result (ok, conflict, error)", reconciles.clone());
+        registry.register("reconcile_errors", "Failed reconciles by kind of error", reconcile_errors.clone());
         registry.register("reconcile_duration_seconds", "Time spent in one reconcile", reconcile_seconds.clone());
         registry.register("runs", "Segment runs by result", runs.clone());
         registry.register("segment_members", "Members of the active version", members.clone());
         registry.register("jobs_created", "Compute and ingest Jobs created", jobs_created.clone());
-        Metrics { registry, reconciles, reconcile_seconds, runs, members, jobs_created }
+        Metrics { registry, reconciles, reconcile_errors, reconcile_seconds, runs, members, jobs_created }
     }
 }
 
 impl Metrics {
-    pub fn reconciled(&self, ok: bool, seconds: f64) {
-        let result = if ok { "ok" } else { "error" };
+    /// Counts a reconcile by outcome, and failures by kind. A status-write
+    /// conflict is routine (planned again at once on fresh data), so it
+    /// is counted apart from errors.
+    pub fn reconciled(&self, outcome: Result<(), &reconcile::Error>, seconds: f64) {
+        let result = match outcome {
+            Ok(()) => "ok",
+            Err(reconcile::Error::Conflict) => "conflict",
+            Err(error) => {
+                self.reconcile_errors.get_or_create(&ErrorLabel { error: error.metric_label() }).inc();
+                "error"
+            }
+        };
         self.reconciles.get_or_create(&ResultLabel { result: result.to_string() }).inc();
         self.reconcile_seconds.observe(seconds);
     }
@@ -57,14 +79,7 @@ impl Metrics {
     pub fn record_plan(&self, namespace: &str, segment: &str, plan: &Plan) {
         for action in &plan.actions {
             let Action::Event(event) = action else { continue };
-            let result = match event.reason.as_str() {
-                "RunStarted" => "started",
-                "VersionReady" => "succeeded",
-                "RunFailed" => "failed",
-                "RolloverHeld" => "held",
-                "RunCancelled" => "cancelled",
-                _ => continue,
-            };
+            let Some(result) = run_outcome(event.reason) else { continue };
             self.runs.get_or_create(&ResultLabel { result: result.to_string() }).inc();
         }
         let labels = SegmentLabels { namespace: namespace.to_string(), segment: segment.to_string() };
@@ -87,5 +102,24 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// The `runs` outcome an Event reports, if it reports one.
+fn run_outcome(reason: EventReason) -> Option<&'static str> {
+    match reason {
+        EventReason::RunStarted => Some("started"),
+        EventReason::VersionReady => Some("succeeded"),
+        EventReason::RunFailed => Some("failed"),
+        EventReason::RolloverHeld => Some("held"),
+        EventReason::RunCancelled => Some("cancelled"),
+        EventReason::MissedSchedule
+        | EventReason::VersionLost
+        | EventReason::VersionDeleted
+        | EventReason::RolledOver
+        | EventReason::RolledBack
+        | EventReason::InvalidDefinition
+        | EventReason::InvalidSchedule
+        | EventReason::InvalidSpec => None,
     }
 }

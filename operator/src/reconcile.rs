@@ -1,10 +1,12 @@
-//! The Kubernetes adapter: observes a Segment's Jobs, sources and store,
-//! asks the planner what to do, and carries the plan out in the order the
-//! planner documents (store, status, Jobs, Events).
+//! The Kubernetes adapter, one Segment at a time: [`observe`] its Jobs,
+//! sources and store, [`plan_with_slot`] asks the planner what to do, and
+//! [`execute`] carries the plan out through [`segment_core::executor`]
+//! with the cluster as its [`Effects`].
 
 use std::sync::Arc;
 use std::time::Instant;
 
+use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
@@ -14,15 +16,16 @@ use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
 use kube::{Client, Resource, ResourceExt};
 use segment_core::api::{
-    DeletionPolicy, Segment, SegmentSource, SegmentStatus, FINALIZER, JOB_KIND_LABEL, SEGMENT_LABEL, VERSION_LABEL,
+    DeletionPolicy, Segment, SegmentKey, SegmentSource, SegmentStatus, FINALIZER, JOB_KIND_LABEL, SEGMENT_LABEL, VERSION_LABEL,
 };
+use segment_core::executor::{self, Effects};
 use segment_core::naming::JobKind;
-use segment_core::planner::{self, Action, Launch, Observation, Plan, PlannerConfig};
+use segment_core::planner::{self, Action, Event, Launch, Observation, ObservedJob, Plan, PlannerConfig, StoreView};
 use segment_core::store::{ResultStore, SegmentStore, StoreError};
 use segment_core::task::SegmentInput;
 use serde_json::json;
-use tokio::sync::Mutex;
-use tracing::{info, warn};
+use tokio::sync::{Mutex, MutexGuard};
+use tracing::{debug, info, instrument, warn};
 
 use crate::config::JobArgs;
 use crate::jobs;
@@ -45,18 +48,59 @@ pub struct Context {
     pub clock: Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>,
 }
 
+/// Why a reconcile failed. Each variant says what was being done and keeps
+/// its cause; [`Error::metric_label`] is the `error` label of the
+/// `reconcile_errors` metric.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    #[error("{0}")]
-    Store(#[from] StoreError),
+    #[error("{op}: {source}")]
+    Kube {
+        /// What the call was doing: `listing Jobs`, `writing status`, ...
+        op: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+    /// The status write was refused because the Segment changed since it
+    /// was read (the watch cache lags writes). Expected and routine: the
+    /// reconcile runs again at once on the newer copy.
+    #[error("writing status: the Segment changed since it was read")]
+    Conflict,
+    #[error("{op}: {source}")]
+    Store {
+        op: &'static str,
+        #[source]
+        source: StoreError,
+    },
     #[error("building a Job: {0}")]
-    Serialize(#[from] serde_json::Error),
+    BuildJob(#[source] serde_json::Error),
     #[error("finalizer: {0}")]
-    Finalizer(String),
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("Segment has no namespace")]
     NoNamespace,
+}
+
+impl Error {
+    /// One label per kind of failure, for metrics and logs.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube { .. } => "kube",
+            Error::Conflict => "conflict",
+            Error::Store { .. } => "store",
+            Error::BuildJob(_) => "build_job",
+            Error::Finalizer(_) => "finalizer",
+            Error::NoNamespace => "no_namespace",
+        }
+    }
+}
+
+/// Wraps a Kubernetes API error with what the call was doing.
+fn kube(op: &'static str) -> impl FnOnce(kube::Error) -> Error {
+    move |source| Error::Kube { op, source }
+}
+
+/// Wraps a store error with what the call was doing.
+fn store(op: &'static str) -> impl FnOnce(StoreError) -> Error {
+    move |source| Error::Store { op, source }
 }
 
 /// The limit on concurrent compute Jobs of this operator (cluster-wide, or
@@ -100,29 +144,85 @@ pub async fn reconcile(segment: Arc<Segment>, ctx: Arc<Context>) -> Result<Reque
     .await
     .map_err(|e| match e {
         kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-        kube::runtime::finalizer::Error::AddFinalizer(e) | kube::runtime::finalizer::Error::RemoveFinalizer(e) => Error::Kube(e),
-        other => Error::Finalizer(other.to_string()),
+        kube::runtime::finalizer::Error::AddFinalizer(source) => Error::Kube { op: "adding the finalizer", source },
+        kube::runtime::finalizer::Error::RemoveFinalizer(source) => Error::Kube { op: "removing the finalizer", source },
+        other => Error::Finalizer(Box::new(other)),
     });
-    ctx.metrics.reconciled(result.is_ok(), started.elapsed().as_secs_f64());
+    ctx.metrics.reconciled(result.as_ref().map(|_| ()), started.elapsed().as_secs_f64());
     result
 }
 
+/// How long after a status-write conflict to plan again: enough for the
+/// watch to deliver the newer copy, short enough to count as at once.
+const CONFLICT_REQUEUE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Retries a failed reconcile after a short pause; the previous version
-/// keeps serving meanwhile.
+/// keeps serving meanwhile. The one place a reconcile failure is logged.
 pub fn error_policy(segment: Arc<Segment>, error: &Error, _ctx: Arc<Context>) -> Requeue {
-    warn!(segment = %segment.name_any(), namespace = ?segment.namespace(), %error, "reconcile failed");
-    Requeue::requeue(std::time::Duration::from_secs(15))
+    let key = segment.key();
+    match error {
+        Error::Conflict => {
+            debug!(segment = %key, %error, "planning again on fresh data");
+            Requeue::requeue(CONFLICT_REQUEUE)
+        }
+        _ => {
+            warn!(segment = %key, error = %ErrorChain(error), kind = error.metric_label(), "reconcile failed");
+            Requeue::requeue(std::time::Duration::from_secs(15))
+        }
+    }
 }
 
-async fn apply(segment: &Segment, ctx: &Context) -> Result<Requeue, Error> {
-    let namespace = segment.namespace().ok_or(Error::NoNamespace)?;
-    let name = segment.name_any();
-    let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
+/// An error followed by its causes, `a: b: c`, for logs.
+struct ErrorChain<'e>(&'e (dyn std::error::Error + 'static));
 
-    let label = segment_core::naming::segment_label_value(&name);
-    let job_list = jobs_api.list(&ListParams::default().labels(&format!("{SEGMENT_LABEL}={label}"))).await?;
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(error) = cause {
+            // Variants that print their source already need it only once.
+            if !self.0.to_string().ends_with(&error.to_string()) {
+                write!(f, ": {error}")?;
+            }
+            cause = error.source();
+        }
+        Ok(())
+    }
+}
+
+/// What the operator saw of one Segment's world, read before planning.
+struct Observed {
+    jobs: Vec<ObservedJob>,
+    sources: Vec<SegmentSource>,
+    tables: Vec<String>,
+    store: StoreView,
+    now: DateTime<Utc>,
+}
+
+#[instrument(skip_all, fields(segment = %segment.key()))]
+async fn apply(segment: &Segment, ctx: &Context) -> Result<Requeue, Error> {
+    let observed = observe(segment, ctx).await?;
+    let (plan, _slot) = plan_with_slot(segment, &observed, ctx).await?;
+    execute(segment, &plan, &observed.sources, ctx).await?;
+    let key = segment.key();
+    ctx.metrics.record_plan(&key.namespace, &key.name, &plan);
+    debug!(actions = plan.actions.len(), requeue_at = ?plan.requeue_at, "planned and carried out");
+    Ok(match plan.requeue_at {
+        Some(at) => Requeue::requeue((at - observed.now).to_std().unwrap_or_default().max(std::time::Duration::from_secs(1))),
+        None => Requeue::await_change(),
+    })
+}
+
+/// Reads the Segment's Jobs (with the worker's reason for a failed Job of
+/// the run in flight), the namespace's SegmentSources and the store.
+async fn observe(segment: &Segment, ctx: &Context) -> Result<Observed, Error> {
+    let namespace = segment.namespace().ok_or(Error::NoNamespace)?;
+    let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
+    let label = segment_core::naming::segment_label_value(&segment.name_any());
+    let selector = ListParams::default().labels(&format!("{SEGMENT_LABEL}={label}"));
+    let job_list = jobs_api.list(&selector).await.map_err(kube("listing Jobs"))?;
     let current_version = segment.status.as_ref().and_then(|s| s.current_run.as_ref()).map(|r| r.version);
-    let mut observed = Vec::new();
+    let mut jobs = Vec::new();
     for job in &job_list.items {
         // Only a failed Job of the run in flight needs the worker's reason.
         let detail = match (jobs::has_failed(job), jobs::observe_job(job, None)) {
@@ -131,126 +231,150 @@ async fn apply(segment: &Segment, ctx: &Context) -> Result<Requeue, Error> {
             }
             _ => None,
         };
-        observed.extend(jobs::observe_job(job, detail.as_deref()));
+        jobs.extend(jobs::observe_job(job, detail.as_deref()));
     }
 
-    let sources: Vec<SegmentSource> = Api::namespaced(ctx.client.clone(), &namespace).list(&ListParams::default()).await?.items;
-    let tables: Vec<String> = sources.iter().map(|s| s.spec.table.clone()).collect();
-    let key = segment.key();
-    let store_view = planner::observe_store(ctx.store.as_ref(), &key, segment.status.as_ref()).await?;
-    let now = (ctx.clock)();
-    let observe = |slot_free: bool| Observation {
-        segment,
-        jobs: &observed,
-        store: &store_view,
-        source_tables: Some(&tables),
-        compute_slot_free: slot_free,
-        now,
-    };
-
-    let mut plan = planner::plan(&observe(true), &ctx.planner);
-    let launches_compute = plan.actions.iter().any(|a| matches!(a, Action::Launch(Launch { kind: JobKind::Compute, .. })));
-    // Hold the slot lock through the Job's creation when the limit applies.
-    let _slot = match ctx.slots.limit {
-        Some(limit) if launches_compute => {
-            let guard = ctx.slots.lock.lock().await;
-            if ctx.slots.active_computes(&ctx.client).await? >= limit {
-                plan = planner::plan(&observe(false), &ctx.planner);
-            }
-            Some(guard)
-        }
-        _ => None,
-    };
-
-    execute(segment, &plan, &sources, ctx).await?;
-    ctx.metrics.record_plan(&namespace, &name, &plan);
-    Ok(match plan.requeue_at {
-        Some(at) => Requeue::requeue((at - now).to_std().unwrap_or_default().max(std::time::Duration::from_secs(1))),
-        None => Requeue::await_change(),
-    })
+    let sources_api: Api<SegmentSource> = Api::namespaced(ctx.client.clone(), &namespace);
+    let sources = sources_api.list(&ListParams::default()).await.map_err(kube("listing SegmentSources"))?.items;
+    let tables = sources.iter().map(|s| s.spec.table.clone()).collect();
+    let store = planner::observe_store(ctx.store.as_ref(), &segment.key(), segment.status.as_ref())
+        .await
+        .map_err(store("reading the store"))?;
+    Ok(Observed { jobs, sources, tables, store, now: (ctx.clock)() })
 }
 
-/// Carries out a plan: store actions, then the status (which records a new
-/// run before its Job exists), then Jobs, then Events.
+/// Plans; when the plan launches a compute Job under a compute limit,
+/// takes the slot lock (held by the caller through the Job's creation) and
+/// plans again without a slot if none is free.
+async fn plan_with_slot<'c>(
+    segment: &Segment,
+    observed: &Observed,
+    ctx: &'c Context,
+) -> Result<(Plan, Option<MutexGuard<'c, ()>>), Error> {
+    let observation = |slot_free: bool| Observation {
+        segment,
+        jobs: &observed.jobs,
+        store: &observed.store,
+        source_tables: Some(&observed.tables),
+        compute_slot_free: slot_free,
+        now: observed.now,
+    };
+    let plan = planner::plan(&observation(true), &ctx.planner);
+    let launches_compute = plan.actions.iter().any(|a| matches!(a, Action::Launch(Launch { kind: JobKind::Compute, .. })));
+    match ctx.slots.limit {
+        Some(limit) if launches_compute => {
+            let guard = ctx.slots.lock.lock().await;
+            let active = ctx.slots.active_computes(&ctx.client).await.map_err(kube("counting compute Jobs"))?;
+            let plan = if active >= limit { planner::plan(&observation(false), &ctx.planner) } else { plan };
+            Ok((plan, Some(guard)))
+        }
+        _ => Ok((plan, None)),
+    }
+}
+
+/// Carries out a plan through the one executor, with the cluster as its
+/// effects.
 async fn execute(segment: &Segment, plan: &Plan, sources: &[SegmentSource], ctx: &Context) -> Result<(), Error> {
-    let key = segment.key();
-    for action in plan.actions.iter().filter(|a| a.is_store_action()) {
-        match action {
-            Action::Activate { version, .. } => ctx.store.activate(&key, *version).await?,
-            Action::DeleteVersion { version } => ctx.store.delete_version(&key, *version).await?,
-            Action::CollectResults { older_than, keep } => {
-                let removed = ctx.results.collect(&key, *older_than, keep).await?;
-                if removed > 0 {
-                    info!(segment = %key, removed, "collected expired result files");
-                }
-            }
-            _ => {}
-        }
+    let mut effects = ClusterEffects { segment, key: segment.key(), sources, ctx };
+    executor::carry_out(plan, segment.status.as_ref(), &mut effects).await
+}
+
+/// A plan's effects on the cluster: the store, the Segment's status, its
+/// Jobs and Events.
+struct ClusterEffects<'a> {
+    segment: &'a Segment,
+    key: SegmentKey,
+    sources: &'a [SegmentSource],
+    ctx: &'a Context,
+}
+
+impl ClusterEffects<'_> {
+    fn jobs_api(&self) -> Api<Job> {
+        Api::namespaced(self.ctx.client.clone(), &self.key.namespace)
+    }
+}
+
+#[async_trait]
+impl Effects for ClusterEffects<'_> {
+    type Error = Error;
+
+    async fn activate(&mut self, version: u64) -> Result<(), Error> {
+        self.ctx.store.activate(&self.key, version).await.map_err(store("activating a version"))
     }
 
-    if segment.status.as_ref() != Some(&plan.status) {
-        write_status(ctx, segment, &plan.status).await?;
+    async fn delete_version(&mut self, version: u64) -> Result<(), Error> {
+        self.ctx.store.delete_version(&self.key, version).await.map_err(store("deleting a version"))
     }
 
-    let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &key.namespace);
-    for action in &plan.actions {
-        match action {
-            Action::CancelJobs { version } => {
-                let selector =
-                    format!("{SEGMENT_LABEL}={},{VERSION_LABEL}={version}", segment_core::naming::segment_label_value(&key.name));
-                for job in jobs_api.list(&ListParams::default().labels(&selector)).await?.items {
-                    match jobs_api.delete(&job.name_any(), &DeleteParams::background()).await {
-                        Ok(_) => {}
-                        Err(kube::Error::Api(s)) if s.code == 404 => {}
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-            }
-            Action::Launch(launch) => {
-                let inputs = match launch.kind {
-                    JobKind::Compute => segment_inputs(ctx, segment).await?,
-                    JobKind::Ingest => Vec::new(),
-                };
-                let job = jobs::build_job(segment, launch, sources, &inputs, &ctx.jobs, &ctx.results_base)?;
-                match jobs_api.create(&PostParams::default(), &job).await {
-                    Ok(_) => {
-                        ctx.metrics.jobs_created.inc();
-                    }
-                    // Created before a restart: the run continues with it.
-                    Err(kube::Error::Api(s)) if s.code == 409 => {}
-                    Err(e) => return Err(e.into()),
-                };
-            }
-            _ => {}
+    async fn collect_results(&mut self, older_than: DateTime<Utc>, keep: &[u64]) -> Result<(), Error> {
+        let removed = self.ctx.results.collect(&self.key, older_than, keep).await.map_err(store("collecting result files"))?;
+        if removed > 0 {
+            info!(segment = %self.key, removed, "collected expired result files");
         }
+        Ok(())
     }
 
-    // Without the resourceVersion, the same event of later reconciles
-    // counts up one series instead of starting a new Event each time.
-    let reference = ObjectReference { resource_version: None, ..segment.object_ref(&()) };
-    for action in &plan.actions {
-        if let Action::Event(event) = action {
-            let note = truncate(&event.message, 1024);
-            let kube_event = KubeEvent {
-                type_: if event.warning { EventType::Warning } else { EventType::Normal },
-                reason: event.reason.clone(),
-                // The recorder counts an event into an earlier one's series
-                // when type, reason, action and object match, keeping the
-                // first note: the note's digest in the action keeps two
-                // different notes (v1 and v2 deleted) apart, while the same
-                // note again is counted.
-                action: format!("{}-{}", event.reason, short_digest(&note)),
-                note: Some(note),
-                secondary: None,
-            };
-            // An Event that cannot be written must not undo a reconcile
-            // whose effects already happened.
-            if let Err(error) = ctx.recorder.publish(&kube_event, &reference).await {
-                warn!(segment = %key, %error, reason = %event.reason, "could not publish event");
+    async fn write_status(&mut self, status: &SegmentStatus) -> Result<(), Error> {
+        write_status(self.ctx, self.segment, status).await
+    }
+
+    async fn cancel_jobs(&mut self, version: u64) -> Result<(), Error> {
+        let label = segment_core::naming::segment_label_value(&self.key.name);
+        let selector = format!("{SEGMENT_LABEL}={label},{VERSION_LABEL}={version}");
+        let jobs_api = self.jobs_api();
+        let jobs = jobs_api.list(&ListParams::default().labels(&selector)).await.map_err(kube("listing Jobs to cancel"))?;
+        for job in jobs.items {
+            match jobs_api.delete(&job.name_any(), &DeleteParams::background()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(source) => return Err(Error::Kube { op: "deleting a Job", source }),
             }
         }
+        Ok(())
     }
-    Ok(())
+
+    async fn launch(&mut self, launch: &Launch) -> Result<(), Error> {
+        let inputs = match launch.kind {
+            JobKind::Compute => segment_inputs(self.ctx, self.segment).await?,
+            JobKind::Ingest => Vec::new(),
+        };
+        let ctx = self.ctx;
+        let job = jobs::build_job(self.segment, launch, self.sources, &inputs, &ctx.jobs, &ctx.results_base)
+            .map_err(Error::BuildJob)?;
+        match self.jobs_api().create(&PostParams::default(), &job).await {
+            Ok(_) => {
+                ctx.metrics.jobs_created.inc();
+            }
+            // Created before a restart: the run continues with it.
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(source) => return Err(Error::Kube { op: "creating a Job", source }),
+        }
+        Ok(())
+    }
+
+    async fn event(&mut self, event: &Event) {
+        // Without the resourceVersion, the same event of later reconciles
+        // counts up one series instead of starting a new Event each time.
+        let reference = ObjectReference { resource_version: None, ..self.segment.object_ref(&()) };
+        let note = truncate(&event.message, 1024);
+        let kube_event = KubeEvent {
+            type_: if event.is_warning() { EventType::Warning } else { EventType::Normal },
+            reason: event.reason.as_str().to_string(),
+            // The recorder counts an event into an earlier one's series
+            // when type, reason, action and object match, keeping the
+            // first note: the note's digest in the action keeps two
+            // different notes (v1 and v2 deleted) apart, while the same
+            // note again is counted.
+            action: format!("{}-{}", event.reason, short_digest(&note)),
+            note: Some(note),
+            secondary: None,
+        };
+        // An Event that cannot be written must not undo a reconcile whose
+        // effects already happened.
+        if let Err(error) = self.ctx.recorder.publish(&kube_event, &reference).await {
+            warn!(segment = %self.key, %error, reason = %event.reason, "could not publish event");
+        }
+    }
 }
 
 /// The active versions of the segments a rule refers to, read from their
@@ -260,7 +384,8 @@ async fn segment_inputs(ctx: &Context, segment: &Segment) -> Result<Vec<SegmentI
     let api: Api<Segment> = Api::namespaced(ctx.client.clone(), &segment.namespace().ok_or(Error::NoNamespace)?);
     let mut active = std::collections::HashMap::new();
     for name in rules.segment_refs() {
-        if let Some(version) = api.get_opt(name).await?.and_then(|s| s.status).and_then(|s| s.active_version) {
+        let referenced = api.get_opt(name).await.map_err(kube("reading a referenced Segment"))?;
+        if let Some(version) = referenced.and_then(|s| s.status).and_then(|s| s.active_version) {
             active.insert(name.to_string(), version);
         }
     }
@@ -281,14 +406,19 @@ async fn write_status(ctx: &Context, segment: &Segment, status: &SegmentStatus) 
         "metadata": {"resourceVersion": segment.resource_version()},
         "status": status,
     });
-    api.patch_status(&segment.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body)).await?;
-    Ok(())
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    match api.patch_status(&segment.name_any(), &params, &Patch::Apply(&body)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Err(Error::Conflict),
+        Err(source) => Err(Error::Kube { op: "writing status", source }),
+    }
 }
 
 /// The worker's `Reason: message` from the pods of a failed Job.
 async fn termination_message(ctx: &Context, namespace: &str, job: &str) -> Result<Option<String>, Error> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
-    let list = pods.list(&ListParams::default().labels(&format!("job-name={job}"))).await?;
+    let selector = ListParams::default().labels(&format!("job-name={job}"));
+    let list = pods.list(&selector).await.map_err(kube("listing the pods of a failed Job"))?;
     let message = list
         .items
         .iter()
@@ -301,11 +431,12 @@ async fn termination_message(ctx: &Context, namespace: &str, job: &str) -> Resul
 
 /// Runs before the Segment goes away: removes its store data and result
 /// files unless `deletionPolicy: Retain`. Jobs go with their owner.
+#[instrument(skip_all, fields(segment = %segment.key()))]
 async fn cleanup(segment: &Segment, ctx: &Context) -> Result<Requeue, Error> {
     let key = segment.key();
     if segment.spec.deletion_policy == DeletionPolicy::Delete {
-        ctx.store.delete_segment(&key).await?;
-        ctx.results.delete_segment(&key).await?;
+        ctx.store.delete_segment(&key).await.map_err(store("deleting the store data"))?;
+        ctx.results.delete_segment(&key).await.map_err(store("deleting the result files"))?;
         info!(segment = %key, "deleted store data and result files");
     } else {
         info!(segment = %key, "deletionPolicy Retain: store data and result files kept");

@@ -10,10 +10,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use segment_core::api::{DeletionPolicy, Segment, SegmentKey, SegmentSource};
+use segment_core::api::{DeletionPolicy, Segment, SegmentKey, SegmentSource, SegmentStatus};
+use segment_core::executor::{self, Effects};
 use segment_core::naming::JobKind;
-use segment_core::planner::{self, Action, JobState, Launch, Observation, ObservedJob, PlannerConfig};
+use segment_core::planner::{self, Event, JobState, Launch, Observation, ObservedJob, PlannerConfig};
+use segment_core::reasons::ConditionType;
 use segment_core::store::{ResultStore, SegmentStore};
 use segment_core::task::{compute_task, ingest_task, segment_inputs, Failure};
 use segment_store::results::ObjectResults;
@@ -166,13 +169,10 @@ impl Engine {
                 now,
             };
             let plan = planner::plan(&obs, &self.planner);
-            if let Err(e) = self.execute(&segment, &plan).await {
+            let mut effects = LocalEffects { engine: self, segment: &segment, key: key.clone() };
+            if let Err(e) = executor::carry_out(&plan, segment.status.as_ref(), &mut effects).await {
                 eprintln!("[{key}] {e}; retrying");
                 continue;
-            }
-            if segment.status.as_ref() != Some(&plan.status) {
-                print_status(&key, &plan.status);
-                self.write_status(&key, &plan.status);
             }
             if let Some(stored) = self.segments.get_mut(&key) {
                 stored.status = Some(plan.status.clone());
@@ -180,32 +180,6 @@ impl Engine {
             wake_at = [wake_at, plan.requeue_at].into_iter().flatten().min();
         }
         Ok(wake_at)
-    }
-
-    async fn execute(&self, segment: &Segment, plan: &planner::Plan) -> Result<(), StandaloneError> {
-        let key = segment.key();
-        for action in &plan.actions {
-            match action {
-                Action::Activate { version, .. } => self.store.activate(&key, *version).await?,
-                Action::DeleteVersion { version } => self.store.delete_version(&key, *version).await?,
-                Action::CollectResults { older_than, keep } => {
-                    self.results.collect(&key, *older_than, keep).await?;
-                }
-                _ => {}
-            }
-        }
-        for action in &plan.actions {
-            match action {
-                Action::CancelJobs { version } => self.cancel_jobs(&key, Some(*version)),
-                Action::Launch(launch) => self.launch(segment, launch),
-                Action::Event(event) => {
-                    let kind = if event.warning { "Warning" } else { "Normal" };
-                    println!("[{key}] {kind} {}: {}", event.reason, event.message);
-                }
-                _ => {}
-            }
-        }
-        Ok(())
     }
 
     fn cancel_jobs(&self, key: &SegmentKey, version: Option<u64>) {
@@ -264,7 +238,7 @@ impl Engine {
             let finished_at = Utc::now();
             let state = match result {
                 Ok(()) => JobState::Succeeded { finished_at },
-                Err(e) => JobState::Failed { finished_at, failure: Failure { reason: e.reason.to_string(), message: e.message } },
+                Err(e) => JobState::Failed { finished_at, failure: Failure::new(e.reason, e.message) },
             };
             if let Some(job) = task_jobs.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&name) {
                 job.observed.state = state;
@@ -294,8 +268,55 @@ impl Engine {
     }
 }
 
+/// A plan's effects on one machine: the store, the status file, in-process
+/// Jobs and Events printed for the person watching.
+struct LocalEffects<'e> {
+    engine: &'e Engine,
+    segment: &'e Segment,
+    key: SegmentKey,
+}
+
+#[async_trait]
+impl Effects for LocalEffects<'_> {
+    type Error = StandaloneError;
+
+    async fn activate(&mut self, version: u64) -> Result<(), StandaloneError> {
+        Ok(self.engine.store.activate(&self.key, version).await?)
+    }
+
+    async fn delete_version(&mut self, version: u64) -> Result<(), StandaloneError> {
+        Ok(self.engine.store.delete_version(&self.key, version).await?)
+    }
+
+    async fn collect_results(&mut self, older_than: DateTime<Utc>, keep: &[u64]) -> Result<(), StandaloneError> {
+        self.engine.results.collect(&self.key, older_than, keep).await?;
+        Ok(())
+    }
+
+    async fn write_status(&mut self, status: &SegmentStatus) -> Result<(), StandaloneError> {
+        print_status(&self.key, status);
+        self.engine.write_status(&self.key, status);
+        Ok(())
+    }
+
+    async fn cancel_jobs(&mut self, version: u64) -> Result<(), StandaloneError> {
+        self.engine.cancel_jobs(&self.key, Some(version));
+        Ok(())
+    }
+
+    async fn launch(&mut self, launch: &Launch) -> Result<(), StandaloneError> {
+        self.engine.launch(self.segment, launch);
+        Ok(())
+    }
+
+    async fn event(&mut self, event: &Event) {
+        let kind = if event.is_warning() { "Warning" } else { "Normal" };
+        println!("[{}] {kind} {}: {}", self.key, event.reason, event.message);
+    }
+}
+
 fn print_status(key: &SegmentKey, status: &segment_core::api::SegmentStatus) {
-    let ready = status.conditions.iter().find(|c| c.type_ == planner::READY);
+    let ready = status.conditions.iter().find(|c| c.type_ == ConditionType::Ready.as_str());
     let (state, reason, message) =
         ready.map(|c| (c.status.as_str(), c.reason.as_str(), c.message.as_str())).unwrap_or(("Unknown", "", ""));
     let run = status.current_run.as_ref().map(|r| format!("; v{} {:?}", r.version, r.phase)).unwrap_or_default();

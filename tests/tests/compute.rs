@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Duration, Utc};
 use segment_core::api::{Definition, SegmentKey, SegmentSourceSpec, SourceFormat, StaticList};
 use segment_core::manifest::{part_file, Manifest, FORMAT, MANIFEST_FILE};
+use segment_core::reasons::FailureReason;
 use segment_core::task::{ComputeTask, SegmentInput};
 use segment_store::objects::locate;
 use segment_store::results::ResultDir;
@@ -412,11 +413,11 @@ async fn rules_and_sql_read_another_segments_result() {
     // Without the input, or with an input that has no result yet.
     let mut missing = task("southern-buyers", by_rules.clone(), lake.sources(), lake.results("missing"), now);
     let error = run_expecting_error(&missing).await;
-    assert_eq!(error.reason, "SegmentNotReady", "{error}");
+    assert_eq!(error.reason, FailureReason::SegmentNotReady, "{error}");
     assert!(error.message.contains("southern"), "{error}");
     missing.segment_inputs = vec![SegmentInput { name: "southern".into(), version: 2, results_uri: lake.results("southern/v8") }];
     let error = run_expecting_error(&missing).await;
-    assert_eq!(error.reason, "SegmentNotReady", "{error}");
+    assert_eq!(error.reason, FailureReason::SegmentNotReady, "{error}");
     assert!(error.message.contains("southern/v8"), "{error}");
 
     // A corrupted input part is caught by its checksum.
@@ -427,7 +428,7 @@ async fn rules_and_sql_read_another_segments_result() {
     let mut corrupted = task("southern-buyers", by_rules, lake.sources(), lake.results("corrupted"), now);
     corrupted.segment_inputs = vec![input];
     let error = run_expecting_error(&corrupted).await;
-    assert_eq!(error.reason, "UnreadableSource", "{error}");
+    assert_eq!(error.reason, FailureReason::UnreadableSource, "{error}");
     assert!(error.message.contains("southern") && error.message.contains("checksum"), "{error}");
 }
 
@@ -615,7 +616,7 @@ async fn static_lists_from_csv_and_text() {
         lake.now(),
     );
     let error = run_expecting_error(&no_ids).await;
-    assert_eq!(error.reason, "UnknownColumn", "{error}");
+    assert_eq!(error.reason, FailureReason::UnknownColumn, "{error}");
     assert!(error.message.contains("no-ids.csv") && error.message.contains("user_id"), "{error}");
 
     let missing = task(
@@ -626,7 +627,7 @@ async fn static_lists_from_csv_and_text() {
         lake.now(),
     );
     let error = run_expecting_error(&missing).await;
-    assert_eq!(error.reason, "UnreadableSource", "{error}");
+    assert_eq!(error.reason, FailureReason::UnreadableSource, "{error}");
     assert!(error.message.contains("gone.csv"), "{error}");
 }
 
@@ -634,7 +635,7 @@ async fn static_lists_from_csv_and_text() {
 async fn every_error_has_its_reason() {
     let lake = Lake::generate();
     let now = lake.now();
-    let check = |name: &'static str, definition: Definition, reason: &'static str, mentions: &'static [&'static str]| {
+    let check = |name: &'static str, definition: Definition, reason: FailureReason, mentions: &'static [&'static str]| {
         let t = task(name, definition, lake.sources(), lake.results(name), now);
         async move {
             let error = run_expecting_error(&t).await;
@@ -646,54 +647,66 @@ async fn every_error_has_its_reason() {
             assert!(no_result.is_none(), "{name}: a failed run leaves no manifest");
         }
     };
-    check("unknown-table-sql", sql("SELECT user_id FROM refunds"), "UnknownTable", &["refunds", "orders"]).await;
+    check("unknown-table-sql", sql("SELECT user_id FROM refunds"), FailureReason::UnknownTable, &["refunds", "orders"]).await;
     check(
         "unknown-table-join",
         sql("SELECT o.user_id FROM orders o JOIN refunds r ON r.user_id = o.user_id"),
-        "UnknownTable",
+        FailureReason::UnknownTable,
         &["refunds"],
     )
     .await;
     check(
         "unknown-table-rules",
         rules(json!({"property": {"table": "refunds", "column": "x", "op": "exists"}})),
-        "UnknownTable",
+        FailureReason::UnknownTable,
         &["refunds"],
     )
     .await;
     check(
         "unknown-column-sql",
         sql("SELECT user_id FROM orders WHERE amout > 10"),
-        "UnknownColumn",
+        FailureReason::UnknownColumn,
         &["amout", "orders", "amount"],
     )
     .await;
     check(
         "unknown-column-rules",
         rules(json!({"property": {"table": "users", "column": "colour", "op": "eq", "value": "red"}})),
-        "UnknownColumn",
+        FailureReason::UnknownColumn,
         &["colour", "users"],
     )
     .await;
-    check("syntax", sql("SELEC user_id FROM orders"), "QueryError", &["SELEC"]).await;
-    check("no-such-function", sql("SELECT user_id FROM orders WHERE frobnicate(amount) > 1"), "QueryError", &["frobnicate"])
+    check("syntax", sql("SELEC user_id FROM orders"), FailureReason::QueryError, &["SELEC"]).await;
+    check(
+        "no-such-function",
+        sql("SELECT user_id FROM orders WHERE frobnicate(amount) > 1"),
+        FailureReason::QueryError,
+        &["frobnicate"],
+    )
+    .await;
+    check("ddl", sql("CREATE TABLE stolen AS SELECT user_id FROM orders"), FailureReason::QueryError, &["DDL"]).await;
+    check("dml", sql("COPY orders TO '/tmp/segment-compute-test-copy.csv'"), FailureReason::QueryError, &["DML"]).await;
+    check("bad-cast", sql("SELECT user_id FROM users WHERE CAST(country AS INT) > 1"), FailureReason::QueryError, &["cast"])
         .await;
-    check("ddl", sql("CREATE TABLE stolen AS SELECT user_id FROM orders"), "QueryError", &["DDL"]).await;
-    check("dml", sql("COPY orders TO '/tmp/segment-compute-test-copy.csv'"), "QueryError", &["DML"]).await;
-    check("bad-cast", sql("SELECT user_id FROM users WHERE CAST(country AS INT) > 1"), "QueryError", &["cast"]).await;
-    check("two-columns", sql("SELECT user_id, country FROM users"), "NotOneColumn", &["2 columns", "user_id", "country"]).await;
-    check("not-ids", sql("SELECT amount FROM orders"), "QueryError", &["amount", "Float64"]).await;
+    check(
+        "two-columns",
+        sql("SELECT user_id, country FROM users"),
+        FailureReason::NotOneColumn,
+        &["2 columns", "user_id", "country"],
+    )
+    .await;
+    check("not-ids", sql("SELECT amount FROM orders"), FailureReason::QueryError, &["amount", "Float64"]).await;
     check(
         "two-kinds",
         Definition { sql: Some("SELECT user_id FROM users".into()), ..static_list("file:///x".into()) },
-        "InvalidDefinition",
+        FailureReason::InvalidDefinition,
         &["exactly one"],
     )
     .await;
     check(
         "within-without-timestamp",
         rules(json!({"event": {"table": "users", "within": "7d"}})),
-        "InvalidDefinition",
+        FailureReason::InvalidDefinition,
         &["timestampColumn"],
     )
     .await;
@@ -707,7 +720,7 @@ async fn every_error_has_its_reason() {
     };
     let missing_dir = format!("file://{}/nowhere/orders/", lake.dir.path().display());
     let error = run_expecting_error(&read("missing", source("orders", missing_dir.clone(), SourceFormat::Parquet, None))).await;
-    assert_eq!(error.reason, "UnreadableSource", "{error}");
+    assert_eq!(error.reason, FailureReason::UnreadableSource, "{error}");
     assert!(error.message.contains(&missing_dir) && error.message.contains("orders"), "{error}");
 
     let garbage = lake.dir.path().join("garbage");
@@ -715,12 +728,12 @@ async fn every_error_has_its_reason() {
     std::fs::write(garbage.join("part-0.parquet"), "this is not parquet at all, just text long enough").unwrap();
     let garbage_uri = format!("file://{}/", garbage.display());
     let error = run_expecting_error(&read("garbage", source("orders", garbage_uri.clone(), SourceFormat::Parquet, None))).await;
-    assert_eq!(error.reason, "UnreadableSource", "{error}");
+    assert_eq!(error.reason, FailureReason::UnreadableSource, "{error}");
     assert!(error.message.contains(&garbage_uri), "{error}");
 
     let error =
         run_expecting_error(&read("bad-uri", source("orders", "gs://lake/orders/".into(), SourceFormat::Parquet, None))).await;
-    assert_eq!(error.reason, "UnreadableSource", "{error}");
+    assert_eq!(error.reason, FailureReason::UnreadableSource, "{error}");
     assert!(error.message.contains("gs://lake/orders/"), "{error}");
 
     // A CSV whose later rows do not fit the types read from the first ones.
@@ -736,7 +749,7 @@ async fn every_error_has_its_reason() {
     sources[1] = source("users", format!("file://{}/", drifting.display()), SourceFormat::Csv, None);
     let t = task("drifting", sql("SELECT user_id FROM users WHERE signup_at < now()"), sources, lake.results("drifting"), now);
     let error = run_expecting_error(&t).await;
-    assert_eq!(error.reason, "UnreadableSource", "{error}");
+    assert_eq!(error.reason, FailureReason::UnreadableSource, "{error}");
     assert!(error.message.contains("users"), "{error}");
 
     // Results that cannot be written.
@@ -745,7 +758,7 @@ async fn every_error_has_its_reason() {
     let t =
         task("unwritable", sql("SELECT user_id FROM users"), lake.sources(), format!("file://{}/v1/", blocker.display()), now);
     let error = run_expecting_error(&t).await;
-    assert_eq!(error.reason, "WriteFailed", "{error}");
+    assert_eq!(error.reason, FailureReason::WriteFailed, "{error}");
     assert!(error.message.contains("blocker"), "{error}");
 }
 
@@ -836,11 +849,11 @@ async fn s3_sources_and_results() {
     no_bucket[0].uri = "s3://no-such-lake/orders/".into();
     let t = task("no-lake", sql(LAPSED_SQL), no_bucket, "s3://results/growth/no-lake/v1/".into(), now);
     let error = run_expecting_error(&t).await;
-    assert_eq!(error.reason, "UnreadableSource", "{error}");
+    assert_eq!(error.reason, FailureReason::UnreadableSource, "{error}");
     assert!(error.message.contains("s3://no-such-lake/orders/"), "{error}");
     let t = task("no-results", sql(LAPSED_SQL), s3_sources, "s3://no-such-results/growth/x/v1/".into(), now);
     let error = run_expecting_error(&t).await;
-    assert_eq!(error.reason, "WriteFailed", "{error}");
+    assert_eq!(error.reason, FailureReason::WriteFailed, "{error}");
     assert!(error.message.contains("no-such-results") || error.message.contains("growth/x/v1"), "{error}");
 }
 

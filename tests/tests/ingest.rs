@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use segment_core::api::SegmentKey;
 use segment_core::manifest::Manifest;
+use segment_core::reasons::FailureReason;
 use segment_core::store::{MembershipReader, MemoryStore, Override, OverrideOp, SegmentStore};
 use segment_core::task::IngestTask;
 use segment_store::redis::RedisStore;
@@ -85,7 +86,7 @@ async fn a_corrupted_part_fails_the_run_and_leaves_the_active_version<S: Segment
     std::fs::write(&part, bytes).unwrap();
 
     let error = ingest::run(&task(segment, 2, &local_uri(&dir, 2), 0), store).await.unwrap_err();
-    assert_eq!(error.reason, "CorruptResult");
+    assert_eq!(error.reason, FailureReason::CorruptResult);
     assert!(error.message.contains("part-00001.txt") && error.message.contains("checksum"), "{error}");
     assert!(!store.versions(segment).await.unwrap().contains_key(&2), "nothing is sealed");
     assert_eq!(store.active_version(segment).await.unwrap(), Some(1));
@@ -101,10 +102,10 @@ async fn a_corrupted_part_fails_the_run_and_leaves_the_active_version<S: Segment
 async fn missing_or_foreign_results_are_refused<S: SegmentStore>(store: &S, segment: &SegmentKey) {
     let dir = tempfile::tempdir().unwrap();
     let error = ingest::run(&task(segment, 5, &local_uri(&dir, 5), 0), store).await.unwrap_err();
-    assert_eq!(error.reason, "NoResult");
+    assert_eq!(error.reason, FailureReason::NoResult);
     write_result(&local_uri(&dir, 6), segment, 7, &[users(0..3)]).await;
     let error = ingest::run(&task(segment, 6, &local_uri(&dir, 6), 0), store).await.unwrap_err();
-    assert_eq!(error.reason, "CorruptResult");
+    assert_eq!(error.reason, FailureReason::CorruptResult);
     assert!(error.message.contains("v7"), "{error}");
     assert!(store.versions(segment).await.unwrap().is_empty());
 }

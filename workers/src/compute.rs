@@ -61,6 +61,7 @@ use object_store::ObjectStoreExt;
 use segment_core::api::{SegmentSourceSpec, SourceFormat, StaticList};
 use segment_core::definition::DefinitionError;
 use segment_core::manifest::{self, Manifest, Part};
+use segment_core::reasons::FailureReason;
 use segment_core::rules_sql::{self, segment_table};
 use segment_core::task::{ComputeTask, SegmentInput};
 use segment_store::objects::{child, locate};
@@ -127,7 +128,7 @@ impl ComputeOptions {
             match std::env::var(name) {
                 Ok(text) => match text.trim().parse::<usize>() {
                     Ok(n) if n > 0 => Ok(Some(n)),
-                    _ => Err(WorkerError::new("BadTask", format!("{name}=`{text}` is not a positive whole number"))),
+                    _ => Err(WorkerError::new(FailureReason::BadTask, format!("{name}=`{text}` is not a positive whole number"))),
                 },
                 Err(_) => Ok(None),
             }
@@ -149,7 +150,7 @@ pub async fn run(task: &ComputeTask) -> Result<ComputeReport, WorkerError> {
 
 pub async fn run_with(task: &ComputeTask, options: &ComputeOptions) -> Result<ComputeReport, WorkerError> {
     let started = Instant::now();
-    let dir = ResultDir::open(&task.results_uri).map_err(|e| WorkerError::new("WriteFailed", e.to_string()))?;
+    let dir = ResultDir::open(&task.results_uri).map_err(|e| WorkerError::new(FailureReason::WriteFailed, e.to_string()))?;
     // A manifest left by an earlier run of this version would vouch for
     // parts this run is about to overwrite.
     retract_manifest(&task.results_uri).await?;
@@ -170,7 +171,7 @@ pub async fn run_with(task: &ComputeTask, options: &ComputeOptions) -> Result<Co
     };
     dir.write_manifest(&manifest)
         .await
-        .map_err(|e| WorkerError::new("WriteFailed", one_line(&format!("{}: {e}", task.results_uri))))?;
+        .map_err(|e| WorkerError::new(FailureReason::WriteFailed, one_line(&format!("{}: {e}", task.results_uri))))?;
     info!(
         segment = %task.segment,
         version = task.version,
@@ -200,7 +201,7 @@ fn spilled_bytes(plan: &dyn ExecutionPlan) -> u64 {
 }
 
 async fn retract_manifest(results_uri: &str) -> Result<(), WorkerError> {
-    let failed = |e: String| WorkerError::new("WriteFailed", format!("{results_uri}: {e}"));
+    let failed = |e: String| WorkerError::new(FailureReason::WriteFailed, format!("{results_uri}: {e}"));
     let location = locate(results_uri).map_err(|e| failed(e.to_string()))?;
     let path = child(&location.path, manifest::MANIFEST_FILE);
     match location.store.delete(&path).await {
@@ -225,15 +226,15 @@ async fn write_parts(
         async move {
             dir.write_part(index, text.split_terminator('\n'))
                 .await
-                .map_err(|e| WorkerError::new("WriteFailed", format!("{results_uri}: {e}")))
+                .map_err(|e| WorkerError::new(FailureReason::WriteFailed, format!("{results_uri}: {e}")))
         }
     };
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(|e| engine.classify(e))?;
-        let ids = utf8_column(&batch).map_err(|e| WorkerError::new("QueryError", e))?;
+        let ids = utf8_column(&batch).map_err(|e| WorkerError::new(FailureReason::QueryError, e))?;
         for id in ids.iter().flatten() {
             if id.contains(['\n', '\r']) {
-                return Err(WorkerError::new("QueryError", format!("user id {id:?} contains a line break")));
+                return Err(WorkerError::new(FailureReason::QueryError, format!("user id {id:?} contains a line break")));
             }
             buffer.push_str(id);
             buffer.push('\n');
@@ -270,7 +271,7 @@ struct Engine<'a> {
 
 impl<'a> Engine<'a> {
     fn new(task: &'a ComputeTask, options: &ComputeOptions) -> Result<Engine<'a>, WorkerError> {
-        let engine_error = |e: DataFusionError| WorkerError::new("QueryError", format!("starting the engine: {e}"));
+        let engine_error = |e: DataFusionError| WorkerError::new(FailureReason::QueryError, format!("starting the engine: {e}"));
         let pool = TrackConsumersPool::new(FairSpillPool::new(options.memory_limit), NonZeroUsize::MIN.saturating_add(4));
         let mut runtime = RuntimeEnvBuilder::new().with_memory_pool(Arc::new(pool));
         if let Some(dir) = &options.spill_dir {
@@ -308,7 +309,7 @@ impl<'a> Engine<'a> {
                 for name in rule.segment_refs() {
                     if !self.task.segment_inputs.iter().any(|input| input.name == name) {
                         return Err(WorkerError::new(
-                            "SegmentNotReady",
+                            FailureReason::SegmentNotReady,
                             format!("segment `{name}` has no active version to read yet"),
                         ));
                     }
@@ -317,7 +318,12 @@ impl<'a> Engine<'a> {
                 self.query(&sql).await?
             }
             (None, None, Some(list)) => self.static_list(list).await?,
-            _ => return Err(WorkerError::new("InvalidDefinition", "spec.definition: set exactly one of sql, rules or static")),
+            _ => {
+                return Err(WorkerError::new(
+                    FailureReason::InvalidDefinition,
+                    "spec.definition: set exactly one of sql, rules or static",
+                ))
+            }
         };
         self.distinct_ids(frame)
     }
@@ -327,7 +333,7 @@ impl<'a> Engine<'a> {
         if schema.fields().len() != 1 {
             let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
             return Err(WorkerError::new(
-                "NotOneColumn",
+                FailureReason::NotOneColumn,
                 format!(
                     "the definition returns {} columns ({}); it must return one column of user ids",
                     names.len(),
@@ -338,7 +344,7 @@ impl<'a> Engine<'a> {
         let (qualifier, field) = schema.qualified_field(0);
         if !is_id_type(field.data_type()) {
             return Err(WorkerError::new(
-                "QueryError",
+                FailureReason::QueryError,
                 format!("the definition returns `{}` of type {}; user ids are text or integers", field.name(), field.data_type()),
             ));
         }
@@ -381,7 +387,7 @@ impl<'a> Engine<'a> {
                 if let Some(name) = undeclared.first() {
                     let declared: Vec<&str> = self.task.sources.iter().map(|s| s.table.as_str()).collect();
                     return Err(WorkerError::new(
-                        "UnknownTable",
+                        FailureReason::UnknownTable,
                         format!(
                             "table `{name}` is not declared by any SegmentSource (declared: {})",
                             if declared.is_empty() { "none".to_string() } else { declared.join(", ") }
@@ -402,8 +408,9 @@ impl<'a> Engine<'a> {
     }
 
     async fn register_source(&self, source: &SegmentSourceSpec) -> Result<(), WorkerError> {
-        let unreadable =
-            |detail: String| WorkerError::new("UnreadableSource", format!("table `{}` ({}): {detail}", source.table, source.uri));
+        let unreadable = |detail: String| {
+            WorkerError::new(FailureReason::UnreadableSource, format!("table `{}` ({}): {detail}", source.table, source.uri))
+        };
         let location = locate(&source.uri).map_err(|e| unreadable(e.to_string()))?;
         self.ctx.register_object_store(&location.root, location.store);
         let url = listing_url(&source.uri).map_err(unreadable)?;
@@ -460,14 +467,14 @@ impl<'a> Engine<'a> {
     async fn register_segment_input(&self, input: &SegmentInput) -> Result<(), WorkerError> {
         let unreadable = |detail: String| {
             WorkerError::new(
-                "UnreadableSource",
+                FailureReason::UnreadableSource,
                 format!("segment `{}` v{} ({}): {detail}", input.name, input.version, input.results_uri),
             )
         };
         let dir = ResultDir::open(&input.results_uri).map_err(|e| unreadable(e.to_string()))?;
         let manifest = dir.read_manifest().await.map_err(|e| unreadable(e.to_string()))?.ok_or_else(|| {
             WorkerError::new(
-                "SegmentNotReady",
+                FailureReason::SegmentNotReady,
                 format!(
                     "segment `{}` v{} has no result at {} (no {})",
                     input.name,
@@ -504,7 +511,8 @@ impl<'a> Engine<'a> {
 
     /// A static list: a CSV with a `user_id` column, or one id a line.
     async fn static_list(&self, list: &StaticList) -> Result<DataFrame, WorkerError> {
-        let unreadable = |detail: String| WorkerError::new("UnreadableSource", format!("static list {}: {detail}", list.uri));
+        let unreadable =
+            |detail: String| WorkerError::new(FailureReason::UnreadableSource, format!("static list {}: {detail}", list.uri));
         let location = locate(&list.uri).map_err(|e| unreadable(e.to_string()))?;
         let meta = location.store.head(&location.path).await.map_err(|e| unreadable(one_line(&e.to_string())))?;
         let head = location
@@ -520,7 +528,7 @@ impl<'a> Engine<'a> {
             (CsvFormat::default().with_has_header(true), unique_names(header))
         } else if first.contains(',') {
             return Err(WorkerError::new(
-                "UnknownColumn",
+                FailureReason::UnknownColumn,
                 format!("static list {}: the CSV header has no `{USER_ID}` column (columns: {})", list.uri, header.join(", ")),
             ));
         } else {
@@ -539,9 +547,9 @@ impl<'a> Engine<'a> {
     }
 
     fn register(&self, name: &str, uri: &str, table: Arc<dyn TableProvider>) -> Result<(), WorkerError> {
-        self.ctx
-            .register_table(TableReference::bare(name), table)
-            .map_err(|e| WorkerError::new("QueryError", format!("registering table `{name}`: {}", one_line(&e.to_string()))))?;
+        self.ctx.register_table(TableReference::bare(name), table).map_err(|e| {
+            WorkerError::new(FailureReason::QueryError, format!("registering table `{name}`: {}", one_line(&e.to_string())))
+        })?;
         if let Ok(mut tables) = self.tables.lock() {
             tables.insert(name.to_string(), uri.to_string());
         }
@@ -553,11 +561,12 @@ impl<'a> Engine<'a> {
         match cause(&error) {
             Cause::Worker(e) => e,
             Cause::Source(detail) => self.unreadable(&detail),
-            Cause::UnknownColumn(message) => WorkerError::new("UnknownColumn", message),
-            Cause::Resources(detail) => {
-                WorkerError::new("ResourcesExhausted", format!("{detail} (raise {MEMORY_ENV} or the compute Job's memory)"))
-            }
-            Cause::Query(detail) => WorkerError::new("QueryError", detail),
+            Cause::UnknownColumn(message) => WorkerError::new(FailureReason::UnknownColumn, message),
+            Cause::Resources(detail) => WorkerError::new(
+                FailureReason::ResourcesExhausted,
+                format!("{detail} (raise {MEMORY_ENV} or the compute Job's memory)"),
+            ),
+            Cause::Query(detail) => WorkerError::new(FailureReason::QueryError, detail),
         }
     }
 
@@ -569,7 +578,7 @@ impl<'a> Engine<'a> {
         let named = if mentioned.is_empty() { tables.iter().collect() } else { mentioned };
         let list: Vec<String> = named.iter().map(|(name, uri)| format!("`{name}` ({uri})")).collect();
         let what = if list.len() == 1 { format!("table {}", list[0]) } else { format!("tables {}", list.join(", ")) };
-        WorkerError::new("UnreadableSource", format!("reading {what}: {detail}"))
+        WorkerError::new(FailureReason::UnreadableSource, format!("reading {what}: {detail}"))
     }
 }
 
@@ -582,9 +591,9 @@ fn mentions(detail: &str, uri: &str) -> bool {
 
 fn rules_error(e: DefinitionError) -> WorkerError {
     if e.field.ends_with(".table") && e.message.starts_with("unknown table") {
-        WorkerError::new("UnknownTable", e.to_string())
+        WorkerError::new(FailureReason::UnknownTable, e.to_string())
     } else {
-        WorkerError::new("InvalidDefinition", e.to_string())
+        WorkerError::new(FailureReason::InvalidDefinition, e.to_string())
     }
 }
 
@@ -816,7 +825,7 @@ impl PartitionStream for ResultPartStream {
         let batches = futures::stream::once(async move {
             let failed = |detail: String| {
                 DataFusionError::External(Box::new(WorkerError::new(
-                    "UnreadableSource",
+                    FailureReason::UnreadableSource,
                     format!("segment `{segment}` ({uri}): {}: {detail}", part.file),
                 )))
             };

@@ -1,22 +1,21 @@
-//! How a worker fails: a reason the operator understands (see
-//! `segment_core::task::Failure`) and a message for people, written as one
-//! line to the termination log so it lands in the Segment's status.
+//! How a worker fails: a reason the operator understands
+//! ([`FailureReason`], read back by `segment_core::task::Failure`) and a
+//! message for people, written as one line to the termination log so it
+//! lands in the Segment's status.
 
 use std::path::Path;
+
+use segment_core::reasons::FailureReason;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{reason}: {message}")]
 pub struct WorkerError {
-    /// `InvalidDefinition`, `UnknownTable`, `UnknownColumn`, `QueryError`,
-    /// `NotOneColumn`, `UnreadableSource`, `SegmentNotReady`,
-    /// `ResourcesExhausted`, `NoResult`, `CorruptResult`,
-    /// `StoreUnavailable`, `BadTask`, `WriteFailed`.
-    pub reason: &'static str,
+    pub reason: FailureReason,
     pub message: String,
 }
 
 impl WorkerError {
-    pub fn new(reason: &'static str, message: impl Into<String>) -> WorkerError {
+    pub fn new(reason: FailureReason, message: impl Into<String>) -> WorkerError {
         WorkerError { reason, message: message.into() }
     }
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 use futures::{StreamExt, TryStreamExt};
 
 use segment_core::manifest::{Manifest, Part};
+use segment_core::reasons::FailureReason;
 use segment_core::store::{SegmentStore, StoreError};
 use segment_core::task::IngestTask;
 use segment_store::results::ResultDir;
@@ -39,19 +40,19 @@ pub struct IngestReport {
 }
 
 pub async fn run(task: &IngestTask, store: &dyn SegmentStore) -> Result<IngestReport, WorkerError> {
-    let dir = ResultDir::open(&task.results_uri).map_err(|e| WorkerError::new("BadTask", e.to_string()))?;
+    let dir = ResultDir::open(&task.results_uri).map_err(|e| WorkerError::new(FailureReason::BadTask, e.to_string()))?;
     let manifest = dir
         .read_manifest()
         .await
-        .map_err(|e| WorkerError::new("CorruptResult", e.to_string()))?
-        .ok_or_else(|| WorkerError::new("NoResult", format!("no _manifest.json under {}", task.results_uri)))?;
+        .map_err(|e| WorkerError::new(FailureReason::CorruptResult, e.to_string()))?
+        .ok_or_else(|| WorkerError::new(FailureReason::NoResult, format!("no _manifest.json under {}", task.results_uri)))?;
     check_manifest_matches(task, &manifest)?;
 
     let mut failed = Vec::new();
     for part in &manifest.parts {
         match load_part_with_retries(&dir, part, task, store).await {
             Ok(_) => {}
-            Err(PartError::Store(e)) => return Err(WorkerError::new("StoreUnavailable", e.to_string())),
+            Err(PartError::Store(e)) => return Err(WorkerError::new(FailureReason::StoreUnavailable, e.to_string())),
             Err(PartError::Part(reason)) => {
                 warn!(part = %part.file, %reason, "part failed");
                 failed.push(format!("{}: {reason}", part.file));
@@ -59,7 +60,7 @@ pub async fn run(task: &IngestTask, store: &dyn SegmentStore) -> Result<IngestRe
                     // Nothing is sealed, so the partial version is invisible;
                     // the operator deletes it.
                     return Err(WorkerError::new(
-                        "CorruptResult",
+                        FailureReason::CorruptResult,
                         format!(
                             "{} of {} parts failed (tolerated: {}): {}",
                             failed.len(),
@@ -76,18 +77,18 @@ pub async fn run(task: &IngestTask, store: &dyn SegmentStore) -> Result<IngestRe
     let overrides = store
         .overrides_since(&task.segment, task.snapshot_time)
         .await
-        .map_err(|e| WorkerError::new("StoreUnavailable", e.to_string()))?;
+        .map_err(|e| WorkerError::new(FailureReason::StoreUnavailable, e.to_string()))?;
     store
         .apply_overrides(&task.segment, task.version, &overrides)
         .await
-        .map_err(|e| WorkerError::new("StoreUnavailable", e.to_string()))?;
+        .map_err(|e| WorkerError::new(FailureReason::StoreUnavailable, e.to_string()))?;
 
     // The store counts the members itself: overrides may have changed
     // the files' count.
     let meta = store
         .seal_version(&task.segment, task.version, Some(task.snapshot_time), Some(&manifest.definition_hash))
         .await
-        .map_err(|e| WorkerError::new("StoreUnavailable", e.to_string()))?;
+        .map_err(|e| WorkerError::new(FailureReason::StoreUnavailable, e.to_string()))?;
     let members = meta.members;
     let report = IngestReport {
         version: task.version,
@@ -103,7 +104,7 @@ pub async fn run(task: &IngestTask, store: &dyn SegmentStore) -> Result<IngestRe
 fn check_manifest_matches(task: &IngestTask, manifest: &Manifest) -> Result<(), WorkerError> {
     if manifest.segment != task.segment || manifest.version != task.version {
         return Err(WorkerError::new(
-            "CorruptResult",
+            FailureReason::CorruptResult,
             format!(
                 "the manifest is for {} v{}, the task for {} v{}",
                 manifest.segment, manifest.version, task.segment, task.version

@@ -2,6 +2,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use segment_core::reasons::FailureReason;
 use segment_core::task::{ComputeTask, IngestTask, TASK_ENV, TASK_FILE_ENV, TERMINATION_LOG};
 use segment_worker::failure::WorkerError;
 use segment_worker::{compute, ingest, lakegen};
@@ -118,12 +119,12 @@ fn parse<T: serde::de::DeserializeOwned>(args: &TaskArgs) -> Result<T, WorkerErr
         (Some(text), _) => (text.clone(), TASK_ENV.to_string()),
         (None, Some(path)) => {
             let text = std::fs::read_to_string(path)
-                .map_err(|e| WorkerError::new("BadTask", format!("--task-file {}: {e}", path.display())))?;
+                .map_err(|e| WorkerError::new(FailureReason::BadTask, format!("--task-file {}: {e}", path.display())))?;
             (text, format!("--task-file {}", path.display()))
         }
-        (None, None) => return Err(WorkerError::new("BadTask", format!("no task: set {TASK_ENV} or --task-file"))),
+        (None, None) => return Err(WorkerError::new(FailureReason::BadTask, format!("no task: set {TASK_ENV} or --task-file"))),
     };
-    serde_json::from_str(&text).map_err(|e| WorkerError::new("BadTask", format!("{from}: {e}")))
+    serde_json::from_str(&text).map_err(|e| WorkerError::new(FailureReason::BadTask, format!("{from}: {e}")))
 }
 
 fn finish<T: serde::Serialize>(result: Result<T, WorkerError>, termination_log: &std::path::Path) -> ExitCode {
@@ -163,7 +164,7 @@ async fn main() -> ExitCode {
                 let task: IngestTask = parse(&args)?;
                 let store = segment_store::redis::RedisStore::connect(&redis_url)
                     .await
-                    .map_err(|e| WorkerError::new("StoreUnavailable", e.to_string()))?;
+                    .map_err(|e| WorkerError::new(FailureReason::StoreUnavailable, e.to_string()))?;
                 ingest::run(&task, &store).await
             }
             .await;

@@ -2,6 +2,7 @@
 //! `SEGMENT_TASK`, a one-line `Reason: message` in the termination log when
 //! it fails, the report on stdout when it succeeds.
 
+use segment_core::reasons::FailureReason;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -58,7 +59,7 @@ fn a_failing_compute_writes_its_reason_and_exits_non_zero() {
     assert_eq!(written.lines().count(), 1, "{written}");
     assert!(written.starts_with("UnknownTable: table `refunds`"), "{written}");
     let failure = segment_core::task::Failure::from_termination_message(&written).unwrap();
-    assert_eq!(failure.reason, "UnknownTable");
+    assert_eq!(failure.reason, FailureReason::UnknownTable);
     assert!(!failure.is_transient());
 
     let out = Command::new(WORKER).arg("compute").env("SEGMENT_TASK", "{not json").env("TERMINATION_LOG", &log).output().unwrap();

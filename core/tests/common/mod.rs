@@ -11,8 +11,10 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Duration, Utc};
 use segment_core::api::*;
 use segment_core::definition::definition_hash;
+use segment_core::executor::{self, Effects, Step};
 use segment_core::naming::{job_name, JobKind};
 use segment_core::planner::{self, Action, Event, JobState, Launch, Observation, ObservedJob, Plan, PlannerConfig, StoreView};
+pub use segment_core::reasons::{ConditionType, EventReason};
 use segment_core::store::{MemoryStore, SegmentStore};
 use segment_core::task::Failure;
 
@@ -119,54 +121,30 @@ impl World {
         plan
     }
 
-    /// Applies `plan` in the adapter's order.
+    /// Applies `plan` as the operator does, through the one executor.
     pub fn apply(&mut self, plan: &Plan) {
-        self.apply_store_actions(plan);
-        self.segment.status = Some(plan.status.clone());
-        self.apply_jobs(plan);
-        self.events.extend(events(plan).into_iter().cloned());
+        self.apply_through(plan, Step::Events);
     }
 
     /// Applies only step 1 of a plan: the operator crashed right after it.
     pub fn apply_store_actions(&mut self, plan: &Plan) {
-        for action in &plan.actions {
-            match action {
-                Action::Activate { version, .. } => {
-                    let activated = self.rt.block_on(self.store.activate(&key(), *version));
-                    assert!(activated.is_ok(), "Activate of v{version}, which the store does not hold: {activated:?}");
-                }
-                Action::DeleteVersion { version } => {
-                    assert_ne!(
-                        self.store_active(),
-                        Some(*version),
-                        "DeleteVersion of the version readers see: {:?}",
-                        plan.actions
-                    );
-                    self.rt.block_on(self.store.delete_version(&key(), *version)).expect("the store deletes");
-                }
-                Action::CollectResults { .. } => self.collected.push((self.now, action.clone())),
-                _ => {}
-            }
-        }
+        self.apply_through(plan, Step::Store);
     }
 
-    /// Applies step 3 of a plan as the adapter does: Job deletions and
-    /// creations in plan order (an existing name is `AlreadyExists` and
-    /// left alone).
-    pub fn apply_jobs(&mut self, plan: &Plan) {
-        for action in &plan.actions {
-            match action {
-                Action::CancelJobs { version } => self.jobs.retain(|j| j.version != *version),
-                Action::Launch(launch) if !self.jobs.iter().any(|j| j.name == launch.job_name) => {
-                    self.jobs.push(ObservedJob {
-                        name: launch.job_name.clone(),
-                        version: launch.version,
-                        kind: launch.kind,
-                        state: JobState::Running,
-                    });
-                }
-                _ => {}
-            }
+    /// Applies the steps of `plan` up to `last`: the operator stopped there.
+    pub fn apply_through(&mut self, plan: &Plan, last: Step) {
+        let previous = self.segment.status.clone();
+        let mut effects = WorldEffects {
+            store: &self.store,
+            jobs: &mut self.jobs,
+            status: &mut self.segment.status,
+            events: &mut self.events,
+            collected: &mut self.collected,
+            now: self.now,
+        };
+        let done = self.rt.block_on(executor::carry_out_through(plan, previous.as_ref(), &mut effects, last));
+        if let Err(e) = done {
+            panic!("{e}: {:?}", plan.actions);
         }
     }
 
@@ -307,7 +285,7 @@ pub fn events(plan: &Plan) -> Vec<&Event> {
 
 /// Reasons of the plan's events, warnings marked with a leading `!`.
 pub fn event_reasons(plan: &Plan) -> Vec<String> {
-    events(plan).iter().map(|e| if e.warning { format!("!{}", e.reason) } else { e.reason.clone() }).collect()
+    events(plan).iter().map(|e| if e.is_warning() { format!("!{}", e.reason) } else { e.reason.to_string() }).collect()
 }
 
 /// The plan's actions other than Events and `CollectResults`.
@@ -315,12 +293,12 @@ pub fn effects(plan: &Plan) -> Vec<Action> {
     plan.actions.iter().filter(|a| !matches!(a, Action::Event(_) | Action::CollectResults { .. })).cloned().collect()
 }
 
-pub fn condition<'s>(status: &'s SegmentStatus, type_: &str) -> &'s Condition {
-    status.conditions.iter().find(|c| c.type_ == type_).unwrap_or_else(|| panic!("no {type_} condition in {status:#?}"))
+pub fn condition<'s>(status: &'s SegmentStatus, type_: ConditionType) -> &'s Condition {
+    status.conditions.iter().find(|c| c.type_ == type_.as_str()).unwrap_or_else(|| panic!("no {type_} condition in {status:#?}"))
 }
 
 /// `(status, reason)` of a condition, for compact assertions.
-pub fn cond(status: &SegmentStatus, type_: &str) -> (String, String) {
+pub fn cond(status: &SegmentStatus, type_: ConditionType) -> (String, String) {
     let c = condition(status, type_);
     (c.status.clone(), c.reason.clone())
 }
@@ -340,4 +318,61 @@ pub fn version(status: &SegmentStatus, version: u64) -> &VersionStatus {
 
 pub fn has_launch(plan: &Plan) -> bool {
     !launches(plan).is_empty()
+}
+
+/// Where the world's plans land: the in-memory store, the world's Jobs, its
+/// Segment's status and its logs of Events and collections.
+struct WorldEffects<'w> {
+    store: &'w MemoryStore,
+    jobs: &'w mut Vec<ObservedJob>,
+    status: &'w mut Option<SegmentStatus>,
+    events: &'w mut Vec<Event>,
+    collected: &'w mut Vec<(DateTime<Utc>, Action)>,
+    now: DateTime<Utc>,
+}
+
+#[async_trait::async_trait]
+impl Effects for WorldEffects<'_> {
+    type Error = String;
+
+    async fn activate(&mut self, version: u64) -> Result<(), String> {
+        let activated = self.store.activate(&key(), version).await;
+        activated.map_err(|e| format!("Activate of v{version}, which the store does not hold: {e}"))
+    }
+
+    async fn delete_version(&mut self, version: u64) -> Result<(), String> {
+        let active = self.store.active_version(&key()).await.map_err(|e| e.to_string())?;
+        if active == Some(version) {
+            return Err(format!("DeleteVersion of v{version}, the version readers see"));
+        }
+        self.store.delete_version(&key(), version).await.map_err(|e| e.to_string())
+    }
+
+    async fn collect_results(&mut self, older_than: DateTime<Utc>, keep: &[u64]) -> Result<(), String> {
+        self.collected.push((self.now, Action::CollectResults { older_than, keep: keep.to_vec() }));
+        Ok(())
+    }
+
+    async fn write_status(&mut self, status: &SegmentStatus) -> Result<(), String> {
+        *self.status = Some(status.clone());
+        Ok(())
+    }
+
+    async fn cancel_jobs(&mut self, version: u64) -> Result<(), String> {
+        self.jobs.retain(|j| j.version != version);
+        Ok(())
+    }
+
+    /// An existing name is `AlreadyExists` and left alone.
+    async fn launch(&mut self, launch: &Launch) -> Result<(), String> {
+        if !self.jobs.iter().any(|j| j.name == launch.job_name) {
+            let state = JobState::Running;
+            self.jobs.push(ObservedJob { name: launch.job_name.clone(), version: launch.version, kind: launch.kind, state });
+        }
+        Ok(())
+    }
+
+    async fn event(&mut self, event: &Event) {
+        self.events.push(event.clone());
+    }
 }

@@ -12,6 +12,7 @@ use fake_api::{SharedWorld, World};
 use k8s_openapi::api::batch::v1::{Job, JobCondition, JobStatus};
 use k8s_openapi::api::core::v1::{ContainerState, ContainerStateTerminated, ContainerStatus, Pod, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use kube::runtime::controller::Action as Requeue;
 use kube::runtime::events::{Recorder, Reporter};
 use segment_core::api::{
     RunPhase, Segment, SegmentKey, SegmentSource, VersionState, APPROVE_VERSION_ANNOTATION, FINALIZER, JOB_KIND_LABEL,
@@ -22,7 +23,7 @@ use segment_core::store::{MemoryResults, MemoryStore, ResultStore, SegmentStore}
 use segment_core::task::{ComputeTask, IngestTask, TASK_ANNOTATION, TASK_FILE};
 use segment_operator::config::JobArgs;
 use segment_operator::metrics::Metrics;
-use segment_operator::reconcile::{reconcile, ComputeSlots, Context};
+use segment_operator::reconcile::{error_policy, reconcile, ComputeSlots, Context, Error};
 
 const NS: &str = "growth";
 const SEGMENTS: &str = "/apis/segmentation.dev/v1alpha1/namespaces/growth/segments/vip";
@@ -285,8 +286,14 @@ async fn a_plan_made_from_a_stale_copy_is_refused_and_launches_nothing() {
             Some(BTreeMap::from([("segmentation.dev/run-requested-at".into(), "2026-03-02T10:01:00Z".into())]))
     });
     // A reconcile working from the copy read before v1 was recorded.
-    let error = reconcile(Arc::new(stale), h.context()).await.unwrap_err().to_string();
-    assert!(error.contains("409") || error.contains("modified"), "{error}");
+    let error = reconcile(Arc::new(stale), h.context()).await.unwrap_err();
+    assert!(matches!(error, Error::Conflict), "{error:?}");
+    // Routine, not an error: counted as a conflict and planned again at once.
+    let metrics = h.metrics.encode();
+    assert!(metrics.contains(r#"segment_operator_reconciles_total{result="conflict"} 1"#), "{metrics}");
+    assert!(!metrics.contains("segment_operator_reconcile_errors_total{"), "{metrics}");
+    let requeue = error_policy(Arc::new(h.segment()), &error, h.context());
+    assert_eq!(requeue, Requeue::requeue(std::time::Duration::from_millis(100)));
     assert_eq!(h.world.lock().unwrap().jobs.len(), jobs_before, "no second run from stale data");
     assert_eq!(h.segment().status.unwrap().current_run.unwrap().version, 1);
 }
@@ -476,7 +483,11 @@ async fn a_store_outage_keeps_the_finalizer_and_fails_the_reconcile() {
     h.edit(|s| s.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::from_second(t0().timestamp()).unwrap())));
     h.store.set_unavailable(true);
     let error = h.try_reconcile().await.unwrap_err();
-    assert!(error.contains("store unavailable"), "{error}");
+    // The error says what failed, and keeps its cause.
+    assert!(error.starts_with("deleting the store data: ") && error.contains("store unavailable"), "{error}");
+    let metrics = h.metrics.encode();
+    assert!(metrics.contains(r#"segment_operator_reconcile_errors_total{error="store"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"segment_operator_reconciles_total{result="error"} 1"#), "{metrics}");
     assert_eq!(h.segment().metadata.finalizers, Some(vec![FINALIZER.to_string()]));
 }
 
