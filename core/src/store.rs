@@ -4,7 +4,7 @@
 //! behind traits so the lifecycle is plain Rust that tests drive directly.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -18,14 +18,67 @@ use crate::api::SegmentKey;
 /// worker alike; longer ones are refused before reaching the store.
 pub const MAX_USER_LEN: usize = 256;
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a store call failed. `Unavailable` is transient (the caller retries
+/// and the previous version keeps serving); the others are not.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum StoreError {
     #[error("store unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] Cause),
     #[error("version {version} of {segment} is not loaded")]
     MissingVersion { segment: String, version: u64 },
     #[error("store error: {0}")]
-    Other(String),
+    Other(#[source] Cause),
+}
+
+/// What failed, and the error of the library underneath (Redis, object
+/// storage) when there is one: kept as the error's `source()` rather than
+/// flattened into text. Shared, so [`StoreError`] stays `Clone` (the
+/// serving cache hands one error to many waiters).
+#[derive(Debug, Clone)]
+pub struct Cause {
+    context: String,
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl Cause {
+    pub fn new(context: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Cause {
+        Cause { context: context.into(), source: Some(Arc::new(source)) }
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.source {
+            Some(source) => write!(f, "{}: {source}", self.context),
+            None => f.write_str(&self.context),
+        }
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// Equal when they read the same: the library errors underneath are not
+/// comparable.
+impl PartialEq for Cause {
+    fn eq(&self, other: &Cause) -> bool {
+        self.to_string() == other.to_string()
+    }
+}
+
+impl From<String> for Cause {
+    fn from(context: String) -> Cause {
+        Cause { context, source: None }
+    }
+}
+
+impl From<&str> for Cause {
+    fn from(context: &str) -> Cause {
+        Cause::from(context.to_string())
+    }
 }
 
 /// A fully loaded version as the store records it. Ingest writes this last,
@@ -674,5 +727,24 @@ impl ResultStore for MemoryResults {
     async fn delete_segment(&self, segment: &SegmentKey) -> Result<(), StoreError> {
         self.lock().remove(segment);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[test]
+    fn a_store_error_says_what_failed_and_keeps_its_cause() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+        let error = StoreError::Unavailable(Cause::new("reading v3", io));
+        assert_eq!(error.to_string(), "store unavailable: reading v3: reset by peer");
+        let cause = error.source().and_then(|c| c.source()).expect("the I/O error is kept");
+        let io = cause.downcast_ref::<std::io::Error>().expect("as itself");
+        assert_eq!(io.kind(), std::io::ErrorKind::ConnectionReset);
+        assert_eq!(error.clone(), error, "clones compare equal");
+        assert!(StoreError::Other("no reply".into()).source().and_then(|c| c.source()).is_none());
     }
 }

@@ -204,7 +204,7 @@ impl AppState {
                 let asked: Vec<_> = misses.iter().map(|i| triples[*i].clone()).collect();
                 let fetched = inner.call("check", self.store.check(&asked)).await?;
                 if fetched.len() != asked.len() {
-                    return Err(StoreError::Other(format!("check answered {} of {} pairs", fetched.len(), asked.len())));
+                    return Err(StoreError::Other(format!("check answered {} of {} pairs", fetched.len(), asked.len()).into()));
                 }
                 fetched
             }
@@ -242,7 +242,7 @@ impl Inner {
         let timeout = self.config.store_timeout;
         let result = match tokio::time::timeout(timeout, call).await {
             Ok(result) => result,
-            Err(_) => Err(StoreError::Unavailable(format!("{operation}: no answer from the store within {timeout:?}"))),
+            Err(_) => Err(StoreError::Unavailable(format!("{operation}: no answer from the store within {timeout:?}").into())),
         };
         if let Err(e) = &result {
             self.metrics.store_error(operation, matches!(e, StoreError::Unavailable(_)));
@@ -323,7 +323,7 @@ async fn follow_rollovers(state: Weak<Inner>) {
         let refresh_interval = inner.config.refresh_interval;
         let feed = match tokio::time::timeout(subscribe_timeout, inner.store.rollovers()).await {
             Ok(result) => result,
-            Err(_) => Err(StoreError::Unavailable(format!("subscribing took longer than {subscribe_timeout:?}"))),
+            Err(_) => Err(StoreError::Unavailable(format!("subscribing took longer than {subscribe_timeout:?}").into())),
         };
         // Loaded after subscribing, so a rollover in between reaches us
         // through one or the other; and re-subscribing means notices may

@@ -10,7 +10,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use segment_core::api::SegmentKey;
 use segment_core::manifest::{checksum, encode_part, part_file, Manifest, Part, MANIFEST_FILE};
-use segment_core::store::{ResultStore, StoreError};
+use segment_core::store::{Cause, ResultStore, StoreError};
 
 use crate::objects::{child, locate, Location, ObjectsError};
 
@@ -26,7 +26,7 @@ pub enum ResultsError {
 
 impl From<ResultsError> for StoreError {
     fn from(e: ResultsError) -> StoreError {
-        StoreError::Unavailable(e.to_string())
+        StoreError::Unavailable(Cause::new("result files", e))
     }
 }
 

@@ -13,7 +13,7 @@ use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{cmd, Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError, RedisFuture, ServerErrorKind, Value};
-use segment_core::store::StoreError;
+use segment_core::store::{Cause, StoreError};
 
 /// Per-slot pipelines of one cluster batch in flight at once.
 const CLUSTER_FANOUT: usize = 64;
@@ -290,7 +290,7 @@ pub(crate) async fn within<T>(
     let Some(limit) = limit.into() else { return op.await.map_err(store_error) };
     match tokio::time::timeout(limit, op).await {
         Ok(result) => result.map_err(store_error),
-        Err(_) => Err(StoreError::Unavailable(format!("no answer from Redis within {limit:?}"))),
+        Err(_) => Err(StoreError::Unavailable(format!("no answer from Redis within {limit:?}").into())),
     }
 }
 
@@ -315,15 +315,15 @@ pub(crate) fn store_error(e: RedisError) -> StoreError {
                 )
         );
     if transient {
-        StoreError::Unavailable(e.to_string())
+        StoreError::Unavailable(Cause::new("redis", e))
     } else {
-        StoreError::Other(format!("redis: {e}"))
+        StoreError::Other(Cause::new("redis", e))
     }
 }
 
 /// Converts one reply, naming what was expected when it does not fit.
 pub(crate) fn parse<T: FromRedisValue>(value: Value, what: &str) -> Result<T, StoreError> {
-    redis::from_redis_value(value).map_err(|e| StoreError::Other(format!("unexpected reply for {what}: {e}")))
+    redis::from_redis_value(value).map_err(|e| StoreError::Other(Cause::new(format!("unexpected reply for {what}"), e)))
 }
 
 #[cfg(test)]

@@ -98,7 +98,7 @@ pub(crate) fn check_segment(segment: &SegmentKey) -> Result<(), StoreError> {
     let reason =
         bad(&segment.namespace, "namespace", &['{', '}', '#', '/']).or_else(|| bad(&segment.name, "name", &['{', '}', '#']));
     match reason {
-        Some(reason) => Err(StoreError::Other(format!("invalid segment key {segment}: {reason}"))),
+        Some(reason) => Err(StoreError::Other(format!("invalid segment key {segment}: {reason}").into())),
         None => Ok(()),
     }
 }

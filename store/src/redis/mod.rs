@@ -20,7 +20,8 @@ use redis::{cmd, Cmd, FromRedisValue, ScriptInvocation, Value};
 use segment_core::api::SegmentKey;
 pub use segment_core::store::Rollover;
 use segment_core::store::{
-    Change, ChangesClaim, DiffPage, MembershipReader, Override, OverrideOp, RolloverFeed, SegmentStore, StoreError, StoredVersion,
+    Cause, Change, ChangesClaim, DiffPage, MembershipReader, Override, OverrideOp, RolloverFeed, SegmentStore, StoreError,
+    StoredVersion,
 };
 use serde::{Deserialize, Serialize};
 use tracing::warn;
@@ -120,7 +121,7 @@ fn parse_url(url: &str) -> Result<Target, StoreError> {
     };
     let (hosts, db) = hosts.split_once('/').unwrap_or((hosts, ""));
     if !(db.is_empty() || db == "0") {
-        return Err(StoreError::Other(format!("Redis URL: a cluster has only database 0, not {db:?}")));
+        return Err(StoreError::Other(format!("Redis URL: a cluster has only database 0, not {db:?}").into()));
     }
     let nodes: Vec<String> =
         hosts.split(',').map(str::trim).filter(|h| !h.is_empty()).map(|h| format!("redis://{auth}{h}/")).collect();
@@ -131,7 +132,7 @@ fn parse_url(url: &str) -> Result<Target, StoreError> {
 }
 
 fn bad_url(e: redis::RedisError) -> StoreError {
-    StoreError::Other(format!("Redis URL: {e}"))
+    StoreError::Other(Cause::new("Redis URL", e))
 }
 
 impl RedisStore {
@@ -319,7 +320,7 @@ fn check_present(segment: &SegmentKey, versions: &[u64], present: &[bool]) -> Re
 
 /// Stored form of an override: its order key, then its JSON (scripts/mod docs).
 fn stored_override(change: &Override) -> Result<String, StoreError> {
-    let json = serde_json::to_string(change).map_err(|e| StoreError::Other(format!("encoding an override: {e}")))?;
+    let json = serde_json::to_string(change).map_err(|e| StoreError::Other(Cause::new("encoding an override", e)))?;
     Ok(format!("{}{json}", order_key(&change.ts)))
 }
 
@@ -383,12 +384,12 @@ impl SegmentStore for RedisStore {
             let version: u64 = parse(version, "a version number")?;
             let json: String = parse(json, "version metadata")?;
             let members: u64 = parse(count, "a member count")?;
-            let meta: VersionMeta =
-                serde_json::from_str(&json).map_err(|e| StoreError::Other(format!("metadata of {segment} v{version}: {e}")))?;
+            let meta: VersionMeta = serde_json::from_str(&json)
+                .map_err(|e| StoreError::Other(Cause::new(format!("metadata of {segment} v{version}"), e)))?;
             let snapshot_time = match meta.snapshot_time {
                 Some(t) => Some(
                     DateTime::parse_from_rfc3339(&t)
-                        .map_err(|e| StoreError::Other(format!("snapshot time of {segment} v{version}: {e}")))?
+                        .map_err(|e| StoreError::Other(Cause::new(format!("snapshot time of {segment} v{version}"), e)))?
                         .with_timezone(&Utc),
                 ),
                 None => None,
@@ -407,7 +408,7 @@ impl SegmentStore for RedisStore {
         batch.add(&a, cmd("SCARD").arg(&b).clone());
         batch.add(&a, cmd("SINTERCARD").arg(2).arg(&a).arg(&b).clone());
         let mut replies = self.run(batch, self.read()).await?.into_iter();
-        let mut next = |what: &str| replies.next().ok_or_else(|| StoreError::Other(format!("no reply for {what}")));
+        let mut next = |what: &str| replies.next().ok_or_else(|| StoreError::Other(format!("no reply for {what}").into()));
         let present: Vec<bool> = parse(next("SMISMEMBER")?, "SMISMEMBER")?;
         check_present(segment, &[from, to], &present)?;
         let size_a: u64 = parse(next("SCARD")?, "SCARD")?;
@@ -504,7 +505,7 @@ impl SegmentStore for RedisStore {
             snapshot_time: snapshot_time.as_ref().map(order_key),
             definition_hash: definition_hash.map(str::to_string),
         };
-        let rest = serde_json::to_string(&meta).map_err(|e| StoreError::Other(format!("encoding version metadata: {e}")))?;
+        let rest = serde_json::to_string(&meta).map_err(|e| StoreError::Other(Cause::new("encoding version metadata", e)))?;
         let mut seal = scripts::SEAL.key(keys.meta());
         seal.key(keys.version(version)).key(keys.loaded()).arg(version).arg(rest);
         let members: u64 = self.script(seal, self.write()).await?;
@@ -582,7 +583,7 @@ impl SegmentStore for RedisStore {
         let mut at = match cursor {
             None => DiffCursor::START,
             Some(c) => DiffCursor::parse(c)
-                .ok_or_else(|| StoreError::Other(format!("diff cursor {c:?} is not one this store returned")))?,
+                .ok_or_else(|| StoreError::Other(format!("diff cursor {c:?} is not one this store returned").into()))?,
         };
         let (old, new) = (keys.version(from), keys.version(to));
         let count = page_size.clamp(100, SCAN_COUNT);
@@ -642,7 +643,7 @@ impl SegmentStore for RedisStore {
             [0] => Ok(ChangesClaim::AlreadyPublished),
             [1] => Ok(ChangesClaim::HeldElsewhere),
             [2, published] => Ok(ChangesClaim::Granted { from: (*published > 0).then_some(*published) }),
-            other => Err(StoreError::Other(format!("unexpected reply to a change claim: {other:?}"))),
+            other => Err(StoreError::Other(format!("unexpected reply to a change claim: {other:?}").into())),
         }
     }
 
