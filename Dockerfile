@@ -23,10 +23,13 @@ COPY . .
 # cache mounts (shared, locked) keep the dependencies compiled once across
 # targets and builds. The binary is copied out of the cached target dir in
 # the same step, since cache mounts are not part of the image.
+# The operator is built without its `standalone` feature: the cluster
+# operator never runs the in-process data plane, so it compiles neither
+# DataFusion nor the serving API (e2e/tests/binaries.rs checks this).
 FROM source AS build-operator
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target,sharing=locked \
-    cargo build --release --locked -p segment-operator \
+    cargo build --release --locked -p segment-operator --no-default-features \
     && install -D -m 0755 target/release/segment-operator /out/segment-operator
 
 FROM source AS build-serving

@@ -245,8 +245,11 @@ pub enum DeletionPolicy {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SegmentStatus {
+    /// The `metadata.generation` the operator last planned for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// `Ready`, `Reconciling`, `Stalled` and `RolloverHeld`, in the shape
+    /// kstatus, Flux and Argo CD read.
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// The version readers are served now.
@@ -258,12 +261,17 @@ pub struct SegmentStatus {
     /// The highest version number ever allocated; numbers are never reused.
     #[serde(default)]
     pub latest_version: u64,
+    /// The scheduled time of the last run the schedule started (or skipped
+    /// past its starting deadline).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_schedule_time: Option<DateTime<Utc>>,
+    /// When the schedule starts the next run; unset when suspended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_schedule_time: Option<DateTime<Utc>>,
+    /// When a run last produced a servable version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_successful_time: Option<DateTime<Utc>>,
+    /// The run in flight, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_run: Option<RunStatus>,
     /// Retained versions, newest first, then a short history of failed runs.
@@ -289,14 +297,19 @@ pub struct SegmentStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
+    /// `Ready`, `Reconciling`, `Stalled` or `RolloverHeld`.
     #[serde(rename = "type")]
     pub type_: String,
     /// `True`, `False` or `Unknown`.
     pub status: String,
+    /// One CamelCase word saying why (`VersionActive`, `RunFailed`, ...).
     pub reason: String,
+    /// The details, for people.
     #[serde(default)]
     pub message: String,
+    /// When `status` last changed.
     pub last_transition_time: DateTime<Utc>,
+    /// The `metadata.generation` the condition was set for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 }
@@ -304,15 +317,20 @@ pub struct Condition {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RunStatus {
+    /// The version this run computes.
     pub version: u64,
+    /// `Pending`, `Computing`, `Ingesting` or `AwaitingApproval`.
     pub phase: RunPhase,
     /// The Job of the current phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<String>,
     /// `now()` and `within` windows are evaluated at this time.
     pub snapshot_time: DateTime<Utc>,
+    /// When the run was recorded.
     pub started_at: DateTime<Utc>,
+    /// What started it: `Initial`, `Definition`, `Schedule`, `Manual` or `Retry`.
     pub trigger: RunTrigger,
+    /// A hash of the definition the run computes.
     pub definition_hash: String,
     /// The Segment generation the run was started for.
     pub generation: i64,
@@ -326,6 +344,7 @@ pub struct RunStatus {
     /// `WaitingForComputeSlot`), and the details for people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Why the run waits, for people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }
@@ -356,21 +375,30 @@ pub enum RunTrigger {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VersionStatus {
+    /// The version number; numbers are never reused.
     pub version: u64,
+    /// `Active`, `Retained`, `AwaitingApproval` or `Failed`.
     pub state: VersionState,
+    /// Members loaded into the store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub members: Option<u64>,
+    /// The time the definition was evaluated at.
     pub snapshot_time: DateTime<Utc>,
+    /// When the compute Job finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub computed_at: Option<DateTime<Utc>>,
+    /// When the ingest Job finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingested_at: Option<DateTime<Utc>>,
+    /// Where the version's result files are.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub results_uri: Option<String>,
+    /// A hash of the definition the version was computed from.
     pub definition_hash: String,
     /// Why a run failed (the worker's one-line reason).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Why a run failed, for people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }

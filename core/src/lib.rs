@@ -1,11 +1,19 @@
 //! Contracts shared by the segment-operator binaries.
 //!
 //! - [`api`]: the `Segment` and `SegmentSource` custom resources.
-//! - [`definition`], [`rules`], [`schedule`]: checks done before anything is launched.
+//! - [`reasons`]: condition types, Event reasons, spec problems and run
+//!   failure reasons as enums.
+//! - [`validation`] (over [`definition`], [`rules`], [`schedule`],
+//!   [`duration`]): every check of a spec done before anything is launched.
+//! - [`rules_sql`]: structured rules compiled to one SQL query.
 //! - [`planner`]: the lifecycle as a pure function from what is observed to what to do.
-//! - [`store`]: the edges (membership store, result files) behind traits.
+//! - [`executor`]: carries a plan out, in the one crash-safe order, over an
+//!   [`executor::Effects`] trait the cluster, standalone mode and the tests implement.
+//! - [`store`]: the edges (membership store, result files) behind traits,
+//!   and the in-memory store of standalone mode and the tests.
 //! - [`naming`], [`task`]: names and the task handed to worker Jobs.
-//! - [`manifests`]: Segments and SegmentSources read from files.
+//! - [`manifest`]: the `_manifest.json` of a result; [`manifests`]:
+//!   Segments and SegmentSources read from YAML files.
 
 pub mod api;
 pub mod definition;

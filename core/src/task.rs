@@ -1,6 +1,8 @@
-//! What the operator hands a compute or ingest Job: one JSON document in
-//! the `SEGMENT_TASK` environment variable. Sources are resolved by the
-//! operator when it launches the Job, so workers need no Kubernetes access.
+//! What the operator hands a compute or ingest Job: one JSON document, in
+//! a file the Job mounts from its pod's annotation (`--task-file`), or
+//! given inline (`--task`, `TASK`) to an in-process or hand-run worker.
+//! Sources are resolved by the operator when it launches the Job, so
+//! workers need no Kubernetes access.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -10,11 +12,6 @@ use crate::naming::results_uri;
 use crate::planner::Launch;
 use crate::reasons::FailureReason;
 
-/// Environment variable that carries the task JSON (in-process and
-/// hand-run workers).
-pub const TASK_ENV: &str = "SEGMENT_TASK";
-/// Environment variable naming a file with the task JSON.
-pub const TASK_FILE_ENV: &str = "SEGMENT_TASK_FILE";
 /// The pod annotation of a Job that holds its task JSON; a downward API
 /// volume shows it to the worker as [`TASK_FILE`]. An annotation holds up
 /// to 256 KiB (one environment variable only 128 KiB).

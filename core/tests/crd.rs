@@ -1153,3 +1153,29 @@ fn examples_are_admitted() {
     }
     assert!(admitted > 0, "no Segment or SegmentSource under examples/");
 }
+
+/// Every property of the served CRDs, spec and status, has a description:
+/// `kubectl explain` shows nothing for one without. (The e2e suite checks
+/// the same on the API server's published OpenAPI.)
+#[test]
+fn every_property_of_the_crds_has_a_description() {
+    fn walk(schema: &serde_json::Value, path: &str, out: &mut Vec<String>) {
+        for (name, property) in schema["properties"].as_object().into_iter().flatten() {
+            let at = format!("{path}.{name}");
+            if property["description"].as_str().is_none_or(|d| d.trim().is_empty()) {
+                out.push(at.clone());
+            }
+            walk(property, &at, out);
+        }
+        if schema["items"].is_object() {
+            walk(&schema["items"], &format!("{path}[]"), out);
+        }
+    }
+    let mut missing = Vec::new();
+    for crd in serde_yaml::Deserializer::from_str(&segment_core::api::crds_yaml()) {
+        let crd = serde_json::Value::deserialize(crd).expect("a CRD");
+        let kind = crd["spec"]["names"]["kind"].as_str().unwrap_or_default().to_string();
+        walk(&crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"], &kind, &mut missing);
+    }
+    assert!(missing.is_empty(), "properties without a description: {missing:#?}");
+}

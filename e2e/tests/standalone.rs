@@ -12,11 +12,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use segment_compute::lakegen;
 use segment_operator::config::StandaloneArgs;
 use segment_operator::standalone;
 use segment_tests::examples::{expected_members, SEGMENTS};
 use segment_tests::{free_port, RedisServer};
-use segment_worker::lakegen;
 use serde_json::{json, Value};
 
 fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {

@@ -5,7 +5,8 @@
 //! - [`cluster`]: `run`, `approve`, `rollback`, `status` on a Segment in
 //!   the cluster, as merge patches of its annotations and spec;
 //! - [`connect`]: the kube context, chosen as kubectl chooses it;
-//! - [`table`]: `kubectl get`-style columns.
+//! - [`table`]: `kubectl get`-style columns;
+//! - [`cli`]: the command line.
 //!
 //! The binary only parses the command line and prints what [`execute`]
 //! returns.

@@ -20,6 +20,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
+use segment_compute::compute;
+use segment_compute::failure::WorkerError;
 use segment_core::api::{Segment, SegmentKey, SegmentSource, SegmentSourceSpec};
 use segment_core::definition::definition_hash;
 use segment_core::manifests::{self, Manifests};
@@ -30,8 +32,6 @@ use segment_core::rules_sql;
 use segment_core::task::{compute_task, segment_inputs};
 use segment_core::validation::{check_spec, Invalid};
 use segment_store::results::ResultDir;
-use segment_worker::compute;
-use segment_worker::failure::WorkerError;
 
 use crate::cli::PreviewArgs;
 use crate::table::time;

@@ -11,12 +11,12 @@ use chrono::{DateTime, Utc};
 use clap::Parser;
 use kubectl_segment::cli::{Cli, Command, PreviewArgs};
 use kubectl_segment::preview::{self, Preview};
+use segment_compute::lakegen::{self, LakeSpec};
 use segment_core::api::SegmentSourceSpec;
 use segment_core::manifests;
 use segment_core::rules_sql;
 use segment_core::validation::check_spec;
 use segment_tests::examples::{expected_members, SEGMENTS};
-use segment_worker::lakegen::{self, LakeSpec};
 use tempfile::TempDir;
 
 const USERS: u64 = 1500;

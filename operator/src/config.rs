@@ -1,5 +1,6 @@
-//! Command line of `segment-operator`. Every flag has an environment
-//! fallback so the Helm chart can set them either way.
+//! Command line of `segment-operator`. Every setting is a flag whose
+//! environment fallback follows the project's one naming rule
+//! (`segment_runtime::config`), so the Helm chart can set it either way.
 
 use std::net::SocketAddr;
 
@@ -30,6 +31,7 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Run the whole lifecycle on this machine from a directory of
     /// manifests: compute and ingest in-process, serving on --listen.
+    #[cfg(feature = "standalone")]
     Standalone(StandaloneArgs),
 }
 
@@ -43,9 +45,13 @@ pub struct RunArgs {
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
 
-    /// Log as JSON lines (production) instead of text.
-    #[arg(long, env = "LOG_JSON", default_value_t = false)]
-    pub log_json: bool,
+    #[command(flatten)]
+    pub log: segment_runtime::LogArgs,
+
+    /// Segments reconciled at once; one Segment is never reconciled twice
+    /// at the same time.
+    #[arg(long, env = "RECONCILE_CONCURRENCY", default_value_t = 16)]
+    pub reconcile_concurrency: u16,
 
     #[command(flatten)]
     pub jobs: JobArgs,
@@ -67,6 +73,7 @@ pub struct RunArgs {
     pub results_uri: String,
 }
 
+#[cfg(feature = "standalone")]
 #[derive(Args, Debug, Clone)]
 pub struct StandaloneArgs {
     /// Directory of SegmentSource and Segment manifests (reloaded on change).
@@ -153,6 +160,20 @@ pub struct LeaderArgs {
     #[arg(long, env = "POD_NAME", default_value = "segment-operator-local")]
     pub identity: String,
 
+    /// How long a leader's Lease lasts without renewal.
     #[arg(long, env = "LEASE_DURATION_SECONDS", default_value_t = 15)]
     pub lease_duration_seconds: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn every_setting_follows_the_naming_rule() {
+        let violations = segment_runtime::config::env_name_violations(&Cli::command(), &["check"]);
+        assert!(violations.is_empty(), "{violations:#?}");
+    }
 }

@@ -19,7 +19,7 @@ use segment_store::results::ObjectResults;
 use tracing::{error, info, warn};
 
 use crate::config::RunArgs;
-use crate::http::{self, Health};
+use crate::http::Health;
 use crate::leader::LeaseLock;
 use crate::metrics::Metrics;
 use crate::reconcile::{self, ComputeSlots, Context};
@@ -47,7 +47,10 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
             let _ = rx.changed().await;
         }
     };
-    let http_task = tokio::spawn(http::serve(args.metrics_addr, health.clone(), http_stop));
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .map_err(|e| format!("--metrics-addr {}: {e}", args.metrics_addr))?;
+    let http_task = tokio::spawn(segment_runtime::probes::serve(listener, Arc::new(health.clone()), http_stop));
     client.apiserver_version().await?;
     health.ready.store(true, Ordering::Relaxed);
 
@@ -75,7 +78,7 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
     let segments = segment_events(&client, namespace).reflect(writer).applied_objects();
     let controller = Controller::for_stream(segments, cache.clone());
     let controller = controller
-        .with_config(ControllerConfig::default().concurrency(16))
+        .with_config(ControllerConfig::default().concurrency(args.reconcile_concurrency))
         .owns(jobs, watcher::Config::default().labels(SEGMENT_LABEL))
         // A new or changed SegmentSource can make a definition valid (or
         // invalid): look at every Segment of its namespace again.
@@ -160,20 +163,9 @@ fn segment_events(
     })
 }
 
+/// Stops the controller on SIGTERM or SIGINT.
 async fn shutdown_signal(stop: tokio::sync::watch::Sender<bool>) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            s.recv().await;
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-    info!("shutdown requested; finishing reconciles in flight");
+    segment_runtime::shutdown_signal().await;
+    info!("finishing reconciles in flight");
     let _ = stop.send(true);
 }

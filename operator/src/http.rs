@@ -1,14 +1,10 @@
-//! `/metrics`, `/healthz` and `/readyz`.
+//! What `/metrics`, `/healthz` and `/readyz` ([`segment_runtime::probes`])
+//! answer for the operator.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::Router;
+use segment_runtime::probes::Probe;
 
 use crate::metrics::Metrics;
 
@@ -19,44 +15,29 @@ pub struct Health {
     pub ready: Arc<AtomicBool>,
 }
 
-pub fn router(health: Health) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .with_state(health)
-}
-
-async fn metrics(State(h): State<Health>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], h.metrics.encode())
-}
-
-async fn readyz(State(h): State<Health>) -> impl IntoResponse {
-    if h.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: the Kubernetes API has not answered yet")
+impl Probe for Health {
+    fn metrics(&self) -> String {
+        self.metrics.encode()
     }
-}
 
-pub async fn serve(
-    addr: SocketAddr,
-    health: Health,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    axum::serve(listener, router(health)).with_graceful_shutdown(shutdown).await
+    fn readiness(&self) -> Result<(), &'static str> {
+        match self.ready.load(Ordering::Relaxed) {
+            true => Ok(()),
+            false => Err("the Kubernetes API has not answered yet"),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use axum::body::Body;
-    use axum::http::Request;
+    use axum::http::{Request, StatusCode};
     use tower::ServiceExt;
 
     async fn get(health: &Health, path: &str) -> (StatusCode, String) {
-        let response = router(health.clone()).oneshot(Request::get(path).body(Body::empty()).unwrap()).await.unwrap();
+        let router = segment_runtime::probes::router(Arc::new(health.clone()));
+        let response = router.oneshot(Request::get(path).body(Body::empty()).unwrap()).await.unwrap();
         let status = response.status();
         let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
         (status, String::from_utf8_lossy(&bytes).into_owned())

@@ -2,11 +2,17 @@
 //!
 //! The lifecycle itself is [`segment_core::planner`]; this crate observes
 //! the cluster for it and carries its plans out:
-//! - [`reconcile`]: one Segment — observe, plan, execute (store, status, Jobs, Events);
+//! - [`reconcile`]: one Segment — observe, plan, execute (through
+//!   `segment_core::executor`), the typed reconcile error;
 //! - [`jobs`]: building compute/ingest Jobs and reading them back;
 //! - [`leader`]: Lease-based leader election;
 //! - [`controller`]: wiring the kube-runtime Controller, metrics and probes;
-//! - [`manifests`], [`check`]: manifests read from files, checked without a cluster.
+//! - [`config`]: the command line (flags with environment fallbacks);
+//! - [`metrics`], [`http`]: the Prometheus metrics and what the probes answer;
+//! - [`time`]: Kubernetes timestamps to chrono;
+//! - [`manifests`], [`check`]: manifests read from files, checked without a cluster;
+//! - `standalone` (feature `standalone`, on by default, off in the
+//!   operator image): the whole lifecycle on one machine.
 
 pub mod check;
 pub mod config;
@@ -18,5 +24,6 @@ pub mod metrics;
 /// Manifests from files live in the core library, shared with `kubectl segment preview`.
 pub use segment_core::manifests;
 pub mod reconcile;
+#[cfg(feature = "standalone")]
 pub mod standalone;
 pub mod time;

@@ -1,3 +1,6 @@
+//! `segment-operator`: a thin shell over the library; each subcommand is
+//! one call.
+
 use clap::Parser;
 use segment_operator::config::{Cli, Command};
 
@@ -15,28 +18,23 @@ async fn main() {
             print!("{report}");
             std::process::exit(if all_ok { 0 } else { 1 });
         }
+        #[cfg(feature = "standalone")]
         Command::Standalone(args) => {
+            // Standalone prints its own story to stdout; the libraries'
+            // warnings (a part that failed, a store that did not answer)
+            // go to stderr through the log.
+            segment_runtime::init_tracing(false, "warn,segment=info");
             if let Err(error) = segment_operator::standalone::run(args).await {
                 eprintln!("segment-operator: {error}");
                 std::process::exit(1);
             }
         }
         Command::Run(args) => {
-            init_logging(args.log_json);
+            segment_runtime::init_tracing(args.log.log_json, "info,kube=warn");
             if let Err(error) = segment_operator::controller::run(*args).await {
                 eprintln!("segment-operator: {error}");
                 std::process::exit(1);
             }
         }
-    }
-}
-
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }

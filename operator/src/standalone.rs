@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use segment_compute::{compute, ingest};
 use segment_core::api::{DeletionPolicy, Segment, SegmentKey, SegmentSource, SegmentStatus};
 use segment_core::executor::{self, Effects};
 use segment_core::naming::JobKind;
@@ -20,7 +21,6 @@ use segment_core::reasons::ConditionType;
 use segment_core::store::{ResultStore, SegmentStore};
 use segment_core::task::{compute_task, ingest_task, segment_inputs, Failure};
 use segment_store::results::ObjectResults;
-use segment_worker::{compute, ingest};
 use tokio::sync::Notify;
 
 use segment_serving::{AppState, ServingConfig, ServingStore};
@@ -204,7 +204,7 @@ impl Engine {
         let jobs = self.jobs.clone();
         let wake = self.wake.clone();
         let name = job_key.clone();
-        let work: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), segment_worker::failure::WorkerError>> + Send>> =
+        let work: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), segment_compute::failure::WorkerError>> + Send>> =
             match launch.kind {
                 JobKind::Compute => {
                     let sources = self
@@ -345,13 +345,13 @@ pub fn ensure_example_lake(dir: &Path, sources: &[SegmentSource]) -> std::io::Re
     if !wants_lake || lake.exists() {
         return Ok(None);
     }
-    segment_worker::lakegen::generate(&lake, &example_lake_spec())?;
+    segment_compute::lakegen::generate(&lake, &example_lake_spec())?;
     Ok(Some(lake))
 }
 
 /// The example lake: 2,000 users, seed 42, activity up to today.
-pub fn example_lake_spec() -> segment_worker::lakegen::LakeSpec {
-    segment_worker::lakegen::LakeSpec { now: today(), ..segment_worker::lakegen::LakeSpec::new(2_000, 42) }
+pub fn example_lake_spec() -> segment_compute::lakegen::LakeSpec {
+    segment_compute::lakegen::LakeSpec { now: today(), ..segment_compute::lakegen::LakeSpec::new(2_000, 42) }
 }
 
 /// Midnight UTC today: the generated activity ends now, so windows like

@@ -6,6 +6,14 @@
 //! The binary (`segment-serving`) is a thin shell around [`Server`] (a
 //! thread per core, each with its own store connection); the operator's
 //! standalone mode serves the same [`router`] from its embedded store.
+//!
+//! - `api`: the routes and the OpenAPI document, from one list;
+//! - `auth`: bearer tokens scoped to namespaces;
+//! - `cache`: the caches in front of the store, dropped on rollover notices;
+//! - `error`: the JSON error body and its reasons;
+//! - `metrics`: request and store metrics;
+//! - `server`: a thread per core, each with its own runtime and connection;
+//! - `state`: the shared state: store, caches, alias map.
 
 mod api;
 mod auth;

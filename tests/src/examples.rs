@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Duration, Utc};
-use segment_worker::lakegen;
+use segment_compute::lakegen;
 
 /// The names of the example Segments.
 pub const SEGMENTS: [&str; 5] = ["lapsed-high-value", "southern-europe-buyers", "vip-list", "churn-risk", "win-back"];

@@ -4,6 +4,9 @@
 //! so tests run in parallel. Servers stop when their handle is dropped.
 //! Also writes result files the way compute does ([`write_result`]).
 //!
+//! [`cluster`] starts the local Kubernetes control plane
+//! (`e2e/local-cluster`) once per test binary.
+//!
 //! Also shared by the tests of several crates: [`kube_api`], a fake
 //! Kubernetes API server behind kube's mock service, and [`examples`], the
 //! example Segments evaluated independently of the compute path.

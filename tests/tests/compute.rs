@@ -8,6 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Duration, Utc};
+use segment_compute::compute::{self, ComputeOptions, ComputeReport};
+use segment_compute::failure::WorkerError;
+use segment_compute::lakegen::{self, LakeSpec, Order, UserRows};
 use segment_core::api::{Definition, SegmentKey, SegmentSourceSpec, SourceFormat, StaticList};
 use segment_core::manifest::{part_file, Manifest, FORMAT, MANIFEST_FILE};
 use segment_core::reasons::FailureReason;
@@ -15,9 +18,6 @@ use segment_core::task::{ComputeTask, SegmentInput};
 use segment_store::objects::locate;
 use segment_store::results::ResultDir;
 use segment_tests::S3Server;
-use segment_worker::compute::{self, ComputeOptions, ComputeReport};
-use segment_worker::failure::WorkerError;
-use segment_worker::lakegen::{self, LakeSpec, Order, UserRows};
 use serde_json::json;
 use tempfile::TempDir;
 

@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
+use segment_compute::ingest;
 use segment_core::api::SegmentKey;
 use segment_core::manifest::Manifest;
 use segment_core::reasons::FailureReason;
@@ -11,7 +12,6 @@ use segment_core::store::{MembershipReader, MemoryStore, Override, OverrideOp, S
 use segment_core::task::IngestTask;
 use segment_store::redis::RedisStore;
 use segment_tests::RedisServer;
-use segment_worker::ingest;
 
 fn snapshot() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 6, 1, 12, 0, 0).unwrap()

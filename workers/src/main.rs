@@ -2,10 +2,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use segment_compute::compute::{ComputeOptions, DEFAULT_MEMORY_MB, DEFAULT_PART_SIZE};
+use segment_compute::failure::WorkerError;
+use segment_compute::{compute, ingest, lakegen};
 use segment_core::reasons::FailureReason;
-use segment_core::task::{ComputeTask, IngestTask, TASK_ENV, TASK_FILE_ENV, TERMINATION_LOG};
-use segment_worker::failure::WorkerError;
-use segment_worker::{compute, ingest, lakegen};
+use segment_core::task::{ComputeTask, IngestTask, TERMINATION_LOG};
+use segment_runtime::LogArgs;
 
 #[derive(Parser)]
 #[command(name = "segment-worker", version, about = "The compute and ingest Jobs of segment-operator")]
@@ -17,7 +19,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Evaluate a Segment definition over the lake and write the result files.
-    Compute(TaskArgs),
+    Compute(ComputeArgs),
     /// Load a result into the store as a new version (never activates it).
     Ingest {
         #[command(flatten)]
@@ -58,8 +60,8 @@ struct RealtimeArgs {
     #[arg(long, env = "REDIS_URL")]
     redis_url: String,
     /// Kafka bootstrap servers, `host:port[,host:port...]`.
-    #[arg(long, env = "KAFKA_BROKERS")]
-    brokers: String,
+    #[arg(long, env = "KAFKA_BROKERS", alias = "brokers")]
+    kafka_brokers: String,
     /// Topic of include/exclude events (key = user id).
     #[arg(long, env = "MEMBERSHIP_TOPIC", default_value = "segment-membership")]
     membership_topic: String,
@@ -70,11 +72,11 @@ struct RealtimeArgs {
     #[arg(long, env = "CHANGES_TOPIC", default_value = "segment-changes")]
     changes_topic: String,
     /// Consumer group; replicas share the partitions.
-    #[arg(long, env = "KAFKA_GROUP_ID", default_value = "segment-realtime")]
-    group_id: String,
-    /// A librdkafka setting, `KEY=VALUE` (repeatable), e.g.
-    /// `security.protocol=SASL_SSL`.
-    #[arg(long = "kafka-option", value_parser = parse_kafka_option)]
+    #[arg(long, env = "KAFKA_GROUP_ID", alias = "group-id", default_value = "segment-realtime")]
+    kafka_group_id: String,
+    /// A librdkafka setting, `KEY=VALUE` (repeatable; in the environment,
+    /// comma-separated), e.g. `security.protocol=SASL_SSL`.
+    #[arg(long = "kafka-option", env = "KAFKA_OPTION", value_delimiter = ',', value_parser = parse_kafka_option)]
     kafka_options: Vec<(String, String)>,
     #[arg(long, env = "KAFKA_SASL_USERNAME")]
     kafka_sasl_username: Option<String>,
@@ -83,9 +85,12 @@ struct RealtimeArgs {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9090")]
     metrics_addr: std::net::SocketAddr,
-    /// Log as JSON lines (production) instead of text.
-    #[arg(long, env = "LOG_JSON", default_value_t = false)]
-    log_json: bool,
+    #[command(flatten)]
+    log: LogArgs,
+    /// This replica's name in its claims on change events (with the pid):
+    /// the pod name in a cluster.
+    #[arg(long, env = "HOSTNAME", default_value = "segment-worker")]
+    hostname: String,
     /// Seconds between checks of every segment for a rollover whose
     /// changes were not published (missed notice, failed publish).
     #[arg(long, env = "RESYNC_SECONDS", default_value_t = 30)]
@@ -102,27 +107,69 @@ fn parse_kafka_option(value: &str) -> Result<(String, String), String> {
 #[derive(Args)]
 struct TaskArgs {
     /// The task JSON (in-process and hand-run workers).
-    #[arg(long = "task", env = TASK_ENV, required_unless_present = "task_file", conflicts_with = "task_file")]
+    #[arg(long = "task", env = "TASK", required_unless_present = "task_file", conflicts_with = "task_file")]
     task: Option<String>,
     /// A file holding the task JSON: how the operator's Jobs pass it (a
     /// downward API volume of the pod's annotation), free of the 128 KiB
     /// limit of one environment variable.
-    #[arg(long = "task-file", env = TASK_FILE_ENV)]
+    #[arg(long = "task-file", env = "TASK_FILE")]
     task_file: Option<PathBuf>,
     /// Where the one-line failure reason goes.
     #[arg(long, env = "TERMINATION_LOG", default_value = TERMINATION_LOG)]
     termination_log: PathBuf,
 }
 
+/// `compute`: the task and how the engine runs.
+#[derive(Args)]
+struct ComputeArgs {
+    #[command(flatten)]
+    task: TaskArgs,
+    /// The engine's memory pool in MiB; sorts and aggregations spill to
+    /// disk beyond it. Leave headroom below the container's limit for
+    /// buffers outside the pool (about a third).
+    #[arg(long, env = "COMPUTE_MEMORY_MB", default_value_t = DEFAULT_MEMORY_MB, value_parser = positive)]
+    compute_memory_mb: usize,
+    /// Where spill files go; the OS temp dir (the Jobs' scratch volume at
+    /// /tmp) when unset.
+    #[arg(long, env = "COMPUTE_SPILL_DIR")]
+    compute_spill_dir: Option<PathBuf>,
+    /// User ids per result part.
+    #[arg(long, env = "COMPUTE_PART_SIZE", default_value_t = DEFAULT_PART_SIZE, value_parser = positive)]
+    compute_part_size: usize,
+    /// Parallel partitions; the CPUs when unset.
+    #[arg(long, env = "COMPUTE_PARTITIONS", value_parser = positive)]
+    compute_partitions: Option<usize>,
+}
+
+impl ComputeArgs {
+    fn options(&self) -> ComputeOptions {
+        ComputeOptions {
+            memory_limit: self.compute_memory_mb * 1024 * 1024,
+            spill_dir: self.compute_spill_dir.clone().filter(|d| !d.as_os_str().is_empty()),
+            part_size: self.compute_part_size,
+            partitions: self.compute_partitions,
+        }
+    }
+}
+
+fn positive(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("`{text}` is not a positive whole number")),
+    }
+}
+
 fn parse<T: serde::de::DeserializeOwned>(args: &TaskArgs) -> Result<T, WorkerError> {
     let (text, from) = match (&args.task, &args.task_file) {
-        (Some(text), _) => (text.clone(), TASK_ENV.to_string()),
+        (Some(text), _) => (text.clone(), "--task (TASK)".to_string()),
         (None, Some(path)) => {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| WorkerError::new(FailureReason::BadTask, format!("--task-file {}: {e}", path.display())))?;
             (text, format!("--task-file {}", path.display()))
         }
-        (None, None) => return Err(WorkerError::new(FailureReason::BadTask, format!("no task: set {TASK_ENV} or --task-file"))),
+        (None, None) => {
+            return Err(WorkerError::new(FailureReason::BadTask, "no task: set --task-file (TASK_FILE) or --task (TASK)"))
+        }
     };
     serde_json::from_str(&text).map_err(|e| WorkerError::new(FailureReason::BadTask, format!("{from}: {e}")))
 }
@@ -143,21 +190,17 @@ fn finish<T: serde::Serialize>(result: Result<T, WorkerError>, termination_log: 
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let json_logs = matches!(&cli.command, Command::Realtime(args) if args.log_json);
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr);
-    if json_logs {
-        logs.json().init();
-    } else {
-        logs.init();
-    }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => return refuse(error),
+    };
+    let json_logs = matches!(&cli.command, Command::Realtime(args) if args.log.log_json);
+    segment_runtime::init_tracing(json_logs, "info");
     match cli.command {
         Command::Realtime(args) => realtime(*args).await,
         Command::Compute(args) => {
-            let result = async { compute::run(&parse::<ComputeTask>(&args)?).await }.await;
-            finish(result, &args.termination_log)
+            let result = async { compute::run_with(&parse::<ComputeTask>(&args.task)?, &args.options()).await }.await;
+            finish(result, &args.task.termination_log)
         }
         Command::Ingest { task: args, redis_url } => {
             let result = async {
@@ -201,20 +244,17 @@ async fn realtime(args: RealtimeArgs) -> ExitCode {
     let metrics = Arc::new(Metrics::default());
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let mut http_shutdown = shutdown.clone();
-    let server = segment_worker::realtime::metrics::serve(listener, metrics.clone(), async move {
+    let server = segment_runtime::probes::serve(listener, metrics.clone(), async move {
         let _ = http_shutdown.wait_for(|stop| *stop).await;
     });
     let server = tokio::spawn(server);
     tokio::spawn(async move {
-        wait_for_signal().await;
+        segment_runtime::shutdown_signal().await;
         let _ = stop.send(true);
     });
-    // The pod name in a cluster (HOSTNAME), plus the pid, names this
-    // worker's claims on change events.
-    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "segment-worker".into());
     let config = kafka::RealtimeConfig {
         kafka: kafka::KafkaSettings {
-            brokers: args.brokers,
+            brokers: args.kafka_brokers,
             options: args.kafka_options,
             sasl_username: args.kafka_sasl_username,
             sasl_password: args.kafka_sasl_password,
@@ -222,8 +262,8 @@ async fn realtime(args: RealtimeArgs) -> ExitCode {
         membership_topic: args.membership_topic,
         dead_letter_topic: args.dlq_topic,
         changes_topic: args.changes_topic,
-        group_id: args.group_id,
-        holder: format!("{host}-{}", std::process::id()),
+        group_id: args.kafka_group_id,
+        holder: format!("{}-{}", args.hostname, std::process::id()),
         claim_lease: std::time::Duration::from_secs(60),
         resync_interval: std::time::Duration::from_secs(args.resync_seconds.max(1)),
     };
@@ -240,19 +280,27 @@ async fn realtime(args: RealtimeArgs) -> ExitCode {
     }
 }
 
-/// SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
-async fn wait_for_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+/// A command line clap refuses. `--help` and `--version` print and
+/// succeed; anything else is a bad task: a compute or ingest Job says so
+/// in its termination log like any other failure, so the run's status
+/// names the setting instead of a bare exit code.
+fn refuse(error: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        error.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = error.print();
+        return ExitCode::SUCCESS;
     }
+    let _ = error.print();
+    let message = error.to_string();
+    let first_line = message.lines().next().unwrap_or_default().trim_start_matches("error: ");
+    // clap could not read --termination-log, so its environment fallback
+    // is read here, under the rule's name.
+    let log = std::env::var_os("TERMINATION_LOG").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(TERMINATION_LOG));
+    WorkerError::new(FailureReason::BadTask, first_line).write_termination_log(&log);
+    ExitCode::from(2)
 }
 
 fn generate_lake(out: &std::path::Path, spec: &lakegen::LakeSpec) -> ExitCode {
@@ -265,5 +313,18 @@ fn generate_lake(out: &std::path::Path, spec: &lakegen::LakeSpec) -> ExitCode {
             eprintln!("segment-worker: {}: {e}", out.display());
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn every_setting_follows_the_naming_rule() {
+        let violations = segment_runtime::config::env_name_violations(&Cli::command(), &["generate-lake"]);
+        assert!(violations.is_empty(), "{violations:#?}");
     }
 }

@@ -1,8 +1,9 @@
 //! The `segment-worker` binary as a Job runs it: the task in
-//! `SEGMENT_TASK`, a one-line `Reason: message` in the termination log when
+//! `TASK`, a one-line `Reason: message` in the termination log when
 //! it fails, the report on stdout when it succeeds.
 
 use segment_core::reasons::FailureReason;
+use segment_core::task::Failure;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -21,12 +22,16 @@ fn generate_lake(dir: &Path) -> Value {
 }
 
 fn compute(cwd: &Path, task: &Value, termination_log: &Path) -> Output {
+    compute_with(cwd, task, termination_log, "256")
+}
+
+fn compute_with(cwd: &Path, task: &Value, termination_log: &Path, memory_mb: &str) -> Output {
     Command::new(WORKER)
         .arg("compute")
         .current_dir(cwd)
-        .env("SEGMENT_TASK", task.to_string())
+        .env("TASK", task.to_string())
         .env("TERMINATION_LOG", termination_log)
-        .env("SEGMENT_COMPUTE_MEMORY_MB", "256")
+        .env("COMPUTE_MEMORY_MB", memory_mb)
         .output()
         .unwrap()
 }
@@ -58,13 +63,20 @@ fn a_failing_compute_writes_its_reason_and_exits_non_zero() {
     let written = std::fs::read_to_string(&log).unwrap();
     assert_eq!(written.lines().count(), 1, "{written}");
     assert!(written.starts_with("UnknownTable: table `refunds`"), "{written}");
-    let failure = segment_core::task::Failure::from_termination_message(&written).unwrap();
+    let failure = Failure::from_termination_message(&written).unwrap();
     assert_eq!(failure.reason, FailureReason::UnknownTable);
     assert!(!failure.is_transient());
 
-    let out = Command::new(WORKER).arg("compute").env("SEGMENT_TASK", "{not json").env("TERMINATION_LOG", &log).output().unwrap();
+    let out = Command::new(WORKER).arg("compute").env("TASK", "{not json").env("TERMINATION_LOG", &log).output().unwrap();
     assert!(!out.status.success());
-    assert!(std::fs::read_to_string(&log).unwrap().starts_with("BadTask: SEGMENT_TASK"));
+    assert!(std::fs::read_to_string(&log).unwrap().starts_with("BadTask: --task (TASK)"));
+
+    // A setting that is not a number is a bad task too, naming the flag.
+    let out = compute_with(dir.path(), &task("SELECT user_id FROM orders", "file://./results/v4/"), &log, "0");
+    assert!(!out.status.success());
+    let written = std::fs::read_to_string(&log).unwrap();
+    assert!(written.starts_with("BadTask: ") && written.contains("--compute-memory-mb"), "{written}");
+    assert!(!Failure::from_termination_message(&written).unwrap().is_transient(), "a retry cannot fix it");
 }
 
 #[test]

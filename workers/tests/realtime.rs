@@ -74,7 +74,7 @@ impl Setup {
         segment_tests::write_result(&uri, &self.segment, version, snapshot, &[members]).await;
         let task =
             IngestTask { segment: self.segment.clone(), version, snapshot_time: snapshot, results_uri: uri, max_failed_parts: 0 };
-        segment_worker::ingest::run(&task, self.store.as_ref()).await.expect("ingest succeeds");
+        segment_compute::ingest::run(&task, self.store.as_ref()).await.expect("ingest succeeds");
     }
 
     fn config(&self, holder: &str) -> RealtimeConfig {
@@ -346,7 +346,7 @@ async fn a_killed_worker_loses_nothing_and_duplicates_nothing() {
     let spawn = || -> Child {
         Command::new(env!("CARGO_BIN_EXE_segment-worker"))
             .arg("realtime")
-            .args(["--redis-url", &setup.redis.url(), "--brokers", &setup.broker.brokers()])
+            .args(["--redis-url", &setup.redis.url(), "--kafka-brokers", &setup.broker.brokers()])
             .args(["--metrics-addr", &format!("127.0.0.1:{}", segment_tests::free_port())])
             // The killed member's partitions move to the new one after its
             // session times out; the default 45 s would only slow the test.

@@ -9,12 +9,12 @@ use std::process::Command;
 
 use chrono::{DateTime, Duration, Utc};
 use segment_bench::row;
+use segment_compute::compute;
+use segment_compute::lakegen::{generate, LakeSpec};
 use segment_core::api::{Definition, SegmentKey, SegmentSourceSpec, SourceFormat};
 use segment_core::rules::Rule;
 use segment_core::rules_sql;
 use segment_core::task::ComputeTask;
-use segment_worker::compute;
-use segment_worker::lakegen::{generate, LakeSpec};
 
 fn sources(lake: &std::path::Path) -> Vec<SegmentSourceSpec> {
     let source = |table: &str, format, ts: Option<&str>| SegmentSourceSpec {

@@ -47,7 +47,7 @@ async fn main() {
     let before = redis_used_memory(redis.port);
     let task = IngestTask { segment, version: 1, snapshot_time: now, results_uri: uri, max_failed_parts: 0 };
     let start = std::time::Instant::now();
-    let report = segment_worker::ingest::run(&task, &store).await.expect("ingest");
+    let report = segment_compute::ingest::run(&task, &store).await.expect("ingest");
     let seconds = start.elapsed().as_secs_f64();
     let after = redis_used_memory(redis.port);
     assert_eq!(report.members as usize, members);

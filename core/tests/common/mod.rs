@@ -293,7 +293,7 @@ pub fn effects(plan: &Plan) -> Vec<Action> {
     plan.actions.iter().filter(|a| !matches!(a, Action::Event(_) | Action::CollectResults { .. })).cloned().collect()
 }
 
-pub fn condition<'s>(status: &'s SegmentStatus, type_: ConditionType) -> &'s Condition {
+pub fn condition(status: &SegmentStatus, type_: ConditionType) -> &Condition {
     status.conditions.iter().find(|c| c.type_ == type_.as_str()).unwrap_or_else(|| panic!("no {type_} condition in {status:#?}"))
 }
 

@@ -1,7 +1,7 @@
 //! The CRDs on the real API server: they are Established, the fixtures are
 //! admitted or rejected by the server's own validation (OpenAPI schema and
 //! CEL rules) with the expected message, the printer columns show the
-//! status, and `kubectl explain` documents every field of the spec.
+//! status, and `kubectl explain` documents every field of spec and status.
 
 use std::path::Path;
 
@@ -128,7 +128,7 @@ fn undocumented_in(schema: &Value, path: &str, out: &mut Vec<String>) {
 }
 
 #[test]
-fn kubectl_explain_documents_every_field_of_the_spec() {
+fn kubectl_explain_documents_every_field_of_spec_and_status() {
     let cluster = cluster();
     for (kind, resource) in [("Segment", "segment"), ("SegmentSource", "segmentsource")] {
         // What `kubectl explain` shows is the server's published OpenAPI.
@@ -139,6 +139,7 @@ fn kubectl_explain_documents_every_field_of_the_spec() {
         assert!(schema.is_object(), "{kind} is not in the published OpenAPI");
         let mut missing = Vec::new();
         undocumented(&schema["properties"]["spec"], "spec", &mut missing);
+        undocumented(&schema["properties"]["status"], "status", &mut missing);
         assert!(missing.is_empty(), "{kind} fields without a description (kubectl explain shows nothing): {missing:#?}");
 
         let explained = cluster.kubectl_ok(&["explain", &format!("{resource}.spec")]);

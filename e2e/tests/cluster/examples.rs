@@ -11,10 +11,10 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use segment_compute::lakegen;
 use segment_operator::standalone::example_lake_spec;
 use segment_tests::cluster::run_with_stdin;
 use segment_tests::examples::{expected_members, SEGMENTS};
-use segment_worker::lakegen;
 use serde_json::Value;
 
 use crate::{cluster, is_true, Operator, Serving, Tenant};
@@ -164,7 +164,7 @@ fn a_compute_that_outgrows_its_memory_spills_to_the_scratch_volume() {
     tenant.apply(
         &serde_json::json!({"apiVersion": "segmentation.dev/v1alpha1", "kind": "Segment", "metadata": {"name": "events"},
             "spec": {"definition": {"sql": "SELECT e.user_id || '/' || e.event || '/' || e.ts FROM app_events e"},
-                     "compute": {"env": [{"name": "SEGMENT_COMPUTE_MEMORY_MB", "value": "16"}]}}})
+                     "compute": {"env": [{"name": "COMPUTE_MEMORY_MB", "value": "16"}]}}})
         .to_string(),
     );
     let _operator = Operator::start(&tenant, &[]);

@@ -15,50 +15,44 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(name = "segment-serving", version, about = "Serves segment membership over HTTP/JSON from Redis.")]
 struct Args {
     /// Address to listen on.
-    #[arg(long, env = "SERVING_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
     /// The store: redis://host:port[/db] or redis+cluster://host:port,host:port.
     #[arg(long, env = "REDIS_URL")]
     redis_url: String,
     /// How long cached answers are served (rollover notices drop them sooner).
-    #[arg(long, env = "SERVING_CACHE_TTL_MS", default_value_t = 2000)]
+    #[arg(long, env = "CACHE_TTL_MS", default_value_t = 2000)]
     cache_ttl_ms: u64,
     /// Entries per cache.
-    #[arg(long, env = "SERVING_CACHE_CAPACITY", default_value_t = 100_000)]
+    #[arg(long, env = "CACHE_CAPACITY", default_value_t = 100_000)]
     cache_capacity: u64,
     /// Deadline of each store call; past it a request is answered from cache or gets 503.
-    #[arg(long, env = "SERVING_STORE_TIMEOUT_MS", default_value_t = 250)]
+    #[arg(long, env = "STORE_TIMEOUT_MS", default_value_t = 250)]
     store_timeout_ms: u64,
     /// How often the alias map is re-read even without rollover notices.
-    #[arg(long, env = "SERVING_REFRESH_INTERVAL_MS", default_value_t = 5000)]
+    #[arg(long, env = "REFRESH_INTERVAL_MS", default_value_t = 5000)]
     refresh_interval_ms: u64,
     /// Most checks per POST /v1/membership:check.
-    #[arg(long, env = "SERVING_MAX_CHECKS", default_value_t = 1000)]
+    #[arg(long, env = "MAX_CHECKS", default_value_t = 1000)]
     max_checks: usize,
     /// YAML or JSON map of bearer token to the namespaces it may read (`*`: all). Without it, auth is off.
-    #[arg(long, env = "SERVING_TOKENS_FILE")]
+    #[arg(long, env = "TOKENS_FILE")]
     tokens_file: Option<PathBuf>,
     /// Serving threads, each with its own store connection; 0: one per CPU
     /// the process may use (its cgroup's CPU limit included).
-    #[arg(long, env = "SERVING_THREADS", default_value_t = 0)]
+    #[arg(long, env = "THREADS", default_value_t = 0)]
     threads: usize,
-    /// Log JSON lines instead of text.
-    #[arg(long, env = "SERVING_LOG_JSON")]
-    log_json: bool,
+    #[command(flatten)]
+    log: segment_runtime::LogArgs,
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    if args.log_json {
-        tracing_subscriber::fmt().json().with_env_filter(filter).init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
+    segment_runtime::init_tracing(args.log.log_json, "info");
     match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            error!("{e}");
+            error!(error = %e, "stopping");
             std::process::ExitCode::FAILURE
         }
     }
@@ -89,31 +83,22 @@ fn run(args: Args) -> Result<(), String> {
     let waiting = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("a runtime: {e}"))?;
     waiting.block_on(async {
         tokio::select! {
-            _ = shutdown_signal() => {}
+            _ = segment_runtime::shutdown_signal() => {}
             _ = server.stopped() => warn!("a serving thread stopped; shutting down"),
         }
     });
     server.shutdown().map_err(|e| e.to_string())
 }
 
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = interrupt => info!("SIGINT: shutting down"),
-        _ = terminate => info!("SIGTERM: shutting down"),
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn every_setting_follows_the_naming_rule() {
+        let violations = segment_runtime::config::env_name_violations(&Args::command(), &[]);
+        assert!(violations.is_empty(), "{violations:#?}");
     }
 }

@@ -1,14 +1,8 @@
-//! The realtime worker's counters and its `/metrics`, `/healthz` and
-//! `/readyz` endpoints.
+//! The realtime worker's counters, and what its `/metrics`, `/healthz`
+//! and `/readyz` endpoints ([`segment_runtime::probes`]) answer.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::Router;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
@@ -99,31 +93,15 @@ impl Metrics {
     }
 }
 
-pub fn router(metrics: Arc<Metrics>) -> Router {
-    Router::new()
-        .route("/metrics", get(encode))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .with_state(metrics)
-}
-
-async fn encode(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics.encode())
-}
-
-async fn readyz(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    if metrics.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: not subscribed yet, or the store has not answered")
+impl segment_runtime::probes::Probe for Metrics {
+    fn metrics(&self) -> String {
+        self.encode()
     }
-}
 
-/// Serves on a listener bound by the caller, so a taken port fails at start.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    metrics: Arc<Metrics>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(metrics)).with_graceful_shutdown(shutdown).await
+    fn readiness(&self) -> Result<(), &'static str> {
+        match self.ready.load(Ordering::Relaxed) {
+            true => Ok(()),
+            false => Err("not subscribed yet, or the store has not answered"),
+        }
+    }
 }

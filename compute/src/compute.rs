@@ -13,12 +13,9 @@
 //!   version is removed first: no manifest, no result.
 //! - The engine's memory is capped; sorts and aggregations spill to disk.
 //!
-//! Configuration (environment):
-//! - `SEGMENT_COMPUTE_MEMORY_MB`: the engine's memory pool (default 1024);
-//! - `SEGMENT_COMPUTE_SPILL_DIR`: where spill files go (default: the OS
-//!   temp dir);
-//! - `SEGMENT_COMPUTE_PART_SIZE`: ids per result part (default 1,000,000);
-//! - `SEGMENT_COMPUTE_PARTITIONS`: parallelism (default: the CPUs).
+//! [`ComputeOptions`] say how the engine runs; `segment-worker compute`
+//! takes them as flags (`--compute-memory-mb`, ...), standalone mode and
+//! `kubectl segment preview` use the defaults.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::error::Error as StdError;
@@ -71,11 +68,6 @@ use tracing::info;
 
 use crate::failure::WorkerError;
 
-pub const MEMORY_ENV: &str = "SEGMENT_COMPUTE_MEMORY_MB";
-pub const SPILL_DIR_ENV: &str = "SEGMENT_COMPUTE_SPILL_DIR";
-pub const PART_SIZE_ENV: &str = "SEGMENT_COMPUTE_PART_SIZE";
-pub const PARTITIONS_ENV: &str = "SEGMENT_COMPUTE_PARTITIONS";
-
 /// Ids per result part unless configured.
 pub const DEFAULT_PART_SIZE: usize = 1_000_000;
 pub const DEFAULT_MEMORY_MB: usize = 1024;
@@ -98,7 +90,7 @@ pub struct ComputeReport {
     pub spilled_bytes: u64,
 }
 
-/// How the engine runs; [`ComputeOptions::from_env`] reads the Job's environment.
+/// How the engine runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ComputeOptions {
     /// Bytes the engine may hold before sorts and aggregations spill.
@@ -122,30 +114,9 @@ impl Default for ComputeOptions {
     }
 }
 
-impl ComputeOptions {
-    pub fn from_env() -> Result<ComputeOptions, WorkerError> {
-        let number = |name: &str| -> Result<Option<usize>, WorkerError> {
-            match std::env::var(name) {
-                Ok(text) => match text.trim().parse::<usize>() {
-                    Ok(n) if n > 0 => Ok(Some(n)),
-                    _ => Err(WorkerError::new(FailureReason::BadTask, format!("{name}=`{text}` is not a positive whole number"))),
-                },
-                Err(_) => Ok(None),
-            }
-        };
-        let defaults = ComputeOptions::default();
-        Ok(ComputeOptions {
-            memory_limit: number(MEMORY_ENV)?.map(|mb| mb * 1024 * 1024).unwrap_or(defaults.memory_limit),
-            spill_dir: std::env::var_os(SPILL_DIR_ENV).filter(|d| !d.is_empty()).map(PathBuf::from),
-            part_size: number(PART_SIZE_ENV)?.unwrap_or(defaults.part_size),
-            partitions: number(PARTITIONS_ENV)?,
-        })
-    }
-}
-
-/// Runs `task` with the options of the environment.
+/// Runs `task` with the default options.
 pub async fn run(task: &ComputeTask) -> Result<ComputeReport, WorkerError> {
-    run_with(task, &ComputeOptions::from_env()?).await
+    run_with(task, &ComputeOptions::default()).await
 }
 
 pub async fn run_with(task: &ComputeTask, options: &ComputeOptions) -> Result<ComputeReport, WorkerError> {
@@ -564,7 +535,7 @@ impl<'a> Engine<'a> {
             Cause::UnknownColumn(message) => WorkerError::new(FailureReason::UnknownColumn, message),
             Cause::Resources(detail) => WorkerError::new(
                 FailureReason::ResourcesExhausted,
-                format!("{detail} (raise {MEMORY_ENV} or the compute Job's memory)"),
+                format!("{detail} (raise --compute-memory-mb, COMPUTE_MEMORY_MB, or the compute Job's memory)"),
             ),
             Cause::Query(detail) => WorkerError::new(FailureReason::QueryError, detail),
         }

@@ -1,0 +1,15 @@
+//! `segment-compute`: the batch data plane as a library, run by the
+//! `segment-worker` Jobs, by standalone mode in-process and by
+//! `kubectl segment preview`.
+//!
+//! - [`compute`]: evaluates a definition over the lake (DataFusion) and
+//!   writes the result files;
+//! - [`ingest`]: loads a result into the store as a new, invisible version;
+//! - [`lakegen`]: a deterministic example lake, for the examples, tests and
+//!   benchmarks;
+//! - [`failure`]: the one-line reasons written to the termination log.
+
+pub mod compute;
+pub mod failure;
+pub mod ingest;
+pub mod lakegen;
