@@ -60,16 +60,17 @@ fn every_path_the_architecture_names_exists() {
 
 #[test]
 fn no_file_refers_outside_the_repository() {
+    // Built here so that this file does not name them itself: the design
+    // file of the founding team and the folder beside the repository.
+    let outside = [["DESIGN", ".md"].concat(), ["..", "/shared"].concat()];
     let mut found = Vec::new();
     for file in tracked_files() {
         let Ok(text) = std::fs::read_to_string(workspace().join(&file)) else { continue };
         for (n, line) in text.lines().enumerate() {
-            if line.contains("../shared") || line.contains("DESIGN.md") {
+            if outside.iter().any(|name| line.contains(name.as_str())) {
                 found.push(format!("{file}:{}: {line}", n + 1));
             }
         }
     }
-    // This file names the strings it looks for.
-    found.retain(|f| !f.starts_with("e2e/tests/docs.rs"));
     assert!(found.is_empty(), "{found:#?}");
 }

@@ -166,27 +166,10 @@ pub fn error_policy(segment: Arc<Segment>, error: &Error, _ctx: Arc<Context>) ->
             Requeue::requeue(CONFLICT_REQUEUE)
         }
         _ => {
-            warn!(segment = %key, error = %ErrorChain(error), kind = error.metric_label(), "reconcile failed");
+            // Every variant's message already ends with its cause's.
+            warn!(segment = %key, %error, kind = error.metric_label(), "reconcile failed");
             Requeue::requeue(std::time::Duration::from_secs(15))
         }
-    }
-}
-
-/// An error followed by its causes, `a: b: c`, for logs.
-struct ErrorChain<'e>(&'e (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut cause = self.0.source();
-        while let Some(error) = cause {
-            // Variants that print their source already need it only once.
-            if !self.0.to_string().ends_with(&error.to_string()) {
-                write!(f, ": {error}")?;
-            }
-            cause = error.source();
-        }
-        Ok(())
     }
 }
 

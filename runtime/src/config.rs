@@ -30,6 +30,14 @@ pub fn env_name_violations(command: &clap::Command, one_shot: &[&str]) -> Vec<St
     found
 }
 
+/// Fails, listing every breach, unless `command` follows the rule: the
+/// one assertion each binary's `every_setting_follows_the_naming_rule`
+/// test makes.
+pub fn assert_follows_naming_rule(command: &clap::Command, one_shot: &[&str]) {
+    let violations = env_name_violations(command, one_shot);
+    assert!(violations.is_empty(), "settings that break the naming rule: {violations:#?}");
+}
+
 fn collect(command: &clap::Command, path: &str, one_shot: bool, one_shots: &[&str], found: &mut Vec<String>) {
     for arg in command.get_arguments() {
         let id = arg.get_id().as_str();
