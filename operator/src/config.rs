@@ -71,6 +71,22 @@ pub struct RunArgs {
     /// Base URI of result files (`s3://bucket/prefix` or `file:///path`).
     #[arg(long, env = "RESULTS_URI", default_value = "s3://segment-results")]
     pub results_uri: String,
+
+    /// Longest wait for one store round trip (bulk deletes excepted); a
+    /// reconcile whose store does not answer in time fails and is retried.
+    #[arg(long, env = "STORE_TIMEOUT_MS", default_value_t = 5000)]
+    pub store_timeout_ms: u64,
+
+    /// After SIGTERM, how long reconciles in flight may take to finish
+    /// before the operator exits anyway; below the pod's
+    /// terminationGracePeriodSeconds.
+    #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 20)]
+    pub shutdown_grace_seconds: u64,
+
+    /// Longest wait for an answer to one Kubernetes API request (watches
+    /// excepted: they end on the server's own timeout).
+    #[arg(long, env = "KUBE_REQUEST_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub kube_request_timeout_seconds: u64,
 }
 
 #[cfg(feature = "standalone")]
@@ -156,13 +172,42 @@ pub struct LeaderArgs {
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub lease_namespace: String,
 
-    /// This replica's identity in the Lease.
-    #[arg(long, env = "POD_NAME", default_value = "segment-operator-local")]
-    pub identity: String,
+    /// This replica's identity in the Lease (the pod's name in a cluster);
+    /// the host name and a random suffix when unset, so two processes
+    /// never share one.
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
 
-    /// How long a leader's Lease lasts without renewal.
+    /// How long a candidate waits, after it last saw the Lease change,
+    /// before it takes the lease of a leader that stopped renewing.
     #[arg(long, env = "LEASE_DURATION_SECONDS", default_value_t = 15)]
     pub lease_duration_seconds: u32,
+
+    /// How long the leader keeps acting without a successful renew; less
+    /// than the lease duration.
+    #[arg(long, env = "RENEW_DEADLINE_SECONDS", default_value_t = 10)]
+    pub renew_deadline_seconds: u32,
+
+    /// How often the leader renews the Lease and a candidate tries to take
+    /// it; less than the renew deadline.
+    #[arg(long, env = "RETRY_PERIOD_SECONDS", default_value_t = 2)]
+    pub retry_period_seconds: u32,
+}
+
+impl LeaderArgs {
+    pub fn timing(&self) -> Result<crate::leader::Timing, crate::leader::TimingError> {
+        let seconds = |s: u32| std::time::Duration::from_secs(s.into());
+        crate::leader::Timing::new(
+            seconds(self.lease_duration_seconds),
+            seconds(self.renew_deadline_seconds),
+            seconds(self.retry_period_seconds),
+        )
+    }
+
+    /// The identity given, or a unique one of this process.
+    pub fn identity(&self) -> String {
+        self.identity.clone().unwrap_or_else(crate::leader::default_identity)
+    }
 }
 
 #[cfg(test)]

@@ -1,8 +1,10 @@
 //! Wires the reconciler into a kube-runtime Controller that watches
 //! Segments, the Jobs they own and the SegmentSources they read.
 
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::batch::v1::Job;
@@ -14,13 +16,13 @@ use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::{Client, ResourceExt};
 use segment_core::api::{Segment, SegmentSource, SEGMENT_LABEL};
 use segment_core::planner::PlannerConfig;
-use segment_store::redis::RedisStore;
+use segment_store::redis::{RedisStore, RedisStoreOptions};
 use segment_store::results::ObjectResults;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::config::RunArgs;
 use crate::http::Health;
-use crate::leader::LeaseLock;
+use crate::leader::{Leadership, LeaseLock, TermEnd};
 use crate::metrics::Metrics;
 use crate::reconcile::{self, ComputeSlots, Context};
 
@@ -35,26 +37,33 @@ where
     }
 }
 
-/// Runs the operator until SIGTERM/SIGINT, or until leadership is lost.
+/// Runs the operator until SIGTERM/SIGINT: campaigns for the lease, leads
+/// until it stops or loses the lease, and campaigns again after a loss.
 pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let client = Client::try_default().await?;
+    let identity = args.leader.identity();
+    let timing = args.leader.timing()?;
+    let clients = Clients::new(&identity, Duration::from_secs(args.kube_request_timeout_seconds)).await?;
+    let client = clients.requests.clone();
     let metrics = Arc::new(Metrics::default());
     let health = Health { metrics: metrics.clone(), ready: Default::default() };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let http_stop = {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.changed().await;
-        }
-    };
+    tokio::spawn(async move {
+        segment_runtime::shutdown_signal().await;
+        info!("stopping: finishing reconciles in flight");
+        let _ = stop_tx.send(true);
+    });
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .map_err(|e| format!("--metrics-addr {}: {e}", args.metrics_addr))?;
-    let http_task = tokio::spawn(segment_runtime::probes::serve(listener, Arc::new(health.clone()), http_stop));
+    let http_task = tokio::spawn(segment_runtime::probes::serve(listener, Arc::new(health.clone()), stopped(stop_rx.clone())));
     client.apiserver_version().await?;
     health.ready.store(true, Ordering::Relaxed);
 
-    let store = RedisStore::connect(&args.redis_url).await?;
+    let store_timeout = Duration::from_millis(args.store_timeout_ms);
+    let store_options =
+        RedisStoreOptions { read_timeout: Some(store_timeout), write_timeout: store_timeout, ..Default::default() };
+    let store = RedisStore::connect_with(&args.redis_url, store_options).await?;
+    let leadership = if args.leader.leader_election { Leadership::none() } else { Leadership::always() };
     let ctx = Arc::new(Context {
         client: client.clone(),
         store: Arc::new(store),
@@ -65,19 +74,85 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
         slots: ComputeSlots::new(args.max_concurrent_computes, args.namespace.clone()),
         recorder: Recorder::new(
             client.clone(),
-            Reporter { controller: "segment-operator".into(), instance: Some(args.leader.identity.clone()) },
+            Reporter { controller: "segment-operator".into(), instance: Some(identity.clone()) },
         ),
-        metrics,
+        metrics: metrics.clone(),
         clock: Arc::new(chrono::Utc::now),
+        leadership: leadership.clone(),
     });
+    let grace = Duration::from_secs(args.shutdown_grace_seconds);
+    let lead =
+        || within_grace(controller(&clients.watches, ctx.clone(), &args, stopped(stop_rx.clone())), stop_rx.clone(), grace);
 
+    if args.leader.leader_election {
+        let lock = LeaseLock::new(client.clone(), &args.leader.lease_namespace, &args.leader.lease_name, &identity, timing);
+        loop {
+            tokio::select! {
+                _ = lock.acquire(&leadership) => {}
+                _ = stopped(stop_rx.clone()) => break,
+            }
+            metrics.leader.set(1);
+            let end = lock.lead(&leadership, lead()).await;
+            metrics.leader.set(0);
+            match end {
+                TermEnd::Finished => break,
+                // The controller of the lost term was dropped; a new one,
+                // with fresh caches, starts once the lease is ours again.
+                TermEnd::Lost => metrics.leadership_lost.inc(),
+            };
+        }
+    } else {
+        lead().await;
+    }
+    let _ = http_task.await;
+    info!("stopped");
+    Ok(())
+}
+
+/// The two API clients: requests have a read timeout, so a server that
+/// stops answering fails the reconcile instead of hanging it; watches have
+/// none (a quiet watch is not a dead one) and end on the server's own
+/// timeout. Both name the replica in their User-Agent, which the API
+/// server's audit log records.
+pub struct Clients {
+    pub requests: Client,
+    pub watches: Client,
+}
+
+impl Clients {
+    pub async fn new(identity: &str, request_timeout: Duration) -> Result<Clients, kube::Error> {
+        let mut config = kube::Config::infer().await.map_err(kube::Error::InferConfig)?;
+        let agent = format!("segment-operator/{} ({identity})", env!("CARGO_PKG_VERSION"));
+        if let Ok(value) = http::HeaderValue::from_str(&agent) {
+            config.headers.push((http::header::USER_AGENT, value));
+        }
+        config.connect_timeout = Some(Duration::from_secs(10).min(request_timeout));
+        config.write_timeout = Some(request_timeout);
+        let watches = Client::try_from(config.clone())?;
+        config.read_timeout = Some(request_timeout);
+        // The timeout counts from the request, not from when a pooled
+        // connection went idle.
+        config.reset_reader_on_write = true;
+        let requests = Client::try_from(config)?;
+        Ok(Clients { requests, watches })
+    }
+}
+
+/// The controller of one term as leader: it watches Segments, the Jobs
+/// they own and the SegmentSources they read, and ends once `stop` fires
+/// and the reconciles in flight have finished.
+fn controller(
+    watch_client: &Client,
+    ctx: Arc<Context>,
+    args: &RunArgs,
+    stop: impl Future<Output = ()> + Send + Sync + 'static,
+) -> impl Future<Output = ()> {
     let namespace = args.namespace.as_deref();
-    let jobs: Api<Job> = api(&client, namespace);
-    let sources: Api<SegmentSource> = api(&client, namespace);
+    let jobs: Api<Job> = api(watch_client, namespace);
+    let sources: Api<SegmentSource> = api(watch_client, namespace);
     let (cache, writer) = reflector::store();
-    let segments = segment_events(&client, namespace).reflect(writer).applied_objects();
-    let controller = Controller::for_stream(segments, cache.clone());
-    let controller = controller
+    let segments = segment_events(watch_client, namespace).reflect(writer).applied_objects();
+    Controller::for_stream(segments, cache.clone())
         .with_config(ControllerConfig::default().concurrency(args.reconcile_concurrency))
         .owns(jobs, watcher::Config::default().labels(SEGMENT_LABEL))
         // A new or changed SegmentSource can make a definition valid (or
@@ -91,7 +166,7 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
                 .map(|segment| ObjectRef::from(segment.as_ref()))
                 .collect::<Vec<_>>()
         })
-        .graceful_shutdown_on(shutdown_signal(stop_tx.clone()))
+        .graceful_shutdown_on(stop)
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|result| async move {
             match result {
@@ -100,36 +175,24 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
                 Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
                 Err(e) => warn!(error = %e, "controller error"),
             }
-        });
+        })
+}
 
-    let outcome = if args.leader.leader_election {
-        let lock = LeaseLock::new(
-            client.clone(),
-            &args.leader.lease_namespace,
-            &args.leader.lease_name,
-            &args.leader.identity,
-            args.leader.lease_duration_seconds,
-        );
-        let mut stop = stop_rx.clone();
-        tokio::select! {
-            r = lock.run_as_leader(controller) => r.map_err(|e| e.to_string()),
-            _ = stop.changed() => Ok(()),
+/// Runs `work` (which finishes its reconciles in flight once `stop`
+/// fires) but gives it at most `grace` after `stop`.
+async fn within_grace(work: impl Future<Output = ()>, stop: tokio::sync::watch::Receiver<bool>, grace: Duration) {
+    tokio::select! {
+        _ = work => {}
+        _ = async { stopped(stop).await; tokio::time::sleep(grace).await } => {
+            warn!(?grace, "shutdown grace period over: reconciles still in flight are abandoned");
         }
-    } else {
-        controller.await;
-        Ok(())
-    };
-    let _ = stop_tx.send(true);
-    let _ = http_task.await;
-    match outcome {
-        Ok(()) => {
-            info!("stopped");
-            Ok(())
-        }
-        Err(e) => {
-            error!(error = %e, "stopping");
-            Err(e.into())
-        }
+    }
+}
+
+/// Resolves once the stop flag is set.
+fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) -> impl Future<Output = ()> + Send + Sync + 'static {
+    async move {
+        let _ = stop.wait_for(|stopped| *stopped).await;
     }
 }
 
@@ -161,11 +224,4 @@ fn segment_events(
             watcher::Event::InitDone => Some(watcher::Event::InitDone),
         })
     })
-}
-
-/// Stops the controller on SIGTERM or SIGINT.
-async fn shutdown_signal(stop: tokio::sync::watch::Sender<bool>) {
-    segment_runtime::shutdown_signal().await;
-    info!("finishing reconciles in flight");
-    let _ = stop.send(true);
 }

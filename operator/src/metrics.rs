@@ -37,6 +37,12 @@ pub struct Metrics {
     pub runs: Family<ResultLabel, Counter>,
     pub members: Family<SegmentLabels, Gauge>,
     pub jobs_created: Counter,
+    /// Reconciles running now.
+    pub reconciles_in_flight: Gauge,
+    /// 1 while this replica holds the leader lease.
+    pub leader: Gauge,
+    /// Terms that ended because the lease could not be renewed in time.
+    pub leadership_lost: Counter,
 }
 
 impl Default for Metrics {
@@ -48,17 +54,51 @@ impl Default for Metrics {
         let runs = Family::<ResultLabel, Counter>::default();
         let members = Family::<SegmentLabels, Gauge>::default();
         let jobs_created = Counter::default();
+        let leader = Gauge::default();
+        let reconciles_in_flight = Gauge::default();
+        let leadership_lost = Counter::default();
         registry.register("reconciles", "Reconciles by result (ok, conflict, error)", reconciles.clone());
         registry.register("reconcile_errors", "Failed reconciles by kind of error", reconcile_errors.clone());
         registry.register("reconcile_duration_seconds", "Time spent in one reconcile", reconcile_seconds.clone());
         registry.register("runs", "Segment runs by result", runs.clone());
         registry.register("segment_members", "Members of the active version", members.clone());
         registry.register("jobs_created", "Compute and ingest Jobs created", jobs_created.clone());
-        Metrics { registry, reconciles, reconcile_errors, reconcile_seconds, runs, members, jobs_created }
+        registry.register("reconciles_in_flight", "Reconciles running now", reconciles_in_flight.clone());
+        registry.register("leader", "1 while this replica holds the leader lease", leader.clone());
+        registry.register(
+            "leadership_lost",
+            "Terms as leader that ended because the lease was not renewed in time",
+            leadership_lost.clone(),
+        );
+        Metrics {
+            registry,
+            reconciles,
+            reconcile_errors,
+            reconcile_seconds,
+            runs,
+            members,
+            jobs_created,
+            reconciles_in_flight,
+            leader,
+            leadership_lost,
+        }
     }
 }
 
 impl Metrics {
+    /// Counts a reconcile as running until the returned guard drops (when
+    /// it finishes, or is abandoned with a lost term).
+    pub fn reconcile_started(&self) -> impl Drop + '_ {
+        struct InFlight<'a>(&'a Gauge);
+        impl Drop for InFlight<'_> {
+            fn drop(&mut self) {
+                self.0.dec();
+            }
+        }
+        self.reconciles_in_flight.inc();
+        InFlight(&self.reconciles_in_flight)
+    }
+
     /// Counts a reconcile by outcome, and failures by kind. A status-write
     /// conflict is routine (planned again at once on fresh data), so it
     /// is counted apart from errors.

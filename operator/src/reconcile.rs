@@ -29,6 +29,7 @@ use tracing::{debug, info, instrument, warn};
 
 use crate::config::JobArgs;
 use crate::jobs;
+use crate::leader::{Leadership, NotLeader};
 use crate::metrics::Metrics;
 
 pub const FIELD_MANAGER: &str = "segment-operator";
@@ -46,6 +47,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// The time source; tests fix it.
     pub clock: Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>,
+    /// Whether this replica may write; checked before every write.
+    pub leadership: Leadership,
 }
 
 /// Why a reconcile failed. Each variant says what was being done and keeps
@@ -77,6 +80,10 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("Segment has no namespace")]
     NoNamespace,
+    /// The leader lease lapsed (not renewed within its deadline): this
+    /// replica writes nothing until it holds the lease again.
+    #[error("{0}")]
+    NotLeader(#[from] NotLeader),
 }
 
 impl Error {
@@ -89,6 +96,7 @@ impl Error {
             Error::BuildJob(_) => "build_job",
             Error::Finalizer(_) => "finalizer",
             Error::NoNamespace => "no_namespace",
+            Error::NotLeader(_) => "not_leader",
         }
     }
 }
@@ -133,6 +141,9 @@ impl ComputeSlots {
 
 pub async fn reconcile(segment: Arc<Segment>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let started = Instant::now();
+    let _in_flight = ctx.metrics.reconcile_started();
+    // Adding the finalizer is a write too.
+    ctx.leadership.check()?;
     let namespace = segment.namespace().ok_or(Error::NoNamespace)?;
     let api: Api<Segment> = Api::namespaced(ctx.client.clone(), &namespace);
     let result = finalizer(&api, FINALIZER, segment, |event| async {
@@ -164,6 +175,11 @@ pub fn error_policy(segment: Arc<Segment>, error: &Error, _ctx: Arc<Context>) ->
         Error::Conflict => {
             debug!(segment = %key, %error, "planning again on fresh data");
             Requeue::requeue(CONFLICT_REQUEUE)
+        }
+        // The term is ending; the next leader reconciles this Segment.
+        Error::NotLeader(_) => {
+            debug!(segment = %key, %error, "not reconciled");
+            Requeue::requeue(std::time::Duration::from_secs(15))
         }
         _ => {
             // Every variant's message already ends with its cause's.
@@ -282,14 +298,17 @@ impl Effects for ClusterEffects<'_> {
     type Error = Error;
 
     async fn activate(&mut self, version: u64) -> Result<(), Error> {
+        self.ctx.leadership.check()?;
         self.ctx.store.activate(&self.key, version).await.map_err(store("activating a version"))
     }
 
     async fn delete_version(&mut self, version: u64) -> Result<(), Error> {
+        self.ctx.leadership.check()?;
         self.ctx.store.delete_version(&self.key, version).await.map_err(store("deleting a version"))
     }
 
     async fn collect_results(&mut self, older_than: DateTime<Utc>, keep: &[u64]) -> Result<(), Error> {
+        self.ctx.leadership.check()?;
         let removed = self.ctx.results.collect(&self.key, older_than, keep).await.map_err(store("collecting result files"))?;
         if removed > 0 {
             info!(segment = %self.key, removed, "collected expired result files");
@@ -298,10 +317,12 @@ impl Effects for ClusterEffects<'_> {
     }
 
     async fn write_status(&mut self, status: &SegmentStatus) -> Result<(), Error> {
+        self.ctx.leadership.check()?;
         write_status(self.ctx, self.segment, status).await
     }
 
     async fn cancel_jobs(&mut self, version: u64) -> Result<(), Error> {
+        self.ctx.leadership.check()?;
         let label = segment_core::naming::segment_label_value(&self.key.name);
         let selector = format!("{SEGMENT_LABEL}={label},{VERSION_LABEL}={version}");
         let jobs_api = self.jobs_api();
@@ -317,6 +338,7 @@ impl Effects for ClusterEffects<'_> {
     }
 
     async fn launch(&mut self, launch: &Launch) -> Result<(), Error> {
+        self.ctx.leadership.check()?;
         let inputs = match launch.kind {
             JobKind::Compute => segment_inputs(self.ctx, self.segment).await?,
             JobKind::Ingest => Vec::new(),
@@ -336,6 +358,9 @@ impl Effects for ClusterEffects<'_> {
     }
 
     async fn event(&mut self, event: &Event) {
+        if !self.ctx.leadership.is_held() {
+            return;
+        }
         // Without the resourceVersion, the same event of later reconciles
         // counts up one series instead of starting a new Event each time.
         let reference = ObjectReference { resource_version: None, ..self.segment.object_ref(&()) };
@@ -416,6 +441,7 @@ async fn termination_message(ctx: &Context, namespace: &str, job: &str) -> Resul
 /// files unless `deletionPolicy: Retain`. Jobs go with their owner.
 #[instrument(skip_all, fields(segment = %segment.key()))]
 async fn cleanup(segment: &Segment, ctx: &Context) -> Result<Requeue, Error> {
+    ctx.leadership.check()?;
     let key = segment.key();
     if segment.spec.deletion_policy == DeletionPolicy::Delete {
         ctx.store.delete_segment(&key).await.map_err(store("deleting the store data"))?;

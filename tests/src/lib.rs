@@ -137,6 +137,42 @@ impl RedisServer {
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
+
+    /// Freezes the server (SIGSTOP): connections stay open, nothing is
+    /// answered, until [`RedisServer::resume`].
+    pub fn pause(&self) {
+        signal(self.process.child.id(), Signal::Stop);
+    }
+
+    pub fn resume(&self) {
+        signal(self.process.child.id(), Signal::Continue);
+    }
+}
+
+/// The signals tests send to the processes they started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGTERM: a pod being deleted.
+    Terminate,
+    /// SIGKILL: a node or a container that dies at once.
+    Kill,
+    /// SIGSTOP: a process frozen without knowing it.
+    Stop,
+    /// SIGCONT: the frozen process runs on.
+    Continue,
+}
+
+/// Sends `signal` to the process `pid`; panics if it is not delivered.
+pub fn signal(pid: u32, signal: Signal) {
+    let number = match signal {
+        Signal::Terminate => libc::SIGTERM,
+        Signal::Kill => libc::SIGKILL,
+        Signal::Stop => libc::SIGSTOP,
+        Signal::Continue => libc::SIGCONT,
+    };
+    // SAFETY: kill(2) on a pid this test started; no memory is shared.
+    let result = unsafe { libc::kill(pid as libc::pid_t, number) };
+    assert_eq!(result, 0, "{signal:?} to {pid}: {}", std::io::Error::last_os_error());
 }
 
 /// A Redis Cluster of three primaries covering all slots.

@@ -13,9 +13,9 @@ use serde_json::{json, Value};
 
 use crate::{cluster, condition, is_true, put_object, Operator, Serving, Tenant};
 
-const RUN: Duration = Duration::from_secs(180);
+pub const RUN: Duration = Duration::from_secs(180);
 
-fn list(users: impl IntoIterator<Item = u32>) -> String {
+pub fn list(users: impl IntoIterator<Item = u32>) -> String {
     let mut csv = "user_id\n".to_string();
     for user in users {
         csv.push_str(&format!("u{user:07}\n"));
@@ -24,7 +24,7 @@ fn list(users: impl IntoIterator<Item = u32>) -> String {
 }
 
 /// A static-list Segment reading `lists/<name>.csv` of the tenant's lake.
-fn static_segment(tenant: &Tenant, name: &str, extra_spec: Value) -> String {
+pub fn static_segment(tenant: &Tenant, name: &str, extra_spec: Value) -> String {
     let mut spec = json!({"definition": {"static": {"uri": format!("s3://{}/lists/{name}.csv", tenant.lake_bucket)}}});
     for (key, value) in extra_spec.as_object().unwrap() {
         spec[key] = value.clone();
@@ -42,7 +42,7 @@ fn compute(cpu: &str) -> Value {
     json!({"compute": {"resources": {"requests": {"cpu": cpu, "memory": "64Mi"}}}})
 }
 
-fn active_version(segment: &Value) -> Option<u64> {
+pub fn active_version(segment: &Value) -> Option<u64> {
     segment["status"]["activeVersion"].as_u64()
 }
 
@@ -58,7 +58,7 @@ fn member(serving: &Serving, namespace: &str, segment: &str, user: u32) -> (bool
     (body["member"] == true, body["version"].as_u64())
 }
 
-fn annotate(tenant: &Tenant, name: &str, annotation: &str) {
+pub fn annotate(tenant: &Tenant, name: &str, annotation: &str) {
     let output = tenant.kubectl(&["annotate", "segment", name, annotation, "--overwrite"]);
     assert!(output.success(), "{}", output.stderr);
 }
@@ -495,40 +495,6 @@ fn replace_cancels_the_run_in_flight_and_deletes_its_job() {
     let v1 = replaced["status"]["versions"].as_array().unwrap().iter().find(|v| v["version"] == 1).cloned();
     assert_eq!(v1.map(|v| (v["state"].clone(), v["reason"].clone())), Some((json!("Failed"), json!("Replaced"))));
     cluster.wait_until("v1's Job to be deleted", RUN, || cluster.get_json(&tenant.namespace, "job", "vip-v1-compute").is_none());
-}
-
-/// Two replicas with leader election on the real server: the first takes
-/// the Lease and renews it, the other leaves a live Lease alone and does
-/// not reconcile, and takes over once the leader is gone and its Lease
-/// expired. (Failover under SIGSTOP, SIGTERM and API outages is beyond
-/// this test.)
-#[test]
-fn one_replica_leads_and_the_other_takes_over_an_expired_lease() {
-    let cluster = cluster();
-    let tenant = Tenant::new("leader");
-    put_object(&tenant.lake_bucket, "lists/vip.csv", &list(1..=3));
-    tenant.apply(&static_segment(&tenant, "vip", json!({})));
-    let lease_name = format!("{}-segment-operator", tenant.namespace);
-    let lease = || cluster.get_json(&tenant.namespace, "lease", &lease_name);
-    let holder = || lease().and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string));
-    let renewed = || lease().and_then(|l| l["spec"]["renewTime"].as_str().map(str::to_string));
-
-    let first = Operator::start(&tenant, &["--identity", "replica-a", "--lease-duration-seconds", "6"]);
-    cluster.wait_until("replica-a to take the Lease", RUN, || holder().as_deref() == Some("replica-a"));
-    let second = Operator::start(&tenant, &["--identity", "replica-b", "--lease-duration-seconds", "6"]);
-    tenant.wait_for_segment("vip", RUN, |s| active_version(s) == Some(1));
-    let renew_time = renewed();
-    cluster.wait_until("replica-a to renew", RUN, || renewed() != renew_time);
-    assert_eq!(holder().as_deref(), Some("replica-a"), "a live Lease is left alone");
-    assert!(first.reconciles() > 0);
-    assert_eq!(second.reconciles(), 0, "the replica that does not lead does not reconcile");
-
-    drop(first);
-    cluster.wait_until("replica-b to take the expired Lease", RUN, || holder().as_deref() == Some("replica-b"));
-    put_object(&tenant.lake_bucket, "lists/vip.csv", &list(1..=4));
-    annotate(&tenant, "vip", "segmentation.dev/run-requested-at=2030-01-01T00:00:00Z");
-    tenant.wait_for_segment("vip", RUN, |s| active_version(s) == Some(2));
-    assert!(second.reconciles() > 0);
 }
 
 /// Deleting a Segment while the store is down: the finalizer stays (the

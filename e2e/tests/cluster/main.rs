@@ -9,6 +9,7 @@
 
 mod crds;
 mod examples;
+mod failover;
 mod helm;
 mod lifecycle;
 mod plugin;
@@ -18,7 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use segment_tests::cluster::{self, LocalCluster, Output};
-use segment_tests::{free_port, shared_s3, RedisServer, S3Server};
+use segment_tests::{free_port, shared_s3, RedisServer, S3Server, Signal};
 use serde_json::Value;
 
 /// The shared cluster, with the project's CRDs installed and Established.
@@ -160,6 +161,17 @@ impl Operator {
     /// With `namespaced`, the operator watches the tenant's namespace only
     /// (a RoleBinding); otherwise every namespace (a ClusterRoleBinding).
     pub fn start_with(tenant: &Tenant, namespaced: bool, extra_args: &[&str]) -> Operator {
+        Operator::spawn(tenant, namespaced, &format!("operator-{}", tenant.namespace), extra_args)
+    }
+
+    /// One of several replicas of a namespaced operator, with its own
+    /// identity in the Lease (and in its User-Agent, which the API server's
+    /// audit log records).
+    pub fn replica(tenant: &Tenant, identity: &str, extra_args: &[&str]) -> Operator {
+        Operator::spawn(tenant, true, identity, extra_args)
+    }
+
+    fn spawn(tenant: &Tenant, namespaced: bool, identity: &str, extra_args: &[&str]) -> Operator {
         let cluster = tenant.cluster;
         let namespace = &tenant.namespace;
         let watch = if namespaced { format!("operator.watchNamespace={namespace}") } else { "operator.watchNamespace=".into() };
@@ -191,7 +203,7 @@ impl Operator {
             .args(extra_args)
             .env("KUBECONFIG", &kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
-            .env("POD_NAME", format!("operator-{namespace}"))
+            .env("POD_NAME", identity)
             .envs(s3.env())
             .stdout(log_file.try_clone().expect("a log handle"))
             .stderr(log_file)
@@ -202,6 +214,40 @@ impl Operator {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        segment_tests::signal(self.child.id(), signal);
+    }
+
+    /// Waits up to `timeout` for the process to exit; its exit code, or
+    /// `None` if it still runs (or died of a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(status) = self.child.try_wait().expect("the operator's status") {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("the operator's status").is_none()
+    }
+
+    /// A gauge or counter of the operator's /metrics (summed over labels);
+    /// `None` when the endpoint does not answer.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let (status, metrics) = http_get(self.metrics_port, "/metrics");
+        (status == 200).then(|| {
+            metrics
+                .lines()
+                .filter(|l| l.split([' ', '{']).next() == Some(name))
+                .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+                .sum()
+        })
     }
 
     /// Successful reconciles so far, from the operator's /metrics.

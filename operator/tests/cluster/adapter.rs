@@ -119,6 +119,7 @@ impl Harness {
             recorder: Recorder::new(client, Reporter { controller: "segment-operator".into(), instance: None }),
             metrics: self.metrics.clone(),
             clock: Arc::new(move || *now.lock().unwrap()),
+            leadership: segment_operator::leader::Leadership::always(),
         })
     }
 

@@ -28,6 +28,8 @@ pub struct World {
     /// Makes the next Lease replace fail with 409, as when another replica
     /// wrote between our read and our write.
     pub conflict_next_lease_write: bool,
+    /// Lease calls answer 503, as from an API server that is going away.
+    pub lease_calls_fail: bool,
     pub next_resource_version: u64,
 }
 
@@ -139,6 +141,7 @@ fn answer(world: &mut World, req: &Logged) -> (StatusCode, Value) {
             (StatusCode::OK, json!(segment))
         }
         ("POST", ["apis", "events.k8s.io", "v1", "namespaces", _, "events"]) => (StatusCode::CREATED, req.body.clone()),
+        (_, ["apis", "coordination.k8s.io", ..]) if world.lease_calls_fail => status(503, "ServiceUnavailable", "unavailable"),
         ("GET", ["apis", "coordination.k8s.io", "v1", "namespaces", _, "leases", name]) => match world.leases.get(*name) {
             Some(lease) => (StatusCode::OK, json!(lease)),
             None => status(404, "NotFound", "no such lease"),
