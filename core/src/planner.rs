@@ -41,6 +41,13 @@ pub struct PlannerConfig {
     /// Consecutive transient failures retried before waiting for the next
     /// scheduled run.
     pub max_retries: u32,
+    /// A Job whose pod is not running this long after the Job was created
+    /// fails the run with the reason the adapter found (an image that
+    /// cannot be pulled, no node, a missing Secret or ServiceAccount).
+    pub pod_start_timeout: Duration,
+    /// A Job still running this long past its own deadline (the Job
+    /// controller did not stop it) fails the run as `DeadlineExceeded`.
+    pub deadline_grace: Duration,
 }
 
 impl Default for PlannerConfig {
@@ -53,6 +60,8 @@ impl Default for PlannerConfig {
             retry_base: Duration::seconds(30),
             retry_max: Duration::minutes(15),
             max_retries: 5,
+            pod_start_timeout: Duration::minutes(5),
+            deadline_grace: Duration::minutes(2),
         }
     }
 }
@@ -64,6 +73,20 @@ pub struct ObservedJob {
     pub version: u64,
     pub kind: JobKind,
     pub state: JobState,
+    /// When the Job was created; the planner's own timeouts count from it.
+    pub created_at: Option<DateTime<Utc>>,
+    /// The Job's `activeDeadlineSeconds`.
+    pub deadline: Option<Duration>,
+    /// Why a running Job's pod has not started, when the adapter looked
+    /// (it looks once the Job is older than the pod start timeout).
+    pub not_started: Option<Failure>,
+}
+
+impl ObservedJob {
+    /// A Job with nothing known of its timing.
+    pub fn new(name: impl Into<String>, version: u64, kind: JobKind, state: JobState) -> ObservedJob {
+        ObservedJob { name: name.into(), version, kind, state, created_at: None, deadline: None, not_started: None }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -305,6 +328,7 @@ impl Planner<'_, '_> {
                 definition_hash: stored.definition_hash.clone().unwrap_or_default(),
                 reason: None,
                 message: None,
+                generation: None,
             });
         }
         let failed_but_stored: Vec<u64> = self
@@ -358,7 +382,9 @@ impl Planner<'_, '_> {
             RunPhase::Pending => {}
             RunPhase::Computing => match self.job(run.version, JobKind::Compute).map(|j| j.state.clone()) {
                 None => self.launch(&run, JobKind::Compute),
-                Some(JobState::Running) => {}
+                Some(JobState::Running) => {
+                    self.fail_if_stuck(&run, JobKind::Compute);
+                }
                 // Ingesting needs a Job: wait, and take the step once the
                 // spec is valid again.
                 Some(JobState::Succeeded { .. }) if self.launch_blocked => {}
@@ -373,7 +399,11 @@ impl Planner<'_, '_> {
             },
             RunPhase::Ingesting => match self.job(run.version, JobKind::Ingest).map(|j| j.state.clone()) {
                 None => self.launch(&run, JobKind::Ingest),
-                Some(JobState::Running) => {}
+                Some(JobState::Running) => {
+                    if self.fail_if_stuck(&run, JobKind::Ingest) {
+                        self.delete_leftover(run.version);
+                    }
+                }
                 Some(JobState::Failed { failure, .. }) => {
                     // Whatever part of the version was written is invisible
                     // to readers; remove it so it cannot be activated.
@@ -388,6 +418,27 @@ impl Planner<'_, '_> {
             },
             RunPhase::AwaitingApproval => self.guard_and_promote(run),
         }
+    }
+
+    /// Fails the run when its running Job cannot finish: its pod has not
+    /// started within the pod start timeout (with the reason the adapter
+    /// found), or it runs past its own deadline and the Job controller did
+    /// not stop it. Its Jobs are deleted, which frees the compute slot.
+    fn fail_if_stuck(&mut self, run: &RunStatus, kind: JobKind) -> bool {
+        let Some(job) = self.job(run.version, kind).cloned() else { return false };
+        let Some(created) = job.created_at else { return false };
+        let age = self.now() - created;
+        let failure = match (&job.not_started, job.deadline) {
+            (Some(why), _) if age >= self.cfg.pod_start_timeout => why.clone(),
+            (_, Some(deadline)) if age >= deadline + self.cfg.deadline_grace => Failure::new(
+                FailureReason::DeadlineExceeded,
+                format!("the Job ran past its deadline of {}s and was not stopped", deadline.num_seconds()),
+            ),
+            _ => return false,
+        };
+        self.actions.push(Action::CancelJobs { version: run.version });
+        self.fail_run(run, kind.as_str(), failure);
+        true
     }
 
     /// Applies the rollover guard to a loaded version: promote it, or hold
@@ -469,6 +520,7 @@ impl Planner<'_, '_> {
             definition_hash: run.definition_hash.clone(),
             reason: None,
             message: None,
+            generation: Some(run.generation),
         });
         self.st.current_run = None;
         self.st.consecutive_failures = 0;
@@ -521,8 +573,20 @@ impl Planner<'_, '_> {
             definition_hash: run.definition_hash.clone(),
             reason: Some(reason.to_string()),
             message: Some(message.to_string()),
+            generation: Some(run.generation),
         });
         self.st.current_run = None;
+    }
+
+    /// Whether `version` failed for a reason only a spec change fixes, and
+    /// the spec has changed since its run started.
+    fn spec_fix_since_failure(&self, version: &VersionStatus) -> bool {
+        let fixed_by_spec = |reason: &str| {
+            matches!(reason.parse::<FailureReason>(), Ok(FailureReason::JobRejected | FailureReason::OutOfMemory))
+        };
+        version.state == VersionState::Failed
+            && version.reason.as_deref().is_some_and(fixed_by_spec)
+            && version.generation.zip(self.obs.segment.metadata.generation).is_some_and(|(ran, now)| now > ran)
     }
 
     /// Starts at most one run, for the most important due trigger:
@@ -542,6 +606,10 @@ impl Planner<'_, '_> {
             Some(RunTrigger::Initial)
         } else if latest_hash != Some(def_hash) {
             Some(RunTrigger::Definition)
+        } else if !in_flight && newest.is_some_and(|v| self.spec_fix_since_failure(v)) {
+            // The run failed for a setting of the spec (its Job refused,
+            // out of memory) and the spec changed since: try the fix.
+            Some(RunTrigger::Retry)
         } else if !any_servable && !in_flight && (self.lost_versions || newest.is_some_and(|v| v.state != VersionState::Failed)) {
             // The store lost every version: rebuild, whatever failed before.
             Some(RunTrigger::Initial)
@@ -819,6 +887,11 @@ impl Planner<'_, '_> {
                 _ => Cond::f("NotReconciling", ""),
             };
             let stalled = match (newest_failed, &run, realized) {
+                // The Job itself is refused: nothing runs until the spec
+                // changes, whatever versions exist.
+                (Some(failed), None, _) if failed.reason.as_deref() == Some(FailureReason::JobRejected.as_str()) => {
+                    Cond::t(FailureReason::JobRejected.as_str(), &failure_text(failed))
+                }
                 (Some(failed), None, false) if self.st.retry_at.is_none() => {
                     Cond::t("RunFailed", &format!("the current definition has no version: {}", failure_text(failed)))
                 }

@@ -175,6 +175,25 @@ string_enum! {
         BackoffLimitExceeded,
         /// The Job failed for another reason of the Job controller.
         JobFailed,
+        /// The worker was killed for going over its memory limit.
+        OutOfMemory,
+        /// The kubelet ended the pod for a reason of its own (evicted,
+        /// lost with its node).
+        PodFailed,
+        /// The pod's image could not be pulled (unknown image, registry
+        /// down).
+        ImagePullFailed,
+        /// The scheduler found no node for the pod.
+        Unschedulable,
+        /// The container could not be configured (a missing Secret or
+        /// ConfigMap).
+        ContainerConfigError,
+        /// The Job controller could not create a pod (a missing
+        /// ServiceAccount, a quota).
+        PodNotCreated,
+        /// The API server refused the Job itself (an invalid quantity in
+        /// `spec.compute`).
+        JobRejected,
     }
 }
 
@@ -194,6 +213,11 @@ impl FailureReason {
             // way: a retry cannot fix it, an operator upgrade or a fixed
             // setting can.
             FailureReason::BadTask => false,
+            // The same data in the same memory limit runs out again; a
+            // higher limit in the spec (a spec change) fixes it.
+            FailureReason::OutOfMemory => false,
+            // The same Job is refused again until the spec changes.
+            FailureReason::JobRejected => false,
             // The lake, the store, the node or a referenced segment may
             // recover.
             FailureReason::SegmentNotReady
@@ -207,7 +231,14 @@ impl FailureReason {
             | FailureReason::IngestIncomplete
             | FailureReason::DeadlineExceeded
             | FailureReason::BackoffLimitExceeded
-            | FailureReason::JobFailed => true,
+            | FailureReason::JobFailed
+            // The node, the registry, the cluster's capacity or a missing
+            // object may be fixed without touching the Segment.
+            | FailureReason::PodFailed
+            | FailureReason::ImagePullFailed
+            | FailureReason::Unschedulable
+            | FailureReason::ContainerConfigError
+            | FailureReason::PodNotCreated => true,
         }
     }
 }

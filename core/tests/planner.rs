@@ -10,6 +10,8 @@ use segment_core::api::*;
 use segment_core::definition::definition_hash;
 use segment_core::naming::JobKind::{Compute, Ingest};
 use segment_core::planner::{Action, ChangeCount, Launch, PlannerConfig};
+use segment_core::reasons::FailureReason;
+use segment_core::task::Failure;
 use ConditionType::{Ready as READY, Reconciling as RECONCILING, RolloverHeld as ROLLOVER_HELD, Stalled as STALLED};
 
 const SQL: &str = "SELECT user_id FROM orders";
@@ -1552,4 +1554,75 @@ mod properties {
             sim.settle()?;
         }
     }
+}
+
+/// A Job whose pod never starts (the adapter found why: an image that
+/// cannot be pulled) fails its run at the pod start timeout, not at the
+/// Job's deadline: the reason is the pod's, its Jobs are deleted (the
+/// compute slot is freed), v1 keeps serving and a retry is planned.
+#[test]
+fn a_pod_that_does_not_start_fails_the_run_at_the_start_timeout_with_its_reason() {
+    let mut w = world_with_v1(&spec(""));
+    w.request_run();
+    w.settle();
+    assert_eq!(w.run().version, 2);
+    let why = Failure::new(FailureReason::ImagePullFailed, "image registry.invalid/w could not be pulled: not found");
+    w.job_mut(2, Compute).not_started = Some(why);
+    w.advance(w.cfg.pod_start_timeout - Duration::seconds(1));
+    let plan = w.reconcile();
+    assert!(plan.status.current_run.is_some(), "not yet: {:?}", event_reasons(&plan));
+    w.advance(Duration::seconds(1));
+    let plan = w.reconcile();
+    assert!(plan.actions.contains(&Action::CancelJobs { version: 2 }), "{:?}", plan.actions);
+    assert_eq!(event_reasons(&plan), ["!RunFailed"]);
+    let v2 = version(&plan.status, 2);
+    assert_eq!((v2.state, v2.reason.as_deref()), (VersionState::Failed, Some("ImagePullFailed")));
+    assert!(v2.message.as_deref().unwrap().contains("could not be pulled"));
+    assert_eq!(plan.status.active_version, Some(1));
+    assert!(plan.status.retry_at.is_some(), "an image may appear: retried");
+}
+
+/// A running pod is left alone however long it runs, until its Job's own
+/// deadline plus the grace: then the run fails as `DeadlineExceeded`
+/// even if the Job controller never marked the Job failed.
+#[test]
+fn a_job_running_past_its_own_deadline_fails_the_run() {
+    let mut w = world_with_v1(&spec(""));
+    w.request_run();
+    w.settle();
+    w.job_mut(2, Compute).deadline = Some(Duration::minutes(10));
+    w.advance(Duration::minutes(10) + w.cfg.deadline_grace - Duration::seconds(1));
+    assert!(w.reconcile().status.current_run.is_some(), "within the deadline and its grace");
+    w.advance(Duration::seconds(1));
+    let plan = w.reconcile();
+    assert!(plan.actions.contains(&Action::CancelJobs { version: 2 }));
+    assert_eq!(version(&plan.status, 2).reason.as_deref(), Some("DeadlineExceeded"));
+    assert_eq!(plan.status.active_version, Some(1));
+}
+
+/// A Job the API server refuses fails its run once as `JobRejected`: the
+/// Segment is Stalled (though v1 serves), nothing is retried while the
+/// spec stays the same, and a spec change tries again.
+#[test]
+fn a_rejected_job_stalls_the_segment_until_its_spec_changes() {
+    let mut w = world_with_v1(&spec(""));
+    w.request_run();
+    w.settle();
+    w.fail(2, Compute, "JobRejected: Job.batch \"vip-v2-compute\" is invalid: spec.template.spec.containers[0].resources.requests[cpu]: Invalid value: \"lots\"");
+    let plan = w.reconcile();
+    assert_eq!(event_reasons(&plan), ["!RunFailed"]);
+    assert_eq!(plan.status.retry_at, None, "not retried");
+    let stalled = condition(&plan.status, STALLED);
+    assert_eq!((stalled.status.as_str(), stalled.reason.as_str()), ("True", "JobRejected"));
+    assert!(stalled.message.contains("Invalid value"), "{}", stalled.message);
+    assert_eq!(cond(&plan.status, READY).0, "True", "v1 keeps serving");
+    w.advance(Duration::hours(6));
+    let plans = w.settle();
+    assert!(plans.iter().all(|p| launches(p).is_empty() && events(p).is_empty()), "no retry loop");
+
+    w.edit(|spec| spec.description = Some("fixed the resources".into()));
+    let plan = w.reconcile();
+    assert_eq!(w.run().version, 3);
+    assert_eq!(w.run().trigger, RunTrigger::Retry);
+    assert_eq!(event_reasons(&plan), ["RunStarted"]);
 }

@@ -138,6 +138,13 @@ pub struct JobArgs {
     #[arg(long, env = "JOB_DEADLINE_SECONDS", default_value_t = 3600)]
     pub job_deadline_seconds: i64,
 
+    /// A Job whose pod is not running this long after the Job was created
+    /// fails its run with the reason the pod shows (an image that cannot
+    /// be pulled, no node for it, a missing Secret or ServiceAccount), so
+    /// it does not hold its compute slot until the deadline.
+    #[arg(long, env = "POD_START_TIMEOUT_SECONDS", default_value_t = 300)]
+    pub pod_start_timeout_seconds: i64,
+
     /// The most a Segment's `spec.compute.activeDeadlineSeconds` may ask
     /// for; larger values are lowered to it.
     #[arg(long, env = "MAX_JOB_DEADLINE_SECONDS", default_value_t = 86_400)]

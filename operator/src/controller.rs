@@ -68,7 +68,11 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
         client: client.clone(),
         store: Arc::new(store),
         results: Arc::new(ObjectResults::new(args.results_uri.clone())),
-        planner: PlannerConfig { results_base: Some(args.results_uri.clone()), ..Default::default() },
+        planner: PlannerConfig {
+            results_base: Some(args.results_uri.clone()),
+            pod_start_timeout: chrono::Duration::seconds(args.jobs.pod_start_timeout_seconds),
+            ..Default::default()
+        },
         jobs: args.jobs.clone(),
         results_base: args.results_uri.clone(),
         slots: ComputeSlots::new(args.max_concurrent_computes, args.namespace.clone()),
@@ -79,6 +83,7 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
         metrics: metrics.clone(),
         clock: Arc::new(chrono::Utc::now),
         leadership: leadership.clone(),
+        rejected_jobs: Default::default(),
     });
     let grace = Duration::from_secs(args.shutdown_grace_seconds);
     let lead =

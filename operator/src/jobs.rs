@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, DownwardAPIVolumeFile, DownwardAPIVolumeSource, EmptyDirVolumeSource, EnvFromSource,
+    Capabilities, Pod, Container, DownwardAPIVolumeFile, DownwardAPIVolumeSource, EmptyDirVolumeSource, EnvFromSource,
     ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile, SecretEnvSource,
     SecurityContext, Volume, VolumeMount,
 };
@@ -15,6 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 use segment_core::api::{Segment, SegmentSource, JOB_KIND_LABEL, SEGMENT_LABEL, VERSION_LABEL};
 use segment_core::naming::JobKind;
+use segment_core::reasons::FailureReason;
 use segment_core::planner::{JobState, Launch, ObservedJob};
 use segment_core::task::{
     compute_task, ingest_task, Failure, SegmentInput, TASK_ANNOTATION, TASK_DIR, TASK_FILE, TERMINATION_LOG,
@@ -208,7 +209,96 @@ pub fn observe_job(job: &Job, failure_detail: Option<&str>) -> Option<ObservedJo
     } else {
         JobState::Running
     };
-    Some(ObservedJob { name: job.name_any(), version, kind, state })
+    let mut observed = ObservedJob::new(job.name_any(), version, kind, state);
+    observed.created_at = job.metadata.creation_timestamp.as_ref().map(to_chrono);
+    observed.deadline = job.spec.as_ref().and_then(|s| s.active_deadline_seconds).map(chrono::Duration::seconds);
+    Some(observed)
+}
+
+/// Whether a running Job has a pod running (or done): before that, its
+/// pods are worth a look to say why it has not started.
+pub fn has_started(job: &Job) -> bool {
+    let status = job.status.as_ref();
+    let count = |n: Option<i32>| n.unwrap_or(0) > 0;
+    status.is_some_and(|s| count(s.ready) || count(s.succeeded) || count(s.failed))
+}
+
+/// Why the pods of a failed Job failed, from what the kubelet recorded:
+/// its own reasons (out of memory, eviction) win over the termination
+/// message, which for those holds only a log tail.
+pub fn pod_failure(pods: &[Pod]) -> Option<Failure> {
+    let mut message = None;
+    for pod in pods {
+        let status = pod.status.as_ref();
+        if let Some(reason) = status.and_then(|s| s.reason.as_deref()).filter(|r| !r.is_empty()) {
+            return Some(Failure::new(FailureReason::PodFailed, format!("the pod was ended by the kubelet: {reason}")));
+        }
+        let containers = status.and_then(|s| s.container_statuses.as_ref()).into_iter().flatten();
+        for terminated in containers.filter(|c| c.name == CONTAINER).filter_map(|c| c.state.as_ref()?.terminated.as_ref()) {
+            match terminated.reason.as_deref() {
+                Some("OOMKilled") => {
+                    return Some(Failure::new(
+                        FailureReason::OutOfMemory,
+                        "the worker was killed for going over its memory limit; raise spec.compute.resources.limits.memory",
+                    ))
+                }
+                Some("Error" | "Completed") | None => {
+                    message = message.or_else(|| terminated.message.clone().filter(|m| !m.trim().is_empty()));
+                }
+                Some(other) => {
+                    return Some(Failure::new(
+                        FailureReason::PodFailed,
+                        format!("the kubelet ended the worker: {other} (exit code {})", terminated.exit_code),
+                    ))
+                }
+            }
+        }
+    }
+    message.as_deref().and_then(Failure::from_termination_message)
+}
+
+/// Why a Job's pod has not started: the container waits on its image or
+/// its configuration, or the scheduler found no node. `None` when the
+/// pods show no reason (or there are none: see [`not_created`]).
+pub fn start_problem(pods: &[Pod]) -> Option<Failure> {
+    for pod in pods {
+        let status = pod.status.as_ref();
+        let waiting = status
+            .and_then(|s| s.container_statuses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|c| Some((c.image.clone(), c.state.as_ref()?.waiting.clone()?)));
+        for (image, waiting) in waiting {
+            let detail = waiting.message.unwrap_or_default();
+            match waiting.reason.as_deref() {
+                Some("ErrImagePull" | "ImagePullBackOff" | "InvalidImageName" | "ErrImageNeverPull") => {
+                    return Some(Failure::new(FailureReason::ImagePullFailed, format!("image {image} could not be pulled: {detail}")))
+                }
+                Some("CreateContainerConfigError" | "CreateContainerError") => {
+                    return Some(Failure::new(FailureReason::ContainerConfigError, detail))
+                }
+                _ => {}
+            }
+        }
+        let unschedulable = status
+            .and_then(|s| s.conditions.as_ref())
+            .into_iter()
+            .flatten()
+            .find(|c| c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable"));
+        if let Some(condition) = unschedulable {
+            return Some(Failure::new(FailureReason::Unschedulable, condition.message.clone().unwrap_or_default()));
+        }
+    }
+    None
+}
+
+/// A Job that has no pod at all: the Job controller's `FailedCreate`
+/// message (a missing ServiceAccount, a quota) says why.
+pub fn not_created(failed_create: Option<String>) -> Failure {
+    Failure::new(
+        FailureReason::PodNotCreated,
+        failed_create.unwrap_or_else(|| "the Job controller created no pod for the Job".to_string()),
+    )
 }
 
 /// Whether a Job has neither completed nor failed (it holds a compute slot).
@@ -236,6 +326,7 @@ mod tests {
             job_ttl_seconds: 600,
             job_backoff_limit: 1,
             job_deadline_seconds: 3600,
+            pod_start_timeout_seconds: 300,
             max_job_deadline_seconds: 7200,
             worker_cpu_request: "250m".into(),
             worker_memory_request: "512Mi".into(),

@@ -9,7 +9,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use k8s_openapi::api::core::v1::{Event as CoreEvent, ObjectReference, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action as Requeue;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
@@ -20,9 +20,10 @@ use segment_core::api::{
 };
 use segment_core::executor::{self, Effects};
 use segment_core::naming::JobKind;
-use segment_core::planner::{self, Action, Event, Launch, Observation, ObservedJob, Plan, PlannerConfig, StoreView};
+use segment_core::planner::{self, Action, Event, JobState, Launch, Observation, ObservedJob, Plan, PlannerConfig, StoreView};
 use segment_core::store::{ResultStore, SegmentStore, StoreError};
-use segment_core::task::SegmentInput;
+use segment_core::reasons::FailureReason;
+use segment_core::task::{Failure, SegmentInput};
 use serde_json::json;
 use tokio::sync::{Mutex, MutexGuard};
 use tracing::{debug, info, instrument, warn};
@@ -49,6 +50,9 @@ pub struct Context {
     pub clock: Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>,
     /// Whether this replica may write; checked before every write.
     pub leadership: Leadership,
+    /// Jobs the API server refused, by Segment and run version, until the
+    /// next reconcile of that Segment observes them as failed.
+    pub rejected_jobs: std::sync::Mutex<std::collections::HashMap<(SegmentKey, u64), (JobKind, String, Failure)>>,
 }
 
 /// Why a reconcile failed. Each variant says what was being done and keeps
@@ -220,17 +224,44 @@ async fn observe(segment: &Segment, ctx: &Context) -> Result<Observed, Error> {
     let label = segment_core::naming::segment_label_value(&segment.name_any());
     let selector = ListParams::default().labels(&format!("{SEGMENT_LABEL}={label}"));
     let job_list = jobs_api.list(&selector).await.map_err(kube("listing Jobs"))?;
-    let current_version = segment.status.as_ref().and_then(|s| s.current_run.as_ref()).map(|r| r.version);
+    let current_run = segment.status.as_ref().and_then(|s| s.current_run.as_ref());
+    let now = (ctx.clock)();
     let mut jobs = Vec::new();
     for job in &job_list.items {
-        // Only a failed Job of the run in flight needs the worker's reason.
-        let detail = match (jobs::has_failed(job), jobs::observe_job(job, None)) {
-            (true, Some(o)) if Some(o.version) == current_version => {
-                termination_message(ctx, &namespace, &job.name_any()).await?
+        let Some(mut observed) = jobs::observe_job(job, None) else { continue };
+        // Only the run in flight needs to know why its Job failed or has
+        // not started: a look at its pods, on failure or once the Job is
+        // older than the pod start timeout.
+        if current_run.is_some_and(|r| r.version == observed.version) {
+            match &mut observed.state {
+                JobState::Failed { failure, .. } => {
+                    if let Some(found) = jobs::pod_failure(&job_pods(ctx, &namespace, &observed.name).await?) {
+                        *failure = found;
+                    }
+                }
+                JobState::Running => {
+                    let old = observed.created_at.is_some_and(|at| now - at >= ctx.planner.pod_start_timeout);
+                    if old && !jobs::has_started(job) {
+                        let pods = job_pods(ctx, &namespace, &observed.name).await?;
+                        observed.not_started = if pods.is_empty() {
+                            Some(jobs::not_created(failed_create(ctx, &namespace, &observed.name).await?))
+                        } else {
+                            jobs::start_problem(&pods)
+                        };
+                    }
+                }
+                JobState::Succeeded { .. } => {}
             }
-            _ => None,
-        };
-        jobs.extend(jobs::observe_job(job, detail.as_deref()));
+        }
+        jobs.push(observed);
+    }
+    // A Job the API server refused has no object to observe: the refusal
+    // stands in for it, so the run fails once instead of retrying.
+    if let Some(run) = current_run {
+        let refused = ctx.rejected_jobs.lock().unwrap_or_else(|e| e.into_inner()).remove(&(segment.key(), run.version));
+        if let Some((kind, name, failure)) = refused.filter(|(_, name, _)| !jobs.iter().any(|j| &j.name == name)) {
+            jobs.push(ObservedJob::new(name, run.version, kind, JobState::Failed { finished_at: now, failure }));
+        }
     }
 
     let sources_api: Api<SegmentSource> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -239,7 +270,7 @@ async fn observe(segment: &Segment, ctx: &Context) -> Result<Observed, Error> {
     let store = planner::observe_store(ctx.store.as_ref(), &segment.key(), segment.status.as_ref())
         .await
         .map_err(store("reading the store"))?;
-    Ok(Observed { jobs, sources, tables, store, now: (ctx.clock)() })
+    Ok(Observed { jobs, sources, tables, store, now })
 }
 
 /// Plans; when the plan launches a compute Job under a compute limit,
@@ -352,6 +383,15 @@ impl Effects for ClusterEffects<'_> {
             }
             // Created before a restart: the run continues with it.
             Err(kube::Error::Api(s)) if s.code == 409 => {}
+            // Refused for what it is (an invalid quantity in spec.compute):
+            // the same Job would be refused again, so the run fails with
+            // the server's message on the next look instead of retrying.
+            Err(kube::Error::Api(s)) if s.code == 422 => {
+                let failure = Failure::new(FailureReason::JobRejected, truncate(&s.message, 1024));
+                warn!(segment = %self.key, job = %launch.job_name, message = %s.message, "the API server refused a Job");
+                let key = (self.key.clone(), launch.version);
+                self.ctx.rejected_jobs.lock().unwrap_or_else(|e| e.into_inner()).insert(key, (launch.kind, launch.job_name.clone(), failure));
+            }
             Err(source) => return Err(Error::Kube { op: "creating a Job", source }),
         }
         Ok(())
@@ -422,19 +462,19 @@ async fn write_status(ctx: &Context, segment: &Segment, status: &SegmentStatus) 
     }
 }
 
-/// The worker's `Reason: message` from the pods of a failed Job.
-async fn termination_message(ctx: &Context, namespace: &str, job: &str) -> Result<Option<String>, Error> {
+/// The pods of a Job.
+async fn job_pods(ctx: &Context, namespace: &str, job: &str) -> Result<Vec<Pod>, Error> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
     let selector = ListParams::default().labels(&format!("job-name={job}"));
-    let list = pods.list(&selector).await.map_err(kube("listing the pods of a failed Job"))?;
-    let message = list
-        .items
-        .iter()
-        .flat_map(|p| p.status.iter().flat_map(|s| s.container_statuses.iter().flatten()))
-        .filter(|c| c.name == jobs::CONTAINER)
-        .filter_map(|c| c.state.as_ref()?.terminated.as_ref()?.message.clone())
-        .find(|m| !m.trim().is_empty());
-    Ok(message)
+    Ok(pods.list(&selector).await.map_err(kube("listing the pods of a Job"))?.items)
+}
+
+/// The Job controller's newest `FailedCreate` message for a Job.
+async fn failed_create(ctx: &Context, namespace: &str, job: &str) -> Result<Option<String>, Error> {
+    let events: Api<CoreEvent> = Api::namespaced(ctx.client.clone(), namespace);
+    let selector = ListParams::default().fields(&format!("involvedObject.kind=Job,involvedObject.name={job},reason=FailedCreate"));
+    let list = events.list(&selector).await.map_err(kube("listing the events of a Job"))?;
+    Ok(list.items.into_iter().max_by_key(|e| e.last_timestamp.as_ref().map(|t| t.0)).and_then(|e| e.message))
 }
 
 /// Runs before the Segment goes away: removes its store data and result

@@ -228,8 +228,7 @@ impl Engine {
                     Box::pin(async move { ingest::run(&task, store.as_ref()).await.map(|_| ()) })
                 }
             };
-        let observed =
-            ObservedJob { name: launch.job_name.clone(), version: launch.version, kind: launch.kind, state: JobState::Running };
+        let observed = ObservedJob::new(launch.job_name.clone(), launch.version, launch.kind, JobState::Running);
         // The record goes in before the task can finish and update it.
         let mut guard = jobs.lock().unwrap_or_else(|e| e.into_inner());
         let task_jobs = jobs.clone();

@@ -84,19 +84,9 @@ fn jobs_for(segment: &Segment, step: usize, now: chrono::DateTime<Utc>) -> Vec<s
     let Some(run) = segment.status.as_ref().and_then(|s| s.current_run.as_ref()) else { return Vec::new() };
     let name = segment.metadata.name.clone().unwrap_or_default();
     let done = JobState::Succeeded { finished_at: now };
-    let mut jobs = vec![ObservedJob {
-        name: job_name(&name, run.version, JobKind::Compute),
-        version: run.version,
-        kind: JobKind::Compute,
-        state: done.clone(),
-    }];
+    let mut jobs = vec![ObservedJob::new(job_name(&name, run.version, JobKind::Compute), run.version, JobKind::Compute, done.clone())];
     if step >= 2 {
-        jobs.push(ObservedJob {
-            name: job_name(&name, run.version, JobKind::Ingest),
-            version: run.version,
-            kind: JobKind::Ingest,
-            state: done,
-        });
+        jobs.push(ObservedJob::new(job_name(&name, run.version, JobKind::Ingest), run.version, JobKind::Ingest, done));
     }
     jobs
 }

@@ -178,7 +178,7 @@ impl World {
         self.jobs.iter().find(|j| j.version == version && j.kind == kind)
     }
 
-    fn job_mut(&mut self, version: u64, kind: JobKind) -> &mut ObservedJob {
+    pub fn job_mut(&mut self, version: u64, kind: JobKind) -> &mut ObservedJob {
         self.jobs
             .iter_mut()
             .find(|j| j.version == version && j.kind == kind)
@@ -366,8 +366,9 @@ impl Effects for WorldEffects<'_> {
     /// An existing name is `AlreadyExists` and left alone.
     async fn launch(&mut self, launch: &Launch) -> Result<(), String> {
         if !self.jobs.iter().any(|j| j.name == launch.job_name) {
-            let state = JobState::Running;
-            self.jobs.push(ObservedJob { name: launch.job_name.clone(), version: launch.version, kind: launch.kind, state });
+            let mut job = ObservedJob::new(launch.job_name.clone(), launch.version, launch.kind, JobState::Running);
+            job.created_at = Some(self.now);
+            self.jobs.push(job);
         }
         Ok(())
     }

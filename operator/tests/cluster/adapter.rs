@@ -71,6 +71,7 @@ fn job_args() -> JobArgs {
         job_ttl_seconds: 3600,
         job_backoff_limit: 2,
         job_deadline_seconds: 3600,
+        pod_start_timeout_seconds: 300,
         max_job_deadline_seconds: 86_400,
         worker_cpu_request: "500m".into(),
         worker_memory_request: "1Gi".into(),
@@ -120,6 +121,7 @@ impl Harness {
             metrics: self.metrics.clone(),
             clock: Arc::new(move || *now.lock().unwrap()),
             leadership: segment_operator::leader::Leadership::always(),
+            rejected_jobs: Default::default(),
         })
     }
 
