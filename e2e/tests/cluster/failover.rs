@@ -173,7 +173,7 @@ fn a_leader_frozen_past_its_lease_writes_nothing_when_it_resumes() {
     assert!(late.is_empty(), "the resumed replica wrote: {late:?}");
     assert!(a.is_running(), "it campaigns again instead of exiting");
     assert_eq!(a.metric("segment_operator_leader"), Some(0.0));
-    assert!(a.metric("segment_operator_leadership_lost").unwrap_or_default() >= 1.0);
+    assert!(a.metric("segment_operator_leadership_lost_total").unwrap_or_default() >= 1.0);
     assert_eq!(lease_holder(&tenant).as_deref(), Some("replica-b"));
     assert_no_job_created_twice(&writes);
 }
@@ -262,7 +262,7 @@ fn an_api_server_outage_leaves_one_leader_and_the_operator_recovers_alone() {
     tenant.wait_for_segment("s0", RUN, |s| active_version(s) == Some(2));
 
     assert!(a.is_running() && b.is_running(), "both replicas recovered without a restart");
-    assert!(a.metric("segment_operator_leadership_lost").unwrap_or_default() >= 1.0, "the leader stepped down");
+    assert!(a.metric("segment_operator_leadership_lost_total").unwrap_or_default() >= 1.0, "the leader stepped down");
     // The terms after the outage do not overlap: each replica's writes
     // (other than the Lease) fall in a span of time no other replica's
     // writes fall in.
