@@ -581,9 +581,8 @@ impl Planner<'_, '_> {
     /// Whether `version` failed for a reason only a spec change fixes, and
     /// the spec has changed since its run started.
     fn spec_fix_since_failure(&self, version: &VersionStatus) -> bool {
-        let fixed_by_spec = |reason: &str| {
-            matches!(reason.parse::<FailureReason>(), Ok(FailureReason::JobRejected | FailureReason::OutOfMemory))
-        };
+        let fixed_by_spec =
+            |reason: &str| matches!(reason.parse::<FailureReason>(), Ok(FailureReason::JobRejected | FailureReason::OutOfMemory));
         version.state == VersionState::Failed
             && version.reason.as_deref().is_some_and(fixed_by_spec)
             && version.generation.zip(self.obs.segment.metadata.generation).is_some_and(|(ran, now)| now > ran)

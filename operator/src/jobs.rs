@@ -6,17 +6,17 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Pod, Container, DownwardAPIVolumeFile, DownwardAPIVolumeSource, EmptyDirVolumeSource, EnvFromSource,
-    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile, SecretEnvSource,
-    SecurityContext, Volume, VolumeMount,
+    Capabilities, Container, DownwardAPIVolumeFile, DownwardAPIVolumeSource, EmptyDirVolumeSource, EnvFromSource,
+    ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile,
+    SecretEnvSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 use segment_core::api::{Segment, SegmentSource, JOB_KIND_LABEL, SEGMENT_LABEL, VERSION_LABEL};
 use segment_core::naming::JobKind;
-use segment_core::reasons::FailureReason;
 use segment_core::planner::{JobState, Launch, ObservedJob};
+use segment_core::reasons::FailureReason;
 use segment_core::task::{
     compute_task, ingest_task, Failure, SegmentInput, TASK_ANNOTATION, TASK_DIR, TASK_FILE, TERMINATION_LOG,
 };
@@ -272,7 +272,10 @@ pub fn start_problem(pods: &[Pod]) -> Option<Failure> {
             let detail = waiting.message.unwrap_or_default();
             match waiting.reason.as_deref() {
                 Some("ErrImagePull" | "ImagePullBackOff" | "InvalidImageName" | "ErrImageNeverPull") => {
-                    return Some(Failure::new(FailureReason::ImagePullFailed, format!("image {image} could not be pulled: {detail}")))
+                    return Some(Failure::new(
+                        FailureReason::ImagePullFailed,
+                        format!("image {image} could not be pulled: {detail}"),
+                    ))
                 }
                 Some("CreateContainerConfigError" | "CreateContainerError") => {
                     return Some(Failure::new(FailureReason::ContainerConfigError, detail))
@@ -433,5 +436,51 @@ spec:
         assert!(segment_label.len() <= 63, "{segment_label}");
         let observed = observe_job(&job, None).unwrap();
         assert_eq!((observed.version, observed.kind, observed.state), (4, JobKind::Compute, JobState::Running));
+    }
+
+    fn pod(status: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "p"}, "status": status})).unwrap()
+    }
+
+    #[test]
+    fn the_kubelets_reasons_win_over_a_log_tail() {
+        // FallbackToLogsOnError puts the log tail in the message of an
+        // OOM-killed worker: it must not become the reason.
+        let oom = pod(serde_json::json!({"containerStatuses": [{"name": "worker", "image": "w", "imageID": "", "ready": false,
+            "restartCount": 0, "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled", "message": "user u0000042 row ..."}}}]}));
+        let failure = pod_failure(&[oom]).unwrap();
+        assert_eq!(failure.reason, FailureReason::OutOfMemory);
+        assert!(!failure.message.contains("u0000042"), "{}", failure.message);
+
+        let evicted = pod(serde_json::json!({"reason": "Evicted", "message": "low on ephemeral storage"}));
+        assert_eq!(pod_failure(&[evicted]).unwrap().reason, FailureReason::PodFailed);
+
+        let worker = pod(
+            serde_json::json!({"containerStatuses": [{"name": "worker", "image": "w", "imageID": "", "ready": false,
+            "restartCount": 0, "state": {"terminated": {"exitCode": 1, "reason": "Error", "message": "UnknownTable: table `x` is not declared"}}}]}),
+        );
+        assert_eq!(pod_failure(&[worker]).unwrap().reason, FailureReason::UnknownTable);
+        assert_eq!(pod_failure(&[]), None);
+    }
+
+    #[test]
+    fn a_pod_that_has_not_started_says_why() {
+        let waiting = |reason: &str| {
+            pod(serde_json::json!({"containerStatuses": [{"name": "worker", "image": "registry.invalid/w:1", "imageID": "",
+                "ready": false, "restartCount": 0, "state": {"waiting": {"reason": reason, "message": "detail"}}}]}))
+        };
+        assert_eq!(start_problem(&[waiting("ImagePullBackOff")]).unwrap().reason, FailureReason::ImagePullFailed);
+        assert!(start_problem(&[waiting("ErrImagePull")]).unwrap().message.contains("registry.invalid/w:1"));
+        assert_eq!(start_problem(&[waiting("CreateContainerConfigError")]).unwrap().reason, FailureReason::ContainerConfigError);
+        assert_eq!(start_problem(&[waiting("ContainerCreating")]), None, "still starting: no reason yet");
+        let pending =
+            pod(serde_json::json!({"conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+            "message": "0/1 nodes are available: 1 Insufficient cpu."}]}));
+        let failure = start_problem(&[pending]).unwrap();
+        assert_eq!(
+            (failure.reason, failure.message.as_str()),
+            (FailureReason::Unschedulable, "0/1 nodes are available: 1 Insufficient cpu.")
+        );
+        assert_eq!(not_created(None).reason, FailureReason::PodNotCreated);
     }
 }

@@ -21,8 +21,8 @@ use segment_core::api::{
 use segment_core::executor::{self, Effects};
 use segment_core::naming::JobKind;
 use segment_core::planner::{self, Action, Event, JobState, Launch, Observation, ObservedJob, Plan, PlannerConfig, StoreView};
-use segment_core::store::{ResultStore, SegmentStore, StoreError};
 use segment_core::reasons::FailureReason;
+use segment_core::store::{ResultStore, SegmentStore, StoreError};
 use segment_core::task::{Failure, SegmentInput};
 use serde_json::json;
 use tokio::sync::{Mutex, MutexGuard};
@@ -383,14 +383,19 @@ impl Effects for ClusterEffects<'_> {
             }
             // Created before a restart: the run continues with it.
             Err(kube::Error::Api(s)) if s.code == 409 => {}
-            // Refused for what it is (an invalid quantity in spec.compute):
-            // the same Job would be refused again, so the run fails with
+            // Refused for what it is: 400 when it does not even decode (a
+            // quantity that does not parse), 422 when it fails validation.
+            // The same Job would be refused again, so the run fails with
             // the server's message on the next look instead of retrying.
-            Err(kube::Error::Api(s)) if s.code == 422 => {
+            Err(kube::Error::Api(s)) if s.code == 400 || s.code == 422 => {
                 let failure = Failure::new(FailureReason::JobRejected, truncate(&s.message, 1024));
                 warn!(segment = %self.key, job = %launch.job_name, message = %s.message, "the API server refused a Job");
                 let key = (self.key.clone(), launch.version);
-                self.ctx.rejected_jobs.lock().unwrap_or_else(|e| e.into_inner()).insert(key, (launch.kind, launch.job_name.clone(), failure));
+                self.ctx
+                    .rejected_jobs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key, (launch.kind, launch.job_name.clone(), failure));
             }
             Err(source) => return Err(Error::Kube { op: "creating a Job", source }),
         }
@@ -472,7 +477,8 @@ async fn job_pods(ctx: &Context, namespace: &str, job: &str) -> Result<Vec<Pod>,
 /// The Job controller's newest `FailedCreate` message for a Job.
 async fn failed_create(ctx: &Context, namespace: &str, job: &str) -> Result<Option<String>, Error> {
     let events: Api<CoreEvent> = Api::namespaced(ctx.client.clone(), namespace);
-    let selector = ListParams::default().fields(&format!("involvedObject.kind=Job,involvedObject.name={job},reason=FailedCreate"));
+    let selector =
+        ListParams::default().fields(&format!("involvedObject.kind=Job,involvedObject.name={job},reason=FailedCreate"));
     let list = events.list(&selector).await.map_err(kube("listing the events of a Job"))?;
     Ok(list.items.into_iter().max_by_key(|e| e.last_timestamp.as_ref().map(|t| t.0)).and_then(|e| e.message))
 }

@@ -84,7 +84,8 @@ fn jobs_for(segment: &Segment, step: usize, now: chrono::DateTime<Utc>) -> Vec<s
     let Some(run) = segment.status.as_ref().and_then(|s| s.current_run.as_ref()) else { return Vec::new() };
     let name = segment.metadata.name.clone().unwrap_or_default();
     let done = JobState::Succeeded { finished_at: now };
-    let mut jobs = vec![ObservedJob::new(job_name(&name, run.version, JobKind::Compute), run.version, JobKind::Compute, done.clone())];
+    let mut jobs =
+        vec![ObservedJob::new(job_name(&name, run.version, JobKind::Compute), run.version, JobKind::Compute, done.clone())];
     if step >= 2 {
         jobs.push(ObservedJob::new(job_name(&name, run.version, JobKind::Ingest), run.version, JobKind::Ingest, done));
     }

@@ -189,27 +189,87 @@ fn a_job_deleted_by_hand_is_recreated_and_a_definition_change_supersedes_a_run_t
     cluster.wait_until("the stuck Job to be deleted", RUN, || uid(&tenant).is_none());
 }
 
+/// Pods that cannot start fail their runs at `--pod-start-timeout-seconds`
+/// (not at the Job's hour-long deadline), each with the reason the cluster
+/// gives: an image that cannot be pulled (the kubelet's waiting reason),
+/// more CPU than any node has (the scheduler's message), a ServiceAccount
+/// that does not exist (the Job controller's FailedCreate). The old
+/// version keeps serving and the stuck Jobs are deleted, which frees
+/// their compute slots.
 #[test]
-fn a_pod_whose_image_cannot_be_pulled_fails_the_run_at_the_deadline_and_the_old_version_keeps_serving() {
+fn pods_that_cannot_start_fail_their_runs_with_the_reason_and_the_old_version_keeps_serving() {
     let cluster = cluster();
-    let tenant = Tenant::new("badimage");
+    let tenant = Tenant::new("nostart");
+    let cases = [
+        ("image", json!({"image": "registry.invalid/segment-worker:none"}), "ImagePullFailed", "could not be pulled"),
+        ("cpu", compute(UNSCHEDULABLE)["compute"].clone(), "Unschedulable", "Insufficient cpu"),
+        ("account", json!({"serviceAccountName": "no-such-account"}), "PodNotCreated", "no-such-account"),
+    ];
+    for (name, _, _, _) in &cases {
+        put_object(&tenant.lake_bucket, &format!("lists/{name}.csv"), &list(1..=3));
+        tenant.apply(&static_segment(&tenant, name, json!({})));
+    }
+    let _operator = Operator::start(&tenant, &["--pod-start-timeout-seconds", "10"]);
+    for (name, compute, _, _) in &cases {
+        tenant.wait_for_segment(name, RUN, |s| active_version(s) == Some(1));
+        patch_spec(&tenant, name, json!({"compute": compute}));
+        annotate(&tenant, name, "segmentation.dev/run-requested-at=2030-01-01T00:00:00Z");
+    }
+    for (name, _, reason, detail) in &cases {
+        let failed = tenant.wait_for_segment(name, RUN, |s| version_state(s, 2).as_deref() == Some("Failed"));
+        let v2 = failed["status"]["versions"].as_array().unwrap().iter().find(|v| v["version"] == 2).unwrap().clone();
+        assert_eq!(v2["reason"], *reason, "{name}: {v2}");
+        assert!(v2["message"].as_str().unwrap().contains(detail), "{name}: {v2}");
+        assert_eq!(active_version(&failed), Some(1), "{name}: the old version keeps serving");
+        let ready = condition(&failed, "Ready").unwrap();
+        assert_eq!((ready["status"].as_str(), ready["reason"].as_str()), (Some("True"), Some("LastRunFailed")), "{ready}");
+        let job = format!("{name}-v2-compute");
+        cluster.wait_until(&format!("{job} to be deleted"), RUN, || cluster.get_json(&tenant.namespace, "job", &job).is_none());
+    }
+}
+
+/// A Job the API server refuses (a CPU quantity that does not parse) fails
+/// its run once as `JobRejected` with the server's message: the Segment
+/// is Stalled, one Warning Event says why, the old version keeps serving,
+/// and the operator does not send the Job again every few seconds.
+#[test]
+fn a_job_the_api_server_refuses_stalls_the_segment_once_instead_of_retrying() {
+    let cluster = cluster();
+    let tenant = Tenant::new("rejected");
     put_object(&tenant.lake_bucket, "lists/vip.csv", &list(1..=3));
     tenant.apply(&static_segment(&tenant, "vip", json!({})));
-    let _operator = Operator::start(&tenant, &["--job-deadline-seconds", "20"]);
+    let operator = Operator::start(&tenant, &[]);
     tenant.wait_for_segment("vip", RUN, |s| active_version(s) == Some(1));
 
-    patch_spec(&tenant, "vip", json!({"compute": {"image": "registry.invalid/segment-worker:none"}}));
+    patch_spec(&tenant, "vip", json!({"compute": {"resources": {"requests": {"cpu": "lots"}}}}));
     annotate(&tenant, "vip", "segmentation.dev/run-requested-at=2030-01-01T00:00:00Z");
-    cluster.wait_until("the pod to wait on its image", RUN, || {
-        let pods = tenant.kubectl(&["get", "pods", "-l", "job-name=vip-v2-compute", "-o", "json"]).stdout;
-        pods.contains("ImagePullBackOff") || pods.contains("ErrImagePull")
-    });
-    let failed = tenant.wait_for_segment("vip", RUN, |s| version_state(s, 2).as_deref() == Some("Failed"));
-    let v2 = failed["status"]["versions"].as_array().unwrap().iter().find(|v| v["version"] == 2).unwrap().clone();
-    assert_eq!(v2["reason"], "DeadlineExceeded", "{v2}");
-    assert_eq!(active_version(&failed), Some(1), "the old version keeps serving");
-    let ready = condition(&failed, "Ready").unwrap();
-    assert_eq!((ready["status"].as_str(), ready["reason"].as_str()), (Some("True"), Some("LastRunFailed")), "{ready}");
+    let stalled = tenant.wait_for_segment("vip", RUN, |s| is_true(s, "Stalled"));
+    let condition = condition(&stalled, "Stalled").unwrap().clone();
+    assert_eq!(condition["reason"], "JobRejected", "{condition}");
+    assert!(condition["message"].as_str().unwrap().contains("quantities must match"), "the server's message: {condition}");
+    assert_eq!(active_version(&stalled), Some(1));
+    assert_eq!(version_state(&stalled, 2).as_deref(), Some("Failed"));
+
+    let reconciles = operator.reconciles();
+    std::thread::sleep(Duration::from_secs(20));
+    let attempts = cluster
+        .audit_events()
+        .into_iter()
+        .filter(|e| {
+            e["verb"] == "create"
+                && e["objectRef"]["resource"] == "jobs"
+                && e["objectRef"]["namespace"] == tenant.namespace.as_str()
+        })
+        .filter(|e| e["responseStatus"]["code"].as_u64().is_some_and(|c| c == 400 || c == 422))
+        .count();
+    assert_eq!(attempts, 1, "the refused Job was sent once");
+    let failed = events_with_reason(&tenant, "RunFailed");
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(
+        failed[0]["note"].as_str().or(failed[0]["message"].as_str()).unwrap_or_default().contains("JobRejected"),
+        "{failed:?}"
+    );
+    assert!(operator.reconciles() - reconciles <= 2, "no reconcile loop while stalled");
 }
 
 #[test]
