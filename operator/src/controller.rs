@@ -24,7 +24,7 @@ use crate::config::RunArgs;
 use crate::http::Health;
 use crate::leader::{Leadership, LeaseLock, TermEnd};
 use crate::metrics::Metrics;
-use crate::reconcile::{self, ComputeSlots, Context};
+use crate::reconcile::{self, ClusterCache, ComputeSlots, Context};
 
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
 where
@@ -64,30 +64,34 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
         RedisStoreOptions { read_timeout: Some(store_timeout), write_timeout: store_timeout, ..Default::default() };
     let store = RedisStore::connect_with(&args.redis_url, store_options).await?;
     let leadership = if args.leader.leader_election { Leadership::none() } else { Leadership::always() };
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        store: Arc::new(store),
-        results: Arc::new(ObjectResults::new(args.results_uri.clone())),
-        planner: PlannerConfig {
-            results_base: Some(args.results_uri.clone()),
-            pod_start_timeout: chrono::Duration::seconds(args.jobs.pod_start_timeout_seconds),
-            ..Default::default()
-        },
-        jobs: args.jobs.clone(),
-        results_base: args.results_uri.clone(),
-        slots: ComputeSlots::new(args.max_concurrent_computes, args.namespace.clone()),
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter { controller: "segment-operator".into(), instance: Some(identity.clone()) },
-        ),
-        metrics: metrics.clone(),
-        clock: Arc::new(chrono::Utc::now),
-        leadership: leadership.clone(),
-        rejected_jobs: Default::default(),
-    });
+    let store: Arc<RedisStore> = Arc::new(store);
+    let results = Arc::new(ObjectResults::new(args.results_uri.clone()));
+    let recorder =
+        Recorder::new(client.clone(), Reporter { controller: "segment-operator".into(), instance: Some(identity.clone()) });
+    // Each term gets fresh watch caches and a fresh context over them.
+    let context = |cache: ClusterCache| {
+        Arc::new(Context {
+            client: client.clone(),
+            cache,
+            store: store.clone(),
+            results: results.clone(),
+            planner: PlannerConfig {
+                results_base: Some(args.results_uri.clone()),
+                pod_start_timeout: chrono::Duration::seconds(args.jobs.pod_start_timeout_seconds),
+                ..Default::default()
+            },
+            jobs: args.jobs.clone(),
+            results_base: args.results_uri.clone(),
+            slots: ComputeSlots::new(args.max_concurrent_computes),
+            recorder: recorder.clone(),
+            metrics: metrics.clone(),
+            clock: Arc::new(chrono::Utc::now),
+            leadership: leadership.clone(),
+            rejected_jobs: Default::default(),
+        })
+    };
     let grace = Duration::from_secs(args.shutdown_grace_seconds);
-    let lead =
-        || within_grace(controller(&clients.watches, ctx.clone(), &args, stopped(stop_rx.clone())), stop_rx.clone(), grace);
+    let lead = || within_grace(controller(&clients.watches, context, &args, stopped(stop_rx.clone())), stop_rx.clone(), grace);
 
     if args.leader.leader_election {
         let lock = LeaseLock::new(client.clone(), &args.leader.lease_namespace, &args.leader.lease_name, &identity, timing);
@@ -126,20 +130,25 @@ pub struct Clients {
 
 impl Clients {
     pub async fn new(identity: &str, request_timeout: Duration) -> Result<Clients, kube::Error> {
-        let mut config = kube::Config::infer().await.map_err(kube::Error::InferConfig)?;
+        let config = kube::Config::infer().await.map_err(kube::Error::InferConfig)?;
+        let (requests, watches) = Clients::configs(config, identity, request_timeout);
+        Ok(Clients { requests: Client::try_from(requests)?, watches: Client::try_from(watches)? })
+    }
+
+    /// The configurations of the request client and of the watch client.
+    pub fn configs(mut config: kube::Config, identity: &str, request_timeout: Duration) -> (kube::Config, kube::Config) {
         let agent = format!("segment-operator/{} ({identity})", env!("CARGO_PKG_VERSION"));
         if let Ok(value) = http::HeaderValue::from_str(&agent) {
             config.headers.push((http::header::USER_AGENT, value));
         }
         config.connect_timeout = Some(Duration::from_secs(10).min(request_timeout));
         config.write_timeout = Some(request_timeout);
-        let watches = Client::try_from(config.clone())?;
+        let watches = config.clone();
         config.read_timeout = Some(request_timeout);
         // The timeout counts from the request, not from when a pooled
         // connection went idle.
         config.reset_reader_on_write = true;
-        let requests = Client::try_from(config)?;
-        Ok(Clients { requests, watches })
+        (config, watches)
     }
 }
 
@@ -148,23 +157,32 @@ impl Clients {
 /// and the reconciles in flight have finished.
 fn controller(
     watch_client: &Client,
-    ctx: Arc<Context>,
+    context: impl FnOnce(ClusterCache) -> Arc<Context>,
     args: &RunArgs,
     stop: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> impl Future<Output = ()> {
     let namespace = args.namespace.as_deref();
-    let jobs: Api<Job> = api(watch_client, namespace);
-    let sources: Api<SegmentSource> = api(watch_client, namespace);
-    let (cache, writer) = reflector::store();
-    let segments = segment_events(watch_client, namespace).reflect(writer).applied_objects();
-    Controller::for_stream(segments, cache.clone())
+    let (segments_cache, segments_writer) = reflector::store();
+    let (jobs_cache, jobs_writer) = reflector::store();
+    let (sources_cache, sources_writer) = reflector::store();
+    let segments = segment_events(watch_client, namespace).reflect(segments_writer).applied_objects();
+    let jobs = watcher(api::<Job>(watch_client, namespace), watcher::Config::default().labels(SEGMENT_LABEL))
+        .default_backoff()
+        .reflect(jobs_writer)
+        .touched_objects();
+    let sources = watcher(api::<SegmentSource>(watch_client, namespace), watcher::Config::default())
+        .default_backoff()
+        .reflect(sources_writer)
+        .touched_objects();
+    let ctx = context(ClusterCache { jobs: jobs_cache, sources: sources_cache, segments: segments_cache.clone() });
+    Controller::for_stream(segments, segments_cache.clone())
         .with_config(ControllerConfig::default().concurrency(args.reconcile_concurrency))
-        .owns(jobs, watcher::Config::default().labels(SEGMENT_LABEL))
+        .owns_stream(jobs)
         // A new or changed SegmentSource can make a definition valid (or
         // invalid): look at every Segment of its namespace again.
-        .watches(sources, watcher::Config::default(), move |source: SegmentSource| {
+        .watches_stream(sources, move |source: SegmentSource| {
             let namespace = source.namespace();
-            cache
+            segments_cache
                 .state()
                 .iter()
                 .filter(|segment| segment.namespace() == namespace)
@@ -195,10 +213,8 @@ async fn within_grace(work: impl Future<Output = ()>, stop: tokio::sync::watch::
 }
 
 /// Resolves once the stop flag is set.
-fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) -> impl Future<Output = ()> + Send + Sync + 'static {
-    async move {
-        let _ = stop.wait_for(|stopped| *stopped).await;
-    }
+async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopped| *stopped).await;
 }
 
 /// The watch of Segments, each object decoded on its own. A typed watch
@@ -229,4 +245,24 @@ fn segment_events(
             watcher::Event::InitDone => Some(watcher::Event::InitDone),
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_time_out_watches_do_not_and_both_name_the_replica() {
+        let config = kube::Config::new("https://127.0.0.1:6443".parse().unwrap());
+        let (requests, watches) = Clients::configs(config, "pod-a", Duration::from_secs(30));
+        assert_eq!(requests.read_timeout, Some(Duration::from_secs(30)));
+        assert!(requests.reset_reader_on_write);
+        assert_eq!(watches.read_timeout, None, "a quiet watch is not a dead one");
+        for config in [&requests, &watches] {
+            assert_eq!(config.connect_timeout, Some(Duration::from_secs(10)));
+            assert_eq!(config.write_timeout, Some(Duration::from_secs(30)));
+            let agent = config.headers.iter().find(|(name, _)| name == http::header::USER_AGENT).unwrap().1.to_str().unwrap();
+            assert!(agent.starts_with("segment-operator/") && agent.ends_with("(pod-a)"), "{agent}");
+        }
+    }
 }

@@ -150,7 +150,7 @@ impl Record {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Observed {
     record: Record,
     /// Local (monotonic) time at which `record` was first seen.
@@ -177,7 +177,10 @@ pub struct LeaseLock {
     name: String,
     identity: String,
     timing: Timing,
-    observed: tokio::sync::Mutex<Option<Observed>>,
+    /// What was last seen of the Lease. Only one task at a time uses a
+    /// lock (the campaign, then the renew loop, then the release), and the
+    /// mutex is never held across an API call.
+    observed: Mutex<Option<Observed>>,
 }
 
 /// What ended a term as leader.
@@ -197,12 +200,20 @@ impl LeaseLock {
             name: name.to_string(),
             identity: identity.to_string(),
             timing,
-            observed: tokio::sync::Mutex::new(None),
+            observed: Mutex::new(None),
         }
     }
 
     pub fn identity(&self) -> &str {
         &self.identity
+    }
+
+    fn last_observed(&self) -> Option<Observed> {
+        self.observed.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn observe(&self, observed: Observed) {
+        *self.observed.lock().unwrap_or_else(|e| e.into_inner()) = Some(observed);
     }
 
     /// One API call, bounded by `timeout`.
@@ -221,7 +232,6 @@ impl LeaseLock {
     /// is ours; each call answers within `timeout`. Returns whether this
     /// replica holds it now. Losing a race (409) is not an error.
     pub async fn try_acquire_or_renew(&self, timeout: Duration) -> Result<bool, LeaseError> {
-        let mut observed = self.observed.lock().await;
         let now_local = Instant::now();
         let current = Self::call("reading the leader lease", timeout, self.api.get_opt(&self.name)).await?;
         let Some(current) = current else {
@@ -231,7 +241,7 @@ impl LeaseLock {
             };
             return match Self::call("creating the leader lease", timeout, self.api.create(&PostParams::default(), &lease)).await {
                 Ok(created) => {
-                    *observed = Some(Observed { record: Record::of(&spec_of(&created)), at: now_local, lease: created });
+                    self.observe(Observed { record: Record::of(&spec_of(&created)), at: now_local, lease: created });
                     Ok(true)
                 }
                 Err(LeaseError::Api { source: kube::Error::Api(s), .. }) if s.code == 409 => Ok(false),
@@ -242,11 +252,9 @@ impl LeaseLock {
         let record = Record::of(&spec);
         // Expiry is judged by our own clock from when we saw the record
         // change; the holder's renewTime is only compared for equality.
-        let seen_at = match observed.as_ref() {
-            Some(o) if o.record == record => o.at,
-            _ => now_local,
-        };
-        *observed = Some(Observed { record: record.clone(), at: seen_at, lease: current.clone() });
+        let seen_before = self.last_observed().filter(|o| o.record == record).map(|o| o.at);
+        let seen_at = seen_before.unwrap_or(now_local);
+        self.observe(Observed { record: record.clone(), at: seen_at, lease: current.clone() });
         let ours = record.holder == self.identity;
         let held_for =
             spec.lease_duration_seconds.map(|s| Duration::from_secs(s.max(0) as u64)).unwrap_or(self.timing.lease_duration);
@@ -263,7 +271,7 @@ impl LeaseLock {
         match Self::call("writing the leader lease", timeout, self.api.replace(&self.name, &PostParams::default(), &lease)).await
         {
             Ok(written) => {
-                *observed = Some(Observed { record: Record::of(&spec_of(&written)), at: Instant::now(), lease: written });
+                self.observe(Observed { record: Record::of(&spec_of(&written)), at: Instant::now(), lease: written });
                 Ok(true)
             }
             Err(LeaseError::Api { source: kube::Error::Api(s), .. }) if s.code == 409 => Ok(false),
@@ -274,8 +282,7 @@ impl LeaseLock {
     /// Gives the lease up if this replica still holds it: the holder is
     /// cleared, so the next candidate takes it at once.
     pub async fn release(&self) -> Result<(), LeaseError> {
-        let observed = self.observed.lock().await;
-        let Some(observed) = observed.as_ref().filter(|o| o.record.holder == self.identity) else { return Ok(()) };
+        let Some(observed) = self.last_observed().filter(|o| o.record.holder == self.identity) else { return Ok(()) };
         let mut lease = observed.lease.clone();
         let transitions = observed.record.transitions.unwrap_or(0);
         lease.spec = Some(LeaseSpec {

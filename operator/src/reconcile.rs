@@ -3,6 +3,7 @@
 //! [`execute`] carries the plan out through [`segment_core::executor`]
 //! with the cluster as its [`Effects`].
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,6 +15,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action as Requeue;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
 use segment_core::api::{
     DeletionPolicy, Segment, SegmentKey, SegmentSource, SegmentStatus, FINALIZER, JOB_KIND_LABEL, SEGMENT_LABEL, VERSION_LABEL,
@@ -25,7 +27,6 @@ use segment_core::reasons::FailureReason;
 use segment_core::store::{ResultStore, SegmentStore, StoreError};
 use segment_core::task::{Failure, SegmentInput};
 use serde_json::json;
-use tokio::sync::{Mutex, MutexGuard};
 use tracing::{debug, info, instrument, warn};
 
 use crate::config::JobArgs;
@@ -35,9 +36,14 @@ use crate::metrics::Metrics;
 
 pub const FIELD_MANAGER: &str = "segment-operator";
 
-/// Everything a reconcile needs; shared by all reconciles.
+/// Everything a reconcile needs; shared by all reconciles of one term as
+/// leader.
 pub struct Context {
     pub client: Client,
+    /// What the controller's watches have seen: a reconcile reads Jobs,
+    /// SegmentSources and referenced Segments from here, never with a list
+    /// call of its own.
+    pub cache: ClusterCache,
     pub store: Arc<dyn SegmentStore>,
     pub results: Arc<dyn ResultStore>,
     pub planner: PlannerConfig,
@@ -52,7 +58,7 @@ pub struct Context {
     pub leadership: Leadership,
     /// Jobs the API server refused, by Segment and run version, until the
     /// next reconcile of that Segment observes them as failed.
-    pub rejected_jobs: std::sync::Mutex<std::collections::HashMap<(SegmentKey, u64), (JobKind, String, Failure)>>,
+    pub rejected_jobs: std::sync::Mutex<std::collections::HashMap<(SegmentKey, u64), RejectedJob>>,
 }
 
 /// Why a reconcile failed. Each variant says what was being done and keeps
@@ -84,6 +90,10 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("Segment has no namespace")]
     NoNamespace,
+    /// The watches have not listed everything yet (or have ended with
+    /// the term): planned again shortly.
+    #[error("the watch caches are not filled yet")]
+    CacheNotReady,
     /// The leader lease lapsed (not renewed within its deadline): this
     /// replica writes nothing until it holds the lease again.
     #[error("{0}")]
@@ -100,6 +110,7 @@ impl Error {
             Error::BuildJob(_) => "build_job",
             Error::Finalizer(_) => "finalizer",
             Error::NoNamespace => "no_namespace",
+            Error::CacheNotReady => "cache_not_ready",
             Error::NotLeader(_) => "not_leader",
         }
     }
@@ -115,37 +126,109 @@ fn store(op: &'static str) -> impl FnOnce(StoreError) -> Error {
     move |source| Error::Store { op, source }
 }
 
+/// A Job the API server refused: its kind, name and the failure to report.
+pub type RejectedJob = (JobKind, String, Failure);
+
+/// The watch caches a reconcile reads (kube-runtime reflector stores,
+/// filled by the controller's own watches).
+#[derive(Clone)]
+pub struct ClusterCache {
+    pub jobs: Store<Job>,
+    pub sources: Store<SegmentSource>,
+    pub segments: Store<Segment>,
+}
+
+impl ClusterCache {
+    /// Waits until every watch has listed once, so a reconcile never plans
+    /// from a cache that has not seen the cluster yet (a SegmentSource not
+    /// listed yet would read as an unknown table). The wait is bounded: the
+    /// controller may not poll the watches while its first reconciles wait,
+    /// so a reconcile that finds the caches cold gives way and is retried.
+    async fn ready(&self) -> Result<(), Error> {
+        let ready = async {
+            self.jobs.wait_until_ready().await.is_ok()
+                && self.sources.wait_until_ready().await.is_ok()
+                && self.segments.wait_until_ready().await.is_ok()
+        };
+        match tokio::time::timeout(CACHE_SYNC_WAIT, ready).await {
+            Ok(true) => Ok(()),
+            _ => Err(Error::CacheNotReady),
+        }
+    }
+
+    /// The Jobs of one Segment.
+    fn jobs_of(&self, namespace: &str, segment: &str) -> Vec<Arc<Job>> {
+        let label = segment_core::naming::segment_label_value(segment);
+        self.jobs
+            .state()
+            .into_iter()
+            .filter(|job| job.namespace().as_deref() == Some(namespace))
+            .filter(|job| job.labels().get(SEGMENT_LABEL) == Some(&label))
+            .collect()
+    }
+}
+
 /// The limit on concurrent compute Jobs of this operator (cluster-wide, or
-/// in its one watched namespace). Counting and creating happen under one
-/// lock so two reconciles cannot both take the last slot; the count comes
-/// from the API server, so a restarted operator sees the Jobs its
-/// predecessor started.
+/// in its one watched namespace: the Jobs cache holds only what it
+/// watches). Active compute Jobs are counted from the cache, plus the Jobs
+/// reserved by reconciles that are creating them and not yet seen by the
+/// watch; counting and reserving happen under one lock, which is never
+/// held across an API call.
 pub struct ComputeSlots {
     limit: Option<usize>,
-    /// The watched namespace: the operator creates Jobs nowhere else, so
-    /// it counts (and needs permission to list) only there.
-    namespace: Option<String>,
-    lock: Mutex<()>,
+    /// (namespace, Job name) of compute Jobs being created.
+    reserved: std::sync::Mutex<BTreeSet<(String, String)>>,
+}
+
+/// A compute slot taken for one Job: released on drop unless kept (the
+/// Job was created; the cache counts it from then on).
+pub struct SlotReservation<'a> {
+    slots: &'a ComputeSlots,
+    job: (String, String),
+    kept: bool,
+}
+
+impl SlotReservation<'_> {
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for SlotReservation<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.slots.reserved.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.job);
+        }
+    }
 }
 
 impl ComputeSlots {
-    pub fn new(limit: usize, namespace: Option<String>) -> Self {
-        ComputeSlots { limit: (limit > 0).then_some(limit), namespace, lock: Mutex::new(()) }
+    pub fn new(limit: usize) -> Self {
+        ComputeSlots { limit: (limit > 0).then_some(limit), reserved: Default::default() }
     }
 
-    async fn active_computes(&self, client: &Client) -> Result<usize, kube::Error> {
-        let jobs: Api<Job> = match &self.namespace {
-            Some(namespace) => Api::namespaced(client.clone(), namespace),
-            None => Api::all(client.clone()),
-        };
-        let list = jobs.list(&ListParams::default().labels(&format!("{JOB_KIND_LABEL}=compute"))).await?;
-        Ok(list.items.iter().filter(|j| jobs::is_active(j)).count())
+    /// Takes a slot for `job` if one is free.
+    fn try_reserve(&self, jobs: &Store<Job>, job: (String, String)) -> Option<SlotReservation<'_>> {
+        let compute = |j: &Arc<Job>| j.labels().get(JOB_KIND_LABEL).map(String::as_str) == Some("compute");
+        let cached = jobs.state();
+        let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
+        // A reserved Job the watch has delivered is counted from the cache.
+        reserved.retain(|(ns, name)| !cached.iter().any(|j| j.namespace().as_deref() == Some(ns) && &j.name_any() == name));
+        let active = cached.iter().filter(|j| compute(j) && jobs::is_active(j)).count();
+        if let Some(limit) = self.limit {
+            if active + reserved.len() >= limit && !reserved.contains(&job) {
+                return None;
+            }
+        }
+        reserved.insert(job.clone());
+        Some(SlotReservation { slots: self, job, kept: false })
     }
 }
 
 pub async fn reconcile(segment: Arc<Segment>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let started = Instant::now();
     let _in_flight = ctx.metrics.reconcile_started();
+    ctx.cache.ready().await?;
     // Adding the finalizer is a write too.
     ctx.leadership.check()?;
     let namespace = segment.namespace().ok_or(Error::NoNamespace)?;
@@ -167,6 +250,9 @@ pub async fn reconcile(segment: Arc<Segment>, ctx: Arc<Context>) -> Result<Reque
     result
 }
 
+/// How long a reconcile waits for the watch caches to fill.
+const CACHE_SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How long after a status-write conflict to plan again: enough for the
 /// watch to deliver the newer copy, short enough to count as at once.
 const CONFLICT_REQUEUE: std::time::Duration = std::time::Duration::from_millis(100);
@@ -179,6 +265,10 @@ pub fn error_policy(segment: Arc<Segment>, error: &Error, _ctx: Arc<Context>) ->
         Error::Conflict => {
             debug!(segment = %key, %error, "planning again on fresh data");
             Requeue::requeue(CONFLICT_REQUEUE)
+        }
+        Error::CacheNotReady => {
+            debug!(segment = %key, %error, "planning again once the caches are filled");
+            Requeue::requeue(std::time::Duration::from_secs(1))
         }
         // The term is ending; the next leader reconciles this Segment.
         Error::NotLeader(_) => {
@@ -205,8 +295,11 @@ struct Observed {
 #[instrument(skip_all, fields(segment = %segment.key()))]
 async fn apply(segment: &Segment, ctx: &Context) -> Result<Requeue, Error> {
     let observed = observe(segment, ctx).await?;
-    let (plan, _slot) = plan_with_slot(segment, &observed, ctx).await?;
+    let (plan, slot) = plan_with_slot(segment, &observed, ctx);
     execute(segment, &plan, &observed.sources, ctx).await?;
+    if let Some(slot) = slot {
+        slot.keep();
+    }
     let key = segment.key();
     ctx.metrics.record_plan(&key.namespace, &key.name, &plan);
     debug!(actions = plan.actions.len(), requeue_at = ?plan.requeue_at, "planned and carried out");
@@ -220,14 +313,11 @@ async fn apply(segment: &Segment, ctx: &Context) -> Result<Requeue, Error> {
 /// the run in flight), the namespace's SegmentSources and the store.
 async fn observe(segment: &Segment, ctx: &Context) -> Result<Observed, Error> {
     let namespace = segment.namespace().ok_or(Error::NoNamespace)?;
-    let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
-    let label = segment_core::naming::segment_label_value(&segment.name_any());
-    let selector = ListParams::default().labels(&format!("{SEGMENT_LABEL}={label}"));
-    let job_list = jobs_api.list(&selector).await.map_err(kube("listing Jobs"))?;
+    let job_list = ctx.cache.jobs_of(&namespace, &segment.name_any());
     let current_run = segment.status.as_ref().and_then(|s| s.current_run.as_ref());
     let now = (ctx.clock)();
     let mut jobs = Vec::new();
-    for job in &job_list.items {
+    for job in &job_list {
         let Some(mut observed) = jobs::observe_job(job, None) else { continue };
         // Only the run in flight needs to know why its Job failed or has
         // not started: a look at its pods, on failure or once the Job is
@@ -264,8 +354,14 @@ async fn observe(segment: &Segment, ctx: &Context) -> Result<Observed, Error> {
         }
     }
 
-    let sources_api: Api<SegmentSource> = Api::namespaced(ctx.client.clone(), &namespace);
-    let sources = sources_api.list(&ListParams::default()).await.map_err(kube("listing SegmentSources"))?.items;
+    let sources: Vec<SegmentSource> = ctx
+        .cache
+        .sources
+        .state()
+        .iter()
+        .filter(|s| s.namespace().as_deref() == Some(namespace.as_str()))
+        .map(|s| s.as_ref().clone())
+        .collect();
     let tables = sources.iter().map(|s| s.spec.table.clone()).collect();
     let store = planner::observe_store(ctx.store.as_ref(), &segment.key(), segment.status.as_ref())
         .await
@@ -274,13 +370,9 @@ async fn observe(segment: &Segment, ctx: &Context) -> Result<Observed, Error> {
 }
 
 /// Plans; when the plan launches a compute Job under a compute limit,
-/// takes the slot lock (held by the caller through the Job's creation) and
-/// plans again without a slot if none is free.
-async fn plan_with_slot<'c>(
-    segment: &Segment,
-    observed: &Observed,
-    ctx: &'c Context,
-) -> Result<(Plan, Option<MutexGuard<'c, ()>>), Error> {
+/// reserves a slot for it (kept once the Job is created) and plans again
+/// without a slot if none is free.
+fn plan_with_slot<'c>(segment: &Segment, observed: &Observed, ctx: &'c Context) -> (Plan, Option<SlotReservation<'c>>) {
     let observation = |slot_free: bool| Observation {
         segment,
         jobs: &observed.jobs,
@@ -290,15 +382,15 @@ async fn plan_with_slot<'c>(
         now: observed.now,
     };
     let plan = planner::plan(&observation(true), &ctx.planner);
-    let launches_compute = plan.actions.iter().any(|a| matches!(a, Action::Launch(Launch { kind: JobKind::Compute, .. })));
-    match ctx.slots.limit {
-        Some(limit) if launches_compute => {
-            let guard = ctx.slots.lock.lock().await;
-            let active = ctx.slots.active_computes(&ctx.client).await.map_err(kube("counting compute Jobs"))?;
-            let plan = if active >= limit { planner::plan(&observation(false), &ctx.planner) } else { plan };
-            Ok((plan, Some(guard)))
-        }
-        _ => Ok((plan, None)),
+    let compute_job = plan.actions.iter().find_map(|a| match a {
+        Action::Launch(Launch { kind: JobKind::Compute, job_name, .. }) => Some(job_name.clone()),
+        _ => None,
+    });
+    let Some(job_name) = compute_job.filter(|_| ctx.slots.limit.is_some()) else { return (plan, None) };
+    let namespace = segment.namespace().unwrap_or_default();
+    match ctx.slots.try_reserve(&ctx.cache.jobs, (namespace, job_name)) {
+        Some(slot) => (plan, Some(slot)),
+        None => (planner::plan(&observation(false), &ctx.planner), None),
     }
 }
 
@@ -434,11 +526,11 @@ impl Effects for ClusterEffects<'_> {
 /// Segments' status.
 async fn segment_inputs(ctx: &Context, segment: &Segment) -> Result<Vec<SegmentInput>, Error> {
     let Some(rules) = &segment.spec.definition.rules else { return Ok(Vec::new()) };
-    let api: Api<Segment> = Api::namespaced(ctx.client.clone(), &segment.namespace().ok_or(Error::NoNamespace)?);
+    let namespace = segment.namespace().ok_or(Error::NoNamespace)?;
     let mut active = std::collections::HashMap::new();
     for name in rules.segment_refs() {
-        let referenced = api.get_opt(name).await.map_err(kube("reading a referenced Segment"))?;
-        if let Some(version) = referenced.and_then(|s| s.status).and_then(|s| s.active_version) {
+        let referenced = ctx.cache.segments.get(&ObjectRef::new(name).within(&namespace));
+        if let Some(version) = referenced.and_then(|s| s.status.as_ref().and_then(|s| s.active_version)) {
             active.insert(name.to_string(), version);
         }
     }
@@ -515,4 +607,35 @@ fn truncate(text: &str, max: usize) -> String {
 fn short_digest(text: &str) -> String {
     use sha2::{Digest, Sha256};
     Sha256::digest(text.as_bytes()).iter().take(4).map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::{reflector, watcher};
+
+    fn compute_job(name: &str, done: bool) -> Job {
+        let condition = done.then(|| serde_json::json!([{"type": "Complete", "status": "True"}]));
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "growth", "labels": {JOB_KIND_LABEL: "compute"}},
+            "status": {"conditions": condition},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_reserved_slot_counts_until_the_watch_shows_its_job() {
+        let slots = ComputeSlots::new(1);
+        let (cache, mut writer) = reflector::store::<Job>();
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        let job = |name: &str| ("growth".to_string(), name.to_string());
+        slots.try_reserve(&cache, job("a")).expect("a free slot").keep();
+        assert!(slots.try_reserve(&cache, job("b")).is_none(), "a's Job is being created");
+        writer.apply_watcher_event(&watcher::Event::Apply(compute_job("a", false)));
+        assert!(slots.try_reserve(&cache, job("b")).is_none(), "a's Job runs");
+        writer.apply_watcher_event(&watcher::Event::Apply(compute_job("a", true)));
+        let b = slots.try_reserve(&cache, job("b")).expect("a's Job is done");
+        drop(b);
+        assert!(slots.try_reserve(&cache, job("c")).is_some(), "b's reservation was released: its Job was never created");
+    }
 }

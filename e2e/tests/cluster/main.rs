@@ -269,6 +269,15 @@ impl Operator {
 
 impl Drop for Operator {
     fn drop(&mut self) {
+        // A failing test shows what the operator said.
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("--- operator log (last {} lines) ---", tail.len());
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -14,6 +14,8 @@ use k8s_openapi::api::core::v1::{ContainerState, ContainerStateTerminated, Conta
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::runtime::controller::Action as Requeue;
 use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher;
 use segment_core::api::{
     RunPhase, Segment, SegmentKey, SegmentSource, VersionState, APPROVE_VERSION_ANNOTATION, FINALIZER, JOB_KIND_LABEL,
     SEGMENT_LABEL, VERSION_LABEL,
@@ -23,7 +25,7 @@ use segment_core::store::{MemoryResults, MemoryStore, ResultStore, SegmentStore}
 use segment_core::task::{ComputeTask, IngestTask, TASK_ANNOTATION, TASK_FILE};
 use segment_operator::config::JobArgs;
 use segment_operator::metrics::Metrics;
-use segment_operator::reconcile::{error_policy, reconcile, ComputeSlots, Context, Error};
+use segment_operator::reconcile::{error_policy, reconcile, ClusterCache, ComputeSlots, Context, Error};
 
 const NS: &str = "growth";
 const SEGMENTS: &str = "/apis/segmentation.dev/v1alpha1/namespaces/growth/segments/vip";
@@ -106,17 +108,31 @@ impl Harness {
         }
     }
 
+    /// The watch caches of an operator that has just listed the world:
+    /// Jobs (of the watched namespace only, when it watches one), sources
+    /// and the Segment.
+    fn cache(&self) -> ClusterCache {
+        let world = self.world.lock().unwrap();
+        let watched = |job: &&Job| self.watch_namespace.as_ref().is_none_or(|ns| job.metadata.namespace.as_ref() == Some(ns));
+        ClusterCache {
+            jobs: listed(world.jobs.iter().filter(watched).cloned()),
+            sources: listed(world.sources.iter().cloned()),
+            segments: listed(world.segment.iter().cloned()),
+        }
+    }
+
     fn context(&self) -> Arc<Context> {
         let client = fake_api::client(self.world.clone());
         let now = self.now.clone();
         Arc::new(Context {
             client: client.clone(),
+            cache: self.cache(),
             store: self.store.clone(),
             results: self.results.clone(),
             planner: PlannerConfig { results_base: Some("s3://results".into()), ..Default::default() },
             jobs: job_args(),
             results_base: "s3://results".into(),
-            slots: ComputeSlots::new(self.compute_limit, self.watch_namespace.clone()),
+            slots: ComputeSlots::new(self.compute_limit),
             recorder: Recorder::new(client, Reporter { controller: "segment-operator".into(), instance: None }),
             metrics: self.metrics.clone(),
             clock: Arc::new(move || *now.lock().unwrap()),
@@ -190,6 +206,20 @@ impl Harness {
         self.reconcile().await;
         assert_eq!(self.store.active_version(&self.key()).await.unwrap(), Some(version));
     }
+}
+
+/// A reflector store that has listed `objects`.
+fn listed<K>(objects: impl IntoIterator<Item = K>) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    let (store, mut writer) = reflector::store();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for object in objects {
+        writer.apply_watcher_event(&watcher::Event::InitApply(object));
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    store
 }
 
 fn job_task(job: &Job) -> String {
@@ -546,8 +576,6 @@ async fn the_cluster_wide_compute_limit_queues_runs() {
     });
     let writes = h.reconcile().await;
     assert_eq!(writes, vec![format!("PATCH {STATUS}"), format!("POST {EVENTS}")], "the run is recorded, no Job");
-    let cluster_lists = h.world.lock().unwrap().requests("GET", "/apis/batch/v1/jobs");
-    assert!(cluster_lists.iter().any(|l| l.path == "/apis/batch/v1/jobs" && l.query.contains("job-kind=compute")));
     let run = h.segment().status.unwrap().current_run.unwrap();
     assert_eq!((run.phase, run.reason.as_deref()), (RunPhase::Pending, Some("WaitingForComputeSlot")));
 
@@ -557,14 +585,13 @@ async fn the_cluster_wide_compute_limit_queues_runs() {
     assert_eq!(h.segment().status.unwrap().current_run.unwrap().phase, RunPhase::Computing);
 }
 
-/// An operator watching one namespace counts compute Jobs there only: it
-/// starts none elsewhere, and needs no cluster-wide permission to list.
+/// An operator watching one namespace counts compute Jobs there only (its
+/// Jobs cache holds no other).
 #[tokio::test]
 async fn a_namespaced_operator_counts_only_its_namespace() {
     let mut h = Harness::new(segment(""));
     h.compute_limit = 1;
-    let namespace = h.segment().metadata.namespace.clone().unwrap();
-    h.watch_namespace = Some(namespace.clone());
+    h.watch_namespace = h.segment().metadata.namespace.clone();
     let compute_job = |name: &str, ns: &str| Job {
         metadata: ObjectMeta {
             name: Some(name.into()),
@@ -581,8 +608,6 @@ async fn a_namespaced_operator_counts_only_its_namespace() {
         vec![format!("PATCH {STATUS}"), format!("POST {JOBS}"), format!("POST {EVENTS}")],
         "the other namespace's Job takes no slot"
     );
-    let lists = h.world.lock().unwrap().requests("GET", "/apis/batch/v1");
-    assert!(lists.iter().all(|l| l.path == format!("/apis/batch/v1/namespaces/{namespace}/jobs")), "{lists:?}");
 }
 
 #[tokio::test]
@@ -618,4 +643,15 @@ async fn expired_results_are_collected_but_the_active_versions_are_kept() {
     assert_eq!(h.results.versions(&h.key()), vec![1, 6], "v5 expired; v1 is active; v6 is recent");
     let collected = h.results.collect(&h.key(), t0() + Duration::days(30), &[]).await.unwrap();
     assert_eq!(collected, 2);
+}
+
+/// A whole run, from the first reconcile to an active version, reads Jobs,
+/// SegmentSources and Segments from the watch caches: no list or get of
+/// its own (only a failed or stuck Job's pods are listed).
+#[tokio::test]
+async fn a_reconcile_reads_the_watch_caches_and_lists_nothing() {
+    let h = Harness::new(segment(""));
+    h.run_to_active(1, &["u1"]).await;
+    let reads: Vec<String> = h.world.lock().unwrap().log.iter().filter(|l| l.method == "GET").map(|l| l.line()).collect();
+    assert_eq!(reads, Vec::<String>::new());
 }
