@@ -306,7 +306,8 @@ fn the_operator_rbac_grants_what_the_operator_calls_and_nothing_else() {
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         let code = std::fs::read_to_string(&path).unwrap();
-        for piece in code.split("Api<").skip(1) {
+        // `Api<K>` types, and `api::<K>(...)`, the helper of controller.rs.
+        for piece in code.split("Api<").skip(1).chain(code.split("api::<").skip(1)) {
             let kind: String = piece.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
             let resource = match kind.as_str() {
                 "K" => continue, // the generic helper in controller.rs
@@ -314,6 +315,8 @@ fn the_operator_rbac_grants_what_the_operator_calls_and_nothing_else() {
                 "SegmentSource" => ("segmentation.dev", "segmentsources"),
                 "Job" => ("batch", "jobs"),
                 "Pod" => ("", "pods"),
+                // A Job's FailedCreate Events (core/v1), read when it has no pod.
+                "CoreEvent" => ("", "events"),
                 "Lease" => ("coordination.k8s.io", "leases"),
                 // An untyped watch (each Segment decoded on its own): the
                 // type it erases says what it reaches.
