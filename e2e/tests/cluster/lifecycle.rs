@@ -69,6 +69,19 @@ fn patch_spec(tenant: &Tenant, name: &str, spec: Value) {
     assert!(output.success(), "{}", output.stderr);
 }
 
+/// Job creations in the tenant's namespace the API server answered with a
+/// code `code` accepts, from its audit log.
+fn job_creates(tenant: &Tenant, code: impl Fn(u64) -> bool) -> usize {
+    let in_namespace = |e: &Value| e["objectRef"]["namespace"] == tenant.namespace.as_str();
+    tenant
+        .cluster
+        .audit_events()
+        .into_iter()
+        .filter(|e| e["verb"] == "create" && e["objectRef"]["resource"] == "jobs" && in_namespace(e))
+        .filter(|e| e["responseStatus"]["code"].as_u64().is_some_and(&code))
+        .count()
+}
+
 fn events_with_reason(tenant: &Tenant, reason: &str) -> Vec<Value> {
     let events: Value = serde_json::from_str(&tenant.kubectl(&["get", "events", "-o", "json"]).stdout).unwrap();
     events["items"].as_array().unwrap().iter().filter(|e| e["reason"] == reason).cloned().collect()
@@ -234,7 +247,6 @@ fn pods_that_cannot_start_fail_their_runs_with_the_reason_and_the_old_version_ke
 /// and the operator does not send the Job again every few seconds.
 #[test]
 fn a_job_the_api_server_refuses_stalls_the_segment_once_instead_of_retrying() {
-    let cluster = cluster();
     let tenant = Tenant::new("rejected");
     put_object(&tenant.lake_bucket, "lists/vip.csv", &list(1..=3));
     tenant.apply(&static_segment(&tenant, "vip", json!({})));
@@ -252,16 +264,7 @@ fn a_job_the_api_server_refuses_stalls_the_segment_once_instead_of_retrying() {
 
     let reconciles = operator.reconciles();
     std::thread::sleep(Duration::from_secs(20));
-    let attempts = cluster
-        .audit_events()
-        .into_iter()
-        .filter(|e| {
-            e["verb"] == "create"
-                && e["objectRef"]["resource"] == "jobs"
-                && e["objectRef"]["namespace"] == tenant.namespace.as_str()
-        })
-        .filter(|e| e["responseStatus"]["code"].as_u64().is_some_and(|c| c == 400 || c == 422))
-        .count();
+    let attempts = job_creates(&tenant, |code| code == 400 || code == 422);
     assert_eq!(attempts, 1, "the refused Job was sent once");
     let failed = events_with_reason(&tenant, "RunFailed");
     assert_eq!(failed.len(), 1, "{failed:?}");
@@ -506,16 +509,7 @@ fn a_restarted_operator_resumes_the_run_without_a_second_job() {
     cluster.wait_until("the new operator to reconcile", RUN, || second.reconciles() > 0);
     assert_eq!(uid(&tenant), job, "the same Job");
     assert_eq!(tenant.segment("vip")["status"]["currentRun"]["version"], 1);
-    let creates = cluster
-        .audit_events()
-        .into_iter()
-        .filter(|e| {
-            e["verb"] == "create"
-                && e["objectRef"]["resource"] == "jobs"
-                && e["objectRef"]["namespace"] == tenant.namespace.as_str()
-                && e["responseStatus"]["code"].as_u64().is_some_and(|c| c < 300)
-        })
-        .count();
+    let creates = job_creates(&tenant, |code| code < 300);
     assert_eq!(creates, 1, "one Job created for the run");
 }
 
