@@ -1626,3 +1626,23 @@ fn a_rejected_job_stalls_the_segment_until_its_spec_changes() {
     assert_eq!(w.run().trigger, RunTrigger::Retry);
     assert_eq!(event_reasons(&plan), ["RunStarted"]);
 }
+
+/// A run killed for its memory is not retried while the spec stays the
+/// same (the same data in the same limit runs out again); a spec change
+/// (a higher limit) tries again at once.
+#[test]
+fn an_out_of_memory_run_waits_for_a_spec_change() {
+    let mut w = world_with_v1(&spec(""));
+    w.request_run();
+    w.settle();
+    let failure = Failure::new(FailureReason::OutOfMemory, "the worker was killed for going over its memory limit");
+    let now = w.now;
+    w.job_mut(2, Compute).state = segment_core::planner::JobState::Failed { finished_at: now, failure };
+    let plan = w.reconcile();
+    assert_eq!(plan.status.retry_at, None, "not retried");
+    w.advance(Duration::hours(6));
+    assert!(w.settle().iter().all(|p| launches(p).is_empty()), "nothing runs while the spec stays the same");
+    w.edit(|spec| spec.description = Some("more memory".into()));
+    w.reconcile();
+    assert_eq!((w.run().version, w.run().trigger), (3, RunTrigger::Retry));
+}

@@ -379,3 +379,21 @@ fn the_operator_rbac_grants_what_the_operator_calls_and_nothing_else() {
         }
     }
 }
+
+/// The pod's grace period leaves the operator its whole
+/// `--shutdown-grace-seconds` to finish reconciles and release the Lease.
+#[test]
+fn the_pods_grace_period_outlasts_the_operators_shutdown_grace() {
+    for values in VALUES {
+        let objects = render(values);
+        let operator = objects
+            .iter()
+            .find(|o| o["kind"] == "Deployment" && o["spec"]["template"]["spec"]["containers"][0]["name"] == "operator")
+            .expect("the operator Deployment");
+        let args = strings(&operator["spec"]["template"]["spec"]["containers"][0]["args"]);
+        let grace: u64 =
+            args.iter().find_map(|a| a.strip_prefix("--shutdown-grace-seconds=")).expect("the flag").parse().unwrap();
+        let pod_grace = operator["spec"]["template"]["spec"]["terminationGracePeriodSeconds"].as_u64().expect("set");
+        assert_eq!(pod_grace, grace + 10, "{values:?}");
+    }
+}

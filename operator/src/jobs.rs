@@ -189,9 +189,10 @@ pub fn build_job(
     })
 }
 
-/// Reads a Job of a segment back; Jobs without our labels are ignored.
-/// `failure_detail` is the worker's termination message, when known.
-pub fn observe_job(job: &Job, failure_detail: Option<&str>) -> Option<ObservedJob> {
+/// Reads a Job of a segment back; Jobs without our labels are ignored. A
+/// failure is the Job controller's; the adapter replaces it with what the
+/// pods say ([`pod_failure`]) for the run in flight.
+pub fn observe_job(job: &Job) -> Option<ObservedJob> {
     let labels = job.metadata.labels.as_ref()?;
     let version = labels.get(VERSION_LABEL)?.parse().ok()?;
     let kind = JobKind::parse(labels.get(JOB_KIND_LABEL)?)?;
@@ -202,9 +203,7 @@ pub fn observe_job(job: &Job, failure_detail: Option<&str>) -> Option<ObservedJo
         let at = status.completion_time.as_ref().or(done.last_transition_time.as_ref());
         JobState::Succeeded { finished_at: at.map(to_chrono).unwrap_or_default() }
     } else if let Some(failed) = condition("Failed") {
-        let failure = failure_detail
-            .and_then(Failure::from_termination_message)
-            .unwrap_or_else(|| Failure::from_job_condition(failed.reason.as_deref(), failed.message.as_deref()));
+        let failure = Failure::from_job_condition(failed.reason.as_deref(), failed.message.as_deref());
         JobState::Failed { finished_at: failed.last_transition_time.as_ref().map(to_chrono).unwrap_or_default(), failure }
     } else {
         JobState::Running
@@ -308,12 +307,6 @@ pub fn not_created(failed_create: Option<String>) -> Failure {
 pub fn is_active(job: &Job) -> bool {
     let conditions = job.status.as_ref().and_then(|s| s.conditions.as_ref());
     !conditions.is_some_and(|cs| cs.iter().any(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True"))
-}
-
-/// Whether the Job failed, so its pods' termination messages are worth reading.
-pub fn has_failed(job: &Job) -> bool {
-    let conditions = job.status.as_ref().and_then(|s| s.conditions.as_ref());
-    conditions.is_some_and(|cs| cs.iter().any(|c| c.type_ == "Failed" && c.status == "True"))
 }
 
 #[cfg(test)]
@@ -434,7 +427,7 @@ spec:
         assert!(job_name.len() <= 63, "{job_name}");
         let segment_label = &job.metadata.labels.as_ref().unwrap()[SEGMENT_LABEL];
         assert!(segment_label.len() <= 63, "{segment_label}");
-        let observed = observe_job(&job, None).unwrap();
+        let observed = observe_job(&job).unwrap();
         assert_eq!((observed.version, observed.kind, observed.state), (4, JobKind::Compute, JobState::Running));
     }
 

@@ -74,7 +74,17 @@ impl Timing {
 /// renew deadline writes nothing when it resumes, whatever task wakes
 /// first.
 #[derive(Clone, Debug)]
-pub struct Leadership(Arc<Mutex<Option<Instant>>>);
+pub struct Leadership(Arc<Mutex<Held>>);
+
+#[derive(Clone, Copy, Debug)]
+enum Held {
+    /// Not leader (not yet, or no more).
+    No,
+    /// Leader until this instant unless a renew extends it.
+    Until(Instant),
+    /// The only replica: no election.
+    Always,
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("not the leader: the leader lease was not renewed within its deadline")]
@@ -83,16 +93,20 @@ pub struct NotLeader;
 impl Leadership {
     /// Leadership that never lapses: one replica without election.
     pub fn always() -> Leadership {
-        Leadership(Arc::new(Mutex::new(Some(Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600)))))
+        Leadership(Arc::new(Mutex::new(Held::Always)))
     }
 
     /// Not leader until a renew says otherwise.
     pub fn none() -> Leadership {
-        Leadership(Arc::new(Mutex::new(None)))
+        Leadership(Arc::new(Mutex::new(Held::No)))
     }
 
     pub fn is_held(&self) -> bool {
-        self.valid_until().is_some_and(|until| Instant::now() < until)
+        match self.held() {
+            Held::Always => true,
+            Held::Until(until) => Instant::now() < until,
+            Held::No => false,
+        }
     }
 
     pub fn check(&self) -> Result<(), NotLeader> {
@@ -103,16 +117,24 @@ impl Leadership {
         }
     }
 
-    fn valid_until(&self) -> Option<Instant> {
+    fn held(&self) -> Held {
         *self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The deadline of an elected leader's term.
+    fn valid_until(&self) -> Option<Instant> {
+        match self.held() {
+            Held::Until(until) => Some(until),
+            Held::No | Held::Always => None,
+        }
+    }
+
     fn hold_until(&self, until: Instant) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(until);
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Held::Until(until);
     }
 
     fn revoke(&self) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Held::No;
     }
 }
 

@@ -318,7 +318,7 @@ async fn observe(segment: &Segment, ctx: &Context) -> Result<Observed, Error> {
     let now = (ctx.clock)();
     let mut jobs = Vec::new();
     for job in &job_list {
-        let Some(mut observed) = jobs::observe_job(job, None) else { continue };
+        let Some(mut observed) = jobs::observe_job(job) else { continue };
         // Only the run in flight needs to know why its Job failed or has
         // not started: a look at its pods, on failure or once the Job is
         // older than the pod start timeout.

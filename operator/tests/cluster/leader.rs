@@ -214,3 +214,23 @@ fn two_processes_without_a_pod_name_get_different_identities() {
     let host = hostname::get().unwrap().into_string().unwrap();
     assert!(a.starts_with(&format!("{host}_")), "{a}");
 }
+
+/// A Lease call to an API server that accepts the connection and never
+/// answers ends at the timeout it was given, with an error that says so.
+#[tokio::test]
+async fn a_lease_call_to_a_server_that_does_not_answer_times_out() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+    let lock = LeaseLock::new(client, "ops", "segment-operator", "pod-a", timing());
+    let started = std::time::Instant::now();
+    let error = lock.try_acquire_or_renew(Duration::from_millis(300)).await.unwrap_err();
+    assert!(matches!(error, segment_operator::leader::LeaseError::Timeout { .. }), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+}
