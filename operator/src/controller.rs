@@ -62,9 +62,8 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
     let store_timeout = Duration::from_millis(args.store_timeout_ms);
     let store_options =
         RedisStoreOptions { read_timeout: Some(store_timeout), write_timeout: store_timeout, ..Default::default() };
-    let store = RedisStore::connect_with(&args.redis_url, store_options).await?;
+    let store = Arc::new(RedisStore::connect_with(&args.redis_url, store_options).await?);
     let leadership = if args.leader.leader_election { Leadership::none() } else { Leadership::always() };
-    let store: Arc<RedisStore> = Arc::new(store);
     let results = Arc::new(ObjectResults::new(args.results_uri.clone()));
     let recorder =
         Recorder::new(client.clone(), Reporter { controller: "segment-operator".into(), instance: Some(identity.clone()) });
