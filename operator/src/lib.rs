@@ -9,11 +9,13 @@
 //! - [`controller`]: wiring the kube-runtime Controller, metrics and probes;
 //! - [`config`]: the command line (flags with environment fallbacks);
 //! - [`metrics`], [`http`]: the Prometheus metrics and what the probes answer;
+//! - [`api_requests`]: the operator's own API requests, counted by verb and resource;
 //! - [`time`]: Kubernetes timestamps to chrono;
 //! - [`manifests`], [`check`]: manifests read from files, checked without a cluster;
 //! - `standalone` (feature `standalone`, on by default, off in the
 //!   operator image): the whole lifecycle on one machine.
 
+pub mod api_requests;
 pub mod check;
 pub mod config;
 pub mod controller;

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Terms that ended because the lease could not be renewed in time.
     pub leadership_lost: Counter,
+    /// Requests this process sent to the API server, by verb and resource.
+    pub kube_requests: crate::api_requests::RequestCounter,
 }
 
 impl Default for Metrics {
@@ -57,6 +59,7 @@ impl Default for Metrics {
         let leader = Gauge::default();
         let reconciles_in_flight = Gauge::default();
         let leadership_lost = Counter::default();
+        let kube_requests = crate::api_requests::RequestCounter::default();
         registry.register("reconciles", "Reconciles by result (ok, conflict, error)", reconciles.clone());
         registry.register("reconcile_errors", "Failed reconciles by kind of error", reconcile_errors.clone());
         registry.register("reconcile_duration_seconds", "Time spent in one reconcile", reconcile_seconds.clone());
@@ -70,6 +73,11 @@ impl Default for Metrics {
             "Terms as leader that ended because the lease was not renewed in time",
             leadership_lost.clone(),
         );
+        registry.register(
+            "kube_requests",
+            "Requests sent to the Kubernetes API server, by verb and resource",
+            kube_requests.clone(),
+        );
         Metrics {
             registry,
             reconciles,
@@ -81,6 +89,7 @@ impl Default for Metrics {
             reconciles_in_flight,
             leader,
             leadership_lost,
+            kube_requests,
         }
     }
 }
