@@ -2,6 +2,8 @@
 //! writing parts and the manifest (compute), reading and verifying them
 //! (ingest), and collecting expired ones (the operator).
 
+use std::sync::{Arc, OnceLock};
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -113,15 +115,27 @@ async fn delete_prefix(store: &std::sync::Arc<dyn ObjectStore>, prefix: &Path) -
 #[derive(Clone, Debug)]
 pub struct ObjectResults {
     base: String,
+    /// The store under `base`, opened on first use and then shared:
+    /// opening an S3 store builds an HTTP client, which reads the system's
+    /// CA certificates from disk, far too costly to do for each Segment.
+    opened: Arc<OnceLock<Location>>,
 }
 
 impl ObjectResults {
     pub fn new(base: impl Into<String>) -> ObjectResults {
-        ObjectResults { base: base.into() }
+        ObjectResults { base: base.into(), opened: Default::default() }
     }
 
     fn segment_location(&self, segment: &SegmentKey) -> Result<Location, ResultsError> {
-        Ok(locate(&format!("{}/{}/{}/", self.base.trim_end_matches('/'), segment.namespace, segment.name))?)
+        let base = match self.opened.get() {
+            Some(base) => base,
+            None => {
+                let opened = locate(&self.base)?;
+                self.opened.get_or_init(|| opened)
+            }
+        };
+        let path = child(&child(&base.path, &segment.namespace), &segment.name);
+        Ok(Location { store: base.store.clone(), path, root: base.root.clone() })
     }
 
     /// Versions with result files, with the time they were computed (the
@@ -149,10 +163,13 @@ impl ObjectResults {
                     let newest = location
                         .store
                         .list(Some(&prefix))
-                        .map_ok(|m| m.last_modified)
-                        .try_fold(DateTime::<Utc>::MIN_UTC, |a, b| async move { Ok(a.max(b)) })
+                        .map_ok(|m| Some(m.last_modified))
+                        .try_fold(None, |a, b| async move { Ok(a.max(b)) })
                         .await
                         .map_err(io(&prefix))?;
+                    // A local directory whose files were all deleted stays
+                    // behind as an empty directory: no version there.
+                    let Some(newest) = newest else { continue };
                     newest
                 }
             };
