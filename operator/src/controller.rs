@@ -9,8 +9,8 @@ use std::time::Duration;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::{Api, ApiResource, DynamicObject};
+use kube::client::ClientBuilder;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::{Client, ResourceExt};
@@ -20,8 +20,11 @@ use segment_store::redis::{RedisStore, RedisStoreOptions};
 use segment_store::results::ObjectResults;
 use tracing::{info, warn};
 
+use crate::api_requests::{counting_layer, RequestCounter};
 use crate::config::RunArgs;
+use crate::events::EventPublisher;
 use crate::http::Health;
+use crate::jobs;
 use crate::leader::{Leadership, LeaseLock, TermEnd};
 use crate::metrics::Metrics;
 use crate::reconcile::{self, ClusterCache, ComputeSlots, Context};
@@ -42,9 +45,10 @@ where
 pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let identity = args.leader.identity();
     let timing = args.leader.timing()?;
-    let clients = Clients::new(&identity, Duration::from_secs(args.kube_request_timeout_seconds)).await?;
-    let client = clients.requests.clone();
     let metrics = Arc::new(Metrics::default());
+    let request_timeout = Duration::from_secs(args.kube_request_timeout_seconds);
+    let clients = Clients::new(&identity, request_timeout, metrics.kube_requests.clone()).await?;
+    let client = clients.requests.clone();
     let health = Health { metrics: metrics.clone(), ready: Default::default() };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -65,8 +69,7 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
     let store = Arc::new(RedisStore::connect_with(&args.redis_url, store_options).await?);
     let leadership = if args.leader.leader_election { Leadership::none() } else { Leadership::always() };
     let results = Arc::new(ObjectResults::new(args.results_uri.clone()));
-    let recorder =
-        Recorder::new(client.clone(), Reporter { controller: "segment-operator".into(), instance: Some(identity.clone()) });
+    let events = Arc::new(EventPublisher::new(client.clone(), "segment-operator", &identity));
     // Each term gets fresh watch caches and a fresh context over them.
     let context = |cache: ClusterCache| {
         Arc::new(Context {
@@ -82,7 +85,7 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
             jobs: args.jobs.clone(),
             results_base: args.results_uri.clone(),
             slots: ComputeSlots::new(args.max_concurrent_computes),
-            recorder: recorder.clone(),
+            events: events.clone(),
             metrics: metrics.clone(),
             clock: Arc::new(chrono::Utc::now),
             leadership: leadership.clone(),
@@ -128,10 +131,14 @@ pub struct Clients {
 }
 
 impl Clients {
-    pub async fn new(identity: &str, request_timeout: Duration) -> Result<Clients, kube::Error> {
+    /// Both clients count what they send in `counter`.
+    pub async fn new(identity: &str, request_timeout: Duration, counter: RequestCounter) -> Result<Clients, kube::Error> {
         let config = kube::Config::infer().await.map_err(kube::Error::InferConfig)?;
         let (requests, watches) = Clients::configs(config, identity, request_timeout);
-        Ok(Clients { requests: Client::try_from(requests)?, watches: Client::try_from(watches)? })
+        let client = |config: kube::Config| -> Result<Client, kube::Error> {
+            Ok(ClientBuilder::try_from(config)?.with_layer(&counting_layer(counter.clone())).build())
+        };
+        Ok(Clients { requests: client(requests)?, watches: client(watches)? })
     }
 
     /// The configurations of the request client and of the watch client.
@@ -167,13 +174,19 @@ fn controller(
     let segments = segment_events(watch_client, namespace).reflect(segments_writer).applied_objects();
     let jobs = watcher(api::<Job>(watch_client, namespace), watcher::Config::default().labels(SEGMENT_LABEL))
         .default_backoff()
+        .modify(jobs::trim_for_cache)
         .reflect(jobs_writer)
         .touched_objects();
     let sources = watcher(api::<SegmentSource>(watch_client, namespace), watcher::Config::default())
         .default_backoff()
         .reflect(sources_writer)
         .touched_objects();
-    let ctx = context(ClusterCache { jobs: jobs_cache, sources: sources_cache, segments: segments_cache.clone() });
+    let ctx = context(ClusterCache {
+        jobs: jobs_cache,
+        sources: sources_cache,
+        segments: segments_cache.clone(),
+        unwatched_jobs: Default::default(),
+    });
     Controller::for_stream(segments, segments_cache.clone())
         .with_config(ControllerConfig::default().concurrency(args.reconcile_concurrency))
         .owns_stream(jobs)
@@ -231,7 +244,9 @@ fn segment_events(
         None => Api::all_with(client.clone(), &resource),
     };
     watcher(api, watcher::Config::default().any_semantic()).default_backoff().try_filter_map(|event| async move {
-        let decode = |object: DynamicObject| {
+        let decode = |mut object: DynamicObject| {
+            // Never read, and a good part of a cached object's size.
+            object.metadata.managed_fields = None;
             let (namespace, name) = (object.namespace().unwrap_or_default(), object.name_any());
             let decoded = serde_json::to_value(&object).and_then(serde_json::from_value::<Segment>);
             decoded.map_err(|error| warn!(%namespace, segment = %name, %error, "Segment does not decode; left out")).ok()

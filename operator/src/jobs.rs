@@ -214,6 +214,19 @@ pub fn observe_job(job: &Job) -> Option<ObservedJob> {
     Some(observed)
 }
 
+/// Keeps of a watched Job what a reconcile reads (labels, owner, deadline,
+/// status) and drops the rest before it enters the watch cache: the pod
+/// template, whose task annotation holds the whole definition, is most of
+/// a Job's size, and the cache holds every Job for its TTL.
+pub fn trim_for_cache(job: &mut Job) {
+    job.metadata.managed_fields = None;
+    job.metadata.annotations = None;
+    if let Some(spec) = job.spec.as_mut() {
+        spec.template = Default::default();
+        spec.selector = None;
+    }
+}
+
 /// Whether a running Job has a pod running (or done): before that, its
 /// pods are worth a look to say why it has not started.
 pub fn has_started(job: &Job) -> bool {
@@ -401,6 +414,26 @@ spec:
         assert_eq!(args, ["compute", "--task-file", TASK_FILE]);
         let mount = pod.containers[0].volume_mounts.as_ref().unwrap().iter().find(|m| m.name == TASK_VOLUME).unwrap();
         assert_eq!((mount.mount_path.as_str(), mount.read_only), (TASK_DIR, Some(true)));
+    }
+
+    #[test]
+    fn a_job_trimmed_for_the_cache_reads_back_the_same_and_is_a_fraction_of_its_size() {
+        let segment: Segment = serde_yaml::from_str(
+            "metadata: {name: vip, namespace: growth, uid: u1}\nspec:\n  definition: {sql: SELECT user_id FROM orders}\n",
+        )
+        .unwrap();
+        let mut job = build_job(&segment, &launch("vip"), &[], &[], &defaults(), "s3://r").unwrap();
+        job.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Default::default()));
+        job.status = Some(serde_json::from_value(serde_json::json!({"ready": 1, "active": 1})).unwrap());
+        let mut trimmed = job.clone();
+        trim_for_cache(&mut trimmed);
+        assert_eq!(observe_job(&trimmed), observe_job(&job));
+        assert!(observe_job(&job).unwrap().deadline.is_some());
+        assert_eq!((has_started(&trimmed), is_active(&trimmed)), (true, true));
+        assert_eq!(trimmed.metadata.owner_references, job.metadata.owner_references, "the controller maps Jobs to owners");
+        assert_eq!(trimmed.labels(), job.labels());
+        let size = |job: &Job| serde_json::to_vec(job).unwrap().len();
+        assert!(size(&trimmed) * 3 < size(&job), "{} of {} bytes", size(&trimmed), size(&job));
     }
 
     #[test]

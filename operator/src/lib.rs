@@ -19,6 +19,7 @@ pub mod api_requests;
 pub mod check;
 pub mod config;
 pub mod controller;
+pub mod events;
 pub mod http;
 pub mod jobs;
 pub mod leader;

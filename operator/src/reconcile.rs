@@ -13,7 +13,6 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Event as CoreEvent, ObjectReference, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action as Requeue;
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
@@ -30,6 +29,7 @@ use serde_json::json;
 use tracing::{debug, info, instrument, warn};
 
 use crate::config::JobArgs;
+use crate::events::{EventNote, EventPublisher};
 use crate::jobs;
 use crate::leader::{Leadership, NotLeader};
 use crate::metrics::Metrics;
@@ -50,7 +50,7 @@ pub struct Context {
     pub jobs: JobArgs,
     pub results_base: String,
     pub slots: ComputeSlots,
-    pub recorder: Recorder,
+    pub events: Arc<EventPublisher>,
     pub metrics: Arc<Metrics>,
     /// The time source; tests fix it.
     pub clock: Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>,
@@ -136,6 +136,44 @@ pub struct ClusterCache {
     pub jobs: Store<Job>,
     pub sources: Store<SegmentSource>,
     pub segments: Store<Segment>,
+    /// Jobs created in this term that the Jobs watch has not shown yet.
+    pub unwatched_jobs: UnwatchedJobs,
+}
+
+/// Jobs this operator created that its watch has not delivered yet. A
+/// reconcile set off by its own status write can run before the Job's
+/// watch event arrives; reading these too, it sees the Job it just created
+/// instead of creating it again (a request the API server refuses with
+/// 409). An entry leaves once the watch shows the Job, when the Job is
+/// deleted, or after [`UNWATCHED_JOB_TTL`] (a Job deleted by someone else
+/// before the watch saw it).
+#[derive(Clone, Default)]
+pub struct UnwatchedJobs(Arc<std::sync::Mutex<std::collections::HashMap<ObjectRef<Job>, UnwatchedJob>>>);
+
+/// When a Job was created, and the Job as the API server returned it.
+type UnwatchedJob = (Instant, Arc<Job>);
+
+const UNWATCHED_JOB_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl UnwatchedJobs {
+    fn created(&self, job: Job) {
+        let mut job = job;
+        jobs::trim_for_cache(&mut job);
+        let mut entries = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        entries.insert(ObjectRef::from(&job), (Instant::now(), Arc::new(job)));
+    }
+
+    fn deleted(&self, job: &ObjectRef<Job>) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(job);
+    }
+
+    /// The entries matching `wanted` that `watched` does not hold yet;
+    /// the others are dropped.
+    fn not_in(&self, watched: &Store<Job>, wanted: impl Fn(&Job) -> bool) -> Vec<Arc<Job>> {
+        let mut entries = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        entries.retain(|job, (at, _)| at.elapsed() < UNWATCHED_JOB_TTL && watched.get(job).is_none());
+        entries.values().filter(|(_, job)| wanted(job)).map(|(_, job)| job.clone()).collect()
+    }
 }
 
 impl ClusterCache {
@@ -159,12 +197,11 @@ impl ClusterCache {
     /// The Jobs of one Segment.
     fn jobs_of(&self, namespace: &str, segment: &str) -> Vec<Arc<Job>> {
         let label = segment_core::naming::segment_label_value(segment);
-        self.jobs
-            .state()
-            .into_iter()
-            .filter(|job| job.namespace().as_deref() == Some(namespace))
-            .filter(|job| job.labels().get(SEGMENT_LABEL) == Some(&label))
-            .collect()
+        let of_segment =
+            |job: &Job| job.metadata.namespace.as_deref() == Some(namespace) && job.labels().get(SEGMENT_LABEL) == Some(&label);
+        let mut jobs = self.jobs.state_filter(of_segment);
+        jobs.extend(self.unwatched_jobs.not_in(&self.jobs, of_segment));
+        jobs
     }
 }
 
@@ -209,13 +246,12 @@ impl ComputeSlots {
 
     /// Takes a slot for `job` if one is free.
     fn try_reserve(&self, jobs: &Store<Job>, job: (String, String)) -> Option<SlotReservation<'_>> {
-        let compute = |j: &Arc<Job>| j.labels().get(JOB_KIND_LABEL).map(String::as_str) == Some("compute");
-        let cached = jobs.state();
+        let compute = |j: &Job| j.labels().get(JOB_KIND_LABEL).map(String::as_str) == Some("compute");
         let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
         // A reserved Job the watch has delivered is counted from the cache.
-        reserved.retain(|(ns, name)| !cached.iter().any(|j| j.namespace().as_deref() == Some(ns) && &j.name_any() == name));
-        let active = cached.iter().filter(|j| compute(j) && jobs::is_active(j)).count();
+        reserved.retain(|(ns, name)| jobs.get(&ObjectRef::new(name).within(ns)).is_none());
         if let Some(limit) = self.limit {
+            let active = jobs.state_filter(|j| compute(j) && jobs::is_active(j)).len();
             if active + reserved.len() >= limit && !reserved.contains(&job) {
                 return None;
             }
@@ -357,9 +393,8 @@ async fn observe(segment: &Segment, ctx: &Context) -> Result<Observed, Error> {
     let sources: Vec<SegmentSource> = ctx
         .cache
         .sources
-        .state()
+        .state_filter(|s| s.metadata.namespace.as_deref() == Some(namespace.as_str()))
         .iter()
-        .filter(|s| s.namespace().as_deref() == Some(namespace.as_str()))
         .map(|s| s.as_ref().clone())
         .collect();
     let tables = sources.iter().map(|s| s.spec.table.clone()).collect();
@@ -451,6 +486,7 @@ impl Effects for ClusterEffects<'_> {
         let jobs_api = self.jobs_api();
         let jobs = jobs_api.list(&ListParams::default().labels(&selector)).await.map_err(kube("listing Jobs to cancel"))?;
         for job in jobs.items {
+            self.ctx.cache.unwatched_jobs.deleted(&ObjectRef::from(&job));
             match jobs_api.delete(&job.name_any(), &DeleteParams::background()).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
@@ -470,8 +506,9 @@ impl Effects for ClusterEffects<'_> {
         let job = jobs::build_job(self.segment, launch, self.sources, &inputs, &ctx.jobs, &ctx.results_base)
             .map_err(Error::BuildJob)?;
         match self.jobs_api().create(&PostParams::default(), &job).await {
-            Ok(_) => {
+            Ok(created) => {
                 ctx.metrics.jobs_created.inc();
+                ctx.cache.unwatched_jobs.created(created);
             }
             // Created before a restart: the run continues with it.
             Err(kube::Error::Api(s)) if s.code == 409 => {}
@@ -502,21 +539,20 @@ impl Effects for ClusterEffects<'_> {
         // counts up one series instead of starting a new Event each time.
         let reference = ObjectReference { resource_version: None, ..self.segment.object_ref(&()) };
         let note = truncate(&event.message, 1024);
-        let kube_event = KubeEvent {
-            type_: if event.is_warning() { EventType::Warning } else { EventType::Normal },
+        let kube_event = EventNote {
+            warning: event.is_warning(),
             reason: event.reason.as_str().to_string(),
-            // The recorder counts an event into an earlier one's series
+            // The publisher counts an event into an earlier one's series
             // when type, reason, action and object match, keeping the
             // first note: the note's digest in the action keeps two
             // different notes (v1 and v2 deleted) apart, while the same
             // note again is counted.
             action: format!("{}-{}", event.reason, short_digest(&note)),
-            note: Some(note),
-            secondary: None,
+            note,
         };
         // An Event that cannot be written must not undo a reconcile whose
         // effects already happened.
-        if let Err(error) = self.ctx.recorder.publish(&kube_event, &reference).await {
+        if let Err(error) = self.ctx.events.publish(&kube_event, &reference).await {
             warn!(segment = %self.key, %error, reason = %event.reason, "could not publish event");
         }
     }

@@ -32,11 +32,15 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// A binary of the workspace, built by `cargo test --workspace` next to
-/// the running test binary (target/<profile>/NAME).
+/// the running test binary (target/<profile>/NAME), or next to a running
+/// benchmark binary of the same profile.
 pub fn workspace_binary(name: &str) -> PathBuf {
-    let test_binary = std::env::current_exe().expect("the test binary's path");
-    // target/<profile>/deps/<test>-<hash> -> target/<profile>/<name>
-    let profile_dir = test_binary.parent().and_then(Path::parent).expect("a target profile directory");
+    let running = std::env::current_exe().expect("the running binary's path");
+    // target/<profile>/deps/<test>-<hash> or target/<profile>/<bench>
+    let mut profile_dir = running.parent().expect("a target directory");
+    if profile_dir.ends_with("deps") {
+        profile_dir = profile_dir.parent().expect("a target profile directory");
+    }
     let path = profile_dir.join(name);
     assert!(
         path.exists(),
@@ -88,25 +92,35 @@ impl LocalCluster {
     /// runs the workspace's worker, operator and serving binaries for their
     /// default images.
     pub fn start() -> LocalCluster {
+        let images = [(WORKER_IMAGE, "segment-worker"), (OPERATOR_IMAGE, "segment-operator"), (SERVING_IMAGE, "segment-serving")]
+            .map(|(image, binary)| (image, workspace_binary(binary)));
+        LocalCluster::start_in_temp(&images)
+    }
+
+    /// Starts a cluster of its own whose node knows no image: for a
+    /// benchmark that completes the Jobs itself and runs no pod.
+    pub fn start_without_images() -> LocalCluster {
+        LocalCluster::start_in_temp(&[])
+    }
+
+    fn start_in_temp(images: &[(&str, PathBuf)]) -> LocalCluster {
         let temp = tempfile::Builder::new().prefix("local-cluster-").tempdir().expect("a temp dir");
         let dir = temp.path().to_path_buf();
-        let mut cluster = LocalCluster::start_in(&dir);
+        let mut cluster = LocalCluster::start_with(&dir, images);
         cluster._temp = Some(temp);
         cluster
     }
 
-    /// Starts a cluster in `dir` (kept after the cluster stops).
-    pub fn start_in(dir: &Path) -> LocalCluster {
+    /// Starts a cluster in `dir` (kept after the cluster stops) whose node
+    /// runs `images` (reference, program) as local processes.
+    fn start_with(dir: &Path, images: &[(&str, PathBuf)]) -> LocalCluster {
         assert!(
             Command::new("go").arg("version").output().is_ok_and(|o| o.status.success()),
             "`go` is not installed: the local control plane is built from Go modules (.ci/run installs Go)"
         );
         let mut command = Command::new(script());
         command.arg("up").arg("--parent-pid").arg(std::process::id().to_string());
-        for (image, binary) in
-            [(WORKER_IMAGE, "segment-worker"), (OPERATOR_IMAGE, "segment-operator"), (SERVING_IMAGE, "segment-serving")]
-        {
-            let path = workspace_binary(binary);
+        for (image, path) in images {
             command.arg("--image").arg(format!("{image}={}", path.display()));
         }
         // Room for the Jobs of tests running side by side; a test of an

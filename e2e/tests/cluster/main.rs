@@ -8,6 +8,7 @@
 //! run side by side.
 
 mod crds;
+mod events;
 mod examples;
 mod failover;
 mod helm;
@@ -19,6 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use segment_tests::cluster::{self, LocalCluster, Output};
+pub use segment_tests::http_get;
 use segment_tests::{free_port, shared_s3, RedisServer, S3Server, Signal};
 use serde_json::Value;
 
@@ -337,21 +339,6 @@ pub fn json_of(body: &str) -> Value {
         _ => "null",
     };
     serde_json::from_str(json).unwrap_or(Value::Null)
-}
-
-/// GET a path on a loopback port: (status, body as text); status 0 when
-/// nothing listens.
-pub fn http_get(port: u16, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return (0, String::new()) };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-    let _ = stream.write_all(request.as_bytes());
-    let mut reply = String::new();
-    let _ = stream.read_to_string(&mut reply);
-    let status = reply.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = reply.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (status, body)
 }
 
 impl Drop for Serving {

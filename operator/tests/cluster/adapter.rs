@@ -13,7 +13,6 @@ use k8s_openapi::api::batch::v1::{Job, JobCondition, JobStatus};
 use k8s_openapi::api::core::v1::{ContainerState, ContainerStateTerminated, ContainerStatus, Pod, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::runtime::controller::Action as Requeue;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
 use segment_core::api::{
@@ -24,6 +23,7 @@ use segment_core::planner::PlannerConfig;
 use segment_core::store::{MemoryResults, MemoryStore, ResultStore, SegmentStore};
 use segment_core::task::{ComputeTask, IngestTask, TASK_ANNOTATION, TASK_FILE};
 use segment_operator::config::JobArgs;
+use segment_operator::events::EventPublisher;
 use segment_operator::metrics::Metrics;
 use segment_operator::reconcile::{error_policy, reconcile, ClusterCache, ComputeSlots, Context, Error};
 
@@ -118,22 +118,27 @@ impl Harness {
             jobs: listed(world.jobs.iter().filter(watched).cloned()),
             sources: listed(world.sources.iter().cloned()),
             segments: listed(world.segment.iter().cloned()),
+            unwatched_jobs: Default::default(),
         }
     }
 
     fn context(&self) -> Arc<Context> {
+        self.context_with(self.cache())
+    }
+
+    fn context_with(&self, cache: ClusterCache) -> Arc<Context> {
         let client = fake_api::client(self.world.clone());
         let now = self.now.clone();
         Arc::new(Context {
             client: client.clone(),
-            cache: self.cache(),
+            cache,
             store: self.store.clone(),
             results: self.results.clone(),
             planner: PlannerConfig { results_base: Some("s3://results".into()), ..Default::default() },
             jobs: job_args(),
             results_base: "s3://results".into(),
             slots: ComputeSlots::new(self.compute_limit),
-            recorder: Recorder::new(client, Reporter { controller: "segment-operator".into(), instance: None }),
+            events: Arc::new(EventPublisher::new(client, "segment-operator", "test")),
             metrics: self.metrics.clone(),
             clock: Arc::new(move || *now.lock().unwrap()),
             leadership: segment_operator::leader::Leadership::always(),
@@ -648,6 +653,25 @@ async fn expired_results_are_collected_but_the_active_versions_are_kept() {
 /// A whole run, from the first reconcile to an active version, reads Jobs,
 /// SegmentSources and Segments from the watch caches: no list or get of
 /// its own (only a failed or stuck Job's pods are listed).
+#[tokio::test]
+async fn a_reconcile_before_the_watch_shows_its_job_does_not_create_it_again() {
+    let h = Harness::new(segment(""));
+    // One context throughout: its Jobs cache listed the world before the
+    // Job existed, as when the status write's event comes first.
+    let ctx = h.context();
+    let creates =
+        |h: &Harness| h.world.lock().unwrap().log.iter().filter(|l| l.method == "POST" && l.line().contains("/jobs")).count();
+    reconcile(Arc::new(h.segment()), ctx.clone()).await.unwrap();
+    assert_eq!(creates(&h), 1);
+    reconcile(Arc::new(h.segment()), ctx.clone()).await.unwrap();
+    assert_eq!(creates(&h), 1, "the Job just created counts as running until the watch shows it");
+    // Once the watch shows the Job (a fresh cache), the record gives way.
+    h.finish_job("vip-v1-compute", "Complete", None);
+    let fresh = h.context_with(ClusterCache { unwatched_jobs: ctx.cache.unwatched_jobs.clone(), ..h.cache() });
+    reconcile(Arc::new(h.segment()), fresh).await.unwrap();
+    assert!(h.world.lock().unwrap().jobs.iter().any(|j| j.metadata.name.as_deref() == Some("vip-v1-ingest")));
+}
+
 #[tokio::test]
 async fn a_reconcile_reads_the_watch_caches_and_lists_nothing() {
     let h = Harness::new(segment(""));
