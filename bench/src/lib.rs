@@ -41,7 +41,13 @@ pub fn redis_used_memory(port: u16) -> u64 {
 
 /// Resident memory of this process, in bytes.
 pub fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    process_rss_bytes("self")
+}
+
+/// Resident memory of the process `pid` (a number, or `self`), in bytes;
+/// 0 once it has exited.
+pub fn process_rss_bytes(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
