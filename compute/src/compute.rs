@@ -126,8 +126,9 @@ pub async fn run_with(task: &ComputeTask, options: &ComputeOptions) -> Result<Co
     // parts this run is about to overwrite.
     retract_manifest(&task.results_uri).await?;
 
-    let (parts, total, spilled_bytes) =
-        evaluate(task, options, &dir).await.map_err(|e| WorkerError { message: one_line(&e.message), ..e })?;
+    let (parts, total, spilled_bytes) = evaluate(task, options, &dir)
+        .await
+        .map_err(|e| WorkerError { message: without_data(&one_line(&e.message), &tenant_text(task)), ..e })?;
 
     let manifest = Manifest {
         format: manifest::FORMAT.to_string(),
@@ -500,7 +501,7 @@ impl<'a> Engine<'a> {
         } else if first.contains(',') {
             return Err(WorkerError::new(
                 FailureReason::UnknownColumn,
-                format!("static list {}: the CSV header has no `{USER_ID}` column (columns: {})", list.uri, header.join(", ")),
+                format!("static list {}: the CSV header has no `{USER_ID}` column", list.uri),
             ));
         } else {
             // One id a line: separators that never occur in ids keep
@@ -535,7 +536,7 @@ impl<'a> Engine<'a> {
             Cause::UnknownColumn(message) => WorkerError::new(FailureReason::UnknownColumn, message),
             Cause::Resources(detail) => WorkerError::new(
                 FailureReason::ResourcesExhausted,
-                format!("{detail} (raise --compute-memory-mb, COMPUTE_MEMORY_MB, or the compute Job's memory)"),
+                format!("{detail} (raise --compute-memory-mb, COMPUTE_MEMORY_MB, or the memory of the compute Job)"),
             ),
             Cause::Query(detail) => WorkerError::new(FailureReason::QueryError, detail),
         }
@@ -618,6 +619,42 @@ fn listing_url(uri: &str) -> Result<ListingTableUrl, String> {
     ListingTableUrl::parse(base).and_then(|url| url.with_glob(glob)).map_err(|e| one_line(&e.to_string()))
 }
 
+/// What the Segment's author wrote: the definition and the sources. A
+/// name or literal from it may appear in a message; anything else an
+/// engine or a parser quotes was read from the files.
+fn tenant_text(task: &ComputeTask) -> String {
+    let written = serde_json::to_string(&(&task.definition, &task.sources, &task.segment)).unwrap_or_default();
+    // The column a static list must have is the project's word, not data.
+    format!("{written} {USER_ID}")
+}
+
+/// A message with every quoted fragment (`'…'`, `"…"`, `` `…` ``) that
+/// the author did not write replaced by `…`. Messages reach the Segment's
+/// status, its Events and the pod's log, which the author reads: a value
+/// or a header line quoted by a CSV, JSON or cast error would hand them
+/// the content of a file they named as a source (a token, another
+/// tenant's results) without the right to read it.
+pub fn without_data(message: &str, written_by_author: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(open) = rest.find(['\'', '"', '`']) {
+        let quote = rest[open..].chars().next().unwrap_or('"');
+        let after = &rest[open + 1..];
+        let Some(close) = after.find(quote) else { break };
+        let fragment = &after[..close];
+        out.push_str(&rest[..=open]);
+        if fragment.is_empty() || written_by_author.contains(fragment) {
+            out.push_str(fragment);
+        } else {
+            out.push('…');
+        }
+        out.push(quote);
+        rest = &after[close + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Messages end up in a termination log and a status field: one line, bounded.
 fn one_line(text: &str) -> String {
     const MAX: usize = 1500;
@@ -660,10 +697,14 @@ fn cause(error: &DataFusionError) -> Cause {
             DataFusionError::SchemaError(inner, _) => {
                 return match inner.as_ref() {
                     SchemaError::FieldNotFound { field, valid_fields } => {
-                        Cause::UnknownColumn(unknown_column(inner, &field.flat_name(), valid_fields))
+                        Cause::UnknownColumn(unknown_column(&field.flat_name(), valid_fields))
+                    }
+                    // Names from the files, unquoted in the engine's words.
+                    SchemaError::DuplicateQualifiedField { .. } | SchemaError::DuplicateUnqualifiedField { .. } => {
+                        Cause::Query("two columns of one name in a table or in the query".to_string())
                     }
                     other => Cause::Query(one_line(&other.to_string())),
-                }
+                };
             }
             DataFusionError::ResourcesExhausted(detail) => return Cause::Resources(one_line(detail)),
             DataFusionError::SQL(inner, _) => return Cause::Query(format!("SQL syntax: {}", one_line(&inner.to_string()))),
@@ -706,21 +747,17 @@ fn cause_of_arrow(error: &ArrowError) -> Cause {
     }
 }
 
-fn unknown_column(error: &SchemaError, name: &str, valid: &[Column]) -> String {
+/// Names the column and the tables searched, not the tables' columns:
+/// those come from the files (a CSV's header line), and a source may be a
+/// file its author cannot read otherwise.
+fn unknown_column(name: &str, valid: &[Column]) -> String {
     let tables: BTreeSet<String> = valid.iter().filter_map(|c| c.relation.as_ref().map(|r| r.to_string())).collect();
     let place = if tables.is_empty() {
         String::new()
     } else {
         format!(" in {}", tables.iter().map(|t| format!("`{t}`")).collect::<Vec<_>>().join(", "))
     };
-    let mut columns: Vec<String> = valid.iter().map(|c| c.flat_name()).collect();
-    if columns.len() > 20 {
-        columns.truncate(20);
-        columns.push("…".to_string());
-    }
-    // The engine's message goes on to list every column on more lines.
-    let first = error.to_string().lines().next().unwrap_or_default().to_string();
-    format!("unknown column `{name}`{place}: {first}; columns: {}", columns.join(", "))
+    format!("unknown column `{name}`{place} (the tables' columns are not listed: they are read from the files)")
 }
 
 /// The offset the snapshot time is given in; DataFusion treats it like `UTC`.
