@@ -15,7 +15,7 @@ namespace=${NAMESPACE:-segments-e2e}
 
 kubectl get --raw /version >/dev/null
 kubectl apply --server-side -f crds/segmentation.dev.yaml
-kubectl wait --for condition=established crd/segments.segmentation.dev crd/segmentsources.segmentation.dev --timeout=60s
+kubectl wait --for condition=established crd/segments.segmentation.dev crd/segmentsources.segmentation.dev crd/computeclasses.segmentation.dev --timeout=60s
 kubectl create namespace "$namespace" --dry-run=client -o yaml | kubectl apply -f -
 kubectl -n "$namespace" create secret generic segment-credentials \
     --from-literal=REDIS_URL="$REDIS_URL" \

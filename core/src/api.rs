@@ -1,4 +1,5 @@
-//! The `segmentation.dev/v1alpha1` API: `Segment` and `SegmentSource`.
+//! The `segmentation.dev/v1alpha1` API: `Segment`, `SegmentSource` and
+//! the admin's `ComputeClass`.
 //!
 //! These types are the single source of the CRD YAML in `crds/` (generated
 //! by `segment-operator crd`). Validation the API server can do lives here as
@@ -9,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, Toleration};
+use k8s_openapi::api::core::v1::{EnvVar, Toleration};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -28,6 +29,9 @@ pub const FINALIZER: &str = "segmentation.dev/cleanup";
 pub const SEGMENT_LABEL: &str = "segmentation.dev/segment";
 pub const VERSION_LABEL: &str = "segmentation.dev/version";
 pub const JOB_KIND_LABEL: &str = "segmentation.dev/job-kind";
+/// Namespace label naming the namespace's [`ComputeClass`]; set by the
+/// admin (a namespace's `edit` role cannot label it).
+pub const COMPUTE_CLASS_LABEL: &str = "segmentation.dev/compute-class";
 
 /// A customer segment: a definition evaluated over the lake on a schedule,
 /// loaded as numbered versions into the store, one of which is served.
@@ -203,34 +207,144 @@ pub struct IngestPolicy {
     pub max_failed_parts: u32,
 }
 
+/// What a Segment's author may choose of its Jobs. Everything else of the
+/// worker pods (image, ServiceAccount, environment, node placement, the
+/// largest resources and deadline) is the admin's, in the namespace's
+/// [`ComputeClass`]: a Segment author is a tenant, and the pods read the
+/// lake with the operator's credentials.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ComputeOverrides {
-    /// Image of the worker container, instead of the operator's default.
+    /// CPU and memory of the worker container, instead of the class's
+    /// defaults; at most the class's `maxResources`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<WorkerResources>,
+    /// Seconds a compute or ingest Job may run before it is failed; the
+    /// class's (or the operator's `--job-deadline-seconds`) when unset, at
+    /// most the class's `maxDeadlineSeconds` (or `--max-job-deadline-seconds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub active_deadline_seconds: Option<i64>,
+}
+
+/// CPU and memory requests and limits of the worker container (no other
+/// resources: devices and claims are placement, the admin's choice).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerResources {
+    /// What the scheduler reserves for the worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<CpuMemory>,
+    /// The most the worker may use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<CpuMemory>,
+}
+
+/// An amount of CPU and of memory.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CpuMemory {
+    /// Cores: `500m`, `2`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<Quantity>,
+    /// Bytes: `512Mi`, `4Gi`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Quantity>,
+}
+
+impl CpuMemory {
+    /// The quantities set, by resource name, as a pod spec holds them.
+    pub fn by_name(&self) -> BTreeMap<String, Quantity> {
+        [("cpu", &self.cpu), ("memory", &self.memory)]
+            .into_iter()
+            .filter_map(|(name, quantity)| quantity.clone().map(|q| (name.to_string(), q)))
+            .collect()
+    }
+}
+
+/// Environment variables of the worker the operator sets itself; a
+/// ComputeClass may not set them.
+pub const RESERVED_WORKER_ENV: &[&str] = &["TASK", "TASK_FILE", "TERMINATION_LOG"];
+
+/// The admin's settings of the worker pods of every Segment in the
+/// namespaces that use it: a namespace labelled
+/// `segmentation.dev/compute-class: <name>` uses that class, any other the
+/// operator's `--default-compute-class`, and without one the operator's
+/// own flags (`--worker-image`, `--worker-service-account`, ...) with no
+/// placement, no environment and no local files. Cluster-scoped: a tenant
+/// with a namespace's `edit` role can neither write nor choose one.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[kube(
+    group = "segmentation.dev",
+    version = "v1alpha1",
+    kind = "ComputeClass",
+    category = "segmentation",
+    printcolumn = r#"{"name":"Image","type":"string","jsonPath":".spec.image"}"#,
+    printcolumn = r#"{"name":"ServiceAccount","type":"string","jsonPath":".spec.serviceAccountName"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ComputeClassSpec {
+    /// Image of the worker container; the operator's `--worker-image` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
     pub image: Option<String>,
-    /// CPU and memory of the worker container, instead of the operator's defaults.
+    /// ServiceAccount the worker pods run as, in the Segment's namespace;
+    /// the operator's `--worker-service-account` when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resources: Option<ResourceRequirements>,
-    /// ServiceAccount the worker pods run as, instead of the operator's default.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
     pub service_account_name: Option<String>,
+    /// Mount the ServiceAccount's API token into worker pods. The worker
+    /// never calls the Kubernetes API, so the default is no token.
+    #[serde(default)]
+    pub automount_service_account_token: bool,
+    /// Extra environment of the worker container (credentials of this
+    /// class's namespaces, engine settings such as `COMPUTE_MEMORY_MB`).
+    /// `TASK`, `TASK_FILE` and `TERMINATION_LOG` are the operator's: a
+    /// class that sets them is not allowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<Vec<EnvVar>>,
+    /// A Secret in the Segment's namespace whose keys become the worker's
+    /// environment, instead of the operator's `--worker-env-secret`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub env_from_secret: Option<String>,
     /// Node labels the worker pods must be scheduled on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<BTreeMap<String, String>>,
     /// Taints the worker pods tolerate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tolerations: Option<Vec<Toleration>>,
-    /// Extra environment for the worker container.
+    /// Resources of a worker whose Segment sets none; the operator's
+    /// `--worker-*` flags when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub env: Option<Vec<EnvVar>>,
-    /// Seconds a compute or ingest Job may run before it is failed; the
-    /// operator's `--job-deadline-seconds` when unset, at most its
-    /// `--max-job-deadline-seconds`.
+    pub default_resources: Option<WorkerResources>,
+    /// The most a Segment may request or limit; a Segment asking for more
+    /// is `Stalled` (`NotAllowed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_resources: Option<CpuMemory>,
+    /// `activeDeadlineSeconds` of a Job whose Segment sets none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
-    pub active_deadline_seconds: Option<i64>,
+    pub deadline_seconds: Option<i64>,
+    /// The longest `activeDeadlineSeconds` a Segment gets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_deadline_seconds: Option<i64>,
+    /// Where sources and static lists may be read: URI prefixes, each
+    /// ending in `/`, `{namespace}` standing for the Segment's namespace
+    /// (`s3://lake/tenants/{namespace}/`). Unset: any `s3://` location.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_source_prefixes: Option<Vec<String>>,
+    /// Allow `file://` sources (the worker's own file system: its
+    /// ServiceAccount token, the node's files). Off unless a cluster keeps
+    /// its lake on a volume it mounts for this class alone.
+    #[serde(default)]
+    pub allow_local_files: bool,
 }
+
+/// A Kubernetes resource quantity (`500m`, `2`, `1Gi`), as in a pod spec.
+pub type Quantity = k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
 pub enum DeletionPolicy {
@@ -530,9 +644,9 @@ fn replace_unsigned_formats(value: &mut serde_json::Value) {
     }
 }
 
-/// Both CRDs as one YAML stream, as checked in under `crds/`.
+/// The CRDs as one YAML stream, as checked in under `crds/`.
 pub fn crds_yaml() -> String {
-    [served_crd::<Segment>(), served_crd::<SegmentSource>()]
+    [served_crd::<Segment>(), served_crd::<SegmentSource>(), served_crd::<ComputeClass>()]
         .iter()
         .map(|crd| serde_yaml::to_string(crd).expect("a CRD serializes to YAML"))
         .collect::<Vec<_>>()

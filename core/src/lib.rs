@@ -1,10 +1,11 @@
 //! Contracts shared by the segment-operator binaries.
 //!
-//! - [`api`]: the `Segment` and `SegmentSource` custom resources.
+//! - [`api`]: the `Segment`, `SegmentSource` and `ComputeClass` custom resources.
 //! - [`reasons`]: condition types, Event reasons, spec problems and run
 //!   failure reasons as enums.
 //! - [`validation`] (over [`definition`], [`rules`], [`schedule`],
-//!   [`duration`]): every check of a spec done before anything is launched.
+//!   [`duration`]): every check of a spec done before anything is launched;
+//!   [`policy`]: what the namespace's ComputeClass allows of it.
 //! - [`rules_sql`]: structured rules compiled to one SQL query.
 //! - [`planner`]: the lifecycle as a pure function from what is observed to what to do.
 //! - [`executor`]: carries a plan out, in the one crash-safe order, over an
@@ -23,6 +24,7 @@ pub mod manifest;
 pub mod manifests;
 pub mod naming;
 pub mod planner;
+pub mod policy;
 pub mod reasons;
 pub mod rules;
 pub mod rules_sql;

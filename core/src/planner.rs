@@ -125,6 +125,10 @@ pub struct Observation<'a> {
     /// Whether the cluster-wide compute limit leaves room for one more Job.
     pub compute_slot_free: bool,
     pub now: DateTime<Utc>,
+    /// What the namespace's ComputeClass does not allow of the spec
+    /// ([`crate::policy::check_allowed`]); it stops launches like an
+    /// invalid spec does.
+    pub not_allowed: Option<&'a Invalid>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -226,7 +230,11 @@ pub fn plan(obs: &Observation<'_>, cfg: &PlannerConfig) -> Plan {
     let def_hash = definition_hash(&spec.definition);
     // The same checks as `segment-operator check`, so a spec that never
     // met the API server's CEL rules (standalone mode) is judged alike.
-    let problem = check_spec(spec, obs.source_tables).map(|checked| checked.schedule);
+    let problem =
+        check_spec(spec, obs.source_tables).map(|checked| checked.schedule).and_then(|schedule| match obs.not_allowed {
+            Some(not_allowed) => Err(not_allowed.clone()),
+            None => Ok(schedule),
+        });
     // An invalid spec launches nothing, not even the next Job of a run in
     // flight: the run stays where it is and continues once the spec is fixed.
     p.launch_blocked = problem.is_err();

@@ -80,6 +80,10 @@ string_enum! {
         InvalidSchedule,
         /// Any other field out of range.
         InvalidSpec,
+        /// The namespace's ComputeClass does not allow it: more resources
+        /// than its maximum, a source outside its allowed prefixes, a
+        /// local file, or a class that does not exist.
+        NotAllowed,
     }
 }
 
@@ -109,6 +113,7 @@ string_enum! {
         InvalidDefinition,
         InvalidSchedule,
         InvalidSpec,
+        NotAllowed,
     }
 }
 
@@ -123,7 +128,8 @@ impl EventReason {
             | EventReason::RolloverHeld
             | EventReason::InvalidDefinition
             | EventReason::InvalidSchedule
-            | EventReason::InvalidSpec => true,
+            | EventReason::InvalidSpec
+            | EventReason::NotAllowed => true,
             EventReason::RunStarted
             | EventReason::RunCancelled
             | EventReason::VersionReady
@@ -140,6 +146,7 @@ impl From<SpecProblem> for EventReason {
             SpecProblem::InvalidDefinition => EventReason::InvalidDefinition,
             SpecProblem::InvalidSchedule => EventReason::InvalidSchedule,
             SpecProblem::InvalidSpec => EventReason::InvalidSpec,
+            SpecProblem::NotAllowed => EventReason::NotAllowed,
         }
     }
 }

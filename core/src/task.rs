@@ -61,6 +61,25 @@ pub struct IngestTask {
     pub max_failed_parts: u32,
 }
 
+/// The sources a compute of `definition` reads, of those its namespace
+/// declares. SQL reads only the tables it names, and a namespace may
+/// declare hundreds: the task (a pod annotation) carries those alone.
+/// Rules read every table (`not` is relative to the users of all of
+/// them), a static list none.
+pub fn sources_read<'a>(
+    definition: &Definition,
+    declared: impl IntoIterator<Item = &'a SegmentSourceSpec>,
+) -> Vec<&'a SegmentSourceSpec> {
+    if definition.static_list.is_some() {
+        return Vec::new();
+    }
+    let read = match &definition.sql {
+        Some(_) => crate::definition::validate(definition, None).map(|refs| refs.tables).ok(),
+        None => None,
+    };
+    declared.into_iter().filter(|s| read.as_ref().is_none_or(|tables| tables.contains(&s.table))).collect()
+}
+
 /// The task of a compute Job (or of an in-process compute in standalone mode).
 pub fn compute_task(
     segment: &Segment,

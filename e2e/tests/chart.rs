@@ -318,6 +318,10 @@ fn the_operator_rbac_grants_what_the_operator_calls_and_nothing_else() {
                 // A Job's FailedCreate Events (core/v1), read when it has no pod.
                 "CoreEvent" => ("", "events"),
                 "Lease" => ("coordination.k8s.io", "leases"),
+                "ComputeClass" => ("segmentation.dev", "computeclasses"),
+                "Namespace" => ("", "namespaces"),
+                // The operator's Event publisher (events.rs).
+                "KubeEvent" => ("events.k8s.io", "events"),
                 // An untyped watch (each Segment decoded on its own): the
                 // type it erases says what it reaches.
                 "DynamicObject" => {
@@ -340,9 +344,6 @@ fn the_operator_rbac_grants_what_the_operator_calls_and_nothing_else() {
         }
         if code.contains(".patch_status(") {
             used.insert(("segmentation.dev", "segments/status"));
-        }
-        if code.contains("Recorder::new(") {
-            used.insert(("events.k8s.io", "events"));
         }
     }
 

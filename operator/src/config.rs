@@ -123,6 +123,13 @@ pub struct JobArgs {
     #[arg(long, env = "WORKER_ENV_SECRET")]
     pub worker_env_secret: Option<String>,
 
+    /// The ComputeClass of namespaces without a
+    /// `segmentation.dev/compute-class` label; without one, those
+    /// namespaces' workers get this operator's `--worker-*` settings, no
+    /// placement, no extra environment and no local files.
+    #[arg(long, env = "DEFAULT_COMPUTE_CLASS")]
+    pub default_compute_class: Option<String>,
+
     /// Finished Jobs are removed this many seconds after they end.
     #[arg(long, env = "JOB_TTL_SECONDS", default_value_t = 3600)]
     pub job_ttl_seconds: i32,

@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, ApiResource, DynamicObject};
 use kube::client::ClientBuilder;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::{Client, ResourceExt};
-use segment_core::api::{Segment, SegmentSource, SEGMENT_LABEL};
+use segment_core::api::{ComputeClass, Segment, SegmentSource, COMPUTE_CLASS_LABEL, SEGMENT_LABEL};
 use segment_core::planner::PlannerConfig;
 use segment_store::redis::{RedisStore, RedisStoreOptions};
 use segment_store::results::ObjectResults;
@@ -171,6 +172,8 @@ fn controller(
     let (segments_cache, segments_writer) = reflector::store();
     let (jobs_cache, jobs_writer) = reflector::store();
     let (sources_cache, sources_writer) = reflector::store();
+    let (namespaces_cache, namespaces_writer) = reflector::store();
+    let (classes_cache, classes_writer) = reflector::store();
     let segments = segment_events(watch_client, namespace).reflect(segments_writer).applied_objects();
     let jobs = watcher(api::<Job>(watch_client, namespace), watcher::Config::default().labels(SEGMENT_LABEL))
         .default_backoff()
@@ -181,12 +184,32 @@ fn controller(
         .default_backoff()
         .reflect(sources_writer)
         .touched_objects();
+    // Namespaces (for their compute-class label) and ComputeClasses are
+    // cluster-wide even when one namespace is watched: both are the admin's.
+    let namespaces_api: Api<Namespace> = Api::all(watch_client.clone());
+    let classes_api: Api<ComputeClass> = Api::all(watch_client.clone());
+    let namespaces = watcher(namespaces_api, watcher::Config::default())
+        .default_backoff()
+        .modify(|namespace: &mut Namespace| {
+            namespace.metadata.managed_fields = None;
+            namespace.metadata.annotations = None;
+            namespace.spec = None;
+            namespace.status = None;
+        })
+        .reflect(namespaces_writer)
+        .touched_objects();
+    let classes = watcher(classes_api, watcher::Config::default()).default_backoff().reflect(classes_writer).touched_objects();
     let ctx = context(ClusterCache {
         jobs: jobs_cache,
         sources: sources_cache,
         segments: segments_cache.clone(),
+        namespaces: namespaces_cache.clone(),
+        compute_classes: classes_cache,
         unwatched_jobs: Default::default(),
     });
+    let default_class = args.jobs.default_compute_class.clone();
+    let segments_of_class = segments_cache.clone();
+    let segments_of_namespace = segments_cache.clone();
     Controller::for_stream(segments, segments_cache.clone())
         .with_config(ControllerConfig::default().concurrency(args.reconcile_concurrency))
         .owns_stream(jobs)
@@ -198,6 +221,32 @@ fn controller(
                 .state()
                 .iter()
                 .filter(|segment| segment.namespace() == namespace)
+                .map(|segment| ObjectRef::from(segment.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        // A ComputeClass changed: every Segment of the namespaces that use
+        // it is checked against it again and gets its settings.
+        .watches_stream(classes, move |class: ComputeClass| {
+            let name = class.name_any();
+            let uses_class = |namespace: &str| {
+                let labelled =
+                    namespaces_cache.get(&ObjectRef::new(namespace)).and_then(|ns| ns.labels().get(COMPUTE_CLASS_LABEL).cloned());
+                labelled.or_else(|| default_class.clone()).as_deref() == Some(name.as_str())
+            };
+            segments_of_class
+                .state()
+                .iter()
+                .filter(|segment| segment.namespace().is_some_and(|ns| uses_class(&ns)))
+                .map(|segment| ObjectRef::from(segment.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        // A namespace's label may name another class.
+        .watches_stream(namespaces, move |namespace: Namespace| {
+            let name = namespace.name_any();
+            segments_of_namespace
+                .state()
+                .iter()
+                .filter(|segment| segment.namespace().as_deref() == Some(name.as_str()))
                 .map(|segment| ObjectRef::from(segment.as_ref()))
                 .collect::<Vec<_>>()
         })

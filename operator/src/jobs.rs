@@ -13,12 +13,14 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
-use segment_core::api::{Segment, SegmentSource, JOB_KIND_LABEL, SEGMENT_LABEL, VERSION_LABEL};
+use segment_core::api::{
+    ComputeClassSpec, CpuMemory, Segment, SegmentSource, WorkerResources, JOB_KIND_LABEL, SEGMENT_LABEL, VERSION_LABEL,
+};
 use segment_core::naming::JobKind;
 use segment_core::planner::{JobState, Launch, ObservedJob};
 use segment_core::reasons::FailureReason;
 use segment_core::task::{
-    compute_task, ingest_task, Failure, SegmentInput, TASK_ANNOTATION, TASK_DIR, TASK_FILE, TERMINATION_LOG,
+    compute_task, ingest_task, sources_read, Failure, SegmentInput, TASK_ANNOTATION, TASK_DIR, TASK_FILE, TERMINATION_LOG,
 };
 
 use crate::config::JobArgs;
@@ -50,25 +52,14 @@ pub fn build_job(
     launch: &Launch,
     sources: &[SegmentSource],
     segment_inputs: &[SegmentInput],
+    class: &ComputeClassSpec,
     defaults: &JobArgs,
     results_base: &str,
 ) -> Result<Job, serde_json::Error> {
     let key = segment.key();
     let task = match launch.kind {
         JobKind::Compute => {
-            // SQL reads only the tables it names, and a namespace may declare
-            // hundreds: the task (a pod annotation) carries those alone.
-            // Rules read every table (`not` is relative to the users of all
-            // of them), a static list none that matters.
-            let read = match &segment.spec.definition.sql {
-                Some(_) => segment_core::definition::validate(&segment.spec.definition, None).map(|refs| refs.tables).ok(),
-                None => None,
-            };
-            let sources = sources
-                .iter()
-                .filter(|s| read.as_ref().is_none_or(|tables| tables.contains(&s.spec.table)))
-                .map(|s| s.spec.clone())
-                .collect();
+            let sources = sources_read(&segment.spec.definition, sources.iter().map(|s| &s.spec)).into_iter().cloned().collect();
             serde_json::to_string(&compute_task(segment, launch, sources, segment_inputs.to_vec(), results_base))?
         }
         JobKind::Ingest => serde_json::to_string(&ingest_task(segment, launch, results_base))?,
@@ -76,25 +67,40 @@ pub fn build_job(
     let overrides = segment.spec.compute.clone().unwrap_or_default();
     let labels = labels(&key.name, launch.version, launch.kind);
 
-    let env = overrides.env.clone().unwrap_or_default();
-    let env_from = defaults.worker_env_secret.as_ref().map(|name| {
+    // Everything of the pod but the resources and the deadline is the
+    // admin's: the namespace's ComputeClass, else this operator's flags.
+    let env = class.env.clone().unwrap_or_default();
+    let env_from = class.env_from_secret.as_ref().or(defaults.worker_env_secret.as_ref()).map(|name| {
         vec![EnvFromSource {
             secret_ref: Some(SecretEnvSource { name: name.clone(), optional: Some(false) }),
             ..Default::default()
         }]
     });
-    let resources = overrides.resources.clone().unwrap_or_else(|| ResourceRequirements {
-        requests: Some(BTreeMap::from([
-            ("cpu".to_string(), Quantity(defaults.worker_cpu_request.clone())),
-            ("memory".to_string(), Quantity(defaults.worker_memory_request.clone())),
-        ])),
-        limits: Some(BTreeMap::from([("memory".to_string(), Quantity(defaults.worker_memory_limit.clone()))])),
-        ..Default::default()
-    });
+    let chosen = overrides.resources.as_ref().or(class.default_resources.as_ref());
+    let resources = match chosen {
+        Some(WorkerResources { requests, limits }) => ResourceRequirements {
+            requests: requests.as_ref().map(CpuMemory::by_name),
+            limits: limits.as_ref().map(CpuMemory::by_name),
+            ..Default::default()
+        },
+        None => ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_string(), Quantity(defaults.worker_cpu_request.clone())),
+                ("memory".to_string(), Quantity(defaults.worker_memory_request.clone())),
+            ])),
+            limits: Some(BTreeMap::from([("memory".to_string(), Quantity(defaults.worker_memory_limit.clone()))])),
+            ..Default::default()
+        },
+    };
+    let deadline = overrides
+        .active_deadline_seconds
+        .or(class.deadline_seconds)
+        .unwrap_or(defaults.job_deadline_seconds)
+        .min(class.max_deadline_seconds.unwrap_or(defaults.max_job_deadline_seconds));
 
     let container = Container {
         name: CONTAINER.to_string(),
-        image: Some(overrides.image.clone().unwrap_or_else(|| defaults.worker_image.clone())),
+        image: Some(class.image.clone().unwrap_or_else(|| defaults.worker_image.clone())),
         args: Some(vec![launch.kind.as_str().to_string(), "--task-file".to_string(), TASK_FILE.to_string()]),
         env: Some(env),
         env_from,
@@ -133,9 +139,7 @@ pub fn build_job(
         spec: Some(JobSpec {
             backoff_limit: Some(defaults.job_backoff_limit),
             ttl_seconds_after_finished: Some(defaults.job_ttl_seconds),
-            active_deadline_seconds: Some(
-                overrides.active_deadline_seconds.unwrap_or(defaults.job_deadline_seconds).min(defaults.max_job_deadline_seconds),
-            ),
+            active_deadline_seconds: Some(deadline),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels),
@@ -145,10 +149,12 @@ pub fn build_job(
                 spec: Some(PodSpec {
                     restart_policy: Some("Never".to_string()),
                     service_account_name: Some(
-                        overrides.service_account_name.clone().unwrap_or_else(|| defaults.worker_service_account.clone()),
+                        class.service_account_name.clone().unwrap_or_else(|| defaults.worker_service_account.clone()),
                     ),
-                    node_selector: overrides.node_selector.clone(),
-                    tolerations: overrides.tolerations.clone(),
+                    // The worker never calls the Kubernetes API.
+                    automount_service_account_token: Some(class.automount_service_account_token),
+                    node_selector: class.node_selector.clone(),
+                    tolerations: class.tolerations.clone(),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".to_string(), ..Default::default() }),
@@ -332,6 +338,7 @@ mod tests {
             worker_image: "worker:1".into(),
             worker_service_account: "segment-worker".into(),
             worker_env_secret: None,
+            default_compute_class: None,
             job_ttl_seconds: 600,
             job_backoff_limit: 1,
             job_deadline_seconds: 3600,
@@ -356,36 +363,70 @@ mod tests {
     }
 
     #[test]
-    fn spec_compute_overrides_the_operator_defaults() {
+    fn the_pod_is_the_compute_classs_and_the_segment_chooses_only_resources_and_deadline() {
+        // What a tenant may still write about its Jobs, and fields it no
+        // longer may (the API server prunes them; here they are ignored).
         let segment: Segment = serde_yaml::from_str(
             r#"
 metadata: {name: vip, namespace: growth, uid: u1}
 spec:
   definition: {sql: SELECT user_id FROM orders}
   compute:
-    image: custom:2
-    serviceAccountName: lake-reader
+    image: attacker:1
+    serviceAccountName: admin
+    env: [{name: TASK, value: '{}'}]
+    nodeSelector: {pool: gpu}
     resources: {requests: {cpu: "2"}, limits: {memory: 8Gi}}
-    nodeSelector: {pool: batch}
-    tolerations: [{key: batch, operator: Exists, effect: NoSchedule}]
-    env: [{name: RUST_LOG, value: debug}]
-    activeDeadlineSeconds: 1800
+    activeDeadlineSeconds: 9000
 "#,
         )
         .unwrap();
-        let job = build_job(&segment, &launch("vip"), &[], &[], &defaults(), "s3://r").unwrap();
+        let class: ComputeClassSpec = serde_yaml::from_str(
+            r#"
+image: worker:class
+serviceAccountName: lake-reader
+env: [{name: RUST_LOG, value: debug}]
+envFromSecret: growth-lake
+nodeSelector: {pool: batch}
+tolerations: [{key: batch, operator: Exists, effect: NoSchedule}]
+maxDeadlineSeconds: 5400
+"#,
+        )
+        .unwrap();
+        let job = build_job(&segment, &launch("vip"), &[], &[], &class, &defaults(), "s3://r").unwrap();
         let spec = job.spec.unwrap();
-        assert_eq!(spec.active_deadline_seconds, Some(1800));
+        assert_eq!(spec.active_deadline_seconds, Some(5400), "capped by the class");
         let pod = spec.template.spec.unwrap();
         assert_eq!(pod.service_account_name.as_deref(), Some("lake-reader"));
+        assert_eq!(pod.automount_service_account_token, Some(false));
         assert_eq!(pod.node_selector.unwrap()["pool"], "batch");
         assert_eq!(pod.tolerations.unwrap()[0].key.as_deref(), Some("batch"));
         let c = &pod.containers[0];
-        assert_eq!(c.image.as_deref(), Some("custom:2"));
+        assert_eq!(c.image.as_deref(), Some("worker:class"));
         assert_eq!(c.resources.as_ref().unwrap().requests.as_ref().unwrap()["cpu"].0, "2");
         let env: Vec<&str> = c.env.as_ref().unwrap().iter().map(|e| e.name.as_str()).collect();
         assert_eq!(env, vec!["RUST_LOG"]);
-        assert!(c.env_from.is_none());
+        let secret = c.env_from.as_ref().unwrap()[0].secret_ref.as_ref().unwrap();
+        assert_eq!(secret.name, "growth-lake");
+    }
+
+    #[test]
+    fn without_a_class_the_pod_is_the_operators_defaults_with_no_token() {
+        let segment: Segment = serde_yaml::from_str(
+            "metadata: {name: vip, namespace: growth, uid: u1}\nspec:\n  definition: {sql: SELECT user_id FROM orders}\n",
+        )
+        .unwrap();
+        let job = build_job(&segment, &launch("vip"), &[], &[], &ComputeClassSpec::default(), &defaults(), "s3://r").unwrap();
+        let spec = job.spec.unwrap();
+        assert_eq!(spec.active_deadline_seconds, Some(3600));
+        let pod = spec.template.spec.unwrap();
+        assert_eq!(pod.service_account_name.as_deref(), Some("segment-worker"));
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        assert!(pod.node_selector.is_none() && pod.tolerations.is_none());
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some("worker:1"));
+        assert_eq!(c.env.as_deref(), Some(&[][..]));
+        assert_eq!(c.resources.as_ref().unwrap().requests.as_ref().unwrap()["cpu"].0, "250m");
     }
 
     #[test]
@@ -403,7 +444,8 @@ spec:
                 .unwrap()
             })
             .collect();
-        let job = build_job(&segment, &launch("vip"), &sources, &[], &defaults(), "s3://r").unwrap();
+        let job =
+            build_job(&segment, &launch("vip"), &sources, &[], &ComputeClassSpec::default(), &defaults(), "s3://r").unwrap();
         let template = job.spec.unwrap().template;
         let task: serde_json::Value =
             serde_json::from_str(&template.metadata.unwrap().annotations.unwrap()[TASK_ANNOTATION]).unwrap();
@@ -422,7 +464,7 @@ spec:
             "metadata: {name: vip, namespace: growth, uid: u1}\nspec:\n  definition: {sql: SELECT user_id FROM orders}\n",
         )
         .unwrap();
-        let mut job = build_job(&segment, &launch("vip"), &[], &[], &defaults(), "s3://r").unwrap();
+        let mut job = build_job(&segment, &launch("vip"), &[], &[], &ComputeClassSpec::default(), &defaults(), "s3://r").unwrap();
         job.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Default::default()));
         job.status = Some(serde_json::from_value(serde_json::json!({"ready": 1, "active": 1})).unwrap());
         let mut trimmed = job.clone();
@@ -442,7 +484,7 @@ spec:
             "metadata: {name: slow, namespace: growth, uid: u1}\nspec:\n  definition: {sql: SELECT user_id FROM orders}\n  compute: {activeDeadlineSeconds: 999999}\n",
         )
         .unwrap();
-        let job = build_job(&segment, &launch("slow"), &[], &[], &defaults(), "s3://r").unwrap();
+        let job = build_job(&segment, &launch("slow"), &[], &[], &ComputeClassSpec::default(), &defaults(), "s3://r").unwrap();
         assert_eq!(job.spec.unwrap().active_deadline_seconds, Some(7200));
     }
 
@@ -453,7 +495,7 @@ spec:
             "metadata: {{name: {name}, namespace: growth, uid: u1}}\nspec: {{definition: {{sql: SELECT user_id FROM orders}}}}\n"
         ))
         .unwrap();
-        let job = build_job(&segment, &launch(&name), &[], &[], &defaults(), "s3://r").unwrap();
+        let job = build_job(&segment, &launch(&name), &[], &[], &ComputeClassSpec::default(), &defaults(), "s3://r").unwrap();
         // No deadline asked for: the operator's default applies.
         assert_eq!(job.spec.as_ref().unwrap().active_deadline_seconds, Some(3600));
         let job_name = job.metadata.name.clone().unwrap();

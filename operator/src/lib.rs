@@ -10,6 +10,7 @@
 //! - [`config`]: the command line (flags with environment fallbacks);
 //! - [`metrics`], [`http`]: the Prometheus metrics and what the probes answer;
 //! - [`api_requests`]: the operator's own API requests, counted by verb and resource;
+//! - [`events`]: the Kubernetes Events it publishes on Segments;
 //! - [`time`]: Kubernetes timestamps to chrono;
 //! - [`manifests`], [`check`]: manifests read from files, checked without a cluster;
 //! - `standalone` (feature `standalone`, on by default, off in the

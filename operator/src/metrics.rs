@@ -169,6 +169,7 @@ fn run_outcome(reason: EventReason) -> Option<&'static str> {
         | EventReason::RolledBack
         | EventReason::InvalidDefinition
         | EventReason::InvalidSchedule
-        | EventReason::InvalidSpec => None,
+        | EventReason::InvalidSpec
+        | EventReason::NotAllowed => None,
     }
 }

@@ -10,21 +10,24 @@ use std::time::Instant;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Event as CoreEvent, ObjectReference, Pod};
+use k8s_openapi::api::core::v1::{Event as CoreEvent, Namespace, ObjectReference, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action as Requeue;
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
 use segment_core::api::{
-    DeletionPolicy, Segment, SegmentKey, SegmentSource, SegmentStatus, FINALIZER, JOB_KIND_LABEL, SEGMENT_LABEL, VERSION_LABEL,
+    ComputeClass, ComputeClassSpec, DeletionPolicy, Segment, SegmentKey, SegmentSource, SegmentStatus, COMPUTE_CLASS_LABEL,
+    FINALIZER, JOB_KIND_LABEL, SEGMENT_LABEL, VERSION_LABEL,
 };
 use segment_core::executor::{self, Effects};
 use segment_core::naming::JobKind;
 use segment_core::planner::{self, Action, Event, JobState, Launch, Observation, ObservedJob, Plan, PlannerConfig, StoreView};
-use segment_core::reasons::FailureReason;
+use segment_core::policy;
+use segment_core::reasons::{FailureReason, SpecProblem};
 use segment_core::store::{ResultStore, SegmentStore, StoreError};
-use segment_core::task::{Failure, SegmentInput};
+use segment_core::task::{sources_read, Failure, SegmentInput};
+use segment_core::validation::Invalid;
 use serde_json::json;
 use tracing::{debug, info, instrument, warn};
 
@@ -136,6 +139,9 @@ pub struct ClusterCache {
     pub jobs: Store<Job>,
     pub sources: Store<SegmentSource>,
     pub segments: Store<Segment>,
+    /// Namespaces, for their `segmentation.dev/compute-class` label.
+    pub namespaces: Store<Namespace>,
+    pub compute_classes: Store<ComputeClass>,
     /// Jobs created in this term that the Jobs watch has not shown yet.
     pub unwatched_jobs: UnwatchedJobs,
 }
@@ -187,10 +193,34 @@ impl ClusterCache {
             self.jobs.wait_until_ready().await.is_ok()
                 && self.sources.wait_until_ready().await.is_ok()
                 && self.segments.wait_until_ready().await.is_ok()
+                && self.namespaces.wait_until_ready().await.is_ok()
+                && self.compute_classes.wait_until_ready().await.is_ok()
         };
         match tokio::time::timeout(CACHE_SYNC_WAIT, ready).await {
             Ok(true) => Ok(()),
             _ => Err(Error::CacheNotReady),
+        }
+    }
+
+    /// The ComputeClass of `namespace`: the one its label names, else
+    /// `default` (the operator's `--default-compute-class`), else the
+    /// operator's own flags (an empty class). A class named but missing is
+    /// not allowed: running without the admin's settings could be looser.
+    pub fn compute_class(&self, namespace: &str, default: Option<&str>) -> Result<ComputeClassSpec, Invalid> {
+        let labelled =
+            self.namespaces.get(&ObjectRef::new(namespace)).and_then(|ns| ns.labels().get(COMPUTE_CLASS_LABEL).cloned());
+        let (name, chosen_by) = match (labelled, default) {
+            (Some(name), _) => (name, format!("the namespace's label {COMPUTE_CLASS_LABEL}")),
+            (None, Some(name)) => (name.to_string(), "the operator's --default-compute-class".to_string()),
+            (None, None) => return Ok(ComputeClassSpec::default()),
+        };
+        match self.compute_classes.get(&ObjectRef::new(&name)) {
+            Some(class) => Ok(class.spec.clone()),
+            None => Err(Invalid {
+                reason: SpecProblem::NotAllowed,
+                field: "metadata.namespace".to_string(),
+                message: format!("ComputeClass `{name}` ({chosen_by}) does not exist"),
+            }),
         }
     }
 
@@ -326,13 +356,16 @@ struct Observed {
     tables: Vec<String>,
     store: StoreView,
     now: DateTime<Utc>,
+    /// The namespace's ComputeClass, and what of the spec it does not allow.
+    class: ComputeClassSpec,
+    not_allowed: Option<Invalid>,
 }
 
 #[instrument(skip_all, fields(segment = %segment.key()))]
 async fn apply(segment: &Segment, ctx: &Context) -> Result<Requeue, Error> {
     let observed = observe(segment, ctx).await?;
     let (plan, slot) = plan_with_slot(segment, &observed, ctx);
-    execute(segment, &plan, &observed.sources, ctx).await?;
+    execute(segment, &plan, &observed, ctx).await?;
     if let Some(slot) = slot {
         slot.keep();
     }
@@ -401,7 +434,15 @@ async fn observe(segment: &Segment, ctx: &Context) -> Result<Observed, Error> {
     let store = planner::observe_store(ctx.store.as_ref(), &segment.key(), segment.status.as_ref())
         .await
         .map_err(store("reading the store"))?;
-    Ok(Observed { jobs, sources, tables, store, now })
+    let (class, not_allowed) = match ctx.cache.compute_class(&namespace, ctx.jobs.default_compute_class.as_deref()) {
+        Ok(class) => {
+            let read = sources_read(&segment.spec.definition, sources.iter().map(|s| &s.spec));
+            let not_allowed = policy::check_allowed(&segment.spec, &read, &class, &namespace).err();
+            (class, not_allowed)
+        }
+        Err(missing) => (ComputeClassSpec::default(), Some(missing)),
+    };
+    Ok(Observed { jobs, sources, tables, store, now, class, not_allowed })
 }
 
 /// Plans; when the plan launches a compute Job under a compute limit,
@@ -415,6 +456,7 @@ fn plan_with_slot<'c>(segment: &Segment, observed: &Observed, ctx: &'c Context) 
         source_tables: Some(&observed.tables),
         compute_slot_free: slot_free,
         now: observed.now,
+        not_allowed: observed.not_allowed.as_ref(),
     };
     let plan = planner::plan(&observation(true), &ctx.planner);
     let compute_job = plan.actions.iter().find_map(|a| match a {
@@ -431,8 +473,8 @@ fn plan_with_slot<'c>(segment: &Segment, observed: &Observed, ctx: &'c Context) 
 
 /// Carries out a plan through the one executor, with the cluster as its
 /// effects.
-async fn execute(segment: &Segment, plan: &Plan, sources: &[SegmentSource], ctx: &Context) -> Result<(), Error> {
-    let mut effects = ClusterEffects { segment, key: segment.key(), sources, ctx };
+async fn execute(segment: &Segment, plan: &Plan, observed: &Observed, ctx: &Context) -> Result<(), Error> {
+    let mut effects = ClusterEffects { segment, key: segment.key(), sources: &observed.sources, class: &observed.class, ctx };
     executor::carry_out(plan, segment.status.as_ref(), &mut effects).await
 }
 
@@ -442,6 +484,7 @@ struct ClusterEffects<'a> {
     segment: &'a Segment,
     key: SegmentKey,
     sources: &'a [SegmentSource],
+    class: &'a ComputeClassSpec,
     ctx: &'a Context,
 }
 
@@ -503,7 +546,7 @@ impl Effects for ClusterEffects<'_> {
             JobKind::Ingest => Vec::new(),
         };
         let ctx = self.ctx;
-        let job = jobs::build_job(self.segment, launch, self.sources, &inputs, &ctx.jobs, &ctx.results_base)
+        let job = jobs::build_job(self.segment, launch, self.sources, &inputs, self.class, &ctx.jobs, &ctx.results_base)
             .map_err(Error::BuildJob)?;
         match self.jobs_api().create(&PostParams::default(), &job).await {
             Ok(created) => {

@@ -167,6 +167,7 @@ impl Engine {
                 source_tables: Some(&tables),
                 compute_slot_free: true,
                 now,
+                not_allowed: None,
             };
             let plan = planner::plan(&obs, &self.planner);
             let mut effects = LocalEffects { engine: self, segment: &segment, key: key.clone() };

@@ -50,6 +50,7 @@ async fn main() {
                     source_tables: Some(&tables),
                     compute_slot_free: true,
                     now,
+                    not_allowed: None,
                 };
                 let start = std::time::Instant::now();
                 let p = plan(&obs, &cfg);

@@ -110,6 +110,7 @@ impl World {
             source_tables: self.source_tables.as_deref(),
             compute_slot_free: self.slot_free,
             now: self.now,
+            not_allowed: None,
         };
         planner::plan(&obs, &self.cfg)
     }

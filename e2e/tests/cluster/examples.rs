@@ -160,11 +160,18 @@ fn a_compute_that_outgrows_its_memory_spills_to_the_scratch_volume() {
         tenant.lake_bucket
     ));
     // Nearly every event is its own id: about 240,000 ids of 40 bytes,
-    // more than a 16 MiB pool holds while sorting.
+    // more than a 16 MiB pool holds while sorting. The worker's settings
+    // are the admin's: the namespace's ComputeClass gives the small pool.
+    let cluster = crate::cluster();
+    let class = format!("{}-small-memory", tenant.namespace);
+    let class_object = serde_json::json!({"apiVersion": "segmentation.dev/v1alpha1", "kind": "ComputeClass",
+        "metadata": {"name": class}, "spec": {"env": [{"name": "COMPUTE_MEMORY_MB", "value": "16"}]}});
+    let output = cluster.apply("default", &class_object.to_string());
+    assert!(output.success(), "the ComputeClass: {}", output.stderr);
+    cluster.kubectl_ok(&["label", "namespace", &tenant.namespace, &format!("segmentation.dev/compute-class={class}")]);
     tenant.apply(
         &serde_json::json!({"apiVersion": "segmentation.dev/v1alpha1", "kind": "Segment", "metadata": {"name": "events"},
-            "spec": {"definition": {"sql": "SELECT e.user_id || '/' || e.event || '/' || e.ts FROM app_events e"},
-                     "compute": {"env": [{"name": "COMPUTE_MEMORY_MB", "value": "16"}]}}})
+            "spec": {"definition": {"sql": "SELECT e.user_id || '/' || e.event || '/' || e.ts FROM app_events e"}}})
         .to_string(),
     );
     let _operator = Operator::start(&tenant, &[]);
@@ -179,4 +186,5 @@ fn a_compute_that_outgrows_its_memory_spills_to_the_scratch_volume() {
     let logs = tenant.kubectl(&["logs", "job/events-v1-compute"]);
     let report: Value = logs.stdout.lines().rev().find_map(|l| serde_json::from_str(l).ok()).expect("the worker's report");
     assert!(report["spilledBytes"].as_u64().is_some_and(|b| b > 0), "{report}");
+    cluster.kubectl_ok(&["delete", "computeclass", &class]);
 }

@@ -213,22 +213,41 @@ fn a_job_deleted_by_hand_is_recreated_and_a_definition_change_supersedes_a_run_t
 fn pods_that_cannot_start_fail_their_runs_with_the_reason_and_the_old_version_keeps_serving() {
     let cluster = cluster();
     let tenant = Tenant::new("nostart");
+    // The image and the ServiceAccount are the admin's: they come from the
+    // namespace's ComputeClass, changed between the runs below.
+    let class = format!("{}-broken", tenant.namespace);
     let cases = [
-        ("image", json!({"image": "registry.invalid/segment-worker:none"}), "ImagePullFailed", "could not be pulled"),
-        ("cpu", compute(UNSCHEDULABLE)["compute"].clone(), "Unschedulable", "Insufficient cpu"),
-        ("account", json!({"serviceAccountName": "no-such-account"}), "PodNotCreated", "no-such-account"),
+        ("cpu", Some(compute(UNSCHEDULABLE)["compute"].clone()), None, "Unschedulable", "Insufficient cpu"),
+        ("image", None, Some(json!({"image": "registry.invalid/segment-worker:none"})), "ImagePullFailed", "could not be pulled"),
+        ("account", None, Some(json!({"serviceAccountName": "no-such-account"})), "PodNotCreated", "no-such-account"),
     ];
-    for (name, _, _, _) in &cases {
+    for (name, _, _, _, _) in &cases {
         put_object(&tenant.lake_bucket, &format!("lists/{name}.csv"), &list(1..=3));
         tenant.apply(&static_segment(&tenant, name, json!({})));
     }
     let _operator = Operator::start(&tenant, &["--pod-start-timeout-seconds", "10"]);
-    for (name, compute, _, _) in &cases {
+    for (name, _, _, _, _) in &cases {
         tenant.wait_for_segment(name, RUN, |s| active_version(s) == Some(1));
-        patch_spec(&tenant, name, json!({"compute": compute}));
-        annotate(&tenant, name, "segmentation.dev/run-requested-at=2030-01-01T00:00:00Z");
     }
-    for (name, _, reason, detail) in &cases {
+    for (name, compute, class_spec, _, _) in &cases {
+        if let Some(compute) = compute {
+            patch_spec(&tenant, name, json!({"compute": compute}));
+        }
+        if let Some(class_spec) = class_spec {
+            let object = json!({"apiVersion": "segmentation.dev/v1alpha1", "kind": "ComputeClass",
+                "metadata": {"name": class}, "spec": class_spec});
+            let output = cluster.apply("default", &object.to_string());
+            assert!(output.success(), "the ComputeClass: {}", output.stderr);
+            // The class exists before the label names it; each run's Job
+            // is created before the class changes again.
+            let label = format!("segmentation.dev/compute-class={class}");
+            cluster.kubectl_ok(&["label", "--overwrite", "namespace", &tenant.namespace, &label]);
+        }
+        annotate(&tenant, name, "segmentation.dev/run-requested-at=2030-01-01T00:00:00Z");
+        let job = format!("{name}-v2-compute");
+        cluster.wait_until(&format!("{job} to be created"), RUN, || cluster.get_json(&tenant.namespace, "job", &job).is_some());
+    }
+    for (name, _, _, reason, detail) in &cases {
         let failed = tenant.wait_for_segment(name, RUN, |s| version_state(s, 2).as_deref() == Some("Failed"));
         let v2 = failed["status"]["versions"].as_array().unwrap().iter().find(|v| v["version"] == 2).unwrap().clone();
         assert_eq!(v2["reason"], *reason, "{name}: {v2}");
@@ -239,6 +258,7 @@ fn pods_that_cannot_start_fail_their_runs_with_the_reason_and_the_old_version_ke
         let job = format!("{name}-v2-compute");
         cluster.wait_until(&format!("{job} to be deleted"), RUN, || cluster.get_json(&tenant.namespace, "job", &job).is_none());
     }
+    cluster.kubectl_ok(&["delete", "computeclass", &class]);
 }
 
 /// A Job the API server refuses (a CPU quantity that does not parse) fails

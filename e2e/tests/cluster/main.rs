@@ -14,6 +14,7 @@ mod failover;
 mod helm;
 mod lifecycle;
 mod plugin;
+mod tenancy;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -43,7 +44,7 @@ pub fn install_crds(cluster: &LocalCluster, crds: &str) {
     assert!(output.success(), "applying the CRDs: {}", output.stderr);
     // Polled rather than `kubectl wait`, which fails on a CRD whose status
     // has no conditions yet (just created).
-    for crd in ["segments.segmentation.dev", "segmentsources.segmentation.dev"] {
+    for crd in ["segments.segmentation.dev", "segmentsources.segmentation.dev", "computeclasses.segmentation.dev"] {
         cluster.wait_until(&format!("{crd} to be Established"), Duration::from_secs(60), || {
             let output = cluster.kubectl(&["get", "crd", crd, "-o", "json"]);
             serde_json::from_str::<Value>(&output.stdout).is_ok_and(|crd| is_true(&crd, "Established"))

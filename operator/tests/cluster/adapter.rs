@@ -70,6 +70,7 @@ fn job_args() -> JobArgs {
         worker_image: "segment-worker:test".into(),
         worker_service_account: "segment-worker".into(),
         worker_env_secret: Some("segment-credentials".into()),
+        default_compute_class: None,
         job_ttl_seconds: 3600,
         job_backoff_limit: 2,
         job_deadline_seconds: 3600,
@@ -118,6 +119,8 @@ impl Harness {
             jobs: listed(world.jobs.iter().filter(watched).cloned()),
             sources: listed(world.sources.iter().cloned()),
             segments: listed(world.segment.iter().cloned()),
+            namespaces: listed(std::iter::empty()),
+            compute_classes: listed(std::iter::empty()),
             unwatched_jobs: Default::default(),
         }
     }
@@ -678,4 +681,42 @@ async fn a_reconcile_reads_the_watch_caches_and_lists_nothing() {
     h.run_to_active(1, &["u1"]).await;
     let reads: Vec<String> = h.world.lock().unwrap().log.iter().filter(|l| l.method == "GET").map(|l| l.line()).collect();
     assert_eq!(reads, Vec::<String>::new());
+}
+
+/// A namespace's ComputeClass: the one its label names, else the
+/// operator's default, else none (the operator's flags); a class named but
+/// missing is not allowed rather than silently replaced by the flags.
+#[test]
+fn the_namespace_label_then_the_default_choose_the_compute_class_and_a_missing_one_is_not_allowed() {
+    use k8s_openapi::api::core::v1::Namespace;
+    use segment_core::api::{ComputeClass, ComputeClassSpec};
+    use segment_core::reasons::SpecProblem;
+
+    let namespace = |name: &str, class: Option<&str>| Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: class.map(|c| BTreeMap::from([("segmentation.dev/compute-class".to_string(), c.to_string())])),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let class =
+        |name: &str, image: &str| ComputeClass::new(name, ComputeClassSpec { image: Some(image.into()), ..Default::default() });
+    let cache = ClusterCache {
+        jobs: listed(std::iter::empty()),
+        sources: listed(std::iter::empty()),
+        segments: listed(std::iter::empty()),
+        namespaces: listed([namespace("growth", Some("gold")), namespace("finance", None), namespace("lab", Some("gone"))]),
+        compute_classes: listed([class("gold", "worker:gold"), class("standard", "worker:standard")]),
+        unwatched_jobs: Default::default(),
+    };
+    let image = |ns: &str, default: Option<&str>| cache.compute_class(ns, default).map(|c| c.image);
+    assert_eq!(image("growth", Some("standard")), Ok(Some("worker:gold".into())), "the label wins");
+    assert_eq!(image("finance", Some("standard")), Ok(Some("worker:standard".into())), "then the default");
+    assert_eq!(image("finance", None), Ok(None), "then the operator's flags");
+    let missing = cache.compute_class("lab", Some("standard")).unwrap_err();
+    assert_eq!(missing.reason, SpecProblem::NotAllowed);
+    assert!(missing.message.contains("`gone`") && missing.message.contains("label"), "{missing}");
+    let missing_default = cache.compute_class("finance", Some("nope")).unwrap_err();
+    assert!(missing_default.message.contains("--default-compute-class"), "{missing_default}");
 }

@@ -1,0 +1,214 @@
+//! What a namespace's [`ComputeClass`](crate::api::ComputeClass) allows
+//! a Segment: its resources within the class's maximum, and its sources
+//! and static list at locations the class allows. The operator checks it
+//! before launching anything; a Segment that asks for more is `Stalled`
+//! with reason `NotAllowed` (docs/security.md).
+
+use crate::api::{ComputeClassSpec, CpuMemory, SegmentSourceSpec, SegmentSpec, WorkerResources, RESERVED_WORKER_ENV};
+use crate::reasons::SpecProblem;
+use crate::validation::Invalid;
+
+/// Checks `spec`, whose compute Job reads `sources`, against `class`,
+/// the class of the Segment's `namespace`.
+pub fn check_allowed(
+    spec: &SegmentSpec,
+    sources: &[&SegmentSourceSpec],
+    class: &ComputeClassSpec,
+    namespace: &str,
+) -> Result<(), Invalid> {
+    check_class(class)?;
+    if let (Some(resources), Some(max)) = (spec.compute.as_ref().and_then(|c| c.resources.as_ref()), &class.max_resources) {
+        check_resources(resources, max)?;
+    }
+    if let Some(list) = &spec.definition.static_list {
+        check_location("spec.definition.static.uri", &list.uri, class, namespace)?;
+    }
+    for source in sources {
+        check_location(&format!("SegmentSource of table `{}`: spec.uri", source.table), &source.uri, class, namespace)?;
+    }
+    Ok(())
+}
+
+fn not_allowed(field: &str, message: String) -> Invalid {
+    Invalid { reason: SpecProblem::NotAllowed, field: field.to_string(), message }
+}
+
+/// A class the operator will not run: one that sets the worker
+/// environment the operator owns, or a prefix that does not end a path.
+fn check_class(class: &ComputeClassSpec) -> Result<(), Invalid> {
+    for variable in class.env.iter().flatten() {
+        if RESERVED_WORKER_ENV.contains(&variable.name.as_str()) {
+            return Err(not_allowed("ComputeClass spec.env", format!("{} is set by the operator", variable.name)));
+        }
+    }
+    for prefix in class.allowed_source_prefixes.iter().flatten() {
+        if !prefix.ends_with('/') || !(prefix.starts_with("s3://") || prefix.starts_with("file:///")) {
+            return Err(not_allowed(
+                "ComputeClass spec.allowedSourcePrefixes",
+                format!("{prefix}: a prefix is an s3:// or file:/// URI ending in /"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_resources(resources: &WorkerResources, max: &CpuMemory) -> Result<(), Invalid> {
+    let max = max.by_name();
+    for (kind, asked) in [("requests", &resources.requests), ("limits", &resources.limits)] {
+        for (name, quantity) in asked.iter().flat_map(CpuMemory::by_name) {
+            let field = format!("spec.compute.resources.{kind}.{name}");
+            let Some(most) = max.get(&name) else { continue };
+            let (Some(value), Some(most_value)) = (quantity_value(&quantity.0), quantity_value(&most.0)) else {
+                return Err(not_allowed(&field, format!("`{}` is not a quantity", quantity.0)));
+            };
+            if value > most_value {
+                return Err(not_allowed(&field, format!("{} is more than the ComputeClass allows ({})", quantity.0, most.0)));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `uri` may be read by a Segment of `namespace`: never a path
+/// with `..` in it; `file://` only where the class allows local files; and
+/// under one of the class's prefixes, when it names any.
+fn check_location(field: &str, uri: &str, class: &ComputeClassSpec, namespace: &str) -> Result<(), Invalid> {
+    let path = uri.split_once("://").map(|(_, rest)| rest).unwrap_or(uri);
+    if path.split('/').any(|segment| segment == ".." || segment == ".") {
+        return Err(not_allowed(field, format!("{uri}: `.` and `..` are not allowed in a location")));
+    }
+    if uri.starts_with("file://") && !class.allow_local_files {
+        return Err(not_allowed(field, format!("{uri}: the ComputeClass does not allow local files")));
+    }
+    let Some(prefixes) = &class.allowed_source_prefixes else { return Ok(()) };
+    let allowed: Vec<String> = prefixes.iter().map(|p| p.replace("{namespace}", namespace)).collect();
+    if allowed.iter().any(|prefix| uri.starts_with(prefix.as_str())) {
+        return Ok(());
+    }
+    Err(not_allowed(field, format!("{uri} is outside the locations the ComputeClass allows ({})", allowed.join(", "))))
+}
+
+/// A quantity in its base unit (cores, bytes): `500m`, `2`, `1.5`, `1Gi`,
+/// `512Mi`, `2G`, `1e3`. `None` for anything else.
+pub fn quantity_value(text: &str) -> Option<f64> {
+    const SUFFIXES: &[(&str, f64)] = &[
+        ("Ki", 1024.0),
+        ("Mi", 1024.0 * 1024.0),
+        ("Gi", 1024.0 * 1024.0 * 1024.0),
+        ("Ti", 1024.0 * 1024.0 * 1024.0 * 1024.0),
+        ("Pi", 1024.0 * 1024.0 * 1024.0 * 1024.0 * 1024.0),
+        ("Ei", 1024.0 * 1024.0 * 1024.0 * 1024.0 * 1024.0 * 1024.0),
+        ("n", 1e-9),
+        ("u", 1e-6),
+        ("m", 1e-3),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+        ("P", 1e15),
+        ("E", 1e18),
+    ];
+    let text = text.trim();
+    let (number, factor) =
+        SUFFIXES.iter().find_map(|(suffix, factor)| text.strip_suffix(suffix).map(|n| (n, *factor))).unwrap_or((text, 1.0));
+    let value: f64 = number.parse().ok()?;
+    (value.is_finite() && value >= 0.0).then_some(value * factor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::SourceFormat;
+
+    fn spec(yaml: &str) -> SegmentSpec {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    fn class(yaml: &str) -> ComputeClassSpec {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    fn source(uri: &str) -> SegmentSourceSpec {
+        SegmentSourceSpec {
+            table: "orders".into(),
+            uri: uri.into(),
+            format: SourceFormat::Parquet,
+            user_id_column: "user_id".into(),
+            timestamp_column: None,
+        }
+    }
+
+    const SQL: &str = "definition: {sql: SELECT user_id FROM orders}\n";
+
+    #[test]
+    fn quantities_compare_in_their_base_unit() {
+        assert_eq!(quantity_value("500m"), Some(0.5));
+        assert_eq!(quantity_value("2"), Some(2.0));
+        assert_eq!(quantity_value("1Gi"), Some(1073741824.0));
+        assert_eq!(quantity_value("512Mi"), Some(536870912.0));
+        assert_eq!(quantity_value("1G"), Some(1e9));
+        assert_eq!(quantity_value("1e3"), Some(1000.0));
+        assert!(quantity_value("1Gi").unwrap() > quantity_value("1G").unwrap());
+        assert_eq!(quantity_value("lots"), None);
+        assert_eq!(quantity_value("-1"), None);
+    }
+
+    #[test]
+    fn resources_above_the_class_maximum_are_not_allowed() {
+        let class = class("maxResources: {cpu: '2', memory: 4Gi}");
+        let within = spec(&format!("{SQL}compute: {{resources: {{requests: {{cpu: 1500m}}, limits: {{memory: 4Gi}}}}}}"));
+        assert_eq!(check_allowed(&within, &[], &class, "growth"), Ok(()));
+        let over = spec(&format!("{SQL}compute: {{resources: {{limits: {{memory: 5Gi}}}}}}"));
+        let error = check_allowed(&over, &[], &class, "growth").unwrap_err();
+        assert_eq!((error.reason, error.field.as_str()), (SpecProblem::NotAllowed, "spec.compute.resources.limits.memory"));
+        assert!(error.message.contains("5Gi") && error.message.contains("4Gi"), "{error}");
+        // No maximum: anything goes.
+        assert_eq!(check_allowed(&over, &[], &ComputeClassSpec::default(), "growth"), Ok(()));
+    }
+
+    #[test]
+    fn sources_must_be_under_the_namespace_prefix_and_not_local() {
+        let class = class("allowedSourcePrefixes: ['s3://lake/tenants/{namespace}/', 's3://shared/']");
+        let sql = spec(SQL);
+        let own = source("s3://lake/tenants/growth/orders/");
+        assert_eq!(check_allowed(&sql, &[&own, &source("s3://shared/calendar/")], &class, "growth"), Ok(()));
+
+        for uri in [
+            "s3://lake/tenants/finance/orders/",
+            // A name that extends the namespace's is another namespace.
+            "s3://lake/tenants/growth-eu/orders/",
+            "s3://lake/tenants/growth/../finance/orders/",
+            "s3://results/growth/vip/",
+            "file:///var/run/secrets/kubernetes.io/serviceaccount/token",
+        ] {
+            let error = check_allowed(&sql, &[&own, &source(uri)], &class, "growth").unwrap_err();
+            assert_eq!(error.reason, SpecProblem::NotAllowed, "{uri}");
+            assert_eq!(error.field, "SegmentSource of table `orders`: spec.uri", "{uri}");
+        }
+
+        let list = spec("definition: {static: {uri: 's3://lake/tenants/finance/vip.csv'}}");
+        let error = check_allowed(&list, &[], &class, "growth").unwrap_err();
+        assert_eq!(error.field, "spec.definition.static.uri");
+    }
+
+    #[test]
+    fn a_class_that_sets_the_operators_environment_or_a_bad_prefix_is_not_run() {
+        let sets_task = class("env: [{name: TASK, value: '{}'}]");
+        let error = check_allowed(&spec(SQL), &[], &sets_task, "growth").unwrap_err();
+        assert_eq!((error.field.as_str(), error.message.as_str()), ("ComputeClass spec.env", "TASK is set by the operator"));
+        let no_slash = class("allowedSourcePrefixes: ['s3://lake/tenants/{namespace}']");
+        let error = check_allowed(&spec(SQL), &[], &no_slash, "growth").unwrap_err();
+        assert_eq!(error.field, "ComputeClass spec.allowedSourcePrefixes");
+    }
+
+    #[test]
+    fn local_files_only_where_the_class_allows_them() {
+        let token = source("file:///var/run/secrets/kubernetes.io/serviceaccount/token");
+        let error = check_allowed(&spec(SQL), &[&token], &ComputeClassSpec::default(), "growth").unwrap_err();
+        assert!(error.message.contains("local files"), "{error}");
+        let local = ComputeClassSpec { allow_local_files: true, ..Default::default() };
+        assert_eq!(check_allowed(&spec(SQL), &[&token], &local, "growth"), Ok(()));
+        // Any s3:// location without prefixes.
+        assert_eq!(check_allowed(&spec(SQL), &[&source("s3://anywhere/x/")], &ComputeClassSpec::default(), "growth"), Ok(()));
+    }
+}

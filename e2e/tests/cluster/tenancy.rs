@@ -1,0 +1,154 @@
+//! A Segment author is a tenant: bound to Kubernetes' `edit` role in one
+//! namespace (the chart's aggregated roles add Segments and
+//! SegmentSources to it), with the admin's ComputeClass on that
+//! namespace. Each attack is refused, by the API server or by the operator
+//! with `Stalled` (`NotAllowed`), and nothing is launched for it; the
+//! tenant's own Segment still computes.
+
+use std::path::Path;
+use std::process::Command;
+
+use segment_tests::cluster::{run, run_with_stdin, Output};
+use serde_json::{json, Value};
+
+use crate::lifecycle::{active_version, list, RUN};
+use crate::{cluster, condition, helm_template, put_object, Operator, Tenant};
+
+/// kubectl as the tenant (its own kubeconfig, its ServiceAccount's token).
+fn as_tenant(kubeconfig: &Path, args: &[&str]) -> Output {
+    run(cluster().tool("kubectl").env("KUBECONFIG", kubeconfig).args(args))
+}
+
+fn apply_as_tenant(kubeconfig: &Path, namespace: &str, object: &Value) -> Output {
+    let mut command: Command = cluster().tool("kubectl");
+    command.env("KUBECONFIG", kubeconfig).args(["apply", "--server-side", "-n", namespace, "-f", "-"]);
+    run_with_stdin(&mut command, &object.to_string())
+}
+
+fn segment(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "segmentation.dev/v1alpha1", "kind": "Segment", "metadata": {"name": name}, "spec": spec})
+}
+
+#[test]
+fn a_tenant_with_the_edit_role_gets_its_segments_and_nothing_else() {
+    let cluster = cluster();
+    let tenant = Tenant::new("tenancy");
+    let namespace = tenant.namespace.clone();
+    let lake = tenant.lake_bucket.clone();
+
+    // The admin: the chart's tenant roles, a ComputeClass for this
+    // namespace, and a tenant bound to `edit` here.
+    let roles = helm_template(&namespace, &namespace, &["--show-only", "templates/tenant-rbac.yaml"]);
+    let output = cluster.apply("default", &roles);
+    assert!(output.success(), "the tenant roles: {}", output.stderr);
+    let class = format!("{namespace}-tenants");
+    let class_object = json!({"apiVersion": "segmentation.dev/v1alpha1", "kind": "ComputeClass", "metadata": {"name": class},
+        "spec": {"allowedSourcePrefixes": [format!("s3://{lake}/tenants/{{namespace}}/")],
+                 "maxResources": {"cpu": "100m", "memory": "256Mi"}}});
+    let output = cluster.apply("default", &class_object.to_string());
+    assert!(output.success(), "the ComputeClass: {}", output.stderr);
+    cluster.kubectl_ok(&["label", "namespace", &namespace, &format!("segmentation.dev/compute-class={class}")]);
+    cluster.kubectl_ok(&["create", "serviceaccount", "alice", "-n", &namespace]);
+    cluster.kubectl_ok(&[
+        "create",
+        "rolebinding",
+        "alice-edit",
+        "--clusterrole=edit",
+        "--serviceaccount",
+        &format!("{namespace}:alice"),
+        "-n",
+        &namespace,
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("alice");
+    cluster.token_kubeconfig(&kubeconfig, &cluster.service_account_token(&namespace, "alice"), &namespace);
+    cluster.wait_until("the edit role to include Segments", RUN, || {
+        as_tenant(&kubeconfig, &["auth", "can-i", "create", "segments.segmentation.dev", "-n", &namespace]).stdout.trim() == "yes"
+    });
+
+    put_object(&lake, &format!("tenants/{namespace}/lists/mine.csv"), &list(1..=3));
+    put_object(&lake, "tenants/finance/lists/vip.csv", &list(100..=105));
+    let own_list = json!({"static": {"uri": format!("s3://{lake}/tenants/{namespace}/lists/mine.csv")}});
+    let _operator = Operator::start(&tenant, &[]);
+
+    // The API server refuses every pod setting in a tenant's Segment.
+    for (field, value) in [
+        ("image", json!("attacker/worker:1")),
+        ("serviceAccountName", json!("default")),
+        ("env", json!([{"name": "REDIS_URL", "value": "redis://attacker:6379"}])),
+        ("nodeSelector", json!({"node-role.kubernetes.io/control-plane": ""})),
+        ("tolerations", json!([{"operator": "Exists"}])),
+    ] {
+        let object =
+            segment(&format!("pod-{}", field.to_lowercase()), json!({"definition": own_list, "compute": {field: value}}));
+        let output = apply_as_tenant(&kubeconfig, &namespace, &object);
+        assert!(!output.success(), "spec.compute.{field} was accepted");
+        // Strict field validation: "field not declared in schema" for a
+        // server-side apply, "unknown field" for others.
+        assert!(output.stderr.contains(&format!("spec.compute.{field}")), "{field}: {}", output.stderr);
+    }
+    // Nor may the tenant write a ComputeClass or choose another.
+    let output = apply_as_tenant(
+        &kubeconfig,
+        &namespace,
+        &json!({"apiVersion": "segmentation.dev/v1alpha1",
+        "kind": "ComputeClass", "metadata": {"name": format!("{namespace}-mine")}, "spec": {"allowLocalFiles": true}}),
+    );
+    assert!(!output.success() && output.stderr.contains("forbidden"), "{}", output.stderr);
+    let output =
+        as_tenant(&kubeconfig, &["label", "--overwrite", "namespace", &namespace, "segmentation.dev/compute-class=other"]);
+    assert!(!output.success() && output.stderr.contains("forbidden"), "{}", output.stderr);
+
+    // What the operator refuses: another namespace's files, the worker's
+    // own files, more resources than the class allows.
+    let token_source = json!({"apiVersion": "segmentation.dev/v1alpha1", "kind": "SegmentSource", "metadata": {"name": "token"},
+        "spec": {"table": "token", "uri": "file:///var/run/secrets/kubernetes.io/serviceaccount/token", "format": "csv"}});
+    let output = apply_as_tenant(&kubeconfig, &namespace, &token_source);
+    assert!(output.success(), "{}", output.stderr);
+    let refused = [
+        (
+            "steal",
+            json!({"definition": {"static": {"uri": format!("s3://{lake}/tenants/finance/lists/vip.csv")}}}),
+            "spec.definition.static.uri",
+        ),
+        (
+            "climb",
+            json!({"definition": {"static": {"uri": format!("s3://{lake}/tenants/{namespace}/../finance/lists/vip.csv")}}}),
+            "spec.definition.static.uri",
+        ),
+        ("token", json!({"definition": {"sql": "SELECT user_id FROM token"}}), "SegmentSource of table `token`: spec.uri"),
+        (
+            "greedy",
+            json!({"definition": own_list, "compute": {"resources": {"limits": {"memory": "64Gi"}}}}),
+            "spec.compute.resources.limits.memory",
+        ),
+    ];
+    for (name, spec, _) in &refused {
+        let output = apply_as_tenant(&kubeconfig, &namespace, &segment(name, spec.clone()));
+        assert!(output.success(), "{name}: {}", output.stderr);
+    }
+    // The tenant's own Segment, within the class, is computed and served.
+    let output = apply_as_tenant(&kubeconfig, &namespace, &segment("mine", json!({"definition": own_list})));
+    assert!(output.success(), "{}", output.stderr);
+    let mine = tenant.wait_for_segment("mine", RUN, |s| active_version(s) == Some(1));
+    assert_eq!(mine["status"]["members"], 3);
+
+    for (name, _, field) in &refused {
+        let stalled = tenant.wait_for_segment(name, RUN, |s| condition(s, "Stalled").is_some_and(|c| c["status"] == "True"));
+        let stalled_condition = condition(&stalled, "Stalled").unwrap();
+        assert_eq!(stalled_condition["reason"], "NotAllowed", "{name}: {stalled_condition}");
+        assert!(stalled_condition["message"].as_str().unwrap().contains(field), "{name}: {stalled_condition}");
+        assert!(stalled["status"]["versions"].as_array().is_none_or(|v| v.is_empty()), "{name}: {stalled}");
+    }
+    // Nothing was launched for them, and the one Job that ran had the
+    // class's settings and no API token.
+    let jobs: Value = serde_json::from_str(&tenant.kubectl(&["get", "jobs", "-o", "json"]).stdout).unwrap();
+    let names: Vec<&str> = jobs["items"].as_array().unwrap().iter().map(|j| j["metadata"]["name"].as_str().unwrap()).collect();
+    assert!(names.iter().all(|n| n.starts_with("mine-")), "{names:?}");
+    for job in jobs["items"].as_array().unwrap() {
+        let pod = &job["spec"]["template"]["spec"];
+        assert_eq!(pod["automountServiceAccountToken"], false, "{pod}");
+        assert_eq!(pod["serviceAccountName"], "segment-worker", "{pod}");
+    }
+    cluster.kubectl_ok(&["delete", "computeclass", &class]);
+}
