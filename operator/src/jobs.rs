@@ -427,6 +427,15 @@ maxDeadlineSeconds: 5400
         assert_eq!(c.image.as_deref(), Some("worker:1"));
         assert_eq!(c.env.as_deref(), Some(&[][..]));
         assert_eq!(c.resources.as_ref().unwrap().requests.as_ref().unwrap()["cpu"].0, "250m");
+        // Whatever the class: non-root, read-only root, no capabilities,
+        // no privilege escalation, the runtime's seccomp profile.
+        let pod_context = pod.security_context.as_ref().unwrap();
+        assert_eq!(pod_context.run_as_non_root, Some(true));
+        assert_eq!(pod_context.seccomp_profile.as_ref().map(|p| p.type_.as_str()), Some("RuntimeDefault"));
+        let context = c.security_context.as_ref().unwrap();
+        assert_eq!((context.run_as_non_root, context.read_only_root_filesystem), (Some(true), Some(true)));
+        assert_eq!(context.allow_privilege_escalation, Some(false));
+        assert_eq!(context.capabilities.as_ref().and_then(|c| c.drop.clone()), Some(vec!["ALL".to_string()]));
     }
 
     #[test]
