@@ -294,6 +294,26 @@ def check_default(objects: list[dict]) -> None:
         fail(f"[default] expected the operator and serving Deployments only, got {names}")
 
 
+def check_serving_clients_only() -> None:
+    """With API clients listed and no metrics scrapers, the serving port
+    admits those clients only, not any peer."""
+    clients = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "shop"}}}]
+    overrides = {"networkPolicy": {"enabled": True, "ingress": {"serving": clients, "metrics": []}}}
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as file:
+        yaml.safe_dump(overrides, file)
+    try:
+        objects = render_in_child(Path(file.name))
+    finally:
+        os.unlink(file.name)
+    policies = [i["object"] for i in objects if i["object"]["kind"] == "NetworkPolicy"]
+    serving = [p for p in policies if p["metadata"]["name"].endswith("-serving")]
+    rules = serving[0]["spec"]["ingress"] if serving else []
+    if not rules or any(rule.get("from") != clients for rule in rules):
+        fail(f"[serving clients only] the serving port must admit the listed clients only: {rules}")
+    else:
+        print("  serving clients listed, no scrapers: the API port admits the clients only")
+
+
 def check_refusals() -> None:
     """Values the chart must refuse, each with a message that says why."""
     cases = [
@@ -343,6 +363,8 @@ def main() -> int:
         print(f"  rendered {len(objects)} objects: {sorted({o['object']['kind'] for o in objects})}")
         check_objects(label, objects)
         (check_all_features if values_file else check_default)(objects)
+    print("==> network policy: serving clients listed, no metrics scrapers")
+    check_serving_clients_only()
     print("==> values the chart must refuse")
     check_refusals()
 
