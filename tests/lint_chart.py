@@ -39,6 +39,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "segment-operator"
 ALL_FEATURES = CHART / "ci" / "all-features-values.yaml"
+# The defaults and the one value an install must give (the serving tokens).
+MINIMAL = CHART / "ci" / "minimal-values.yaml"
 RELEASE = "segments"
 NAMESPACE = "segment-system"
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion, and the
@@ -298,7 +300,10 @@ def check_serving_clients_only() -> None:
     """With API clients listed and no metrics scrapers, the serving port
     admits those clients only, not any peer."""
     clients = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "shop"}}}]
-    overrides = {"networkPolicy": {"enabled": True, "ingress": {"serving": clients, "metrics": []}}}
+    overrides = {
+        "networkPolicy": {"enabled": True, "ingress": {"serving": clients, "metrics": []}},
+        "serving": {"auth": {"existingSecret": "segment-serving-tokens"}},
+    }
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as file:
         yaml.safe_dump(overrides, file)
     try:
@@ -316,11 +321,14 @@ def check_serving_clients_only() -> None:
 
 def check_refusals() -> None:
     """Values the chart must refuse, each with a message that says why."""
+    minimal = load_overrides(MINIMAL)
+    # Each over the minimal values (so that only the case's own fault is
+    # refused), but the last: the defaults alone, whose auth has no tokens.
     cases = [
-        ({"serving": {"replica": 3}}, "replica"),  # a typo: additionalProperties false
-        ({"operator": {"resultsUri": "segment-results"}}, "resultsUri"),  # not a URI
-        ({"realtime": {"enabled": True}}, "realtime.kafka.brokers is required"),
-        ({"serving": {"auth": {"enabled": True}}}, "serving.auth.existingSecret"),
+        (deep_merge(minimal, {"serving": {"replica": 3}}), "replica"),  # a typo: additionalProperties false
+        (deep_merge(minimal, {"operator": {"resultsUri": "segment-results"}}), "resultsUri"),  # not a URI
+        (deep_merge(minimal, {"realtime": {"enabled": True}}), "realtime.kafka.brokers is required"),
+        ({}, "serving.auth.existingSecret"),
     ]
     for values, expected in cases:
         message = render_error_in_child(values)
@@ -352,7 +360,7 @@ def main() -> int:
             return 1
         return 0
 
-    for label, values_file in (("default", None), ("all features", ALL_FEATURES)):
+    for label, values_file in (("default", MINIMAL), ("all features", ALL_FEATURES)):
         print(f"==> {label} values{f' ({values_file.relative_to(ROOT)})' if values_file else ''}")
         check_lint(label, values_file)
         try:
@@ -362,7 +370,7 @@ def main() -> int:
             continue
         print(f"  rendered {len(objects)} objects: {sorted({o['object']['kind'] for o in objects})}")
         check_objects(label, objects)
-        (check_all_features if values_file else check_default)(objects)
+        (check_all_features if values_file == ALL_FEATURES else check_default)(objects)
     print("==> network policy: serving clients listed, no metrics scrapers")
     check_serving_clients_only()
     print("==> values the chart must refuse")

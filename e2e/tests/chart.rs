@@ -19,7 +19,8 @@ use serde_json::Value;
 
 /// The values files the chart is checked with: its defaults, and every
 /// optional feature on.
-const VALUES: [Option<&str>; 2] = [None, Some("ci/all-features-values.yaml")];
+/// The defaults (with the one value an install must give) and every feature on.
+const VALUES: [Option<&str>; 2] = [Some("ci/minimal-values.yaml"), Some("ci/all-features-values.yaml")];
 
 /// Environment variables the chart may set that are not flags: read by the
 /// object_store crate (S3, in the operator) and by tracing's EnvFilter.
@@ -206,7 +207,7 @@ fn the_chart_installs_the_crates_version() {
     let out = Command::new(binary("segment-operator")).args(["run", "--help"]).env_clear().output().unwrap();
     let expected = format!("[default: segment-operator/segment-worker:{}]", env!("CARGO_PKG_VERSION"));
     assert!(String::from_utf8_lossy(&out.stdout).contains(&expected), "segment-operator run --help lacks {expected}");
-    let worker_image = containers(&render(None))
+    let worker_image = containers(&render(VALUES[0]))
         .into_iter()
         .flat_map(|c| c.args)
         .find_map(|a| a.strip_prefix("--worker-image=").map(str::to_string));

@@ -71,6 +71,8 @@ fn helm_install_upgrade_and_uninstall() {
         format!("serving.port={serving_port}"),
         "serving.replicas=1".to_string(),
         "serving.autoscaling.enabled=false".to_string(),
+        // Auth is on by default; this test calls the API without tokens.
+        "serving.auth.enabled=false".to_string(),
     ];
     let mut install = vec!["install", release, chart, "-n", &namespace, "--wait", "--timeout", "180s"];
     for value in &values {
