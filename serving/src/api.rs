@@ -9,7 +9,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
@@ -27,6 +27,14 @@ use crate::MAX_USER_LEN;
 
 /// Kubernetes names are at most 253 bytes; anything longer cannot name a segment.
 const MAX_NAME_LEN: usize = 253;
+
+/// The longest request body read: enough for `max_checks` checks of the
+/// longest names and user ids, JSON-escaped, and no more, so a client
+/// cannot make a replica buffer megabytes it will refuse anyway.
+pub fn max_body_bytes(max_checks: usize) -> usize {
+    const PER_CHECK: usize = 2 * (2 * MAX_NAME_LEN + MAX_USER_LEN) + 64;
+    1024 + max_checks * PER_CHECK
+}
 
 #[derive(OpenApi)]
 #[openapi(
@@ -271,6 +279,7 @@ async fn member(
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 403, description = "A namespace not allowed for this token", body = ErrorBody),
         (status = 404, description = "A segment unknown or without an active version", body = ErrorBody),
+        (status = 413, description = "A body longer than the most checks allowed can take", body = ErrorBody),
         (status = 503, description = "Store unavailable and not everything cached", body = ErrorBody),
     ),
     security((), ("bearer" = []))
@@ -280,8 +289,11 @@ async fn check(
     State(state): State<AppState>,
     body: Result<Json<CheckRequest>, JsonRejection>,
 ) -> Result<Json<CheckResponse>, ApiError> {
-    let Json(request) = body.map_err(|e| ApiError::invalid("body", format!("body: {}", e.body_text())))?;
     let max = state.config().max_checks;
+    let Json(request) = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large(max_body_bytes(max)),
+        _ => ApiError::invalid("body", format!("body: {}", e.body_text())),
+    })?;
     if request.checks.len() > max {
         return Err(ApiError::invalid("checks", format!("checks: at most {max} per request, got {}", request.checks.len())));
     }
@@ -554,7 +566,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// `/openapi.json`, `/metrics`, `/healthz`, `/readyz`.
 pub fn router(state: AppState) -> Router {
     let (api, operations, _) = parts();
-    api.merge(operations).route_layer(TrackRequests(state.clone())).fallback(unmatched).with_state(state)
+    let body_limit = DefaultBodyLimit::max(max_body_bytes(state.config().max_checks));
+    api.merge(operations).route_layer(TrackRequests(state.clone())).layer(body_limit).fallback(unmatched).with_state(state)
 }
 
 #[cfg(test)]

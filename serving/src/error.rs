@@ -36,6 +36,12 @@ impl ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "InvalidArgument", error, Some(field))
     }
 
+    /// A request body over `limit` bytes, refused before it is read whole.
+    pub fn too_large(limit: usize) -> ApiError {
+        let error = format!("body: at most {limit} bytes");
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge", error, Some("body"))
+    }
+
     pub fn not_found(field: Option<&str>, error: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "NotFound", error, field)
     }

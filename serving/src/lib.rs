@@ -25,7 +25,7 @@ mod state;
 
 use std::time::Duration;
 
-pub use api::{openapi, router};
+pub use api::{max_body_bytes, openapi, router};
 pub use auth::{Access, Tokens, TokensError};
 pub use error::{ApiError, ErrorBody};
 pub use metrics::Metrics;

@@ -381,6 +381,21 @@ async fn bad_input_gets_4xx_naming_the_field() {
     assert!(status.is_client_error(), "no content type: {status} {body}");
     assert_eq!(body["field"], "body");
     assert_eq!(api.check(json!([])).await, (StatusCode::OK, json!({"results": []})));
+
+    // A body longer than the most checks allowed can take is refused
+    // before it is read whole; one just under the limit is read.
+    let limit = segment_serving::max_body_bytes(3);
+    // JSON whitespace pads the body to a length.
+    let padded = |len: usize| format!(r#"{{"checks": []{}}}"#, " ".repeat(len - 14));
+    assert_eq!(padded(limit).len(), limit);
+    let (status, body) = api.post("/v1/membership:check", padded(limit + 1)).await;
+    assert_eq!(
+        (status, body["reason"].as_str(), body["field"].as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, Some("PayloadTooLarge"), Some("body"))
+    );
+    assert!(body["error"].as_str().unwrap().contains(&limit.to_string()), "names the limit: {body}");
+    let (status, body) = api.post("/v1/membership:check", padded(limit)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
 }
 
 #[tokio::test]
