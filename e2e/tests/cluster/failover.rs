@@ -193,6 +193,14 @@ fn sigterm_finishes_the_reconciles_in_flight_releases_the_lease_and_the_other_ta
     let short_grace = [&TIMING[..], &["--store-timeout-ms", "60000", "--shutdown-grace-seconds", "3"]].concat();
     let mut b = Operator::replica(&tenant, "replica-b", &short_grace);
     wait_all_active(&tenant, 1, 1);
+    // The first run's last reconciles (its Jobs' final updates) are over
+    // before the store freezes, so the one held up below is the request's
+    // and not an earlier one with the request queued behind it.
+    tenant.cluster.wait_until("no reconcile in flight", RUN, || a.metric("segment_operator_reconciles_in_flight") == Some(0.0));
+    std::thread::sleep(Duration::from_secs(1));
+    tenant
+        .cluster
+        .wait_until("still no reconcile in flight", RUN, || a.metric("segment_operator_reconciles_in_flight") == Some(0.0));
 
     tenant.redis.pause();
     request_run(&tenant, "s0", "2030-01-01T00:00:00Z");
