@@ -20,6 +20,10 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tempfile::TempDir;
 
+/// The project's CRDs, by name (`crds/segmentation.dev.yaml`).
+pub const PROJECT_CRDS: [&str; 3] =
+    ["segments.segmentation.dev", "segmentsources.segmentation.dev", "computeclasses.segmentation.dev"];
+
 /// The image references the node agent runs as the workspace's binaries.
 /// They are the defaults of the operator and the chart.
 pub const WORKER_IMAGE: &str = concat!("segment-operator/segment-worker:", env!("CARGO_PKG_VERSION"));
@@ -206,6 +210,31 @@ impl LocalCluster {
     }
 
     /// Waits for `ready`, polling; panics with `what` after `timeout`.
+    /// Applies CRDs (the project's, or a variant of them) and waits until
+    /// each of [`PROJECT_CRDS`] is Established and their OpenAPI is
+    /// published.
+    pub fn install_crds(&self, crds: &str) {
+        let output = self.apply("default", crds);
+        assert!(output.success(), "applying the CRDs: {}", output.stderr);
+        // Polled rather than `kubectl wait`, which fails on a CRD whose
+        // status has no conditions yet (just created).
+        for crd in PROJECT_CRDS {
+            self.wait_until(&format!("{crd} to be Established"), Duration::from_secs(60), || {
+                let output = self.kubectl(&["get", "crd", crd, "-o", "json"]);
+                serde_json::from_str::<Value>(&output.stdout).is_ok_and(|crd| {
+                    crd["status"]["conditions"]
+                        .as_array()
+                        .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Established" && c["status"] == "True"))
+                })
+            });
+        }
+        // The API server publishes a new CRD's OpenAPI (what `kubectl
+        // explain` and client-side tools read) a moment after Established.
+        self.wait_until("the CRDs' OpenAPI to be published", Duration::from_secs(60), || {
+            self.kubectl(&["get", "--raw", "/openapi/v3/apis/segmentation.dev/v1alpha1"]).success()
+        });
+    }
+
     pub fn wait_until(&self, what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
         let start = Instant::now();
         while !ready() {

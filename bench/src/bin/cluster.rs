@@ -55,7 +55,7 @@ async fn main() {
     let cluster = LocalCluster::start_without_images();
     // No Job controller: the benchmark completes the Jobs (see above).
     cluster.stop_component("kube-controller-manager");
-    install_crds(&cluster);
+    cluster.install_crds(&std::fs::read_to_string(workspace_root().join("crds/segmentation.dev.yaml")).expect("the CRDs"));
     let redis = RedisServer::start();
     let s3 = S3Server::start(&["bench-results"]);
     let client = cluster.client().await;
@@ -172,16 +172,6 @@ fn print_requests(requests: &BTreeMap<(String, String), f64>, minutes: f64) {
     for ((verb, resource), count) in requests {
         row(&format!("  {verb} {resource}"), count / minutes, unit);
     }
-}
-
-/// The project's CRDs, applied and Established.
-fn install_crds(cluster: &LocalCluster) {
-    let crds = std::fs::read_to_string(workspace_root().join("crds/segmentation.dev.yaml")).expect("the CRDs");
-    let output = cluster.apply("default", &crds);
-    assert!(output.success(), "applying the CRDs: {}", output.stderr);
-    cluster.wait_until("the CRDs to be Established", Duration::from_secs(60), || {
-        cluster.kubectl(&["get", "--raw", "/apis/segmentation.dev/v1alpha1/segments"]).success()
-    });
 }
 
 /// Jobs per second the API server creates for one client with 16

@@ -34,7 +34,7 @@ fn fixtures(kind: &str) -> Vec<std::path::PathBuf> {
 #[test]
 fn crds_are_established_and_apply_again_without_conflict() {
     let cluster = cluster();
-    for crd in ["segments.segmentation.dev", "segmentsources.segmentation.dev", "computeclasses.segmentation.dev"] {
+    for crd in segment_tests::cluster::PROJECT_CRDS {
         let object: Value =
             serde_json::from_str(&cluster.kubectl_ok(&["get", "crd", crd, "-o", "json"])).expect("the CRD as JSON");
         for condition in ["Established", "NamesAccepted"] {

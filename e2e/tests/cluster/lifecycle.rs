@@ -430,10 +430,10 @@ fn a_segment_that_does_not_decode_does_not_stop_the_others() {
     let loose: String =
         crds.lines().filter(|l| !l.trim_start().starts_with("maximum: 4294967295")).collect::<Vec<_>>().join("\n");
     assert_ne!(loose, crds, "the CRDs bound unsigned integers");
-    crate::install_crds(cluster, &loose);
+    cluster.install_crds(&loose);
     let broken = Tenant::new_on(cluster, "broken");
     broken.apply(&static_segment(&broken, "huge", json!({"retention": {"keepVersions": 5_000_000_000u64}})));
-    crate::install_crds(cluster, &crds);
+    cluster.install_crds(&crds);
 
     let tenant = Tenant::new_on(cluster, "healthy");
     put_object(&tenant.lake_bucket, "lists/vip.csv", &list(1..=3));

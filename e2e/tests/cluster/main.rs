@@ -29,7 +29,7 @@ use serde_json::Value;
 pub fn cluster() -> &'static LocalCluster {
     static CRDS: std::sync::Once = std::sync::Once::new();
     let cluster = LocalCluster::shared();
-    CRDS.call_once(|| install_crds(cluster, &std::fs::read_to_string(crds_file()).expect("the CRDs")));
+    CRDS.call_once(|| cluster.install_crds(&std::fs::read_to_string(crds_file()).expect("the CRDs")));
     cluster
 }
 
@@ -37,31 +37,11 @@ pub fn crds_file() -> PathBuf {
     cluster::workspace_root().join("crds/segmentation.dev.yaml")
 }
 
-/// Applies CRDs (the project's, or a variant of them) and waits until they
-/// are Established and their OpenAPI is published.
-pub fn install_crds(cluster: &LocalCluster, crds: &str) {
-    let output = cluster.apply("default", crds);
-    assert!(output.success(), "applying the CRDs: {}", output.stderr);
-    // Polled rather than `kubectl wait`, which fails on a CRD whose status
-    // has no conditions yet (just created).
-    for crd in ["segments.segmentation.dev", "segmentsources.segmentation.dev", "computeclasses.segmentation.dev"] {
-        cluster.wait_until(&format!("{crd} to be Established"), Duration::from_secs(60), || {
-            let output = cluster.kubectl(&["get", "crd", crd, "-o", "json"]);
-            serde_json::from_str::<Value>(&output.stdout).is_ok_and(|crd| is_true(&crd, "Established"))
-        });
-    }
-    // The API server publishes a new CRD's OpenAPI (what `kubectl
-    // explain` and client-side tools read) a moment after Established.
-    cluster.wait_until("the CRDs' OpenAPI to be published", Duration::from_secs(60), || {
-        cluster.kubectl(&["get", "--raw", "/openapi/v3/apis/segmentation.dev/v1alpha1"]).success()
-    });
-}
-
 /// A cluster of the test's own (for tests that change what every other
 /// test relies on), with the CRDs installed; stop it with `stop()`.
 pub fn own_cluster() -> &'static LocalCluster {
     let cluster: &'static LocalCluster = Box::leak(Box::new(LocalCluster::start()));
-    install_crds(cluster, &std::fs::read_to_string(crds_file()).expect("the CRDs"));
+    cluster.install_crds(&std::fs::read_to_string(crds_file()).expect("the CRDs"));
     cluster
 }
 
