@@ -13,9 +13,9 @@ use kube::api::{Api, ApiResource, DynamicObject};
 use kube::client::ClientBuilder;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{reflector, watcher, WatchStreamExt};
+use kube::runtime::{predicates, reflector, watcher, PredicateConfig, WatchStreamExt};
 use kube::{Client, ResourceExt};
-use segment_core::api::{ComputeClass, Segment, SegmentSource, COMPUTE_CLASS_LABEL, SEGMENT_LABEL};
+use segment_core::api::{ComputeClass, Segment, SegmentSource, SEGMENT_LABEL};
 use segment_core::planner::PlannerConfig;
 use segment_store::redis::{RedisStore, RedisStoreOptions};
 use segment_store::results::ObjectResults;
@@ -197,59 +197,38 @@ fn controller(
             namespace.status = None;
         })
         .reflect(namespaces_writer)
-        .touched_objects();
+        .touched_objects()
+        // Only a label can change a namespace's class.
+        .predicate_filter(predicates::labels, PredicateConfig::default());
     let classes = watcher(classes_api, watcher::Config::default()).default_backoff().reflect(classes_writer).touched_objects();
     let ctx = context(ClusterCache {
         jobs: jobs_cache,
         sources: sources_cache,
         segments: segments_cache.clone(),
-        namespaces: namespaces_cache.clone(),
+        namespaces: namespaces_cache,
         compute_classes: classes_cache,
         unwatched_jobs: Default::default(),
     });
     let default_class = args.jobs.default_compute_class.clone();
-    let segments_of_class = segments_cache.clone();
-    let segments_of_namespace = segments_cache.clone();
-    Controller::for_stream(segments, segments_cache.clone())
+    let (for_sources, for_classes, for_namespaces) = (ctx.cache.clone(), ctx.cache.clone(), ctx.cache.clone());
+    Controller::for_stream(segments, segments_cache)
         .with_config(ControllerConfig::default().concurrency(args.reconcile_concurrency))
         .owns_stream(jobs)
         // A new or changed SegmentSource can make a definition valid (or
         // invalid): look at every Segment of its namespace again.
-        .watches_stream(sources, move |source: SegmentSource| {
-            let namespace = source.namespace();
-            segments_cache
-                .state()
-                .iter()
-                .filter(|segment| segment.namespace() == namespace)
-                .map(|segment| ObjectRef::from(segment.as_ref()))
-                .collect::<Vec<_>>()
-        })
+        .watches_stream(sources, move |source: SegmentSource| for_sources.segments_in(&source.namespace().unwrap_or_default()))
         // A ComputeClass changed: every Segment of the namespaces that use
         // it is checked against it again and gets its settings.
         .watches_stream(classes, move |class: ComputeClass| {
             let name = class.name_any();
-            let uses_class = |namespace: &str| {
-                let labelled =
-                    namespaces_cache.get(&ObjectRef::new(namespace)).and_then(|ns| ns.labels().get(COMPUTE_CLASS_LABEL).cloned());
-                labelled.or_else(|| default_class.clone()).as_deref() == Some(name.as_str())
+            let uses_class = |segment: &Segment| {
+                let class_of = |ns: &str| for_classes.compute_class_name(ns, default_class.as_deref());
+                segment.metadata.namespace.as_deref().and_then(class_of).is_some_and(|(used, _)| used == name)
             };
-            segments_of_class
-                .state()
-                .iter()
-                .filter(|segment| segment.namespace().is_some_and(|ns| uses_class(&ns)))
-                .map(|segment| ObjectRef::from(segment.as_ref()))
-                .collect::<Vec<_>>()
+            for_classes.segments.state_filter(uses_class).iter().map(|s| ObjectRef::from(s.as_ref())).collect::<Vec<_>>()
         })
         // A namespace's label may name another class.
-        .watches_stream(namespaces, move |namespace: Namespace| {
-            let name = namespace.name_any();
-            segments_of_namespace
-                .state()
-                .iter()
-                .filter(|segment| segment.namespace().as_deref() == Some(name.as_str()))
-                .map(|segment| ObjectRef::from(segment.as_ref()))
-                .collect::<Vec<_>>()
-        })
+        .watches_stream(namespaces, move |namespace: Namespace| for_namespaces.segments_in(&namespace.name_any()))
         .graceful_shutdown_on(stop)
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|result| async move {

@@ -207,12 +207,12 @@ impl ClusterCache {
     /// operator's own flags (an empty class). A class named but missing is
     /// not allowed: running without the admin's settings could be looser.
     pub fn compute_class(&self, namespace: &str, default: Option<&str>) -> Result<ComputeClassSpec, Invalid> {
-        let labelled =
-            self.namespaces.get(&ObjectRef::new(namespace)).and_then(|ns| ns.labels().get(COMPUTE_CLASS_LABEL).cloned());
-        let (name, chosen_by) = match (labelled, default) {
-            (Some(name), _) => (name, format!("the namespace's label {COMPUTE_CLASS_LABEL}")),
-            (None, Some(name)) => (name.to_string(), "the operator's --default-compute-class".to_string()),
-            (None, None) => return Ok(ComputeClassSpec::default()),
+        let Some((name, labelled)) = self.compute_class_name(namespace, default) else {
+            return Ok(ComputeClassSpec::default());
+        };
+        let chosen_by = match labelled {
+            true => format!("the namespace's label {COMPUTE_CLASS_LABEL}"),
+            false => "the operator's --default-compute-class".to_string(),
         };
         match self.compute_classes.get(&ObjectRef::new(&name)) {
             Some(class) => Ok(class.spec.clone()),
@@ -222,6 +222,26 @@ impl ClusterCache {
                 message: format!("ComputeClass `{name}` ({chosen_by}) does not exist"),
             }),
         }
+    }
+
+    /// The name of `namespace`'s ComputeClass, and whether its label
+    /// chose it (else `default` did).
+    pub fn compute_class_name(&self, namespace: &str, default: Option<&str>) -> Option<(String, bool)> {
+        let labelled =
+            self.namespaces.get(&ObjectRef::new(namespace)).and_then(|ns| ns.labels().get(COMPUTE_CLASS_LABEL).cloned());
+        match labelled {
+            Some(name) => Some((name, true)),
+            None => default.map(|name| (name.to_string(), false)),
+        }
+    }
+
+    /// The Segments of one namespace, as the controller queues them.
+    pub fn segments_in(&self, namespace: &str) -> Vec<ObjectRef<Segment>> {
+        self.segments
+            .state_filter(|segment| segment.metadata.namespace.as_deref() == Some(namespace))
+            .iter()
+            .map(|segment| ObjectRef::from(segment.as_ref()))
+            .collect()
     }
 
     /// The Jobs of one Segment.

@@ -150,5 +150,15 @@ fn a_tenant_with_the_edit_role_gets_its_segments_and_nothing_else() {
         assert_eq!(pod["automountServiceAccountToken"], false, "{pod}");
         assert_eq!(pod["serviceAccountName"], "segment-worker", "{pod}");
     }
+
+    // The admin's changes are acted on without touching the Segments: a
+    // class that allows more memory re-checks `greedy`, and a namespace
+    // whose label is removed falls back to the operator's own settings
+    // (any s3:// location), which lets `steal` run.
+    let raised = json!({"spec": {"maxResources": {"cpu": "100m", "memory": "128Gi"}}}).to_string();
+    cluster.kubectl_ok(&["patch", "computeclass", &class, "--type", "merge", "-p", &raised]);
+    tenant.wait_for_segment("greedy", RUN, |s| condition(s, "Stalled").is_none_or(|c| c["reason"] != "NotAllowed"));
+    cluster.kubectl_ok(&["label", "namespace", &namespace, "segmentation.dev/compute-class-"]);
+    tenant.wait_for_segment("steal", RUN, |s| active_version(s) == Some(1));
     cluster.kubectl_ok(&["delete", "computeclass", &class]);
 }
