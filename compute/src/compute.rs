@@ -634,7 +634,7 @@ fn tenant_text(task: &ComputeTask) -> String {
 /// or a header line quoted by a CSV, JSON or cast error would hand them
 /// the content of a file they named as a source (a token, another
 /// tenant's results) without the right to read it.
-pub fn without_data(message: &str, written_by_author: &str) -> String {
+fn without_data(message: &str, written_by_author: &str) -> String {
     let mut out = String::with_capacity(message.len());
     let mut rest = message;
     while let Some(open) = rest.find(['\'', '"', '`']) {
