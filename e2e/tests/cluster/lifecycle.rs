@@ -144,7 +144,14 @@ fn the_schedule_starts_runs() {
     tenant.apply(&static_segment(&tenant, "vip", json!({"schedule": {"cron": "* * * * *"}})));
     let _operator = Operator::start(&tenant, &[]);
     let first = tenant.wait_for_segment("vip", RUN, |s| active_version(s).is_some());
-    let next = first["status"]["nextScheduleTime"].as_str().expect("nextScheduleTime").to_string();
+    // The schedule's first run after the Segment's first version; when the
+    // first version took past a minute boundary, that run has already
+    // started (lastScheduleTime) by the time version 1 is seen active.
+    let next = first["status"]["lastScheduleTime"]
+        .as_str()
+        .or(first["status"]["nextScheduleTime"].as_str())
+        .expect("nextScheduleTime")
+        .to_string();
     // The next minute's run makes a new version whose snapshot time is the
     // scheduled time.
     let scheduled = tenant.wait_for_segment("vip", RUN, |s| active_version(s) > active_version(&first));
