@@ -297,26 +297,30 @@ def check_default(objects: list[dict]) -> None:
 
 
 def check_serving_clients_only() -> None:
-    """With API clients listed and no metrics scrapers, the serving port
-    admits those clients only, not any peer."""
+    """The serving API port admits the listed API clients only and the
+    metrics port the listed scrapers only, with or without scrapers."""
     clients = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "shop"}}}]
-    overrides = {
-        "networkPolicy": {"enabled": True, "ingress": {"serving": clients, "metrics": []}},
-        "serving": {"auth": {"existingSecret": "segment-serving-tokens"}},
-    }
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as file:
-        yaml.safe_dump(overrides, file)
-    try:
-        objects = render_in_child(Path(file.name))
-    finally:
-        os.unlink(file.name)
-    policies = [i["object"] for i in objects if i["object"]["kind"] == "NetworkPolicy"]
-    serving = [p for p in policies if p["metadata"]["name"].endswith("-serving")]
-    rules = serving[0]["spec"]["ingress"] if serving else []
-    if not rules or any(rule.get("from") != clients for rule in rules):
-        fail(f"[serving clients only] the serving port must admit the listed clients only: {rules}")
-    else:
-        print("  serving clients listed, no scrapers: the API port admits the clients only")
+    scrapers = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    for listed_scrapers in ([], scrapers):
+        overrides = {
+            "networkPolicy": {"enabled": True, "ingress": {"serving": clients, "metrics": listed_scrapers}},
+            "serving": {"auth": {"existingSecret": "segment-serving-tokens"}},
+        }
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as file:
+            yaml.safe_dump(overrides, file)
+        try:
+            objects = render_in_child(Path(file.name))
+        finally:
+            os.unlink(file.name)
+        policies = [i["object"] for i in objects if i["object"]["kind"] == "NetworkPolicy"]
+        serving = [p for p in policies if p["metadata"]["name"].endswith("-serving")]
+        rules = serving[0]["spec"]["ingress"] if serving else []
+        by_port = {rule["ports"][0]["port"]: rule.get("from") for rule in rules}
+        expected = {"http": clients, "metrics": listed_scrapers or None}
+        if by_port != expected:
+            fail(f"[serving clients only] with scrapers {listed_scrapers}: the ports must admit {expected}, not {by_port}")
+        else:
+            print(f"  serving: API port admits the clients only, metrics port {'the scrapers' if listed_scrapers else 'any peer'}")
 
 
 def check_refusals() -> None:
@@ -371,7 +375,7 @@ def main() -> int:
         print(f"  rendered {len(objects)} objects: {sorted({o['object']['kind'] for o in objects})}")
         check_objects(label, objects)
         (check_all_features if values_file == ALL_FEATURES else check_default)(objects)
-    print("==> network policy: serving clients listed, no metrics scrapers")
+    print("==> network policy: serving clients listed, with and without metrics scrapers")
     check_serving_clients_only()
     print("==> values the chart must refuse")
     check_refusals()

@@ -43,7 +43,7 @@ pub fn max_body_bytes(max_checks: usize) -> usize {
     tags(
         (name = "membership", description = "Which segments a user is in"),
         (name = "segments", description = "Active and retained versions"),
-        (name = "operations", description = "Probes, metrics and this document"),
+        (name = "operations", description = "Probes and this document"),
     )
 )]
 struct ApiDoc;
@@ -428,8 +428,8 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-/// Prometheus metrics (OpenMetrics text).
-#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Metrics", body = String)))]
+/// Prometheus metrics (OpenMetrics text), on the metrics port only
+/// ([`metrics_router`]).
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics().encode())
 }
@@ -546,12 +546,8 @@ fn parts() -> (Router<AppState>, Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(list_segments))
         .routes(routes!(get_segment))
         .split_for_parts();
-    let (operations, operations_document) = OpenApiRouter::new()
-        .routes(routes!(healthz))
-        .routes(routes!(readyz))
-        .routes(routes!(metrics))
-        .routes(routes!(openapi_json))
-        .split_for_parts();
+    let (operations, operations_document) =
+        OpenApiRouter::new().routes(routes!(healthz)).routes(routes!(readyz)).routes(routes!(openapi_json)).split_for_parts();
     document.merge(operations_document);
     (api, operations, document)
 }
@@ -563,11 +559,18 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 /// The serving API over `state`: `/v1/...` (behind bearer auth when
 /// tokens are configured: every `/v1` handler takes an [`Access`]),
-/// `/openapi.json`, `/metrics`, `/healthz`, `/readyz`.
+/// `/openapi.json`, `/healthz`, `/readyz`.
 pub fn router(state: AppState) -> Router {
     let (api, operations, _) = parts();
     let body_limit = DefaultBodyLimit::max(max_body_bytes(state.config().max_checks));
     api.merge(operations).route_layer(TrackRequests(state.clone())).layer(body_limit).fallback(unmatched).with_state(state)
+}
+
+/// `/metrics` over `state`, served on a port of its own so that a network
+/// policy can let scrapers reach the metrics without reaching the API, and
+/// API clients the API without the metrics.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new().route("/metrics", axum::routing::get(metrics)).fallback(unmatched).with_state(state)
 }
 
 #[cfg(test)]

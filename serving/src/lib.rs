@@ -10,14 +10,17 @@
 //! - `api`: the routes and the OpenAPI document, from one list;
 //! - `auth`: bearer tokens scoped to namespaces;
 //! - `cache`: the caches in front of the store, dropped on rollover notices;
+//! - `connection`: one API connection under the header-read and idle timeouts;
 //! - `error`: the JSON error body and its reasons;
 //! - `metrics`: request and store metrics;
-//! - `server`: a thread per core, each with its own runtime and connection;
+//! - `server`: a thread per core, each with its own runtime and store
+//!   connection, under the connection limit; `/metrics` on its own port;
 //! - `state`: the shared state: store, caches, alias map.
 
 mod api;
 mod auth;
 mod cache;
+mod connection;
 mod error;
 mod metrics;
 mod server;
@@ -25,11 +28,11 @@ mod state;
 
 use std::time::Duration;
 
-pub use api::{max_body_bytes, openapi, router};
+pub use api::{max_body_bytes, metrics_router, openapi, router};
 pub use auth::{Access, Tokens, TokensError};
 pub use error::{ApiError, ErrorBody};
 pub use metrics::Metrics;
-pub use server::{connect_redis, ServeError, Server};
+pub use server::{connect_redis, ConnectionLimits, ServeError, Server, ServerOptions};
 pub use state::AppState;
 
 use segment_core::store::{MembershipReader, RolloverFeed, SegmentStore};

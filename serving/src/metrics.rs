@@ -1,8 +1,10 @@
-//! Prometheus metrics of the serving API, served on `/metrics`.
+//! Prometheus metrics of the serving API, served on `/metrics` of the
+//! metrics port.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -42,6 +44,8 @@ pub struct Metrics {
     store_errors: Family<StoreErrorLabels, Counter>,
     rollover_notices: Counter,
     feed_reconnects: Counter,
+    open_connections: Gauge,
+    connection_timeouts: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -66,6 +70,8 @@ impl Default for Metrics {
         let store_errors = Family::<StoreErrorLabels, Counter>::default();
         let rollover_notices = Counter::default();
         let feed_reconnects = Counter::default();
+        let open_connections = Gauge::default();
+        let connection_timeouts = Counter::default();
         registry.register("http_requests", "HTTP requests by route, method and status code", requests.clone());
         registry.register("http_request_duration_seconds", "Time to answer a request, by route", request_seconds.clone());
         registry.register("cache_hits", "Answers found in the in-process cache", cache_hits.clone());
@@ -73,7 +79,24 @@ impl Default for Metrics {
         registry.register("store_errors", "Failed or timed-out store calls", store_errors.clone());
         registry.register("rollover_notices", "Rollover notices received", rollover_notices.clone());
         registry.register("rollover_feed_reconnects", "Times the rollover feed was (re)subscribed", feed_reconnects.clone());
-        Metrics { registry, requests, request_seconds, cache_hits, cache_misses, store_errors, rollover_notices, feed_reconnects }
+        registry.register("open_connections", "Client connections open now, over every serving thread", open_connections.clone());
+        registry.register(
+            "connection_timeouts",
+            "Client connections closed because their request headers or their next request did not come in time",
+            connection_timeouts.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            request_seconds,
+            cache_hits,
+            cache_misses,
+            store_errors,
+            rollover_notices,
+            feed_reconnects,
+            open_connections,
+            connection_timeouts,
+        }
     }
 }
 
@@ -104,6 +127,19 @@ impl Metrics {
 
     pub fn feed_reconnect(&self) {
         self.feed_reconnects.inc();
+    }
+
+    /// A connection opened (`true`) or closed.
+    pub fn connection(&self, opened: bool) {
+        if opened {
+            self.open_connections.inc();
+        } else {
+            self.open_connections.dec();
+        }
+    }
+
+    pub fn connection_timeout(&self) {
+        self.connection_timeouts.inc();
     }
 
     pub fn encode(&self) -> String {

@@ -11,7 +11,9 @@ use axum::Router;
 use http::{Request, StatusCode};
 use segment_core::api::SegmentKey;
 use segment_core::store::{MemoryStore, SegmentStore};
-use segment_serving::{connect_redis, router, AppState, Server, ServingConfig, ServingStore, Tokens};
+use segment_serving::{
+    connect_redis, metrics_router, router, AppState, ConnectionLimits, Server, ServerOptions, ServingConfig, ServingStore, Tokens,
+};
 use segment_store::redis::RedisStore;
 use segment_tests::RedisServer;
 use serde_json::{json, Value};
@@ -26,6 +28,13 @@ fn config() -> ServingConfig {
         store_timeout: Duration::from_millis(500),
         ..ServingConfig::default()
     }
+}
+
+/// `threads` serving threads on ports the system picks, with the default
+/// connection limits.
+fn options(threads: usize) -> ServerOptions {
+    let any = "127.0.0.1:0".parse().unwrap();
+    ServerOptions { listen: any, metrics_listen: any, threads, limits: ConnectionLimits::default() }
 }
 
 fn users(names: &[&str]) -> Vec<String> {
@@ -89,6 +98,14 @@ impl Api {
 
     async fn get(&self, path: &str) -> (StatusCode, Value) {
         self.send(Request::get(path).body(Body::empty()).unwrap()).await
+    }
+
+    /// `/metrics`, from the metrics port's router.
+    async fn metrics(&self) -> String {
+        let request = Request::get("/metrics").body(Body::empty()).unwrap();
+        let response = metrics_router(self.state.clone()).oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        String::from_utf8(axum::body::to_bytes(response.into_body(), 1 << 24).await.unwrap().to_vec()).unwrap()
     }
 
     async fn get_as(&self, token: &str, path: &str) -> (StatusCode, Value) {
@@ -267,7 +284,6 @@ async fn openapi_document_lists_every_route() {
         ("/v1/namespaces/{namespace}/segments", "get"),
         ("/v1/namespaces/{namespace}/segments/{name}", "get"),
         ("/openapi.json", "get"),
-        ("/metrics", "get"),
         ("/healthz", "get"),
         ("/readyz", "get"),
     ];
@@ -305,11 +321,8 @@ async fn redis_down_serves_cached_answers_and_503s_the_rest() {
     // Still alive, and still ready: the alias map in memory is intact.
     assert_eq!(api.get("/healthz").await.0, StatusCode::OK);
     assert_eq!(api.get("/readyz").await.0, StatusCode::OK);
-    let metrics = api.get("/metrics").await.1;
-    assert!(metrics
-        .as_str()
-        .unwrap()
-        .contains("segment_serving_store_errors_total{operation=\"is_member\",kind=\"unavailable\"}"));
+    let metrics = api.metrics().await;
+    assert!(metrics.contains("segment_serving_store_errors_total{operation=\"is_member\",kind=\"unavailable\"}"));
 }
 
 #[tokio::test]
@@ -436,10 +449,11 @@ async fn bearer_tokens_scope_namespaces() {
     let (status, body) = api.send(request).await;
     assert_eq!((status, body["field"].as_str()), (StatusCode::FORBIDDEN, Some("checks[1].namespace")));
 
-    // Probes, metrics and the document stay open.
-    for path in ["/healthz", "/readyz", "/metrics", "/openapi.json"] {
+    // Probes and the document stay open; the metrics are on their own port.
+    for path in ["/healthz", "/readyz", "/openapi.json"] {
         assert_eq!(api.get(path).await.0, StatusCode::OK, "{path}");
     }
+    assert_eq!(api.get("/metrics").await.0, StatusCode::NOT_FOUND, "not on the API port");
 }
 
 #[tokio::test]
@@ -468,9 +482,7 @@ async fn metrics_count_requests_and_cache_hits() {
     assert_eq!(api.member(&lapsed(), &"x".repeat(300)).await.0, StatusCode::BAD_REQUEST);
     api.get("/v1/users/u1/segments").await;
     api.get("/v1/users/u1/segments").await;
-    let (status, text) = api.get("/metrics").await;
-    assert_eq!(status, StatusCode::OK);
-    let text = text.as_str().unwrap();
+    let text = api.metrics().await;
     let route = "/v1/namespaces/{namespace}/segments/{name}/members/{user}";
     for line in [
         format!("segment_serving_http_requests_total{{route=\"{route}\",method=\"GET\",code=\"200\"}} 3"),
@@ -533,7 +545,7 @@ async fn server_threads_read_through_their_own_connections_and_share_rollovers()
         async move { connect_redis(&url).await }
     };
     let before = redis_clients(redis.port);
-    let server = Server::start("127.0.0.1:0".parse().unwrap(), 3, config(), connect).unwrap();
+    let server = Server::start(options(3), config(), connect).unwrap();
     let address = server.address();
     let u2 = |version| segments("u2", &[("growth", "lapsed", version)]);
     // Many connections, so every thread answers some of them.
@@ -577,7 +589,7 @@ async fn server_retries_the_store_until_it_answers_and_stops_on_request() {
             }
         }
     };
-    let server = Server::start("127.0.0.1:0".parse().unwrap(), 1, config(), connect).unwrap();
+    let server = Server::start(options(1), config(), connect).unwrap();
     eventually_over_tcp(
         server.address(),
         "/v1/namespaces/growth/segments/lapsed/members/u1",
@@ -590,7 +602,7 @@ async fn server_retries_the_store_until_it_answers_and_stops_on_request() {
     // Never connected, a connection attempt that hangs (an unreachable
     // host): shutting down interrupts it instead of waiting for it.
     let hanging = || std::future::pending::<Result<Arc<dyn ServingStore>, segment_core::store::StoreError>>();
-    let server = Server::start("127.0.0.1:0".parse().unwrap(), 2, config(), hanging).unwrap();
+    let server = Server::start(options(2), config(), hanging).unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     // On a thread of its own, so a shutdown that hangs fails the test
     // instead of stalling it.
@@ -625,6 +637,161 @@ async fn a_stalled_redis_gets_a_503_within_the_store_timeout() {
 async fn server_refuses_a_port_in_use() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let never = || async { Err::<Arc<dyn ServingStore>, _>(segment_core::store::StoreError::Unavailable("down".into())) };
-    let error = Server::start(taken.local_addr().unwrap(), 1, config(), never).err().expect("the port is taken");
+    let error = Server::start(ServerOptions { listen: taken.local_addr().unwrap(), ..options(1) }, config(), never)
+        .err()
+        .expect("the port is taken");
     assert!(error.to_string().starts_with("listening on 127.0.0.1:"), "{error}");
+}
+
+/// A server of `threads` threads with these limits over the fixture, once
+/// it answers.
+async fn limited_server(threads: usize, limits: ConnectionLimits) -> Server {
+    let store = Arc::new(MemoryStore::new());
+    fixture(store.as_ref()).await;
+    let connect = move || {
+        let store = store.clone();
+        async move { Ok(store as Arc<dyn ServingStore>) }
+    };
+    let server = Server::start(ServerOptions { limits, ..options(threads) }, config(), connect).unwrap();
+    let member = json!({"member": true, "version": 1});
+    eventually_over_tcp(server.address(), "/v1/namespaces/growth/segments/lapsed/members/u1", &member).await;
+    server
+}
+
+/// One request on a kept-alive connection: its status code, once the
+/// whole answer (`content-length` bytes of body) is read.
+async fn exchange(stream: &mut tokio::net::TcpStream, path: &str) -> std::io::Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await?;
+    let mut response = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let read = stream.read(&mut chunk).await?;
+        if read == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        response.extend_from_slice(&chunk[..read]);
+        let text = String::from_utf8_lossy(&response).to_string();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap()))
+                .unwrap_or(0);
+            if body.len() >= length {
+                return Ok(head.get(9..12).and_then(|code| code.parse().ok()).unwrap_or(0));
+            }
+        }
+    }
+}
+
+/// Whether the server closed `stream` (a read ends or fails) within `limit`.
+async fn closed_within(stream: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut byte = [0u8; 1];
+    matches!(tokio::time::timeout(limit, stream.read(&mut byte)).await, Ok(Ok(0) | Err(_)))
+}
+
+/// A gauge or counter of serving's `/metrics`, read over its own port.
+async fn metric(server: &Server, name: &str) -> f64 {
+    let (status, text) = http_get(server.metrics_address(), "/metrics").await;
+    assert_eq!(status, 200);
+    text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// `/metrics` answers on the metrics port only, and the API only on its
+/// own: a network policy can then admit scrapers and API clients apart.
+#[tokio::test]
+async fn the_metrics_have_a_port_of_their_own() {
+    let server = limited_server(2, ConnectionLimits::default()).await;
+    let (status, text) = http_get(server.metrics_address(), "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        text.contains("segment_serving_http_requests_total{route=\"/v1/namespaces/{namespace}/segments/{name}/members/{user}\""),
+        "{text}"
+    );
+    assert_eq!(http_get(server.address(), "/metrics").await.0, 404, "no metrics on the API port");
+    assert_eq!(http_get(server.metrics_address(), "/v1/users/u1/segments").await.0, 404, "no API on the metrics port");
+    tokio::task::spawn_blocking(move || server.shutdown()).await.unwrap().unwrap();
+}
+
+/// The header-read timeout counts from a request's first byte: a client
+/// trickling its headers is cut off, while one that is quiet for longer
+/// than that and then sends its request whole is answered.
+#[tokio::test]
+async fn a_client_that_trickles_its_headers_is_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let limits = ConnectionLimits {
+        header_read_timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let server = limited_server(1, limits).await;
+
+    let mut quiet = tokio::net::TcpStream::connect(server.address()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(exchange(&mut quiet, "/healthz").await.unwrap(), 200, "a quiet client's whole request is answered");
+
+    let mut trickling = tokio::net::TcpStream::connect(server.address()).await.unwrap();
+    trickling.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+    let mut cut_off = false;
+    for header in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if trickling.write_all(format!("x-{header}: 1\r\n").as_bytes()).await.is_err()
+            || closed_within(&mut trickling, Duration::from_millis(1)).await
+        {
+            cut_off = true;
+            break;
+        }
+    }
+    assert!(cut_off, "ten seconds of trickled headers were still read");
+    assert_eq!(metric(&server, "segment_serving_connection_timeouts_total").await, 1.0);
+    assert_eq!(exchange(&mut quiet, "/healthz").await.unwrap(), 200, "the quiet client's connection is still served");
+    tokio::task::spawn_blocking(move || server.shutdown()).await.unwrap().unwrap();
+}
+
+/// A kept-alive connection that sends nothing for the idle timeout is
+/// closed; one that keeps sending requests is kept across many times it.
+#[tokio::test]
+async fn idle_connections_are_closed_and_busy_ones_kept() {
+    let limits = ConnectionLimits {
+        idle_timeout: Duration::from_secs(2),
+        header_read_timeout: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let server = limited_server(1, limits).await;
+
+    let mut idle = tokio::net::TcpStream::connect(server.address()).await.unwrap();
+    assert_eq!(exchange(&mut idle, "/healthz").await.unwrap(), 200);
+    let mut busy = tokio::net::TcpStream::connect(server.address()).await.unwrap();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(6) {
+        assert_eq!(exchange(&mut busy, "/healthz").await.expect("a busy connection stays open"), 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(closed_within(&mut idle, Duration::from_secs(10)).await, "the idle connection is closed");
+    assert_eq!(metric(&server, "segment_serving_connection_timeouts_total").await, 1.0);
+    tokio::task::spawn_blocking(move || server.shutdown()).await.unwrap().unwrap();
+}
+
+/// Past `max_connections` (over every thread) a new connection waits in
+/// the listen backlog, unanswered, until one of the open ones closes.
+#[tokio::test]
+async fn connections_past_the_limit_wait_for_a_free_one() {
+    let limits = ConnectionLimits { max_connections: 2, ..Default::default() };
+    let server = limited_server(2, limits).await;
+    let mut first = tokio::net::TcpStream::connect(server.address()).await.unwrap();
+    assert_eq!(exchange(&mut first, "/healthz").await.unwrap(), 200);
+    let mut second = tokio::net::TcpStream::connect(server.address()).await.unwrap();
+    assert_eq!(exchange(&mut second, "/healthz").await.unwrap(), 200);
+    assert_eq!(metric(&server, "segment_serving_open_connections").await, 2.0);
+
+    let mut third = tokio::net::TcpStream::connect(server.address()).await.expect("the backlog takes it");
+    let waiting = tokio::time::timeout(Duration::from_millis(500), exchange(&mut third, "/healthz")).await;
+    assert!(waiting.is_err(), "answered past the limit: {waiting:?}");
+    drop(first);
+    let answered = tokio::time::timeout(Duration::from_secs(10), exchange(&mut third, "/healthz")).await;
+    assert_eq!(answered.expect("answered once a connection closed").unwrap(), 200);
+    assert_eq!(exchange(&mut second, "/healthz").await.unwrap(), 200);
+    assert_eq!(metric(&server, "segment_serving_open_connections").await, 2.0);
+    tokio::task::spawn_blocking(move || server.shutdown()).await.unwrap().unwrap();
 }

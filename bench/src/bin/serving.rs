@@ -16,7 +16,7 @@ use std::process::Command;
 use segment_bench::{redis_benchmark, row};
 use segment_core::api::SegmentKey;
 use segment_core::store::SegmentStore;
-use segment_serving::{connect_redis, Server, ServingConfig};
+use segment_serving::{connect_redis, ConnectionLimits, Server, ServerOptions, ServingConfig};
 use segment_store::redis::RedisStore;
 use segment_tests::RedisServer;
 
@@ -105,9 +105,10 @@ fn wrk(base: &str, path: Option<&str>, seconds: u64) -> Figures {
     Figures { rps, p50: ms(field("50%")), p99: ms(field("99%")), p999: f64::NAN, failed }
 }
 
-/// The users cache's (hits, misses) so far, from serving's `/metrics`.
-fn users_cache(base: &str) -> (f64, f64) {
-    let out = Command::new("curl").args(["-sf", "-m", "5", &format!("{base}/metrics")]).output().expect("curl runs");
+/// The users cache's (hits, misses) so far, from serving's `/metrics`
+/// (`metrics`: the metrics port's base URL).
+fn users_cache(metrics: &str) -> (f64, f64) {
+    let out = Command::new("curl").args(["-sf", "-m", "5", &format!("{metrics}/metrics")]).output().expect("curl runs");
     let text = String::from_utf8_lossy(&out.stdout);
     let value = |name: &str| {
         text.lines()
@@ -120,10 +121,10 @@ fn users_cache(base: &str) -> (f64, f64) {
 
 /// Runs `load` and prints its figures with the share of requests the users
 /// cache answered meanwhile.
-fn measured(name: &str, offered: &str, base: &str, load: impl FnOnce() -> Figures) -> Figures {
-    let (hits_before, misses_before) = users_cache(base);
+fn measured(name: &str, offered: &str, metrics: &str, load: impl FnOnce() -> Figures) -> Figures {
+    let (hits_before, misses_before) = users_cache(metrics);
     let figures = load();
-    let (hits, misses) = users_cache(base);
+    let (hits, misses) = users_cache(metrics);
     let hit_ratio = 100.0 * (hits - hits_before) / ((hits - hits_before) + (misses - misses_before)).max(1.0);
     let Figures { rps, p50, p99, p999, failed } = figures;
     println!("{name:<26} {offered:>8} {rps:>11.0} {p50:>8.3} {p99:>8.3} {p999:>9.3} {hit_ratio:>6.1}% {failed:>7}");
@@ -159,9 +160,12 @@ fn main() {
         let url = url.clone();
         async move { connect_redis(&url).await }
     };
-    let server = Server::start("127.0.0.1:0".parse().expect("an address"), threads, config, connect).expect("serving starts");
+    let any = "127.0.0.1:0".parse().expect("an address");
+    let options = ServerOptions { listen: any, metrics_listen: any, threads, limits: ConnectionLimits::default() };
+    let server = Server::start(options, config, connect).expect("serving starts");
     let threads = server.threads();
     let base = format!("http://{}", server.address());
+    let metrics = format!("http://{}", server.metrics_address());
     let ready = format!("{base}/readyz");
     for _ in 0..100 {
         if Command::new("curl").args(["-sf", "-m", "1", "-o", "/dev/null", &ready]).status().is_ok_and(|s| s.success()) {
@@ -193,7 +197,7 @@ fn main() {
                 args.push("--rand-regex-url".into());
             }
             args.push(url.clone());
-            measured(name, &rate.to_string(), &base, || oha(&args));
+            measured(name, &rate.to_string(), &metrics, || oha(&args));
         }
     }
     // The machine's speed drifts between runs (a shared VM): each round
@@ -203,8 +207,8 @@ fn main() {
     for round in 1..=ROUNDS {
         let ceiling = redis_benchmark(redis.port, 500_000, 1, &["GET", "key:__rand_int__"]);
         row(&format!("redis-benchmark GET, -c 16 (ceiling) #{round}"), ceiling, "requests/s");
-        let hit_max = measured(&format!("max, cache hit (wrk) #{round}"), "-", &base, || wrk(&base, Some(hit_path), seconds));
-        let miss_max = measured(&format!("max, cache miss (wrk) #{round}"), "-", &base, || wrk(&base, None, seconds));
+        let hit_max = measured(&format!("max, cache hit (wrk) #{round}"), "-", &metrics, || wrk(&base, Some(hit_path), seconds));
+        let miss_max = measured(&format!("max, cache miss (wrk) #{round}"), "-", &metrics, || wrk(&base, None, seconds));
         rounds.push((ceiling, 100.0 * hit_max.rps / ceiling, 100.0 * miss_max.rps / ceiling));
     }
     let median = |pick: fn(&(f64, f64, f64)) -> f64| {

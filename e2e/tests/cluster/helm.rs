@@ -7,7 +7,7 @@
 //! removes what the chart created.
 //!
 //! Pods on the node agent share the host's network, so the test gives
-//! the operator and serving free ports instead of the chart's 8080.
+//! the operator and serving free ports instead of the chart's defaults.
 
 use std::time::Duration;
 
@@ -53,7 +53,7 @@ fn helm_install_upgrade_and_uninstall() {
         &format!("--from-literal=AWS_ACCESS_KEY_ID={}", value("AWS_ACCESS_KEY_ID")),
         &format!("--from-literal=AWS_SECRET_ACCESS_KEY={}", value("AWS_SECRET_ACCESS_KEY")),
     ]);
-    let (operator_port, serving_port) = (free_port(), free_port());
+    let (operator_port, serving_port, serving_metrics_port) = (free_port(), free_port(), free_port());
     let values = [
         format!("redis.url={}", tenant.redis.url()),
         format!("s3.endpoint={}", value("AWS_ENDPOINT_URL")),
@@ -69,6 +69,7 @@ fn helm_install_upgrade_and_uninstall() {
         "worker.resources.cpuRequest=10m".to_string(),
         "worker.resources.memoryRequest=64Mi".to_string(),
         format!("serving.port={serving_port}"),
+        format!("serving.metricsPort={serving_metrics_port}"),
         "serving.replicas=1".to_string(),
         "serving.autoscaling.enabled=false".to_string(),
         // Auth is on by default; this test calls the API without tokens.
@@ -94,6 +95,9 @@ fn helm_install_upgrade_and_uninstall() {
         get(serving_port, &format!("/v1/namespaces/{namespace}/segments/vip/members/u0000002")).1["member"] == true
     });
     assert_eq!(get(operator_port, "/healthz").0, 200, "the operator's probe port is the one the values chose");
+    let (status, metrics) = http_get(serving_metrics_port, "/metrics");
+    assert!(status == 200 && metrics.contains("segment_serving_open_connections"), "serving's metrics port: {status} {metrics}");
+    assert_eq!(http_get(serving_port, "/metrics").0, 404, "serving's API port has no metrics");
 
     // An upgrade with a changed value rolls the serving Deployment.
     let generation = |name: &str| {

@@ -304,9 +304,10 @@ pub struct Serving {
 
 impl Serving {
     pub fn start(redis_url: &str) -> Serving {
-        let port = free_port();
+        let (port, metrics_port) = (free_port(), free_port());
         let child = Command::new(cluster::workspace_binary("segment-serving"))
             .args(["--listen", &format!("127.0.0.1:{port}"), "--redis-url", redis_url, "--threads", "1"])
+            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

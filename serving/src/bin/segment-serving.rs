@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use segment_serving::{connect_redis, Server, ServingConfig, Tokens};
+use segment_serving::{connect_redis, ConnectionLimits, Server, ServerOptions, ServingConfig, Tokens};
 use tracing::{error, info, warn};
 
 #[global_allocator]
@@ -14,9 +14,21 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Debug, Parser)]
 #[command(name = "segment-serving", version, about = "Serves segment membership over HTTP/JSON from Redis.")]
 struct Args {
-    /// Address to listen on.
+    /// Address of the API (and /healthz, /readyz, /openapi.json).
     #[arg(long, env = "LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// Address of /metrics, apart from the API so a network policy can tell scrapers from API clients.
+    #[arg(long, env = "METRICS_LISTEN", default_value = "127.0.0.1:9090")]
+    metrics_listen: SocketAddr,
+    /// Most API connections open at once; past it new ones wait in the listen backlog.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096)]
+    max_connections: usize,
+    /// How long a request's headers may take to arrive, from their first byte.
+    #[arg(long, env = "HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    header_read_timeout_ms: u64,
+    /// How long a connection may wait for its next request before it is closed (keep it above the load balancer's).
+    #[arg(long, env = "IDLE_TIMEOUT_MS", default_value_t = 75_000)]
+    idle_timeout_ms: u64,
     /// The store: redis://host:port[/db] or redis+cluster://host:port,host:port.
     #[arg(long, env = "REDIS_URL")]
     redis_url: String,
@@ -77,8 +89,24 @@ fn run(args: Args) -> Result<(), String> {
         let url = url.clone();
         async move { connect_redis(&url).await }
     };
-    let mut server = Server::start(args.listen, args.threads, config, connect).map_err(|e| e.to_string())?;
-    info!(listen = %server.address(), threads = server.threads(), auth = args.tokens_file.is_some(), "serving");
+    let options = ServerOptions {
+        listen: args.listen,
+        metrics_listen: args.metrics_listen,
+        threads: args.threads,
+        limits: ConnectionLimits {
+            max_connections: args.max_connections.max(1),
+            header_read_timeout: Duration::from_millis(args.header_read_timeout_ms.max(1)),
+            idle_timeout: Duration::from_millis(args.idle_timeout_ms.max(1)),
+        },
+    };
+    let mut server = Server::start(options, config, connect).map_err(|e| e.to_string())?;
+    info!(
+        listen = %server.address(),
+        metrics = %server.metrics_address(),
+        threads = server.threads(),
+        auth = args.tokens_file.is_some(),
+        "serving"
+    );
     // The serving threads run their own runtimes; this one only waits.
     let waiting = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("a runtime: {e}"))?;
     waiting.block_on(async {
