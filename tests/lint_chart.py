@@ -49,6 +49,11 @@ OLDEST_KUBERNETES = "1.33.0"
 # Kinds served by CRDs of other projects: kubernetes-validate has no schema
 # for them.
 FOREIGN_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+# Kinds of this project's CRDs that the chart creates: checked against the
+# CRD's own schema (the copy in the chart's crds/), strictly.
+PROJECT_KINDS = {("segmentation.dev/v1alpha1", "ComputeClass")}
+# Kinds that live outside any namespace.
+CLUSTER_KINDS = {"ClusterRole", "ClusterRoleBinding", "ComputeClass"}
 # Helm lint severities.
 WARNING = 2
 
@@ -204,13 +209,55 @@ def pods(objects: list[dict]):
             yield obj["metadata"]["name"], obj["spec"]["template"]["spec"]
 
 
+def project_schema(api_version: str, kind: str) -> dict:
+    """The openAPIV3Schema of one of the chart's CRDs, made strict: an
+    object with `properties` takes no others (the API server's strict field
+    validation refuses unknown fields the same way)."""
+    group, version = api_version.split("/")
+    for path in sorted((CHART / "crds").glob("*.yaml")):
+        for crd in yaml.safe_load_all(path.read_text()):
+            if not crd or crd["spec"]["group"] != group or crd["spec"]["names"]["kind"] != kind:
+                continue
+            for served in crd["spec"]["versions"]:
+                if served["name"] == version:
+                    schema = copy.deepcopy(served["schema"]["openAPIV3Schema"])
+
+                    def strict(node: object) -> None:
+                        if isinstance(node, dict):
+                            if "properties" in node and "additionalProperties" not in node \
+                                    and not node.get("x-kubernetes-preserve-unknown-fields"):
+                                node["additionalProperties"] = False
+                            for child in node.values():
+                                strict(child)
+                        elif isinstance(node, list):
+                            for child in node:
+                                strict(child)
+
+                    strict(schema)
+                    # apiVersion, kind and metadata are the API server's.
+                    schema["properties"].update(apiVersion={"type": "string"}, kind={"type": "string"},
+                                                metadata={"type": "object"})
+                    return schema
+    raise LookupError(f"no CRD in {CHART / 'crds'} serves {api_version} {kind}")
+
+
 def check_objects(label: str, objects: list[dict]) -> None:
+    import jsonschema
     import kubernetes_validate
 
     # Valid Kubernetes objects, strictly (no unknown or mistyped field).
     for item in objects:
         obj = item["object"]
         name = f"{obj['kind']}/{obj['metadata']['name']} ({item['template']})"
+        if (obj["apiVersion"], obj["kind"]) in PROJECT_KINDS:
+            try:
+                jsonschema.validate(obj, project_schema(obj["apiVersion"], obj["kind"]))
+            except jsonschema.ValidationError as error:
+                at = "/".join(str(p) for p in error.absolute_path)
+                fail(f"[{label}] {name} does not match its CRD at /{at}: {error.message}")
+            if obj["metadata"].get("namespace") is not None:
+                fail(f"[{label}] {name} is cluster-scoped and must have no namespace")
+            continue
         for version in (OLDEST_KUBERNETES, kubernetes_validate.latest_version()):
             try:
                 kubernetes_validate.validate(obj, version, strict=True)
@@ -222,7 +269,7 @@ def check_objects(label: str, objects: list[dict]) -> None:
                 # message are what says what is wrong.
                 at = "/".join(str(p) for p in error.absolute_path)
                 fail(f"[{label}] {name} is invalid for Kubernetes {version} at /{at}: {error.message}")
-        if obj["metadata"].get("namespace") is None and obj["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+        if obj["metadata"].get("namespace") is None and obj["kind"] not in CLUSTER_KINDS:
             fail(f"[{label}] {name} has no namespace: `helm template | kubectl apply -n` would put it elsewhere")
 
     # What every pod of the chart promises (README, values.yaml).
@@ -273,6 +320,7 @@ def check_all_features(objects: list[dict]) -> None:
         "ServiceMonitor": 3,
         "NetworkPolicy": 3,
         "Service": 3,  # operator metrics, serving, realtime metrics
+        "ComputeClass": 1,
     }
     for kind, count in expected.items():
         if kinds.get(kind, 0) != count:

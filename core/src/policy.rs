@@ -8,23 +8,31 @@ use crate::api::{ComputeClassSpec, CpuMemory, SegmentSourceSpec, SegmentSpec, Wo
 use crate::reasons::SpecProblem;
 use crate::validation::Invalid;
 
+/// Where a Segment runs: its namespace, and the results base under which
+/// each namespace's versions live (`<results_base>/<namespace>/`).
+#[derive(Debug, Clone, Copy)]
+pub struct Tenant<'a> {
+    pub namespace: &'a str,
+    pub results_base: &'a str,
+}
+
 /// Checks `spec`, whose compute Job reads `sources`, against `class`,
-/// the class of the Segment's `namespace`.
+/// the class of the Segment's namespace.
 pub fn check_allowed(
     spec: &SegmentSpec,
     sources: &[&SegmentSourceSpec],
     class: &ComputeClassSpec,
-    namespace: &str,
+    tenant: Tenant<'_>,
 ) -> Result<(), Invalid> {
     check_class(class)?;
     if let (Some(resources), Some(max)) = (spec.compute.as_ref().and_then(|c| c.resources.as_ref()), &class.max_resources) {
         check_resources(resources, max)?;
     }
     if let Some(list) = &spec.definition.static_list {
-        check_location("spec.definition.static.uri", &list.uri, class, namespace)?;
+        check_location("spec.definition.static.uri", &list.uri, class, tenant)?;
     }
     for source in sources {
-        check_location(&format!("SegmentSource of table `{}`: spec.uri", source.table), &source.uri, class, namespace)?;
+        check_location(&format!("SegmentSource of table `{}`: spec.uri", source.table), &source.uri, class, tenant)?;
     }
     Ok(())
 }
@@ -69,13 +77,19 @@ fn check_resources(resources: &WorkerResources, max: &CpuMemory) -> Result<(), I
     Ok(())
 }
 
-/// Whether `uri` may be read by a Segment of `namespace`: never a path
-/// with `..` in it; `file://` only where the class allows local files; and
-/// under one of the class's prefixes, when it names any.
-fn check_location(field: &str, uri: &str, class: &ComputeClassSpec, namespace: &str) -> Result<(), Invalid> {
+/// Whether `uri` may be read by a Segment of the tenant's namespace:
+/// never a path with `..` in it; never another namespace's results,
+/// whatever the class says; `file://` only where the class allows local
+/// files; and under one of the class's prefixes, when it names any.
+fn check_location(field: &str, uri: &str, class: &ComputeClassSpec, tenant: Tenant<'_>) -> Result<(), Invalid> {
+    let Tenant { namespace, results_base } = tenant;
     let path = uri.split_once("://").map(|(_, rest)| rest).unwrap_or(uri);
     if path.split('/').any(|segment| segment == ".." || segment == ".") {
         return Err(not_allowed(field, format!("{uri}: `.` and `..` are not allowed in a location")));
+    }
+    let results = format!("{}/", results_base.trim_end_matches('/'));
+    if uri.starts_with(&results) && !uri.starts_with(&format!("{results}{namespace}/")) {
+        return Err(not_allowed(field, format!("{uri} holds another namespace's results")));
     }
     if uri.starts_with("file://") && !class.allow_local_files {
         return Err(not_allowed(field, format!("{uri}: the ComputeClass does not allow local files")));
@@ -120,6 +134,9 @@ mod tests {
     use super::*;
     use crate::api::SourceFormat;
 
+    /// A Segment of `growth`, with results under `s3://results/`.
+    const GROWTH: Tenant<'static> = Tenant { namespace: "growth", results_base: "s3://results" };
+
     fn spec(yaml: &str) -> SegmentSpec {
         serde_yaml::from_str(yaml).unwrap()
     }
@@ -157,13 +174,13 @@ mod tests {
     fn resources_above_the_class_maximum_are_not_allowed() {
         let class = class("maxResources: {cpu: '2', memory: 4Gi}");
         let within = spec(&format!("{SQL}compute: {{resources: {{requests: {{cpu: 1500m}}, limits: {{memory: 4Gi}}}}}}"));
-        assert_eq!(check_allowed(&within, &[], &class, "growth"), Ok(()));
+        assert_eq!(check_allowed(&within, &[], &class, GROWTH), Ok(()));
         let over = spec(&format!("{SQL}compute: {{resources: {{limits: {{memory: 5Gi}}}}}}"));
-        let error = check_allowed(&over, &[], &class, "growth").unwrap_err();
+        let error = check_allowed(&over, &[], &class, GROWTH).unwrap_err();
         assert_eq!((error.reason, error.field.as_str()), (SpecProblem::NotAllowed, "spec.compute.resources.limits.memory"));
         assert!(error.message.contains("5Gi") && error.message.contains("4Gi"), "{error}");
         // No maximum: anything goes.
-        assert_eq!(check_allowed(&over, &[], &ComputeClassSpec::default(), "growth"), Ok(()));
+        assert_eq!(check_allowed(&over, &[], &ComputeClassSpec::default(), GROWTH), Ok(()));
     }
 
     #[test]
@@ -171,7 +188,7 @@ mod tests {
         let class = class("allowedSourcePrefixes: ['s3://lake/tenants/{namespace}/', 's3://shared/']");
         let sql = spec(SQL);
         let own = source("s3://lake/tenants/growth/orders/");
-        assert_eq!(check_allowed(&sql, &[&own, &source("s3://shared/calendar/")], &class, "growth"), Ok(()));
+        assert_eq!(check_allowed(&sql, &[&own, &source("s3://shared/calendar/")], &class, GROWTH), Ok(()));
 
         for uri in [
             "s3://lake/tenants/finance/orders/",
@@ -181,34 +198,50 @@ mod tests {
             "s3://results/growth/vip/",
             "file:///var/run/secrets/kubernetes.io/serviceaccount/token",
         ] {
-            let error = check_allowed(&sql, &[&own, &source(uri)], &class, "growth").unwrap_err();
+            let error = check_allowed(&sql, &[&own, &source(uri)], &class, GROWTH).unwrap_err();
             assert_eq!(error.reason, SpecProblem::NotAllowed, "{uri}");
             assert_eq!(error.field, "SegmentSource of table `orders`: spec.uri", "{uri}");
         }
 
         let list = spec("definition: {static: {uri: 's3://lake/tenants/finance/vip.csv'}}");
-        let error = check_allowed(&list, &[], &class, "growth").unwrap_err();
+        let error = check_allowed(&list, &[], &class, GROWTH).unwrap_err();
         assert_eq!(error.field, "spec.definition.static.uri");
     }
 
     #[test]
     fn a_class_that_sets_the_operators_environment_or_a_bad_prefix_is_not_run() {
         let sets_task = class("env: [{name: TASK, value: '{}'}]");
-        let error = check_allowed(&spec(SQL), &[], &sets_task, "growth").unwrap_err();
+        let error = check_allowed(&spec(SQL), &[], &sets_task, GROWTH).unwrap_err();
         assert_eq!((error.field.as_str(), error.message.as_str()), ("ComputeClass spec.env", "TASK is set by the operator"));
         let no_slash = class("allowedSourcePrefixes: ['s3://lake/tenants/{namespace}']");
-        let error = check_allowed(&spec(SQL), &[], &no_slash, "growth").unwrap_err();
+        let error = check_allowed(&spec(SQL), &[], &no_slash, GROWTH).unwrap_err();
         assert_eq!(error.field, "ComputeClass spec.allowedSourcePrefixes");
+    }
+
+    #[test]
+    fn another_namespaces_results_are_never_read_whatever_the_class() {
+        let anywhere = ComputeClassSpec { allow_local_files: true, ..Default::default() };
+        let own = source("s3://results/growth/vip/v3/");
+        assert_eq!(check_allowed(&spec(SQL), &[&own], &anywhere, GROWTH), Ok(()));
+        for uri in ["s3://results/finance/payers/v1/", "s3://results/growth-eu/vip/v1/"] {
+            let error = check_allowed(&spec(SQL), &[&source(uri)], &anywhere, GROWTH).unwrap_err();
+            assert_eq!(error.reason, SpecProblem::NotAllowed, "{uri}");
+            assert!(error.message.contains("another namespace's results"), "{error}");
+        }
+        let list = spec("definition: {static: {uri: 's3://results/finance/payers/v1/part-0.csv'}}");
+        assert_eq!(check_allowed(&list, &[], &anywhere, GROWTH).unwrap_err().field, "spec.definition.static.uri");
+        // A bucket whose name merely starts like the results base is not it.
+        assert_eq!(check_allowed(&spec(SQL), &[&source("s3://results-archive/finance/")], &anywhere, GROWTH), Ok(()));
     }
 
     #[test]
     fn local_files_only_where_the_class_allows_them() {
         let token = source("file:///var/run/secrets/kubernetes.io/serviceaccount/token");
-        let error = check_allowed(&spec(SQL), &[&token], &ComputeClassSpec::default(), "growth").unwrap_err();
+        let error = check_allowed(&spec(SQL), &[&token], &ComputeClassSpec::default(), GROWTH).unwrap_err();
         assert!(error.message.contains("local files"), "{error}");
         let local = ComputeClassSpec { allow_local_files: true, ..Default::default() };
-        assert_eq!(check_allowed(&spec(SQL), &[&token], &local, "growth"), Ok(()));
+        assert_eq!(check_allowed(&spec(SQL), &[&token], &local, GROWTH), Ok(()));
         // Any s3:// location without prefixes.
-        assert_eq!(check_allowed(&spec(SQL), &[&source("s3://anywhere/x/")], &ComputeClassSpec::default(), "growth"), Ok(()));
+        assert_eq!(check_allowed(&spec(SQL), &[&source("s3://anywhere/x/")], &ComputeClassSpec::default(), GROWTH), Ok(()));
     }
 }

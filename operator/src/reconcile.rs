@@ -457,7 +457,8 @@ async fn observe(segment: &Segment, ctx: &Context) -> Result<Observed, Error> {
     let (class, not_allowed) = match ctx.cache.compute_class(&namespace, ctx.jobs.default_compute_class.as_deref()) {
         Ok(class) => {
             let read = sources_read(&segment.spec.definition, sources.iter().map(|s| &s.spec));
-            let not_allowed = policy::check_allowed(&segment.spec, &read, &class, &namespace).err();
+            let tenant = policy::Tenant { namespace: &namespace, results_base: &ctx.results_base };
+            let not_allowed = policy::check_allowed(&segment.spec, &read, &class, tenant).err();
             (class, not_allowed)
         }
         Err(missing) => (ComputeClassSpec::default(), Some(missing)),

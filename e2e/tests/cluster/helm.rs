@@ -2,9 +2,10 @@
 //! operator and serving Deployments become available (their pods run on
 //! the node agent as the workspace's binaries, with in-cluster config and
 //! the chart's ServiceAccount and RBAC), a Segment is computed by the
-//! installed operator and answered by the installed serving; `helm
-//! upgrade` with changed values rolls the Deployments; `helm uninstall`
-//! removes what the chart created.
+//! installed operator (with the chart's ComputeClass as its default) and
+//! answered by the installed serving, whose metrics are on their own port;
+//! `helm upgrade` with changed values rolls the Deployments; `helm
+//! uninstall` removes what the chart created.
 //!
 //! Pods on the node agent share the host's network, so the test gives
 //! the operator and serving free ports instead of the chart's defaults.
@@ -75,10 +76,17 @@ fn helm_install_upgrade_and_uninstall() {
         // Auth is on by default; this test calls the API without tokens.
         "serving.auth.enabled=false".to_string(),
     ];
+    // A ComputeClass from the chart, made the default: its environment
+    // reaches the installed operator's Jobs.
+    let class = format!("{namespace}-class");
+    let classes = json!({ &class: {"env": [{"name": "SEGMENT_CLASS_MARK", "value": "from-the-chart"}]} });
+    let classes = format!("computeClasses={classes}");
+    let default_class = format!("operator.defaultComputeClass={class}");
     let mut install = vec!["install", release, chart, "-n", &namespace, "--wait", "--timeout", "180s"];
     for value in &values {
         install.extend(["--set", value.as_str()]);
     }
+    install.extend(["--set-json", &classes, "--set", &default_class]);
     let output = helm(&install);
     assert!(output.success(), "helm install: {}{}", output.stdout, output.stderr);
     cluster.wait_until("the Deployments to be Current", Duration::from_secs(120), || deployments_current(&tenant));
@@ -95,6 +103,13 @@ fn helm_install_upgrade_and_uninstall() {
         get(serving_port, &format!("/v1/namespaces/{namespace}/segments/vip/members/u0000002")).1["member"] == true
     });
     assert_eq!(get(operator_port, "/healthz").0, 200, "the operator's probe port is the one the values chose");
+    let jobs = tenant.kubectl(&["get", "jobs", "-o", "json"]);
+    let jobs: Value = serde_json::from_str(&jobs.stdout).expect("jobs as JSON");
+    let env = &jobs["items"][0]["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert!(
+        env.as_array().is_some_and(|env| env.iter().any(|e| e["name"] == "SEGMENT_CLASS_MARK" && e["value"] == "from-the-chart")),
+        "the default ComputeClass's environment is in the Job: {env}"
+    );
     let (status, metrics) = http_get(serving_metrics_port, "/metrics");
     assert!(status == 200 && metrics.contains("segment_serving_open_connections"), "serving's metrics port: {status} {metrics}");
     assert_eq!(http_get(serving_port, "/metrics").0, 404, "serving's API port has no metrics");
@@ -109,7 +124,7 @@ fn helm_install_upgrade_and_uninstall() {
     for value in &values {
         upgrade.extend(["--set", value.as_str()]);
     }
-    upgrade.extend(["--set", "serving.cacheTtlMs=500"]);
+    upgrade.extend(["--set-json", &classes, "--set", &default_class, "--set", "serving.cacheTtlMs=500"]);
     let output = helm(&upgrade);
     assert!(output.success(), "helm upgrade: {}{}", output.stdout, output.stderr);
     assert!(generation(&serving_deployment) > before, "the upgrade changed the serving Deployment");
@@ -126,6 +141,7 @@ fn helm_install_upgrade_and_uninstall() {
     assert!(!left.contains(release), "left after uninstall: {left}");
     let cluster_role = cluster.kubectl(&["get", "clusterrole", &format!("{release}-segment-operator")]);
     assert!(!cluster_role.success(), "the ClusterRole is removed");
+    assert!(!cluster.kubectl(&["get", "computeclass", &class]).success(), "the chart's ComputeClass is removed");
     // CRDs in the chart's crds/ stay (Helm never deletes them), so the
     // Segments and their data survive an uninstall.
     assert!(cluster.kubectl(&["get", "crd", "segments.segmentation.dev"]).success());
