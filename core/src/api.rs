@@ -29,6 +29,9 @@ pub const FINALIZER: &str = "segmentation.dev/cleanup";
 pub const SEGMENT_LABEL: &str = "segmentation.dev/segment";
 pub const VERSION_LABEL: &str = "segmentation.dev/version";
 pub const JOB_KIND_LABEL: &str = "segmentation.dev/job-kind";
+/// The Segment's namespace, on the Jobs that run outside it: the ingest
+/// Jobs in the operator's ingest namespace (docs/security.md).
+pub const SEGMENT_NAMESPACE_LABEL: &str = "segmentation.dev/segment-namespace";
 /// Namespace label naming the namespace's [`ComputeClass`]; set by the
 /// admin (a namespace's `edit` role cannot label it).
 pub const COMPUTE_CLASS_LABEL: &str = "segmentation.dev/compute-class";

@@ -46,6 +46,22 @@ pub fn job_name(segment: &str, version: u64, kind: JobKind) -> String {
     format!("{head}-{hash}{suffix}")
 }
 
+/// The name of a run's Job of `kind`. A compute Job runs in the
+/// Segment's namespace: `<segment>-v<N>-compute`. An ingest Job may run in
+/// the operator's ingest namespace, shared by every tenant, so its name
+/// carries the namespace and a hash of the whole key (`growth-vip` of
+/// namespace `growth` and `growth-vip` of namespace `default` stay apart):
+/// `<namespace>-<segment>-<hash>-v<N>-ingest`.
+pub fn run_job_name(segment: &SegmentKey, version: u64, kind: JobKind) -> String {
+    match kind {
+        JobKind::Compute => job_name(&segment.name, version, kind),
+        JobKind::Ingest => {
+            let qualified = format!("{}-{}-{}", segment.namespace, segment.name, short_hash(&segment.to_string()));
+            job_name(&qualified, version, kind)
+        }
+    }
+}
+
 /// The longest label value Kubernetes accepts.
 pub const MAX_LABEL_VALUE: usize = 63;
 
@@ -96,6 +112,19 @@ mod tests {
     fn short_names_are_readable() {
         assert_eq!(job_name("lapsed-high-value", 43, JobKind::Compute), "lapsed-high-value-v43-compute");
         assert_eq!(job_name("a", 1, JobKind::Ingest), "a-v1-ingest");
+    }
+
+    #[test]
+    fn ingest_job_names_tell_namespaces_apart() {
+        let key = |ns: &str, name: &str| SegmentKey::new(ns, name);
+        let compute = run_job_name(&key("growth", "vip"), 3, JobKind::Compute);
+        assert_eq!(compute, "vip-v3-compute");
+        let ingest = run_job_name(&key("growth", "vip"), 3, JobKind::Ingest);
+        assert!(ingest.starts_with("growth-vip-") && ingest.ends_with("-v3-ingest"), "{ingest}");
+        // The same dashes, split differently between namespace and name.
+        assert_ne!(run_job_name(&key("a-b", "c"), 1, JobKind::Ingest), run_job_name(&key("a", "b-c"), 1, JobKind::Ingest));
+        let long = run_job_name(&key(&"n".repeat(63), &"s".repeat(253)), 1, JobKind::Ingest);
+        assert!(long.len() <= MAX_JOB_NAME, "{long}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use chrono::{DateTime, Duration, Utc};
 use crate::api::*;
 use crate::definition::definition_hash;
 use crate::duration::parse_duration;
-use crate::naming::{job_name, results_uri, JobKind};
+use crate::naming::{results_uri, run_job_name, JobKind};
 use crate::reasons::{ConditionType, EventReason, FailureReason};
 use crate::schedule::CronSchedule;
 use crate::store::{SegmentStore, StoreError, StoredVersion};
@@ -399,7 +399,7 @@ impl Planner<'_, '_> {
                 Some(JobState::Succeeded { finished_at }) => {
                     run.computed_at = Some(finished_at);
                     run.phase = RunPhase::Ingesting;
-                    run.job = Some(job_name(&self.obs.segment.name_any_or_default(), run.version, JobKind::Ingest));
+                    run.job = Some(run_job_name(&self.obs.segment.key(), run.version, JobKind::Ingest));
                     self.launch(&run, JobKind::Ingest);
                     self.st.current_run = Some(run);
                 }
@@ -722,7 +722,7 @@ impl Planner<'_, '_> {
         };
         if self.obs.compute_slot_free {
             run.phase = RunPhase::Computing;
-            run.job = Some(job_name(&self.obs.segment.name_any_or_default(), run.version, JobKind::Compute));
+            run.job = Some(run_job_name(&self.obs.segment.key(), run.version, JobKind::Compute));
             run.reason = None;
             run.message = None;
             self.launch(&run, JobKind::Compute);
@@ -761,7 +761,7 @@ impl Planner<'_, '_> {
         self.actions.push(Action::Launch(Launch {
             kind,
             version: run.version,
-            job_name: job_name(&self.obs.segment.name_any_or_default(), run.version, kind),
+            job_name: run_job_name(&self.obs.segment.key(), run.version, kind),
             snapshot_time: run.snapshot_time,
             definition_hash: run.definition_hash.clone(),
             generation: run.generation,
@@ -985,14 +985,4 @@ impl Cond {
 
 fn to_chrono(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> DateTime<Utc> {
     DateTime::<Utc>::from_timestamp(t.0.as_second(), t.0.subsec_nanosecond() as u32).unwrap_or_default()
-}
-
-trait NameOrDefault {
-    fn name_any_or_default(&self) -> String;
-}
-
-impl NameOrDefault for Segment {
-    fn name_any_or_default(&self) -> String {
-        self.metadata.name.clone().unwrap_or_default()
-    }
 }

@@ -91,14 +91,14 @@ fn first_run_computes_then_ingests_then_activates_v1() {
     let ingest = Launch {
         kind: Ingest,
         version: 1,
-        job_name: "vip-v1-ingest".into(),
+        job_name: ingest_job(1),
         snapshot_time: t(CREATED),
         definition_hash: hash.clone(),
         generation: 1,
     };
     assert_eq!(effects(&plan), vec![Action::Launch(ingest)]);
     let run = plan.status.current_run.as_ref().unwrap();
-    assert_eq!((run.phase, run.job.as_deref()), (RunPhase::Ingesting, Some("vip-v1-ingest")));
+    assert_eq!((run.phase, run.job.as_deref()), (RunPhase::Ingesting, Some(ingest_job(1).as_str())));
     assert_eq!(run.computed_at, Some(t("2024-03-01T10:05:00Z")));
     assert_eq!(cond(&plan.status, READY), is("False", "Ingesting"));
 
@@ -1045,7 +1045,7 @@ fn a_missing_job_is_launched_again_under_the_same_name() {
     w.jobs.retain(|j| j.kind != Ingest);
     let plan = w.reconcile();
     assert_eq!(launches(&plan), launches(&ingest));
-    assert_eq!(launches(&plan)[0].job_name, "vip-v1-ingest");
+    assert_eq!(launches(&plan)[0].job_name, ingest_job(1));
 }
 
 #[test]
@@ -1195,8 +1195,9 @@ mod properties {
     use std::collections::BTreeSet;
 
     use proptest::prelude::*;
+    use segment_core::api::SegmentKey;
     use segment_core::executor::Step;
-    use segment_core::naming::{job_name, JobKind};
+    use segment_core::naming::{run_job_name, JobKind};
     use segment_core::planner::{JobState, Plan};
 
     use super::*;
@@ -1391,7 +1392,7 @@ mod properties {
             prop_assert!(launched.len() <= 1, "one Job per plan: {:?}", plan.actions);
             for l in &launched {
                 prop_assert_eq!(Some(l.version), run.map(|r| r.version), "a Launch belongs to the run in flight");
-                prop_assert_eq!(&l.job_name, &job_name(NAME, l.version, l.kind));
+                prop_assert_eq!(&l.job_name, &run_job_name(&SegmentKey::new(NAMESPACE, NAME), l.version, l.kind));
                 prop_assert!(!w.jobs.iter().any(|j| j.name == l.job_name), "Launch of an existing Job {}", l.job_name);
                 let phase = run.map(|r| r.phase);
                 let expected = if l.kind == JobKind::Compute { RunPhase::Computing } else { RunPhase::Ingesting };

@@ -20,6 +20,18 @@ use segment_core::task::Failure;
 
 pub const NAME: &str = "vip";
 pub const NAMESPACE: &str = "growth";
+
+/// The name of growth/vip's ingest Job of `version`: it carries the
+/// namespace and a hash, since it may run in a namespace every tenant shares.
+pub fn ingest_job(version: u64) -> String {
+    let name = segment_core::naming::run_job_name(
+        &segment_core::api::SegmentKey::new(NAMESPACE, NAME),
+        version,
+        segment_core::naming::JobKind::Ingest,
+    );
+    assert!(name.starts_with("growth-vip-") && name.ends_with(&format!("-v{version}-ingest")), "{name}");
+    name
+}
 /// `metadata.creationTimestamp` of every test Segment (a Friday).
 pub const CREATED: &str = "2024-03-01T10:00:00Z";
 
