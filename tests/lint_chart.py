@@ -329,6 +329,9 @@ def check_all_features(objects: list[dict]) -> None:
     serving = deployments.get(f"{RELEASE}-segment-operator-serving")
     if serving is None or "replicas" in serving["spec"]:
         fail("[all features] with autoscaling on, the serving Deployment must leave replicas to the HPA")
+    # One watched namespace: the operator would not see Jobs elsewhere.
+    if any(arg.startswith("--ingest-namespace") for arg in operator_args(objects)):
+        fail("[all features] with operator.watchNamespace, ingest must run in the watched namespace")
     volumes = (serving or {}).get("spec", {}).get("template", {}).get("spec", {}).get("volumes", [])
     if not any(v.get("secret", {}).get("secretName") == "segment-serving-tokens" for v in volumes):
         fail("[all features] the serving tokens file is not mounted from its Secret")
@@ -342,6 +345,18 @@ def check_default(objects: list[dict]) -> None:
     names = [i["object"]["metadata"]["name"] for i in objects if i["object"]["kind"] == "Deployment"]
     if names != [f"{RELEASE}-segment-operator", f"{RELEASE}-segment-operator-serving"]:
         fail(f"[default] expected the operator and serving Deployments only, got {names}")
+    # Watching every namespace, the operator runs ingest Jobs in the release
+    # namespace, where the store's credentials are (docs/security.md).
+    expected = [f"--ingest-namespace={NAMESPACE}", "--ingest-env-secret=segment-ingest"]
+    if not all(flag in operator_args(objects) for flag in expected):
+        fail(f"[default] the operator must run ingest in the release namespace: {operator_args(objects)}")
+
+
+def operator_args(objects: list[dict]) -> list[str]:
+    for name, spec in pods(objects):
+        if name == f"{RELEASE}-segment-operator":
+            return spec["containers"][0].get("args", [])
+    return []
 
 
 def check_serving_clients_only() -> None:

@@ -130,6 +130,20 @@ pub struct JobArgs {
     #[arg(long, env = "DEFAULT_COMPUTE_CLASS")]
     pub default_compute_class: Option<String>,
 
+    /// Namespace where ingest Jobs run, apart from the tenants': ingest
+    /// writes to the store that holds every tenant's data, so its
+    /// credentials (`--ingest-env-secret`, a Secret of this namespace) must
+    /// not be readable from a tenant's namespace. Unset: ingest Jobs run in
+    /// the Segment's namespace with the worker's Secret. Needs the
+    /// operator to watch every namespace (or this one), to see the Jobs.
+    #[arg(long, env = "INGEST_NAMESPACE")]
+    pub ingest_namespace: Option<String>,
+
+    /// Secret of the ingest namespace whose keys become the ingest Jobs'
+    /// environment: REDIS_URL, and AWS_* to read the results.
+    #[arg(long, env = "INGEST_ENV_SECRET")]
+    pub ingest_env_secret: Option<String>,
+
     /// Finished Jobs are removed this many seconds after they end.
     #[arg(long, env = "JOB_TTL_SECONDS", default_value_t = 3600)]
     pub job_ttl_seconds: i32,
@@ -171,6 +185,21 @@ pub struct JobArgs {
     /// read-only).
     #[arg(long, env = "WORKER_SCRATCH_SIZE_LIMIT", default_value = "20Gi")]
     pub worker_scratch_size_limit: String,
+}
+
+impl RunArgs {
+    /// Settings that cannot work together, said before anything starts.
+    pub fn check(&self) -> Result<(), String> {
+        if let (Some(watched), Some(ingest)) = (&self.namespace, &self.jobs.ingest_namespace) {
+            if watched != ingest {
+                return Err(format!(
+                    "--ingest-namespace {ingest}: the operator watches Jobs in --namespace {watched} only, and would not see \
+                     the ingest Jobs; leave --namespace unset or make them the same"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -233,5 +262,24 @@ mod tests {
     #[test]
     fn every_setting_follows_the_naming_rule() {
         segment_runtime::config::assert_follows_naming_rule(&Cli::command(), &["check"]);
+    }
+
+    /// An ingest namespace the operator would not watch Jobs in is refused
+    /// at start, naming both flags.
+    #[test]
+    fn an_ingest_namespace_outside_the_watched_one_is_refused() {
+        let run = |flags: &[&str]| {
+            let mut argv = vec!["segment-operator", "run", "--redis-url", "redis://x"];
+            argv.extend_from_slice(flags);
+            match Cli::try_parse_from(argv).unwrap().command {
+                Command::Run(args) => args.check(),
+                _ => unreachable!("the run subcommand"),
+            }
+        };
+        assert_eq!(run(&["--ingest-namespace", "segment-system"]), Ok(()));
+        assert_eq!(run(&["--namespace", "growth", "--ingest-namespace", "growth"]), Ok(()));
+        assert_eq!(run(&["--namespace", "growth"]), Ok(()));
+        let error = run(&["--namespace", "growth", "--ingest-namespace", "segment-system"]).unwrap_err();
+        assert!(error.contains("--ingest-namespace segment-system") && error.contains("--namespace growth"), "{error}");
     }
 }

@@ -44,6 +44,7 @@ where
 /// Runs the operator until SIGTERM/SIGINT: campaigns for the lease, leads
 /// until it stops or loses the lease, and campaigns again after a loss.
 pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    args.check()?;
     let identity = args.leader.identity();
     let timing = args.leader.timing()?;
     let metrics = Arc::new(Metrics::default());
@@ -210,10 +211,14 @@ fn controller(
         unwatched_jobs: Default::default(),
     });
     let default_class = args.jobs.default_compute_class.clone();
-    let (for_sources, for_classes, for_namespaces) = (ctx.cache.clone(), ctx.cache.clone(), ctx.cache.clone());
+    let (for_jobs, for_sources, for_classes, for_namespaces) =
+        (ctx.cache.clone(), ctx.cache.clone(), ctx.cache.clone(), ctx.cache.clone());
     Controller::for_stream(segments, segments_cache)
         .with_config(ControllerConfig::default().concurrency(args.reconcile_concurrency))
-        .owns_stream(jobs)
+        // A Job's Segment is its owner, or, for an ingest Job in the
+        // ingest namespace (an owner must share the Job's namespace), the
+        // one its labels name.
+        .watches_stream(jobs, move |job: Job| for_jobs.segment_of(&job))
         // A new or changed SegmentSource can make a definition valid (or
         // invalid): look at every Segment of its namespace again.
         .watches_stream(sources, move |source: SegmentSource| for_sources.segments_in(&source.namespace().unwrap_or_default()))

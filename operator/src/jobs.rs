@@ -14,7 +14,8 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 use segment_core::api::{
-    ComputeClassSpec, CpuMemory, Segment, SegmentSource, WorkerResources, JOB_KIND_LABEL, SEGMENT_LABEL, VERSION_LABEL,
+    ComputeClassSpec, CpuMemory, Segment, SegmentSource, WorkerResources, JOB_KIND_LABEL, SEGMENT_LABEL, SEGMENT_NAMESPACE_LABEL,
+    VERSION_LABEL,
 };
 use segment_core::naming::JobKind;
 use segment_core::planner::{JobState, Launch, ObservedJob};
@@ -64,13 +65,26 @@ pub fn build_job(
         }
         JobKind::Ingest => serde_json::to_string(&ingest_task(segment, launch, results_base))?,
     };
-    let overrides = segment.spec.compute.clone().unwrap_or_default();
-    let labels = labels(&key.name, launch.version, launch.kind);
+    let mut overrides = segment.spec.compute.clone().unwrap_or_default();
+    let mut labels = labels(&key.name, launch.version, launch.kind);
+    // An ingest Job in the ingest namespace is the admin's alone: this
+    // operator's flags and the ingest Secret, none of the tenant's class,
+    // resources or Secret (docs/security.md, "Credentials per namespace").
+    let ingest_namespace = defaults.ingest_namespace.as_ref().filter(|_| launch.kind == JobKind::Ingest);
+    let no_class = ComputeClassSpec::default();
+    let (class, env_secret) = match ingest_namespace {
+        Some(_) => {
+            labels.insert(SEGMENT_NAMESPACE_LABEL.to_string(), key.namespace.clone());
+            overrides.resources = None;
+            (&no_class, defaults.ingest_env_secret.as_ref())
+        }
+        None => (class, class.env_from_secret.as_ref().or(defaults.worker_env_secret.as_ref())),
+    };
 
     // Everything of the pod but the resources and the deadline is the
     // admin's: the namespace's ComputeClass, else this operator's flags.
     let env = class.env.clone().unwrap_or_default();
-    let env_from = class.env_from_secret.as_ref().or(defaults.worker_env_secret.as_ref()).map(|name| {
+    let env_from = env_secret.map(|name| {
         vec![EnvFromSource {
             secret_ref: Some(SecretEnvSource { name: name.clone(), optional: Some(false) }),
             ..Default::default()
@@ -131,9 +145,14 @@ pub fn build_job(
     Ok(Job {
         metadata: ObjectMeta {
             name: Some(launch.job_name.clone()),
-            namespace: Some(key.namespace.clone()),
+            namespace: Some(ingest_namespace.unwrap_or(&key.namespace).clone()),
             labels: Some(labels.clone()),
-            owner_references: segment.controller_owner_ref(&()).map(|r| vec![r]),
+            // An owner must be in the Job's namespace: an ingest Job in the
+            // ingest namespace has none, and the Segment's cleanup deletes it.
+            owner_references: match ingest_namespace {
+                Some(_) => None,
+                None => segment.controller_owner_ref(&()).map(|r| vec![r]),
+            },
             ..Default::default()
         },
         spec: Some(JobSpec {
@@ -193,6 +212,12 @@ pub fn build_job(
         }),
         status: None,
     })
+}
+
+/// The namespace of the Segment a Job runs for: its label when the Job
+/// runs elsewhere (an ingest Job in the ingest namespace), else the Job's own.
+pub fn segment_namespace(job: &Job) -> Option<&str> {
+    job.labels().get(SEGMENT_NAMESPACE_LABEL).map(String::as_str).or(job.metadata.namespace.as_deref())
 }
 
 /// Reads a Job of a segment back; Jobs without our labels are ignored. A
@@ -339,6 +364,8 @@ mod tests {
             worker_service_account: "segment-worker".into(),
             worker_env_secret: None,
             default_compute_class: None,
+            ingest_namespace: None,
+            ingest_env_secret: None,
             job_ttl_seconds: 600,
             job_backoff_limit: 1,
             job_deadline_seconds: 3600,
@@ -408,6 +435,61 @@ maxDeadlineSeconds: 5400
         assert_eq!(env, vec!["RUST_LOG"]);
         let secret = c.env_from.as_ref().unwrap()[0].secret_ref.as_ref().unwrap();
         assert_eq!(secret.name, "growth-lake");
+    }
+
+    /// With an ingest namespace, the ingest Job runs there with the
+    /// ingest Secret and nothing of the tenant's: a tenant reading its own
+    /// namespace's Secrets never sees the store's credentials.
+    #[test]
+    fn an_ingest_job_in_the_ingest_namespace_is_the_admins_alone() {
+        let segment: Segment = serde_yaml::from_str(
+            r#"
+metadata: {name: vip, namespace: growth, uid: u1}
+spec:
+  definition: {sql: SELECT user_id FROM orders}
+  compute: {resources: {requests: {cpu: "2"}}}
+"#,
+        )
+        .unwrap();
+        let class: ComputeClassSpec =
+            serde_yaml::from_str("{image: 'worker:class', envFromSecret: growth-lake, env: [{name: RUST_LOG, value: debug}], nodeSelector: {pool: batch}}")
+                .unwrap();
+        let defaults = JobArgs {
+            ingest_namespace: Some("segment-system".into()),
+            ingest_env_secret: Some("segment-ingest".into()),
+            worker_env_secret: Some("segment-credentials".into()),
+            ..defaults()
+        };
+        let key = segment.key();
+        let ingest = Launch {
+            kind: JobKind::Ingest,
+            job_name: segment_core::naming::run_job_name(&key, 4, JobKind::Ingest),
+            ..launch("vip")
+        };
+        let job = build_job(&segment, &ingest, &[], &[], &class, &defaults, "s3://r").unwrap();
+        assert_eq!(job.metadata.namespace.as_deref(), Some("segment-system"));
+        assert_eq!(job.metadata.owner_references, None, "an owner must share the Job's namespace");
+        assert_eq!(segment_namespace(&job), Some("growth"));
+        assert_eq!(job.labels()[SEGMENT_LABEL], "vip");
+        let pod = job.spec.unwrap().template.spec.unwrap();
+        assert_eq!(pod.node_selector, None, "none of the tenant's class");
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some("worker:1"));
+        assert_eq!(c.env.as_deref(), Some(&[][..]));
+        assert_eq!(c.env_from.as_ref().unwrap()[0].secret_ref.as_ref().unwrap().name, "segment-ingest");
+        assert_eq!(
+            c.resources.as_ref().unwrap().requests.as_ref().unwrap()["cpu"].0,
+            "250m",
+            "the operator's, not the Segment's"
+        );
+
+        // The compute Job stays in the Segment's namespace with its class.
+        let compute = build_job(&segment, &launch("vip"), &[], &[], &class, &defaults, "s3://r").unwrap();
+        assert_eq!(compute.metadata.namespace.as_deref(), Some("growth"));
+        assert!(compute.metadata.owner_references.is_some());
+        assert!(!compute.labels().contains_key(SEGMENT_NAMESPACE_LABEL));
+        let container = &compute.spec.unwrap().template.spec.unwrap().containers[0];
+        assert_eq!(container.env_from.as_ref().unwrap()[0].secret_ref.as_ref().unwrap().name, "growth-lake");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
 use segment_core::api::{
     ComputeClass, ComputeClassSpec, DeletionPolicy, Segment, SegmentKey, SegmentSource, SegmentStatus, COMPUTE_CLASS_LABEL,
-    FINALIZER, JOB_KIND_LABEL, SEGMENT_LABEL, VERSION_LABEL,
+    FINALIZER, JOB_KIND_LABEL, SEGMENT_LABEL, SEGMENT_NAMESPACE_LABEL, VERSION_LABEL,
 };
 use segment_core::executor::{self, Effects};
 use segment_core::naming::JobKind;
@@ -244,11 +244,27 @@ impl ClusterCache {
             .collect()
     }
 
-    /// The Jobs of one Segment.
+    /// The Segment a Job runs for: its owner, or for an ingest Job in the
+    /// ingest namespace (which has none) the Segment its labels name.
+    pub fn segment_of(&self, job: &Job) -> Option<ObjectRef<Segment>> {
+        let namespace = jobs::segment_namespace(job)?;
+        let owner = job.owner_references().iter().find(|o| o.controller == Some(true) && o.kind == "Segment");
+        if let Some(owner) = owner {
+            return Some(ObjectRef::new(&owner.name).within(namespace));
+        }
+        let label = job.labels().get(SEGMENT_LABEL)?;
+        let named = |segment: &Segment| {
+            segment.metadata.namespace.as_deref() == Some(namespace)
+                && segment_core::naming::segment_label_value(&segment.name_any()) == *label
+        };
+        self.segments.state_filter(named).first().map(|segment| ObjectRef::from(segment.as_ref()))
+    }
+
+    /// The Jobs of one Segment, in its namespace or the ingest namespace.
     fn jobs_of(&self, namespace: &str, segment: &str) -> Vec<Arc<Job>> {
         let label = segment_core::naming::segment_label_value(segment);
         let of_segment =
-            |job: &Job| job.metadata.namespace.as_deref() == Some(namespace) && job.labels().get(SEGMENT_LABEL) == Some(&label);
+            |job: &Job| jobs::segment_namespace(job) == Some(namespace) && job.labels().get(SEGMENT_LABEL) == Some(&label);
         let mut jobs = self.jobs.state_filter(of_segment);
         jobs.extend(self.unwatched_jobs.not_in(&self.jobs, of_segment));
         jobs
@@ -408,6 +424,9 @@ async fn observe(segment: &Segment, ctx: &Context) -> Result<Observed, Error> {
     let mut jobs = Vec::new();
     for job in &job_list {
         let Some(mut observed) = jobs::observe_job(job) else { continue };
+        // Its pods and events are in the Job's namespace, which for an
+        // ingest Job may be the ingest namespace.
+        let namespace = job.namespace().unwrap_or_else(|| namespace.clone());
         // Only the run in flight needs to know why its Job failed or has
         // not started: a look at its pods, on failure or once the Job is
         // older than the pod start timeout.
@@ -510,9 +529,38 @@ struct ClusterEffects<'a> {
 }
 
 impl ClusterEffects<'_> {
-    fn jobs_api(&self) -> Api<Job> {
-        Api::namespaced(self.ctx.client.clone(), &self.key.namespace)
+    fn jobs_api(&self, namespace: &str) -> Api<Job> {
+        Api::namespaced(self.ctx.client.clone(), namespace)
     }
+}
+
+/// Where a Segment's Jobs may be, each with the label selector that finds
+/// them: its own namespace, and the ingest namespace, where only the
+/// segment-namespace label tells its Jobs from another namespace's
+/// Segment of the same name.
+fn job_places(key: &SegmentKey, jobs: &crate::config::JobArgs) -> Vec<(String, String)> {
+    let label = segment_core::naming::segment_label_value(&key.name);
+    let mut places = vec![(key.namespace.clone(), format!("{SEGMENT_LABEL}={label}"))];
+    if let Some(ingest) = jobs.ingest_namespace.as_ref().filter(|ingest| **ingest != key.namespace) {
+        places.push((ingest.clone(), format!("{SEGMENT_LABEL}={label},{SEGMENT_NAMESPACE_LABEL}={}", key.namespace)));
+    }
+    places
+}
+
+/// Deletes the Jobs `selector` finds in `namespace` (in the background:
+/// their pods go with them), forgetting them as created-but-unwatched.
+async fn delete_jobs(ctx: &Context, namespace: &str, selector: &str) -> Result<(), Error> {
+    let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
+    let jobs = jobs_api.list(&ListParams::default().labels(selector)).await.map_err(kube("listing Jobs to delete"))?;
+    for job in jobs.items {
+        ctx.cache.unwatched_jobs.deleted(&ObjectRef::from(&job));
+        match jobs_api.delete(&job.name_any(), &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(source) => return Err(Error::Kube { op: "deleting a Job", source }),
+        }
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -545,17 +593,8 @@ impl Effects for ClusterEffects<'_> {
 
     async fn cancel_jobs(&mut self, version: u64) -> Result<(), Error> {
         self.ctx.leadership.check()?;
-        let label = segment_core::naming::segment_label_value(&self.key.name);
-        let selector = format!("{SEGMENT_LABEL}={label},{VERSION_LABEL}={version}");
-        let jobs_api = self.jobs_api();
-        let jobs = jobs_api.list(&ListParams::default().labels(&selector)).await.map_err(kube("listing Jobs to cancel"))?;
-        for job in jobs.items {
-            self.ctx.cache.unwatched_jobs.deleted(&ObjectRef::from(&job));
-            match jobs_api.delete(&job.name_any(), &DeleteParams::background()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(source) => return Err(Error::Kube { op: "deleting a Job", source }),
-            }
+        for (namespace, selector) in job_places(&self.key, &self.ctx.jobs) {
+            delete_jobs(self.ctx, &namespace, &format!("{selector},{VERSION_LABEL}={version}")).await?;
         }
         Ok(())
     }
@@ -569,7 +608,8 @@ impl Effects for ClusterEffects<'_> {
         let ctx = self.ctx;
         let job = jobs::build_job(self.segment, launch, self.sources, &inputs, self.class, &ctx.jobs, &ctx.results_base)
             .map_err(Error::BuildJob)?;
-        match self.jobs_api().create(&PostParams::default(), &job).await {
+        let namespace = job.namespace().unwrap_or_else(|| self.key.namespace.clone());
+        match self.jobs_api(&namespace).create(&PostParams::default(), &job).await {
             Ok(created) => {
                 ctx.metrics.jobs_created.inc();
                 ctx.cache.unwatched_jobs.created(created);
@@ -676,11 +716,16 @@ async fn failed_create(ctx: &Context, namespace: &str, job: &str) -> Result<Opti
 }
 
 /// Runs before the Segment goes away: removes its store data and result
-/// files unless `deletionPolicy: Retain`. Jobs go with their owner.
+/// files unless `deletionPolicy: Retain`. Jobs in its namespace go with
+/// their owner; its ingest Jobs in the ingest namespace have none, and are
+/// deleted first, so none loads a version after the data is gone.
 #[instrument(skip_all, fields(segment = %segment.key()))]
 async fn cleanup(segment: &Segment, ctx: &Context) -> Result<Requeue, Error> {
     ctx.leadership.check()?;
     let key = segment.key();
+    for (namespace, selector) in job_places(&key, &ctx.jobs).into_iter().skip(1) {
+        delete_jobs(ctx, &namespace, &selector).await?;
+    }
     if segment.spec.deletion_policy == DeletionPolicy::Delete {
         ctx.store.delete_segment(&key).await.map_err(store("deleting the store data"))?;
         ctx.results.delete_segment(&key).await.map_err(store("deleting the result files"))?;

@@ -143,8 +143,13 @@ fn a_tenant_with_the_edit_role_gets_its_segments_and_nothing_else() {
     // Nothing was launched for them, and the one Job that ran had the
     // class's settings and no API token.
     let jobs: Value = serde_json::from_str(&tenant.kubectl(&["get", "jobs", "-o", "json"]).stdout).unwrap();
-    let names: Vec<&str> = jobs["items"].as_array().unwrap().iter().map(|j| j["metadata"]["name"].as_str().unwrap()).collect();
-    assert!(names.iter().all(|n| n.starts_with("mine-")), "{names:?}");
+    let of: Vec<&str> = jobs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["metadata"]["labels"]["segmentation.dev/segment"].as_str().unwrap())
+        .collect();
+    assert_eq!(of, ["mine", "mine"], "mine's compute and ingest Jobs only");
     for job in jobs["items"].as_array().unwrap() {
         let pod = &job["spec"]["template"]["spec"];
         assert_eq!(pod["automountServiceAccountToken"], false, "{pod}");
@@ -161,4 +166,79 @@ fn a_tenant_with_the_edit_role_gets_its_segments_and_nothing_else() {
     cluster.kubectl_ok(&["label", "namespace", &namespace, "segmentation.dev/compute-class-"]);
     tenant.wait_for_segment("steal", RUN, |s| active_version(s) == Some(1));
     cluster.kubectl_ok(&["delete", "computeclass", &class]);
+}
+
+/// A tenant bound to `edit` reads its namespace's Secrets, so no Secret of
+/// a tenant's namespace may hold the store's credentials: with
+/// `--ingest-namespace`, ingest Jobs run in the admin's namespace with its
+/// Secret, and the tenants' Secrets hold S3 credentials only. Two tenants'
+/// Segments of the same name are computed in their namespaces, ingested
+/// side by side in the ingest namespace, each into its own keys; deleting one
+/// deletes its ingest Job there and leaves the other's. On a cluster of
+/// its own: the operator watches every namespace.
+#[test]
+fn ingest_runs_in_the_admins_namespace_and_no_tenant_holds_the_store_credentials() {
+    let cluster = crate::own_cluster();
+    let (growth, finance) = (Tenant::new_on(cluster, "growth"), Tenant::new_on(cluster, "finance"));
+    let s3_only: Vec<String> = segment_tests::shared_s3().env().iter().map(|(k, v)| format!("--from-literal={k}={v}")).collect();
+    for tenant in [&growth, &finance] {
+        cluster.kubectl_ok(&["delete", "secret", "segment-credentials", "-n", &tenant.namespace]);
+        let mut secret = vec!["create", "secret", "generic", "segment-credentials", "-n", &tenant.namespace];
+        secret.extend(s3_only.iter().map(String::as_str));
+        cluster.kubectl_ok(&secret);
+    }
+    // The admin's namespace: the store's credentials, and the worker's
+    // ServiceAccount the ingest pods run as.
+    let system = cluster.namespace("system");
+    let mut secret = vec!["create", "secret", "generic", "segment-ingest", "-n", &system];
+    let redis_url = format!("--from-literal=REDIS_URL={}", growth.redis.url());
+    secret.push(&redis_url);
+    secret.extend(s3_only.iter().map(String::as_str));
+    cluster.kubectl_ok(&secret);
+    cluster.kubectl_ok(&["create", "serviceaccount", "segment-worker", "-n", &system]);
+
+    for (tenant, users) in [(&growth, 1..=3), (&finance, 10..=13)] {
+        put_object(&growth.lake_bucket, &format!("lists/{}.csv", tenant.namespace), &list(users));
+        let uri = format!("s3://{}/lists/{}.csv", growth.lake_bucket, tenant.namespace);
+        tenant.apply(&segment("vip", json!({"definition": {"static": {"uri": uri}}})).to_string());
+    }
+    let _operator =
+        Operator::start_with(&growth, false, &["--ingest-namespace", &system, "--ingest-env-secret", "segment-ingest"]);
+    for (tenant, members) in [(&growth, 3), (&finance, 4)] {
+        let vip = tenant.wait_for_segment("vip", RUN, |s| active_version(s) == Some(1));
+        assert_eq!(vip["status"]["members"], members, "{}", tenant.namespace);
+    }
+
+    // Compute ran in each tenant's namespace, ingest in the admin's only.
+    let jobs = |namespace: &str| -> Vec<Value> {
+        let listed = cluster.kubectl_ok(&["get", "jobs", "-n", namespace, "-o", "json"]);
+        serde_json::from_str::<Value>(&listed).unwrap()["items"].as_array().unwrap().clone()
+    };
+    let kind = |job: &Value| job["metadata"]["labels"]["segmentation.dev/job-kind"].as_str().unwrap().to_string();
+    for tenant in [&growth, &finance] {
+        let kinds: Vec<String> = jobs(&tenant.namespace).iter().map(kind).collect();
+        assert_eq!(kinds, ["compute"], "{}", tenant.namespace);
+    }
+    let ingest = jobs(&system);
+    let mut of: Vec<&str> =
+        ingest.iter().map(|j| j["metadata"]["labels"]["segmentation.dev/segment-namespace"].as_str().unwrap()).collect();
+    of.sort();
+    let mut expected = [growth.namespace.as_str(), finance.namespace.as_str()];
+    expected.sort();
+    assert_eq!(of, expected);
+    for job in &ingest {
+        assert_eq!(kind(job), "ingest");
+        let container = &job["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(container["envFrom"][0]["secretRef"]["name"], "segment-ingest", "{container}");
+    }
+
+    // Deleting finance's Segment deletes its ingest Job in the admin's
+    // namespace; growth's stays.
+    finance.kubectl(&["delete", "segment", "vip", "--wait=true", "--timeout=120s"]);
+    cluster.wait_until("finance's ingest Job to be deleted", RUN, || {
+        jobs(&system).iter().all(|j| j["metadata"]["labels"]["segmentation.dev/segment-namespace"] != finance.namespace.as_str())
+    });
+    assert_eq!(jobs(&system).len(), 1, "growth's ingest Job stays");
+    drop(_operator);
+    cluster.stop();
 }

@@ -71,6 +71,8 @@ fn job_args() -> JobArgs {
         worker_service_account: "segment-worker".into(),
         worker_env_secret: Some("segment-credentials".into()),
         default_compute_class: None,
+        ingest_namespace: None,
+        ingest_env_secret: None,
         job_ttl_seconds: 3600,
         job_backoff_limit: 2,
         job_deadline_seconds: 3600,
@@ -202,6 +204,11 @@ impl Harness {
         SegmentKey::new(NS, "vip")
     }
 
+    /// The name of vip's ingest Job of `version` (namespace-qualified).
+    fn ingest_job(&self, version: u64) -> String {
+        segment_core::naming::run_job_name(&self.key(), version, segment_core::naming::JobKind::Ingest)
+    }
+
     /// Drives a fresh Segment to version `version` being active, with the
     /// given members loaded by the (simulated) ingest.
     async fn run_to_active(&self, version: u64, members: &[&str]) {
@@ -210,7 +217,7 @@ impl Harness {
         self.finish_job(&compute, "Complete", None);
         self.reconcile().await;
         self.store.load_version(&self.key(), version, members.iter().map(|m| m.to_string()), None, None);
-        self.finish_job(&format!("vip-v{version}-ingest"), "Complete", None);
+        self.finish_job(&self.ingest_job(version), "Complete", None);
         self.reconcile().await;
         assert_eq!(self.store.active_version(&self.key()).await.unwrap(), Some(version));
     }
@@ -347,8 +354,8 @@ async fn a_finished_compute_job_starts_the_ingest_job() {
     let writes = h.reconcile().await;
     assert_eq!(writes, vec![format!("PATCH {STATUS}"), format!("POST {JOBS}")]);
     let run = h.segment().status.unwrap().current_run.unwrap();
-    assert_eq!((run.phase, run.job.as_deref()), (RunPhase::Ingesting, Some("vip-v1-ingest")));
-    let ingest = h.job("vip-v1-ingest");
+    assert_eq!((run.phase, run.job.clone()), (RunPhase::Ingesting, Some(h.ingest_job(1))));
+    let ingest = h.job(&h.ingest_job(1));
     let task: IngestTask = serde_json::from_str(&job_task(&ingest)).unwrap();
     assert_eq!((task.version, task.results_uri.as_str()), (1, "s3://results/growth/vip/v1/"));
     assert_eq!(ingest.spec.unwrap().template.spec.unwrap().containers[0].args.as_ref().unwrap()[0], "ingest");
@@ -433,7 +440,7 @@ async fn a_held_rollover_waits_for_the_approval_annotation() {
     h.finish_job("vip-v2-compute", "Complete", None);
     h.reconcile().await;
     h.store.load_version(&h.key(), 2, ["u1", "x1", "x2", "x3", "x4"].map(String::from), None, None);
-    h.finish_job("vip-v2-ingest", "Complete", None);
+    h.finish_job(&h.ingest_job(2), "Complete", None);
 
     // The first look measures the change, the plan holds the version.
     h.reconcile().await;
@@ -672,7 +679,8 @@ async fn a_reconcile_before_the_watch_shows_its_job_does_not_create_it_again() {
     h.finish_job("vip-v1-compute", "Complete", None);
     let fresh = h.context_with(ClusterCache { unwatched_jobs: ctx.cache.unwatched_jobs.clone(), ..h.cache() });
     reconcile(Arc::new(h.segment()), fresh).await.unwrap();
-    assert!(h.world.lock().unwrap().jobs.iter().any(|j| j.metadata.name.as_deref() == Some("vip-v1-ingest")));
+    let ingest = h.ingest_job(1);
+    assert!(h.world.lock().unwrap().jobs.iter().any(|j| j.metadata.name.as_deref() == Some(ingest.as_str())));
 }
 
 #[tokio::test]
