@@ -5,14 +5,15 @@
 //! with `Stalled` (`NotAllowed`), and nothing is launched for it; the
 //! tenant's own Segment still computes.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use segment_tests::cluster::{run, run_with_stdin, Output};
+use segment_tests::cluster::{run, run_with_stdin, LocalCluster, Output};
+use segment_tests::redis_call;
 use serde_json::{json, Value};
 
 use crate::lifecycle::{active_version, list, RUN};
-use crate::{cluster, condition, helm_template, put_object, Operator, Tenant};
+use crate::{cluster, condition, helm_template, list_objects, put_object, Operator, Tenant};
 
 /// kubectl as the tenant (its own kubeconfig, its ServiceAccount's token).
 fn as_tenant(kubeconfig: &Path, args: &[&str]) -> Output {
@@ -27,6 +28,22 @@ fn apply_as_tenant(kubeconfig: &Path, namespace: &str, object: &Value) -> Output
 
 fn segment(name: &str, spec: Value) -> Value {
     json!({"apiVersion": "segmentation.dev/v1alpha1", "kind": "Segment", "metadata": {"name": name}, "spec": spec})
+}
+
+/// A user bound to Kubernetes' `edit` role in `namespace` (a
+/// ServiceAccount's token in a kubeconfig of its own under `dir`), once
+/// the chart's tenant roles have been aggregated into `edit`.
+fn edit_user(cluster: &LocalCluster, namespace: &str, user: &str, dir: &Path) -> PathBuf {
+    cluster.kubectl_ok(&["create", "serviceaccount", user, "-n", namespace]);
+    let binding = format!("{user}-edit");
+    let subject = format!("{namespace}:{user}");
+    cluster.kubectl_ok(&["create", "rolebinding", &binding, "--clusterrole=edit", "--serviceaccount", &subject, "-n", namespace]);
+    let kubeconfig = dir.join(user);
+    cluster.token_kubeconfig(&kubeconfig, &cluster.service_account_token(namespace, user), namespace);
+    cluster.wait_until("the edit role to include Segments", RUN, || {
+        as_tenant(&kubeconfig, &["auth", "can-i", "create", "segments.segmentation.dev", "-n", namespace]).stdout.trim() == "yes"
+    });
+    kubeconfig
 }
 
 #[test]
@@ -48,23 +65,8 @@ fn a_tenant_with_the_edit_role_gets_its_segments_and_nothing_else() {
     let output = cluster.apply("default", &class_object.to_string());
     assert!(output.success(), "the ComputeClass: {}", output.stderr);
     cluster.kubectl_ok(&["label", "namespace", &namespace, &format!("segmentation.dev/compute-class={class}")]);
-    cluster.kubectl_ok(&["create", "serviceaccount", "alice", "-n", &namespace]);
-    cluster.kubectl_ok(&[
-        "create",
-        "rolebinding",
-        "alice-edit",
-        "--clusterrole=edit",
-        "--serviceaccount",
-        &format!("{namespace}:alice"),
-        "-n",
-        &namespace,
-    ]);
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("alice");
-    cluster.token_kubeconfig(&kubeconfig, &cluster.service_account_token(&namespace, "alice"), &namespace);
-    cluster.wait_until("the edit role to include Segments", RUN, || {
-        as_tenant(&kubeconfig, &["auth", "can-i", "create", "segments.segmentation.dev", "-n", &namespace]).stdout.trim() == "yes"
-    });
+    let kubeconfig = edit_user(cluster, &namespace, "alice", dir.path());
 
     put_object(&lake, &format!("tenants/{namespace}/lists/mine.csv"), &list(1..=3));
     put_object(&lake, "tenants/finance/lists/vip.csv", &list(100..=105));
@@ -175,7 +177,9 @@ fn a_tenant_with_the_edit_role_gets_its_segments_and_nothing_else() {
 /// Segments of the same name are computed in their namespaces, ingested
 /// side by side in the ingest namespace, each into its own keys; deleting one
 /// deletes its ingest Job there and leaves the other's. On a cluster of
-/// its own: the operator watches every namespace.
+/// its own: the operator watches every namespace. A growth user with
+/// `edit` who tries to read finance's results, the admin's credentials or
+/// finance's Segment is refused, and finance's state is unchanged.
 #[test]
 fn ingest_runs_in_the_admins_namespace_and_no_tenant_holds_the_store_credentials() {
     let cluster = crate::own_cluster();
@@ -231,6 +235,61 @@ fn ingest_runs_in_the_admins_namespace_and_no_tenant_holds_the_store_credentials
         let container = &job["spec"]["template"]["spec"]["containers"][0];
         assert_eq!(container["envFrom"][0]["secretRef"]["name"], "segment-ingest", "{container}");
     }
+
+    // A growth user with `edit` tries finance's data: its results through
+    // a static list, the admin's store credentials, finance's Segment.
+    // Each is refused, and finance's status, alias, keys and result files
+    // are the same after as before.
+    let roles = helm_template(&system, &system, &["--show-only", "templates/tenant-rbac.yaml"]);
+    let output = cluster.apply("default", &roles);
+    assert!(output.success(), "the tenant roles: {}", output.stderr);
+    let dir = tempfile::tempdir().unwrap();
+    let mallory = edit_user(cluster, &growth.namespace, "mallory", dir.path());
+    let results_bucket = growth.results_uri.trim_start_matches("s3://").to_string();
+    let finance_of = |s: &str| s.contains(finance.namespace.as_str());
+    let finance_state = || {
+        let vip = finance.segment("vip");
+        let status = json!([vip["status"]["activeVersion"], vip["status"]["versions"], vip["status"]["members"]]);
+        let all_aliases = redis_call(growth.redis.port, &["HGETALL", "sg:aliases"]).expect("Redis answers").texts();
+        let aliases: Vec<String> = all_aliases.chunks(2).filter(|pair| finance_of(&pair[0])).map(|pair| pair.join("=")).collect();
+        let mut keys = redis_call(growth.redis.port, &["KEYS", "*"]).expect("Redis answers").texts();
+        keys.retain(|k| finance_of(k));
+        keys.sort();
+        let files = list_objects(&results_bucket, &finance.namespace);
+        (status, aliases, keys, files)
+    };
+    let before = finance_state();
+    assert_eq!(before.1, [format!("{}/vip=1", finance.namespace)], "finance's alias is in the store");
+    assert!(!before.3.is_empty(), "finance's result files");
+
+    let finance_file = format!("s3://{results_bucket}/{}", before.3[0]);
+    let peek = segment("peek", json!({"definition": {"static": {"uri": finance_file}}}));
+    let output = apply_as_tenant(&mallory, &growth.namespace, &peek);
+    assert!(output.success(), "{}", output.stderr);
+    let stalled = growth.wait_for_segment("peek", RUN, |s| condition(s, "Stalled").is_some_and(|c| c["status"] == "True"));
+    let stalled_condition = condition(&stalled, "Stalled").unwrap();
+    assert_eq!(stalled_condition["reason"], "NotAllowed", "{stalled_condition}");
+    assert!(stalled_condition["message"].as_str().unwrap().contains("another namespace's results"), "{stalled_condition}");
+    assert!(stalled["status"]["versions"].as_array().is_none_or(|v| v.is_empty()), "{stalled}");
+
+    for args in [
+        vec!["get", "secret", "segment-ingest", "-n", system.as_str()],
+        vec!["get", "segment", "vip", "-n", finance.namespace.as_str()],
+        vec!["delete", "segment", "vip", "-n", finance.namespace.as_str()],
+        vec!["get", "jobs", "-n", system.as_str()],
+    ] {
+        let output = as_tenant(&mallory, &args);
+        assert!(!output.success() && output.stderr.contains("forbidden"), "{args:?}: {}", output.stderr);
+    }
+    let output = apply_as_tenant(&mallory, &finance.namespace, &segment("vip", json!({"definition": {"sql": "SELECT 1"}})));
+    assert!(!output.success() && output.stderr.contains("forbidden"), "{}", output.stderr);
+    // What mallory can read in growth's namespace holds no store address.
+    let secret = as_tenant(&mallory, &["get", "secret", "segment-credentials", "-o", "json"]);
+    assert!(secret.success(), "{}", secret.stderr);
+    let data = &serde_json::from_str::<Value>(&secret.stdout).unwrap()["data"];
+    assert!(data.get("REDIS_URL").is_none() && data.get("AWS_ACCESS_KEY_ID").is_some(), "{data}");
+
+    assert_eq!(finance_state(), before, "finance's status, alias, keys and results are untouched");
 
     // Deleting finance's Segment deletes its ingest Job in the admin's
     // namespace; growth's stays.
