@@ -57,6 +57,7 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStoreExt;
 use segment_core::api::{SegmentSourceSpec, SourceFormat, StaticList};
 use segment_core::definition::DefinitionError;
+use segment_core::index::IdSetWriter;
 use segment_core::manifest::{self, Manifest, Part};
 use segment_core::reasons::FailureReason;
 use segment_core::rules_sql::{self, segment_table};
@@ -126,7 +127,7 @@ pub async fn run_with(task: &ComputeTask, options: &ComputeOptions) -> Result<Co
     // parts this run is about to overwrite.
     retract_manifest(&task.results_uri).await?;
 
-    let (parts, total, spilled_bytes) = evaluate(task, options, &dir)
+    let (parts, index, total, spilled_bytes) = evaluate(task, options, &dir)
         .await
         .map_err(|e| WorkerError { message: without_data(&one_line(&e.message), &tenant_text(task)), ..e })?;
 
@@ -140,6 +141,7 @@ pub async fn run_with(task: &ComputeTask, options: &ComputeOptions) -> Result<Co
         computed_at: Utc::now(),
         members: total,
         parts,
+        index: Some(index),
     };
     dir.write_manifest(&manifest)
         .await
@@ -156,15 +158,20 @@ pub async fn run_with(task: &ComputeTask, options: &ComputeOptions) -> Result<Co
     Ok(ComputeReport { version: task.version, members: total, parts: manifest.parts.len(), spilled_bytes })
 }
 
-/// The result's parts, its member count and the bytes spilled on the way.
-async fn evaluate(task: &ComputeTask, options: &ComputeOptions, dir: &ResultDir) -> Result<(Vec<Part>, u64, u64), WorkerError> {
+/// The result's parts, its index file, its member count and the bytes
+/// spilled on the way.
+async fn evaluate(
+    task: &ComputeTask,
+    options: &ComputeOptions,
+    dir: &ResultDir,
+) -> Result<(Vec<Part>, Part, u64, u64), WorkerError> {
     let engine = Engine::new(task, options)?;
     let members = engine.members().await?;
     let task_ctx = Arc::new(members.task_ctx());
     let plan = members.create_physical_plan().await.map_err(|e| engine.classify(e))?;
     let stream = execute_stream(plan.clone(), task_ctx).map_err(|e| engine.classify(e))?;
-    let (parts, total) = write_parts(dir, &task.results_uri, stream, options.part_size.max(1), &engine).await?;
-    Ok((parts, total, spilled_bytes(plan.as_ref())))
+    let (parts, index, total) = write_parts(dir, &task.results_uri, stream, options.part_size.max(1), &engine).await?;
+    Ok((parts, index, total, spilled_bytes(plan.as_ref())))
 }
 
 fn spilled_bytes(plan: &dyn ExecutionPlan) -> u64 {
@@ -182,14 +189,17 @@ async fn retract_manifest(results_uri: &str) -> Result<(), WorkerError> {
     }
 }
 
+/// Writes the ids, which come sorted, as parts of `part_size` ids and as
+/// one index file.
 async fn write_parts(
     dir: &ResultDir,
     results_uri: &str,
     mut stream: SendableRecordBatchStream,
     part_size: usize,
     engine: &Engine<'_>,
-) -> Result<(Vec<Part>, u64), WorkerError> {
+) -> Result<(Vec<Part>, Part, u64), WorkerError> {
     let mut parts = Vec::new();
+    let mut index = IdSetWriter::new();
     let mut buffer = String::new();
     let mut in_buffer = 0usize;
     let mut total = 0u64;
@@ -208,6 +218,9 @@ async fn write_parts(
             if id.contains(['\n', '\r']) {
                 return Err(WorkerError::new(FailureReason::QueryError, format!("user id {id:?} contains a line break")));
             }
+            // The plan sorts the ids bytewise and de-duplicates them; the
+            // writer refuses anything else rather than write a wrong index.
+            index.push(id).map_err(|e| WorkerError::new(FailureReason::QueryError, format!("the result's ids: {e}")))?;
             buffer.push_str(id);
             buffer.push('\n');
             in_buffer += 1;
@@ -221,7 +234,11 @@ async fn write_parts(
     if in_buffer > 0 {
         parts.push(flush(&mut buffer, parts.len()).await?);
     }
-    Ok((parts, total))
+    let index = dir
+        .write_index(index.finish(), total)
+        .await
+        .map_err(|e| WorkerError::new(FailureReason::WriteFailed, format!("{results_uri}: {e}")))?;
+    Ok((parts, index, total))
 }
 
 fn utf8_column(batch: &RecordBatch) -> Result<StringArray, String> {

@@ -47,6 +47,7 @@ pub async fn run(task: &IngestTask, store: &dyn SegmentStore) -> Result<IngestRe
         .map_err(|e| WorkerError::new(FailureReason::CorruptResult, e.to_string()))?
         .ok_or_else(|| WorkerError::new(FailureReason::NoResult, format!("no _manifest.json under {}", task.results_uri)))?;
     check_manifest_matches(task, &manifest)?;
+    check_index(&dir, &manifest).await?;
 
     let mut failed = Vec::new();
     for part in &manifest.parts {
@@ -111,6 +112,19 @@ fn check_manifest_matches(task: &IngestTask, manifest: &Manifest) -> Result<(), 
             ),
         ));
     }
+    Ok(())
+}
+
+/// The version's index file, when the manifest lists one, must be the one
+/// compute wrote (checksum) and hold the manifest's count: one file for the
+/// whole version, so no tolerance of failed parts applies to it.
+async fn check_index(dir: &ResultDir, manifest: &Manifest) -> Result<(), WorkerError> {
+    let Some(index) = &manifest.index else {
+        return Ok(());
+    };
+    let corrupt = |message: String| WorkerError::new(FailureReason::CorruptResult, message);
+    let bytes = dir.read_index(index).await.map_err(|e| corrupt(e.to_string()))?;
+    index.open_index(bytes).map_err(|e| corrupt(e.to_string()))?;
     Ok(())
 }
 

@@ -13,13 +13,15 @@
 //! - [`store`]: the edges (membership store, result files) behind traits,
 //!   and the in-memory store of standalone mode and the tests.
 //! - [`naming`], [`task`]: names and the task handed to worker Jobs.
-//! - [`manifest`]: the `_manifest.json` of a result; [`manifests`]:
+//! - [`manifest`]: the `_manifest.json` of a result; [`index`]: its
+//!   members as one immutable, checksummed index file; [`manifests`]:
 //!   Segments and SegmentSources read from YAML files.
 
 pub mod api;
 pub mod definition;
 pub mod duration;
 pub mod executor;
+pub mod index;
 pub mod manifest;
 pub mod manifests;
 pub mod naming;

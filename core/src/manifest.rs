@@ -6,8 +6,11 @@
 //! ```
 //!
 //! A part holds user ids, one per line (UTF-8, `\n`-terminated, no
-//! duplicates across parts). The manifest is written last: no manifest
-//! means no result. Ingest checks every part's count and checksum.
+//! duplicates across parts). Next to them, `members.sgix` holds the same
+//! ids as one sorted index file ([`crate::index`]), listed in the manifest
+//! as `index` (results written before the index existed have none). The
+//! manifest is written last: no manifest means no result. Ingest checks
+//! every part's count and checksum.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -32,6 +35,9 @@ pub struct Manifest {
     /// Sum of the parts' members.
     pub members: u64,
     pub parts: Vec<Part>,
+    /// The members as one index file; `None` in results from before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<Part>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,11 +95,33 @@ impl Manifest {
         if sum != self.members {
             return Err(ResultError::Manifest(format!("parts hold {sum} members, the manifest says {}", self.members)));
         }
+        if let Some(index) = &self.index {
+            if index.members != self.members {
+                return Err(ResultError::Manifest(format!(
+                    "the index holds {} members, the manifest says {}",
+                    index.members, self.members
+                )));
+            }
+        }
         Ok(())
     }
 }
 
 impl Part {
+    /// Verifies an index file's bytes against the manifest and opens it.
+    pub fn open_index(&self, bytes: Vec<u8>) -> Result<crate::index::IdSet, ResultError> {
+        let actual = checksum(&bytes);
+        if actual != self.checksum {
+            return Err(ResultError::Checksum { file: self.file.clone(), expected: self.checksum.clone(), actual });
+        }
+        let set = crate::index::IdSet::open(bytes)
+            .map_err(|e| ResultError::Manifest(format!("{}: not a valid index: {e}", self.file)))?;
+        if set.len() != self.members {
+            return Err(ResultError::Count { file: self.file.clone(), expected: self.members, actual: set.len() });
+        }
+        Ok(set)
+    }
+
     /// Verifies a part's bytes against the manifest and returns its ids.
     pub fn decode<'a>(&self, bytes: &'a [u8]) -> Result<Vec<&'a str>, ResultError> {
         let actual = checksum(bytes);
@@ -124,5 +152,35 @@ mod tests {
         let wrong_count = Part { members: 4, ..part.clone() };
         assert!(matches!(wrong_count.decode(&bytes), Err(ResultError::Count { expected: 4, actual: 3, .. })));
         assert_eq!(part_file(12), "part-00012.txt");
+    }
+
+    #[test]
+    fn an_index_is_checked_against_its_manifest_entry() {
+        let bytes = crate::index::build(["u1", "u2", "u3"]).unwrap();
+        let entry = Part { file: crate::index::INDEX_FILE.into(), members: 3, checksum: checksum(&bytes) };
+        assert!(entry.open_index(bytes.clone()).unwrap().contains("u2"));
+        let other = crate::index::build(["u1", "u2", "u4"]).unwrap();
+        assert!(matches!(entry.open_index(other), Err(ResultError::Checksum { .. })));
+        let wrong_count = Part { members: 2, ..entry.clone() };
+        assert!(matches!(wrong_count.open_index(bytes), Err(ResultError::Count { expected: 2, actual: 3, .. })));
+
+        let manifest = Manifest {
+            format: FORMAT.into(),
+            segment: SegmentKey::new("n", "s"),
+            version: 1,
+            generation: 1,
+            definition_hash: "h".into(),
+            snapshot_time: Utc::now(),
+            computed_at: Utc::now(),
+            members: 3,
+            parts: vec![Part { file: part_file(0), members: 3, checksum: "sha256:0".into() }],
+            index: Some(wrong_count),
+        };
+        let error = manifest.validate().unwrap_err();
+        assert!(error.to_string().contains("the index holds 2 members"), "{error}");
+        assert!(Manifest { index: Some(entry), ..manifest.clone() }.validate().is_ok());
+        // Results written before the index existed stay readable.
+        let old: Manifest = serde_json::from_value(serde_json::to_value(Manifest { index: None, ..manifest }).unwrap()).unwrap();
+        assert!(old.index.is_none() && old.validate().is_ok());
     }
 }

@@ -11,6 +11,7 @@ use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use segment_core::api::SegmentKey;
+use segment_core::index::INDEX_FILE;
 use segment_core::manifest::{checksum, encode_part, part_file, Manifest, Part, MANIFEST_FILE};
 use segment_core::store::{Cause, ResultStore, StoreError};
 
@@ -59,6 +60,20 @@ impl ResultDir {
         let path = self.path(&part.file);
         self.location.store.put(&path, PutPayload::from(bytes)).await.map_err(io(&path))?;
         Ok(part)
+    }
+
+    /// Writes the members' index file (bytes from
+    /// [`segment_core::index::IdSetWriter`]) and returns its manifest entry.
+    pub async fn write_index(&self, bytes: Vec<u8>, members: u64) -> Result<Part, ResultsError> {
+        let index = Part { file: INDEX_FILE.to_string(), members, checksum: checksum(&bytes) };
+        let path = self.path(&index.file);
+        self.location.store.put(&path, PutPayload::from(bytes)).await.map_err(io(&path))?;
+        Ok(index)
+    }
+
+    /// The raw bytes of the index file; verify them with [`Part::open_index`].
+    pub async fn read_index(&self, index: &Part) -> Result<Vec<u8>, ResultsError> {
+        Ok(self.read_part(index).await?.to_vec())
     }
 
     /// Writes the manifest; call it after every part is written.

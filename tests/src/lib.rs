@@ -524,6 +524,13 @@ pub async fn write_result(
         computed_at: snapshot_time + chrono::Duration::minutes(2),
         members: written.iter().map(|p| p.members).sum(),
         parts: written,
+        index: None,
+    };
+    let ids = parts.iter().flatten().map(String::as_str);
+    let index = segment_core::index::build(ids).expect("unique ids");
+    let manifest = segment_core::manifest::Manifest {
+        index: Some(dir.write_index(index, manifest.members).await.expect("the index written")),
+        ..manifest
     };
     dir.write_manifest(&manifest).await.expect("the manifest written");
     manifest

@@ -12,6 +12,7 @@ use segment_compute::compute::{self, ComputeOptions, ComputeReport};
 use segment_compute::failure::WorkerError;
 use segment_compute::lakegen::{self, LakeSpec, Order, UserRows};
 use segment_core::api::{Definition, SegmentKey, SegmentSourceSpec, SourceFormat, StaticList};
+use segment_core::index::INDEX_FILE;
 use segment_core::manifest::{part_file, Manifest, FORMAT, MANIFEST_FILE};
 use segment_core::reasons::FailureReason;
 use segment_core::task::{ComputeTask, SegmentInput};
@@ -124,7 +125,8 @@ fn task(
 }
 
 /// The result as ingest would read it: manifest first, then every part
-/// verified against it (checksum, count). Ids are distinct and sorted.
+/// verified against it (checksum, count). Ids are distinct and sorted, and
+/// the index file holds exactly them.
 async fn read_result(uri: &str) -> (Manifest, Vec<String>) {
     let dir = ResultDir::open(uri).unwrap();
     let manifest = dir.read_manifest().await.unwrap().unwrap_or_else(|| panic!("no manifest at {uri}"));
@@ -135,6 +137,15 @@ async fn read_result(uri: &str) -> (Manifest, Vec<String>) {
         ids.extend(part.decode(&bytes).unwrap().into_iter().map(str::to_string));
     }
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids are distinct and sorted");
+    let index = manifest.index.as_ref().unwrap_or_else(|| panic!("no index in {uri}'s manifest"));
+    assert_eq!(index.file, INDEX_FILE);
+    let set = index.open_index(dir.read_index(index).await.unwrap()).unwrap();
+    let mut indexed = Vec::new();
+    let mut all = set.iter();
+    while let Some(id) = all.next_id() {
+        indexed.push(id.to_string());
+    }
+    assert_eq!(indexed, ids, "the index holds the parts' ids");
     (manifest, ids)
 }
 
@@ -553,7 +564,7 @@ async fn results_are_parts_then_a_manifest() {
     let dir = lake.dir.path().join("results/paying");
     let modified = |name: &str| std::fs::metadata(dir.join(name)).unwrap().modified().unwrap();
     let manifest_written = modified(MANIFEST_FILE);
-    for part in &manifest.parts {
+    for part in manifest.parts.iter().chain(&manifest.index) {
         assert!(modified(&part.file) <= manifest_written, "{} was written after the manifest", part.file);
     }
 

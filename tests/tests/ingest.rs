@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use segment_compute::ingest;
 use segment_core::api::SegmentKey;
+use segment_core::index::INDEX_FILE;
 use segment_core::manifest::Manifest;
 use segment_core::reasons::FailureReason;
 use segment_core::store::{MembershipReader, MemoryStore, Override, OverrideOp, SegmentStore};
@@ -97,6 +98,18 @@ async fn a_corrupted_part_fails_the_run_and_leaves_the_active_version<S: Segment
     assert_eq!(report.failed_parts.len(), 1);
     assert_eq!(store.versions(segment).await.unwrap()[&2].members, 100);
     assert_eq!(store.active_version(segment).await.unwrap(), Some(1));
+
+    // A damaged index file fails the whole run, whatever the tolerance.
+    write_result(&local_uri(&dir, 3), segment, 3, &[users(300..400)]).await;
+    let index = dir.path().join(format!("v3/{INDEX_FILE}"));
+    let mut bytes = std::fs::read(&index).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&index, bytes).unwrap();
+    let error = ingest::run(&task(segment, 3, &local_uri(&dir, 3), 5), store).await.unwrap_err();
+    assert_eq!(error.reason, FailureReason::CorruptResult);
+    assert!(error.message.contains(INDEX_FILE) && error.message.contains("checksum"), "{error}");
+    assert!(!store.versions(segment).await.unwrap().contains_key(&3), "nothing is sealed");
 }
 
 async fn missing_or_foreign_results_are_refused<S: SegmentStore>(store: &S, segment: &SegmentKey) {

@@ -39,6 +39,7 @@ async fn main() {
         computed_at: now,
         members: members as u64,
         parts,
+        index: None,
     };
     results.write_manifest(&manifest).await.expect("manifest written");
     drop(ids);

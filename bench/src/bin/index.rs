@@ -1,0 +1,122 @@
+//! Version index files (`segment_core::index`): size per membership,
+//! build, open and probe rates, each next to a ceiling measured in the
+//! same run on the same ids:
+//! - size: the part files' text for the same members;
+//! - build: writing the same ids as part text with its checksum (what a
+//!   compute run does today);
+//! - open (checksum and full check of every id): SHA-256 over the same bytes;
+//! - is-member: a `HashSet<&str>` of the same ids in memory.
+//!
+//! cargo run --release -p segment-bench --bin index -- [memberships] [segments] [users]
+//!
+//! Two id shapes: sequential (`user-000001234`) and random (32 hex
+//! digits, a UUID's entropy without its dashes).
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use segment_bench::{row, timed};
+use segment_core::index::{self, IdSet, IdSetWriter};
+use segment_core::manifest::{checksum, encode_part};
+
+/// A fixed-seed splitmix64: the same members on every run, no dependency.
+struct Random(u64);
+
+impl Random {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+fn main() {
+    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let memberships = args.first().copied().unwrap_or(10_000_000);
+    let segments = args.get(1).copied().unwrap_or(20);
+    let users = args.get(2).copied().unwrap_or(2_000_000);
+    let per_segment = memberships / segments;
+    println!("{memberships} memberships over {segments} segments of {per_segment} members, from {users} users");
+    for (shape, id_of) in [
+        ("sequential", (|i: u64| format!("user-{i:09}")) as fn(u64) -> String),
+        ("random", |i: u64| format!("{:016x}{:016x}", Random(i).next(), Random(i ^ 0xfeed).next())),
+    ] {
+        println!("\n== {shape} ids ({})", id_of(7));
+        let all: Vec<String> = (0..users as u64).map(id_of).collect();
+        let mut random = Random(7);
+        let members: Vec<Vec<&str>> = (0..segments)
+            .map(|_| {
+                let mut ids: Vec<&str> =
+                    (0..per_segment).map(|_| all[(random.next() % users as u64) as usize].as_str()).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                ids
+            })
+            .collect();
+        let total: usize = members.iter().map(Vec::len).sum();
+
+        let (files, build_s) = timed(|| {
+            members
+                .iter()
+                .map(|ids| {
+                    let mut writer = IdSetWriter::new();
+                    for id in ids {
+                        writer.push(id).expect("sorted, unique ids");
+                    }
+                    writer.finish()
+                })
+                .collect::<Vec<Vec<u8>>>()
+        });
+        let (texts, text_s) = timed(|| {
+            members
+                .iter()
+                .map(|ids| {
+                    let text = encode_part(ids.iter().copied());
+                    let sum = checksum(&text);
+                    (text, sum)
+                })
+                .collect::<Vec<_>>()
+        });
+        let index_bytes: usize = files.iter().map(Vec::len).sum();
+        let text_bytes: usize = texts.iter().map(|(t, _)| t.len()).sum();
+        row("index bytes per membership", index_bytes as f64 / total as f64, "B");
+        row("  ceiling: part text bytes per membership", text_bytes as f64 / total as f64, "B");
+        row("build, memberships/s (sorted ids to index file)", total as f64 / build_s, "/s");
+        row("  ceiling: part text and checksum, memberships/s", total as f64 / text_s, "/s");
+
+        let (sets, open_s) =
+            timed(|| files.iter().map(|bytes| IdSet::open(bytes.clone()).expect("a valid index")).collect::<Vec<IdSet>>());
+        let (_, sum_s) = timed(|| files.iter().map(|bytes| checksum(bytes)).collect::<Vec<_>>());
+        row("open (checksum, every id checked), memberships/s", total as f64 / open_s, "/s");
+        row("  ceiling: SHA-256 of the same bytes, memberships/s", total as f64 / sum_s, "/s");
+
+        let probes: Vec<&str> = (0..1_000_000).map(|_| all[(random.next() % users as u64) as usize].as_str()).collect();
+        let (found, probe_s) = timed(|| probes.iter().filter(|id| sets[0].contains(id)).count());
+        let hashed: HashSet<&str> = members[0].iter().copied().collect();
+        let (hash_found, hash_s) = timed(|| probes.iter().filter(|id| hashed.contains(*id)).count());
+        assert_eq!(found, hash_found, "the index and the hash set agree");
+        row("is-member probes/s (one segment)", probes.len() as f64 / probe_s, "/s");
+        row("  ceiling: HashSet<&str> probes/s", probes.len() as f64 / hash_s, "/s");
+
+        // A user's segments: one probe per segment, per request.
+        let mut latencies: Vec<f64> = probes[..100_000]
+            .iter()
+            .map(|id| {
+                let start = Instant::now();
+                let count = sets.iter().filter(|set| set.contains(id)).count();
+                std::hint::black_box(count);
+                start.elapsed().as_secs_f64() * 1e6
+            })
+            .collect();
+        latencies.sort_by(f64::total_cmp);
+        let quantile = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+        row(&format!("a user's segments ({segments} probes), p50"), quantile(0.5), "us");
+        row(&format!("a user's segments ({segments} probes), p99"), quantile(0.99), "us");
+        let changes = index::changes(&sets[0], &sets[1]);
+        let (_, merge_s) = timed(|| index::changes(&sets[0], &sets[1]));
+        row("entered/exited by merge, memberships/s", (sets[0].len() + sets[1].len()) as f64 / merge_s, "/s");
+        println!("  ({} entered, {} exited, {} kept)", changes.entered, changes.exited, changes.kept);
+    }
+}

@@ -1,0 +1,600 @@
+//! A version's members as one immutable index file (`segment-index/v1`):
+//! the ids sorted bytewise, front-coded in blocks, checksummed. Ingest
+//! writes it next to the version's parts; a reader answers is-member with a
+//! binary search over the blocks' first ids and a scan of one block, and
+//! two versions' entered/exited counts come from merging their sorted ids,
+//! with no server-side set operation.
+//!
+//! ```text
+//! header   "SGIX" | format u32 | ids u64 | block_len u32 | blocks u32 | entries_len u64
+//! offsets  blocks × u32: where each block starts in `entries`
+//! entries  per block: the first id whole (varint len, bytes), then each
+//!          next id as (varint shared prefix, varint suffix len, suffix)
+//! trailer  SHA-256 of everything before it
+//! ```
+//!
+//! All integers are little-endian. Ids sharing long prefixes (`user-000123`)
+//! cost a few bytes each; the block length bounds the scan per lookup.
+//! [`IdSet::open`] checks the whole file (checksum, structure, strict
+//! order, UTF-8) before answering anything, so a damaged or forged file is
+//! refused, never half-read.
+
+use std::cmp::Ordering;
+
+use sha2::{Digest, Sha256};
+
+pub const MAGIC: &[u8; 4] = b"SGIX";
+/// The format number in the header; readers refuse any other.
+pub const FORMAT_VERSION: u32 = 1;
+/// Name of the index file in a version's directory.
+pub const INDEX_FILE: &str = "members.sgix";
+/// Ids per block: a lookup decodes at most this many.
+pub const BLOCK_LEN: u32 = 16;
+
+const HEADER_LEN: usize = 4 + 4 + 8 + 4 + 4 + 8;
+const CHECKSUM_LEN: usize = 32;
+
+/// Why ids cannot be written as an index, or a file cannot be read as one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IndexError {
+    #[error("id {position} is not after the one before it (ids must be unique and sorted)")]
+    Unsorted { position: u64 },
+    #[error("an id is empty or contains a newline")]
+    BadId,
+    #[error("not an index file: {0}")]
+    Corrupt(&'static str),
+    #[error("index format {found}, this version reads {FORMAT_VERSION}")]
+    Format { found: u32 },
+    #[error("checksum does not match the file's contents")]
+    Checksum,
+}
+
+/// Writes ids, given in strictly increasing byte order, as an index file.
+#[derive(Debug)]
+pub struct IdSetWriter {
+    entries: Vec<u8>,
+    offsets: Vec<u32>,
+    previous: Vec<u8>,
+    ids: u64,
+}
+
+impl Default for IdSetWriter {
+    fn default() -> Self {
+        IdSetWriter::new()
+    }
+}
+
+impl IdSetWriter {
+    pub fn new() -> IdSetWriter {
+        IdSetWriter { entries: Vec::new(), offsets: Vec::new(), previous: Vec::new(), ids: 0 }
+    }
+
+    /// Appends the next id; it must sort after the previous one.
+    pub fn push(&mut self, id: &str) -> Result<(), IndexError> {
+        let id = id.as_bytes();
+        if id.is_empty() || id.contains(&b'\n') {
+            return Err(IndexError::BadId);
+        }
+        if self.ids > 0 && id <= self.previous.as_slice() {
+            return Err(IndexError::Unsorted { position: self.ids });
+        }
+        if self.ids.is_multiple_of(u64::from(BLOCK_LEN)) {
+            let offset = u32::try_from(self.entries.len()).map_err(|_| IndexError::Corrupt("over 4 GiB of ids"))?;
+            self.offsets.push(offset);
+            put_varint(&mut self.entries, id.len() as u64);
+            self.entries.extend_from_slice(id);
+        } else {
+            let shared = common_prefix(&self.previous, id);
+            put_varint(&mut self.entries, shared as u64);
+            put_varint(&mut self.entries, (id.len() - shared) as u64);
+            self.entries.extend_from_slice(&id[shared..]);
+        }
+        self.previous.clear();
+        self.previous.extend_from_slice(id);
+        self.ids += 1;
+        Ok(())
+    }
+
+    /// The file's bytes.
+    pub fn finish(self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_LEN + self.offsets.len() * 4 + self.entries.len() + CHECKSUM_LEN);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&self.ids.to_le_bytes());
+        out.extend_from_slice(&BLOCK_LEN.to_le_bytes());
+        out.extend_from_slice(&(self.offsets.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(self.entries.len() as u64).to_le_bytes());
+        for offset in &self.offsets {
+            out.extend_from_slice(&offset.to_le_bytes());
+        }
+        out.extend_from_slice(&self.entries);
+        let digest = Sha256::digest(&out);
+        out.extend_from_slice(&digest);
+        out
+    }
+}
+
+/// Sorts ids (unique, as a result's parts are) and writes them as an index.
+pub fn build<'a>(ids: impl IntoIterator<Item = &'a str>) -> Result<Vec<u8>, IndexError> {
+    let mut ids: Vec<&str> = ids.into_iter().collect();
+    ids.sort_unstable();
+    let mut writer = IdSetWriter::new();
+    for id in ids {
+        writer.push(id)?;
+    }
+    Ok(writer.finish())
+}
+
+/// A checked index file, read in place.
+#[derive(Debug, Clone)]
+pub struct IdSet {
+    bytes: Vec<u8>,
+    ids: u64,
+    block_len: u32,
+    blocks: usize,
+    entries_start: usize,
+    entries_end: usize,
+}
+
+impl IdSet {
+    /// Checks `bytes` as an index file: checksum first, then the header,
+    /// every block's entries, and that every id sorts after the one before.
+    pub fn open(bytes: Vec<u8>) -> Result<IdSet, IndexError> {
+        if bytes.len() < HEADER_LEN + CHECKSUM_LEN || &bytes[..4] != MAGIC {
+            return Err(IndexError::Corrupt("no index header"));
+        }
+        let (content, digest) = bytes.split_at(bytes.len() - CHECKSUM_LEN);
+        if Sha256::digest(content).as_slice() != digest {
+            return Err(IndexError::Checksum);
+        }
+        let format = u32_at(&bytes, 4);
+        if format != FORMAT_VERSION {
+            return Err(IndexError::Format { found: format });
+        }
+        let ids = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
+        let block_len = u32_at(&bytes, 16);
+        let blocks = u32_at(&bytes, 20) as usize;
+        let entries_len = u64::from_le_bytes(bytes[24..32].try_into().expect("8 bytes"));
+        let entries_start = HEADER_LEN + blocks * 4;
+        let entries_end = usize::try_from(entries_len)
+            .ok()
+            .and_then(|len| entries_start.checked_add(len))
+            .ok_or(IndexError::Corrupt("entries length"))?;
+        if block_len == 0 || entries_end != content.len() {
+            return Err(IndexError::Corrupt("section lengths"));
+        }
+        if ids.div_ceil(u64::from(block_len)) != blocks as u64 {
+            return Err(IndexError::Corrupt("block count"));
+        }
+        let set = IdSet { bytes, ids, block_len, blocks, entries_start, entries_end };
+        set.check_entries()?;
+        Ok(set)
+    }
+
+    /// Walks every id once: offsets in order and in range, entries that
+    /// decode, ids strictly increasing and UTF-8.
+    fn check_entries(&self) -> Result<(), IndexError> {
+        let mut previous: Vec<u8> = Vec::new();
+        let mut seen = 0u64;
+        for block in 0..self.blocks {
+            let start = self.block_start(block)?;
+            let end = if block + 1 < self.blocks { self.block_start(block + 1)? } else { self.entries_end };
+            if start > end {
+                return Err(IndexError::Corrupt("block offsets out of order"));
+            }
+            let in_block = self.block_ids(block);
+            let mut reader = BlockReader::new(&self.bytes[start..end], in_block);
+            while let Some(id) = reader.next_id()? {
+                if seen > 0 && id <= previous.as_slice() {
+                    return Err(IndexError::Corrupt("ids out of order"));
+                }
+                std::str::from_utf8(id).map_err(|_| IndexError::Corrupt("an id is not UTF-8"))?;
+                previous.clear();
+                previous.extend_from_slice(id);
+                seen += 1;
+            }
+            if !reader.at_end() {
+                return Err(IndexError::Corrupt("bytes after a block's last id"));
+            }
+        }
+        debug_assert_eq!(seen, self.ids, "block_ids adds up to the header's count");
+        Ok(())
+    }
+
+    fn block_start(&self, block: usize) -> Result<usize, IndexError> {
+        let offset = u32_at(&self.bytes, HEADER_LEN + block * 4) as usize;
+        let start = self.entries_start + offset;
+        if start > self.entries_end {
+            return Err(IndexError::Corrupt("block offset out of range"));
+        }
+        Ok(start)
+    }
+
+    /// Ids in `block`: a full block, or what is left in the last one.
+    fn block_ids(&self, block: usize) -> usize {
+        let before = block as u64 * u64::from(self.block_len);
+        (self.ids - before).min(u64::from(self.block_len)) as usize
+    }
+
+    /// The entries of a block (checked by `open`).
+    fn block(&self, block: usize) -> BlockReader<'_> {
+        let start = self.block_start(block).expect("checked by open");
+        let end = if block + 1 < self.blocks { self.block_start(block + 1).expect("checked by open") } else { self.entries_end };
+        BlockReader::new(&self.bytes[start..end], self.block_ids(block))
+    }
+
+    /// A block's first id, stored whole.
+    fn first_id(&self, block: usize) -> &[u8] {
+        let start = self.block_start(block).expect("checked by open");
+        let (len, used) = get_varint(&self.bytes[start..self.entries_end]).expect("checked by open");
+        &self.bytes[start + used..start + used + len as usize]
+    }
+
+    pub fn len(&self) -> u64 {
+        self.ids
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids == 0
+    }
+
+    /// Size of the file, checksum included.
+    pub fn file_len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Whether `id` is in the set: exact, never true for an id not written.
+    pub fn contains(&self, id: &str) -> bool {
+        let id = id.as_bytes();
+        // The last block whose first id is <= id.
+        let (mut low, mut high) = (0usize, self.blocks);
+        while low < high {
+            let middle = low + (high - low) / 2;
+            match self.first_id(middle).cmp(id) {
+                Ordering::Less => low = middle + 1,
+                Ordering::Equal => return true,
+                Ordering::Greater => high = middle,
+            }
+        }
+        if low == 0 {
+            return false;
+        }
+        let mut reader = self.block(low - 1);
+        while let Ok(Some(candidate)) = reader.next_id() {
+            match candidate.cmp(id) {
+                Ordering::Less => continue,
+                Ordering::Equal => return true,
+                Ordering::Greater => return false,
+            }
+        }
+        false
+    }
+
+    /// Every id, in order.
+    pub fn iter(&self) -> Ids<'_> {
+        Ids { set: self, block: 0, reader: None }
+    }
+}
+
+/// The ids of an [`IdSet`] in order; each borrowed until the next.
+pub struct Ids<'a> {
+    set: &'a IdSet,
+    block: usize,
+    reader: Option<BlockReader<'a>>,
+}
+
+impl Ids<'_> {
+    /// The next id (a lending iterator: the slice lives until the next call).
+    pub fn next_id(&mut self) -> Option<&str> {
+        while self.reader.as_ref().is_none_or(|reader| reader.remaining == 0) {
+            if self.block >= self.set.blocks {
+                return None;
+            }
+            self.reader = Some(self.set.block(self.block));
+            self.block += 1;
+        }
+        let reader = self.reader.as_mut().expect("set above");
+        let id = reader.next_id().ok().flatten().expect("checked by open");
+        Some(std::str::from_utf8(id).expect("checked by open"))
+    }
+}
+
+/// How the members changed from one version to the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Changes {
+    pub entered: u64,
+    pub exited: u64,
+    pub kept: u64,
+}
+
+impl Changes {
+    /// Members that entered or exited.
+    pub fn changed(&self) -> u64 {
+        self.entered + self.exited
+    }
+}
+
+/// Entered, exited and kept members from `old` to `new`, by one merge of
+/// the two sorted id lists.
+pub fn changes(old: &IdSet, new: &IdSet) -> Changes {
+    let (mut olds, mut news) = (Cursor::new(old), Cursor::new(new));
+    let mut counts = Changes::default();
+    loop {
+        match (olds.current(), news.current()) {
+            (None, None) => return counts,
+            (Some(_), None) => {
+                counts.exited += 1;
+                olds.advance();
+            }
+            (None, Some(_)) => {
+                counts.entered += 1;
+                news.advance();
+            }
+            (Some(a), Some(b)) => match a.cmp(b) {
+                Ordering::Less => {
+                    counts.exited += 1;
+                    olds.advance();
+                }
+                Ordering::Greater => {
+                    counts.entered += 1;
+                    news.advance();
+                }
+                Ordering::Equal => {
+                    counts.kept += 1;
+                    olds.advance();
+                    news.advance();
+                }
+            },
+        }
+    }
+}
+
+/// The current id of an [`Ids`], copied into a buffer that is reused, so a
+/// merge can hold two sets' ids at once.
+struct Cursor<'a> {
+    ids: Ids<'a>,
+    id: Vec<u8>,
+    done: bool,
+}
+
+impl<'a> Cursor<'a> {
+    fn new(set: &'a IdSet) -> Cursor<'a> {
+        let mut cursor = Cursor { ids: set.iter(), id: Vec::new(), done: false };
+        cursor.advance();
+        cursor
+    }
+
+    fn current(&self) -> Option<&[u8]> {
+        (!self.done).then_some(self.id.as_slice())
+    }
+
+    fn advance(&mut self) {
+        match self.ids.next_id() {
+            Some(id) => {
+                self.id.clear();
+                self.id.extend_from_slice(id.as_bytes());
+            }
+            None => self.done = true,
+        }
+    }
+}
+
+/// Decodes one block's entries.
+struct BlockReader<'a> {
+    bytes: &'a [u8],
+    position: usize,
+    remaining: usize,
+    first: bool,
+    current: Vec<u8>,
+}
+
+impl<'a> BlockReader<'a> {
+    fn new(bytes: &'a [u8], ids: usize) -> BlockReader<'a> {
+        BlockReader { bytes, position: 0, remaining: ids, first: true, current: Vec::new() }
+    }
+
+    fn varint(&mut self) -> Result<usize, IndexError> {
+        let (value, used) = get_varint(&self.bytes[self.position..]).ok_or(IndexError::Corrupt("a truncated length"))?;
+        self.position += used;
+        usize::try_from(value).map_err(|_| IndexError::Corrupt("a length"))
+    }
+
+    fn take(&mut self, len: usize) -> Result<&'a [u8], IndexError> {
+        let end = self.position.checked_add(len).filter(|end| *end <= self.bytes.len());
+        let end = end.ok_or(IndexError::Corrupt("an id runs past its block"))?;
+        let taken = &self.bytes[self.position..end];
+        self.position = end;
+        Ok(taken)
+    }
+
+    fn next_id(&mut self) -> Result<Option<&[u8]>, IndexError> {
+        if self.remaining == 0 {
+            return Ok(None);
+        }
+        if self.first {
+            let len = self.varint()?;
+            let id = self.take(len)?;
+            self.current.clear();
+            self.current.extend_from_slice(id);
+            self.first = false;
+        } else {
+            let shared = self.varint()?;
+            let suffix_len = self.varint()?;
+            if shared > self.current.len() {
+                return Err(IndexError::Corrupt("a shared prefix longer than the id before"));
+            }
+            let suffix = self.take(suffix_len)?;
+            self.current.truncate(shared);
+            self.current.extend_from_slice(suffix);
+        }
+        self.remaining -= 1;
+        Ok(Some(&self.current))
+    }
+
+    fn at_end(&self) -> bool {
+        self.position == self.bytes.len()
+    }
+}
+
+fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+/// The value and the bytes it took; `None` if truncated or over 64 bits.
+fn get_varint(bytes: &[u8]) -> Option<(u64, usize)> {
+    let mut value = 0u64;
+    for (i, byte) in bytes.iter().enumerate().take(10) {
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn ids(range: std::ops::Range<u32>) -> Vec<String> {
+        range.map(|i| format!("user-{i:07}")).collect()
+    }
+
+    fn open(ids: &[String]) -> IdSet {
+        IdSet::open(build(ids.iter().map(String::as_str)).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn members_are_found_and_others_are_not() {
+        let members: Vec<String> = ids(0..1000).into_iter().step_by(3).collect();
+        let set = open(&members);
+        assert_eq!(set.len(), members.len() as u64);
+        for i in 0..1000u32 {
+            let id = format!("user-{i:07}");
+            assert_eq!(set.contains(&id), i % 3 == 0, "{id}");
+        }
+        for outside in ["", "a", "user-", "user-0000000x", "zzz", "user-0000998", "user-0001000"] {
+            assert!(!set.contains(outside), "{outside}");
+        }
+    }
+
+    #[test]
+    fn sequential_ids_cost_a_few_bytes_each() {
+        let set = open(&ids(0..100_000));
+        let per_id = set.file_len() as f64 / 100_000.0;
+        // `user-0001234` is 12 bytes; front coding keeps the suffix only.
+        assert!(per_id < 5.0, "{per_id} bytes per id");
+    }
+
+    #[test]
+    fn an_empty_set_is_a_valid_file() {
+        let set = open(&[]);
+        assert!(set.is_empty());
+        assert!(!set.contains("user-1"));
+        assert!(set.iter().next_id().is_none());
+    }
+
+    #[test]
+    fn unsorted_duplicate_or_bad_ids_are_refused_by_the_writer() {
+        let mut writer = IdSetWriter::new();
+        writer.push("b").unwrap();
+        assert_eq!(writer.push("a"), Err(IndexError::Unsorted { position: 1 }));
+        assert_eq!(writer.push("b"), Err(IndexError::Unsorted { position: 1 }));
+        assert_eq!(writer.push(""), Err(IndexError::BadId));
+        assert_eq!(writer.push("c\nd"), Err(IndexError::BadId));
+        assert_eq!(build(["x", "x"]), Err(IndexError::Unsorted { position: 1 }));
+    }
+
+    #[test]
+    fn a_damaged_file_is_refused() {
+        let bytes = build(ids(0..100).iter().map(String::as_str)).unwrap();
+        // Any flipped byte: the checksum catches it.
+        for at in [0, 5, 30, bytes.len() / 2, bytes.len() - 1] {
+            let mut damaged = bytes.clone();
+            damaged[at] ^= 0x20;
+            assert!(IdSet::open(damaged).is_err(), "byte {at}");
+        }
+        let mut truncated = bytes.clone();
+        truncated.truncate(bytes.len() - 40);
+        assert!(IdSet::open(truncated).is_err());
+        assert!(IdSet::open(Vec::new()).is_err());
+    }
+
+    /// A file whose checksum is right but whose contents lie (ids out of
+    /// order, a count that does not add up) is refused too.
+    #[test]
+    fn a_forged_file_with_a_valid_checksum_is_refused() {
+        let reseal = |mut bytes: Vec<u8>| {
+            bytes.truncate(bytes.len() - CHECKSUM_LEN);
+            let digest = Sha256::digest(&bytes);
+            bytes.extend_from_slice(&digest);
+            bytes
+        };
+        let bytes = build(["a", "b", "c"]).unwrap();
+        let mut count = bytes.clone();
+        count[8] = 2;
+        assert_eq!(IdSet::open(reseal(count)).unwrap_err(), IndexError::Corrupt("bytes after a block's last id"));
+        // "a", then "c" becomes "a" again: shared 0, suffix "a".
+        let mut order = bytes.clone();
+        let last = order.len() - CHECKSUM_LEN - 1;
+        order[last] = b'a';
+        assert_eq!(IdSet::open(reseal(order)).unwrap_err(), IndexError::Corrupt("ids out of order"));
+        let mut format = bytes;
+        format[4] = 2;
+        assert_eq!(IdSet::open(reseal(format)).unwrap_err(), IndexError::Format { found: 2 });
+    }
+
+    #[test]
+    fn changes_count_entered_exited_and_kept() {
+        let old = open(&ids(0..100));
+        let new = open(&ids(50..180));
+        assert_eq!(changes(&old, &new), Changes { entered: 80, exited: 50, kept: 50 });
+        assert_eq!(changes(&new, &new), Changes { entered: 0, exited: 0, kept: 130 });
+        assert_eq!(changes(&open(&[]), &new).entered, 130);
+    }
+
+    proptest! {
+        /// Any set of ids, including non-ASCII and shared prefixes longer
+        /// than a block: the file holds exactly them, in order, and the
+        /// change counts agree with set arithmetic.
+        #[test]
+        fn the_index_holds_exactly_its_ids(
+            old in proptest::collection::btree_set("[a-c\u{e9}]{1,6}", 0..200),
+            new in proptest::collection::btree_set("[a-c\u{e9}]{1,6}", 0..200),
+            probes in proptest::collection::vec("[a-c\u{e9}]{0,7}", 0..50),
+        ) {
+            let old_set = IdSet::open(build(old.iter().map(String::as_str)).unwrap()).unwrap();
+            let new_set = IdSet::open(build(new.iter().map(String::as_str)).unwrap()).unwrap();
+            let mut listed = Vec::new();
+            let mut all = new_set.iter();
+            while let Some(id) = all.next_id() {
+                listed.push(id.to_string());
+            }
+            prop_assert_eq!(&listed, &new.iter().cloned().collect::<Vec<_>>());
+            for probe in probes.iter().chain(old.iter()) {
+                prop_assert_eq!(new_set.contains(probe), new.contains(probe), "{}", probe);
+            }
+            let kept = old.intersection(&new).count() as u64;
+            let expected = Changes {
+                entered: new.difference(&old).count() as u64,
+                exited: old.difference(&new).count() as u64,
+                kept,
+            };
+            prop_assert_eq!(changes(&old_set, &new_set), expected);
+        }
+    }
+}
