@@ -55,7 +55,10 @@ fn main() {
                 ids
             })
             .collect();
+        // Members are drawn with replacement, so a segment holds fewer
+        // than `per_segment` distinct users: every rate uses this count.
         let total: usize = members.iter().map(Vec::len).sum();
+        println!("{total} distinct memberships");
 
         let (files, build_s) = timed(|| {
             members
