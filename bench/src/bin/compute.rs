@@ -1,6 +1,9 @@
 //! Compute time for reference segments over a generated lake, next to
 //! DuckDB (the reference engine, from PyPI) running the same SQL on the
-//! same files in the same run.
+//! same files in the same run: shapes a CRM team writes (windows, anti-
+//! joins, three-table joins, distinct counts, time windows with HAVING,
+//! IN lists, string predicates) over Parquet, CSV and NDJSON, with each
+//! segment's ratio and the total's.
 //!
 //! cargo run --release -p segment-bench --bin compute -- [users]
 //! (1,000,000 users give ~3M orders and ~10M app events)
@@ -66,6 +69,54 @@ fn reference_segments(sources: &[SegmentSourceSpec]) -> Vec<(&'static str, Defin
             "engaged-not-buying (rules)",
             "all:\n- event: {table: app_events, count: {gte: 5}, within: 30d}\n- not: {event: {table: orders, within: 30d}}\n",
         ),
+        sql(
+            "quick-rebuyers (sql, lag)",
+            "SELECT DISTINCT user_id FROM (SELECT user_id, created_at, lag(created_at) OVER \
+             (PARTITION BY user_id ORDER BY created_at, order_id) AS previous FROM orders WHERE status = 'delivered') AS o \
+             WHERE previous IS NOT NULL AND created_at <= previous + INTERVAL '7 days'",
+        ),
+        sql(
+            "returned-after-delivery (sql, lead)",
+            "SELECT DISTINCT user_id FROM (SELECT user_id, status, lead(status) OVER \
+             (PARTITION BY user_id ORDER BY created_at, order_id) AS next_status FROM orders) AS o \
+             WHERE status = 'delivered' AND next_status = 'returned'",
+        ),
+        sql(
+            "new-customers (sql, row_number)",
+            "SELECT user_id FROM (SELECT user_id, created_at, row_number() OVER \
+             (PARTITION BY user_id ORDER BY created_at, order_id) AS n FROM orders) AS o \
+             WHERE n = 1 AND created_at >= now() - INTERVAL '30 days'",
+        ),
+        sql("never-ordered (sql, NOT IN, csv)", "SELECT user_id FROM users WHERE user_id NOT IN (SELECT user_id FROM orders)"),
+        sql(
+            "quiet-month (sql, LEFT JOIN IS NULL)",
+            "SELECT u.user_id FROM users u LEFT JOIN app_events e ON e.user_id = u.user_id \
+             AND e.ts >= now() - INTERVAL '30 days' WHERE e.user_id IS NULL",
+        ),
+        sql(
+            "pro-returners-at-checkout (sql, 3 tables)",
+            "SELECT DISTINCT u.user_id FROM users u JOIN orders o ON o.user_id = u.user_id \
+             JOIN app_events e ON e.user_id = u.user_id WHERE u.plan = 'pro' AND o.status = 'returned' \
+             AND e.event = 'checkout' AND e.ts >= now() - INTERVAL '30 days'",
+        ),
+        sql(
+            "broad-browsers (sql, COUNT DISTINCT)",
+            "SELECT user_id FROM app_events WHERE ts >= now() - INTERVAL '30 days' GROUP BY user_id \
+             HAVING count(DISTINCT event) >= 5",
+        ),
+        sql(
+            "big-spenders-90d (sql, HAVING sum)",
+            "SELECT user_id FROM orders WHERE status = 'delivered' AND created_at >= now() - INTERVAL '90 days' \
+             GROUP BY user_id HAVING sum(amount) > 300",
+        ),
+        sql(
+            "iberian-paying (sql, IN lists, csv)",
+            "SELECT user_id FROM users WHERE country IN ('ES', 'PT') AND plan IN ('plus', 'pro')",
+        ),
+        sql(
+            "carts-this-week (sql, LIKE, ndjson)",
+            "SELECT DISTINCT user_id FROM app_events WHERE event LIKE 'add%cart' AND ts >= now() - INTERVAL '7 days'",
+        ),
     ]
 }
 
@@ -118,16 +169,22 @@ async fn main() {
     );
     let reference: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("duckdb figures");
 
-    println!("{:<36} {:>12} {:>12} {:>12} {:>12}", "segment", "ours (s)", "duckdb (s)", "members", "duckdb rows");
-    let (mut total_ours, mut total_ref) = (0.0, 0.0);
+    println!("{:<42} {:>10} {:>11} {:>8} {:>10} {:>11}", "segment", "ours (s)", "duckdb (s)", "ratio", "members", "duckdb rows");
+    let (mut total_ours, mut total_ref, mut worst) = (0.0, 0.0, (0.0, ""));
     for ((name, seconds, members), reference) in ours.iter().zip(&reference) {
         let ref_seconds = reference["seconds"].as_f64().unwrap_or(f64::NAN);
         let ref_rows = reference["rows"].as_u64().unwrap_or(0);
-        println!("{name:<36} {seconds:>12.2} {ref_seconds:>12.2} {members:>12} {ref_rows:>12}");
+        let ratio = seconds / ref_seconds;
+        println!("{name:<42} {seconds:>10.2} {ref_seconds:>11.2} {ratio:>7.2}x {members:>10} {ref_rows:>11}");
         assert_eq!(*members, ref_rows, "{name}: the engines disagree on the members");
         total_ours += seconds;
         total_ref += ref_seconds;
+        if ratio > worst.0 {
+            worst = (ratio, name);
+        }
     }
     row("total, ours (includes writing result files)", total_ours, "s");
     row("total, duckdb (query + fetch)", total_ref, "s");
+    row("total ratio, ours / duckdb", total_ours / total_ref, "x");
+    println!("{:<48} {:>14.2} x ({})", "worst segment ratio", worst.0, worst.1);
 }
