@@ -12,10 +12,11 @@ use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
 
+use segment_core::index::{changes, IdSet};
 use segment_core::manifest::{Manifest, Part};
 use segment_core::reasons::FailureReason;
-use segment_core::store::{SegmentStore, StoreError};
-use segment_core::task::IngestTask;
+use segment_core::store::{CountedChange, SegmentStore, StoreError};
+use segment_core::task::{IngestTask, VersionFiles};
 use segment_store::results::ResultDir;
 use serde::Serialize;
 use tracing::{info, warn};
@@ -47,7 +48,11 @@ pub async fn run(task: &IngestTask, store: &dyn SegmentStore) -> Result<IngestRe
         .map_err(|e| WorkerError::new(FailureReason::CorruptResult, e.to_string()))?
         .ok_or_else(|| WorkerError::new(FailureReason::NoResult, format!("no _manifest.json under {}", task.results_uri)))?;
     check_manifest_matches(task, &manifest)?;
-    check_index(&dir, &manifest).await?;
+    let index = check_index(&dir, &manifest).await?;
+    let change = match (&index, &task.compare_with) {
+        (Some(index), Some(previous)) => count_change(index, previous).await,
+        _ => None,
+    };
 
     let mut failed = Vec::new();
     for part in &manifest.parts {
@@ -87,7 +92,7 @@ pub async fn run(task: &IngestTask, store: &dyn SegmentStore) -> Result<IngestRe
     // The store counts the members itself: overrides may have changed
     // the files' count.
     let meta = store
-        .seal_version(&task.segment, task.version, Some(task.snapshot_time), Some(&manifest.definition_hash))
+        .seal_counted_version(&task.segment, task.version, Some(task.snapshot_time), Some(&manifest.definition_hash), change)
         .await
         .map_err(|e| WorkerError::new(FailureReason::StoreUnavailable, e.to_string()))?;
     let members = meta.members;
@@ -118,14 +123,33 @@ fn check_manifest_matches(task: &IngestTask, manifest: &Manifest) -> Result<(), 
 /// The version's index file, when the manifest lists one, must be the one
 /// compute wrote (checksum) and hold the manifest's count: one file for the
 /// whole version, so no tolerance of failed parts applies to it.
-async fn check_index(dir: &ResultDir, manifest: &Manifest) -> Result<(), WorkerError> {
+async fn check_index(dir: &ResultDir, manifest: &Manifest) -> Result<Option<IdSet>, WorkerError> {
     let Some(index) = &manifest.index else {
-        return Ok(());
+        return Ok(None);
     };
     let corrupt = |message: String| WorkerError::new(FailureReason::CorruptResult, message);
     let bytes = dir.read_index(index).await.map_err(|e| corrupt(e.to_string()))?;
-    index.open_index(bytes).map_err(|e| corrupt(e.to_string()))?;
-    Ok(())
+    index.open_index(bytes).map(Some).map_err(|e| corrupt(e.to_string()))
+}
+
+/// How this version differs from `previous`, by one merge of the two index
+/// files. `None` when the previous version's index cannot be had (written
+/// before index files, or gone): the store then counts the change itself.
+async fn count_change(index: &IdSet, previous: &VersionFiles) -> Option<CountedChange> {
+    let read = async {
+        let dir = ResultDir::open(&previous.results_uri).map_err(|e| e.to_string())?;
+        let manifest = dir.read_manifest().await.map_err(|e| e.to_string())?.ok_or("no manifest")?;
+        let entry = manifest.index.as_ref().ok_or("no index file")?;
+        let bytes = dir.read_index(entry).await.map_err(|e| e.to_string())?;
+        entry.open_index(bytes).map_err(|e| e.to_string())
+    };
+    match read.await {
+        Ok(before) => Some(CountedChange { from: previous.version, changed: changes(&before, index).changed() }),
+        Err(reason) => {
+            warn!(version = previous.version, %reason, "the change is left to the store to count");
+            None
+        }
+    }
 }
 
 enum PartError {

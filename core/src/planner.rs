@@ -190,7 +190,9 @@ impl Event {
 
 /// Reads what the planner needs from the store. The change count is
 /// measured only while the run in flight has a loaded version and an
-/// active version exists to compare with.
+/// active version exists to compare with: the count ingest recorded with
+/// the version when it compared with that same active version, else the
+/// store's own count.
 pub async fn observe_store(
     store: &dyn SegmentStore,
     segment: &SegmentKey,
@@ -205,7 +207,11 @@ pub async fn observe_store(
         .filter(|v| versions.contains_key(v));
     let change = match (active, candidate) {
         (Some(from), Some(to)) if from != to && versions.contains_key(&from) => {
-            Some(ChangeCount { from, to, changed: store.change_count(segment, from, to).await? })
+            let changed = match versions[&to].change {
+                Some(counted) if counted.from == from => counted.changed,
+                _ => store.change_count(segment, from, to).await?,
+            };
+            Some(ChangeCount { from, to, changed })
         }
         _ => None,
     };

@@ -88,6 +88,19 @@ pub struct StoredVersion {
     pub members: u64,
     pub snapshot_time: Option<DateTime<Utc>>,
     pub definition_hash: Option<String>,
+    /// How the version differs from the version that was active when it
+    /// was ingested, counted from the two versions' index files.
+    pub change: Option<CountedChange>,
+}
+
+/// Users in exactly one of two versions (entered plus exited), counted by
+/// ingest in one merge of the versions' sorted index files, so the
+/// rollover guard needs no set operation in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CountedChange {
+    /// The version compared with.
+    pub from: u64,
+    pub changed: u64,
 }
 
 /// A realtime include or exclude of one user, kept per segment so that the
@@ -176,6 +189,18 @@ pub trait SegmentStore: Send + Sync {
         version: u64,
         snapshot_time: Option<DateTime<Utc>>,
         definition_hash: Option<&str>,
+    ) -> Result<StoredVersion, StoreError> {
+        self.seal_counted_version(segment, version, snapshot_time, definition_hash, None).await
+    }
+    /// [`seal_version`](Self::seal_version), recording with the version how
+    /// it differs from an earlier one ([`StoredVersion::change`]).
+    async fn seal_counted_version(
+        &self,
+        segment: &SegmentKey,
+        version: u64,
+        snapshot_time: Option<DateTime<Utc>>,
+        definition_hash: Option<&str>,
+        change: Option<CountedChange>,
     ) -> Result<StoredVersion, StoreError>;
 
     /// Records a realtime override and applies it to the active version,
@@ -346,7 +371,7 @@ impl MemoryStore {
         definition_hash: Option<String>,
     ) {
         let members: BTreeSet<String> = members.into_iter().collect();
-        let meta = StoredVersion { members: members.len() as u64, snapshot_time, definition_hash };
+        let meta = StoredVersion { members: members.len() as u64, snapshot_time, definition_hash, change: None };
         self.with(|all| all.entry(segment.clone()).or_default().versions.insert(version, (meta, members)));
     }
 
@@ -492,12 +517,13 @@ impl SegmentStore for MemoryStore {
         Ok(())
     }
 
-    async fn seal_version(
+    async fn seal_counted_version(
         &self,
         segment: &SegmentKey,
         version: u64,
         snapshot_time: Option<DateTime<Utc>>,
         definition_hash: Option<&str>,
+        change: Option<CountedChange>,
     ) -> Result<StoredVersion, StoreError> {
         self.ensure_available()?;
         Ok(self.with(|all| {
@@ -508,6 +534,7 @@ impl SegmentStore for MemoryStore {
                 members: members.len() as u64,
                 snapshot_time,
                 definition_hash: definition_hash.map(str::to_string),
+                change,
             };
             data.versions.insert(version, (meta.clone(), members));
             meta

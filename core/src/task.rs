@@ -59,6 +59,18 @@ pub struct IngestTask {
     /// Parts that may fail to load before the run fails (`spec.ingest.maxFailedParts`).
     #[serde(default)]
     pub max_failed_parts: u32,
+    /// The version active when the run was launched: ingest counts how
+    /// this version differs from it, from the two index files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compare_with: Option<VersionFiles>,
+}
+
+/// One version of the same segment and where its results are.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VersionFiles {
+    pub version: u64,
+    pub results_uri: String,
 }
 
 /// The sources a compute of `definition` reads, of those its namespace
@@ -123,8 +135,10 @@ pub fn segment_inputs(segment: &Segment, results_base: &str, active_of: impl Fn(
 /// The task of an ingest Job.
 pub fn ingest_task(segment: &Segment, launch: &Launch, results_base: &str) -> IngestTask {
     let key = segment.key();
+    let active = segment.status.as_ref().and_then(|status| status.active_version).filter(|v| *v != launch.version);
     IngestTask {
         results_uri: results_uri(results_base, &key, launch.version),
+        compare_with: active.map(|version| VersionFiles { version, results_uri: results_uri(results_base, &key, version) }),
         segment: key,
         version: launch.version,
         snapshot_time: launch.snapshot_time,
@@ -178,6 +192,31 @@ impl Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ingest_compares_with_the_version_active_at_launch() {
+        use crate::api::SegmentStatus;
+        let mut segment: Segment = serde_json::from_value(serde_json::json!({
+            "apiVersion": "segmentation.dev/v1alpha1", "kind": "Segment",
+            "metadata": {"name": "vip", "namespace": "growth"},
+            "spec": {"definition": {"sql": "SELECT user_id FROM users"}}
+        }))
+        .unwrap();
+        let launch = Launch {
+            kind: crate::naming::JobKind::Ingest,
+            version: 3,
+            job_name: "vip-v3-ingest".into(),
+            snapshot_time: Utc::now(),
+            definition_hash: "h".into(),
+            generation: 1,
+        };
+        assert_eq!(ingest_task(&segment, &launch, "s3://results").compare_with, None, "nothing is active");
+        segment.status = Some(SegmentStatus { active_version: Some(2), ..Default::default() });
+        let expected = VersionFiles { version: 2, results_uri: results_uri("s3://results", &segment.key(), 2) };
+        assert_eq!(ingest_task(&segment, &launch, "s3://results").compare_with, Some(expected));
+        segment.status = Some(SegmentStatus { active_version: Some(3), ..Default::default() });
+        assert_eq!(ingest_task(&segment, &launch, "s3://results").compare_with, None, "the version itself");
+    }
 
     #[test]
     fn termination_messages_are_classified() {

@@ -846,6 +846,33 @@ fn max_change_ratio_measures_the_change_then_holds_or_promotes() {
     assert_eq!(effects(&plan), vec![Action::Activate { version: 3, previous: Some(2) }]);
 }
 
+/// Ingest records, with the version, the change it counted from the index
+/// files against the version active at launch; the guard uses that count
+/// instead of asking the store, unless it was counted against another.
+#[test]
+fn the_change_counted_by_ingest_is_used_against_the_version_it_was_counted_from() {
+    use segment_core::store::{CountedChange, SegmentStore};
+    let mut w = World::new(&spec("rollover:\n  maxChangeRatio: 0.5\n"));
+    w.default_members = users(&["a", "b", "c", "d"]);
+    w.reconcile();
+    w.complete_run();
+    w.members.insert(2, users(&["c", "d", "e", "f", "g"]));
+    w.advance(Duration::minutes(1));
+    let v = rerun_to_ingesting(&mut w);
+    w.succeed(v, Ingest);
+    assert_eq!(w.store_view().change, Some(ChangeCount { from: 1, to: 2, changed: 5 }), "the store's own count");
+
+    // A count that differs from the store's shows which one is used.
+    let reseal = |from: u64| {
+        let counted = Some(CountedChange { from, changed: 1 });
+        futures::executor::block_on(w.store.seal_counted_version(&key(), 2, None, None, counted)).unwrap();
+    };
+    reseal(1);
+    assert_eq!(w.store_view().change, Some(ChangeCount { from: 1, to: 2, changed: 1 }));
+    reseal(7);
+    assert_eq!(w.store_view().change, Some(ChangeCount { from: 1, to: 2, changed: 5 }), "counted against v7, not v1");
+}
+
 #[test]
 fn a_relaxed_guard_releases_a_held_version() {
     let mut w = World::new(&spec("rollover:\n  minMembers: 5\n"));

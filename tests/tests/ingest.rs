@@ -9,8 +9,8 @@ use segment_core::api::SegmentKey;
 use segment_core::index::INDEX_FILE;
 use segment_core::manifest::Manifest;
 use segment_core::reasons::FailureReason;
-use segment_core::store::{MembershipReader, MemoryStore, Override, OverrideOp, SegmentStore};
-use segment_core::task::IngestTask;
+use segment_core::store::{CountedChange, MembershipReader, MemoryStore, Override, OverrideOp, SegmentStore};
+use segment_core::task::{IngestTask, VersionFiles};
 use segment_store::redis::RedisStore;
 use segment_tests::RedisServer;
 
@@ -33,6 +33,7 @@ fn task(segment: &SegmentKey, version: u64, uri: &str, tolerance: u32) -> Ingest
         snapshot_time: snapshot(),
         results_uri: uri.to_string(),
         max_failed_parts: tolerance,
+        compare_with: None,
     }
 }
 
@@ -71,6 +72,29 @@ async fn loads_every_part_invisibly<S: SegmentStore + MembershipReader>(store: &
     let again = ingest::run(&task(segment, 2, &local_uri(&dir, 2), 0), store).await.unwrap();
     assert_eq!(again.members, 4050);
     assert_eq!(store.change_count(segment, 1, 2).await.unwrap(), 50 + 4000);
+}
+
+/// Ingest counts how the version differs from the one active at launch by
+/// merging the two index files, and records it with the version: the same
+/// count as the store's set arithmetic, without it. Without the earlier
+/// version's files, nothing is recorded and the store counts.
+async fn the_change_from_the_active_version_is_counted_from_the_index_files<S: SegmentStore + MembershipReader>(
+    store: &S,
+    segment: &SegmentKey,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    serve_v1(store, segment, &dir, users(0..100)).await;
+    write_result(&local_uri(&dir, 2), segment, 2, &[users(50..2050), users(2050..4050)]).await;
+    let compare_with = |version: u64| Some(VersionFiles { version, results_uri: local_uri(&dir, version) });
+    let counted = IngestTask { compare_with: compare_with(1), ..task(segment, 2, &local_uri(&dir, 2), 0) };
+    ingest::run(&counted, store).await.unwrap();
+    let change = store.versions(segment).await.unwrap()[&2].change;
+    assert_eq!(change, Some(CountedChange { from: 1, changed: 50 + 3950 }));
+    assert_eq!(store.change_count(segment, 1, 2).await.unwrap(), 50 + 3950, "the store agrees");
+
+    let missing = IngestTask { compare_with: compare_with(9), ..task(segment, 2, &local_uri(&dir, 2), 0) };
+    ingest::run(&missing, store).await.unwrap();
+    assert_eq!(store.versions(segment).await.unwrap()[&2].change, None);
 }
 
 async fn a_corrupted_part_fails_the_run_and_leaves_the_active_version<S: SegmentStore + MembershipReader>(
@@ -155,6 +179,7 @@ async fn embedded_store() {
     let store = MemoryStore::new();
     loads_every_part_invisibly(&store, &SegmentKey::new("t", "loads")).await;
     a_corrupted_part_fails_the_run_and_leaves_the_active_version(&store, &SegmentKey::new("t", "corrupt")).await;
+    the_change_from_the_active_version_is_counted_from_the_index_files(&store, &SegmentKey::new("t", "counted")).await;
     missing_or_foreign_results_are_refused(&store, &SegmentKey::new("t", "missing")).await;
     overrides_newer_than_the_snapshot_survive_the_rollover(&store, &SegmentKey::new("t", "overrides")).await;
 }
@@ -165,6 +190,7 @@ async fn redis_store() {
     let store = RedisStore::connect(&server.url()).await.unwrap();
     loads_every_part_invisibly(&store, &SegmentKey::new("t", "loads")).await;
     a_corrupted_part_fails_the_run_and_leaves_the_active_version(&store, &SegmentKey::new("t", "corrupt")).await;
+    the_change_from_the_active_version_is_counted_from_the_index_files(&store, &SegmentKey::new("t", "counted")).await;
     missing_or_foreign_results_are_refused(&store, &SegmentKey::new("t", "missing")).await;
     overrides_newer_than_the_snapshot_survive_the_rollover(&store, &SegmentKey::new("t", "overrides")).await;
 }

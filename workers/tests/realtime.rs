@@ -72,8 +72,14 @@ impl Setup {
     async fn ingest(&self, version: u64, snapshot: DateTime<Utc>, members: Vec<String>) {
         let uri = format!("file://{}/v{version}/", self.results.path().display());
         segment_tests::write_result(&uri, &self.segment, version, snapshot, &[members]).await;
-        let task =
-            IngestTask { segment: self.segment.clone(), version, snapshot_time: snapshot, results_uri: uri, max_failed_parts: 0 };
+        let task = IngestTask {
+            segment: self.segment.clone(),
+            version,
+            snapshot_time: snapshot,
+            results_uri: uri,
+            max_failed_parts: 0,
+            compare_with: None,
+        };
         segment_compute::ingest::run(&task, self.store.as_ref()).await.expect("ingest succeeds");
     }
 

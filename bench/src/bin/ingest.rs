@@ -46,7 +46,7 @@ async fn main() {
 
     let store = RedisStore::connect(&redis.url()).await.expect("redis");
     let before = redis_used_memory(redis.port);
-    let task = IngestTask { segment, version: 1, snapshot_time: now, results_uri: uri, max_failed_parts: 0 };
+    let task = IngestTask { segment, version: 1, snapshot_time: now, results_uri: uri, max_failed_parts: 0, compare_with: None };
     let start = std::time::Instant::now();
     let report = segment_compute::ingest::run(&task, &store).await.expect("ingest");
     let seconds = start.elapsed().as_secs_f64();

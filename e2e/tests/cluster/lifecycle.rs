@@ -130,7 +130,13 @@ fn a_held_version_is_served_only_once_approved() {
     assert_eq!(active_version(&held), Some(1), "the held version is not served");
     assert_eq!(held["status"]["currentRun"]["phase"], "AwaitingApproval", "{:#}", held["status"]);
     let message = condition(&held, "RolloverHeld").unwrap()["message"].as_str().unwrap().to_string();
-    assert!(message.contains("v2"), "{message}");
+    assert!(message.contains("v2 changes 20 members"), "{message}");
+    // Counted by the ingest Job from the two versions' index files and
+    // recorded with v2, not by a set operation in Redis.
+    let meta_key = format!("sg:{{{}/vip}}:meta", tenant.namespace);
+    let meta = segment_tests::redis_call(tenant.redis.port, &["HGET", &meta_key, "2"]).and_then(|r| r.text());
+    let meta: Value = serde_json::from_str(&meta.expect("v2's metadata")).unwrap();
+    assert_eq!(meta["change"], json!({"from": 1, "changed": 20}), "{meta}");
 
     annotate(&tenant, "vip", "segmentation.dev/approve-version=2");
     let approved = tenant.wait_for_segment("vip", RUN, |s| active_version(s) == Some(2));

@@ -20,8 +20,8 @@ use redis::{cmd, Cmd, FromRedisValue, ScriptInvocation, Value};
 use segment_core::api::SegmentKey;
 pub use segment_core::store::Rollover;
 use segment_core::store::{
-    Cause, Change, ChangesClaim, DiffPage, MembershipReader, Override, OverrideOp, RolloverFeed, SegmentStore, StoreError,
-    StoredVersion,
+    Cause, Change, ChangesClaim, CountedChange, DiffPage, MembershipReader, Override, OverrideOp, RolloverFeed, SegmentStore,
+    StoreError, StoredVersion,
 };
 use serde::{Deserialize, Serialize};
 use tracing::warn;
@@ -101,6 +101,8 @@ struct VersionMeta {
     snapshot_time: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     definition_hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    change: Option<CountedChange>,
 }
 
 enum Target {
@@ -394,7 +396,8 @@ impl SegmentStore for RedisStore {
                 ),
                 None => None,
             };
-            out.insert(version, StoredVersion { members, snapshot_time, definition_hash: meta.definition_hash });
+            let stored = StoredVersion { members, snapshot_time, definition_hash: meta.definition_hash, change: meta.change };
+            out.insert(version, stored);
         }
         Ok(out)
     }
@@ -491,12 +494,13 @@ impl SegmentStore for RedisStore {
         Ok(())
     }
 
-    async fn seal_version(
+    async fn seal_counted_version(
         &self,
         segment: &SegmentKey,
         version: u64,
         snapshot_time: Option<DateTime<Utc>>,
         definition_hash: Option<&str>,
+        change: Option<CountedChange>,
     ) -> Result<StoredVersion, StoreError> {
         check_segment(segment)?;
         let keys = SegmentKeys::new(segment);
@@ -504,12 +508,13 @@ impl SegmentStore for RedisStore {
             members: None,
             snapshot_time: snapshot_time.as_ref().map(order_key),
             definition_hash: definition_hash.map(str::to_string),
+            change,
         };
         let rest = serde_json::to_string(&meta).map_err(|e| StoreError::Other(Cause::new("encoding version metadata", e)))?;
         let mut seal = scripts::SEAL.key(keys.meta());
         seal.key(keys.version(version)).key(keys.loaded()).arg(version).arg(rest);
         let members: u64 = self.script(seal, self.write()).await?;
-        Ok(StoredVersion { members, snapshot_time, definition_hash: definition_hash.map(str::to_string) })
+        Ok(StoredVersion { members, snapshot_time, definition_hash: definition_hash.map(str::to_string), change })
     }
 
     async fn record_override(&self, segment: &SegmentKey, change: &Override) -> Result<bool, StoreError> {
