@@ -78,28 +78,56 @@ fn check_resources(resources: &WorkerResources, max: &CpuMemory) -> Result<(), I
 }
 
 /// Whether `uri` may be read by a Segment of the tenant's namespace:
-/// never a path with `..` in it; never another namespace's results,
-/// whatever the class says; `file://` only where the class allows local
-/// files; and under one of the class's prefixes, when it names any.
+/// never a path with `.`, `..` or an empty segment in it; never another
+/// namespace's results, whatever the class says; `file://` only where the
+/// class allows local files; and under one of the class's prefixes, when
+/// it names any. Every check is on the location as the engine reads it,
+/// percent escapes decoded: `%66inance` is `finance`.
 fn check_location(field: &str, uri: &str, class: &ComputeClassSpec, tenant: Tenant<'_>) -> Result<(), Invalid> {
     let Tenant { namespace, results_base } = tenant;
-    let path = uri.split_once("://").map(|(_, rest)| rest).unwrap_or(uri);
-    if path.split('/').any(|segment| segment == ".." || segment == ".") {
-        return Err(not_allowed(field, format!("{uri}: `.` and `..` are not allowed in a location")));
+    let read = decoded(uri).ok_or_else(|| not_allowed(field, format!("{uri}: a percent escape is not UTF-8 text")))?;
+    let path = read.split_once("://").map(|(_, rest)| rest).unwrap_or(&read);
+    if path.split('/').any(|segment| segment == ".." || segment == ".") || path.contains("//") {
+        return Err(not_allowed(field, format!("{uri}: `.`, `..` and empty segments are not allowed in a location")));
     }
-    let results = format!("{}/", results_base.trim_end_matches('/'));
-    if uri.starts_with(&results) && !uri.starts_with(&format!("{results}{namespace}/")) {
+    let results = format!("{}/", decoded_or_as_is(results_base).trim_end_matches('/'));
+    if read.starts_with(&results) && !read.starts_with(&format!("{results}{namespace}/")) {
         return Err(not_allowed(field, format!("{uri} holds another namespace's results")));
     }
-    if uri.starts_with("file://") && !class.allow_local_files {
+    if read.starts_with("file://") && !class.allow_local_files {
         return Err(not_allowed(field, format!("{uri}: the ComputeClass does not allow local files")));
     }
     let Some(prefixes) = &class.allowed_source_prefixes else { return Ok(()) };
     let allowed: Vec<String> = prefixes.iter().map(|p| p.replace("{namespace}", namespace)).collect();
-    if allowed.iter().any(|prefix| uri.starts_with(prefix.as_str())) {
+    if allowed.iter().any(|prefix| read.starts_with(decoded_or_as_is(prefix).as_ref())) {
         return Ok(());
     }
     Err(not_allowed(field, format!("{uri} is outside the locations the ComputeClass allows ({})", allowed.join(", "))))
+}
+
+/// `text` with its percent escapes decoded, as the engine decodes a
+/// location's path; `None` when an escape is malformed or the result is
+/// not UTF-8.
+fn decoded(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        if bytes[at] == b'%' {
+            let hex = bytes.get(at + 1..at + 3).filter(|hex| hex.iter().all(u8::is_ascii_hexdigit))?;
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+            at += 3;
+        } else {
+            out.push(bytes[at]);
+            at += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// An admin's location (a prefix, the results base) as it reads.
+fn decoded_or_as_is(text: &str) -> std::borrow::Cow<'_, str> {
+    decoded(text).map_or(std::borrow::Cow::Borrowed(text), std::borrow::Cow::Owned)
 }
 
 /// A quantity in its base unit (cores, bytes): `500m`, `2`, `1.5`, `1Gi`,
@@ -195,6 +223,8 @@ mod tests {
             // A name that extends the namespace's is another namespace.
             "s3://lake/tenants/growth-eu/orders/",
             "s3://lake/tenants/growth/../finance/orders/",
+            // The class's prefix, spelled with an escape, is still finance's.
+            "s3://lake/tenants/%66inance/orders/",
             "s3://results/growth/vip/",
             "file:///var/run/secrets/kubernetes.io/serviceaccount/token",
         ] {
@@ -223,10 +253,21 @@ mod tests {
         let anywhere = ComputeClassSpec { allow_local_files: true, ..Default::default() };
         let own = source("s3://results/growth/vip/v3/");
         assert_eq!(check_allowed(&spec(SQL), &[&own], &anywhere, GROWTH), Ok(()));
-        for uri in ["s3://results/finance/payers/v1/", "s3://results/growth-eu/vip/v1/"] {
+        // Spelled otherwise, read the same: percent escapes and empty
+        // segments do not hide another namespace's results.
+        for (uri, why) in [
+            ("s3://results/finance/payers/v1/", "another namespace's results"),
+            ("s3://results/growth-eu/vip/v1/", "another namespace's results"),
+            ("s3://results/%66inance/payers/v1/", "another namespace's results"),
+            ("s3://results/%66%69nance/payers/v1/", "another namespace's results"),
+            ("s3://results//finance/payers/v1/", "empty segments"),
+            ("s3://results/growth/%2e%2e/finance/payers/v1/", "`..`"),
+            ("s3://results/growth%2f..%2ffinance/payers/v1/", "`..`"),
+            ("s3://results/%zz/", "percent escape"),
+        ] {
             let error = check_allowed(&spec(SQL), &[&source(uri)], &anywhere, GROWTH).unwrap_err();
             assert_eq!(error.reason, SpecProblem::NotAllowed, "{uri}");
-            assert!(error.message.contains("another namespace's results"), "{error}");
+            assert!(error.message.contains(why), "{uri}: {error}");
         }
         let list = spec("definition: {static: {uri: 's3://results/finance/payers/v1/part-0.csv'}}");
         assert_eq!(check_allowed(&list, &[], &anywhere, GROWTH).unwrap_err().field, "spec.definition.static.uri");

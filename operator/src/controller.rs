@@ -211,6 +211,7 @@ fn controller(
         unwatched_jobs: Default::default(),
     });
     let default_class = args.jobs.default_compute_class.clone();
+    let ingest_namespace = args.jobs.ingest_namespace.clone();
     let (for_jobs, for_sources, for_classes, for_namespaces) =
         (ctx.cache.clone(), ctx.cache.clone(), ctx.cache.clone(), ctx.cache.clone());
     Controller::for_stream(segments, segments_cache)
@@ -218,7 +219,7 @@ fn controller(
         // A Job's Segment is its owner, or, for an ingest Job in the
         // ingest namespace (an owner must share the Job's namespace), the
         // one its labels name.
-        .watches_stream(jobs, move |job: Job| for_jobs.segment_of(&job))
+        .watches_stream(jobs, move |job: Job| for_jobs.segment_of(&job, ingest_namespace.as_deref()))
         // A new or changed SegmentSource can make a definition valid (or
         // invalid): look at every Segment of its namespace again.
         .watches_stream(sources, move |source: SegmentSource| for_sources.segments_in(&source.namespace().unwrap_or_default()))

@@ -214,10 +214,16 @@ pub fn build_job(
     })
 }
 
-/// The namespace of the Segment a Job runs for: its label when the Job
-/// runs elsewhere (an ingest Job in the ingest namespace), else the Job's own.
-pub fn segment_namespace(job: &Job) -> Option<&str> {
-    job.labels().get(SEGMENT_NAMESPACE_LABEL).map(String::as_str).or(job.metadata.namespace.as_deref())
+/// The namespace of the Segment a Job runs for: the Job's own, except in
+/// the ingest namespace, where its label says. The label is trusted there
+/// only: a tenant can create Jobs with any labels in its own namespace, and
+/// must not pass one off as another namespace's.
+pub fn segment_namespace<'a>(job: &'a Job, ingest_namespace: Option<&str>) -> Option<&'a str> {
+    let namespace = job.metadata.namespace.as_deref();
+    match ingest_namespace {
+        Some(ingest) if namespace == Some(ingest) => job.labels().get(SEGMENT_NAMESPACE_LABEL).map(String::as_str),
+        _ => namespace,
+    }
 }
 
 /// Reads a Job of a segment back; Jobs without our labels are ignored. A
@@ -469,7 +475,13 @@ spec:
         let job = build_job(&segment, &ingest, &[], &[], &class, &defaults, "s3://r").unwrap();
         assert_eq!(job.metadata.namespace.as_deref(), Some("segment-system"));
         assert_eq!(job.metadata.owner_references, None, "an owner must share the Job's namespace");
-        assert_eq!(segment_namespace(&job), Some("growth"));
+        assert_eq!(segment_namespace(&job, Some("segment-system")), Some("growth"));
+        // The same label on a Job a tenant made in its own namespace names
+        // that namespace, whatever it says.
+        let mut forged = job.clone();
+        forged.metadata.namespace = Some("finance".into());
+        assert_eq!(segment_namespace(&forged, Some("segment-system")), Some("finance"));
+        assert_eq!(segment_namespace(&job, None), Some("segment-system"), "no ingest namespace: no label is trusted");
         assert_eq!(job.labels()[SEGMENT_LABEL], "vip");
         let pod = job.spec.unwrap().template.spec.unwrap();
         assert_eq!(pod.node_selector, None, "none of the tenant's class");

@@ -246,8 +246,8 @@ impl ClusterCache {
 
     /// The Segment a Job runs for: its owner, or for an ingest Job in the
     /// ingest namespace (which has none) the Segment its labels name.
-    pub fn segment_of(&self, job: &Job) -> Option<ObjectRef<Segment>> {
-        let namespace = jobs::segment_namespace(job)?;
+    pub fn segment_of(&self, job: &Job, ingest_namespace: Option<&str>) -> Option<ObjectRef<Segment>> {
+        let namespace = jobs::segment_namespace(job, ingest_namespace)?;
         let owner = job.owner_references().iter().find(|o| o.controller == Some(true) && o.kind == "Segment");
         if let Some(owner) = owner {
             return Some(ObjectRef::new(&owner.name).within(namespace));
@@ -261,10 +261,11 @@ impl ClusterCache {
     }
 
     /// The Jobs of one Segment, in its namespace or the ingest namespace.
-    fn jobs_of(&self, namespace: &str, segment: &str) -> Vec<Arc<Job>> {
+    fn jobs_of(&self, namespace: &str, segment: &str, ingest_namespace: Option<&str>) -> Vec<Arc<Job>> {
         let label = segment_core::naming::segment_label_value(segment);
-        let of_segment =
-            |job: &Job| jobs::segment_namespace(job) == Some(namespace) && job.labels().get(SEGMENT_LABEL) == Some(&label);
+        let of_segment = |job: &Job| {
+            jobs::segment_namespace(job, ingest_namespace) == Some(namespace) && job.labels().get(SEGMENT_LABEL) == Some(&label)
+        };
         let mut jobs = self.jobs.state_filter(of_segment);
         jobs.extend(self.unwatched_jobs.not_in(&self.jobs, of_segment));
         jobs
@@ -418,7 +419,7 @@ async fn apply(segment: &Segment, ctx: &Context) -> Result<Requeue, Error> {
 /// the run in flight), the namespace's SegmentSources and the store.
 async fn observe(segment: &Segment, ctx: &Context) -> Result<Observed, Error> {
     let namespace = segment.namespace().ok_or(Error::NoNamespace)?;
-    let job_list = ctx.cache.jobs_of(&namespace, &segment.name_any());
+    let job_list = ctx.cache.jobs_of(&namespace, &segment.name_any(), ctx.jobs.ingest_namespace.as_deref());
     let current_run = segment.status.as_ref().and_then(|s| s.current_run.as_ref());
     let now = (ctx.clock)();
     let mut jobs = Vec::new();

@@ -283,12 +283,29 @@ fn ingest_runs_in_the_admins_namespace_and_no_tenant_holds_the_store_credentials
     }
     let output = apply_as_tenant(&mallory, &finance.namespace, &segment("vip", json!({"definition": {"sql": "SELECT 1"}})));
     assert!(!output.success() && output.stderr.contains("forbidden"), "{}", output.stderr);
+    // A Job mallory may create in growth's namespace, labelled as finance's
+    // ingest Job: the segment-namespace label counts only in the ingest
+    // namespace, so it is not finance's (had it been, finance's reconcile
+    // would look for it in finance's and the ingest namespace and never
+    // delete it). Suspended: it never starts a pod.
+    let forged = json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "forged-vip-ingest", "labels": {
+            "segmentation.dev/segment": "vip", "segmentation.dev/segment-namespace": finance.namespace,
+            "segmentation.dev/job-kind": "ingest", "segmentation.dev/version": "2"}},
+        "spec": {"suspend": true, "template": {"spec": {"restartPolicy": "Never",
+            "containers": [{"name": "worker", "image": "attacker/worker:1"}]}}}});
+    let output = apply_as_tenant(&mallory, &growth.namespace, &forged);
+    assert!(output.success(), "{}", output.stderr);
     // What mallory can read in growth's namespace holds no store address.
     let secret = as_tenant(&mallory, &["get", "secret", "segment-credentials", "-o", "json"]);
     assert!(secret.success(), "{}", secret.stderr);
     let data = &serde_json::from_str::<Value>(&secret.stdout).unwrap()["data"];
     assert!(data.get("REDIS_URL").is_none() && data.get("AWS_ACCESS_KEY_ID").is_some(), "{data}");
 
+    // The operator counts the forged Job as growth's own vip's, a Job for
+    // a version no run has, and deletes it from growth's namespace.
+    cluster.wait_until("the forged Job to be deleted as growth's stray Job", RUN, || {
+        !growth.kubectl(&["get", "job", "forged-vip-ingest"]).success()
+    });
     assert_eq!(finance_state(), before, "finance's status, alias, keys and results are untouched");
 
     // Deleting finance's Segment deletes its ingest Job in the admin's
