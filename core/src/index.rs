@@ -114,6 +114,14 @@ impl IdSetWriter {
     }
 }
 
+/// The SHA-256 digest a file records of its contents (its trailer),
+/// unchecked; `None` if it is not an index file. A manifest lists it as the
+/// file's checksum, so [`IdSet::open`]'s one SHA-256 pass checks the file
+/// against both its trailer and the manifest.
+pub fn recorded_digest(bytes: &[u8]) -> Option<&[u8]> {
+    (bytes.len() >= HEADER_LEN + CHECKSUM_LEN && &bytes[..4] == MAGIC).then(|| &bytes[bytes.len() - CHECKSUM_LEN..])
+}
+
 /// Sorts ids (unique, as a result's parts are) and writes them as an index.
 pub fn build<'a>(ids: impl IntoIterator<Item = &'a str>) -> Result<Vec<u8>, IndexError> {
     let mut ids: Vec<&str> = ids.into_iter().collect();

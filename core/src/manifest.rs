@@ -57,7 +57,17 @@ pub fn part_file(index: usize) -> String {
 
 /// The checksum recorded for a part.
 pub fn checksum(bytes: &[u8]) -> String {
-    let digest = Sha256::digest(bytes);
+    digest_text(&Sha256::digest(bytes))
+}
+
+/// The checksum recorded for an index file: the digest of its contents
+/// that it carries in its trailer ([`crate::index::recorded_digest`]), so
+/// that opening it hashes it once. `None` if it is not an index file.
+pub fn index_checksum(bytes: &[u8]) -> Option<String> {
+    crate::index::recorded_digest(bytes).map(digest_text)
+}
+
+fn digest_text(digest: &[u8]) -> String {
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     format!("sha256:{hex}")
 }
@@ -108,9 +118,12 @@ impl Manifest {
 }
 
 impl Part {
-    /// Verifies an index file's bytes against the manifest and opens it.
+    /// Verifies an index file's bytes against the manifest and opens it:
+    /// the digest it records must be the manifest's, and
+    /// [`IdSet::open`](crate::index::IdSet::open) checks the contents
+    /// against that digest.
     pub fn open_index(&self, bytes: Vec<u8>) -> Result<crate::index::IdSet, ResultError> {
-        let actual = checksum(&bytes);
+        let actual = index_checksum(&bytes).unwrap_or_else(|| "none (not an index file)".to_string());
         if actual != self.checksum {
             return Err(ResultError::Checksum { file: self.file.clone(), expected: self.checksum.clone(), actual });
         }
@@ -157,10 +170,15 @@ mod tests {
     #[test]
     fn an_index_is_checked_against_its_manifest_entry() {
         let bytes = crate::index::build(["u1", "u2", "u3"]).unwrap();
-        let entry = Part { file: crate::index::INDEX_FILE.into(), members: 3, checksum: checksum(&bytes) };
+        let entry = Part { file: crate::index::INDEX_FILE.into(), members: 3, checksum: index_checksum(&bytes).unwrap() };
         assert!(entry.open_index(bytes.clone()).unwrap().contains("u2"));
         let other = crate::index::build(["u1", "u2", "u4"]).unwrap();
         assert!(matches!(entry.open_index(other), Err(ResultError::Checksum { .. })));
+        // The trailer matches the manifest, the contents do not.
+        let mut flipped = bytes.clone();
+        flipped[40] ^= 0x01;
+        assert!(matches!(entry.open_index(flipped), Err(ResultError::Manifest(m)) if m.contains("checksum")));
+        assert!(matches!(entry.open_index(b"u1\nu2\nu3\n".to_vec()), Err(ResultError::Checksum { .. })));
         let wrong_count = Part { members: 2, ..entry.clone() };
         assert!(matches!(wrong_count.open_index(bytes), Err(ResultError::Count { expected: 2, actual: 3, .. })));
 

@@ -12,7 +12,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use segment_core::api::SegmentKey;
 use segment_core::index::INDEX_FILE;
-use segment_core::manifest::{checksum, encode_part, part_file, Manifest, Part, MANIFEST_FILE};
+use segment_core::manifest::{checksum, encode_part, index_checksum, part_file, Manifest, Part, MANIFEST_FILE};
 use segment_core::store::{Cause, ResultStore, StoreError};
 
 use crate::objects::{child, locate, Location, ObjectsError};
@@ -65,8 +65,10 @@ impl ResultDir {
     /// Writes the members' index file (bytes from
     /// [`segment_core::index::IdSetWriter`]) and returns its manifest entry.
     pub async fn write_index(&self, bytes: Vec<u8>, members: u64) -> Result<Part, ResultsError> {
-        let index = Part { file: INDEX_FILE.to_string(), members, checksum: checksum(&bytes) };
-        let path = self.path(&index.file);
+        let path = self.path(INDEX_FILE);
+        let checksum = index_checksum(&bytes)
+            .ok_or_else(|| ResultsError::BadManifest { path: path.to_string(), message: "not an index file".into() })?;
+        let index = Part { file: INDEX_FILE.to_string(), members, checksum };
         self.location.store.put(&path, PutPayload::from(bytes)).await.map_err(io(&path))?;
         Ok(index)
     }
