@@ -521,6 +521,12 @@ pub struct VersionStatus {
     /// The Segment generation the run was started for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<i64>,
+    /// When readers were switched away from this version. Retention keeps
+    /// it for the operator's reader grace after that, whatever
+    /// `keepVersions` says: a serving replica may answer from it until it
+    /// learns of the switch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]

@@ -48,6 +48,11 @@ pub struct PlannerConfig {
     /// A Job still running this long past its own deadline (the Job
     /// controller did not stop it) fails the run as `DeadlineExceeded`.
     pub deadline_grace: Duration,
+    /// How long a version readers were switched away from is kept anyway:
+    /// longer than a serving replica takes to learn of a switch (at most
+    /// its alias refresh interval plus its cache TTL when it missed the
+    /// notice).
+    pub reader_grace: Duration,
 }
 
 impl Default for PlannerConfig {
@@ -62,6 +67,7 @@ impl Default for PlannerConfig {
             max_retries: 5,
             pod_start_timeout: Duration::minutes(5),
             deadline_grace: Duration::minutes(2),
+            reader_grace: Duration::seconds(60),
         }
     }
 }
@@ -104,6 +110,8 @@ pub struct StoreView {
     /// Membership change between the active version and the version of the
     /// run in flight, measured only when the rollover guard needs it.
     pub change: Option<ChangeCount>,
+    /// Versions with data but no seal ([`SegmentStore::unsealed_versions`]).
+    pub unsealed: BTreeSet<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,7 +223,8 @@ pub async fn observe_store(
         }
         _ => None,
     };
-    Ok(StoreView { active, versions, change })
+    let unsealed = store.unsealed_versions(segment).await?;
+    Ok(StoreView { active, versions, change, unsealed })
 }
 
 /// Decides what to do next. Pure: the same observation gives the same plan.
@@ -321,6 +330,9 @@ impl Planner<'_, '_> {
             }
             keep
         });
+        // A version whose delete was interrupted is unsealed, not lost:
+        // the sweep below finishes the delete.
+        lost.retain(|v| !store.unsealed.contains(v));
         self.lost_versions = !lost.is_empty();
         for version in lost {
             self.event(EventReason::VersionLost, format!("v{version} is no longer in the store and cannot be served"));
@@ -330,7 +342,26 @@ impl Planner<'_, '_> {
             if known || Some(*version) == in_flight {
                 continue;
             }
-            // A failed or cancelled run may have left a complete version behind.
+            // Not in the status (lost, or the Segment was deleted with
+            // `deletionPolicy: Retain` and created again): a version readers
+            // were once switched to is adopted for rollback; one that never
+            // passed the rollover guard (a held version, a cancelled run's)
+            // must not become servable, so it goes.
+            // The active version was promoted whatever the store recorded
+            // (a store written before promotions were recorded). A pinned
+            // one is held: neither served nor deleted while the pin names it.
+            if !stored.promoted && store.active != Some(*version) {
+                let version = *version;
+                if self.spec().pin_version == Some(version) {
+                    continue;
+                }
+                self.delete_version(version);
+                self.event(
+                    EventReason::VersionDiscarded,
+                    format!("v{version} is in the store but not in the status and was never served; deleted"),
+                );
+                continue;
+            }
             self.st.versions.push(VersionStatus {
                 version: *version,
                 state: VersionState::Retained,
@@ -343,7 +374,15 @@ impl Planner<'_, '_> {
                 reason: None,
                 message: None,
                 generation: None,
+                retired_at: None,
             });
+        }
+        // Data of no version the status follows: a dead ingest's partial
+        // load, an interrupted delete. Deleting it again resumes the delete;
+        // every plan looks, so nothing a segment owns leaks for long.
+        let unsealed_leftovers: Vec<u64> = store.unsealed.iter().copied().filter(|v| Some(*v) != in_flight).collect();
+        for version in unsealed_leftovers {
+            self.delete_version(version);
         }
         let failed_but_stored: Vec<u64> = self
             .st
@@ -376,7 +415,15 @@ impl Planner<'_, '_> {
         if store.active == Some(version) || pinned_and_complete {
             return;
         }
-        self.actions.push(Action::DeleteVersion { version });
+        self.delete_version(version);
+    }
+
+    /// Plans one delete of `version`, however many reasons call for it.
+    fn delete_version(&mut self, version: u64) {
+        let delete = Action::DeleteVersion { version };
+        if !self.actions.contains(&delete) {
+            self.actions.push(delete);
+        }
     }
 
     fn results_uri(&self, version: u64) -> Option<String> {
@@ -535,6 +582,7 @@ impl Planner<'_, '_> {
             reason: None,
             message: None,
             generation: Some(run.generation),
+            retired_at: None,
         });
         self.st.current_run = None;
         self.st.consecutive_failures = 0;
@@ -588,6 +636,7 @@ impl Planner<'_, '_> {
             reason: Some(reason.to_string()),
             message: Some(message.to_string()),
             generation: Some(run.generation),
+            retired_at: None,
         });
         self.st.current_run = None;
     }
@@ -799,8 +848,19 @@ impl Planner<'_, '_> {
             };
             self.event(reason, format!("readers switched {verb}"));
         }
+        let now = self.now();
         for v in self.st.versions.iter_mut().filter(|v| Self::is_servable(v.state)) {
-            v.state = if Some(v.version) == desired { VersionState::Active } else { VersionState::Retained };
+            if Some(v.version) == desired {
+                v.state = VersionState::Active;
+                v.retired_at = None;
+            } else {
+                // The version readers are on now starts its reader grace
+                // when they are switched away from it.
+                if Some(v.version) == observed && desired != observed {
+                    v.retired_at = Some(now);
+                }
+                v.state = VersionState::Retained;
+            }
         }
         self.st.active_version = desired;
         self.st.members = desired.and_then(|d| self.obs.store.versions.get(&d)).map(|v| v.members);
@@ -810,14 +870,22 @@ impl Planner<'_, '_> {
     /// pinned and the one readers see now) and a short failure history.
     fn retain(&mut self) {
         let keep = self.spec().retention.keep_versions.max(1) as usize;
-        // The version readers see now is protected only while no switch
-        // away from it is planned: the adapter runs Activate before any
-        // DeleteVersion and stops at the first failure, so once the switch
-        // is planned the old version can go in the same plan.
+        // The version readers see now is protected while no switch away
+        // from it is planned; once it is, `roll_over` has set its
+        // `retired_at`, and the reader grace protects it instead: replicas
+        // that have not learned of the switch still answer from it.
         let switching = self.st.active_version.is_some_and(|d| Some(d) != self.obs.store.active);
         let serving_now = if switching { None } else { self.obs.store.active };
+        let grace_from = self.now() - self.cfg.reader_grace;
+        let recently_served = self
+            .st
+            .versions
+            .iter()
+            .filter(|v| Self::is_servable(v.state) && v.retired_at.is_some_and(|t| t > grace_from))
+            .map(|v| v.version)
+            .collect::<Vec<_>>();
         let protected: BTreeSet<u64> =
-            [self.st.active_version, self.spec().pin_version, serving_now].into_iter().flatten().collect();
+            [self.st.active_version, self.spec().pin_version, serving_now].into_iter().flatten().chain(recently_served).collect();
         self.st.versions.sort_by_key(|v| std::cmp::Reverse(v.version));
         let mut kept = self.st.versions.iter().filter(|v| Self::is_servable(v.state) && protected.contains(&v.version)).count();
         let mut failed_kept = 0;
@@ -841,7 +909,7 @@ impl Planner<'_, '_> {
             }
         });
         for version in deleted {
-            self.actions.push(Action::DeleteVersion { version });
+            self.delete_version(version);
             self.event(EventReason::VersionDeleted, format!("v{version} deleted by retention (keepVersions {keep})"));
         }
     }
@@ -962,10 +1030,19 @@ impl Planner<'_, '_> {
         });
         let collect =
             self.st.results_collected_at.filter(|_| !self.st.versions.is_empty()).map(|t| t + self.cfg.results_collect_interval);
+        // Retention looks again when a retired version's reader grace ends.
+        let grace_ends =
+            self.st.versions.iter().filter_map(|v| v.retired_at).map(|t| t + self.cfg.reader_grace).filter(|t| *t > now).min();
+        // A sweep that deleted something looks again to confirm it is gone.
+        let sweep = self.actions.iter().any(|a| matches!(a, Action::DeleteVersion { .. })).then(|| now + self.cfg.poll_interval);
         // A time already past is one this plan could not act on (a retry
         // while suspended or while the spec is invalid); waking for it would
         // only spin. Spec changes and Job updates wake the controller anyway.
-        [self.st.next_schedule_time, self.st.retry_at, run, collect].into_iter().flatten().filter(|t| *t > now).min()
+        [self.st.next_schedule_time, self.st.retry_at, run, collect, grace_ends, sweep]
+            .into_iter()
+            .flatten()
+            .filter(|t| *t > now)
+            .min()
     }
 }
 

@@ -104,6 +104,9 @@ string_enum! {
         VersionLost,
         /// Retention removed a version.
         VersionDeleted,
+        /// A version found in the store that the status does not list and
+        /// that was never served was deleted instead of adopted.
+        VersionDiscarded,
         /// Readers switched to a newer version.
         RolledOver,
         /// Readers switched back to an older version.
@@ -134,6 +137,7 @@ impl EventReason {
             | EventReason::RunCancelled
             | EventReason::VersionReady
             | EventReason::VersionDeleted
+            | EventReason::VersionDiscarded
             | EventReason::RolledOver
             | EventReason::RolledBack => false,
         }

@@ -26,8 +26,22 @@ pub enum StoreError {
     Unavailable(#[source] Cause),
     #[error("version {version} of {segment} is not loaded")]
     MissingVersion { segment: String, version: u64 },
+    /// The version was deleted (its run cancelled or failed, or retention
+    /// removed it) and can never be sealed again: a Job still running for
+    /// it is too late.
+    #[error("version {version} of {segment} was deleted and cannot be sealed")]
+    Fenced { segment: String, version: u64 },
     #[error("store error: {0}")]
     Other(#[source] Cause),
+}
+
+impl StoreError {
+    /// Whether trying again can succeed: the store was unreachable or
+    /// overloaded. Every other error (bad data, a missing or deleted
+    /// version, a script the server refused) repeats on every attempt.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
 }
 
 /// What failed, and the error of the library underneath (Redis, object
@@ -91,6 +105,10 @@ pub struct StoredVersion {
     /// How the version differs from the version that was active when it
     /// was ingested, counted from the two versions' index files.
     pub change: Option<CountedChange>,
+    /// Whether readers were ever switched to it. A version the status does
+    /// not list is adopted only if so: one that never passed the rollover
+    /// guard must not become servable because a status was lost.
+    pub promoted: bool,
 }
 
 /// Users in exactly one of two versions (entered plus exited), counted by
@@ -113,6 +131,13 @@ pub struct Override {
     pub ts: DateTime<Utc>,
     /// The producer's id: a redelivered message has the same one.
     pub id: String,
+    /// The event's offset in the membership topic. One user's events share
+    /// a partition (the key is the user id), so of two events with the
+    /// same `ts` the one at the later offset was produced later, and a
+    /// redelivered message has the same offset. Absent from overrides
+    /// recorded before offsets were kept, and from those not read from Kafka.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,9 +149,14 @@ pub enum OverrideOp {
 
 impl Override {
     /// Whether `self` replaces `other` as a user's override: newer time
-    /// wins, equal times are ordered by id so every replica agrees.
+    /// wins; of equal times, the later offset (none counts as earliest);
+    /// the id orders what is left (offsets of different partitions, after
+    /// the topic gained partitions) so every replica agrees. The same
+    /// event (time and id), redelivered or produced twice, replaces
+    /// nothing. The Redis store's scripts compare the same way.
     pub fn supersedes(&self, other: &Override) -> bool {
-        (self.ts, &self.id) > (other.ts, &other.id)
+        let same_event = (self.ts, &self.id) == (other.ts, &other.id);
+        !same_event && (self.ts, self.offset, &self.id) > (other.ts, other.offset, &other.id)
     }
 }
 
@@ -152,12 +182,33 @@ pub enum ChangesClaim {
     /// The caller publishes the diff from `from`, the version whose events
     /// were published last (`None`: this is the first version announced,
     /// there is nothing to diff against), then calls
-    /// [`SegmentStore::finish_changes`].
-    Granted { from: Option<u64> },
+    /// [`SegmentStore::finish_changes`]. `transition` names what it publishes.
+    Granted { from: Option<u64>, transition: Transition },
     /// This version's events were all published already.
     AlreadyPublished,
     /// Another worker holds an unexpired claim on this version.
     HeldElsewhere,
+}
+
+/// Names one announcement of a segment's changes, so that change-event ids
+/// differ between announcements (a rollback and the roll forward after it
+/// diff the same two versions; a deleted and re-created Segment numbers its
+/// versions from 1 again) and stay the same when a worker that took over a
+/// dead one's claim publishes the announcement again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    /// Chosen by the first claim after the segment's change bookkeeping was
+    /// created, and deleted with the segment.
+    pub incarnation: String,
+    /// 1 + the announcements finished before this one in the incarnation.
+    pub sequence: u64,
+}
+
+/// A new incarnation id: 64 random bits in hex. Only its uniqueness
+/// matters; `RandomState` gives fresh random keys without a dependency.
+pub fn new_incarnation() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    format!("{:016x}", std::collections::hash_map::RandomState::new().build_hasher().finish())
 }
 
 /// The membership store as the lifecycle, ingest and realtime use it.
@@ -170,12 +221,23 @@ pub trait SegmentStore: Send + Sync {
     async fn versions(&self, segment: &SegmentKey) -> Result<BTreeMap<u64, StoredVersion>, StoreError>;
     /// Users in exactly one of the two versions (entered plus exited).
     async fn change_count(&self, segment: &SegmentKey, from: u64, to: u64) -> Result<u64, StoreError>;
-    /// Switches readers to `version` in one atomic step and notifies caches.
+    /// Versions with data but no seal: being loaded now, or left behind by
+    /// an ingest that died or a delete that was interrupted.
+    async fn unsealed_versions(&self, segment: &SegmentKey) -> Result<BTreeSet<u64>, StoreError>;
+    /// Switches readers to `version` in one atomic step and notifies caches;
+    /// the version is recorded as promoted ([`StoredVersion::promoted`]).
     async fn activate(&self, segment: &SegmentKey, version: u64) -> Result<(), StoreError>;
     /// Removes a version incrementally; a missing version is not an error.
+    /// The version is fenced first: sealing it fails from then on
+    /// ([`StoreError::Fenced`]), so a Job of a cancelled run cannot publish
+    /// it after the cancel, and an interrupted delete leaves it unsealed,
+    /// where [`unsealed_versions`](Self::unsealed_versions) finds it again.
     async fn delete_version(&self, segment: &SegmentKey, version: u64) -> Result<(), StoreError>;
     /// Removes everything the store holds for the segment.
     async fn delete_segment(&self, segment: &SegmentKey) -> Result<(), StoreError>;
+    /// Stops serving the segment (no active version, readers notified) and
+    /// keeps its versions: a deleted Segment with `deletionPolicy: Retain`.
+    async fn withdraw(&self, segment: &SegmentKey) -> Result<(), StoreError>;
 
     /// Adds members to a version being loaded. Readers cannot see the
     /// version until it is activated, and [`versions`](Self::versions)
@@ -255,11 +317,27 @@ pub trait SegmentStore: Send + Sync {
     async fn finish_changes(&self, segment: &SegmentKey, version: u64, holder: &str) -> Result<bool, StoreError>;
 }
 
+/// Whether a store still holds the state readers saw in it. A store that
+/// can lose its state (a Redis flushed or replaced by an empty one) keeps
+/// an epoch: an id written with the first activation, gone with the state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreEpoch {
+    /// The store cannot lose its state behind its readers' backs.
+    Untracked,
+    /// Nothing was ever activated, or the state was lost.
+    Missing,
+    Id(String),
+}
+
 /// What serving reads: each call is one round trip to the store.
 #[async_trait]
 pub trait MembershipReader: Send + Sync {
     /// The active version of every segment.
     async fn aliases(&self) -> Result<BTreeMap<SegmentKey, u64>, StoreError>;
+    /// [`aliases`](Self::aliases) and the store's epoch, read together.
+    async fn aliases_with_epoch(&self) -> Result<(BTreeMap<SegmentKey, u64>, StoreEpoch), StoreError> {
+        Ok((self.aliases().await?, StoreEpoch::Untracked))
+    }
     /// Every (segment, version) the user is loaded in; filter with
     /// [`aliases`](Self::aliases) to get the active ones. Versions still
     /// being loaded may be listed too (never active, so filtered out).
@@ -322,6 +400,14 @@ struct SegmentData {
     announced: Option<u64>,
     /// (version, holder, expiry) of the claim on publishing change events.
     announcing: Option<(u64, String, DateTime<Utc>)>,
+    /// [`Transition::incarnation`], set by the first claim.
+    incarnation: Option<String>,
+    /// Announcements finished in this incarnation.
+    announcements: u64,
+    /// Versions readers were ever switched to.
+    promoted: BTreeSet<u64>,
+    /// Deleted versions, which can no longer be sealed.
+    fenced: BTreeSet<u64>,
 }
 
 /// What the embedded store broadcasts to its rollover subscribers.
@@ -342,12 +428,23 @@ const FEED_CAPACITY: usize = 1024;
 pub struct MemoryStore {
     segments: Mutex<HashMap<SegmentKey, SegmentData>>,
     unavailable: Mutex<bool>,
+    /// What every call fails with, set by [`MemoryStore::fail_with`].
+    failing: Mutex<Option<StoreError>>,
+    /// User → what recording an override of them fails with
+    /// ([`MemoryStore::fail_overrides_of`]).
+    failing_users: Mutex<HashMap<String, StoreError>>,
     feed: broadcast::Sender<FeedEvent>,
 }
 
 impl Default for MemoryStore {
     fn default() -> Self {
-        MemoryStore { segments: Default::default(), unavailable: Default::default(), feed: broadcast::channel(FEED_CAPACITY).0 }
+        MemoryStore {
+            segments: Default::default(),
+            unavailable: Default::default(),
+            failing: Default::default(),
+            failing_users: Default::default(),
+            feed: broadcast::channel(FEED_CAPACITY).0,
+        }
     }
 }
 
@@ -371,7 +468,7 @@ impl MemoryStore {
         definition_hash: Option<String>,
     ) {
         let members: BTreeSet<String> = members.into_iter().collect();
-        let meta = StoredVersion { members: members.len() as u64, snapshot_time, definition_hash, change: None };
+        let meta = StoredVersion { members: members.len() as u64, snapshot_time, definition_hash, change: None, promoted: false };
         self.with(|all| all.entry(segment.clone()).or_default().versions.insert(version, (meta, members)));
     }
 
@@ -392,15 +489,34 @@ impl MemoryStore {
         }
     }
 
+    /// Makes every call fail with `error` (a permanent one, where
+    /// [`set_unavailable`](Self::set_unavailable) is the transient kind),
+    /// or with `None` succeed again.
+    pub fn fail_with(&self, error: Option<StoreError>) {
+        *self.failing.lock().unwrap_or_else(|e| e.into_inner()) = error;
+    }
+
+    /// Makes recording an override of `user` fail with `error`, or with
+    /// `None` succeed again: one message held up while others go through.
+    pub fn fail_overrides_of(&self, user: &str, error: Option<StoreError>) {
+        let mut failing = self.failing_users.lock().unwrap_or_else(|e| e.into_inner());
+        match error {
+            Some(error) => failing.insert(user.to_string(), error),
+            None => failing.remove(user),
+        };
+    }
+
     fn with<T>(&self, f: impl FnOnce(&mut HashMap<SegmentKey, SegmentData>) -> T) -> T {
         f(&mut self.segments.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     fn ensure_available(&self) -> Result<(), StoreError> {
         if *self.unavailable.lock().unwrap_or_else(|e| e.into_inner()) {
-            Err(StoreError::Unavailable("embedded store switched off".into()))
-        } else {
-            Ok(())
+            return Err(StoreError::Unavailable("embedded store switched off".into()));
+        }
+        match self.failing.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            Some(error) => Err(error.clone()),
+            None => Ok(()),
         }
     }
 }
@@ -454,8 +570,15 @@ impl SegmentStore for MemoryStore {
     async fn versions(&self, segment: &SegmentKey) -> Result<BTreeMap<u64, StoredVersion>, StoreError> {
         self.ensure_available()?;
         Ok(self.with(|all| {
-            all.get(segment).map(|d| d.versions.iter().map(|(v, (meta, _))| (*v, meta.clone())).collect()).unwrap_or_default()
+            let Some(data) = all.get(segment) else { return BTreeMap::new() };
+            let stored = |v: u64, meta: &StoredVersion| StoredVersion { promoted: data.promoted.contains(&v), ..meta.clone() };
+            data.versions.iter().map(|(v, (meta, _))| (*v, stored(*v, meta))).collect()
         }))
+    }
+
+    async fn unsealed_versions(&self, segment: &SegmentKey) -> Result<BTreeSet<u64>, StoreError> {
+        self.ensure_available()?;
+        Ok(self.with(|all| all.get(segment).map(|d| d.loading.keys().copied().collect()).unwrap_or_default()))
     }
 
     async fn change_count(&self, segment: &SegmentKey, from: u64, to: u64) -> Result<u64, StoreError> {
@@ -477,6 +600,7 @@ impl SegmentStore for MemoryStore {
             if !data.versions.contains_key(&version) {
                 return Err(StoreError::MissingVersion { segment: segment.to_string(), version });
             }
+            data.promoted.insert(version);
             data.active = Some(version);
             Ok(())
         })?;
@@ -487,7 +611,9 @@ impl SegmentStore for MemoryStore {
     async fn delete_version(&self, segment: &SegmentKey, version: u64) -> Result<(), StoreError> {
         self.ensure_available()?;
         let cleared = self.with(|all| {
-            let Some(data) = all.get_mut(segment) else { return false };
+            let data = all.entry(segment.clone()).or_default();
+            data.fenced.insert(version);
+            data.promoted.remove(&version);
             data.versions.remove(&version);
             data.loading.remove(&version);
             let cleared = data.active == Some(version);
@@ -511,6 +637,15 @@ impl SegmentStore for MemoryStore {
         Ok(())
     }
 
+    async fn withdraw(&self, segment: &SegmentKey) -> Result<(), StoreError> {
+        self.ensure_available()?;
+        let was_active = self.with(|all| all.get_mut(segment).and_then(|data| data.active.take()).is_some());
+        if was_active {
+            self.notify(segment, None);
+        }
+        Ok(())
+    }
+
     async fn load_members(&self, segment: &SegmentKey, version: u64, users: &[String]) -> Result<(), StoreError> {
         self.ensure_available()?;
         self.with(|all| all.entry(segment.clone()).or_default().members_mut(version).extend(users.iter().cloned()));
@@ -526,8 +661,11 @@ impl SegmentStore for MemoryStore {
         change: Option<CountedChange>,
     ) -> Result<StoredVersion, StoreError> {
         self.ensure_available()?;
-        Ok(self.with(|all| {
+        self.with(|all| {
             let data = all.entry(segment.clone()).or_default();
+            if data.fenced.contains(&version) {
+                return Err(StoreError::Fenced { segment: segment.to_string(), version });
+            }
             let members =
                 data.loading.remove(&version).or_else(|| data.versions.remove(&version).map(|(_, m)| m)).unwrap_or_default();
             let meta = StoredVersion {
@@ -535,14 +673,18 @@ impl SegmentStore for MemoryStore {
                 snapshot_time,
                 definition_hash: definition_hash.map(str::to_string),
                 change,
+                promoted: data.promoted.contains(&version),
             };
             data.versions.insert(version, (meta.clone(), members));
-            meta
-        }))
+            Ok(meta)
+        })
     }
 
     async fn record_override(&self, segment: &SegmentKey, change: &Override) -> Result<bool, StoreError> {
         self.ensure_available()?;
+        if let Some(error) = self.failing_users.lock().unwrap_or_else(|e| e.into_inner()).get(&change.user) {
+            return Err(error.clone());
+        }
         Ok(self.with(|all| {
             let data = all.entry(segment.clone()).or_default();
             if data.overrides.get(&change.user).is_some_and(|current| !change.supersedes(current)) {
@@ -646,7 +788,11 @@ impl SegmentStore for MemoryStore {
                 }
             }
             data.announcing = Some((version, holder.to_string(), expiry));
-            ChangesClaim::Granted { from: data.announced }
+            let incarnation = data.incarnation.get_or_insert_with(new_incarnation).clone();
+            ChangesClaim::Granted {
+                from: data.announced,
+                transition: Transition { incarnation, sequence: data.announcements + 1 },
+            }
         }))
     }
 
@@ -658,6 +804,7 @@ impl SegmentStore for MemoryStore {
                 Some((claimed, by, _)) if *claimed == version && by == holder => {
                     data.announcing = None;
                     data.announced = Some(version);
+                    data.announcements += 1;
                     true
                 }
                 _ => false,
@@ -773,5 +920,32 @@ mod tests {
         assert_eq!(io.kind(), std::io::ErrorKind::ConnectionReset);
         assert_eq!(error.clone(), error, "clones compare equal");
         assert!(StoreError::Other("no reply".into()).source().and_then(|c| c.source()).is_none());
+    }
+
+    #[test]
+    fn only_an_unavailable_store_is_worth_retrying() {
+        assert!(StoreError::Unavailable("down".into()).is_transient());
+        assert!(!StoreError::Other("a script error".into()).is_transient());
+        assert!(!StoreError::MissingVersion { segment: "a/b".into(), version: 3 }.is_transient());
+    }
+
+    #[test]
+    fn equal_times_go_to_the_later_offset_and_overrides_without_one_still_parse() {
+        let ts = DateTime::parse_from_rfc3339("2026-11-01T10:00:00Z").unwrap().with_timezone(&Utc);
+        let at =
+            |offset: Option<u64>, id: &str| Override { user: "u1".into(), op: OverrideOp::Include, ts, id: id.into(), offset };
+        assert!(at(Some(8), "a").supersedes(&at(Some(7), "z")), "the later offset wins, whatever the ids");
+        assert!(!at(Some(7), "z").supersedes(&at(Some(8), "a")));
+        assert!(!at(Some(7), "e").supersedes(&at(Some(7), "e")), "a redelivery replaces nothing");
+        assert!(!at(Some(9), "e").supersedes(&at(Some(7), "e")), "nor does the producer's duplicate of the event");
+        assert!(at(Some(0), "a").supersedes(&at(None, "z")), "an override recorded without an offset is the older");
+        let newer = Override { ts: ts + chrono::Duration::seconds(1), ..at(Some(1), "a") };
+        assert!(newer.supersedes(&at(Some(9), "z")), "time comes first");
+
+        let stored = r#"{"user":"u1","op":"include","ts":"2026-11-01T10:00:00Z","id":"e"}"#;
+        let old: Override = serde_json::from_str(stored).expect("an override stored before offsets were kept");
+        assert_eq!(old, at(None, "e"));
+        assert_eq!(serde_json::to_string(&old).unwrap(), stored, "and it is written back the same");
+        assert_eq!(serde_json::to_value(at(Some(7), "e")).unwrap()["offset"], 7);
     }
 }

@@ -9,8 +9,9 @@ use common::*;
 use segment_core::api::*;
 use segment_core::definition::definition_hash;
 use segment_core::naming::JobKind::{Compute, Ingest};
-use segment_core::planner::{Action, ChangeCount, Launch, PlannerConfig};
+use segment_core::planner::{Action, ChangeCount, Event, Launch, PlannerConfig};
 use segment_core::reasons::FailureReason;
+use segment_core::store::SegmentStore;
 use segment_core::task::Failure;
 use ConditionType::{Ready as READY, Reconciling as RECONCILING, RolloverHeld as ROLLOVER_HELD, Stalled as STALLED};
 
@@ -928,7 +929,9 @@ fn pinning_a_version_that_is_gone_keeps_serving_and_says_why() {
     w.advance(Duration::minutes(1));
     rerun(&mut w);
     w.complete_run();
-    assert_eq!(w.store_versions(), [2], "keepVersions 1 removed v1");
+    w.advance(w.cfg.reader_grace);
+    w.settle();
+    assert_eq!(w.store_versions(), [2], "keepVersions 1 removed v1 after the reader grace");
 
     for pin in [1, 9] {
         w.edit(|s| s.pin_version = Some(pin));
@@ -963,18 +966,53 @@ fn retention_keeps_keep_versions_and_deletes_the_oldest() {
         .any(|e| e.reason == EventReason::VersionDeleted && e.message == "v1 deleted by retention (keepVersions 2)"));
 }
 
+/// `keepVersions: 1` keeps the version readers are switched away from
+/// for the reader grace: a serving replica that missed the notice still
+/// answers from it until it re-reads the aliases.
 #[test]
-fn retention_deletes_the_old_version_only_after_the_switch_away_from_it() {
+fn retention_deletes_the_version_readers_leave_only_after_the_reader_grace() {
     let mut w = world_with_v1(&spec("retention:\n  keepVersions: 1\n"));
     w.advance(Duration::minutes(1));
     let v = rerun_to_ingesting(&mut w);
     w.succeed(v, Ingest);
+    let switched_at = w.now;
     let plan = w.reconcile();
-    // Store actions run in plan order: readers are on v2 before v1 goes.
-    assert_eq!(effects(&plan), vec![Action::Activate { version: 2, previous: Some(1) }, Action::DeleteVersion { version: 1 }]);
+    assert_eq!(effects(&plan), vec![Action::Activate { version: 2, previous: Some(1) }]);
+    assert_eq!(version_states(&plan.status), [(2, VersionState::Active), (1, VersionState::Retained)]);
+    assert_eq!(version(&plan.status, 1).retired_at, Some(switched_at));
+    assert_eq!(version(&plan.status, 2).retired_at, None);
+    let grace_ends = switched_at + w.cfg.reader_grace;
+    assert!(plan.requeue_at.is_some_and(|at| at <= grace_ends), "looks again by the end of the grace: {:?}", plan.requeue_at);
+
+    w.advance_to(grace_ends - Duration::seconds(1));
+    assert!(effects(&w.reconcile()).is_empty(), "v1 is kept during the grace");
+    assert_eq!(w.store_versions(), [1, 2]);
+
+    w.advance_to(grace_ends);
+    let plan = w.reconcile();
+    assert_eq!(effects(&plan), vec![Action::DeleteVersion { version: 1 }]);
     assert_eq!(version_states(&plan.status), [(2, VersionState::Active)]);
     assert_eq!(w.store_versions(), [2]);
     assert!(effects(&w.reconcile()).is_empty());
+}
+
+/// A rollback starts the grace of the version it leaves, like a rollover.
+#[test]
+fn a_rollback_keeps_the_version_it_leaves_for_the_reader_grace() {
+    let mut w = world_with_v1(&spec("retention:\n  keepVersions: 2\n"));
+    w.advance(Duration::minutes(1));
+    rerun(&mut w);
+    w.complete_run();
+    w.advance(w.cfg.reader_grace);
+    w.edit(|s| s.pin_version = Some(1));
+    let pinned_at = w.now;
+    let plan = w.reconcile();
+    assert_eq!(effects(&plan), vec![Action::Activate { version: 1, previous: Some(2) }]);
+    assert_eq!(version(&plan.status, 2).retired_at, Some(pinned_at));
+    w.edit(|s| s.retention.keep_versions = 1);
+    assert!(effects(&w.reconcile()).is_empty(), "v2 is in its grace");
+    w.advance(w.cfg.reader_grace);
+    assert_eq!(effects(&w.reconcile()), vec![Action::DeleteVersion { version: 2 }]);
 }
 
 #[test]
@@ -1137,6 +1175,74 @@ fn a_lost_status_is_rebuilt_from_the_store_and_version_numbers_are_not_reused() 
     assert_eq!(run.version, 4);
     assert_eq!(plan.status.latest_version, 4);
     assert_eq!(launches(&plan)[0].job_name, "vip-v4-compute");
+}
+
+/// A lost status is rebuilt from the store, but only versions readers
+/// were once switched to are adopted: a version the rollover guard held
+/// is deleted, never activated without the guard.
+#[test]
+fn a_lost_status_adopts_only_versions_that_were_once_served() {
+    let mut w = world_with_v1(&spec("rollover:\n  minMembers: 3\n"));
+    w.members.insert(2, users(&["u1"]));
+    w.advance(Duration::minutes(1));
+    let v = rerun_to_ingesting(&mut w);
+    w.succeed(v, Ingest);
+    w.reconcile();
+    assert_eq!(w.run().phase, RunPhase::AwaitingApproval);
+    assert_eq!(w.store_versions(), [1, 2]);
+
+    w.segment.status = None;
+    w.advance(Duration::minutes(1));
+    let plan = w.reconcile();
+    let store_actions: Vec<&Action> =
+        plan.actions.iter().filter(|a| matches!(a, Action::Activate { .. } | Action::DeleteVersion { .. })).collect();
+    assert_eq!(store_actions, [&Action::DeleteVersion { version: 2 }], "v2 never passed the guard");
+    let discarded: Vec<&Event> = events(&plan).into_iter().filter(|e| e.reason == EventReason::VersionDiscarded).collect();
+    assert_eq!(discarded.len(), 1, "{:?}", plan.actions);
+    assert_eq!(discarded[0].message, "v2 is in the store but not in the status and was never served; deleted");
+    assert_eq!(version_states(&plan.status), [(1, VersionState::Active)]);
+    assert_eq!(w.store_active(), Some(1));
+    assert_eq!(w.store_versions(), [1]);
+}
+
+/// What an interrupted delete leaves (members without the seal) and what
+/// a dead ingest leaves (a partial load) is deleted by the next plan, and
+/// a version being deleted is not reported lost.
+#[test]
+fn unsealed_leftovers_are_deleted_and_an_interrupted_delete_is_finished() {
+    let mut w = world_with_v1(&spec("retention:\n  keepVersions: 2\n"));
+    w.advance(Duration::minutes(1));
+    rerun(&mut w);
+    w.complete_run();
+    assert_eq!(version_states(w.status()), [(2, VersionState::Active), (1, VersionState::Retained)]);
+    // v1's delete stopped after unlisting it; an ingest of v9 died mid-load.
+    w.block_on(async {
+        w.store.delete_version(&key(), 1).await.unwrap();
+        w.store.load_members(&key(), 1, &users(&["u1", "u2"])).await.unwrap();
+        w.store.load_members(&key(), 9, &users(&["u7"])).await.unwrap();
+    });
+    assert_eq!(w.store_unsealed(), [1, 9]);
+
+    w.advance(Duration::minutes(1));
+    let plan = w.reconcile();
+    let mut deleted: Vec<Action> = effects(&plan);
+    deleted.sort_by_key(|a| format!("{a:?}"));
+    assert_eq!(deleted, vec![Action::DeleteVersion { version: 1 }, Action::DeleteVersion { version: 9 }]);
+    assert!(!event_reasons(&plan).iter().any(|r| r.contains("VersionLost")), "{:?}", plan.actions);
+    assert_eq!(version_states(&plan.status), [(2, VersionState::Active)]);
+    assert!(w.store_unsealed().is_empty());
+    assert!(plan.requeue_at.is_some_and(|at| at <= w.now + w.cfg.poll_interval), "the sweep looks again");
+    assert!(effects(&w.reconcile()).is_empty());
+}
+
+/// The run in flight's own partial load is not a leftover.
+#[test]
+fn the_version_being_ingested_is_not_swept() {
+    let mut w = world_with_v1(&spec(""));
+    w.advance(Duration::minutes(1));
+    let v = rerun_to_ingesting(&mut w);
+    w.block_on(w.store.load_members(&key(), v, &users(&["u1"]))).unwrap();
+    assert!(effects(&w.reconcile()).is_empty());
 }
 
 #[test]

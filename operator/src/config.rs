@@ -77,6 +77,13 @@ pub struct RunArgs {
     #[arg(long, env = "STORE_TIMEOUT_MS", default_value_t = 5000)]
     pub store_timeout_ms: u64,
 
+    /// How long a version readers were switched away from is kept even
+    /// beyond `keepVersions`: longer than a serving replica that missed
+    /// the rollover notice takes to re-read the aliases and expire its
+    /// cache (5 s + 2 s by default).
+    #[arg(long, env = "READER_GRACE_SECONDS", default_value_t = 60)]
+    pub reader_grace_seconds: i64,
+
     /// After SIGTERM, how long reconciles in flight may take to finish
     /// before the operator exits anyway; below the pod's
     /// terminationGracePeriodSeconds.

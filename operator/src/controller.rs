@@ -82,6 +82,7 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
             planner: PlannerConfig {
                 results_base: Some(args.results_uri.clone()),
                 pod_start_timeout: chrono::Duration::seconds(args.jobs.pod_start_timeout_seconds),
+                reader_grace: chrono::Duration::seconds(args.reader_grace_seconds),
                 ..Default::default()
             },
             jobs: args.jobs.clone(),

@@ -165,6 +165,7 @@ fn run_outcome(reason: EventReason) -> Option<&'static str> {
         EventReason::MissedSchedule
         | EventReason::VersionLost
         | EventReason::VersionDeleted
+        | EventReason::VersionDiscarded
         | EventReason::RolledOver
         | EventReason::RolledBack
         | EventReason::InvalidDefinition

@@ -101,6 +101,11 @@ pub enum Error {
     /// replica writes nothing until it holds the lease again.
     #[error("{0}")]
     NotLeader(#[from] NotLeader),
+    /// A deleted Segment's Jobs are still stopping: its data and its
+    /// finalizer stay until they are gone (the finalizer helper removes
+    /// the finalizer on any successful cleanup, so waiting is an error).
+    #[error("{0} Jobs of the deleted Segment are still stopping")]
+    JobsStopping(usize),
 }
 
 impl Error {
@@ -114,6 +119,7 @@ impl Error {
             Error::Finalizer(_) => "finalizer",
             Error::NoNamespace => "no_namespace",
             Error::CacheNotReady => "cache_not_ready",
+            Error::JobsStopping(_) => "jobs_stopping",
             Error::NotLeader(_) => "not_leader",
         }
     }
@@ -373,6 +379,10 @@ pub fn error_policy(segment: Arc<Segment>, error: &Error, _ctx: Arc<Context>) ->
             debug!(segment = %key, %error, "planning again once the caches are filled");
             Requeue::requeue(std::time::Duration::from_secs(1))
         }
+        Error::JobsStopping(_) => {
+            info!(segment = %key, %error, "removing its data once they are gone");
+            Requeue::requeue(JOBS_STOPPING_RECHECK)
+        }
         // The term is ending; the next leader reconciles this Segment.
         Error::NotLeader(_) => {
             debug!(segment = %key, %error, "not reconciled");
@@ -548,6 +558,29 @@ fn job_places(key: &SegmentKey, jobs: &crate::config::JobArgs) -> Vec<(String, S
     places
 }
 
+/// How often a deletion waiting for its Jobs to stop looks again.
+const JOBS_STOPPING_RECHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Deletes the Jobs `selector` finds in `namespace` in the foreground (a
+/// Job stays listed until its pods are gone) and returns how many are
+/// still there.
+async fn stop_jobs(ctx: &Context, namespace: &str, selector: &str) -> Result<usize, Error> {
+    let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
+    let jobs = jobs_api.list(&ListParams::default().labels(selector)).await.map_err(kube("listing Jobs to stop"))?;
+    let mut remaining = 0;
+    for job in jobs.items {
+        ctx.cache.unwatched_jobs.deleted(&ObjectRef::from(&job));
+        match jobs_api.delete(&job.name_any(), &DeleteParams::foreground()).await {
+            // The object came back: its deletion waits for its pods.
+            Ok(deleting) if deleting.is_left() => remaining += 1,
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(source) => return Err(Error::Kube { op: "deleting a Job", source }),
+        }
+    }
+    Ok(remaining)
+}
+
 /// Deletes the Jobs `selector` finds in `namespace` (in the background:
 /// their pods go with them), forgetting them as created-but-unwatched.
 async fn delete_jobs(ctx: &Context, namespace: &str, selector: &str) -> Result<(), Error> {
@@ -716,23 +749,33 @@ async fn failed_create(ctx: &Context, namespace: &str, job: &str) -> Result<Opti
     Ok(list.items.into_iter().max_by_key(|e| e.last_timestamp.as_ref().map(|t| t.0)).and_then(|e| e.message))
 }
 
-/// Runs before the Segment goes away: removes its store data and result
-/// files unless `deletionPolicy: Retain`. Jobs in its namespace go with
-/// their owner; its ingest Jobs in the ingest namespace have none, and are
-/// deleted first, so none loads a version after the data is gone.
+/// Runs before the Segment goes away: stops its Jobs, then removes its
+/// store data and result files, or with `deletionPolicy: Retain` only
+/// stops serving it. Every Job of the segment (compute Jobs in its
+/// namespace, ingest Jobs in the ingest namespace) must be gone, pods
+/// included, before the data goes: a compute Job still running would
+/// write result files after they were deleted, an ingest Job would load a
+/// version again. Until then the finalizer stays and this looks again.
 #[instrument(skip_all, fields(segment = %segment.key()))]
 async fn cleanup(segment: &Segment, ctx: &Context) -> Result<Requeue, Error> {
     ctx.leadership.check()?;
     let key = segment.key();
-    for (namespace, selector) in job_places(&key, &ctx.jobs).into_iter().skip(1) {
-        delete_jobs(ctx, &namespace, &selector).await?;
+    let mut stopping = 0;
+    for (namespace, selector) in job_places(&key, &ctx.jobs) {
+        stopping += stop_jobs(ctx, &namespace, &selector).await?;
+    }
+    if stopping > 0 {
+        return Err(Error::JobsStopping(stopping));
     }
     if segment.spec.deletion_policy == DeletionPolicy::Delete {
         ctx.store.delete_segment(&key).await.map_err(store("deleting the store data"))?;
         ctx.results.delete_segment(&key).await.map_err(store("deleting the result files"))?;
         info!(segment = %key, "deleted store data and result files");
     } else {
-        info!(segment = %key, "deletionPolicy Retain: store data and result files kept");
+        // Kept for a Segment created again under the same name, which
+        // adopts them; but nobody reads a deleted Segment.
+        ctx.store.withdraw(&key).await.map_err(store("withdrawing the segment from readers"))?;
+        info!(segment = %key, "deletionPolicy Retain: no longer served; store data and result files kept");
     }
     ctx.metrics.forget(&key.namespace, &key.name);
     Ok(Requeue::await_change())

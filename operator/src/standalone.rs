@@ -73,6 +73,9 @@ impl Engine {
                 poll_interval: chrono::Duration::seconds(2),
                 retry_base: chrono::Duration::seconds(3),
                 retry_max: chrono::Duration::seconds(60),
+                // The in-process API learns of a switch at once; its cache
+                // lives 2 s.
+                reader_grace: chrono::Duration::seconds(5),
                 ..Default::default()
             },
             results_base,
@@ -120,16 +123,19 @@ impl Engine {
         for key in removed {
             let segment = self.segments.remove(&key).expect("listed");
             self.cancel_jobs(&key, None);
-            if segment.spec.deletion_policy == DeletionPolicy::Delete {
-                self.store.delete_segment(&key).await?;
-                self.results.delete_segment(&key).await?;
+            match segment.spec.deletion_policy {
+                DeletionPolicy::Delete => {
+                    self.store.delete_segment(&key).await?;
+                    self.results.delete_segment(&key).await?;
+                }
+                DeletionPolicy::Retain => self.store.withdraw(&key).await?,
             }
             println!(
                 "[{key}] removed from {}; store data and results {}",
                 self.dir.display(),
                 match segment.spec.deletion_policy {
                     DeletionPolicy::Delete => "deleted",
-                    DeletionPolicy::Retain => "kept",
+                    DeletionPolicy::Retain => "kept (no longer served)",
                 }
             );
         }

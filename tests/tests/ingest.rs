@@ -154,7 +154,7 @@ async fn overrides_newer_than_the_snapshot_survive_the_rollover<S: SegmentStore 
     let dir = tempfile::tempdir().unwrap();
     serve_v1(store, segment, &dir, users(0..10)).await;
     let at = |minutes: i64| snapshot() + Duration::minutes(minutes);
-    let ov = |user: &str, op, ts, id: &str| Override { user: user.into(), op, ts, id: id.into() };
+    let ov = |user: &str, op, ts, id: &str| Override { user: user.into(), op, ts, id: id.into(), offset: None };
     // Before the snapshot: the lake already reflects it, so it is not re-applied.
     store.record_override(segment, &ov("user-000001", OverrideOp::Exclude, at(-5), "a")).await.unwrap();
     // After the snapshot: the new version must keep them.

@@ -8,10 +8,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
 use futures::StreamExt;
 use segment_core::api::SegmentKey;
-use segment_core::store::{ChangesClaim, MembershipReader, MemoryStore, Override, OverrideOp, SegmentStore, StoreError};
+use segment_core::store::{
+    ChangesClaim, MembershipReader, MemoryStore, Override, OverrideOp, SegmentStore, StoreError, Transition,
+};
 use segment_store::redis::{RedisStore, RedisStoreOptions, Rollover};
 use segment_tests::{RedisCluster, RedisServer};
 
@@ -35,7 +37,12 @@ fn at(minutes: i64) -> DateTime<Utc> {
 }
 
 fn ov(user: &str, op: OverrideOp, ts: DateTime<Utc>, id: &str) -> Override {
-    Override { user: user.into(), op, ts, id: id.into() }
+    Override { user: user.into(), op, ts, id: id.into(), offset: None }
+}
+
+/// An override read from the membership topic at `offset`.
+fn ov_at(user: &str, op: OverrideOp, ts: DateTime<Utc>, id: &str, offset: u64) -> Override {
+    Override { offset: Some(offset), ..ov(user, op, ts, id) }
 }
 
 async fn load_sealed(store: &impl Store, segment: &SegmentKey, version: u64, members: &[String], snapshot: DateTime<Utc>) {
@@ -284,6 +291,42 @@ async fn the_newest_override_wins(store: &impl Store, segment: &SegmentKey) {
     assert!(since(at(12)).await.is_empty());
 }
 
+/// Of one user's events with the same time, the one later in the partition
+/// wins, whatever the producer's ids say, in `record_override` and in
+/// ingest's `apply_overrides`; the same event again changes nothing.
+async fn equal_times_go_to_the_later_offset(store: &impl Store, segment: &SegmentKey) {
+    load_sealed(store, segment, 1, &users("u", 0..3), at(0)).await;
+    store.activate(segment, 1).await.unwrap();
+    let u1 = "u-00001";
+    let first = ov_at(u1, OverrideOp::Exclude, at(10), "z", 5);
+    let second = ov_at(u1, OverrideOp::Include, at(10), "a", 6);
+    assert!(store.record_override(segment, &first).await.unwrap());
+    assert!(!store.is_member(segment, 1, u1).await.unwrap());
+    assert!(store.record_override(segment, &second).await.unwrap(), "the later offset wins though its id sorts first");
+    assert!(store.is_member(segment, 1, u1).await.unwrap());
+    assert!(!store.record_override(segment, &first).await.unwrap(), "the earlier event, redelivered, loses");
+    assert!(!store.record_override(segment, &second).await.unwrap(), "a redelivery changes nothing");
+    let duplicate = Override { offset: Some(9), ..second.clone() };
+    assert!(!store.record_override(segment, &duplicate).await.unwrap(), "nor does the producer's duplicate of the event");
+    assert!(store.is_member(segment, 1, u1).await.unwrap());
+    assert_eq!(served_version(store, segment, u1).await, Some(1));
+
+    // Recorded without an offset (before offsets were kept): older than any with one.
+    let u2 = "u-00002";
+    assert!(store.record_override(segment, &ov(u2, OverrideOp::Exclude, at(10), "z")).await.unwrap());
+    assert!(store.record_override(segment, &ov_at(u2, OverrideOp::Include, at(10), "a", 0)).await.unwrap());
+    assert!(store.is_member(segment, 1, u2).await.unwrap());
+
+    // Ingest read a list with the earlier event: the recorded later one is applied.
+    store.load_members(segment, 2, &users("u", 0..3)).await.unwrap();
+    store.apply_overrides(segment, 2, &[ov_at(u1, OverrideOp::Exclude, at(10), "z", 5)]).await.unwrap();
+    assert!(store.seal_version(segment, 2, Some(at(0)), None).await.unwrap().members == 3, "u-00001 stays in v2");
+    let recorded = store.overrides_since(segment, at(0)).await.unwrap();
+    let mut found: Vec<(String, String, Option<u64>)> = recorded.into_iter().map(|o| (o.user, o.id, o.offset)).collect();
+    found.sort();
+    assert_eq!(found, [(u1.to_string(), "a".to_string(), Some(6)), (u2.to_string(), "a".to_string(), Some(0))]);
+}
+
 /// The realtime worker's call: nothing is recorded for a segment that has no
 /// active version, and the same as `record_override` once it has one.
 async fn overrides_only_for_served_segments(store: &impl Store, segment: &SegmentKey) {
@@ -435,31 +478,103 @@ async fn deleting_a_segment_removes_everything(store: &impl Store, segment: &Seg
 
 /// Each version's change events are published once: one claimant at a
 /// time, a finished version is never claimed again, a dead claimant's
-/// claim expires, and the diff base is the version published last.
+/// claim expires, and the diff base is the version published last. Every
+/// claim of one announcement names it the same; every other announcement,
+/// also after the segment was deleted and created again, differently.
 async fn change_events_are_claimed_once(store: &impl Store, segment: &SegmentKey) {
     let long = Duration::from_secs(60);
-    assert_eq!(store.claim_changes(segment, 1, "a", long).await.unwrap(), ChangesClaim::Granted { from: None });
+    let granted = |claim: ChangesClaim| match claim {
+        ChangesClaim::Granted { from, transition } => (from, transition),
+        other => panic!("expected a granted claim, got {other:?}"),
+    };
+    let (from, first) = granted(store.claim_changes(segment, 1, "a", long).await.unwrap());
+    assert_eq!((from, first.sequence), (None, 1));
     assert_eq!(store.claim_changes(segment, 1, "b", long).await.unwrap(), ChangesClaim::HeldElsewhere);
     // The holder may claim again (a retry after a failed page).
-    assert_eq!(store.claim_changes(segment, 1, "a", long).await.unwrap(), ChangesClaim::Granted { from: None });
+    assert_eq!(granted(store.claim_changes(segment, 1, "a", long).await.unwrap()), (None, first.clone()));
     assert!(!store.finish_changes(segment, 1, "b").await.unwrap(), "only the holder finishes");
     assert!(store.finish_changes(segment, 1, "a").await.unwrap());
     assert_eq!(store.claim_changes(segment, 1, "b", long).await.unwrap(), ChangesClaim::AlreadyPublished);
 
-    // Holder "a" dies while publishing version 2; its claim expires.
-    let short = Duration::from_millis(50);
-    assert_eq!(store.claim_changes(segment, 2, "a", short).await.unwrap(), ChangesClaim::Granted { from: Some(1) });
-    tokio::time::sleep(Duration::from_millis(120)).await;
-    assert_eq!(store.claim_changes(segment, 2, "b", long).await.unwrap(), ChangesClaim::Granted { from: Some(1) });
+    // Holder "a" dies while publishing version 2; its claim (no lease left) has expired.
+    let (from, second) = granted(store.claim_changes(segment, 2, "a", Duration::ZERO).await.unwrap());
+    let expected = Transition { incarnation: first.incarnation.clone(), sequence: 2 };
+    assert_eq!((from, &second), (Some(1), &expected));
+    assert_eq!(
+        granted(store.claim_changes(segment, 2, "b", long).await.unwrap()),
+        (Some(1), second.clone()),
+        "the next claimant publishes the same announcement"
+    );
     assert!(!store.finish_changes(segment, 2, "a").await.unwrap(), "a claim taken over is lost");
     assert!(store.finish_changes(segment, 2, "b").await.unwrap());
 
     // A rollback to version 1 is announced as the diff from 2.
-    assert_eq!(store.claim_changes(segment, 1, "a", long).await.unwrap(), ChangesClaim::Granted { from: Some(2) });
+    let (from, rollback) = granted(store.claim_changes(segment, 1, "a", long).await.unwrap());
+    assert_eq!((from, rollback.sequence), (Some(2), 3));
     assert!(store.finish_changes(segment, 1, "a").await.unwrap());
 
     store.delete_segment(segment).await.unwrap();
-    assert_eq!(store.claim_changes(segment, 1, "a", long).await.unwrap(), ChangesClaim::Granted { from: None });
+    let (from, recreated) = granted(store.claim_changes(segment, 1, "a", long).await.unwrap());
+    assert_eq!((from, recreated.sequence), (None, 1));
+    assert_ne!(recreated.incarnation, first.incarnation, "a re-created segment is a new incarnation");
+}
+
+/// Unsealed data is listed (a load in progress, a half-done delete); a
+/// deleted version is fenced: a late seal fails and lists nothing; only an
+/// activate records a version as promoted.
+async fn deletes_fence_and_unsealed_data_is_listed(store: &impl Store, segment: &SegmentKey) {
+    load_sealed(store, segment, 1, &users("u", 0..20), at(0)).await;
+    store.load_members(segment, 2, &users("u", 0..5)).await.unwrap();
+    assert_eq!(store.unsealed_versions(segment).await.unwrap(), BTreeSet::from([2]));
+    assert!(!store.versions(segment).await.unwrap()[&1].promoted, "sealed, never served");
+    store.activate(segment, 1).await.unwrap();
+    assert!(store.versions(segment).await.unwrap()[&1].promoted);
+
+    // The run of v2 is cancelled: its version is deleted while its ingest
+    // Job still runs; what the Job loads and seals afterwards is refused.
+    store.delete_version(segment, 2).await.unwrap();
+    assert!(store.unsealed_versions(segment).await.unwrap().is_empty());
+    store.load_members(segment, 2, &users("late", 0..3)).await.unwrap();
+    assert_eq!(store.unsealed_versions(segment).await.unwrap(), BTreeSet::from([2]), "the late load is found");
+    match store.seal_version(segment, 2, Some(at(5)), Some("hash")).await {
+        Err(StoreError::Fenced { version: 2, .. }) => {}
+        other => panic!("expected Fenced v2, got {other:?}"),
+    }
+    assert_eq!(store.versions(segment).await.unwrap().keys().copied().collect::<Vec<_>>(), [1]);
+    store.delete_version(segment, 2).await.unwrap();
+    assert!(store.unsealed_versions(segment).await.unwrap().is_empty());
+    assert!(versions_of(store, segment, "late-00001").await.is_empty());
+
+    // A version deleted after being served is no longer promoted.
+    load_sealed(store, segment, 3, &users("u", 0..30), at(10)).await;
+    store.activate(segment, 3).await.unwrap();
+    store.delete_version(segment, 1).await.unwrap();
+    let versions = store.versions(segment).await.unwrap();
+    assert_eq!(versions.keys().copied().collect::<Vec<_>>(), [3]);
+    assert!(versions[&3].promoted);
+}
+
+/// A withdrawn segment has no active version and is not served, and keeps
+/// every version for a Segment created again under its name.
+async fn withdrawing_stops_serving_and_keeps_the_versions(store: &impl Store, segment: &SegmentKey) {
+    let members = users("u", 0..40);
+    load_sealed(store, segment, 1, &members, at(0)).await;
+    load_sealed(store, segment, 2, &members[..10], at(10)).await;
+    store.activate(segment, 2).await.unwrap();
+    assert_eq!(served(store, segment, &members).await.len(), 10);
+
+    store.withdraw(segment).await.unwrap();
+    assert_eq!(store.active_version(segment).await.unwrap(), None);
+    assert!(!store.aliases().await.unwrap().contains_key(segment));
+    assert!(served(store, segment, &members).await.is_empty());
+    assert_eq!(served_version(store, segment, "u-00001").await, None);
+    let kept = store.versions(segment).await.unwrap();
+    assert_eq!(kept.keys().copied().collect::<Vec<_>>(), [1, 2]);
+    assert!(kept[&2].promoted && !kept[&1].promoted);
+    store.withdraw(segment).await.unwrap();
+
+    store.activate(segment, 2).await.unwrap();
+    assert_eq!(served(store, segment, &members).await.len(), 10, "served again once activated");
 }
 
 /// Every contract, each in its own namespace under `prefix`.
@@ -472,12 +587,15 @@ async fn run_contract(store: &impl Store, prefix: &str) {
     loads_are_idempotent(store, &segment("idempotent")).await;
     changes_are_set_arithmetic(store, &segment("diff")).await;
     the_newest_override_wins(store, &segment("overrides")).await;
+    equal_times_go_to_the_later_offset(store, &segment("offsets")).await;
     overrides_only_for_served_segments(store, &segment("served-only")).await;
     overrides_survive_the_rollover(store, &segment("survive")).await;
     late_overrides_reach_versions_in_flight(store, &segment("late")).await;
     reads_agree(store, &format!("{prefix}-reads")).await;
     deleting_a_segment_removes_everything(store, &segment("delete-segment")).await;
     change_events_are_claimed_once(store, &segment("changes")).await;
+    deletes_fence_and_unsealed_data_is_listed(store, &segment("fence")).await;
+    withdrawing_stops_serving_and_keeps_the_versions(store, &segment("withdraw")).await;
 }
 
 #[tokio::test]
@@ -490,7 +608,7 @@ async fn redis_keeps_the_contract() {
     let server = RedisServer::start();
     let store = RedisStore::connect(&server.url()).await.unwrap();
     run_contract(&store, "single").await;
-    // The deleted segment was created again with one version: only that is left.
+    // The deleted segment was created again with one version, activated: only that is left.
     let mut left = server.keys("sg:{single-delete-segment/segment}*");
     left.sort();
     assert_eq!(
@@ -498,6 +616,7 @@ async fn redis_keeps_the_contract() {
         [
             "sg:{single-delete-segment/segment}:loaded",
             "sg:{single-delete-segment/segment}:meta",
+            "sg:{single-delete-segment/segment}:promoted",
             "sg:{single-delete-segment/segment}:v1"
         ]
     );
@@ -516,6 +635,7 @@ async fn redis_cluster_keeps_the_contract() {
         [
             "sg:{cluster-delete-segment/segment}:loaded",
             "sg:{cluster-delete-segment/segment}:meta",
+            "sg:{cluster-delete-segment/segment}:promoted",
             "sg:{cluster-delete-segment/segment}:v1"
         ]
     );
@@ -543,6 +663,11 @@ async fn rollovers_are_announced(store: &RedisStore, namespace: &str) {
     store.delete_version(&segment, 1).await.unwrap();
     store.delete_version(&segment, 2).await.unwrap();
     assert_eq!(next_notice(&mut notices).await, Rollover { segment: segment.clone(), version: None }, "no active version");
+    load_sealed(store, &segment, 3, &users("u", 0..5), at(2)).await;
+    store.activate(&segment, 3).await.unwrap();
+    assert_eq!(next_notice(&mut notices).await, Rollover { segment: segment.clone(), version: Some(3) });
+    store.withdraw(&segment).await.unwrap();
+    assert_eq!(next_notice(&mut notices).await, Rollover { segment: segment.clone(), version: None }, "withdrawn");
 }
 
 /// Readers take the alias once and read with it while rollovers flip the
@@ -650,6 +775,29 @@ async fn redis_cluster_survives_resharding() {
             if user == "u-00000" { BTreeSet::new() } else { segments.iter().map(|s| (s.clone(), 2)).collect() };
         assert_eq!(listed, expected, "reverse index of {user}");
     }
+}
+
+/// Overrides stored before offsets were kept (no `offset` in their JSON)
+/// are read back, and are older than an event at the same time that has one.
+#[tokio::test]
+async fn redis_reads_overrides_stored_before_offsets() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    let segment = SegmentKey::new("legacy", "segment");
+    load_sealed(&store, &segment, 1, &users("u", 0..3), at(0)).await;
+    store.activate(&segment, 1).await.unwrap();
+    let ts = at(10).to_rfc3339_opts(SecondsFormat::Nanos, true);
+    let stored = format!(r#"{ts}{{"user":"u-00001","op":"exclude","ts":"{ts}","id":"old"}}"#);
+    let written = segment_tests::redis_call(server.port, &["HSET", "sg:{legacy/segment}:ov", "u-00001", &stored]);
+    assert_eq!(written, Some(segment_tests::Resp::Int(1)));
+
+    assert_eq!(store.overrides_since(&segment, at(0)).await.unwrap(), [ov("u-00001", OverrideOp::Exclude, at(10), "old")]);
+    let again = ov_at("u-00001", OverrideOp::Exclude, at(10), "old", 3);
+    assert!(!store.record_override(&segment, &again).await.unwrap(), "the same event, now with its offset");
+    let later = ov_at("u-00001", OverrideOp::Include, at(10), "a", 4);
+    assert!(store.record_override(&segment, &later).await.unwrap(), "an event with an offset is the later");
+    assert!(store.is_member(&segment, 1, "u-00001").await.unwrap());
+    assert_eq!(store.overrides_since(&segment, at(0)).await.unwrap(), [later]);
 }
 
 /// With Redis gone every call fails with `Unavailable` within its deadline.

@@ -95,6 +95,11 @@ struct RealtimeArgs {
     /// changes were not published (missed notice, failed publish).
     #[arg(long, env = "RESYNC_SECONDS", default_value_t = 30)]
     resync_seconds: u64,
+    /// How many seconds past this worker's clock an event's `ts` may be;
+    /// a later one is dead-lettered (`future_timestamp`), since the newest
+    /// event of a user wins.
+    #[arg(long, env = "MAX_CLOCK_SKEW_SECONDS", default_value_t = segment_worker::realtime::kafka::DEFAULT_MAX_CLOCK_SKEW.as_secs())]
+    max_clock_skew_seconds: u64,
 }
 
 fn parse_kafka_option(value: &str) -> Result<(String, String), String> {
@@ -266,6 +271,7 @@ async fn realtime(args: RealtimeArgs) -> ExitCode {
         holder: format!("{}-{}", args.hostname, std::process::id()),
         claim_lease: std::time::Duration::from_secs(60),
         resync_interval: std::time::Duration::from_secs(args.resync_seconds.max(1)),
+        max_clock_skew: std::time::Duration::from_secs(args.max_clock_skew_seconds),
     };
     let result = kafka::run(config, store, metrics, shutdown).await;
     if let Ok(Err(e)) = server.await {

@@ -1,11 +1,13 @@
 //! `segment-worker realtime` against a real Kafka-protocol broker (tansu)
 //! and a real Redis, both started by the harness: include/exclude reach the
 //! store and survive the next rollover, bad messages go to the dead-letter
-//! topic while the worker keeps going, each rollover's changes are
+//! topic while the worker keeps going, a partition held up by its store
+//! calls does not hold up the others, each rollover's changes are
 //! published once, and a worker killed mid-stream loses and duplicates
 //! nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::AsyncFnMut;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,12 +21,13 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use segment_core::api::SegmentKey;
-use segment_core::store::{MembershipReader, SegmentStore};
+use segment_core::store::{MembershipReader, MemoryStore, RolloverFeed, SegmentStore, StoreError};
 use segment_core::task::IngestTask;
+use segment_runtime::probes::Probe;
 use segment_store::redis::RedisStore;
 use segment_tests::{KafkaBroker, RedisServer};
 use segment_worker::realtime::changes::ChangeEvent;
-use segment_worker::realtime::kafka::{self, KafkaSettings, RealtimeConfig, REASON_HEADER};
+use segment_worker::realtime::kafka::{self, KafkaSettings, RealtimeConfig, DEFAULT_MAX_CLOCK_SKEW, ERROR_HEADER, REASON_HEADER};
 use segment_worker::realtime::metrics::Metrics;
 use serde_json::json;
 use tokio::sync::watch;
@@ -47,18 +50,66 @@ struct Setup {
     results: tempfile::TempDir,
 }
 
+/// A broker with the three topics (the membership topic in 3 partitions).
+async fn start_broker() -> KafkaBroker {
+    let broker = KafkaBroker::start();
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", broker.brokers()).create().expect("an admin client");
+    let topics = [(MEMBERSHIP, 3), (DEAD_LETTERS, 1), (CHANGES, 3)]
+        .map(|(name, partitions)| NewTopic::new(name, partitions, TopicReplication::Fixed(1)));
+    for result in admin.create_topics(&topics, &AdminOptions::new()).await.expect("topics created") {
+        result.expect("topic created");
+    }
+    broker
+}
+
+fn worker_config(broker: &KafkaBroker, holder: &str) -> RealtimeConfig {
+    RealtimeConfig {
+        kafka: KafkaSettings { brokers: broker.brokers(), ..Default::default() },
+        membership_topic: MEMBERSHIP.into(),
+        dead_letter_topic: DEAD_LETTERS.into(),
+        changes_topic: CHANGES.into(),
+        group_id: "segment-realtime".into(),
+        holder: holder.into(),
+        claim_lease: Duration::from_secs(30),
+        resync_interval: Duration::from_millis(200),
+        max_clock_skew: DEFAULT_MAX_CLOCK_SKEW,
+    }
+}
+
+/// Runs a worker on `store` in this process until the returned sender says stop.
+fn spawn_worker<S>(config: RealtimeConfig, store: Arc<S>) -> (watch::Sender<bool>, Arc<Metrics>, tokio::task::JoinHandle<()>)
+where
+    S: SegmentStore + MembershipReader + RolloverFeed + 'static,
+{
+    let (stop, shutdown) = watch::channel(false);
+    let metrics = Arc::new(Metrics::default());
+    let task = tokio::spawn(kafka::run(config, store, metrics.clone(), shutdown));
+    let handle = tokio::spawn(async move { task.await.unwrap().expect("the worker runs") });
+    (stop, metrics, handle)
+}
+
+/// The value of a counter without labels.
+fn counter(metrics: &Metrics, name: &str) -> u64 {
+    let text = metrics.encode();
+    let value = text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok());
+    value.unwrap_or_else(|| panic!("no counter {name}: {text}"))
+}
+
+/// Waits until `done` holds, failing the test after [`PATIENCE`].
+async fn eventually(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while !done().await {
+        assert!(start.elapsed() < PATIENCE, "waited in vain for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 impl Setup {
     /// A broker with the three topics, and Redis serving `members` as v1.
     async fn start(members: Vec<String>) -> Setup {
-        let broker = KafkaBroker::start();
+        let broker = start_broker().await;
         let redis = RedisServer::start();
-        let admin: AdminClient<DefaultClientContext> =
-            ClientConfig::new().set("bootstrap.servers", broker.brokers()).create().expect("an admin client");
-        let topics = [(MEMBERSHIP, 3), (DEAD_LETTERS, 1), (CHANGES, 3)]
-            .map(|(name, partitions)| NewTopic::new(name, partitions, TopicReplication::Fixed(1)));
-        for result in admin.create_topics(&topics, &AdminOptions::new()).await.expect("topics created") {
-            result.expect("topic created");
-        }
         let store = Arc::new(RedisStore::connect(&redis.url()).await.unwrap());
         let setup =
             Setup { broker, redis, store, segment: SegmentKey::new("growth", "vip"), results: tempfile::tempdir().unwrap() };
@@ -83,26 +134,9 @@ impl Setup {
         segment_compute::ingest::run(&task, self.store.as_ref()).await.expect("ingest succeeds");
     }
 
-    fn config(&self, holder: &str) -> RealtimeConfig {
-        RealtimeConfig {
-            kafka: KafkaSettings { brokers: self.broker.brokers(), ..Default::default() },
-            membership_topic: MEMBERSHIP.into(),
-            dead_letter_topic: DEAD_LETTERS.into(),
-            changes_topic: CHANGES.into(),
-            group_id: "segment-realtime".into(),
-            holder: holder.into(),
-            claim_lease: Duration::from_secs(30),
-            resync_interval: Duration::from_millis(200),
-        }
-    }
-
     /// Runs a worker in this process until the returned sender says stop.
     fn run_worker(&self, holder: &str) -> (watch::Sender<bool>, Arc<Metrics>, tokio::task::JoinHandle<()>) {
-        let (stop, shutdown) = watch::channel(false);
-        let metrics = Arc::new(Metrics::default());
-        let task = tokio::spawn(kafka::run(self.config(holder), self.store.clone(), metrics.clone(), shutdown));
-        let handle = tokio::spawn(async move { task.await.unwrap().expect("the worker runs") });
-        (stop, metrics, handle)
+        spawn_worker(worker_config(&self.broker, holder), self.store.clone())
     }
 
     fn producer(&self) -> FutureProducer {
@@ -139,6 +173,12 @@ async fn send(producer: &FutureProducer, topic: &str, key: Option<&str>, payload
     if let Some(key) = key {
         record = record.key(key);
     }
+    producer.send(record, Timeout::After(Duration::from_secs(30))).await.map_err(|(e, _)| e).expect("produced");
+}
+
+/// Produces an event of `user` (the key) to one partition of the membership topic.
+async fn send_to(producer: &FutureProducer, partition: i32, user: &str, payload: &str) {
+    let record = FutureRecord::<str, str>::to(MEMBERSHIP).partition(partition).key(user).payload(payload);
     producer.send(record, Timeout::After(Duration::from_secs(30))).await.map_err(|(e, _)| e).expect("produced");
 }
 
@@ -224,6 +264,10 @@ async fn include_and_exclude_reach_the_store_and_survive_the_rollover() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_messages_go_to_the_dead_letter_topic_and_the_worker_keeps_going() {
     let setup = Setup::start(users("u", 0..3)).await;
+    // A stored override Redis cannot decode: every write of this user's
+    // overrides fails with a script error, which no retry fixes.
+    let corrupt = segment_tests::redis_call(setup.redis.port, &["HSET", "sg:{growth/vip}:ov", "poison", "not an override"]);
+    assert!(matches!(corrupt, Some(segment_tests::Resp::Int(1))), "the override is corrupted: {corrupt:?}");
     let (stop, metrics, worker) = setup.run_worker("w1");
     let producer = setup.producer();
     let now = Utc::now();
@@ -233,6 +277,8 @@ async fn bad_messages_go_to_the_dead_letter_topic_and_the_worker_keeps_going() {
         (Some("u-1"), event("u-1", "toggle", now, "x"), "invalid_field"),
         (Some("u-1"), event("u-1", "include", now, "x").replace("growth/vip", "growth/nope"), "unknown_segment"),
         (Some("someone-else"), event("u-1", "include", now, "x"), "key_mismatch"),
+        (Some("u-1"), event("u-1", "include", now + chrono::Duration::days(1), "x"), "future_timestamp"),
+        (Some("poison"), event("poison", "include", now, "x"), "store_error"),
     ];
     for (key, payload, _) in &bad {
         send(&producer, MEMBERSHIP, *key, payload).await;
@@ -245,7 +291,11 @@ async fn bad_messages_go_to_the_dead_letter_topic_and_the_worker_keeps_going() {
     for (key, payload, reason) in &bad {
         let headers = by_payload.get(payload.as_str()).unwrap_or_else(|| panic!("{payload} not dead-lettered: {letters:?}"));
         assert_eq!(headers.get(REASON_HEADER).map(String::as_str), Some(*reason), "{payload}: {headers:?}");
-        assert!(headers.get("segment-dlq-error").is_some_and(|e| !e.is_empty()), "{headers:?}");
+        let error = headers.get(ERROR_HEADER).map(String::as_str).unwrap_or_default();
+        assert!(!error.is_empty(), "{headers:?}");
+        if *reason == "store_error" {
+            assert!(!error.contains("poison") && !error.contains("growth/vip"), "the payload is not echoed: {error}");
+        }
         assert!(headers.get("segment-dlq-source").is_some_and(|s| s.starts_with(MEMBERSHIP)), "{headers:?}");
         let original_key = letters.iter().find(|(_, v, _)| v == payload).and_then(|(k, _, _)| k.clone());
         assert_eq!(original_key.as_deref(), *key, "the original key is kept");
@@ -263,7 +313,45 @@ async fn bad_messages_go_to_the_dead_letter_topic_and_the_worker_keeps_going() {
     for (_, _, reason) in &bad {
         assert!(text.contains(&format!("segment_realtime_dead_letters_total{{reason=\"{reason}\"}} 1")), "{reason}: {text}");
     }
-    assert!(text.contains("segment_realtime_messages_total{outcome=\"dead_lettered\"} 5"), "{text}");
+    assert!(text.contains("segment_realtime_messages_total{outcome=\"dead_lettered\"} 7"), "{text}");
+    // The poison message was tried three times, then given up on.
+    assert!(text.contains("segment_realtime_store_errors_total 3"), "{text}");
+}
+
+/// One user's writes fail as if the store were down (and keep failing):
+/// their partition waits, in order, and the other partitions go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_held_up_by_its_store_calls_does_not_hold_up_the_others() {
+    let broker = start_broker().await;
+    let store = Arc::new(MemoryStore::new());
+    let segment = SegmentKey::new("growth", "vip");
+    store.load_version(&segment, 1, users("u", 0..3), None, None);
+    store.activate(&segment, 1).await.unwrap();
+    store.fail_overrides_of("stuck", Some(StoreError::Unavailable("this user's shard is down".into())));
+    let (stop, metrics, worker) = spawn_worker(worker_config(&broker, "w1"), store.clone());
+    let producer = KafkaSettings { brokers: broker.brokers(), ..Default::default() }.producer().unwrap();
+    let now = Utc::now();
+
+    send_to(&producer, 0, "stuck", &event("stuck", "include", now, "e1")).await;
+    // The worker is retrying it before anything else is produced.
+    eventually("the stuck message to be tried", async || counter(&metrics, "segment_realtime_store_errors_total") > 0).await;
+    send_to(&producer, 0, "behind", &event("behind", "include", now, "e2")).await;
+    send_to(&producer, 1, "other-1", &event("other-1", "include", now, "e3")).await;
+    send_to(&producer, 2, "other-2", &event("other-2", "include", now, "e4")).await;
+
+    let members = || store.active_members(&segment).unwrap_or_default();
+    eventually("the other partitions' events", async || members().contains("other-1") && members().contains("other-2")).await;
+    assert!(!members().contains("stuck") && !members().contains("behind"), "partition 0 keeps its order: {:?}", members());
+    assert!(metrics.readiness().is_err(), "not ready while a partition waits for the store");
+
+    store.fail_overrides_of("stuck", None);
+    eventually("partition 0 to go on", async || members().contains("stuck") && members().contains("behind")).await;
+    assert!(metrics.readiness().is_ok(), "ready again once it went through");
+    stop.send(true).unwrap();
+    worker.await.unwrap();
+    let text = metrics.encode();
+    assert!(text.contains("segment_realtime_messages_total{outcome=\"applied\"} 4"), "{text}");
+    assert!(!text.contains("outcome=\"dead_lettered\""), "an outage dead-letters nothing: {text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -267,6 +267,14 @@ impl World {
         self.rt.block_on(self.store.versions(&key())).expect("the store answers").keys().copied().collect()
     }
 
+    pub fn store_unsealed(&self) -> Vec<u64> {
+        self.rt.block_on(self.store.unsealed_versions(&key())).expect("the store answers").into_iter().collect()
+    }
+
+    pub fn block_on<T>(&self, work: impl std::future::Future<Output = T>) -> T {
+        self.rt.block_on(work)
+    }
+
     pub fn wipe_store(&mut self) {
         self.rt.block_on(self.store.delete_segment(&key())).expect("the store answers");
     }

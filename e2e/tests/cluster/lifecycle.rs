@@ -362,6 +362,12 @@ fn deletion_removes_the_data_with_delete_and_keeps_it_with_retain() {
     }
     assert!(keys("gone").is_empty(), "Delete removes the store data: {:?}", keys("gone"));
     assert!(!keys("kept").is_empty(), "Retain keeps it");
+    // ... but a deleted Segment is not served: its alias is gone.
+    let alias = |name: &str| {
+        segment_tests::redis_call(tenant.redis.port, &["HGET", "sg:aliases", &format!("{}/{name}", tenant.namespace)])
+            .and_then(|r| r.text())
+    };
+    assert_eq!(alias("kept"), None, "Retain withdraws the segment from readers");
     // The Jobs go with their Segment (owner references, garbage collector).
     cluster
         .wait_until("the Jobs to be collected", RUN, || tenant.kubectl(&["get", "jobs", "-o", "name"]).stdout.trim().is_empty());
@@ -372,7 +378,8 @@ fn retention_deletes_old_versions_and_each_deletion_is_its_own_event() {
     let tenant = Tenant::new("retention");
     put_object(&tenant.lake_bucket, "lists/vip.csv", &list(1..=3));
     tenant.apply(&static_segment(&tenant, "vip", json!({"retention": {"keepVersions": 3}})));
-    let _operator = Operator::start(&tenant, &[]);
+    // Versions readers left are kept this long beyond keepVersions.
+    let _operator = Operator::start(&tenant, &["--reader-grace-seconds", "2"]);
     tenant.wait_for_segment("vip", RUN, |s| active_version(s) == Some(1));
     for version in 2..=3u64 {
         put_object(&tenant.lake_bucket, "lists/vip.csv", &list(1..=(3 + version as u32)));

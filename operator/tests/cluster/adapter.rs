@@ -20,7 +20,7 @@ use segment_core::api::{
     SEGMENT_LABEL, VERSION_LABEL,
 };
 use segment_core::planner::PlannerConfig;
-use segment_core::store::{MemoryResults, MemoryStore, ResultStore, SegmentStore};
+use segment_core::store::{MembershipReader, MemoryResults, MemoryStore, ResultStore, SegmentStore};
 use segment_core::task::{ComputeTask, IngestTask, TASK_ANNOTATION, TASK_FILE};
 use segment_operator::config::JobArgs;
 use segment_operator::events::EventPublisher;
@@ -473,8 +473,11 @@ async fn retention_removes_versions_beyond_keep_versions_from_the_store() {
             Some(BTreeMap::from([("segmentation.dev/run-requested-at".into(), "2026-03-02T11:00:00Z".into())]))
     });
     h.run_to_active(2, &["u1", "u2"]).await;
-    let versions = h.store.versions(&h.key()).await.unwrap();
-    assert_eq!(versions.keys().copied().collect::<Vec<_>>(), vec![2], "v1 is deleted, v2 kept");
+    let stored = || async { h.store.versions(&h.key()).await.unwrap().keys().copied().collect::<Vec<_>>() };
+    assert_eq!(stored().await, vec![1, 2], "v1 is kept for the reader grace");
+    h.advance(PlannerConfig::default().reader_grace);
+    h.reconcile().await;
+    assert_eq!(stored().await, vec![2], "v1 is deleted, v2 kept");
     let status = h.segment().status.unwrap();
     assert_eq!(status.versions.iter().map(|v| v.version).collect::<Vec<_>>(), vec![2]);
     assert!(event_reasons(&h.world).contains(&"VersionDeleted".to_string()));
@@ -506,19 +509,51 @@ async fn deleting_removes_store_data_and_results_then_the_finalizer() {
     h.results.record(&h.key(), 1, t0());
     h.edit(|s| s.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::from_second(t0().timestamp()).unwrap())));
     let writes = h.reconcile().await;
-    assert_eq!(writes, vec![format!("PATCH {SEGMENTS}")]);
+    // The segment's Jobs go first, then the data, then the finalizer.
+    assert_eq!(
+        writes,
+        vec![format!("DELETE {JOBS}/vip-v1-compute"), format!("DELETE {JOBS}/{}", h.ingest_job(1)), format!("PATCH {SEGMENTS}")]
+    );
+    assert!(h.world.lock().unwrap().jobs.is_empty());
     assert!(h.store.versions(&h.key()).await.unwrap().is_empty());
     assert!(h.results.versions(&h.key()).is_empty());
     assert_eq!(h.segment().metadata.finalizers, Some(vec![]));
 }
 
+/// A Job whose pods are still stopping holds the deletion: a compute Job
+/// could still write result files, an ingest Job could still load.
 #[tokio::test]
-async fn deletion_policy_retain_keeps_store_data_and_results() {
+async fn deleting_waits_for_the_segments_jobs_to_stop_before_removing_data() {
+    let h = Harness::new(segment(""));
+    h.run_to_active(1, &["u1"]).await;
+    h.results.record(&h.key(), 1, t0());
+    h.world.lock().unwrap().jobs_linger_on_delete = true;
+    h.edit(|s| s.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::from_second(t0().timestamp()).unwrap())));
+    let waiting = h.try_reconcile().await.unwrap_err();
+    assert_eq!(waiting, "2 Jobs of the deleted Segment are still stopping");
+    assert_eq!(h.store.versions(&h.key()).await.unwrap().len(), 1, "the data waits for the Jobs");
+    assert_eq!(h.results.versions(&h.key()), vec![1]);
+    assert_eq!(h.segment().metadata.finalizers, Some(vec![FINALIZER.to_string()]));
+
+    // The pods stopped; the Jobs are gone.
+    h.world.lock().unwrap().jobs.clear();
+    h.reconcile().await;
+    assert!(h.store.versions(&h.key()).await.unwrap().is_empty());
+    assert!(h.results.versions(&h.key()).is_empty());
+    assert_eq!(h.segment().metadata.finalizers, Some(vec![]));
+}
+
+/// Retain keeps the data for a Segment created again under the name, but
+/// a deleted Segment is no longer served.
+#[tokio::test]
+async fn deletion_policy_retain_keeps_store_data_and_results_and_stops_serving() {
     let h = Harness::new(segment("  deletionPolicy: Retain\n"));
     h.run_to_active(1, &["u1"]).await;
     h.results.record(&h.key(), 1, t0());
     h.edit(|s| s.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::from_second(t0().timestamp()).unwrap())));
     h.reconcile().await;
+    assert_eq!(h.store.active_version(&h.key()).await.unwrap(), None, "not served");
+    assert!(!h.store.aliases().await.unwrap().contains_key(&h.key()));
     assert_eq!(h.store.versions(&h.key()).await.unwrap().len(), 1);
     assert_eq!(h.results.versions(&h.key()), vec![1]);
     assert_eq!(h.segment().metadata.finalizers, Some(vec![]));

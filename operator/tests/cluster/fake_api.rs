@@ -30,6 +30,9 @@ pub struct World {
     pub conflict_next_lease_write: bool,
     /// Lease calls answer 503, as from an API server that is going away.
     pub lease_calls_fail: bool,
+    /// A deleted Job stays (marked for deletion) and the delete answers
+    /// with it, as in a foreground deletion whose pods are still stopping.
+    pub jobs_linger_on_delete: bool,
     pub next_resource_version: u64,
 }
 
@@ -96,6 +99,14 @@ fn answer(world: &mut World, req: &Logged) -> (StatusCode, Value) {
             job.metadata.resource_version = Some(rv);
             world.jobs.push(job.clone());
             (StatusCode::CREATED, json!(job))
+        }
+        ("DELETE", ["apis", "batch", "v1", "namespaces", _, "jobs", name]) if world.jobs_linger_on_delete => {
+            let Some(job) = world.jobs.iter_mut().find(|j| j.metadata.name.as_deref() == Some(*name)) else {
+                return status(404, "NotFound", "no such job");
+            };
+            job.metadata.deletion_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
+            (StatusCode::OK, json!(job))
         }
         ("DELETE", ["apis", "batch", "v1", "namespaces", _, "jobs", name]) => {
             let before = world.jobs.len();

@@ -7,8 +7,12 @@ use chrono::{DateTime, Datelike, SecondsFormat, Utc};
 use segment_core::api::SegmentKey;
 use segment_core::store::StoreError;
 
-/// Hash `ns/name` → active version.
+/// Hash `ns/name` → active version, plus [`EPOCH_FIELD`].
 pub(crate) const ALIASES: &str = "sg:aliases";
+/// Field of [`ALIASES`] holding the store's epoch: set by the first
+/// activation, so it vanishes only with the whole state (a flush, an empty
+/// replacement). Not a segment: it has no `/`.
+pub(crate) const EPOCH_FIELD: &str = "!epoch";
 /// Rollover notifications: payload `ns/name <version>`, or `ns/name -` when
 /// the segment no longer has an active version.
 pub const ROLLOVER_CHANNEL: &str = "sg:rollover";
@@ -53,13 +57,25 @@ impl SegmentKeys {
         format!("{}loaded", self.base)
     }
 
+    /// Set of the versions readers were ever switched to.
+    pub fn promoted(&self) -> String {
+        format!("{}promoted", self.base)
+    }
+
+    /// Set of deleted versions, which sealing refuses.
+    pub fn fenced(&self) -> String {
+        format!("{}fenced", self.base)
+    }
+
     /// Hash user → newest override.
     pub fn overrides(&self) -> String {
         format!("{}ov", self.base)
     }
 
-    /// Hash of change-event bookkeeping: `version` (published last) and
-    /// `claim` (`<version> <expiry ms> <holder>` of the worker publishing).
+    /// Hash of change-event bookkeeping: `version` (published last),
+    /// `claim` (`<version> <expiry ms> <holder>` of the worker publishing),
+    /// `incarnation` (set by the first claim) and `announced` (how many
+    /// announcements finished): `segment_core::store::Transition`.
     pub fn changes(&self) -> String {
         format!("{}changes", self.base)
     }

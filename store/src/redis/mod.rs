@@ -20,15 +20,15 @@ use redis::{cmd, Cmd, FromRedisValue, ScriptInvocation, Value};
 use segment_core::api::SegmentKey;
 pub use segment_core::store::Rollover;
 use segment_core::store::{
-    Cause, Change, ChangesClaim, CountedChange, DiffPage, MembershipReader, Override, OverrideOp, RolloverFeed, SegmentStore,
-    StoreError, StoredVersion,
+    new_incarnation, Cause, Change, ChangesClaim, CountedChange, DiffPage, MembershipReader, Override, OverrideOp, RolloverFeed,
+    SegmentStore, StoreEpoch, StoreError, StoredVersion, Transition,
 };
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use conn::{parse, within, Batch, Conn};
 pub use keys::ROLLOVER_CHANNEL;
-use keys::{check_segment, order_key, parse_segment, parse_user_field, user_key, SegmentKeys, ALIASES, PRESENT};
+use keys::{check_segment, order_key, parse_segment, parse_user_field, user_key, SegmentKeys, ALIASES, EPOCH_FIELD, PRESENT};
 
 /// Users per round trip of a bulk load (each costs one SADD element and
 /// one HSET).
@@ -216,6 +216,7 @@ impl RedisStore {
             .key(keys.meta())
             .arg(&change.user)
             .arg(order_key(&change.ts))
+            .arg(offset_arg(change))
             .arg(&change.id)
             .arg(op_name(change.op))
             .arg(stored_override(change)?)
@@ -330,6 +331,12 @@ fn parse_stored_override(value: &str) -> Option<Override> {
     serde_json::from_str(value.get(keys::ORDER_KEY_WIDTH..)?).ok()
 }
 
+/// The override's offset as the scripts compare it: -1, below every real
+/// offset, when it has none.
+fn offset_arg(change: &Override) -> i64 {
+    change.offset.map_or(-1, |offset| i64::try_from(offset).unwrap_or(i64::MAX))
+}
+
 fn op_name(op: OverrideOp) -> &'static str {
     match op {
         OverrideOp::Include => "include",
@@ -380,6 +387,7 @@ impl SegmentStore for RedisStore {
         let mut invocation = scripts::VERSIONS.key(keys.meta());
         invocation.arg(keys.version_prefix());
         let flat: Vec<Value> = self.script(invocation, self.read()).await?;
+        let promoted: BTreeSet<u64> = self.query(cmd("SMEMBERS").arg(keys.promoted()), self.read()).await?;
         let mut out = BTreeMap::new();
         let mut items = flat.into_iter();
         while let (Some(version), Some(json), Some(count)) = (items.next(), items.next(), items.next()) {
@@ -396,7 +404,13 @@ impl SegmentStore for RedisStore {
                 ),
                 None => None,
             };
-            let stored = StoredVersion { members, snapshot_time, definition_hash: meta.definition_hash, change: meta.change };
+            let stored = StoredVersion {
+                members,
+                snapshot_time,
+                definition_hash: meta.definition_hash,
+                change: meta.change,
+                promoted: promoted.contains(&version),
+            };
             out.insert(version, stored);
         }
         Ok(out)
@@ -427,6 +441,12 @@ impl SegmentStore for RedisStore {
         if !sealed {
             return Err(StoreError::MissingVersion { segment: segment.to_string(), version });
         }
+        // Recorded before the alias, so an active version is always a
+        // promoted one.
+        self.query::<i64>(cmd("SADD").arg(keys.promoted()).arg(version), self.write()).await?;
+        // The first activation starts the store's epoch (readers detect a
+        // lost state by its absence); later ones leave it as it is.
+        self.query::<i64>(cmd("HSETNX").arg(ALIASES).arg(EPOCH_FIELD).arg(new_incarnation()), self.write()).await?;
         // The alias is the only thing readers follow, so this one HSET is
         // the whole rollover. The notice follows it (a cluster routes
         // PUBLISH by channel name, so it cannot share the pipeline): a
@@ -437,8 +457,16 @@ impl SegmentStore for RedisStore {
 
     async fn delete_version(&self, segment: &SegmentKey, version: u64) -> Result<(), StoreError> {
         let keys = SegmentKeys::new(segment);
-        // Unlisted first, so nothing starts using a half-deleted version.
-        self.query::<i64>(cmd("HDEL").arg(keys.meta()).arg(version), self.write()).await?;
+        // Fenced before anything goes, so a seal racing with the delete
+        // cannot list the version again; then unlisted, so nothing starts
+        // using a half-deleted version. Until the purge below ends, the
+        // version is unsealed data, which the next plan deletes again.
+        let mut fence = Batch::new();
+        fence.add(&keys.meta(), cmd("SADD").arg(keys.fenced()).arg(version).clone());
+        fence.add(&keys.meta(), cmd("SADD").arg(keys.loaded()).arg(version).clone());
+        fence.add(&keys.meta(), cmd("SREM").arg(keys.promoted()).arg(version).clone());
+        fence.add(&keys.meta(), cmd("HDEL").arg(keys.meta()).arg(version).clone());
+        self.run(fence, self.write()).await?;
         let mut clear = scripts::CLEAR_ALIAS_IF.key(ALIASES);
         clear.arg(&keys.field).arg(version);
         let cleared: i64 = self.script(clear, self.write()).await?;
@@ -467,8 +495,35 @@ impl SegmentStore for RedisStore {
         for version in versions {
             self.purge_version(&keys, version).await?;
         }
-        self.query::<i64>(cmd("UNLINK").arg(keys.overrides()).arg(keys.loaded()).arg(keys.changes()), self.write()).await?;
+        self.query::<i64>(
+            cmd("UNLINK").arg(keys.overrides()).arg(keys.loaded()).arg(keys.changes()).arg(keys.promoted()).arg(keys.fenced()),
+            self.write(),
+        )
+        .await?;
         Ok(())
+    }
+
+    async fn withdraw(&self, segment: &SegmentKey) -> Result<(), StoreError> {
+        let keys = SegmentKeys::new(segment);
+        let removed: i64 = self.query(cmd("HDEL").arg(ALIASES).arg(&keys.field), self.write()).await?;
+        if removed == 1 {
+            self.publish(&keys, None).await?;
+        }
+        Ok(())
+    }
+
+    async fn unsealed_versions(&self, segment: &SegmentKey) -> Result<BTreeSet<u64>, StoreError> {
+        let keys = SegmentKeys::new(segment);
+        let mut batch = Batch::new();
+        batch.add(&keys.meta(), cmd("SMEMBERS").arg(keys.loaded()).clone());
+        batch.add(&keys.meta(), cmd("HKEYS").arg(keys.meta()).clone());
+        let mut replies = self.run(batch, self.read()).await?.into_iter();
+        let (Some(loaded), Some(sealed)) = (replies.next(), replies.next()) else {
+            return Err(StoreError::Other(format!("listing the versions of {segment}: short reply").into()));
+        };
+        let loaded: BTreeSet<u64> = parse(loaded, "a version list")?;
+        let sealed: BTreeSet<u64> = parse(sealed, "a version list")?;
+        Ok(loaded.difference(&sealed).copied().collect())
     }
 
     async fn load_members(&self, segment: &SegmentKey, version: u64, users: &[String]) -> Result<(), StoreError> {
@@ -512,9 +567,19 @@ impl SegmentStore for RedisStore {
         };
         let rest = serde_json::to_string(&meta).map_err(|e| StoreError::Other(Cause::new("encoding version metadata", e)))?;
         let mut seal = scripts::SEAL.key(keys.meta());
-        seal.key(keys.version(version)).key(keys.loaded()).arg(version).arg(rest);
-        let members: u64 = self.script(seal, self.write()).await?;
-        Ok(StoredVersion { members, snapshot_time, definition_hash: definition_hash.map(str::to_string), change })
+        seal.key(keys.version(version)).key(keys.loaded()).key(keys.fenced()).arg(version).arg(rest);
+        let members: i64 = self.script(seal, self.write()).await?;
+        let Ok(members) = u64::try_from(members) else {
+            return Err(StoreError::Fenced { segment: segment.to_string(), version });
+        };
+        // Sealing never promotes; only an activate does.
+        Ok(StoredVersion {
+            members,
+            snapshot_time,
+            definition_hash: definition_hash.map(str::to_string),
+            change,
+            promoted: false,
+        })
     }
 
     async fn record_override(&self, segment: &SegmentKey, change: &Override) -> Result<bool, StoreError> {
@@ -563,7 +628,12 @@ impl SegmentStore for RedisStore {
             let mut apply = scripts::APPLY_OVERRIDES.key(keys.overrides());
             apply.key(keys.version(version)).key(keys.loaded()).arg(version);
             for change in chunk {
-                apply.arg(&change.user).arg(order_key(&change.ts)).arg(&change.id).arg(op_name(change.op));
+                apply
+                    .arg(&change.user)
+                    .arg(order_key(&change.ts))
+                    .arg(offset_arg(change))
+                    .arg(&change.id)
+                    .arg(op_name(change.op));
             }
             let applied: Vec<u64> = self.script(apply, self.bulk()).await?;
             let mut batch = Batch::new();
@@ -642,13 +712,22 @@ impl SegmentStore for RedisStore {
         let now = Utc::now().timestamp_millis();
         let expiry = now.saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
         let mut claim = scripts::CLAIM_CHANGES.key(keys.changes());
-        claim.arg(version).arg(holder).arg(now).arg(expiry);
-        let reply: Vec<u64> = self.script(claim, self.write()).await?;
-        match reply.as_slice() {
-            [0] => Ok(ChangesClaim::AlreadyPublished),
-            [1] => Ok(ChangesClaim::HeldElsewhere),
-            [2, published] => Ok(ChangesClaim::Granted { from: (*published > 0).then_some(*published) }),
-            other => Err(StoreError::Other(format!("unexpected reply to a change claim: {other:?}").into())),
+        claim.arg(version).arg(holder).arg(now).arg(expiry).arg(new_incarnation());
+        let reply: Vec<Value> = self.script(claim, self.write()).await?;
+        let mut reply = reply.into_iter();
+        let state: u64 = parse(reply.next().unwrap_or(Value::Nil), "a change claim")?;
+        match (state, reply.next(), reply.next(), reply.next()) {
+            (0, None, ..) => Ok(ChangesClaim::AlreadyPublished),
+            (1, None, ..) => Ok(ChangesClaim::HeldElsewhere),
+            (2, Some(published), Some(sequence), Some(incarnation)) => {
+                let published: u64 = parse(published, "the version published last")?;
+                let transition = Transition {
+                    incarnation: parse(incarnation, "the incarnation of a change claim")?,
+                    sequence: parse(sequence, "the sequence of a change claim")?,
+                };
+                Ok(ChangesClaim::Granted { from: (published > 0).then_some(published), transition })
+            }
+            (other, ..) => Err(StoreError::Other(format!("unexpected reply to a change claim (state {other})").into())),
         }
     }
 
@@ -672,9 +751,18 @@ impl RolloverFeed for RedisStore {
 #[async_trait]
 impl MembershipReader for RedisStore {
     async fn aliases(&self) -> Result<BTreeMap<SegmentKey, u64>, StoreError> {
+        Ok(self.aliases_with_epoch().await?.0)
+    }
+
+    async fn aliases_with_epoch(&self) -> Result<(BTreeMap<SegmentKey, u64>, StoreEpoch), StoreError> {
         let all: Vec<(String, String)> = self.query(cmd("HGETALL").arg(ALIASES), self.read()).await?;
         let mut out = BTreeMap::new();
+        let mut epoch = StoreEpoch::Missing;
         for (field, version) in all {
+            if field == EPOCH_FIELD {
+                epoch = StoreEpoch::Id(version);
+                continue;
+            }
             match (parse_segment(&field), version.parse()) {
                 (Some(segment), Ok(version)) => {
                     out.insert(segment, version);
@@ -682,7 +770,7 @@ impl MembershipReader for RedisStore {
                 _ => warn!(%field, %version, "ignoring a malformed alias"),
             }
         }
-        Ok(out)
+        Ok((out, epoch))
     }
 
     async fn user_versions(&self, user: &str) -> Result<Vec<(SegmentKey, u64)>, StoreError> {

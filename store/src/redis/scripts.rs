@@ -5,7 +5,10 @@
 //!
 //! Stored overrides are `<order key><override JSON>`, the order key being
 //! [`super::keys::order_key`] ([`ORDER_KEY_WIDTH`] bytes). Lua's `<` on strings follows the
-//! server's locale, so `less` compares bytes, as Rust does.
+//! server's locale, so `less` compares bytes, as Rust does. Overrides are
+//! ordered as `Override::supersedes` orders them: time, then Kafka offset
+//! (-1 when there is none, below every real offset), then id; the same
+//! time and id is the same event.
 
 use std::sync::LazyLock;
 
@@ -22,12 +25,22 @@ local function less(a, b)
   end
   return #a < #b
 end
--- Whether the override (order, id) is older than the stored one `cur`,
--- and the stored override decoded.
-local function older_than_stored(order, id, cur)
+-- Whether the override (order, offset, id) is older than the stored one
+-- `cur`, whether it is the same event, and the stored override decoded.
+local function compare_with_stored(order, offset, id, cur)
   local cur_order = string.sub(cur, 1, W)
   local stored = cjson.decode(string.sub(cur, W + 1))
-  return less(order, cur_order) or (order == cur_order and less(id, stored.id)), stored, cur_order
+  local cur_offset = tonumber(stored.offset) or -1
+  local older
+  if order ~= cur_order then
+    older = less(order, cur_order)
+  elseif offset ~= cur_offset then
+    older = offset < cur_offset
+  else
+    older = less(id, stored.id)
+  end
+  local same = order == cur_order and id == stored.id
+  return older, same, stored
 end
 "#;
 
@@ -35,26 +48,28 @@ fn with_helpers(body: &str) -> Script {
     Script::new(&format!("local W = {ORDER_KEY_WIDTH}\n{LESS}\n{body}"))
 }
 
-/// KEYS: overrides, loaded, meta. ARGV: user, order key, id, op, stored
-/// value, active version (0 = none), version key prefix.
+/// KEYS: overrides, loaded, meta. ARGV: user, order key, offset (-1 =
+/// none), id, op, stored value, active version (0 = none), version key prefix.
 ///
 /// Records the override unless the stored one is newer, then applies it to
 /// the active version and to every newer version (being loaded, or sealed
 /// with a snapshot before the override), so it survives the next rollover
-/// whenever it arrives. A redelivery (same time and id) is not recorded
-/// again but re-applied, which repairs a reverse index whose write was lost.
+/// whenever it arrives. The same event again (same time and id: a
+/// redelivery, or the producer's duplicate at another offset) is not
+/// recorded again but re-applied, which repairs a reverse index whose write
+/// was lost.
 /// Returns `{recorded, include, versions applied...}`.
 pub(crate) static RECORD_OVERRIDE: LazyLock<Script> = LazyLock::new(|| {
     with_helpers(
         r#"
 local ov, loaded, meta = KEYS[1], KEYS[2], KEYS[3]
-local user, order, id, op, value = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local active, prefix = tonumber(ARGV[6]), ARGV[7]
+local user, order, offset, id, op, value = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6]
+local active, prefix = tonumber(ARGV[7]), ARGV[8]
 local recorded = 1
 local cur = redis.call('HGET', ov, user)
 if cur then
-  local older, stored, cur_order = older_than_stored(order, id, cur)
-  if cur_order == order and stored.id == id then
+  local older, same, stored = compare_with_stored(order, offset, id, cur)
+  if same then
     recorded = 0
     op = stored.op
   elseif older then
@@ -89,7 +104,7 @@ return out
 });
 
 /// KEYS: overrides, version set, loaded. ARGV: version, then per override
-/// user, order key, id, op.
+/// user, order key, offset (-1 = none), id, op.
 ///
 /// Applies overrides to one version; where a newer override of the user
 /// was recorded meanwhile (after the caller read its list), that one is
@@ -100,11 +115,11 @@ pub(crate) static APPLY_OVERRIDES: LazyLock<Script> = LazyLock::new(|| {
 local ov, set, loaded = KEYS[1], KEYS[2], KEYS[3]
 redis.call('SADD', loaded, ARGV[1])
 local out = {}
-for i = 2, #ARGV, 4 do
-  local user, order, id, op = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+for i = 2, #ARGV, 5 do
+  local user, order, offset, id, op = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4]
   local cur = redis.call('HGET', ov, user)
   if cur then
-    local older, stored = older_than_stored(order, id, cur)
+    local older, _, stored = compare_with_stored(order, offset, id, cur)
     if older then op = stored.op end
   end
   if op == 'include' then
@@ -119,13 +134,16 @@ return out
     )
 });
 
-/// KEYS: meta, version set, loaded. ARGV: version, metadata JSON without
-/// the member count. Counts the members and writes the metadata last, in
-/// one step, so a listed version is complete. Returns the count.
+/// KEYS: meta, version set, loaded, fenced. ARGV: version, metadata JSON
+/// without the member count. Counts the members and writes the metadata
+/// last, in one step, so a listed version is complete. Returns the count,
+/// or -1 (nothing written) when the version was deleted: a late ingest
+/// cannot bring it back.
 pub(crate) static SEAL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local meta, set, loaded = KEYS[1], KEYS[2], KEYS[3]
+local meta, set, loaded, fenced = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+if redis.call('SISMEMBER', fenced, ARGV[1]) == 1 then return -1 end
 local n = redis.call('SCARD', set)
 local rest = ARGV[2]
 local json
@@ -173,11 +191,14 @@ return 0
     )
 });
 
-/// KEYS: changes. ARGV: version, holder, now (ms), expiry (ms).
+/// KEYS: changes. ARGV: version, holder, now (ms), expiry (ms), a new
+/// incarnation id (kept only when the segment has none yet).
 ///
 /// Claims publishing a version's change events: `{0}` when they were
 /// published already, `{1}` while another holder's claim is live, else
-/// `{2, version published last or 0}` and the claim is the caller's.
+/// `{2, version published last or 0, sequence, incarnation}` and the claim
+/// is the caller's. The sequence counts finished announcements, so every
+/// claim of one announcement gets the same one.
 pub(crate) static CLAIM_CHANGES: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -189,16 +210,22 @@ if claim then
   local claimed, until_ms, by = string.match(claim, '^(%d+) (%d+) (.*)$')
   if claimed == version and by ~= holder and tonumber(until_ms) > now then return {1} end
 end
+local incarnation = redis.call('HGET', key, 'incarnation')
+if not incarnation then
+  incarnation = ARGV[5]
+  redis.call('HSET', key, 'incarnation', incarnation)
+end
+local announced = tonumber(redis.call('HGET', key, 'announced') or '0')
 redis.call('HSET', key, 'claim', version .. ' ' .. expiry .. ' ' .. holder)
-return {2, tonumber(published or '0')}
+return {2, tonumber(published or '0'), announced + 1, incarnation}
 "#,
     )
 });
 
 /// KEYS: changes. ARGV: version, holder.
 ///
-/// Marks the version's events published if the caller still holds the
-/// claim; returns 1 then, 0 when the claim was lost.
+/// Marks the version's events published, and counts the announcement, if
+/// the caller still holds the claim; returns 1 then, 0 when the claim was lost.
 pub(crate) static FINISH_CHANGES: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -208,6 +235,7 @@ if not claim then return 0 end
 local claimed, by = string.match(claim, '^(%d+) %d+ (.*)$')
 if claimed ~= version or by ~= holder then return 0 end
 redis.call('HSET', key, 'version', version)
+redis.call('HINCRBY', key, 'announced', 1)
 redis.call('HDEL', key, 'claim')
 return 1
 "#,

@@ -6,14 +6,15 @@
 //! also the base of the next diff. Several workers seeing the same rollover
 //! publish it once; a restarted worker does not publish it again. A worker
 //! that dies in the middle of a version leaves a claim that expires; the
-//! next one publishes the whole version again, so every event carries a
-//! deterministic id (`ns/name@version/user`) for consumers to dedupe.
+//! next one publishes the whole version again, so every event carries an
+//! id for consumers to dedupe: the same for every publication of one
+//! announcement, different for every other one ([`ChangeEvent::id`]).
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use segment_core::api::SegmentKey;
-use segment_core::store::{Change, ChangesClaim, SegmentStore, StoreError};
+use segment_core::store::{Change, ChangesClaim, SegmentStore, StoreError, Transition};
 use serde::{Deserialize, Serialize};
 
 /// Users per diff page: one page is published and acknowledged before the
@@ -24,7 +25,11 @@ pub const PAGE_SIZE: usize = 1_000;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ChangeEvent {
-    /// `ns/name@version/user`: the same for every publication of this change.
+    /// `ns/name@<incarnation>.<sequence>:<from>-<to>/<user>`, from the
+    /// claim's [`Transition`]: the same for every publication of this
+    /// announcement, so consumers dedupe on it; different in every other
+    /// announcement, also when a rollback and the roll forward after it
+    /// diff the same versions, or a re-created Segment numbers them from 1.
     pub id: String,
     pub segment: String,
     pub user: String,
@@ -35,9 +40,10 @@ pub struct ChangeEvent {
 }
 
 impl ChangeEvent {
-    fn new(segment: &SegmentKey, from: u64, to: u64, change: &Change) -> ChangeEvent {
+    fn new(segment: &SegmentKey, transition: &Transition, from: u64, to: u64, change: &Change) -> ChangeEvent {
+        let Transition { incarnation, sequence } = transition;
         ChangeEvent {
-            id: format!("{segment}@{to}/{}", change.user),
+            id: format!("{segment}@{incarnation}.{sequence}:{from}-{to}/{}", change.user),
             segment: segment.to_string(),
             user: change.user.clone(),
             change: if change.entered { "entered" } else { "exited" }.to_string(),
@@ -96,11 +102,12 @@ pub async fn announce(
     holder: &str,
     lease: Duration,
 ) -> Result<Announcement, AnnounceError> {
-    let from = match store.claim_changes(segment, version, holder, lease).await? {
+    let granted = store.claim_changes(segment, version, holder, lease).await?;
+    let (from, transition) = match &granted {
         ChangesClaim::AlreadyPublished => return Ok(Announcement::AlreadyPublished),
         ChangesClaim::HeldElsewhere => return Ok(Announcement::HeldElsewhere),
-        ChangesClaim::Granted { from: None } => return finish(store, segment, version, holder, Announcement::Baseline).await,
-        ChangesClaim::Granted { from: Some(from) } => from,
+        ChangesClaim::Granted { from: None, .. } => return finish(store, segment, version, holder, Announcement::Baseline).await,
+        ChangesClaim::Granted { from: Some(from), transition } => (*from, transition),
     };
     let (mut entered, mut exited) = (0, 0);
     let mut cursor: Option<String> = None;
@@ -112,7 +119,8 @@ pub async fn announce(
             }
             Err(e) => return Err(e.into()),
         };
-        let events: Vec<ChangeEvent> = page.changes.iter().map(|c| ChangeEvent::new(segment, from, version, c)).collect();
+        let events: Vec<ChangeEvent> =
+            page.changes.iter().map(|c| ChangeEvent::new(segment, transition, from, version, c)).collect();
         if !events.is_empty() {
             sink.publish(&events).await.map_err(AnnounceError::Sink)?;
         }
@@ -123,7 +131,7 @@ pub async fn announce(
             break;
         }
         // Renews the lease; a claim taken over meanwhile is reported below.
-        if store.claim_changes(segment, version, holder, lease).await? != (ChangesClaim::Granted { from: Some(from) }) {
+        if store.claim_changes(segment, version, holder, lease).await? != granted {
             return Err(AnnounceError::ClaimLost { segment: segment.to_string(), version });
         }
     }
@@ -198,7 +206,10 @@ mod tests {
         assert_eq!(entered, users(3000..4500).into_iter().collect());
         assert_eq!(exited, users(0..1000).into_iter().collect());
         assert_eq!(events.len(), 2500, "no user twice");
-        assert!(events.iter().all(|e| e.version == 2 && e.previous_version == 1 && e.id == format!("growth/vip@2/{}", e.user)));
+        assert!(events.iter().all(|e| e.version == 2 && e.previous_version == 1));
+        let prefix = events[0].id.split_once(':').map(|(p, _)| p.to_string()).unwrap();
+        assert!(prefix.starts_with("growth/vip@") && prefix.ends_with(".2"), "the second announcement: {prefix}");
+        assert!(events.iter().all(|e| e.id == format!("{prefix}:1-2/{}", e.user)), "{:?}", &events[..2]);
 
         // A second worker, or this one after a restart, publishes nothing.
         assert_eq!(announce(&store, &sink, &segment, 2, "w2", LEASE).await.unwrap(), Announcement::AlreadyPublished);
@@ -226,6 +237,68 @@ mod tests {
         let events = sink.events.lock().unwrap();
         let distinct: BTreeSet<&str> = events.iter().map(|e| e.id.as_str()).collect();
         assert_eq!(distinct.len(), 2490, "every change published");
+        assert_eq!(events.len(), 2490 + PAGE_SIZE, "the first page twice, under the same ids");
+    }
+
+    fn ids(events: &[ChangeEvent]) -> BTreeSet<String> {
+        events.iter().map(|e| e.id.clone()).collect()
+    }
+
+    /// Publishes `version` and returns its events.
+    async fn published(store: &MemoryStore, segment: &SegmentKey, version: u64) -> Vec<ChangeEvent> {
+        let sink = Collect::default();
+        let done = announce(store, &sink, segment, version, "w1", LEASE).await.unwrap();
+        assert!(matches!(done, Announcement::Published { .. }), "v{version}: {done:?}");
+        sink.events.into_inner().unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_announcement_has_ids_of_its_own() {
+        let store = MemoryStore::new();
+        let segment = SegmentKey::new("growth", "vip");
+        store.load_version(&segment, 1, users(0..10), None, None);
+        store.load_version(&segment, 2, users(5..20), None, None);
+        let sink = Collect::default();
+        assert_eq!(announce(&store, &sink, &segment, 1, "w1", LEASE).await.unwrap(), Announcement::Baseline);
+        let forward = published(&store, &segment, 2).await;
+        let back = published(&store, &segment, 1).await;
+        let forward_again = published(&store, &segment, 2).await;
+        // The same users enter the same version twice: two announcements, two sets of ids.
+        assert_eq!(
+            forward.iter().map(|e| (&e.user, &e.change)).collect::<Vec<_>>(),
+            forward_again.iter().map(|e| (&e.user, &e.change)).collect::<Vec<_>>()
+        );
+        assert!(ids(&forward).is_disjoint(&ids(&forward_again)), "{:?} / {:?}", forward[0].id, forward_again[0].id);
+        assert!(ids(&forward).is_disjoint(&ids(&back)) && ids(&back).is_disjoint(&ids(&forward_again)));
+
+        // Deleted and created again: its versions start from 1 again, its ids do not repeat.
+        store.delete_segment(&segment).await.unwrap();
+        store.load_version(&segment, 1, users(0..10), None, None);
+        store.load_version(&segment, 2, users(5..20), None, None);
+        assert_eq!(announce(&store, &sink, &segment, 1, "w1", LEASE).await.unwrap(), Announcement::Baseline);
+        let recreated = published(&store, &segment, 2).await;
+        assert_eq!(recreated.len(), forward.len());
+        assert!(ids(&forward).is_disjoint(&ids(&recreated)), "{:?} / {:?}", forward[0].id, recreated[0].id);
+    }
+
+    #[tokio::test]
+    async fn a_worker_taking_over_a_dead_ones_claim_publishes_under_the_same_ids() {
+        let store = MemoryStore::new();
+        let segment = SegmentKey::new("growth", "vip");
+        store.load_version(&segment, 1, users(0..10), None, None);
+        store.load_version(&segment, 2, users(5..2500), None, None);
+        announce(&store, &Collect::default(), &segment, 1, "w1", LEASE).await.unwrap();
+        // w1 publishes the first page, then dies; its claim (no lease left) expires.
+        let dead = Collect { fail_call: Mutex::new(Some(2)), ..Default::default() };
+        announce(&store, &dead, &segment, 2, "w1", Duration::ZERO).await.unwrap_err();
+        let first_page = ids(&dead.events.into_inner().unwrap());
+        assert_eq!(first_page.len(), PAGE_SIZE);
+
+        let again = Collect::default();
+        let done = announce(&store, &again, &segment, 2, "w2", LEASE).await.unwrap();
+        assert_eq!(done, Announcement::Published { from: 1, entered: 2490, exited: 5 });
+        let all = ids(&again.events.into_inner().unwrap());
+        assert!(first_page.is_subset(&all), "the republished events keep their ids, so consumers drop them");
     }
 
     #[tokio::test]

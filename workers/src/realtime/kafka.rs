@@ -1,33 +1,44 @@
 //! The Kafka side of the realtime worker: the membership consumer (with its
 //! dead-letter producer) and the announcer that publishes change events.
 //!
-//! Delivery is at least once: a message's offset is stored for the
-//! auto-commit only after its write reached the store or its dead letter
-//! was acknowledged, so a worker killed at any point re-reads what it had
-//! not finished, and re-applying it changes nothing (writes are
-//! idempotent). Partitions follow the key (the user id), and one partition
-//! is handled in order, so one user's events apply in order.
+//! Every assigned partition of the membership topic gets a queue of its own
+//! (`split_partition_queue`) and a task that handles its messages one after
+//! the other, so a message whose store call keeps failing holds back only
+//! its partition. Partitions follow the key (the user id), so one user's
+//! events still apply in order.
+//!
+//! Delivery is at least once: a partition's task stores a message's offset
+//! for the auto-commit only after its write reached the store or its dead
+//! letter was acknowledged, so a worker killed at any point re-reads what
+//! it had not finished, and re-applying it changes nothing (writes are
+//! idempotent).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::Utc;
 use futures::StreamExt;
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
+use rdkafka::TopicPartitionList;
 use segment_core::api::SegmentKey;
 use segment_core::store::{MembershipReader, RolloverFeed, SegmentStore};
-use tokio::sync::watch;
-use tracing::{info, warn};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
 
 use super::changes::{announce, Announcement, ChangeEvent, ChangeSink};
 use super::message::Rejection;
 use super::metrics::Metrics;
-use super::{apply, Outcome};
+use super::{apply_with_retry, AfterFailure, Outcome, Received};
 
 /// Headers of a dead letter, next to the original key and value.
 pub const REASON_HEADER: &str = "segment-dlq-reason";
@@ -70,6 +81,9 @@ impl KafkaSettings {
     }
 }
 
+/// How far past the worker's clock an event's `ts` may be by default.
+pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
+
 #[derive(Debug, Clone)]
 pub struct RealtimeConfig {
     pub kafka: KafkaSettings,
@@ -84,6 +98,9 @@ pub struct RealtimeConfig {
     /// How often every segment is checked for a version not yet announced
     /// (missed notices, failed publishes).
     pub resync_interval: Duration,
+    /// How far past this worker's clock an event's `ts` may be; a later one
+    /// is dead-lettered (`future_timestamp`).
+    pub max_clock_skew: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,10 +109,112 @@ pub enum RealtimeError {
     Kafka(#[from] KafkaError),
 }
 
+/// Prefetched messages each partition's queue may hold, in KiB, unless a
+/// `--kafka-option` says otherwise. Once queues are split, librdkafka's
+/// 64 MiB default applies per partition, not per consumer: held-up
+/// partitions (a Redis outage holds up all) would fill 64 MiB each.
+const PARTITION_QUEUE_KBYTES: &str = "4096";
+
 /// Backoff between retries of a failed store or broker call.
 const RETRY_DELAY: Duration = Duration::from_millis(500);
 /// How long one produce may take before it is retried.
 const PRODUCE_TIMEOUT: Duration = Duration::from_secs(30);
+
+type MembershipConsumer = StreamConsumer<PartitionQueues>;
+type PartitionQueue = StreamPartitionQueue<PartitionQueues>;
+
+/// The consumer's context: gives every partition assigned to this worker a
+/// queue of its own, split off in the rebalance callback before the
+/// assignment takes effect. librdkafka then never forwards that
+/// partition's messages to the consumer's main queue (an application's
+/// forwarding outlives later assignments), so none of them can be handled
+/// out of order by the main loop and the partition's task at once.
+struct PartitionQueues {
+    topic: String,
+    /// Set right after the consumer is created; the queues need it.
+    consumer: OnceLock<Weak<MembershipConsumer>>,
+    rebalances: mpsc::UnboundedSender<Rebalanced>,
+}
+
+/// What the rebalance callback hands the main loop.
+enum Rebalanced {
+    Assigned(Vec<(i32, PartitionQueue)>),
+    Revoked(Vec<i32>),
+}
+
+impl PartitionQueues {
+    fn partitions(&self, list: &TopicPartitionList) -> Vec<i32> {
+        list.elements_for_topic(&self.topic).iter().map(|p| p.partition()).collect()
+    }
+}
+
+impl ClientContext for PartitionQueues {}
+
+impl ConsumerContext for PartitionQueues {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let event = match rebalance {
+            Rebalance::Assign(list) => {
+                let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else { return };
+                let queues = self
+                    .partitions(list)
+                    .into_iter()
+                    .filter_map(|partition| {
+                        let queue = consumer.split_partition_queue(&self.topic, partition);
+                        if queue.is_none() {
+                            // Its messages then come through the main queue,
+                            // which handles them in order, one at a time.
+                            error!(topic = %self.topic, partition, "no queue of its own for an assigned partition");
+                        }
+                        queue.map(|queue| (partition, queue))
+                    })
+                    .collect();
+                Rebalanced::Assigned(queues)
+            }
+            Rebalance::Revoke(list) => Rebalanced::Revoked(self.partitions(list)),
+            Rebalance::Error(_) => return,
+        };
+        // The main loop is gone only at shutdown, when nothing is handled.
+        let _ = self.rebalances.send(event);
+    }
+}
+
+/// The membership consumer's settings: offsets stored by hand (after the
+/// write) and committed periodically, and a bound on each partition's queue.
+fn consumer_config(config: &RealtimeConfig) -> ClientConfig {
+    let mut consumer = config.kafka.client_config();
+    if consumer.get("queued.max.messages.kbytes").is_none() {
+        consumer.set("queued.max.messages.kbytes", PARTITION_QUEUE_KBYTES);
+    }
+    consumer
+        .set("group.id", &config.group_id)
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest");
+    consumer
+}
+
+/// What every partition's task shares.
+struct Shared {
+    config: RealtimeConfig,
+    store: Arc<dyn SegmentStore>,
+    producer: FutureProducer,
+    metrics: Arc<Metrics>,
+    consumer: Arc<MembershipConsumer>,
+    /// Partitions whose message waits for an unavailable store: the
+    /// worker is not ready while there is one.
+    stalled: Mutex<usize>,
+}
+
+impl Shared {
+    /// Counts a partition in (`1`) or out (`-1`) of [`Shared::stalled`],
+    /// and publishes the readiness that follows. Under one lock, so two
+    /// partitions changing at once cannot leave the wrong one behind.
+    fn stalled(&self, change: isize) {
+        let mut stalled = self.stalled.lock().unwrap_or_else(|e| e.into_inner());
+        *stalled = stalled.saturating_add_signed(change);
+        self.metrics.set_ready(*stalled == 0);
+    }
+}
 
 /// Runs the consumer and the announcer until `shutdown` turns true.
 pub async fn run<S>(
@@ -107,22 +226,28 @@ pub async fn run<S>(
 where
     S: SegmentStore + MembershipReader + RolloverFeed + 'static,
 {
-    let consumer: StreamConsumer = config
-        .kafka
-        .client_config()
-        .set("group.id", &config.group_id)
-        .set("enable.auto.commit", "true")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .create()?;
+    let (rebalances, rebalanced) = mpsc::unbounded_channel();
+    let context = PartitionQueues { topic: config.membership_topic.clone(), consumer: OnceLock::new(), rebalances };
+    let consumer: Arc<MembershipConsumer> = Arc::new(consumer_config(&config).create_with_context(context)?);
+    // Weak: the context lives inside the consumer.
+    let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
     consumer.subscribe(&[&config.membership_topic])?;
     let producer = config.kafka.producer()?;
     let sink = KafkaChangeSink { producer: producer.clone(), topic: config.changes_topic.clone() };
     let announcer = tokio::spawn(announce_rollovers(config.clone(), store.clone(), sink, metrics.clone(), shutdown.clone()));
     info!(topic = %config.membership_topic, group = %config.group_id, "consuming membership events");
-    consume(&config, &consumer, &producer, store.as_ref(), &metrics, shutdown).await;
+    let shared = Arc::new(Shared {
+        config,
+        store,
+        producer,
+        metrics: metrics.clone(),
+        consumer: consumer.clone(),
+        stalled: Mutex::new(0),
+    });
+    consume(shared, rebalanced, shutdown).await;
     metrics.set_ready(false);
-    // Commits what was finished; a failure only means re-reading it.
+    // Every partition's task has ended: this commits what they finished;
+    // a failure only means re-reading it.
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         warn!(error = %e, "final offset commit failed; the uncommitted messages will be re-read");
     }
@@ -130,100 +255,197 @@ where
     Ok(())
 }
 
-async fn consume(
-    config: &RealtimeConfig,
-    consumer: &StreamConsumer,
-    producer: &FutureProducer,
-    store: &dyn SegmentStore,
-    metrics: &Metrics,
-    mut shutdown: watch::Receiver<bool>,
-) {
+/// One assigned partition's task.
+struct PartitionTask {
+    stop: watch::Sender<bool>,
+    handle: JoinHandle<()>,
+}
+
+impl PartitionTask {
+    fn spawn(shared: Arc<Shared>, partition: i32, queue: PartitionQueue) -> PartitionTask {
+        let (stop, stopped) = watch::channel(false);
+        let handle = tokio::spawn(consume_partition(shared, partition, queue, stopped));
+        PartitionTask { stop, handle }
+    }
+
+    /// Stops it at the next message, or in the middle of one that waits
+    /// for the store or the broker (it stays uncommitted).
+    fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    async fn finish(self) {
+        self.stop();
+        if let Err(e) = self.handle.await {
+            error!(error = %e, "a partition's task failed");
+        }
+    }
+}
+
+/// The main loop: serves the consumer's events (rebalances among them),
+/// starts and stops the partitions' tasks, and checks the store for
+/// readiness until it answers once.
+async fn consume(shared: Arc<Shared>, mut rebalanced: mpsc::UnboundedReceiver<Rebalanced>, mut shutdown: watch::Receiver<bool>) {
+    let mut tasks: HashMap<i32, PartitionTask> = HashMap::new();
     let mut store_checked = false;
     loop {
         if *shutdown.borrow() {
-            return;
+            break;
         }
         if !store_checked {
             // Ready once the store answers; the consumer is subscribed.
-            store_checked = store.active_version(&SegmentKey::new("readiness", "probe")).await.is_ok();
-            metrics.set_ready(store_checked);
-        }
-        let received = tokio::select! {
-            _ = shutdown.changed() => return,
-            received = consumer.recv() => received,
-        };
-        let message = match received {
-            Ok(message) => message,
-            Err(e) => {
-                metrics.kafka_error("consume");
-                warn!(error = %e, "consuming failed; retrying");
-                if pause(&mut shutdown).await {
-                    return;
-                }
-                continue;
-            }
-        };
-        let Some(outcome) = apply_with_retry(store, &message, metrics, &mut shutdown).await else { return };
-        match outcome {
-            Outcome::Applied => metrics.message("applied"),
-            Outcome::Unchanged => metrics.message("unchanged"),
-            Outcome::Rejected(rejection) => {
-                if !dead_letter(config, producer, &message, &rejection, metrics, &mut shutdown).await {
-                    return;
-                }
-                metrics.message("dead_lettered");
-                metrics.dead_letter(rejection.reason.label());
+            store_checked = shared.store.active_version(&SegmentKey::new("readiness", "probe")).await.is_ok();
+            match store_checked {
+                // Unless a partition waits for the store meanwhile.
+                true => shared.stalled(0),
+                false => shared.metrics.set_ready(false),
             }
         }
-        if let Err(e) = consumer.store_offset_from_message(&message) {
-            // The partition was revoked meanwhile: its new owner re-reads
-            // the message, which the idempotent write makes harmless.
-            metrics.kafka_error("commit");
-            warn!(error = %e, "storing the offset failed");
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            // Messages go to the partitions' tasks, so nothing else may
+            // wake this loop to check again.
+            _ = tokio::time::sleep(RETRY_DELAY), if !store_checked => {}
+            Some(event) = rebalanced.recv() => match event {
+                Rebalanced::Assigned(queues) => {
+                    for (partition, queue) in queues {
+                        // The task of an earlier assignment ends first: two
+                        // tasks on one partition would break its order.
+                        if let Some(earlier) = tasks.remove(&partition) {
+                            earlier.finish().await;
+                        }
+                        info!(partition, "consuming a partition");
+                        tasks.insert(partition, PartitionTask::spawn(shared.clone(), partition, queue));
+                    }
+                }
+                // Kept until they end, for the next assignment to wait for.
+                Rebalanced::Revoked(partitions) => {
+                    for partition in partitions {
+                        if let Some(task) = tasks.get(&partition) {
+                            info!(partition, "a partition was revoked");
+                            task.stop();
+                        }
+                    }
+                }
+            },
+            // The main queue carries the consumer's events, and messages
+            // only of a partition that got no queue of its own.
+            received = shared.consumer.recv() => match received {
+                Ok(message) => {
+                    if !handle(&shared, &message, &mut shutdown).await {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    shared.metrics.kafka_error("consume");
+                    warn!(error = %e, "consuming failed; retrying");
+                    if pause(&mut shutdown).await {
+                        break;
+                    }
+                }
+            },
         }
+    }
+    for (_, task) in tasks.drain() {
+        task.finish().await;
     }
 }
 
-/// Sleeps before a retry; true when shutdown came first.
-async fn pause(shutdown: &mut watch::Receiver<bool>) -> bool {
-    tokio::select! {
-        _ = shutdown.changed() => true,
-        _ = tokio::time::sleep(RETRY_DELAY) => *shutdown.borrow(),
-    }
-}
-
-/// Applies the message, retrying while the store is unreachable; `None`
-/// when shutdown came first (the message stays uncommitted).
-async fn apply_with_retry(
-    store: &dyn SegmentStore,
-    message: &BorrowedMessage<'_>,
-    metrics: &Metrics,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Option<Outcome> {
+/// Handles one partition's messages in order until stopped.
+async fn consume_partition(shared: Arc<Shared>, partition: i32, queue: PartitionQueue, mut stop: watch::Receiver<bool>) {
     loop {
-        match apply(store, message.key(), message.payload()).await {
-            Ok(outcome) => return Some(outcome),
+        let received = tokio::select! {
+            biased;
+            _ = stop.changed() => return,
+            received = queue.recv() => received,
+        };
+        match received {
+            Ok(message) => {
+                if !handle(&shared, &message, &mut stop).await {
+                    return;
+                }
+            }
             Err(e) => {
-                metrics.store_error();
-                metrics.set_ready(false);
-                warn!(error = %e, partition = message.partition(), offset = message.offset(), "store call failed; retrying");
-                if pause(shutdown).await {
-                    return None;
+                shared.metrics.kafka_error("consume");
+                warn!(partition, error = %e, "consuming failed; retrying");
+                if pause(&mut stop).await {
+                    return;
                 }
             }
         }
     }
+}
+
+/// Sleeps before a retry; true when `stop` came first.
+async fn pause(stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = stop.changed() => true,
+        _ = tokio::time::sleep(RETRY_DELAY) => *stop.borrow(),
+    }
+}
+
+/// Applies one message (retrying the store as [`apply_with_retry`]
+/// decides) or dead-letters it, then stores its offset for the
+/// auto-commit; false when `stop` came first, leaving it uncommitted.
+async fn handle(shared: &Shared, message: &BorrowedMessage<'_>, stop: &mut watch::Receiver<bool>) -> bool {
+    let Shared { config, store, metrics, .. } = shared;
+    let received = Received {
+        key: message.key(),
+        payload: message.payload(),
+        // librdkafka hands out only messages at real offsets, never negative.
+        offset: u64::try_from(message.offset()).unwrap_or_default(),
+    };
+    let latest = Utc::now() + config.max_clock_skew;
+    let (partition, offset) = (message.partition(), message.offset());
+    let mut stalled = false;
+    let outcome = apply_with_retry(store.as_ref(), &received, latest, |error, next| {
+        metrics.store_error();
+        let retry = *next == AfterFailure::Retry;
+        if error.is_transient() && !stalled {
+            stalled = true;
+            shared.stalled(1);
+        }
+        // The one place the store's error is logged in full: the dead
+        // letter's header leaves it out, as it may quote the message.
+        warn!(error = %error, partition, offset, retry, "store call failed");
+        let mut stop = stop.clone();
+        async move { !retry || !pause(&mut stop).await }
+    })
+    .await;
+    if stalled {
+        shared.stalled(-1);
+    }
+    let Some(outcome) = outcome else { return false };
+    match outcome {
+        Outcome::Applied | Outcome::Unchanged => {
+            metrics.message(if outcome == Outcome::Applied { "applied" } else { "unchanged" })
+        }
+        Outcome::Rejected(rejection) => {
+            if !dead_letter(config, &shared.producer, message, &rejection, metrics, stop).await {
+                return false;
+            }
+            metrics.message("dead_lettered");
+            metrics.dead_letter(rejection.reason.label());
+        }
+    }
+    if let Err(e) = shared.consumer.store_offset_from_message(message) {
+        // The partition was revoked meanwhile: its new owner re-reads the
+        // message, which the idempotent write makes harmless.
+        metrics.kafka_error("commit");
+        warn!(error = %e, "storing the offset failed");
+    }
+    true
 }
 
 /// Sends the message to the dead-letter topic with the reason, retrying
-/// until the broker acknowledges; false when shutdown came first.
+/// until the broker acknowledges; false when `stop` came first.
 async fn dead_letter(
     config: &RealtimeConfig,
     producer: &FutureProducer,
     message: &BorrowedMessage<'_>,
     rejection: &Rejection,
     metrics: &Metrics,
-    shutdown: &mut watch::Receiver<bool>,
+    stop: &mut watch::Receiver<bool>,
 ) -> bool {
     let source = format!("{}/{}/{}", message.topic(), message.partition(), message.offset());
     warn!(%source, reason = rejection.reason.label(), error = %rejection.message, "dead-lettering a membership message");
@@ -244,7 +466,7 @@ async fn dead_letter(
             Err((e, _)) => {
                 metrics.kafka_error("dead_letter");
                 warn!(error = %e, topic = %config.dead_letter_topic, "dead-letter produce failed; retrying");
-                if pause(shutdown).await {
+                if pause(stop).await {
                     return false;
                 }
             }
@@ -368,5 +590,34 @@ async fn announce_one(
             }
             warn!(%segment, version, error = %e, "announcing changes failed; the next resync retries");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(options: &[(&str, &str)]) -> RealtimeConfig {
+        let options = options.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        RealtimeConfig {
+            kafka: KafkaSettings { brokers: "127.0.0.1:9092".into(), options, ..Default::default() },
+            membership_topic: "m".into(),
+            dead_letter_topic: "d".into(),
+            changes_topic: "c".into(),
+            group_id: "g".into(),
+            holder: "w".into(),
+            claim_lease: Duration::from_secs(60),
+            resync_interval: Duration::from_secs(30),
+            max_clock_skew: DEFAULT_MAX_CLOCK_SKEW,
+        }
+    }
+
+    #[test]
+    fn each_partition_queue_is_bounded_unless_an_option_says_otherwise() {
+        let consumer = consumer_config(&config(&[]));
+        assert_eq!(consumer.get("queued.max.messages.kbytes"), Some(PARTITION_QUEUE_KBYTES));
+        assert_eq!(consumer.get("enable.auto.offset.store"), Some("false"), "offsets are stored after the write");
+        let consumer = consumer_config(&config(&[("queued.max.messages.kbytes", "65536")]));
+        assert_eq!(consumer.get("queued.max.messages.kbytes"), Some("65536"));
     }
 }

@@ -30,6 +30,12 @@ pub enum RejectReason {
     KeyMismatch,
     /// The segment has no active version in the store.
     UnknownSegment,
+    /// `ts` is further ahead of the worker's clock than the allowed skew:
+    /// recorded, it would win against every real event of the user until then.
+    FutureTimestamp,
+    /// The store refused the write with an error that retrying does not
+    /// fix, on every attempt ([`super::PERMANENT_ATTEMPTS`]).
+    StoreError,
 }
 
 impl RejectReason {
@@ -40,6 +46,8 @@ impl RejectReason {
             RejectReason::InvalidField => "invalid_field",
             RejectReason::KeyMismatch => "key_mismatch",
             RejectReason::UnknownSegment => "unknown_segment",
+            RejectReason::FutureTimestamp => "future_timestamp",
+            RejectReason::StoreError => "store_error",
         }
     }
 }
@@ -96,7 +104,8 @@ pub fn parse(key: Option<&[u8]>, payload: Option<&[u8]>) -> Result<MembershipEve
             ))
         }
     }
-    Ok(MembershipEvent { segment, change: Override { user, op, ts, id } })
+    // The offset is the consumer's to add: it is not part of the message.
+    Ok(MembershipEvent { segment, change: Override { user, op, ts, id, offset: None } })
 }
 
 fn invalid(message: String) -> Rejection {

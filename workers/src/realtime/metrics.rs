@@ -35,7 +35,11 @@ impl Default for Metrics {
         let dead_letters = Family::default();
         registry.register("dead_letters", "Messages sent to the dead-letter topic, by reason", dead_letters.clone());
         let store_errors = Counter::default();
-        registry.register("store_errors", "Store calls that failed and were retried", store_errors.clone());
+        registry.register(
+            "store_errors",
+            "Store calls that failed (retried, or given up on after a permanent error)",
+            store_errors.clone(),
+        );
         let kafka_errors = Family::default();
         registry.register("kafka_errors", "Kafka errors, by where (consume, dead_letter, changes, commit)", kafka_errors.clone());
         let change_events = Family::default();
