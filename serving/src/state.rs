@@ -5,12 +5,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use futures::StreamExt;
 use segment_core::api::SegmentKey;
-use segment_core::store::{Rollover, StoreError, StoredVersion};
+use segment_core::store::{Rollover, StoreEpoch, StoreError, StoredVersion};
 use tracing::{debug, info, warn};
 
 use crate::auth::Tokens;
@@ -83,6 +83,12 @@ struct Inner {
     /// periodic refresh.
     generation: AtomicU64,
     ready: AtomicBool,
+    /// The store epoch last seen ([`StoreEpoch`]).
+    epoch: Mutex<Option<String>>,
+    /// The epoch seen before is gone: the store lost its state (flushed,
+    /// replaced). Every read answers 503 until an epoch is back, rather
+    /// than "in no segment" for everyone.
+    state_lost: AtomicBool,
     /// user → the user's active segments. Filtered by the alias map when
     /// read from the store: any alias change bumps the generation, which
     /// makes every entry filtered by an older map unreachable.
@@ -110,6 +116,8 @@ impl AppState {
             aliases: Default::default(),
             generation: AtomicU64::new(0),
             ready: AtomicBool::new(false),
+            epoch: Mutex::new(None),
+            state_lost: AtomicBool::new(false),
         });
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(follow_rollovers(Arc::downgrade(&inner)));
@@ -159,6 +167,7 @@ impl AppState {
     /// trip filtered by the alias map.
     pub(crate) async fn user_segments(&self, user: &str) -> Result<ActiveSegments, StoreError> {
         let inner = &self.inner;
+        inner.check_state()?;
         let generation = inner.generation.load(Ordering::Acquire);
         if let Some(hit) = inner.users.get(user).filter(|e| e.generation == generation) {
             inner.metrics.cache("users", 1, 0);
@@ -184,6 +193,7 @@ impl AppState {
     /// one `check` round trip (`is_member` for a single one).
     pub(crate) async fn members(&self, triples: &[(SegmentKey, u64, String)]) -> Result<Vec<bool>, StoreError> {
         let inner = &self.inner;
+        inner.check_state()?;
         let mut answers = Vec::with_capacity(triples.len());
         let mut misses = Vec::new();
         for (i, triple) in triples.iter().enumerate() {
@@ -219,6 +229,7 @@ impl AppState {
     /// The sealed versions of a segment: cache, else one `versions` round trip.
     pub(crate) async fn versions(&self, segment: &SegmentKey) -> Result<Versions, StoreError> {
         let inner = &self.inner;
+        inner.check_state()?;
         let generation = inner.generation.load(Ordering::Acquire);
         if let Some(hit) = inner.versions.get(segment).filter(|e| e.generation == generation) {
             inner.metrics.cache("versions", 1, 0);
@@ -248,6 +259,44 @@ impl Inner {
             self.metrics.store_error(operation, matches!(e, StoreError::Unavailable(_)));
         }
         result
+    }
+
+    /// Refuses every read while the store's state is lost.
+    fn check_state(&self) -> Result<(), StoreError> {
+        if self.state_lost.load(Ordering::Acquire) {
+            return Err(StoreError::Unavailable(
+                "the store lost its state (its epoch is gone); reads fail until it is restored or rebuilt".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Compares the epoch just read with the one seen before. Returns
+    /// `None` when the state was lost (nothing read with it may be used),
+    /// else whether the store changed under us (a restore or a rebuilt
+    /// store: everything cached is stale).
+    fn follow_epoch(&self, epoch: StoreEpoch) -> Option<bool> {
+        let mut seen = self.epoch.lock().unwrap_or_else(|e| e.into_inner());
+        match epoch {
+            StoreEpoch::Untracked => Some(false),
+            // Never seen one: a store nothing was activated in yet.
+            StoreEpoch::Missing if seen.is_none() => Some(false),
+            StoreEpoch::Missing => {
+                if !self.state_lost.swap(true, Ordering::AcqRel) {
+                    warn!(epoch = seen.as_deref().unwrap_or(""), "the store lost its state; answering 503 until it is back");
+                }
+                None
+            }
+            StoreEpoch::Id(id) => {
+                let was_lost = self.state_lost.swap(false, Ordering::AcqRel);
+                let changed = seen.as_ref().is_some_and(|before| *before != id);
+                if was_lost || changed {
+                    info!(epoch = %id, "the store has state again; caches dropped");
+                }
+                *seen = Some(id);
+                Some(was_lost || changed)
+            }
+        }
     }
 
     /// Drops whatever may be stale after an unknown change.
@@ -285,7 +334,13 @@ impl Inner {
     /// have been missed, e.g. after re-subscribing).
     async fn refresh_aliases(&self, changed_anyway: bool) -> Result<(), StoreError> {
         let generation = self.generation.load(Ordering::Acquire);
-        let fresh = self.call("aliases", self.store.aliases()).await?;
+        let (fresh, epoch) = self.call("aliases", self.store.aliases_with_epoch()).await?;
+        let Some(store_changed) = self.follow_epoch(epoch) else {
+            // Keeps the alias map it has: an empty one would answer "in no
+            // segment" once the state is back but not yet re-read.
+            return Ok(());
+        };
+        let changed_anyway = changed_anyway || store_changed;
         {
             let mut aliases = self.aliases.write().unwrap_or_else(|e| e.into_inner());
             // A notice applied while this read was in flight is newer than

@@ -325,6 +325,38 @@ async fn redis_down_serves_cached_answers_and_503s_the_rest() {
     assert!(metrics.contains("segment_serving_store_errors_total{operation=\"is_member\",kind=\"unavailable\"}"));
 }
 
+/// A Redis that lost its state (flushed, or replaced by an empty one) is
+/// not read as "nobody is in any segment": every read answers 503 until
+/// the state is back (here: rebuilt, which starts a new epoch).
+#[tokio::test]
+async fn a_redis_that_lost_its_state_gets_503s_until_it_is_rebuilt() {
+    let redis = RedisServer::start();
+    let store = Arc::new(RedisStore::connect(&redis.url()).await.unwrap());
+    fixture(store.as_ref()).await;
+    let api = Api::start(store.clone(), config()).await;
+    assert_eq!(api.member(&lapsed(), "u1").await, (StatusCode::OK, json!({"member": true, "version": 1})));
+
+    let flushed = segment_tests::redis_call(redis.port, &["FLUSHALL"]).and_then(|r| r.text());
+    assert_eq!(flushed.as_deref(), Some("OK"));
+    api.state.refresh_aliases().await.unwrap();
+    for (path, what) in [
+        ("/v1/namespaces/growth/segments/lapsed/members/u9", "is-member"),
+        ("/v1/users/u9/segments", "a user's segments"),
+        ("/v1/namespaces/growth/segments/lapsed", "a segment's versions"),
+    ] {
+        let (status, body) = api.get(path).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{what}: {body}");
+        assert!(body["error"].as_str().is_some_and(|e| e.contains("lost its state")), "{what}: {body}");
+    }
+    assert_eq!(api.get("/readyz").await.0, StatusCode::OK, "still ready: the other replicas are in the same state");
+
+    // Rebuilt: loaded and activated again.
+    fixture(store.as_ref()).await;
+    api.state.refresh_aliases().await.unwrap();
+    assert_eq!(api.member(&lapsed(), "u1").await, (StatusCode::OK, json!({"member": true, "version": 1})));
+    assert_eq!(api.member(&lapsed(), "u9").await, (StatusCode::OK, json!({"member": false, "version": 1})));
+}
+
 #[tokio::test]
 async fn recovers_when_the_store_comes_back() {
     let store = Arc::new(MemoryStore::new());
