@@ -5,7 +5,8 @@
 //! Every part is checked against the manifest (checksum and count) and
 //! loaded in batches; a part that fails is retried, and up to
 //! `max_failed_parts` parts may fail before the whole run does. Realtime
-//! overrides newer than the snapshot are applied last, so they survive the
+//! overrides the lake data may not reflect yet (from the snapshot time
+//! minus the lake's lag grace) are applied last, so they survive the
 //! rollover. Loading is idempotent: a retried Job loads the same sets.
 
 use std::time::Duration;
@@ -15,7 +16,7 @@ use futures::{StreamExt, TryStreamExt};
 use segment_core::index::{changes, IdSet};
 use segment_core::manifest::{Manifest, Part};
 use segment_core::reasons::FailureReason;
-use segment_core::store::{CountedChange, SegmentStore, StoreError};
+use segment_core::store::{CountedChange, Seal, SegmentStore, StoreError};
 use segment_core::task::{IngestTask, VersionFiles};
 use segment_store::results::ResultDir;
 use serde::Serialize;
@@ -80,8 +81,9 @@ pub async fn run(task: &IngestTask, store: &dyn SegmentStore) -> Result<IngestRe
         }
     }
 
+    let overrides_from = task.overrides_from.unwrap_or(task.snapshot_time);
     let overrides = store
-        .overrides_since(&task.segment, task.snapshot_time)
+        .overrides_since(&task.segment, overrides_from)
         .await
         .map_err(|e| WorkerError::new(FailureReason::StoreUnavailable, e.to_string()))?;
     store
@@ -91,8 +93,14 @@ pub async fn run(task: &IngestTask, store: &dyn SegmentStore) -> Result<IngestRe
 
     // The store counts the members itself: overrides may have changed
     // the files' count.
+    let seal = Seal {
+        snapshot_time: Some(task.snapshot_time),
+        definition_hash: Some(manifest.definition_hash.clone()),
+        change,
+        overrides_from: Some(overrides_from),
+    };
     let meta = store
-        .seal_counted_version(&task.segment, task.version, Some(task.snapshot_time), Some(&manifest.definition_hash), change)
+        .seal_with(&task.segment, task.version, &seal)
         .await
         .map_err(|e| WorkerError::new(FailureReason::StoreUnavailable, e.to_string()))?;
     let members = meta.members;

@@ -38,7 +38,10 @@ impl Step {
     /// The step an action belongs to.
     pub fn of(action: &Action) -> Step {
         match action {
-            Action::Activate { .. } | Action::DeleteVersion { .. } | Action::CollectResults { .. } => Step::Store,
+            Action::Activate { .. }
+            | Action::DeleteVersion { .. }
+            | Action::PruneOverrides { .. }
+            | Action::CollectResults { .. } => Step::Store,
             Action::CancelJobs { .. } | Action::Launch(_) => Step::Jobs,
             Action::Event(_) => Step::Events,
         }
@@ -51,8 +54,11 @@ impl Step {
 pub trait Effects: Send {
     type Error: Send;
 
-    /// Switches readers to `version` atomically.
+    /// Switches readers to `version` atomically, after applying the
+    /// overrides it does not reflect ([`crate::store::activate_with_overrides`]).
     async fn activate(&mut self, version: u64) -> Result<(), Self::Error>;
+    /// Forgets realtime overrides from before `older_than`.
+    async fn prune_overrides(&mut self, older_than: DateTime<Utc>) -> Result<(), Self::Error>;
     /// Removes `version` from the store.
     async fn delete_version(&mut self, version: u64) -> Result<(), Self::Error>;
     /// Deletes result files computed before `older_than`, except `keep`.
@@ -103,6 +109,7 @@ async fn perform<E: Effects + ?Sized>(action: &Action, effects: &mut E) -> Resul
     match action {
         Action::Activate { version, .. } => effects.activate(*version).await,
         Action::DeleteVersion { version } => effects.delete_version(*version).await,
+        Action::PruneOverrides { older_than } => effects.prune_overrides(*older_than).await,
         Action::CollectResults { older_than, keep } => effects.collect_results(*older_than, keep).await,
         Action::CancelJobs { version } => effects.cancel_jobs(*version).await,
         Action::Launch(launch) => effects.launch(launch).await,

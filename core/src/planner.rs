@@ -163,6 +163,11 @@ pub enum Action {
         older_than: DateTime<Utc>,
         keep: Vec<u64>,
     },
+    /// Forget realtime overrides from before `older_than`: every version
+    /// kept reflects them through its lake data.
+    PruneOverrides {
+        older_than: DateTime<Utc>,
+    },
     /// Delete the Jobs of a run that was cancelled.
     CancelJobs {
         version: u64,
@@ -908,9 +913,34 @@ impl Planner<'_, '_> {
                 true
             }
         });
+        let pruning = !deleted.is_empty();
         for version in deleted {
             self.delete_version(version);
             self.event(EventReason::VersionDeleted, format!("v{version} deleted by retention (keepVersions {keep})"));
+        }
+        if pruning {
+            self.prune_overrides();
+        }
+    }
+
+    /// Once retention deleted versions, the overrides none of the versions
+    /// kept needs go: those from before what every one of them reflects.
+    /// Not while a run is in flight (its ingest reads overrides from its
+    /// own time on), nor when a version kept does not say what it reflects.
+    fn prune_overrides(&mut self) {
+        if self.st.current_run.is_some() {
+            return;
+        }
+        let stored = &self.obs.store.versions;
+        let reflected: Option<Vec<DateTime<Utc>>> = self
+            .st
+            .versions
+            .iter()
+            .filter(|v| Self::is_servable(v.state))
+            .map(|v| stored.get(&v.version).and_then(|s| s.reflects_events_until()))
+            .collect();
+        if let Some(older_than) = reflected.and_then(|times| times.into_iter().min()) {
+            self.actions.push(Action::PruneOverrides { older_than });
         }
     }
 

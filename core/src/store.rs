@@ -109,6 +109,30 @@ pub struct StoredVersion {
     /// not list is adopted only if so: one that never passed the rollover
     /// guard must not become servable because a status was lost.
     pub promoted: bool,
+    /// The version is taken to reflect the events before this time (its
+    /// snapshot time minus the lake's lag grace): realtime overrides from
+    /// then on are applied to it, at ingest, when recorded, and again when
+    /// it is activated. `None`: its snapshot time (versions sealed before
+    /// the grace existed).
+    pub overrides_from: Option<DateTime<Utc>>,
+}
+
+impl StoredVersion {
+    /// Overrides after this time are not in the version's lake data.
+    pub fn reflects_events_until(&self) -> Option<DateTime<Utc>> {
+        self.overrides_from.or(self.snapshot_time)
+    }
+}
+
+/// What ingest records with a version it seals, besides its members.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Seal {
+    pub snapshot_time: Option<DateTime<Utc>>,
+    pub definition_hash: Option<String>,
+    /// How the version differs from an earlier one ([`StoredVersion::change`]).
+    pub change: Option<CountedChange>,
+    /// [`StoredVersion::overrides_from`].
+    pub overrides_from: Option<DateTime<Utc>>,
 }
 
 /// Users in exactly one of two versions (entered plus exited), counted by
@@ -204,6 +228,24 @@ pub struct Transition {
     pub sequence: u64,
 }
 
+/// Switches readers to `version` after applying to it every override it
+/// does not reflect ([`StoredVersion::overrides_from`]). A version only
+/// receives overrides while it is active or newer than the active one, so
+/// one activated again by a rollback would otherwise miss those recorded
+/// while it was retained. Applying them again to a version that has them
+/// changes nothing.
+pub async fn activate_with_overrides(store: &dyn SegmentStore, segment: &SegmentKey, version: u64) -> Result<(), StoreError> {
+    let versions = store.versions(segment).await?;
+    let stored = versions.get(&version).ok_or(StoreError::MissingVersion { segment: segment.to_string(), version })?;
+    if let Some(since) = stored.reflects_events_until() {
+        let overrides = store.overrides_since(segment, since).await?;
+        if !overrides.is_empty() {
+            store.apply_overrides(segment, version, &overrides).await?;
+        }
+    }
+    store.activate(segment, version).await
+}
+
 /// A new incarnation id: 64 random bits in hex. Only its uniqueness
 /// matters; `RandomState` gives fresh random keys without a dependency.
 pub fn new_incarnation() -> String {
@@ -252,18 +294,11 @@ pub trait SegmentStore: Send + Sync {
         snapshot_time: Option<DateTime<Utc>>,
         definition_hash: Option<&str>,
     ) -> Result<StoredVersion, StoreError> {
-        self.seal_counted_version(segment, version, snapshot_time, definition_hash, None).await
+        let seal = Seal { snapshot_time, definition_hash: definition_hash.map(str::to_string), ..Seal::default() };
+        self.seal_with(segment, version, &seal).await
     }
-    /// [`seal_version`](Self::seal_version), recording with the version how
-    /// it differs from an earlier one ([`StoredVersion::change`]).
-    async fn seal_counted_version(
-        &self,
-        segment: &SegmentKey,
-        version: u64,
-        snapshot_time: Option<DateTime<Utc>>,
-        definition_hash: Option<&str>,
-        change: Option<CountedChange>,
-    ) -> Result<StoredVersion, StoreError>;
+    /// [`seal_version`](Self::seal_version) with everything ingest records.
+    async fn seal_with(&self, segment: &SegmentKey, version: u64, seal: &Seal) -> Result<StoredVersion, StoreError>;
 
     /// Records a realtime override and applies it to the active version,
     /// and to every newer version (one being loaded, or one sealed with a
@@ -289,6 +324,10 @@ pub trait SegmentStore: Send + Sync {
     /// newer override of the same user was recorded since the caller read
     /// its list, the newer one is applied instead: the newest always wins.
     async fn apply_overrides(&self, segment: &SegmentKey, version: u64, overrides: &[Override]) -> Result<(), StoreError>;
+    /// Forgets the overrides with a time before `older_than` (every version
+    /// kept reflects them through its lake data); an override recorded for
+    /// the same user meanwhile is kept. Returns how many went.
+    async fn prune_overrides(&self, segment: &SegmentKey, older_than: DateTime<Utc>) -> Result<usize, StoreError>;
 
     /// A page of the users who entered (in `to`, not in `from`) or exited
     /// (in `from`, not in `to`). Start with `cursor` `None`.
@@ -468,7 +507,14 @@ impl MemoryStore {
         definition_hash: Option<String>,
     ) {
         let members: BTreeSet<String> = members.into_iter().collect();
-        let meta = StoredVersion { members: members.len() as u64, snapshot_time, definition_hash, change: None, promoted: false };
+        let meta = StoredVersion {
+            members: members.len() as u64,
+            snapshot_time,
+            definition_hash,
+            change: None,
+            promoted: false,
+            overrides_from: None,
+        };
         self.with(|all| all.entry(segment.clone()).or_default().versions.insert(version, (meta, members)));
     }
 
@@ -542,7 +588,7 @@ impl SegmentData {
         let sealed = self
             .versions
             .iter()
-            .filter(|(v, (meta, _))| newer(v) && meta.snapshot_time.is_none_or(|snapshot| snapshot < change.ts))
+            .filter(|(v, (meta, _))| newer(v) && meta.reflects_events_until().is_none_or(|until| until < change.ts))
             .map(|(v, _)| *v);
         let loading = self.loading.keys().copied().filter(newer);
         self.active.into_iter().chain(sealed).chain(loading).collect()
@@ -652,14 +698,7 @@ impl SegmentStore for MemoryStore {
         Ok(())
     }
 
-    async fn seal_counted_version(
-        &self,
-        segment: &SegmentKey,
-        version: u64,
-        snapshot_time: Option<DateTime<Utc>>,
-        definition_hash: Option<&str>,
-        change: Option<CountedChange>,
-    ) -> Result<StoredVersion, StoreError> {
+    async fn seal_with(&self, segment: &SegmentKey, version: u64, seal: &Seal) -> Result<StoredVersion, StoreError> {
         self.ensure_available()?;
         self.with(|all| {
             let data = all.entry(segment.clone()).or_default();
@@ -670,10 +709,11 @@ impl SegmentStore for MemoryStore {
                 data.loading.remove(&version).or_else(|| data.versions.remove(&version).map(|(_, m)| m)).unwrap_or_default();
             let meta = StoredVersion {
                 members: members.len() as u64,
-                snapshot_time,
-                definition_hash: definition_hash.map(str::to_string),
-                change,
+                snapshot_time: seal.snapshot_time,
+                definition_hash: seal.definition_hash.clone(),
+                change: seal.change,
                 promoted: data.promoted.contains(&version),
+                overrides_from: seal.overrides_from,
             };
             data.versions.insert(version, (meta.clone(), members));
             Ok(meta)
@@ -702,6 +742,16 @@ impl SegmentStore for MemoryStore {
         self.ensure_available()?;
         Ok(self.with(|all| {
             all.get(segment).map(|d| d.overrides.values().filter(|o| o.ts > since).cloned().collect()).unwrap_or_default()
+        }))
+    }
+
+    async fn prune_overrides(&self, segment: &SegmentKey, older_than: DateTime<Utc>) -> Result<usize, StoreError> {
+        self.ensure_available()?;
+        Ok(self.with(|all| {
+            let Some(data) = all.get_mut(segment) else { return 0 };
+            let before = data.overrides.len();
+            data.overrides.retain(|_, change| change.ts >= older_than);
+            before - data.overrides.len()
         }))
     }
 

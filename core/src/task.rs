@@ -63,6 +63,12 @@ pub struct IngestTask {
     /// this version differs from it, from the two index files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compare_with: Option<VersionFiles>,
+    /// Realtime overrides from this time on are applied to the version:
+    /// the snapshot time minus the lake's lag grace, since the lake may not
+    /// hold the events of the last moments before the snapshot yet.
+    /// Absent: the snapshot time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overrides_from: Option<DateTime<Utc>>,
 }
 
 /// One version of the same segment and where its results are.
@@ -133,7 +139,9 @@ pub fn segment_inputs(segment: &Segment, results_base: &str, active_of: impl Fn(
 }
 
 /// The task of an ingest Job.
-pub fn ingest_task(segment: &Segment, launch: &Launch, results_base: &str) -> IngestTask {
+/// `lake_lag` is the grace before the snapshot time that realtime
+/// overrides still count in ([`IngestTask::overrides_from`]).
+pub fn ingest_task(segment: &Segment, launch: &Launch, results_base: &str, lake_lag: chrono::Duration) -> IngestTask {
     let key = segment.key();
     let active = segment.status.as_ref().and_then(|status| status.active_version).filter(|v| *v != launch.version);
     IngestTask {
@@ -143,6 +151,7 @@ pub fn ingest_task(segment: &Segment, launch: &Launch, results_base: &str) -> In
         version: launch.version,
         snapshot_time: launch.snapshot_time,
         max_failed_parts: segment.spec.ingest.max_failed_parts,
+        overrides_from: Some(launch.snapshot_time - lake_lag),
     }
 }
 
@@ -210,12 +219,22 @@ mod tests {
             definition_hash: "h".into(),
             generation: 1,
         };
-        assert_eq!(ingest_task(&segment, &launch, "s3://results").compare_with, None, "nothing is active");
+        assert_eq!(
+            ingest_task(&segment, &launch, "s3://results", chrono::Duration::zero()).compare_with,
+            None,
+            "nothing is active"
+        );
         segment.status = Some(SegmentStatus { active_version: Some(2), ..Default::default() });
         let expected = VersionFiles { version: 2, results_uri: results_uri("s3://results", &segment.key(), 2) };
-        assert_eq!(ingest_task(&segment, &launch, "s3://results").compare_with, Some(expected));
+        assert_eq!(ingest_task(&segment, &launch, "s3://results", chrono::Duration::zero()).compare_with, Some(expected));
         segment.status = Some(SegmentStatus { active_version: Some(3), ..Default::default() });
-        assert_eq!(ingest_task(&segment, &launch, "s3://results").compare_with, None, "the version itself");
+        assert_eq!(
+            ingest_task(&segment, &launch, "s3://results", chrono::Duration::zero()).compare_with,
+            None,
+            "the version itself"
+        );
+        let lagged = ingest_task(&segment, &launch, "s3://results", chrono::Duration::hours(1));
+        assert_eq!(lagged.overrides_from, Some(launch.snapshot_time - chrono::Duration::hours(1)), "the lake's lag before it");
     }
 
     #[test]

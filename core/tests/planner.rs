@@ -11,7 +11,7 @@ use segment_core::definition::definition_hash;
 use segment_core::naming::JobKind::{Compute, Ingest};
 use segment_core::planner::{Action, ChangeCount, Event, Launch, PlannerConfig};
 use segment_core::reasons::FailureReason;
-use segment_core::store::SegmentStore;
+use segment_core::store::{Override, OverrideOp, SegmentStore};
 use segment_core::task::Failure;
 use ConditionType::{Ready as READY, Reconciling as RECONCILING, RolloverHeld as ROLLOVER_HELD, Stalled as STALLED};
 
@@ -852,7 +852,7 @@ fn max_change_ratio_measures_the_change_then_holds_or_promotes() {
 /// instead of asking the store, unless it was counted against another.
 #[test]
 fn the_change_counted_by_ingest_is_used_against_the_version_it_was_counted_from() {
-    use segment_core::store::{CountedChange, SegmentStore};
+    use segment_core::store::{CountedChange, Seal};
     let mut w = World::new(&spec("rollover:\n  maxChangeRatio: 0.5\n"));
     w.default_members = users(&["a", "b", "c", "d"]);
     w.reconcile();
@@ -866,7 +866,8 @@ fn the_change_counted_by_ingest_is_used_against_the_version_it_was_counted_from(
     // A count that differs from the store's shows which one is used.
     let reseal = |from: u64| {
         let counted = Some(CountedChange { from, changed: 1 });
-        futures::executor::block_on(w.store.seal_counted_version(&key(), 2, None, None, counted)).unwrap();
+        let seal = Seal { change: counted, ..Seal::default() };
+        futures::executor::block_on(w.store.seal_with(&key(), 2, &seal)).unwrap();
     };
     reseal(1);
     assert_eq!(w.store_view().change, Some(ChangeCount { from: 1, to: 2, changed: 1 }));
@@ -990,7 +991,8 @@ fn retention_deletes_the_version_readers_leave_only_after_the_reader_grace() {
 
     w.advance_to(grace_ends);
     let plan = w.reconcile();
-    assert_eq!(effects(&plan), vec![Action::DeleteVersion { version: 1 }]);
+    let v2_snapshot = version(&plan.status, 2).snapshot_time;
+    assert_eq!(effects(&plan), vec![Action::DeleteVersion { version: 1 }, Action::PruneOverrides { older_than: v2_snapshot }]);
     assert_eq!(version_states(&plan.status), [(2, VersionState::Active)]);
     assert_eq!(w.store_versions(), [2]);
     assert!(effects(&w.reconcile()).is_empty());
@@ -1012,7 +1014,11 @@ fn a_rollback_keeps_the_version_it_leaves_for_the_reader_grace() {
     w.edit(|s| s.retention.keep_versions = 1);
     assert!(effects(&w.reconcile()).is_empty(), "v2 is in its grace");
     w.advance(w.cfg.reader_grace);
-    assert_eq!(effects(&w.reconcile()), vec![Action::DeleteVersion { version: 2 }]);
+    let v1_snapshot = version(w.status(), 1).snapshot_time;
+    assert_eq!(
+        effects(&w.reconcile()),
+        vec![Action::DeleteVersion { version: 2 }, Action::PruneOverrides { older_than: v1_snapshot }]
+    );
 }
 
 #[test]
@@ -1032,6 +1038,57 @@ fn retention_never_deletes_the_pinned_version() {
     assert_eq!(version_states(w.status()), [(5, VersionState::Retained), (1, VersionState::Active)]);
     assert_eq!(w.store_versions(), [1, 5]);
     assert_eq!(w.store_active(), Some(1));
+}
+
+fn include(user: &str, ts: chrono::DateTime<chrono::Utc>) -> Override {
+    Override { user: user.into(), op: OverrideOp::Include, ts, id: format!("{user}@{ts}"), offset: None }
+}
+
+/// A version receives realtime overrides while it is active or newer than
+/// the active one; rolled back to, it gets those recorded meanwhile too.
+#[test]
+fn a_rollback_applies_the_overrides_recorded_while_the_version_was_retained() {
+    let mut w = world_with_v1(&spec("retention:\n  keepVersions: 3\n"));
+    w.advance(Duration::minutes(1));
+    rerun(&mut w);
+    w.complete_run();
+    assert_eq!(w.store_active(), Some(2));
+    let recorded = w.now;
+    w.block_on(w.store.record_override(&key(), &include("zed", recorded))).unwrap();
+    assert!(w.store.active_members(&key()).unwrap().contains("zed"));
+
+    w.edit(|s| s.pin_version = Some(1));
+    w.reconcile();
+    assert_eq!(w.store_active(), Some(1));
+    assert!(w.store.active_members(&key()).unwrap().contains("zed"), "v1 serves the include recorded while v2 was active");
+}
+
+/// Once retention deletes versions, overrides from before what every kept
+/// version reflects are forgotten; later ones stay.
+#[test]
+fn retention_prunes_the_overrides_no_kept_version_needs() {
+    let mut w = world_with_v1(&spec("retention:\n  keepVersions: 1\n"));
+    let v1_snapshot = w.now;
+    w.block_on(w.store.record_override(&key(), &include("early", v1_snapshot + Duration::seconds(10)))).unwrap();
+    w.advance(Duration::minutes(5));
+    let v2_snapshot = w.now;
+    rerun(&mut w);
+    w.complete_run();
+    w.block_on(w.store.record_override(&key(), &include("late", v2_snapshot + Duration::seconds(10)))).unwrap();
+    w.advance(w.cfg.reader_grace);
+    let plan = w.reconcile();
+    assert_eq!(
+        effects(&plan),
+        vec![Action::DeleteVersion { version: 1 }, Action::PruneOverrides { older_than: v2_snapshot }],
+        "v2 reflects the lake until its snapshot"
+    );
+    let left: Vec<String> = w
+        .block_on(w.store.overrides_since(&key(), v1_snapshot - Duration::days(1)))
+        .unwrap()
+        .into_iter()
+        .map(|o| o.user)
+        .collect();
+    assert_eq!(left, ["late"]);
 }
 
 #[test]

@@ -173,6 +173,12 @@ pub struct JobArgs {
     #[arg(long, env = "POD_START_TIMEOUT_SECONDS", default_value_t = 300)]
     pub pod_start_timeout_seconds: i64,
 
+    /// How long the lake may take to hold an event: a version computed at
+    /// snapshot time T is taken to reflect only events before T minus
+    /// this, and the realtime overrides from then on are applied to it.
+    #[arg(long, env = "LAKE_LAG_SECONDS", default_value_t = 3600)]
+    pub lake_lag_seconds: i64,
+
     /// The most a Segment's `spec.compute.activeDeadlineSeconds` may ask
     /// for; larger values are lowered to it.
     #[arg(long, env = "MAX_JOB_DEADLINE_SECONDS", default_value_t = 86_400)]

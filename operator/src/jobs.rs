@@ -63,7 +63,10 @@ pub fn build_job(
             let sources = sources_read(&segment.spec.definition, sources.iter().map(|s| &s.spec)).into_iter().cloned().collect();
             serde_json::to_string(&compute_task(segment, launch, sources, segment_inputs.to_vec(), results_base))?
         }
-        JobKind::Ingest => serde_json::to_string(&ingest_task(segment, launch, results_base))?,
+        JobKind::Ingest => {
+            let lake_lag = chrono::Duration::seconds(defaults.lake_lag_seconds);
+            serde_json::to_string(&ingest_task(segment, launch, results_base, lake_lag))?
+        }
     };
     let mut overrides = segment.spec.compute.clone().unwrap_or_default();
     let mut labels = labels(&key.name, launch.version, launch.kind);
@@ -376,6 +379,7 @@ mod tests {
             job_backoff_limit: 1,
             job_deadline_seconds: 3600,
             pod_start_timeout_seconds: 300,
+            lake_lag_seconds: 3600,
             max_job_deadline_seconds: 7200,
             worker_cpu_request: "250m".into(),
             worker_memory_request: "512Mi".into(),

@@ -25,7 +25,7 @@ use segment_core::naming::JobKind;
 use segment_core::planner::{self, Action, Event, JobState, Launch, Observation, ObservedJob, Plan, PlannerConfig, StoreView};
 use segment_core::policy;
 use segment_core::reasons::{FailureReason, SpecProblem};
-use segment_core::store::{ResultStore, SegmentStore, StoreError};
+use segment_core::store::{activate_with_overrides, ResultStore, SegmentStore, StoreError};
 use segment_core::task::{sources_read, Failure, SegmentInput};
 use segment_core::validation::Invalid;
 use serde_json::json;
@@ -603,7 +603,12 @@ impl Effects for ClusterEffects<'_> {
 
     async fn activate(&mut self, version: u64) -> Result<(), Error> {
         self.ctx.leadership.check()?;
-        self.ctx.store.activate(&self.key, version).await.map_err(store("activating a version"))
+        activate_with_overrides(self.ctx.store.as_ref(), &self.key, version).await.map_err(store("activating a version"))
+    }
+
+    async fn prune_overrides(&mut self, older_than: DateTime<Utc>) -> Result<(), Error> {
+        self.ctx.leadership.check()?;
+        self.ctx.store.prune_overrides(&self.key, older_than).await.map(drop).map_err(store("pruning realtime overrides"))
     }
 
     async fn delete_version(&mut self, version: u64) -> Result<(), Error> {

@@ -18,7 +18,7 @@ use segment_core::executor::{self, Effects};
 use segment_core::naming::JobKind;
 use segment_core::planner::{self, Event, JobState, Launch, Observation, ObservedJob, PlannerConfig};
 use segment_core::reasons::ConditionType;
-use segment_core::store::{ResultStore, SegmentStore};
+use segment_core::store::{activate_with_overrides, ResultStore, SegmentStore};
 use segment_core::task::{compute_task, ingest_task, segment_inputs, Failure};
 use segment_store::results::ObjectResults;
 use tokio::sync::Notify;
@@ -58,6 +58,10 @@ pub enum StandaloneError {
     #[error("{0}")]
     Store(#[from] segment_core::store::StoreError),
 }
+
+/// The lake lag standalone mode assumes (the cluster's `--lake-lag-seconds`
+/// default).
+const STANDALONE_LAKE_LAG: chrono::Duration = chrono::Duration::hours(1);
 
 impl Engine {
     /// `results_base` defaults to `<dir>/.results`.
@@ -231,7 +235,7 @@ impl Engine {
                     Box::pin(async move { compute::run(&task).await.map(|_| ()) })
                 }
                 JobKind::Ingest => {
-                    let task = ingest_task(segment, launch, &self.results_base);
+                    let task = ingest_task(segment, launch, &self.results_base, STANDALONE_LAKE_LAG);
                     Box::pin(async move { ingest::run(&task, store.as_ref()).await.map(|_| ()) })
                 }
             };
@@ -287,7 +291,12 @@ impl Effects for LocalEffects<'_> {
     type Error = StandaloneError;
 
     async fn activate(&mut self, version: u64) -> Result<(), StandaloneError> {
-        Ok(self.engine.store.activate(&self.key, version).await?)
+        Ok(activate_with_overrides(self.engine.store.as_ref(), &self.key, version).await?)
+    }
+
+    async fn prune_overrides(&mut self, older_than: DateTime<Utc>) -> Result<(), StandaloneError> {
+        self.engine.store.prune_overrides(&self.key, older_than).await?;
+        Ok(())
     }
 
     async fn delete_version(&mut self, version: u64) -> Result<(), StandaloneError> {

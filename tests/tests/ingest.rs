@@ -34,6 +34,7 @@ fn task(segment: &SegmentKey, version: u64, uri: &str, tolerance: u32) -> Ingest
         results_uri: uri.to_string(),
         max_failed_parts: tolerance,
         compare_with: None,
+        overrides_from: None,
     }
 }
 

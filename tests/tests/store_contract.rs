@@ -12,7 +12,7 @@ use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
 use futures::StreamExt;
 use segment_core::api::SegmentKey;
 use segment_core::store::{
-    ChangesClaim, MembershipReader, MemoryStore, Override, OverrideOp, SegmentStore, StoreError, Transition,
+    ChangesClaim, MembershipReader, MemoryStore, Override, OverrideOp, Seal, SegmentStore, StoreError, Transition,
 };
 use segment_store::redis::{RedisStore, RedisStoreOptions, Rollover};
 use segment_tests::{RedisCluster, RedisServer};
@@ -369,6 +369,33 @@ async fn overrides_survive_the_rollover(store: &impl Store, segment: &SegmentKey
     assert_eq!(served_version(store, segment, "u-00002").await, None);
 }
 
+/// A version reflects the events before its `overrides_from` (its snapshot
+/// minus the lake's lag), not its snapshot: an override recorded between
+/// the two reaches it although it is sealed with a later snapshot. Old
+/// overrides are pruned, unless one was recorded for the user meanwhile.
+async fn overrides_reach_what_the_lake_may_not_hold_yet_and_old_ones_are_pruned(store: &impl Store, segment: &SegmentKey) {
+    let computed = users("u", 0..10);
+    load_sealed(store, segment, 1, &computed, at(0)).await;
+    store.activate(segment, 1).await.unwrap();
+    // v2 computed at 60, the lake an hour behind: it reflects events until 0.
+    store.load_members(segment, 2, &computed).await.unwrap();
+    let seal = Seal { snapshot_time: Some(at(60)), overrides_from: Some(at(0)), ..Seal::default() };
+    let sealed = store.seal_with(segment, 2, &seal).await.unwrap();
+    assert_eq!(sealed.overrides_from, Some(at(0)));
+    assert_eq!(store.versions(segment).await.unwrap()[&2].overrides_from, Some(at(0)), "kept with the version");
+
+    store.record_override(segment, &ov("u-00001", OverrideOp::Exclude, at(30), "a")).await.unwrap();
+    assert!(!store.is_member(segment, 2, "u-00001").await.unwrap(), "v2's lake may not hold an event at 30 yet");
+    store.activate(segment, 2).await.unwrap();
+    assert!(!served(store, segment, &computed).await.contains("u-00001"), "the exclude survives the rollover");
+
+    store.record_override(segment, &ov("u-00002", OverrideOp::Exclude, at(70), "b")).await.unwrap();
+    assert_eq!(store.prune_overrides(segment, at(50)).await.unwrap(), 1);
+    let left: Vec<String> = store.overrides_since(segment, at(-1000)).await.unwrap().into_iter().map(|o| o.user).collect();
+    assert_eq!(left, ["u-00002"]);
+    assert_eq!(store.prune_overrides(segment, at(50)).await.unwrap(), 0);
+}
+
 /// Overrides that arrive after ingest read its list still reach the new
 /// version: while it is loading, while it awaits rollover, and when ingest
 /// applies a list that is stale by then.
@@ -591,6 +618,7 @@ async fn run_contract(store: &impl Store, prefix: &str) {
     overrides_only_for_served_segments(store, &segment("served-only")).await;
     overrides_survive_the_rollover(store, &segment("survive")).await;
     late_overrides_reach_versions_in_flight(store, &segment("late")).await;
+    overrides_reach_what_the_lake_may_not_hold_yet_and_old_ones_are_pruned(store, &segment("lake-lag")).await;
     reads_agree(store, &format!("{prefix}-reads")).await;
     deleting_a_segment_removes_everything(store, &segment("delete-segment")).await;
     change_events_are_claimed_once(store, &segment("changes")).await;

@@ -130,6 +130,7 @@ impl Setup {
             results_uri: uri,
             max_failed_parts: 0,
             compare_with: None,
+            overrides_from: None,
         };
         segment_compute::ingest::run(&task, self.store.as_ref()).await.expect("ingest succeeds");
     }

@@ -15,7 +15,7 @@ use segment_core::executor::{self, Effects, Step};
 use segment_core::naming::{job_name, JobKind};
 use segment_core::planner::{self, Action, Event, JobState, Launch, Observation, ObservedJob, Plan, PlannerConfig, StoreView};
 pub use segment_core::reasons::{ConditionType, EventReason};
-use segment_core::store::{MemoryStore, SegmentStore};
+use segment_core::store::{activate_with_overrides, MemoryStore, SegmentStore};
 use segment_core::task::Failure;
 
 pub const NAME: &str = "vip";
@@ -357,8 +357,12 @@ impl Effects for WorldEffects<'_> {
     type Error = String;
 
     async fn activate(&mut self, version: u64) -> Result<(), String> {
-        let activated = self.store.activate(&key(), version).await;
+        let activated = activate_with_overrides(self.store, &key(), version).await;
         activated.map_err(|e| format!("Activate of v{version}, which the store does not hold: {e}"))
+    }
+
+    async fn prune_overrides(&mut self, older_than: DateTime<Utc>) -> Result<(), String> {
+        self.store.prune_overrides(&key(), older_than).await.map(drop).map_err(|e| e.to_string())
     }
 
     async fn delete_version(&mut self, version: u64) -> Result<(), String> {

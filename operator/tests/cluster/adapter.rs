@@ -77,6 +77,7 @@ fn job_args() -> JobArgs {
         job_backoff_limit: 2,
         job_deadline_seconds: 3600,
         pod_start_timeout_seconds: 300,
+        lake_lag_seconds: 3600,
         max_job_deadline_seconds: 86_400,
         worker_cpu_request: "500m".into(),
         worker_memory_request: "1Gi".into(),

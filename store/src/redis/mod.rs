@@ -21,7 +21,7 @@ use segment_core::api::SegmentKey;
 pub use segment_core::store::Rollover;
 use segment_core::store::{
     new_incarnation, Cause, Change, ChangesClaim, CountedChange, DiffPage, MembershipReader, Override, OverrideOp, RolloverFeed,
-    SegmentStore, StoreEpoch, StoreError, StoredVersion, Transition,
+    Seal, SegmentStore, StoreEpoch, StoreError, StoredVersion, Transition,
 };
 use serde::{Deserialize, Serialize};
 use tracing::warn;
@@ -103,6 +103,9 @@ struct VersionMeta {
     definition_hash: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     change: Option<CountedChange>,
+    /// An order key, compared with override times by the scripts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    overrides_from: Option<String>,
 }
 
 enum Target {
@@ -396,20 +399,21 @@ impl SegmentStore for RedisStore {
             let members: u64 = parse(count, "a member count")?;
             let meta: VersionMeta = serde_json::from_str(&json)
                 .map_err(|e| StoreError::Other(Cause::new(format!("metadata of {segment} v{version}"), e)))?;
-            let snapshot_time = match meta.snapshot_time {
-                Some(t) => Some(
+            let time = |text: Option<String>, what: &str| -> Result<Option<DateTime<Utc>>, StoreError> {
+                text.map(|t| {
                     DateTime::parse_from_rfc3339(&t)
-                        .map_err(|e| StoreError::Other(Cause::new(format!("snapshot time of {segment} v{version}"), e)))?
-                        .with_timezone(&Utc),
-                ),
-                None => None,
+                        .map(|t| t.with_timezone(&Utc))
+                        .map_err(|e| StoreError::Other(Cause::new(format!("{what} of {segment} v{version}"), e)))
+                })
+                .transpose()
             };
             let stored = StoredVersion {
                 members,
-                snapshot_time,
+                snapshot_time: time(meta.snapshot_time, "snapshot time")?,
                 definition_hash: meta.definition_hash,
                 change: meta.change,
                 promoted: promoted.contains(&version),
+                overrides_from: time(meta.overrides_from, "overrides-from time")?,
             };
             out.insert(version, stored);
         }
@@ -549,36 +553,31 @@ impl SegmentStore for RedisStore {
         Ok(())
     }
 
-    async fn seal_counted_version(
-        &self,
-        segment: &SegmentKey,
-        version: u64,
-        snapshot_time: Option<DateTime<Utc>>,
-        definition_hash: Option<&str>,
-        change: Option<CountedChange>,
-    ) -> Result<StoredVersion, StoreError> {
+    async fn seal_with(&self, segment: &SegmentKey, version: u64, seal: &Seal) -> Result<StoredVersion, StoreError> {
         check_segment(segment)?;
         let keys = SegmentKeys::new(segment);
         let meta = VersionMeta {
             members: None,
-            snapshot_time: snapshot_time.as_ref().map(order_key),
-            definition_hash: definition_hash.map(str::to_string),
-            change,
+            snapshot_time: seal.snapshot_time.as_ref().map(order_key),
+            definition_hash: seal.definition_hash.clone(),
+            change: seal.change,
+            overrides_from: seal.overrides_from.as_ref().map(order_key),
         };
         let rest = serde_json::to_string(&meta).map_err(|e| StoreError::Other(Cause::new("encoding version metadata", e)))?;
-        let mut seal = scripts::SEAL.key(keys.meta());
-        seal.key(keys.version(version)).key(keys.loaded()).key(keys.fenced()).arg(version).arg(rest);
-        let members: i64 = self.script(seal, self.write()).await?;
+        let mut invocation = scripts::SEAL.key(keys.meta());
+        invocation.key(keys.version(version)).key(keys.loaded()).key(keys.fenced()).arg(version).arg(rest);
+        let members: i64 = self.script(invocation, self.write()).await?;
         let Ok(members) = u64::try_from(members) else {
             return Err(StoreError::Fenced { segment: segment.to_string(), version });
         };
         // Sealing never promotes; only an activate does.
         Ok(StoredVersion {
             members,
-            snapshot_time,
-            definition_hash: definition_hash.map(str::to_string),
-            change,
+            snapshot_time: seal.snapshot_time,
+            definition_hash: seal.definition_hash.clone(),
+            change: seal.change,
             promoted: false,
+            overrides_from: seal.overrides_from,
         })
     }
 
@@ -619,6 +618,29 @@ impl SegmentStore for RedisStore {
         out.sort_by(|a, b| a.user.cmp(&b.user));
         out.dedup_by(|a, b| a.user == b.user);
         Ok(out)
+    }
+
+    async fn prune_overrides(&self, segment: &SegmentKey, older_than: DateTime<Utc>) -> Result<usize, StoreError> {
+        let keys = SegmentKeys::new(segment);
+        let mut removed = 0;
+        let mut cursor = 0u64;
+        loop {
+            let step = cmd("HSCAN").arg(keys.overrides()).arg(cursor).arg("COUNT").arg(SCAN_COUNT).clone();
+            let (next, entries): (u64, Vec<(String, String)>) = self.query(&step, self.bulk()).await?;
+            let old: Vec<&(String, String)> =
+                entries.iter().filter(|(_, value)| parse_stored_override(value).is_some_and(|o| o.ts < older_than)).collect();
+            if !old.is_empty() {
+                let mut prune = scripts::PRUNE_OVERRIDES.key(keys.overrides());
+                for (user, value) in old {
+                    prune.arg(user).arg(value);
+                }
+                removed += self.script::<usize>(prune, self.bulk()).await?;
+            }
+            if next == 0 {
+                return Ok(removed);
+            }
+            cursor = next;
+        }
     }
 
     async fn apply_overrides(&self, segment: &SegmentKey, version: u64, overrides: &[Override]) -> Result<(), StoreError> {

@@ -53,7 +53,8 @@ fn with_helpers(body: &str) -> Script {
 ///
 /// Records the override unless the stored one is newer, then applies it to
 /// the active version and to every newer version (being loaded, or sealed
-/// with a snapshot before the override), so it survives the next rollover
+/// reflecting events only until before the override: its `overridesFrom`,
+/// else its snapshot time), so it survives the next rollover
 /// whenever it arrives. The same event again (same time and id: a
 /// redelivery, or the producer's duplicate at another offset) is not
 /// recorded again but re-applied, which repairs a reverse index whose write
@@ -85,8 +86,9 @@ for _, v in ipairs(redis.call('SMEMBERS', loaded)) do
     apply = true
     local m = redis.call('HGET', meta, v)
     if m then
-      local snapshot = cjson.decode(m).snapshotTime
-      if type(snapshot) == 'string' and not less(snapshot, order) then apply = false end
+      local decoded = cjson.decode(m)
+      local reflects_until = decoded.overridesFrom or decoded.snapshotTime
+      if type(reflects_until) == 'string' and not less(reflects_until, order) then apply = false end
     end
   end
   if apply then
@@ -238,6 +240,24 @@ redis.call('HSET', key, 'version', version)
 redis.call('HINCRBY', key, 'announced', 1)
 redis.call('HDEL', key, 'claim')
 return 1
+"#,
+    )
+});
+
+/// KEYS: overrides. ARGV: pairs of user and the stored override read for
+/// them. Removes each whose stored value is still the one read: an
+/// override recorded for the user since then is kept. Returns how many
+/// went.
+pub(crate) static PRUNE_OVERRIDES: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local removed = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    removed = removed + redis.call('HDEL', KEYS[1], ARGV[i])
+  end
+end
+return removed
 "#,
     )
 });
