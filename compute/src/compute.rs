@@ -3,7 +3,10 @@
 //!
 //! - Lake tables are read where they are (`s3://` or `file://`, Parquet,
 //!   CSV with a header, NDJSON) as listing tables, so files stream through
-//!   the engine rather than being loaded.
+//!   the engine rather than being loaded. A Delta table is read as of the
+//!   snapshot time ([`crate::delta`]): exactly the live Parquet files of
+//!   the newest version committed at or before it, with partition values
+//!   as columns; the manifest records each table read and the version.
 //! - `now()` (and `current_timestamp`, `current_date`, `current_time`) is
 //!   the task's snapshot time, so a version recomputed later has the same
 //!   members.
@@ -58,7 +61,7 @@ use object_store::ObjectStoreExt;
 use segment_core::api::{SegmentSourceSpec, SourceFormat, StaticList};
 use segment_core::definition::DefinitionError;
 use segment_core::index::IdSetWriter;
-use segment_core::manifest::{self, Manifest, Part};
+use segment_core::manifest::{self, Manifest, Part, SourceRead};
 use segment_core::reasons::FailureReason;
 use segment_core::rules_sql::{self, segment_table};
 use segment_core::task::{ComputeTask, SegmentInput};
@@ -67,6 +70,7 @@ use segment_store::results::ResultDir;
 use serde::Serialize;
 use tracing::info;
 
+use crate::delta;
 use crate::failure::WorkerError;
 
 /// Ids per result part unless configured.
@@ -127,7 +131,7 @@ pub async fn run_with(task: &ComputeTask, options: &ComputeOptions) -> Result<Co
     // parts this run is about to overwrite.
     retract_manifest(&task.results_uri).await?;
 
-    let (parts, index, total, spilled_bytes) = evaluate(task, options, &dir)
+    let (parts, index, total, spilled_bytes, sources) = evaluate(task, options, &dir)
         .await
         .map_err(|e| WorkerError { message: without_data(&one_line(&e.message), &tenant_text(task)), ..e })?;
 
@@ -142,6 +146,7 @@ pub async fn run_with(task: &ComputeTask, options: &ComputeOptions) -> Result<Co
         members: total,
         parts,
         index: Some(index),
+        sources,
     };
     dir.write_manifest(&manifest)
         .await
@@ -158,20 +163,22 @@ pub async fn run_with(task: &ComputeTask, options: &ComputeOptions) -> Result<Co
     Ok(ComputeReport { version: task.version, members: total, parts: manifest.parts.len(), spilled_bytes })
 }
 
-/// The result's parts, its index file, its member count and the bytes
-/// spilled on the way.
+/// The result's parts, its index file, its member count, the bytes
+/// spilled on the way and the lake tables read.
 async fn evaluate(
     task: &ComputeTask,
     options: &ComputeOptions,
     dir: &ResultDir,
-) -> Result<(Vec<Part>, Part, u64, u64), WorkerError> {
+) -> Result<(Vec<Part>, Part, u64, u64, Vec<SourceRead>), WorkerError> {
     let engine = Engine::new(task, options)?;
     let members = engine.members().await?;
     let task_ctx = Arc::new(members.task_ctx());
     let plan = members.create_physical_plan().await.map_err(|e| engine.classify(e))?;
     let stream = execute_stream(plan.clone(), task_ctx).map_err(|e| engine.classify(e))?;
     let (parts, index, total) = write_parts(dir, &task.results_uri, stream, options.part_size.max(1), &engine).await?;
-    Ok((parts, index, total, spilled_bytes(plan.as_ref())))
+    let mut sources = engine.read.lock().map(|read| read.clone()).unwrap_or_default();
+    sources.sort_by(|a, b| a.table.cmp(&b.table));
+    Ok((parts, index, total, spilled_bytes(plan.as_ref()), sources))
 }
 
 fn spilled_bytes(plan: &dyn ExecutionPlan) -> u64 {
@@ -256,6 +263,8 @@ struct Engine<'a> {
     ctx: SessionContext,
     /// Registered tables and where they are read from, for messages.
     tables: std::sync::Mutex<BTreeMap<String, String>>,
+    /// The lake tables registered, and the version of each Delta table.
+    read: std::sync::Mutex<Vec<SourceRead>>,
 }
 
 impl<'a> Engine<'a> {
@@ -285,7 +294,7 @@ impl<'a> Engine<'a> {
         execution.sort_spill_reservation_bytes = execution.sort_spill_reservation_bytes.min(options.memory_limit / 4);
         let ctx = SessionContext::new_with_config_rt(config, runtime);
         ctx.register_udf(ScalarUDF::from(SnapshotNow::new(task.snapshot_time)));
-        Ok(Engine { task, ctx, tables: Default::default() })
+        Ok(Engine { task, ctx, tables: Default::default(), read: Default::default() })
     }
 
     /// The definition's members: one `user_id` column of distinct,
@@ -397,6 +406,9 @@ impl<'a> Engine<'a> {
     }
 
     async fn register_source(&self, source: &SegmentSourceSpec) -> Result<(), WorkerError> {
+        if source.format == SourceFormat::Delta {
+            return self.register_delta(source).await;
+        }
         let unreadable = |detail: String| {
             WorkerError::new(FailureReason::UnreadableSource, format!("table `{}` ({}): {detail}", source.table, source.uri))
         };
@@ -408,6 +420,7 @@ impl<'a> Engine<'a> {
             SourceFormat::Parquet => Arc::new(ParquetFormat::default()),
             SourceFormat::Csv => Arc::new(CsvFormat::default().with_has_header(true)),
             SourceFormat::Ndjson => Arc::new(JsonFormat::default()),
+            SourceFormat::Delta => unreachable!("read by register_delta"),
         };
         let options = ListingOptions::new(format).with_file_extension(extension);
         let state = self.ctx.state();
@@ -417,7 +430,80 @@ impl<'a> Engine<'a> {
         }
         let config = ListingTableConfig::new(url).with_listing_options(options).with_schema(schema);
         let table = ListingTable::try_new(config).map_err(|e| unreadable(one_line(&e.to_string())))?;
-        self.register(&source.table, &source.uri, Arc::new(table))
+        self.register(&source.table, &source.uri, Arc::new(table))?;
+        self.record_read(SourceRead { table: source.table.clone(), format: source.format, version: None });
+        Ok(())
+    }
+
+    /// A Delta table as of the snapshot time: the live Parquet files of
+    /// that version, one listing table per set of partition values, the
+    /// partition values as literal columns, all as one view.
+    async fn register_delta(&self, source: &SegmentSourceSpec) -> Result<(), WorkerError> {
+        let named = |reason: FailureReason, detail: String| {
+            WorkerError::new(reason, format!("table `{}` ({}): {detail}", source.table, source.uri))
+        };
+        let unreadable = |detail: String| named(FailureReason::UnreadableSource, detail);
+        segment_core::validation::check_source(source)
+            .map_err(|e| named(FailureReason::UnsupportedSource, format!("{}: {}", e.field, e.message)))?;
+        let location = locate(&source.uri).map_err(|e| unreadable(e.to_string()))?;
+        let snapshot = delta::snapshot_at(location.store.as_ref(), &location.path, self.task.snapshot_time)
+            .await
+            .map_err(|e| named(e.reason, one_line(&e.message)))?;
+        self.ctx.register_object_store(&location.root, location.store.clone());
+        let partitioned = |name: &str| snapshot.partition_columns.iter().position(|c| c == name);
+        let data_fields: Vec<Field> =
+            snapshot.schema.fields().iter().filter(|f| partitioned(f.name()).is_none()).map(|f| f.as_ref().clone()).collect();
+        let file_schema = Arc::new(Schema::new(data_fields));
+        let mut groups: BTreeMap<Vec<Option<String>>, Vec<ListingTableUrl>> = BTreeMap::new();
+        for file in &snapshot.files {
+            let url = ListingTableUrl::parse(format!("{}{}", location.root, file.path))
+                .map_err(|e| unreadable(one_line(&e.to_string())))?;
+            let values = snapshot.partition_columns.iter().map(|c| file.partition_values.get(c).cloned().flatten()).collect();
+            groups.entry(values).or_default().push(url);
+        }
+        let mut frames = Vec::with_capacity(groups.len());
+        for (values, urls) in groups {
+            let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension("");
+            let config =
+                ListingTableConfig::new_with_multi_paths(urls).with_listing_options(options).with_schema(file_schema.clone());
+            let listing = ListingTable::try_new(config).map_err(|e| unreadable(one_line(&e.to_string())))?;
+            let frame = self.ctx.read_table(Arc::new(listing)).map_err(|e| self.classify(e))?;
+            let columns: Vec<Expr> = snapshot
+                .schema
+                .fields()
+                .iter()
+                .map(|f| match partitioned(f.name()) {
+                    Some(i) => cast(lit(ScalarValue::Utf8(values[i].clone())), f.data_type().clone()).alias(f.name()),
+                    None => Expr::Column(Column::new_unqualified(f.name())),
+                })
+                .collect();
+            frames.push(frame.select(columns).map_err(|e| self.classify(e))?);
+        }
+        let mut frames = frames.into_iter();
+        let table: Arc<dyn TableProvider> = match frames.next() {
+            Some(first) => {
+                let mut all = first;
+                for frame in frames {
+                    all = all.union(frame).map_err(|e| self.classify(e))?;
+                }
+                all.into_view()
+            }
+            None => Arc::new(MemTable::try_new(snapshot.schema.clone(), vec![vec![]]).map_err(|e| unreadable(e.to_string()))?),
+        };
+        self.register(&source.table, &source.uri, table)?;
+        info!(table = %source.table, version = snapshot.version, files = snapshot.files.len(), "delta table");
+        self.record_read(SourceRead {
+            table: source.table.clone(),
+            format: SourceFormat::Delta,
+            version: Some(snapshot.version),
+        });
+        Ok(())
+    }
+
+    fn record_read(&self, read: SourceRead) {
+        if let Ok(mut all) = self.read.lock() {
+            all.push(read);
+        }
     }
 
     /// The extension of the data files under `url`: a directory may hold
@@ -444,7 +530,7 @@ impl<'a> Engine<'a> {
             return Ok(String::new());
         }
         let known: &[&str] = match format {
-            SourceFormat::Parquet => &[".parquet", ".parq"],
+            SourceFormat::Parquet | SourceFormat::Delta => &[".parquet", ".parq"],
             SourceFormat::Csv => &[".csv"],
             SourceFormat::Ndjson => &[".ndjson", ".jsonl", ".json"],
         };

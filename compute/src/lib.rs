@@ -4,12 +4,15 @@
 //!
 //! - [`compute`]: evaluates a definition over the lake (DataFusion) and
 //!   writes the result files;
+//! - [`delta`]: Delta Lake tables as of a point in time, from their
+//!   transaction log;
 //! - [`ingest`]: loads a result into the store as a new, invisible version;
 //! - [`lakegen`]: a deterministic example lake, for the examples, tests and
 //!   benchmarks;
 //! - [`failure`]: the one-line reasons written to the termination log.
 
 pub mod compute;
+pub mod delta;
 pub mod failure;
 pub mod ingest;
 pub mod lakegen;

@@ -556,14 +556,22 @@ pub enum VersionState {
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "self.format != 'delta' || !self.uri.matches('[*?\\\\[]')",
+    "message": "uri of a delta table is the table's root directory, not a glob",
+    "fieldPath": ".uri",
+    "reason": "FieldValueInvalid"
+}]))]
 pub struct SegmentSourceSpec {
     /// The name SQL and rules use for this table.
     #[schemars(regex(pattern = r"^[a-z_][a-z0-9_]{0,62}$"))]
     pub table: String,
-    /// `s3://bucket/prefix/`, a glob, or `file:///path`.
+    /// `s3://bucket/prefix/`, a glob, or `file:///path`; with `format:
+    /// delta`, the table's root directory (the one holding `_delta_log/`).
     #[schemars(regex(pattern = r"^(s3|file)://.+"))]
     pub uri: String,
-    /// The files' format: `parquet`, `csv` (with a header row) or `ndjson`.
+    /// The files' format: `parquet`, `csv` (with a header row), `ndjson`,
+    /// or `delta` (a Delta Lake table, read as of the run's snapshot time).
     pub format: SourceFormat,
     /// The column holding the user id; `user_id` when unset.
     #[serde(default = "default_user_id_column")]
@@ -584,6 +592,20 @@ pub enum SourceFormat {
     Parquet,
     Csv,
     Ndjson,
+    /// A Delta Lake table: `uri` is its root; the version read is the
+    /// newest commit at or before the run's snapshot time.
+    Delta,
+}
+
+impl SourceFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceFormat::Parquet => "parquet",
+            SourceFormat::Csv => "csv",
+            SourceFormat::Ndjson => "ndjson",
+            SourceFormat::Delta => "delta",
+        }
+    }
 }
 
 impl Segment {

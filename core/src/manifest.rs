@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::api::SegmentKey;
+use crate::api::{SegmentKey, SourceFormat};
 
 pub const MANIFEST_FILE: &str = "_manifest.json";
 /// Version of the manifest and part format.
@@ -38,6 +38,22 @@ pub struct Manifest {
     /// The members as one index file; `None` in results from before it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index: Option<Part>,
+    /// The lake tables the run read, with the version of each Delta
+    /// table; empty in results from before it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<SourceRead>,
+}
+
+/// A lake table a run read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceRead {
+    pub table: String,
+    pub format: SourceFormat,
+    /// The table version read (Delta): the newest commit at or before the
+    /// snapshot time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -193,6 +209,7 @@ mod tests {
             members: 3,
             parts: vec![Part { file: part_file(0), members: 3, checksum: "sha256:0".into() }],
             index: Some(wrong_count),
+            sources: Vec::new(),
         };
         let error = manifest.validate().unwrap_err();
         assert!(error.to_string().contains("the index holds 2 members"), "{error}");
@@ -200,5 +217,21 @@ mod tests {
         // Results written before the index existed stay readable.
         let old: Manifest = serde_json::from_value(serde_json::to_value(Manifest { index: None, ..manifest }).unwrap()).unwrap();
         assert!(old.index.is_none() && old.validate().is_ok());
+    }
+
+    #[test]
+    fn manifests_without_sources_still_parse_and_delta_versions_round_trip() {
+        let old = serde_json::json!({
+            "format": FORMAT, "segment": {"namespace": "n", "name": "s"}, "version": 1, "generation": 1,
+            "definitionHash": "h", "snapshotTime": "2026-01-01T00:00:00Z", "computedAt": "2026-01-01T00:01:00Z",
+            "members": 0, "parts": []
+        });
+        let manifest: Manifest = serde_json::from_value(old).unwrap();
+        assert!(manifest.sources.is_empty());
+        let read = SourceRead { table: "orders".into(), format: SourceFormat::Delta, version: Some(7) };
+        let with = Manifest { sources: vec![read.clone()], ..manifest };
+        let json = serde_json::to_value(&with).unwrap();
+        assert_eq!(json["sources"], serde_json::json!([{"table": "orders", "format": "delta", "version": 7}]));
+        assert_eq!(serde_json::from_value::<Manifest>(json).unwrap().sources, vec![read]);
     }
 }

@@ -28,7 +28,9 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 
 /// Reads every `.yaml`/`.yml` file under `paths` (directories are walked,
 /// sorted by name). Documents of other kinds are skipped; a Segment or
-/// SegmentSource that does not parse is an error naming file and document.
+/// SegmentSource that does not parse, or a SegmentSource that fails
+/// [`check_source`](crate::validation::check_source), is an error naming
+/// file, document and field.
 pub fn load(paths: &[PathBuf]) -> Result<Manifests, ManifestError> {
     let mut files = Vec::new();
     for path in paths {
@@ -48,6 +50,7 @@ pub fn load(paths: &[PathBuf]) -> Result<Manifests, ManifestError> {
                 }
                 Some("SegmentSource") => {
                     let mut source: SegmentSource = serde_yaml::from_value(value).map_err(|e| parse_err(e.to_string()))?;
+                    crate::validation::check_source(&source.spec).map_err(|e| parse_err(e.to_string()))?;
                     source.metadata.namespace.get_or_insert_with(|| DEFAULT_NAMESPACE.to_string());
                     out.sources.push(source);
                 }

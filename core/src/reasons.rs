@@ -168,6 +168,13 @@ string_enum! {
         NotOneColumn,
         SegmentNotReady,
         UnreadableSource,
+        /// A Delta table has no commit at or before the snapshot time: the
+        /// snapshot is older than the table, or its history was removed.
+        SnapshotBeforeHistory,
+        /// A Delta table needs a reader feature the worker does not
+        /// support (deletion vectors, column mapping), or its `uri` is not
+        /// a table root.
+        UnsupportedSource,
         ResourcesExhausted,
         WriteFailed,
         BadTask,
@@ -220,6 +227,10 @@ impl FailureReason {
             | FailureReason::UnknownColumn
             | FailureReason::QueryError
             | FailureReason::NotOneColumn => false,
+            // The same snapshot time of the same table fails the same way;
+            // a later scheduled run (a later snapshot time) or a spec
+            // change can succeed.
+            FailureReason::SnapshotBeforeHistory | FailureReason::UnsupportedSource => false,
             // The same task with the same operator settings fails the same
             // way: a retry cannot fix it, an operator upgrade or a fixed
             // setting can.

@@ -3,7 +3,7 @@
 //! `kubectl apply`; objects that never meet the API server (standalone
 //! mode, `segment-operator check`) get the same answers from here.
 
-use crate::api::SegmentSpec;
+use crate::api::{SegmentSourceSpec, SegmentSpec, SourceFormat};
 use crate::definition::{self, DefinitionRefs};
 use crate::duration::parse_duration;
 use crate::reasons::SpecProblem;
@@ -59,6 +59,27 @@ pub fn check_spec(spec: &SegmentSpec, known_tables: Option<&[String]>) -> Result
     Ok(Checked { refs, schedule })
 }
 
+/// Checks a SegmentSource's spec beyond what its schema says: a Delta
+/// table's `uri` is its root directory, which holds `_delta_log/`, not a
+/// glob or a file. The CRD's CEL rule refuses the glob at `kubectl apply`.
+pub fn check_source(spec: &SegmentSourceSpec) -> Result<(), Invalid> {
+    if spec.format == SourceFormat::Delta {
+        if spec.uri.contains(['*', '?', '[']) {
+            return Err(invalid_spec(
+                "spec.uri",
+                format!("{}: a delta table is read from its root directory (the one holding _delta_log/), not a glob", spec.uri),
+            ));
+        }
+        if spec.uri.trim_end_matches('/').ends_with("/_delta_log") {
+            return Err(invalid_spec(
+                "spec.uri",
+                format!("{}: name the table's root directory, the one holding _delta_log/, not the log itself", spec.uri),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn invalid_spec(field: &str, message: String) -> Invalid {
     Invalid { reason: SpecProblem::InvalidSpec, field: field.to_string(), message }
 }
@@ -105,6 +126,21 @@ mod tests {
         for (yaml, reason, field) in cases {
             let err = check_spec(&spec(yaml), None).unwrap_err();
             assert_eq!((err.reason.as_str(), err.field.as_str()), (reason, field), "{yaml}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_delta_source_is_a_table_root() {
+        let source = |uri: &str, format: &str| -> SegmentSourceSpec {
+            serde_yaml::from_str(&format!("{{table: orders, uri: '{uri}', format: {format}}}")).unwrap()
+        };
+        assert!(check_source(&source("s3://lake/orders/", "delta")).is_ok());
+        assert!(check_source(&source("file:///lake/orders", "delta")).is_ok());
+        assert!(check_source(&source("s3://lake/orders/*.parquet", "parquet")).is_ok());
+        for uri in ["s3://lake/orders/*.parquet", "s3://lake/orders/_delta_log/"] {
+            let err = check_source(&source(uri, "delta")).unwrap_err();
+            assert_eq!((err.reason, err.field.as_str()), (SpecProblem::InvalidSpec, "spec.uri"), "{uri}: {err}");
+            assert!(err.message.contains("root directory"), "{err}");
         }
     }
 

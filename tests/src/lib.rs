@@ -525,6 +525,7 @@ pub async fn write_result(
         members: written.iter().map(|p| p.members).sum(),
         parts: written,
         index: None,
+        sources: Vec::new(),
     };
     let ids = parts.iter().flatten().map(String::as_str);
     let index = segment_core::index::build(ids).expect("unique ids");

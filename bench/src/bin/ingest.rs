@@ -40,13 +40,22 @@ async fn main() {
         members: members as u64,
         parts,
         index: None,
+        sources: Vec::new(),
     };
     results.write_manifest(&manifest).await.expect("manifest written");
     drop(ids);
 
     let store = RedisStore::connect(&redis.url()).await.expect("redis");
     let before = redis_used_memory(redis.port);
-    let task = IngestTask { segment, version: 1, snapshot_time: now, results_uri: uri, max_failed_parts: 0, compare_with: None };
+    let task = IngestTask {
+        segment,
+        version: 1,
+        snapshot_time: now,
+        results_uri: uri,
+        max_failed_parts: 0,
+        compare_with: None,
+        overrides_from: None,
+    };
     let start = std::time::Instant::now();
     let report = segment_compute::ingest::run(&task, &store).await.expect("ingest");
     let seconds = start.elapsed().as_secs_f64();
