@@ -4,6 +4,9 @@
 //!
 //! ```text
 //! <out>/users/users.csv                    user_id,country,signup_at,plan
+//! <out>/users-delta/                       the same users as a Delta Lake
+//!                                          table: part-00000.parquet and
+//!                                          _delta_log/00000000000000000000.json
 //! <out>/orders/part-00000.parquet ...      order_id,user_id,amount,status,created_at
 //! <out>/app_events/events-00000.ndjson ... {"user_id","event","ts"}
 //! <out>/lists/vip.csv                      user_id,account_manager
@@ -250,10 +253,11 @@ impl OrdersWriter {
 /// run left in the lake's directories are replaced.
 pub fn generate(out: &Path, spec: &LakeSpec) -> std::io::Result<LakeSummary> {
     let users_dir = out.join("users");
+    let users_delta_dir = out.join("users-delta");
     let orders_dir = out.join("orders");
     let events_dir = out.join("app_events");
     let lists_dir = out.join("lists");
-    for dir in [&users_dir, &orders_dir, &events_dir, &lists_dir] {
+    for dir in [&users_dir, &users_delta_dir, &orders_dir, &events_dir, &lists_dir] {
         std::fs::create_dir_all(dir)?;
     }
     // A smaller lake written over a bigger one must not keep its extra parts.
@@ -265,6 +269,7 @@ pub fn generate(out: &Path, spec: &LakeSpec) -> std::io::Result<LakeSummary> {
     let mut users_csv = BufWriter::with_capacity(1 << 20, File::create(&users_path)?);
     writeln!(users_csv, "user_id,country,signup_at,plan")?;
     files.push(users_path);
+    let mut users_delta = UsersDelta::create(&users_delta_dir)?;
 
     let mut orders =
         RotatingOrders { dir: orders_dir, writer: None, in_file: 0, files: 0, pending: Vec::new(), written: Vec::new() };
@@ -274,6 +279,7 @@ pub fn generate(out: &Path, spec: &LakeSpec) -> std::io::Result<LakeSummary> {
     for rows in rows(spec) {
         let user = &rows.user;
         writeln!(users_csv, "{},{},{},{}", user.user_id, user.country, timestamp_text(&user.signup_at), user.plan)?;
+        users_delta.push(user)?;
         summary.users += 1;
         summary.orders += rows.orders.len() as u64;
         summary.events += rows.events.len() as u64;
@@ -293,6 +299,7 @@ pub fn generate(out: &Path, spec: &LakeSpec) -> std::io::Result<LakeSummary> {
         }
     }
     users_csv.flush()?;
+    files.extend(users_delta.finish(spec.now)?);
     files.extend(orders.finish()?);
     files.extend(events.finish()?);
 
@@ -307,6 +314,108 @@ pub fn generate(out: &Path, spec: &LakeSpec) -> std::io::Result<LakeSummary> {
     files.push(vip_path);
     summary.files = files;
     Ok(summary)
+}
+
+/// The users as a Delta Lake table of one commit: a Parquet file and the
+/// log entry that adds it, as a Delta writer leaves them, so examples read
+/// a Delta source. The commit carries an in-commit timestamp (writer
+/// feature `inCommitTimestamp`; no reader feature): the lake's `now`, not
+/// the time the files were written, so a run at `now` reads it whenever
+/// the lake was generated.
+struct UsersDelta {
+    dir: PathBuf,
+    writer: ArrowWriter<File>,
+    pending: Vec<User>,
+}
+
+const USERS_DELTA_FILE: &str = "part-00000.parquet";
+
+impl UsersDelta {
+    fn create(dir: &Path) -> std::io::Result<UsersDelta> {
+        // A table written again starts from an empty log.
+        let log = dir.join("_delta_log");
+        if log.exists() {
+            std::fs::remove_dir_all(&log)?;
+        }
+        std::fs::create_dir_all(&log)?;
+        let props = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .set_created_by("segment-worker lakegen".to_string())
+            .build();
+        let file = File::create(dir.join(USERS_DELTA_FILE))?;
+        let writer = ArrowWriter::try_new(file, users_schema(), Some(props)).map_err(std::io::Error::other)?;
+        Ok(UsersDelta { dir: dir.to_path_buf(), writer, pending: Vec::new() })
+    }
+
+    fn push(&mut self, user: &User) -> std::io::Result<()> {
+        self.pending.push(user.clone());
+        if self.pending.len() == ORDER_BATCH {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let mut ids = StringBuilder::new();
+        let mut countries = StringBuilder::new();
+        let mut signups = TimestampMicrosecondBuilder::with_capacity(self.pending.len()).with_timezone("UTC");
+        let mut plans = StringBuilder::new();
+        for user in self.pending.drain(..) {
+            ids.append_value(&user.user_id);
+            countries.append_value(user.country);
+            signups.append_value(user.signup_at.timestamp_micros());
+            plans.append_value(user.plan);
+        }
+        let columns: Vec<ArrayRef> =
+            vec![Arc::new(ids.finish()), Arc::new(countries.finish()), Arc::new(signups.finish()), Arc::new(plans.finish())];
+        let batch = RecordBatch::try_new(users_schema(), columns).map_err(std::io::Error::other)?;
+        self.writer.write(&batch).map_err(std::io::Error::other)
+    }
+
+    /// Closes the data file and commits it as version 0 at `now`.
+    fn finish(mut self, now: DateTime<Utc>) -> std::io::Result<Vec<PathBuf>> {
+        if !self.pending.is_empty() {
+            self.flush()?;
+        }
+        self.writer.close().map_err(std::io::Error::other)?;
+        let data = self.dir.join(USERS_DELTA_FILE);
+        let size = std::fs::metadata(&data)?.len();
+        let millis = now.timestamp_millis();
+        let field = |name: &str, kind: &str| serde_json::json!({"name": name, "type": kind, "nullable": false, "metadata": {}});
+        let schema = serde_json::json!({"type": "struct", "fields": [
+            field("user_id", "string"), field("country", "string"), field("signup_at", "timestamp"), field("plan", "string"),
+        ]});
+        let actions = [
+            // First, as the feature requires.
+            serde_json::json!({"commitInfo": {"inCommitTimestamp": millis, "timestamp": millis, "operation": "WRITE",
+                "operationParameters": {"mode": "Overwrite"}, "engineInfo": "segment-worker lakegen"}}),
+            serde_json::json!({"protocol": {"minReaderVersion": 1, "minWriterVersion": 7,
+                "writerFeatures": ["inCommitTimestamp"]}}),
+            serde_json::json!({"metaData": {"id": "5e9a7c1e-1f00-4d0b-9d6a-6c6b2d0e1a42", "name": "users",
+                "format": {"provider": "parquet", "options": {}}, "schemaString": schema.to_string(),
+                "partitionColumns": [], "configuration": {"delta.enableInCommitTimestamps": "true"},
+                "createdTime": millis}}),
+            serde_json::json!({"add": {"path": USERS_DELTA_FILE, "partitionValues": {}, "size": size,
+                "modificationTime": millis, "dataChange": true}}),
+        ];
+        let commit = self.dir.join("_delta_log").join("00000000000000000000.json");
+        let mut log = BufWriter::new(File::create(&commit)?);
+        for action in actions {
+            writeln!(log, "{action}")?;
+        }
+        log.flush()?;
+        Ok(vec![data, commit])
+    }
+}
+
+/// The users table's columns, as the Delta copy stores them.
+pub fn users_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("user_id", DataType::Utf8, false),
+        Field::new("country", DataType::Utf8, false),
+        Field::new("signup_at", DataType::Timestamp(TimeUnit::Microsecond, Some(Arc::from("UTC"))), false),
+        Field::new("plan", DataType::Utf8, false),
+    ]))
 }
 
 fn remove_generated(dir: &Path, prefix: &str, suffix: &str) -> std::io::Result<()> {

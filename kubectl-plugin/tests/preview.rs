@@ -108,7 +108,7 @@ async fn the_examples_over_a_lake_match_the_independent_evaluation() {
     let at = |rest: &str| format!("file://{}/{rest}", lake_dir.display());
     assert_eq!(
         by_name["southern-europe-buyers"].reads,
-        vec![format!("table orders ({})", at("orders/")), format!("table users ({})", at("users/"))]
+        vec![format!("table orders ({})", at("orders/")), format!("table users ({})", at("users-delta/"))]
     );
     assert_eq!(by_name["vip-list"].reads, vec![format!("static list {}", at("lists/vip.csv"))]);
 

@@ -357,7 +357,8 @@ fn manifest_files(dir: &Path) -> std::io::Result<Vec<(PathBuf, SystemTime, u64)>
 pub fn ensure_example_lake(dir: &Path, sources: &[SegmentSource]) -> std::io::Result<Option<PathBuf>> {
     let wants_lake = sources.iter().any(|s| s.spec.uri.starts_with("file://./lake/"));
     let lake = dir.join("lake");
-    if !wants_lake || lake.exists() {
+    // A lake generated before it held a Delta table is generated again.
+    if !wants_lake || lake.join("users-delta/_delta_log").exists() {
         return Ok(None);
     }
     segment_compute::lakegen::generate(&lake, &example_lake_spec())?;

@@ -207,3 +207,33 @@ fn a_delta_table_root_outside_the_allowed_prefixes_is_refused() {
         assert_eq!(error.field, "SegmentSource of table `orders`: spec.uri", "{uri}");
     }
 }
+
+/// The example lake's `users-delta` table, written by the lake generator,
+/// is a Delta table deltalake reads: the same users, columns and values as
+/// the generator's rows.
+#[test]
+fn the_example_lakes_delta_table_is_read_by_deltalake() {
+    let lake = tempfile::tempdir().unwrap();
+    let spec = segment_compute::lakegen::LakeSpec::new(300, 7);
+    segment_compute::lakegen::generate(lake.path(), &spec).unwrap();
+    let read = helper(&["read", lake.path().join("users-delta").to_str().unwrap()]);
+    assert_eq!(read["version"], 0);
+    // Committed at the lake's `now` (an in-commit timestamp), whatever the
+    // file times: deltalake's time travel to that moment finds version 0.
+    let at_now = helper(&["at", lake.path().join("users-delta").to_str().unwrap(), &spec.now.to_rfc3339()]);
+    assert_eq!(at_now["version"], 0, "{at_now}");
+    assert_eq!(read["columns"], serde_json::json!(["user_id", "country", "signup_at", "plan"]));
+    let got: BTreeSet<(String, String, String)> = read["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (r["user_id"].as_str().unwrap().into(), r["country"].as_str().unwrap().into(), r["plan"].as_str().unwrap().into())
+        })
+        .collect();
+    let want: BTreeSet<(String, String, String)> = segment_compute::lakegen::rows(&spec)
+        .map(|r| (r.user.user_id.clone(), r.user.country.to_string(), r.user.plan.to_string()))
+        .collect();
+    assert_eq!(got.len(), 300);
+    assert_eq!(got, want);
+}
