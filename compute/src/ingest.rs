@@ -98,6 +98,7 @@ pub async fn run(task: &IngestTask, store: &dyn SegmentStore) -> Result<IngestRe
         definition_hash: Some(manifest.definition_hash.clone()),
         change,
         overrides_from: Some(overrides_from),
+        table_versions: manifest.sources.iter().filter(|read| read.version.is_some()).cloned().collect(),
     };
     let meta = store
         .seal_with(&task.segment, task.version, &seal)

@@ -527,6 +527,10 @@ pub struct VersionStatus {
     /// learns of the switch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retired_at: Option<DateTime<Utc>>,
+    /// The lake tables read at a table version (Delta), with the version:
+    /// recomputing at the same snapshot time reads the same.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub table_versions: Vec<crate::manifest::SourceRead>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]

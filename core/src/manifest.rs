@@ -45,10 +45,12 @@ pub struct Manifest {
 }
 
 /// A lake table a run read.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SourceRead {
+    /// The SQL table name (the SegmentSource's `table`).
     pub table: String,
+    /// The SegmentSource's format.
     pub format: SourceFormat,
     /// The table version read (Delta): the newest commit at or before the
     /// snapshot time.

@@ -380,6 +380,7 @@ impl Planner<'_, '_> {
                 message: None,
                 generation: None,
                 retired_at: None,
+                table_versions: stored.table_versions.clone(),
             });
         }
         // Data of no version the status follows: a dead ingest's partial
@@ -588,6 +589,7 @@ impl Planner<'_, '_> {
             message: None,
             generation: Some(run.generation),
             retired_at: None,
+            table_versions: stored.table_versions.clone(),
         });
         self.st.current_run = None;
         self.st.consecutive_failures = 0;
@@ -642,6 +644,7 @@ impl Planner<'_, '_> {
             message: Some(message.to_string()),
             generation: Some(run.generation),
             retired_at: None,
+            table_versions: Vec::new(),
         });
         self.st.current_run = None;
     }

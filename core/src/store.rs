@@ -115,6 +115,9 @@ pub struct StoredVersion {
     /// it is activated. `None`: its snapshot time (versions sealed before
     /// the grace existed).
     pub overrides_from: Option<DateTime<Utc>>,
+    /// The lake tables the version was computed from at a table version
+    /// (Delta), as its manifest lists them.
+    pub table_versions: Vec<crate::manifest::SourceRead>,
 }
 
 impl StoredVersion {
@@ -133,6 +136,8 @@ pub struct Seal {
     pub change: Option<CountedChange>,
     /// [`StoredVersion::overrides_from`].
     pub overrides_from: Option<DateTime<Utc>>,
+    /// [`StoredVersion::table_versions`].
+    pub table_versions: Vec<crate::manifest::SourceRead>,
 }
 
 /// Users in exactly one of two versions (entered plus exited), counted by
@@ -514,6 +519,7 @@ impl MemoryStore {
             change: None,
             promoted: false,
             overrides_from: None,
+            table_versions: Vec::new(),
         };
         self.with(|all| all.entry(segment.clone()).or_default().versions.insert(version, (meta, members)));
     }
@@ -714,6 +720,7 @@ impl SegmentStore for MemoryStore {
                 change: seal.change,
                 promoted: data.promoted.contains(&version),
                 overrides_from: seal.overrides_from,
+                table_versions: seal.table_versions.clone(),
             };
             data.versions.insert(version, (meta.clone(), members));
             Ok(meta)

@@ -1091,6 +1091,24 @@ fn retention_prunes_the_overrides_no_kept_version_needs() {
     assert_eq!(left, ["late"]);
 }
 
+/// The table versions ingest recorded with a version (from its manifest)
+/// are in its status, for `kubectl segment status`.
+#[test]
+fn the_table_versions_a_version_read_are_in_its_status() {
+    use segment_core::manifest::SourceRead;
+    use segment_core::store::Seal;
+    let mut w = world_with_v1(&spec(""));
+    w.advance(Duration::minutes(1));
+    let v = rerun_to_ingesting(&mut w);
+    w.succeed(v, Ingest);
+    let read = SourceRead { table: "orders".into(), format: SourceFormat::Delta, version: Some(7) };
+    let seal = Seal { table_versions: vec![read.clone()], ..Seal::default() };
+    w.block_on(w.store.seal_with(&key(), v, &seal)).unwrap();
+    let plan = w.reconcile();
+    assert_eq!(version(&plan.status, v).table_versions, vec![read]);
+    assert!(version(&plan.status, 1).table_versions.is_empty());
+}
+
 #[test]
 fn failed_history_is_bounded() {
     let mut w = world_with_v1(&spec(""));

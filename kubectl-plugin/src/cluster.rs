@@ -309,11 +309,27 @@ pub fn render_status(segment: &Segment, now: DateTime<Utc>) -> String {
             or_dash(reason_and_message(v.reason.as_deref(), v.message.as_deref())),
         ]);
     }
+    // Which table version each version read, for Segments over Delta
+    // tables: `users@12`, next to the message.
+    let read_at = |version: u64| -> Option<String> {
+        let found = status.versions.iter().find(|v| v.version == version)?;
+        let tables: Vec<String> =
+            found.table_versions.iter().filter_map(|t| t.version.map(|at| format!("{}@{at}", t.table))).collect();
+        (!tables.is_empty()).then(|| tables.join(","))
+    };
+    let mut headers = vec!["VERSION", "STATE", "MEMBERS", "SNAPSHOT", "COMPUTED", "INGESTED", "MESSAGE"];
+    if status.versions.iter().any(|v| !v.table_versions.is_empty()) {
+        headers.insert(6, "TABLES");
+        for row in &mut rows {
+            let tables = row[0].parse().ok().and_then(read_at);
+            row.insert(6, or_dash(tables));
+        }
+    }
     out.push('\n');
     if rows.is_empty() {
         out.push_str("No versions yet.\n");
     } else {
-        out.push_str(&table(&["VERSION", "STATE", "MEMBERS", "SNAPSHOT", "COMPUTED", "INGESTED", "MESSAGE"], &rows));
+        out.push_str(&table(&headers, &rows));
     }
 
     out.push('\n');

@@ -357,6 +357,27 @@ RolloverHeld   True     ChangeRatioExceeded   29m   v4 changes 900 members, 76.3
     assert_eq!(out, expected, "got:\n{out}");
 }
 
+/// A Segment over Delta tables: each version's row says which table
+/// version it read (`table@version`), as its status records them.
+#[tokio::test]
+async fn status_shows_the_table_versions_each_version_read() {
+    let mut segment = vip(Some(2));
+    segment["status"]["versions"][0]["tableVersions"] =
+        json!([{"table": "orders", "format": "delta", "version": 12}, {"table": "users", "format": "delta", "version": 3}]);
+    segment["status"]["versions"][1]["tableVersions"] = json!([{"table": "orders", "format": "delta", "version": 11}]);
+    let world = world_with(segment);
+    let out = kubectl_segment(&world, &["status", "vip"]).await.unwrap();
+    let table: Vec<&str> = out.lines().skip_while(|l| !l.starts_with("VERSION")).take(5).collect();
+    let expected = [
+        "VERSION   STATE              MEMBERS   SNAPSHOT               COMPUTED               INGESTED               TABLES              MESSAGE",
+        "4         AwaitingApproval   -         2026-03-02T09:30:00Z   2026-03-02T09:30:20Z   2026-03-02T09:30:35Z   -                   ChangeRatioExceeded: v4 changes 900 members, 76.3% of v3's 1180 (maxChangeRatio 0.5)",
+        "3         Retained           1180      2026-03-02T09:00:00Z   2026-03-02T09:00:21Z   2026-03-02T09:00:40Z   orders@12,users@3   -",
+        "2         Active,Pinned      1175      2026-03-02T08:30:00Z   2026-03-02T08:30:19Z   2026-03-02T08:30:37Z   orders@11           -",
+        "1         Failed             -         2026-03-02T08:00:00Z   -                      -                      -                   UnknownColumn: unknown column `amount`",
+    ];
+    assert_eq!(table, expected, "got:\n{out}");
+}
+
 #[tokio::test]
 async fn status_of_a_segment_that_has_not_run_yet() {
     let world = world_with(new_segment());

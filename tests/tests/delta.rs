@@ -237,3 +237,35 @@ fn the_example_lakes_delta_table_is_read_by_deltalake() {
     assert_eq!(got.len(), 300);
     assert_eq!(got, want);
 }
+
+/// Ingest records with the version the table version its compute read
+/// (from the manifest), which the operator copies into the status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_records_the_table_version_read_with_the_version() {
+    use segment_core::manifest::SourceRead;
+    use segment_core::store::{MemoryStore, SegmentStore};
+    use segment_core::task::IngestTask;
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("orders");
+    let results = dir.path().join("results");
+    let written = versions(&helper(&["write", table.to_str().unwrap()]));
+    let snapshot = between(&written, 1);
+    let compute_task = task("ingested", delta_source(&table), &results, snapshot);
+    let (members, read) = compute_members(&compute_task).await;
+    assert_eq!(read, 1);
+
+    let store = MemoryStore::new();
+    let ingest = IngestTask {
+        segment: compute_task.segment.clone(),
+        version: compute_task.version,
+        snapshot_time: snapshot,
+        results_uri: compute_task.results_uri.clone(),
+        max_failed_parts: 0,
+        compare_with: None,
+        overrides_from: None,
+    };
+    segment_compute::ingest::run(&ingest, &store).await.expect("ingest succeeds");
+    let stored = &store.versions(&compute_task.segment).await.unwrap()[&1];
+    assert_eq!(stored.members, members.len() as u64);
+    assert_eq!(stored.table_versions, vec![SourceRead { table: "orders".into(), format: SourceFormat::Delta, version: Some(1) }]);
+}

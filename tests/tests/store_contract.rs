@@ -379,10 +379,17 @@ async fn overrides_reach_what_the_lake_may_not_hold_yet_and_old_ones_are_pruned(
     store.activate(segment, 1).await.unwrap();
     // v2 computed at 60, the lake an hour behind: it reflects events until 0.
     store.load_members(segment, 2, &computed).await.unwrap();
-    let seal = Seal { snapshot_time: Some(at(60)), overrides_from: Some(at(0)), ..Seal::default() };
+    let read = segment_core::manifest::SourceRead {
+        table: "orders".into(),
+        format: segment_core::api::SourceFormat::Delta,
+        version: Some(12),
+    };
+    let seal =
+        Seal { snapshot_time: Some(at(60)), overrides_from: Some(at(0)), table_versions: vec![read.clone()], ..Seal::default() };
     let sealed = store.seal_with(segment, 2, &seal).await.unwrap();
     assert_eq!(sealed.overrides_from, Some(at(0)));
-    assert_eq!(store.versions(segment).await.unwrap()[&2].overrides_from, Some(at(0)), "kept with the version");
+    let listed = &store.versions(segment).await.unwrap()[&2];
+    assert_eq!((listed.overrides_from, &listed.table_versions), (Some(at(0)), &vec![read]), "kept with the version");
 
     store.record_override(segment, &ov("u-00001", OverrideOp::Exclude, at(30), "a")).await.unwrap();
     assert!(!store.is_member(segment, 2, "u-00001").await.unwrap(), "v2's lake may not hold an event at 30 yet");

@@ -94,6 +94,13 @@ fn the_examples_run_through_real_jobs_and_are_served() {
         snapshots.insert(name, active_snapshot(&segment).expect("an active version with its snapshot time"));
         let finalizers = segment["metadata"]["finalizers"].as_array().cloned().unwrap_or_default();
         assert!(finalizers.contains(&"segmentation.dev/cleanup".into()), "{name}: {finalizers:?}");
+        if name == "southern-europe-buyers" {
+            // It reads `users`, a Delta table on the S3 server: its status
+            // says which table version (the generated table has one commit).
+            let active = segment["status"]["activeVersion"].clone();
+            let version = segment["status"]["versions"].as_array().unwrap().iter().find(|v| v["version"] == active).unwrap();
+            assert_eq!(version["tableVersions"], serde_json::json!([{"table": "users", "format": "delta", "version": 0}]));
+        }
     }
 
     // Flux's and Argo's view of health: kstatus computes Current for each.

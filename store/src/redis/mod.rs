@@ -18,6 +18,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::{cmd, Cmd, FromRedisValue, ScriptInvocation, Value};
 use segment_core::api::SegmentKey;
+use segment_core::manifest::SourceRead;
 pub use segment_core::store::Rollover;
 use segment_core::store::{
     new_incarnation, Cause, Change, ChangesClaim, CountedChange, DiffPage, MembershipReader, Override, OverrideOp, RolloverFeed,
@@ -106,6 +107,8 @@ struct VersionMeta {
     /// An order key, compared with override times by the scripts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     overrides_from: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    table_versions: Vec<SourceRead>,
 }
 
 enum Target {
@@ -414,6 +417,7 @@ impl SegmentStore for RedisStore {
                 change: meta.change,
                 promoted: promoted.contains(&version),
                 overrides_from: time(meta.overrides_from, "overrides-from time")?,
+                table_versions: meta.table_versions,
             };
             out.insert(version, stored);
         }
@@ -562,6 +566,7 @@ impl SegmentStore for RedisStore {
             definition_hash: seal.definition_hash.clone(),
             change: seal.change,
             overrides_from: seal.overrides_from.as_ref().map(order_key),
+            table_versions: seal.table_versions.clone(),
         };
         let rest = serde_json::to_string(&meta).map_err(|e| StoreError::Other(Cause::new("encoding version metadata", e)))?;
         let mut invocation = scripts::SEAL.key(keys.meta());
@@ -578,6 +583,7 @@ impl SegmentStore for RedisStore {
             change: seal.change,
             promoted: false,
             overrides_from: seal.overrides_from,
+            table_versions: seal.table_versions.clone(),
         })
     }
 
