@@ -332,12 +332,6 @@ const USERS_DELTA_FILE: &str = "part-00000.parquet";
 
 impl UsersDelta {
     fn create(dir: &Path) -> std::io::Result<UsersDelta> {
-        // A table written again starts from an empty log.
-        let log = dir.join("_delta_log");
-        if log.exists() {
-            std::fs::remove_dir_all(&log)?;
-        }
-        std::fs::create_dir_all(&log)?;
         let props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
             .set_created_by("segment-worker lakegen".to_string())
@@ -379,33 +373,60 @@ impl UsersDelta {
         }
         self.writer.close().map_err(std::io::Error::other)?;
         let data = self.dir.join(USERS_DELTA_FILE);
-        let size = std::fs::metadata(&data)?.len();
-        let millis = now.timestamp_millis();
-        let field = |name: &str, kind: &str| serde_json::json!({"name": name, "type": kind, "nullable": false, "metadata": {}});
-        let schema = serde_json::json!({"type": "struct", "fields": [
-            field("user_id", "string"), field("country", "string"), field("signup_at", "timestamp"), field("plan", "string"),
-        ]});
-        let actions = [
-            // First, as the feature requires.
-            serde_json::json!({"commitInfo": {"inCommitTimestamp": millis, "timestamp": millis, "operation": "WRITE",
-                "operationParameters": {"mode": "Overwrite"}, "engineInfo": "segment-worker lakegen"}}),
-            serde_json::json!({"protocol": {"minReaderVersion": 1, "minWriterVersion": 7,
-                "writerFeatures": ["inCommitTimestamp"]}}),
-            serde_json::json!({"metaData": {"id": "5e9a7c1e-1f00-4d0b-9d6a-6c6b2d0e1a42", "name": "users",
-                "format": {"provider": "parquet", "options": {}}, "schemaString": schema.to_string(),
-                "partitionColumns": [], "configuration": {"delta.enableInCommitTimestamps": "true"},
-                "createdTime": millis}}),
-            serde_json::json!({"add": {"path": USERS_DELTA_FILE, "partitionValues": {}, "size": size,
-                "modificationTime": millis, "dataChange": true}}),
-        ];
-        let commit = self.dir.join("_delta_log").join("00000000000000000000.json");
-        let mut log = BufWriter::new(File::create(&commit)?);
-        for action in actions {
-            writeln!(log, "{action}")?;
-        }
-        log.flush()?;
+        let columns = [("user_id", "string"), ("country", "string"), ("signup_at", "timestamp"), ("plan", "string")];
+        let commit = write_delta_commit(&self.dir, "users", std::slice::from_ref(&data), &columns, now)?;
         Ok(vec![data, commit])
     }
+}
+
+/// Makes the Parquet `files` under `dir` a Delta Lake table: writes its
+/// first commit, `_delta_log/00000000000000000000.json` (protocol, table
+/// metadata with `columns` as Delta types, one `add` per file), with an
+/// in-commit timestamp at `now` (writer feature `inCommitTimestamp`, no
+/// reader feature), so the table's time is the lake's, not the files'.
+/// Returns the commit file.
+pub fn write_delta_commit(
+    dir: &Path,
+    name: &str,
+    files: &[PathBuf],
+    columns: &[(&str, &str)],
+    now: DateTime<Utc>,
+) -> std::io::Result<PathBuf> {
+    let log = dir.join("_delta_log");
+    if log.exists() {
+        std::fs::remove_dir_all(&log)?;
+    }
+    std::fs::create_dir_all(&log)?;
+    let millis = now.timestamp_millis();
+    let fields: Vec<serde_json::Value> = columns
+        .iter()
+        .map(|(column, kind)| serde_json::json!({"name": column, "type": kind, "nullable": false, "metadata": {}}))
+        .collect();
+    let schema = serde_json::json!({"type": "struct", "fields": fields});
+    let mut actions = vec![
+        // First, as the feature requires.
+        serde_json::json!({"commitInfo": {"inCommitTimestamp": millis, "timestamp": millis, "operation": "WRITE",
+            "operationParameters": {"mode": "Overwrite"}, "engineInfo": "segment-worker lakegen"}}),
+        serde_json::json!({"protocol": {"minReaderVersion": 1, "minWriterVersion": 7, "writerFeatures": ["inCommitTimestamp"]}}),
+        serde_json::json!({"metaData": {"id": format!("lakegen-{name}"), "name": name,
+            "format": {"provider": "parquet", "options": {}}, "schemaString": schema.to_string(),
+            "partitionColumns": [], "configuration": {"delta.enableInCommitTimestamps": "true"}, "createdTime": millis}}),
+    ];
+    for file in files {
+        let relative = file
+            .strip_prefix(dir)
+            .map_err(|_| std::io::Error::other(format!("{} is not under {}", file.display(), dir.display())))?;
+        let size = std::fs::metadata(file)?.len();
+        actions.push(serde_json::json!({"add": {"path": relative.to_string_lossy(), "partitionValues": {}, "size": size,
+            "modificationTime": millis, "dataChange": true}}));
+    }
+    let commit = log.join("00000000000000000000.json");
+    let mut out = BufWriter::new(File::create(&commit)?);
+    for action in actions {
+        writeln!(out, "{action}")?;
+    }
+    out.flush()?;
+    Ok(commit)
 }
 
 /// The users table's columns, as the Delta copy stores them.

@@ -3,7 +3,9 @@
 //! same files in the same run: shapes a CRM team writes (windows, anti-
 //! joins, three-table joins, distinct counts, time windows with HAVING,
 //! IN lists, string predicates) over Parquet, CSV and NDJSON, with each
-//! segment's ratio and the total's.
+//! segment's ratio and the total's. Then the orders segments again with
+//! `orders` read as a Delta Lake table (a log over the same Parquet files),
+//! next to the same segments over the plain Parquet prefix.
 //!
 //! cargo run --release -p segment-bench --bin compute -- [users]
 //! (1,000,000 users give ~3M orders and ~10M app events)
@@ -13,7 +15,7 @@ use std::process::Command;
 use chrono::{DateTime, Duration, Utc};
 use segment_bench::row;
 use segment_compute::compute;
-use segment_compute::lakegen::{generate, LakeSpec};
+use segment_compute::lakegen::{generate, write_delta_commit, LakeSpec};
 use segment_core::api::{Definition, SegmentKey, SegmentSourceSpec, SourceFormat};
 use segment_core::rules::Rule;
 use segment_core::rules_sql;
@@ -187,4 +189,47 @@ async fn main() {
     row("total, duckdb (query + fetch)", total_ref, "s");
     row("total ratio, ours / duckdb", total_ours / total_ref, "x");
     println!("{:<48} {:>14.2} x ({})", "worst segment ratio", worst.0, worst.1);
+
+    // The same orders as a Delta table: a log over the same Parquet files,
+    // committed before the snapshot. The segments that read orders only.
+    let orders_dir = lake.join("orders");
+    let parts: Vec<std::path::PathBuf> = summary
+        .files
+        .iter()
+        .filter(|f| f.starts_with(&orders_dir) && f.extension().is_some_and(|e| e == "parquet"))
+        .cloned()
+        .collect();
+    let columns =
+        [("order_id", "long"), ("user_id", "string"), ("amount", "double"), ("status", "string"), ("created_at", "timestamp")];
+    write_delta_commit(&orders_dir, "orders", &parts, &columns, snapshot - Duration::hours(1)).expect("a Delta log");
+    let delta_sources: Vec<SegmentSourceSpec> = sources
+        .iter()
+        .map(|s| if s.table == "orders" { SegmentSourceSpec { format: SourceFormat::Delta, ..s.clone() } } else { s.clone() })
+        .collect();
+    println!();
+    println!("{:<42} {:>10} {:>11} {:>8} {:>10}", "orders as a Delta table", "delta (s)", "parquet (s)", "ratio", "members");
+    for (i, (name, definition, _)) in reference_segments(&sources)
+        .into_iter()
+        .enumerate()
+        .filter(|(_, (_, _, sql))| sql.contains("orders") && !sql.contains("app_events"))
+    {
+        let task = ComputeTask {
+            segment: SegmentKey::new("bench", format!("delta{i}")),
+            version: 1,
+            generation: 1,
+            definition_hash: "bench".into(),
+            snapshot_time: snapshot,
+            definition,
+            sources: delta_sources.clone(),
+            segment_inputs: Vec::new(),
+            results_uri: format!("file://{}/results/delta{i}/v1/", work.path().display()),
+        };
+        let start = std::time::Instant::now();
+        let report = compute::run(&task).await.unwrap_or_else(|e| panic!("{name} over Delta: {e}"));
+        let seconds = start.elapsed().as_secs_f64();
+        let (_, parquet_seconds, parquet_members) = ours[i];
+        assert_eq!(report.members, parquet_members, "{name}: Delta and Parquet disagree on the members");
+        let ratio = seconds / parquet_seconds;
+        println!("{name:<42} {seconds:>10.2} {parquet_seconds:>11.2} {ratio:>7.2}x {:>10}", report.members);
+    }
 }
