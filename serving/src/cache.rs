@@ -55,6 +55,16 @@ impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
         }
     }
 
+    /// Drops one entry.
+    pub fn remove<Q>(&self, key: &Q)
+    where
+        Q: Hash + Equivalent<K> + ?Sized,
+    {
+        if let Some(entries) = &self.entries {
+            entries.remove(key);
+        }
+    }
+
     /// Drops every entry.
     pub fn clear(&self) {
         if let Some(entries) = &self.entries {

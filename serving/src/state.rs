@@ -2,7 +2,7 @@
 //! caches in front of the store, and the task that keeps the alias map
 //! current from rollover notices.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -19,7 +19,61 @@ use crate::metrics::Metrics;
 use crate::{ServingConfig, ServingStore};
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Rollover notices remembered for patching cached users entries; an
+/// entry older than the oldest is fetched again.
+const NOTICE_LOG: usize = 4096;
+/// A cached user entry with more segments rolled over since it was read
+/// is fetched again rather than patched segment by segment.
+const MAX_PATCHED_SEGMENTS: usize = 64;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// A user's active segments as cached: read in cache generation
+/// `generation`, with the rollover notices up to `seq` reflected. Notices
+/// after `seq` name the segments whose answer must be checked again; the
+/// other segments' answers still hold.
+#[derive(Clone)]
+struct UserEntry {
+    generation: u64,
+    seq: u64,
+    value: ActiveSegments,
+}
+
+/// The segments rolled over, in notice order, so that a rollover
+/// invalidates only that segment's cached answers.
+#[derive(Default)]
+struct NoticeLog {
+    /// The newest notice's number.
+    latest: u64,
+    /// Segment → the number of its newest notice.
+    last_of: HashMap<SegmentKey, u64>,
+    /// The newest notices, oldest first, at most [`NOTICE_LOG`].
+    recent: VecDeque<(u64, SegmentKey)>,
+}
+
+impl NoticeLog {
+    fn record(&mut self, segment: &SegmentKey) -> u64 {
+        self.latest += 1;
+        self.last_of.insert(segment.clone(), self.latest);
+        self.recent.push_back((self.latest, segment.clone()));
+        if self.recent.len() > NOTICE_LOG {
+            self.recent.pop_front();
+        }
+        self.latest
+    }
+
+    /// The segments with a notice after `seq`; `None` when notices after
+    /// it were forgotten.
+    fn rolled_since(&self, seq: u64) -> Option<Vec<SegmentKey>> {
+        let oldest = self.recent.front().map(|(n, _)| *n).unwrap_or(self.latest + 1);
+        if seq + 1 < oldest && seq < self.latest {
+            return None;
+        }
+        let mut segments: Vec<SegmentKey> = self.recent.iter().filter(|(n, _)| *n > seq).map(|(_, s)| s.clone()).collect();
+        segments.sort();
+        segments.dedup();
+        Some(segments)
+    }
+}
 
 /// A cached value with the cache generation it was read in. A read that
 /// started before a rollover notice may finish after it: tagging makes its
@@ -27,6 +81,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 struct Tagged<T> {
     generation: u64,
+    /// The newest rollover notice applied when the value was read.
+    seq: u64,
     value: T,
 }
 
@@ -78,10 +134,15 @@ struct Inner {
     config: ServingConfig,
     metrics: Metrics,
     aliases: RwLock<Arc<AliasMap>>,
-    /// Bumped whenever user or version-list entries may be stale: a
-    /// rollover notice, a re-subscription, an alias change found by a
-    /// periodic refresh.
+    /// Bumped whenever any user or version-list entry may be stale: a
+    /// re-subscription, an alias change found by a periodic refresh, a
+    /// store that changed. A rollover notice only makes its segment's
+    /// answers stale ([`NoticeLog`]).
     generation: AtomicU64,
+    /// The newest rollover notice's number ([`NoticeLog::latest`]), read
+    /// without the lock on every cache hit.
+    notice_seq: AtomicU64,
+    notices: RwLock<NoticeLog>,
     ready: AtomicBool,
     /// The store epoch last seen ([`StoreEpoch`]).
     epoch: Mutex<Option<String>>,
@@ -89,13 +150,16 @@ struct Inner {
     /// replaced). Every read answers 503 until an epoch is back, rather
     /// than "in no segment" for everyone.
     state_lost: AtomicBool,
-    /// user → the user's active segments. Filtered by the alias map when
-    /// read from the store: any alias change bumps the generation, which
-    /// makes every entry filtered by an older map unreachable.
-    users: TtlCache<String, Tagged<ActiveSegments>>,
+    /// user → the user's active segments, filtered by the alias map when
+    /// read from the store. A rollover of one segment makes only that
+    /// segment's part of each entry stale: it is checked again on the next
+    /// read (one membership check), the rest is served as it is.
+    users: TtlCache<String, UserEntry>,
     /// (segment, version, user) → member. Keyed by version, so a rollover
     /// moves readers to new keys instead of needing invalidation.
     members: TtlCache<(SegmentKey, u64, String), bool>,
+    /// Tagged with the notice number read before the store call: an entry
+    /// older than its segment's newest notice is stale.
     versions: TtlCache<SegmentKey, Tagged<Versions>>,
 }
 
@@ -115,6 +179,8 @@ impl AppState {
             metrics: Metrics::default(),
             aliases: Default::default(),
             generation: AtomicU64::new(0),
+            notice_seq: AtomicU64::new(0),
+            notices: Default::default(),
             ready: AtomicBool::new(false),
             epoch: Mutex::new(None),
             state_lost: AtomicBool::new(false),
@@ -163,15 +229,23 @@ impl AppState {
         self.inner.refresh_aliases(false).await
     }
 
-    /// The user's active segments: cache, else one `user_versions` round
-    /// trip filtered by the alias map.
+    /// The user's active segments: cache (its segments rolled over since
+    /// checked again), else one `user_versions` round trip filtered by the
+    /// alias map.
     pub(crate) async fn user_segments(&self, user: &str) -> Result<ActiveSegments, StoreError> {
         let inner = &self.inner;
         inner.check_state()?;
         let generation = inner.generation.load(Ordering::Acquire);
+        let seq = inner.notice_seq.load(Ordering::Acquire);
         if let Some(hit) = inner.users.get(user).filter(|e| e.generation == generation) {
-            inner.metrics.cache("users", 1, 0);
-            return Ok(hit.value);
+            if hit.seq == seq {
+                inner.metrics.cache("users", 1, 0);
+                return Ok(hit.value);
+            }
+            if let Some(patched) = self.patch_user_entry(user, &hit, generation, seq).await? {
+                inner.metrics.cache("users", 1, 0);
+                return Ok(patched);
+            }
         }
         inner.metrics.cache("users", 0, 1);
         let loaded = inner.call("user_versions", self.store.user_versions(user)).await?;
@@ -185,8 +259,41 @@ impl AppState {
         active.sort_by(|a, b| a.segment.cmp(&b.segment));
         active.dedup_by(|a, b| a.segment == b.segment);
         let value: ActiveSegments = active.into();
-        inner.users.insert(user.to_string(), Tagged { generation, value: value.clone() });
+        inner.users.insert(user.to_string(), UserEntry { generation, seq, value: value.clone() });
         Ok(value)
+    }
+
+    /// Brings a cached entry up to notice `seq` by checking the user in the
+    /// active version of each segment rolled over since the entry was
+    /// read; `None` when it is cheaper, or only possible, to read the
+    /// user's versions again.
+    async fn patch_user_entry(
+        &self,
+        user: &str,
+        entry: &UserEntry,
+        generation: u64,
+        seq: u64,
+    ) -> Result<Option<ActiveSegments>, StoreError> {
+        let inner = &self.inner;
+        let rolled = inner.notices.read().unwrap_or_else(|e| e.into_inner()).rolled_since(entry.seq);
+        let Some(rolled) = rolled.filter(|r| r.len() <= MAX_PATCHED_SEGMENTS) else { return Ok(None) };
+        let aliases = inner.aliases();
+        let checks: Vec<(SegmentKey, u64, String)> = rolled
+            .iter()
+            .filter_map(|segment| aliases.get(segment).map(|active| (segment.clone(), active.version, user.to_string())))
+            .collect();
+        let members = if checks.is_empty() { Vec::new() } else { self.members(&checks).await? };
+        let mut active: Vec<Arc<ActiveSegment>> =
+            entry.value.iter().filter(|segment| !rolled.contains(&segment.segment)).cloned().collect();
+        for ((segment, _, _), member) in checks.iter().zip(members) {
+            if let Some(now) = aliases.get(segment).filter(|_| member) {
+                active.push(now.clone());
+            }
+        }
+        active.sort_by(|a, b| a.segment.cmp(&b.segment));
+        let value: ActiveSegments = active.into();
+        inner.users.insert(user.to_string(), UserEntry { generation, seq, value: value.clone() });
+        Ok(Some(value))
     }
 
     /// Answers each (segment, version, user) from cache, and the misses with
@@ -231,13 +338,15 @@ impl AppState {
         let inner = &self.inner;
         inner.check_state()?;
         let generation = inner.generation.load(Ordering::Acquire);
-        if let Some(hit) = inner.versions.get(segment).filter(|e| e.generation == generation) {
+        let seq = inner.notice_seq.load(Ordering::Acquire);
+        let rolled_at = || inner.notices.read().unwrap_or_else(|e| e.into_inner()).last_of.get(segment).copied().unwrap_or(0);
+        if let Some(hit) = inner.versions.get(segment).filter(|e| e.generation == generation && rolled_at() <= e.seq) {
             inner.metrics.cache("versions", 1, 0);
             return Ok(hit.value);
         }
         inner.metrics.cache("versions", 0, 1);
         let value = Arc::new(inner.call("versions", self.store.versions(segment)).await?);
-        inner.versions.insert(segment.clone(), Tagged { generation, value: value.clone() });
+        inner.versions.insert(segment.clone(), Tagged { generation, seq, value: value.clone() });
         Ok(value)
     }
 }
@@ -315,7 +424,7 @@ impl Inner {
             let mut next = (**aliases).clone();
             match notice.version {
                 Some(version) => {
-                    let (segment, active) = ActiveSegment::entry(notice.segment, version);
+                    let (segment, active) = ActiveSegment::entry(notice.segment.clone(), version);
                     next.insert(segment, active);
                 }
                 None => {
@@ -324,9 +433,13 @@ impl Inner {
             }
             *aliases = Arc::new(next);
         }
-        // After the alias changed: a request that sees the new generation
-        // also sees the new alias.
-        self.invalidate();
+        // After the alias changed: a request that sees the new notice
+        // number also sees the new alias. Only this segment's cached
+        // answers are stale; the version list goes, user entries are
+        // patched when read.
+        let seq = self.notices.write().unwrap_or_else(|e| e.into_inner()).record(&notice.segment);
+        self.notice_seq.store(seq, Ordering::Release);
+        self.versions.remove(&notice.segment);
     }
 
     /// Replaces the alias map with the store's. `changed_anyway` says the
@@ -421,5 +534,29 @@ async fn follow_rollovers(state: Weak<Inner>) {
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_notice_log_names_the_segments_rolled_over_since_and_forgets_the_oldest() {
+        let (a, b) = (SegmentKey::new("ns", "a"), SegmentKey::new("ns", "b"));
+        let mut log = NoticeLog::default();
+        assert_eq!(log.rolled_since(0), Some(vec![]));
+        let first = log.record(&a);
+        log.record(&b);
+        log.record(&a);
+        assert_eq!(log.rolled_since(0), Some(vec![a.clone(), b.clone()]));
+        assert_eq!(log.rolled_since(first), Some(vec![a.clone(), b.clone()]));
+        assert_eq!(log.rolled_since(log.latest), Some(vec![]));
+        assert_eq!(log.last_of[&a], 3);
+        for _ in 0..NOTICE_LOG {
+            log.record(&b);
+        }
+        assert_eq!(log.rolled_since(first), None, "notices after it were forgotten: read the user again");
+        assert_eq!(log.rolled_since(log.latest - 1), Some(vec![b]));
     }
 }

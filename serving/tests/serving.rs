@@ -528,6 +528,39 @@ async fn metrics_count_requests_and_cache_hits() {
     }
 }
 
+/// A rollover makes only its segment's cached answers stale: a cached
+/// user's other segments are served from the cache, the rolled-over one is
+/// checked again (entered and exited alike), and other segments' version
+/// lists stay cached.
+#[tokio::test]
+async fn a_rollover_invalidates_only_that_segments_cache_entries() {
+    let store = Arc::new(MemoryStore::new());
+    fixture(store.as_ref()).await;
+    let api = Api::start(store.clone(), config()).await;
+    let misses = |text: &str, cache: &str| -> u64 {
+        let prefix = format!("segment_serving_cache_misses_total{{cache=\"{cache}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0, |n| n.parse().unwrap())
+    };
+    assert_eq!(api.get("/v1/users/u1/segments").await.1, segments("u1", &[("crm", "vip", 1), ("growth", "lapsed", 1)]));
+    assert_eq!(api.get("/v1/users/u3/segments").await.1, segments("u3", &[]));
+    assert_eq!(api.get("/v1/namespaces/crm/segments/vip").await.0, StatusCode::OK);
+    assert_eq!(api.get("/v1/namespaces/growth/segments/lapsed").await.0, StatusCode::OK);
+    let before = api.metrics().await;
+    assert_eq!((misses(&before, "users"), misses(&before, "versions")), (2, 2));
+
+    // growth/lapsed rolls over to v2 {u2, u3}: u1 exits, u3 enters.
+    store.activate(&lapsed(), 2).await.unwrap();
+    api.eventually("/v1/namespaces/growth/segments/lapsed/members/u3", json!({"member": true, "version": 2})).await;
+    assert_eq!(api.get("/v1/users/u1/segments").await.1, segments("u1", &[("crm", "vip", 1)]));
+    assert_eq!(api.get("/v1/users/u3/segments").await.1, segments("u3", &[("growth", "lapsed", 2)]));
+    assert_eq!(api.get("/v1/namespaces/crm/segments/vip").await.0, StatusCode::OK);
+    let (_, lapsed_versions) = api.get("/v1/namespaces/growth/segments/lapsed").await;
+    assert_eq!(lapsed_versions["activeVersion"], 2, "{lapsed_versions}");
+    let after = api.metrics().await;
+    assert_eq!(misses(&after, "users"), 2, "both users were patched, not read again:\n{after}");
+    assert_eq!(misses(&after, "versions"), 3, "only lapsed's version list was read again:\n{after}");
+}
+
 /// One request over a fresh TCP connection (`connection: close`, so
 /// consecutive requests may land on different serving threads):
 /// (status code, body).
