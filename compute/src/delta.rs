@@ -442,7 +442,8 @@ fn check_protocol(protocol: &Value, column_mapping: &str, with_deletion_vectors:
 /// decoded; never an absolute location (a shallow clone's) or `..`, which
 /// would read outside the root the location checks allowed.
 fn inside_root(path: &str) -> Result<String, DeltaError> {
-    let decoded = percent_decoded(path).ok_or_else(|| unreadable("a data file path has a bad percent escape"))?;
+    let decoded =
+        segment_core::policy::percent_decoded(path).ok_or_else(|| unreadable("a data file path has a bad percent escape"))?;
     if decoded.contains("://") || decoded.starts_with('/') {
         return Err(unsupported("a data file outside the table root (an absolute path, as shallow clones write) is not read"));
     }
@@ -450,23 +451,6 @@ fn inside_root(path: &str) -> Result<String, DeltaError> {
         return Err(unsupported("a data file path with `.`, `..` or an empty segment is not read"));
     }
     Ok(decoded)
-}
-
-fn percent_decoded(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut at = 0;
-    while at < bytes.len() {
-        if bytes[at] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(at + 1..at + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            at += 3;
-        } else {
-            out.push(bytes[at]);
-            at += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// The fields of a Delta `struct` type.

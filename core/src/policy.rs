@@ -85,7 +85,7 @@ fn check_resources(resources: &WorkerResources, max: &CpuMemory) -> Result<(), I
 /// percent escapes decoded: `%66inance` is `finance`.
 fn check_location(field: &str, uri: &str, class: &ComputeClassSpec, tenant: Tenant<'_>) -> Result<(), Invalid> {
     let Tenant { namespace, results_base } = tenant;
-    let read = decoded(uri).ok_or_else(|| not_allowed(field, format!("{uri}: a percent escape is not UTF-8 text")))?;
+    let read = percent_decoded(uri).ok_or_else(|| not_allowed(field, format!("{uri}: a percent escape is not UTF-8 text")))?;
     let path = read.split_once("://").map(|(_, rest)| rest).unwrap_or(&read);
     if path.split('/').any(|segment| segment == ".." || segment == ".") || path.contains("//") {
         return Err(not_allowed(field, format!("{uri}: `.`, `..` and empty segments are not allowed in a location")));
@@ -107,8 +107,8 @@ fn check_location(field: &str, uri: &str, class: &ComputeClassSpec, tenant: Tena
 
 /// `text` with its percent escapes decoded, as the engine decodes a
 /// location's path; `None` when an escape is malformed or the result is
-/// not UTF-8.
-fn decoded(text: &str) -> Option<String> {
+/// not UTF-8. Every check of a path the engine reads decodes it here.
+pub fn percent_decoded(text: &str) -> Option<String> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut at = 0;
@@ -127,7 +127,7 @@ fn decoded(text: &str) -> Option<String> {
 
 /// An admin's location (a prefix, the results base) as it reads.
 fn decoded_or_as_is(text: &str) -> std::borrow::Cow<'_, str> {
-    decoded(text).map_or(std::borrow::Cow::Borrowed(text), std::borrow::Cow::Owned)
+    percent_decoded(text).map_or(std::borrow::Cow::Borrowed(text), std::borrow::Cow::Owned)
 }
 
 /// A quantity in its base unit (cores, bytes): `500m`, `2`, `1.5`, `1Gi`,
