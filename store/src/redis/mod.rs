@@ -391,15 +391,17 @@ impl SegmentStore for RedisStore {
     async fn versions(&self, segment: &SegmentKey) -> Result<BTreeMap<u64, StoredVersion>, StoreError> {
         let keys = SegmentKeys::new(segment);
         let mut invocation = scripts::VERSIONS.key(keys.meta());
-        invocation.arg(keys.version_prefix());
+        invocation.key(keys.promoted()).arg(keys.version_prefix());
         let flat: Vec<Value> = self.script(invocation, self.read()).await?;
-        let promoted: BTreeSet<u64> = self.query(cmd("SMEMBERS").arg(keys.promoted()), self.read()).await?;
         let mut out = BTreeMap::new();
         let mut items = flat.into_iter();
-        while let (Some(version), Some(json), Some(count)) = (items.next(), items.next(), items.next()) {
+        while let (Some(version), Some(json), Some(count), Some(promoted)) =
+            (items.next(), items.next(), items.next(), items.next())
+        {
             let version: u64 = parse(version, "a version number")?;
             let json: String = parse(json, "version metadata")?;
             let members: u64 = parse(count, "a member count")?;
+            let promoted: bool = parse::<u8>(promoted, "a promoted flag")? == 1;
             let meta: VersionMeta = serde_json::from_str(&json)
                 .map_err(|e| StoreError::Other(Cause::new(format!("metadata of {segment} v{version}"), e)))?;
             let time = |text: Option<String>, what: &str| -> Result<Option<DateTime<Utc>>, StoreError> {
@@ -415,7 +417,7 @@ impl SegmentStore for RedisStore {
                 snapshot_time: time(meta.snapshot_time, "snapshot time")?,
                 definition_hash: meta.definition_hash,
                 change: meta.change,
-                promoted: promoted.contains(&version),
+                promoted,
                 overrides_from: time(meta.overrides_from, "overrides-from time")?,
                 table_versions: meta.table_versions,
             };

@@ -161,9 +161,10 @@ return n
     )
 });
 
-/// KEYS: meta. ARGV: version key prefix. Every sealed version with its
-/// metadata and its live member count (overrides change it after sealing).
-/// Returns `{version, json, count, ...}`.
+/// KEYS: meta, promoted. ARGV: version key prefix. Every sealed version
+/// with its metadata, its live member count (overrides change it after
+/// sealing) and whether it was ever promoted (1 or 0).
+/// Returns `{version, json, count, promoted, ...}`.
 pub(crate) static VERSIONS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -173,6 +174,7 @@ for i = 1, #all, 2 do
   out[#out + 1] = all[i]
   out[#out + 1] = all[i + 1]
   out[#out + 1] = redis.call('SCARD', ARGV[1] .. all[i])
+  out[#out + 1] = redis.call('SISMEMBER', KEYS[2], all[i])
 end
 return out
 "#,
