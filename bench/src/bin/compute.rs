@@ -122,6 +122,27 @@ fn reference_segments(sources: &[SegmentSourceSpec]) -> Vec<(&'static str, Defin
     ]
 }
 
+/// The compute task of one benchmark segment, its results under `work`.
+fn bench_task(
+    name: &str,
+    definition: Definition,
+    sources: &[SegmentSourceSpec],
+    snapshot: DateTime<Utc>,
+    work: &std::path::Path,
+) -> ComputeTask {
+    ComputeTask {
+        segment: SegmentKey::new("bench", name),
+        version: 1,
+        generation: 1,
+        definition_hash: "bench".into(),
+        snapshot_time: snapshot,
+        definition,
+        sources: sources.to_vec(),
+        segment_inputs: Vec::new(),
+        results_uri: format!("file://{}/results/{name}/v1/", work.display()),
+    }
+}
+
 fn duckdb_sql(sql: &str, snapshot: DateTime<Utc>) -> String {
     sql.replace("now()", &format!("TIMESTAMPTZ '{}'", snapshot.format("%Y-%m-%d %H:%M:%S+00")))
 }
@@ -143,17 +164,7 @@ async fn main() {
     let mut queries = Vec::new();
     let mut ours = Vec::new();
     for (i, (name, definition, sql)) in reference_segments(&sources).into_iter().enumerate() {
-        let task = ComputeTask {
-            segment: SegmentKey::new("bench", format!("s{i}")),
-            version: 1,
-            generation: 1,
-            definition_hash: "bench".into(),
-            snapshot_time: snapshot,
-            definition,
-            sources: sources.clone(),
-            segment_inputs: Vec::new(),
-            results_uri: format!("file://{}/results/s{i}/v1/", work.path().display()),
-        };
+        let task = bench_task(&format!("s{i}"), definition, &sources, snapshot, work.path());
         let start = std::time::Instant::now();
         let report = compute::run(&task).await.unwrap_or_else(|e| panic!("{name}: {e}"));
         ours.push((name, start.elapsed().as_secs_f64(), report.members));
@@ -213,17 +224,7 @@ async fn main() {
         .enumerate()
         .filter(|(_, (_, _, sql))| sql.contains("orders") && !sql.contains("app_events"))
     {
-        let task = ComputeTask {
-            segment: SegmentKey::new("bench", format!("delta{i}")),
-            version: 1,
-            generation: 1,
-            definition_hash: "bench".into(),
-            snapshot_time: snapshot,
-            definition,
-            sources: delta_sources.clone(),
-            segment_inputs: Vec::new(),
-            results_uri: format!("file://{}/results/delta{i}/v1/", work.path().display()),
-        };
+        let task = bench_task(&format!("delta{i}"), definition, &delta_sources, snapshot, work.path());
         let start = std::time::Instant::now();
         let report = compute::run(&task).await.unwrap_or_else(|e| panic!("{name} over Delta: {e}"));
         let seconds = start.elapsed().as_secs_f64();
