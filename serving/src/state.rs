@@ -453,6 +453,11 @@ impl Inner {
             // segment" once the state is back but not yet re-read.
             return Ok(());
         };
+        if store_changed {
+            // Version numbers of a rebuilt store name other members: the
+            // membership cache, keyed by version, goes too.
+            self.members.clear();
+        }
         let changed_anyway = changed_anyway || store_changed;
         {
             let mut aliases = self.aliases.write().unwrap_or_else(|e| e.into_inner());
