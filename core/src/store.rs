@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
@@ -408,18 +409,119 @@ impl Rollover {
             "-" => None,
             v => Some(v.parse().ok()?),
         };
-        let (namespace, name) = segment.split_once('/')?;
-        Some(Rollover { segment: SegmentKey::new(namespace, name), version })
+        Some(Rollover { segment: parse_segment(segment)?, version })
     }
 }
 
-/// Where caches learn about rollovers.
+/// What the store's notice channel carries to serving replicas and
+/// workers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// Readers of the segment switch versions.
+    Rollover(Rollover),
+    /// Readers are about to be switched to `version`: serving replicas load
+    /// its index now and report it ([`ReplicaRegistry::report_loaded`]);
+    /// the operator switches once every live replica holds it.
+    Load { segment: SegmentKey, version: u64 },
+    /// A realtime override that took effect (it superseded what the user
+    /// had); replicas answering from index files apply it on top.
+    Override { segment: SegmentKey, change: Override },
+}
+
+impl Notice {
+    /// Parses the wire forms: `ns/name <version|->` (a rollover),
+    /// `load ns/name <version>`, `override ns/name <override as JSON>`.
+    /// Kubernetes names hold no spaces, so the forms cannot be confused.
+    pub fn parse(payload: &str) -> Option<Notice> {
+        if let Some(rest) = payload.strip_prefix("load ") {
+            let (segment, version) = rest.split_once(' ')?;
+            return Some(Notice::Load { segment: parse_segment(segment)?, version: version.parse().ok()? });
+        }
+        if let Some(rest) = payload.strip_prefix("override ") {
+            let (segment, change) = rest.split_once(' ')?;
+            return Some(Notice::Override { segment: parse_segment(segment)?, change: serde_json::from_str(change).ok()? });
+        }
+        Rollover::parse(payload).map(Notice::Rollover)
+    }
+
+    /// The wire form [`parse`](Self::parse) reads.
+    pub fn payload(&self) -> String {
+        match self {
+            Notice::Rollover(Rollover { segment, version: Some(version) }) => format!("{segment} {version}"),
+            Notice::Rollover(Rollover { segment, version: None }) => format!("{segment} -"),
+            Notice::Load { segment, version } => format!("load {segment} {version}"),
+            Notice::Override { segment, change } => {
+                format!("override {segment} {}", serde_json::to_string(change).expect("an override serializes"))
+            }
+        }
+    }
+}
+
+fn parse_segment(text: &str) -> Option<SegmentKey> {
+    let (namespace, name) = text.split_once('/')?;
+    (!namespace.is_empty() && !name.is_empty() && !name.contains(' ')).then(|| SegmentKey::new(namespace, name))
+}
+
+/// Where caches and replicas learn about rollovers, load requests and
+/// overrides.
 #[async_trait]
 pub trait RolloverFeed: Send + Sync {
-    /// Rollover notices from now on. The stream ends when notices may have
-    /// been missed (connection lost, reader too slow): subscribe again and
-    /// treat the gap as "anything may have changed".
-    async fn rollovers(&self) -> Result<BoxStream<'static, Rollover>, StoreError>;
+    /// Notices from now on. The stream ends when notices may have been
+    /// missed (connection lost, reader too slow): subscribe again and treat
+    /// the gap as "anything may have changed".
+    async fn notices(&self) -> Result<BoxStream<'static, Notice>, StoreError>;
+
+    /// Only the rollover notices of [`notices`](Self::notices).
+    async fn rollovers(&self) -> Result<BoxStream<'static, Rollover>, StoreError> {
+        let notices = self.notices().await?;
+        Ok(Box::pin(notices.filter_map(|notice| async move {
+            match notice {
+                Notice::Rollover(rollover) => Some(rollover),
+                _ => None,
+            }
+        })))
+    }
+}
+
+/// Which serving replicas are live and which versions each holds in
+/// memory, so that readers are switched to a version only once every live
+/// replica can answer from it (docs/serving.md, "Rollover").
+#[async_trait]
+pub trait ReplicaRegistry: Send + Sync {
+    /// Asks replicas to load `version` of `segment` ahead of the switch:
+    /// records the request (a replica that starts or re-subscribes later
+    /// finds it in [`load_requests`](Self::load_requests)) and publishes a
+    /// [`Notice::Load`].
+    async fn request_load(&self, segment: &SegmentKey, version: u64) -> Result<(), StoreError>;
+    /// The recorded load requests, segment → version. A request ends when
+    /// its segment is activated, withdrawn or deleted.
+    async fn load_requests(&self) -> Result<BTreeMap<SegmentKey, u64>, StoreError>;
+    /// `replica` is live (and ready) until `until`; replicas renew this
+    /// well before it runs out.
+    async fn replica_alive(&self, replica: &str, until: DateTime<Utc>) -> Result<(), StoreError>;
+    /// `replica` is shutting down: it no longer counts.
+    async fn replica_gone(&self, replica: &str) -> Result<(), StoreError>;
+    /// The versions of `segment` that `replica` holds now (replaces what it
+    /// reported before; empty: none).
+    async fn report_loaded(&self, replica: &str, segment: &SegmentKey, versions: &[u64]) -> Result<(), StoreError>;
+    /// The live replicas, and which of them hold `version` of `segment`.
+    async fn load_status(&self, segment: &SegmentKey, version: u64) -> Result<LoadStatus, StoreError>;
+}
+
+/// The answer of [`ReplicaRegistry::load_status`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadStatus {
+    /// Replicas whose liveness has not run out.
+    pub live: BTreeSet<String>,
+    /// The live replicas holding the version.
+    pub holding: BTreeSet<String>,
+}
+
+impl LoadStatus {
+    /// The live replicas that do not hold the version yet.
+    pub fn missing(&self) -> Vec<&str> {
+        self.live.difference(&self.holding).map(String::as_str).collect()
+    }
 }
 
 /// Result files in object storage.
@@ -457,7 +559,7 @@ struct SegmentData {
 /// What the embedded store broadcasts to its rollover subscribers.
 #[derive(Debug, Clone)]
 enum FeedEvent {
-    Rollover(Rollover),
+    Notice(Notice),
     /// The store went down: subscriptions end, as a Redis pub/sub
     /// connection would.
     Lost,
@@ -478,6 +580,17 @@ pub struct MemoryStore {
     /// ([`MemoryStore::fail_overrides_of`]).
     failing_users: Mutex<HashMap<String, StoreError>>,
     feed: broadcast::Sender<FeedEvent>,
+    replicas: Mutex<Replicas>,
+}
+
+/// The embedded store's [`ReplicaRegistry`] state.
+#[derive(Debug, Default)]
+struct Replicas {
+    /// Replica → until when it is live.
+    live: HashMap<String, DateTime<Utc>>,
+    /// Segment → replica → the versions it holds.
+    loaded: HashMap<SegmentKey, HashMap<String, Vec<u64>>>,
+    requests: BTreeMap<SegmentKey, u64>,
 }
 
 impl Default for MemoryStore {
@@ -488,6 +601,7 @@ impl Default for MemoryStore {
             failing: Default::default(),
             failing_users: Default::default(),
             feed: broadcast::channel(FEED_CAPACITY).0,
+            replicas: Default::default(),
         }
     }
 }
@@ -498,8 +612,17 @@ impl MemoryStore {
     }
 
     fn notify(&self, segment: &SegmentKey, version: Option<u64>) {
+        let mut replicas = self.replicas.lock().unwrap_or_else(|e| e.into_inner());
+        if version.is_none() || replicas.requests.get(segment) == version.as_ref() {
+            replicas.requests.remove(segment);
+        }
+        drop(replicas);
+        self.send(Notice::Rollover(Rollover { segment: segment.clone(), version }));
+    }
+
+    fn send(&self, notice: Notice) {
         // No subscribers is not an error: nobody caches anything.
-        let _ = self.feed.send(FeedEvent::Rollover(Rollover { segment: segment.clone(), version }));
+        let _ = self.feed.send(FeedEvent::Notice(notice));
     }
 
     /// Loads a complete version (what a successful ingest leaves behind).
@@ -732,7 +855,7 @@ impl SegmentStore for MemoryStore {
         if let Some(error) = self.failing_users.lock().unwrap_or_else(|e| e.into_inner()).get(&change.user) {
             return Err(error.clone());
         }
-        Ok(self.with(|all| {
+        let recorded = self.with(|all| {
             let data = all.entry(segment.clone()).or_default();
             if data.overrides.get(&change.user).is_some_and(|current| !change.supersedes(current)) {
                 return false;
@@ -742,7 +865,11 @@ impl SegmentStore for MemoryStore {
                 data.apply(version, change);
             }
             true
-        }))
+        });
+        if recorded {
+            self.send(Notice::Override { segment: segment.clone(), change: change.clone() });
+        }
+        Ok(recorded)
     }
 
     async fn overrides_since(&self, segment: &SegmentKey, since: DateTime<Utc>) -> Result<Vec<Override>, StoreError> {
@@ -907,18 +1034,77 @@ impl MembershipReader for MemoryStore {
 
 #[async_trait]
 impl RolloverFeed for MemoryStore {
-    async fn rollovers(&self) -> Result<BoxStream<'static, Rollover>, StoreError> {
+    async fn notices(&self) -> Result<BoxStream<'static, Notice>, StoreError> {
         self.ensure_available()?;
         let receiver = self.feed.subscribe();
         // A lagged receiver has missed notices, which the contract reports
         // by ending the stream, like a lost store connection.
         let stream = futures::stream::unfold(receiver, |mut receiver| async move {
             match receiver.recv().await {
-                Ok(FeedEvent::Rollover(notice)) => Some((notice, receiver)),
+                Ok(FeedEvent::Notice(notice)) => Some((notice, receiver)),
                 Ok(FeedEvent::Lost) | Err(_) => None,
             }
         });
         Ok(Box::pin(stream))
+    }
+}
+
+#[async_trait]
+impl ReplicaRegistry for MemoryStore {
+    async fn request_load(&self, segment: &SegmentKey, version: u64) -> Result<(), StoreError> {
+        self.ensure_available()?;
+        self.replicas.lock().unwrap_or_else(|e| e.into_inner()).requests.insert(segment.clone(), version);
+        self.send(Notice::Load { segment: segment.clone(), version });
+        Ok(())
+    }
+
+    async fn load_requests(&self) -> Result<BTreeMap<SegmentKey, u64>, StoreError> {
+        self.ensure_available()?;
+        Ok(self.replicas.lock().unwrap_or_else(|e| e.into_inner()).requests.clone())
+    }
+
+    async fn replica_alive(&self, replica: &str, until: DateTime<Utc>) -> Result<(), StoreError> {
+        self.ensure_available()?;
+        self.replicas.lock().unwrap_or_else(|e| e.into_inner()).live.insert(replica.to_string(), until);
+        Ok(())
+    }
+
+    async fn replica_gone(&self, replica: &str) -> Result<(), StoreError> {
+        self.ensure_available()?;
+        let mut replicas = self.replicas.lock().unwrap_or_else(|e| e.into_inner());
+        replicas.live.remove(replica);
+        for holders in replicas.loaded.values_mut() {
+            holders.remove(replica);
+        }
+        Ok(())
+    }
+
+    async fn report_loaded(&self, replica: &str, segment: &SegmentKey, versions: &[u64]) -> Result<(), StoreError> {
+        self.ensure_available()?;
+        let mut replicas = self.replicas.lock().unwrap_or_else(|e| e.into_inner());
+        let holders = replicas.loaded.entry(segment.clone()).or_default();
+        if versions.is_empty() {
+            holders.remove(replica);
+        } else {
+            holders.insert(replica.to_string(), versions.to_vec());
+        }
+        Ok(())
+    }
+
+    async fn load_status(&self, segment: &SegmentKey, version: u64) -> Result<LoadStatus, StoreError> {
+        self.ensure_available()?;
+        let replicas = self.replicas.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Utc::now();
+        let live: BTreeSet<String> = replicas.live.iter().filter(|(_, until)| **until > now).map(|(r, _)| r.clone()).collect();
+        let holding = replicas
+            .loaded
+            .get(segment)
+            .into_iter()
+            .flatten()
+            .filter(|(replica, versions)| live.contains(*replica) && versions.contains(&version))
+            .map(|(replica, _)| replica.clone())
+            .collect();
+        Ok(LoadStatus { live, holding })
     }
 }
 

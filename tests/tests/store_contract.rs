@@ -12,7 +12,7 @@ use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
 use futures::StreamExt;
 use segment_core::api::SegmentKey;
 use segment_core::store::{
-    ChangesClaim, MembershipReader, MemoryStore, Override, OverrideOp, Seal, SegmentStore, StoreError, Transition,
+    ChangesClaim, MembershipReader, MemoryStore, Override, OverrideOp, RolloverFeed, Seal, SegmentStore, StoreError, Transition,
 };
 use segment_store::redis::{RedisStore, RedisStoreOptions, Rollover};
 use segment_tests::{RedisCluster, RedisServer};
@@ -688,7 +688,7 @@ async fn next_notice(notices: &mut (impl futures::Stream<Item = Rollover> + Unpi
 
 async fn rollovers_are_announced(store: &RedisStore, namespace: &str) {
     let segment = SegmentKey::new(namespace, "announced");
-    let mut notices = store.rollover_notifications().await.unwrap();
+    let mut notices = store.rollovers().await.unwrap();
     load_sealed(store, &segment, 1, &users("u", 0..5), at(0)).await;
     load_sealed(store, &segment, 2, &users("u", 0..5), at(1)).await;
     store.activate(&segment, 1).await.unwrap();
@@ -859,7 +859,7 @@ async fn fails_fast_when_down(store: &RedisStore) {
     unavailable!(store.activate(&segment, 1));
     unavailable!(store.record_override(&segment, &ov("u-1", OverrideOp::Exclude, at(1), "x")));
     unavailable!(store.delete_version(&segment, 1));
-    unavailable!(store.rollover_notifications());
+    unavailable!(store.rollovers());
 }
 
 fn short_deadlines() -> RedisStoreOptions {

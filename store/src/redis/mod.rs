@@ -21,8 +21,8 @@ use segment_core::api::SegmentKey;
 use segment_core::manifest::SourceRead;
 pub use segment_core::store::Rollover;
 use segment_core::store::{
-    new_incarnation, Cause, Change, ChangesClaim, CountedChange, DiffPage, MembershipReader, Override, OverrideOp, RolloverFeed,
-    Seal, SegmentStore, StoreEpoch, StoreError, StoredVersion, Transition,
+    new_incarnation, Cause, Change, ChangesClaim, CountedChange, DiffPage, MembershipReader, Notice, Override, OverrideOp,
+    RolloverFeed, Seal, SegmentStore, StoreEpoch, StoreError, StoredVersion, Transition,
 };
 use serde::{Deserialize, Serialize};
 use tracing::warn;
@@ -184,7 +184,7 @@ impl RedisStore {
     /// Rollover notices from now on, on a dedicated pub/sub connection. The
     /// stream ends when that connection drops: subscribe again and treat
     /// the gap as "anything may have changed" (drop the whole cache).
-    pub async fn rollover_notifications(&self) -> Result<BoxStream<'static, Rollover>, StoreError> {
+    pub async fn notifications(&self) -> Result<BoxStream<'static, Notice>, StoreError> {
         let mut last = StoreError::Unavailable("no Redis node to subscribe to".into());
         for client in &self.inner.pubsub {
             let subscribed = within(self.inner.options.connect_timeout, async {
@@ -196,9 +196,9 @@ impl RedisStore {
             match subscribed {
                 Ok(pubsub) => {
                     let notices = pubsub.into_on_message().filter_map(|msg| {
-                        let notice = std::str::from_utf8(msg.get_payload_bytes()).ok().and_then(Rollover::parse);
+                        let notice = std::str::from_utf8(msg.get_payload_bytes()).ok().and_then(Notice::parse);
                         if notice.is_none() {
-                            warn!(payload = ?msg.get_payload_bytes(), "ignoring a malformed rollover notice");
+                            warn!(payload = ?msg.get_payload_bytes(), "ignoring a malformed notice");
                         }
                         futures::future::ready(notice)
                     });
@@ -773,8 +773,8 @@ impl SegmentStore for RedisStore {
 
 #[async_trait]
 impl RolloverFeed for RedisStore {
-    async fn rollovers(&self) -> Result<BoxStream<'static, Rollover>, StoreError> {
-        self.rollover_notifications().await
+    async fn notices(&self) -> Result<BoxStream<'static, Notice>, StoreError> {
+        self.notifications().await
     }
 }
 
