@@ -12,6 +12,8 @@
 //! - `cache`: the caches in front of the store, dropped on rollover notices;
 //! - `connection`: one API connection under the header-read and idle timeouts;
 //! - `error`: the JSON error body and its reasons;
+//! - `indexes`: serving from index files: where they come from, a
+//!   version held in memory, the realtime overrides on top;
 //! - `metrics`: request and store metrics;
 //! - `server`: a thread per core, each with its own runtime and store
 //!   connection, under the connection limit; `/metrics` on its own port;
@@ -22,6 +24,7 @@ mod auth;
 mod cache;
 mod connection;
 mod error;
+mod indexes;
 mod metrics;
 mod server;
 mod state;
@@ -31,17 +34,18 @@ use std::time::Duration;
 pub use api::{max_body_bytes, metrics_router, openapi, router};
 pub use auth::{Access, Tokens, TokensError};
 pub use error::{ApiError, ErrorBody};
+pub use indexes::{IndexOptions, IndexSource, LoadedVersion, ResultFiles};
 pub use metrics::Metrics;
 pub use server::{connect_redis, ConnectionLimits, ServeError, Server, ServerOptions};
 pub use state::AppState;
 
-use segment_core::store::{MembershipReader, RolloverFeed, SegmentStore};
+use segment_core::store::{MembershipReader, ReplicaRegistry, RolloverFeed, SegmentStore};
 
-/// What serving needs from a store: reads, version listings and rollover
-/// notices. Both `MemoryStore` and `RedisStore` are one.
-pub trait ServingStore: SegmentStore + MembershipReader + RolloverFeed {}
+/// What serving needs from a store: reads, version listings, notices and
+/// the replicas' load reports. Both `MemoryStore` and `RedisStore` are one.
+pub trait ServingStore: SegmentStore + MembershipReader + RolloverFeed + ReplicaRegistry {}
 
-impl<T: SegmentStore + MembershipReader + RolloverFeed + ?Sized> ServingStore for T {}
+impl<T: SegmentStore + MembershipReader + RolloverFeed + ReplicaRegistry + ?Sized> ServingStore for T {}
 
 /// Tunables of the serving API; [`Default`] is what the binary starts with.
 #[derive(Debug, Clone)]
@@ -64,6 +68,9 @@ pub struct ServingConfig {
     pub max_checks: usize,
     /// Bearer tokens and the namespaces each may read; `None` turns auth off.
     pub tokens: Option<Tokens>,
+    /// Serve from each active version's index file held in memory
+    /// (`None`: from the store's per-membership layout).
+    pub index: Option<IndexOptions>,
 }
 
 impl Default for ServingConfig {
@@ -76,6 +83,7 @@ impl Default for ServingConfig {
             refresh_interval: Duration::from_secs(5),
             max_checks: 1000,
             tokens: None,
+            index: None,
         }
     }
 }

@@ -46,6 +46,9 @@ pub struct Metrics {
     feed_reconnects: Counter,
     open_connections: Gauge,
     connection_timeouts: Counter,
+    index_load_seconds: Histogram,
+    index_bytes: Gauge,
+    index_memberships: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -72,6 +75,10 @@ impl Default for Metrics {
         let feed_reconnects = Counter::default();
         let open_connections = Gauge::default();
         let connection_timeouts = Counter::default();
+        // 10 ms .. ~80 s: from a small segment's index to a large one's over a slow link.
+        let index_load_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 14));
+        let index_bytes = Gauge::default();
+        let index_memberships = Gauge::default();
         registry.register("http_requests", "HTTP requests by route, method and status code", requests.clone());
         registry.register("http_request_duration_seconds", "Time to answer a request, by route", request_seconds.clone());
         registry.register("cache_hits", "Answers found in the in-process cache", cache_hits.clone());
@@ -85,8 +92,14 @@ impl Default for Metrics {
             "Client connections closed because their request headers or their next request did not come in time",
             connection_timeouts.clone(),
         );
+        registry.register("index_load_seconds", "Time to fetch and verify one version's index file", index_load_seconds.clone());
+        registry.register("index_bytes", "Bytes of the index files held in memory", index_bytes.clone());
+        registry.register("index_memberships", "Memberships in the index files held in memory", index_memberships.clone());
         Metrics {
             registry,
+            index_load_seconds,
+            index_bytes,
+            index_memberships,
             requests,
             request_seconds,
             cache_hits,
@@ -136,6 +149,16 @@ impl Metrics {
         } else {
             self.open_connections.dec();
         }
+    }
+
+    pub fn index_loaded(&self, seconds: f64) {
+        self.index_load_seconds.observe(seconds);
+    }
+
+    /// What the index files held now take, and hold.
+    pub fn index_held(&self, bytes: u64, memberships: u64) {
+        self.index_bytes.set(bytes as i64);
+        self.index_memberships.set(memberships as i64);
     }
 
     pub fn connection_timeout(&self) {

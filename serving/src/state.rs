@@ -8,13 +8,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use segment_core::api::SegmentKey;
-use segment_core::store::{Rollover, StoreEpoch, StoreError, StoredVersion};
+use segment_core::store::{Notice, Rollover, StoreEpoch, StoreError, StoredVersion};
 use tracing::{debug, info, warn};
 
 use crate::auth::Tokens;
 use crate::cache::TtlCache;
+use crate::indexes::{merge_override, IndexOptions, LoadedVersion, Overlay};
 use crate::metrics::Metrics;
 use crate::{ServingConfig, ServingStore};
 
@@ -93,6 +95,8 @@ struct Tagged<T> {
 pub struct ActiveSegment {
     pub segment: SegmentKey,
     pub version: u64,
+    /// The version's members, when this replica serves from index files.
+    pub(crate) index: Option<Arc<LoadedVersion>>,
     /// This segment as a [`UserSegment`](crate::api::UserSegment) in JSON.
     pub(crate) json: Box<str>,
 }
@@ -100,12 +104,19 @@ pub struct ActiveSegment {
 impl ActiveSegment {
     pub(crate) fn new(segment: SegmentKey, version: u64) -> ActiveSegment {
         let json = crate::api::user_segment_json(&segment, version);
-        ActiveSegment { segment, version, json }
+        ActiveSegment { segment, version, index: None, json }
     }
 
     /// The alias map's entry for `segment` at `version`.
     fn entry(segment: SegmentKey, version: u64) -> (SegmentKey, Arc<ActiveSegment>) {
         (segment.clone(), Arc::new(ActiveSegment::new(segment, version)))
+    }
+
+    /// The alias map's entry for a version held in memory.
+    fn indexed(segment: SegmentKey, loaded: Arc<LoadedVersion>) -> (SegmentKey, Arc<ActiveSegment>) {
+        let mut active = ActiveSegment::new(segment.clone(), loaded.version);
+        active.index = Some(loaded);
+        (segment, Arc::new(active))
     }
 }
 
@@ -161,6 +172,25 @@ struct Inner {
     /// Tagged with the notice number read before the store call: an entry
     /// older than its segment's newest notice is stale.
     versions: TtlCache<SegmentKey, Tagged<Versions>>,
+    /// What this replica holds when it serves from index files.
+    held: Held,
+}
+
+/// The versions a replica serving from index files holds, and the
+/// overrides laid on top of them. Only the task following the notices
+/// loads and evicts; requests only read.
+#[derive(Default)]
+struct Held {
+    /// Segment → version → its members. The active version, plus the one
+    /// the operator asked to load ahead of a switch.
+    versions: RwLock<HashMap<SegmentKey, BTreeMap<u64, Arc<LoadedVersion>>>>,
+    /// Segment → the version the operator asked to load ([`Notice::Load`]).
+    requested: Mutex<HashMap<SegmentKey, u64>>,
+    /// Segment → its realtime overrides, newest per user.
+    overlays: RwLock<HashMap<SegmentKey, Overlay>>,
+    /// Every active version was loaded at least once: the replica may
+    /// report itself live.
+    complete: AtomicBool,
 }
 
 impl AppState {
@@ -184,6 +214,7 @@ impl AppState {
             ready: AtomicBool::new(false),
             epoch: Mutex::new(None),
             state_lost: AtomicBool::new(false),
+            held: Held::default(),
         });
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(follow_rollovers(Arc::downgrade(&inner)));
@@ -235,6 +266,9 @@ impl AppState {
     pub(crate) async fn user_segments(&self, user: &str) -> Result<ActiveSegments, StoreError> {
         let inner = &self.inner;
         inner.check_state()?;
+        if inner.config.index.is_some() {
+            return Ok(inner.indexed_user_segments(user));
+        }
         let generation = inner.generation.load(Ordering::Acquire);
         let seq = inner.notice_seq.load(Ordering::Acquire);
         if let Some(hit) = inner.users.get(user).filter(|e| e.generation == generation) {
@@ -301,6 +335,9 @@ impl AppState {
     pub(crate) async fn members(&self, triples: &[(SegmentKey, u64, String)]) -> Result<Vec<bool>, StoreError> {
         let inner = &self.inner;
         inner.check_state()?;
+        if inner.config.index.is_some() {
+            return inner.indexed_members(triples);
+        }
         let mut answers = Vec::with_capacity(triples.len());
         let mut misses = Vec::new();
         for (i, triple) in triples.iter().enumerate() {
@@ -356,6 +393,179 @@ impl Inner {
         self.aliases.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The user's active segments, one probe of each active version held.
+    fn indexed_user_segments(&self, user: &str) -> ActiveSegments {
+        let aliases = self.aliases();
+        let overlays = self.held.overlays.read().unwrap_or_else(|e| e.into_inner());
+        let overlay_of = |segment: &SegmentKey| if overlays.is_empty() { None } else { overlays.get(segment) };
+        let mut active: Vec<Arc<ActiveSegment>> = aliases
+            .values()
+            .filter(|active| active.index.as_ref().is_some_and(|index| index.has(user, overlay_of(&active.segment))))
+            .cloned()
+            .collect();
+        active.sort_by(|a, b| a.segment.cmp(&b.segment));
+        active.into()
+    }
+
+    /// Each (segment, version, user) answered from the versions held.
+    fn indexed_members(&self, triples: &[(SegmentKey, u64, String)]) -> Result<Vec<bool>, StoreError> {
+        let aliases = self.aliases();
+        let overlays = self.held.overlays.read().unwrap_or_else(|e| e.into_inner());
+        let held = self.held.versions.read().unwrap_or_else(|e| e.into_inner());
+        triples
+            .iter()
+            .map(|(segment, version, user)| {
+                let active =
+                    aliases.get(segment).and_then(|active| active.index.as_ref()).filter(|index| index.version == *version);
+                let loaded =
+                    active.or_else(|| held.get(segment).and_then(|versions| versions.get(version))).ok_or_else(|| {
+                        StoreError::Unavailable(format!("version {version} of {segment} is not loaded on this replica").into())
+                    })?;
+                Ok(loaded.has(user, overlays.get(segment)))
+            })
+            .collect()
+    }
+
+    fn index_options(&self) -> Option<&IndexOptions> {
+        self.config.index.as_ref()
+    }
+
+    fn held_version(&self, segment: &SegmentKey, version: u64) -> Option<Arc<LoadedVersion>> {
+        let held = self.held.versions.read().unwrap_or_else(|e| e.into_inner());
+        held.get(segment).and_then(|versions| versions.get(&version)).cloned()
+    }
+
+    /// Holds `version` of `segment` in memory: fetches its index and the
+    /// overrides it does not reflect, then reports what the segment holds.
+    /// Only the task following the notices calls it.
+    async fn hold(&self, options: &IndexOptions, segment: &SegmentKey, version: u64) -> Result<Arc<LoadedVersion>, StoreError> {
+        if let Some(loaded) = self.held_version(segment, version) {
+            return Ok(loaded);
+        }
+        let started = std::time::Instant::now();
+        let versions = self.call("versions", self.store.versions(segment)).await?;
+        let stored = versions.get(&version).ok_or(StoreError::MissingVersion { segment: segment.to_string(), version })?;
+        let reflects_until = stored.reflects_events_until();
+        // No store deadline: fetching a large file takes what it takes,
+        // and requests are answered from what is held meanwhile.
+        let ids = options.source.fetch(segment, version).await?;
+        let since = reflects_until.unwrap_or(DateTime::UNIX_EPOCH);
+        let overrides = self.call("overrides_since", self.store.overrides_since(segment, since)).await?;
+        {
+            let mut overlays = self.held.overlays.write().unwrap_or_else(|e| e.into_inner());
+            let overlay = overlays.entry(segment.clone()).or_default();
+            for change in overrides {
+                merge_override(overlay, change);
+            }
+        }
+        let loaded = Arc::new(LoadedVersion::new(version, ids, reflects_until));
+        self.held
+            .versions
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(segment.clone())
+            .or_default()
+            .insert(version, loaded.clone());
+        self.metrics.index_loaded(started.elapsed().as_secs_f64());
+        self.update_held_metrics();
+        info!(%segment, version, members = loaded.members(), bytes = loaded.bytes(), seconds = started.elapsed().as_secs_f64(), "index loaded");
+        self.report(options, segment).await;
+        Ok(loaded)
+    }
+
+    /// Drops the segment's versions that are neither active nor requested,
+    /// and its overrides once it holds none.
+    async fn evict(&self, options: &IndexOptions, segment: &SegmentKey) {
+        let active = self.aliases().get(segment).map(|active| active.version);
+        let requested = self.held.requested.lock().unwrap_or_else(|e| e.into_inner()).get(segment).copied();
+        let changed = {
+            let mut held = self.held.versions.write().unwrap_or_else(|e| e.into_inner());
+            let Some(versions) = held.get_mut(segment) else { return };
+            let before = versions.len();
+            versions.retain(|version, _| Some(*version) == active || Some(*version) == requested);
+            let changed = versions.len() != before;
+            if versions.is_empty() {
+                held.remove(segment);
+                self.held.overlays.write().unwrap_or_else(|e| e.into_inner()).remove(segment);
+            }
+            changed
+        };
+        if changed {
+            self.update_held_metrics();
+            self.report(options, segment).await;
+        }
+    }
+
+    /// Tells the operator which versions of `segment` this replica holds.
+    /// A failed report only delays a switch: the next load or refresh
+    /// reports again.
+    async fn report(&self, options: &IndexOptions, segment: &SegmentKey) {
+        let versions: Vec<u64> = {
+            let held = self.held.versions.read().unwrap_or_else(|e| e.into_inner());
+            held.get(segment).map(|versions| versions.keys().copied().collect()).unwrap_or_default()
+        };
+        let report = self.store.report_loaded(&options.replica, segment, &versions);
+        if let Err(e) = self.call("report_loaded", report).await {
+            warn!(%segment, error = %e, "reporting the versions held failed");
+        }
+    }
+
+    fn update_held_metrics(&self) {
+        let held = self.held.versions.read().unwrap_or_else(|e| e.into_inner());
+        let (bytes, members) = held
+            .values()
+            .flat_map(|versions| versions.values())
+            .fold((0u64, 0u64), |(bytes, members), loaded| (bytes + loaded.bytes() as u64, members + loaded.members()));
+        self.metrics.index_held(bytes, members);
+    }
+
+    /// Applies a notice when serving from index files: a rollover switches
+    /// once the version is held, a load request is fetched ahead of its
+    /// switch, an override goes on top of the segment's versions.
+    async fn apply_indexed(&self, options: &IndexOptions, notice: Notice) {
+        match notice {
+            Notice::Rollover(Rollover { segment, version: Some(version) }) => {
+                self.metrics.rollover_notice();
+                match self.hold(options, &segment, version).await {
+                    Ok(loaded) => {
+                        self.finish_request(&segment, version);
+                        self.switch(&segment, Some(ActiveSegment::indexed(segment.clone(), loaded).1));
+                        self.evict(options, &segment).await;
+                    }
+                    // The operator switched without this replica (its load
+                    // timeout ran out): it keeps answering from the version it
+                    // has; the periodic refresh tries again.
+                    Err(e) => warn!(%segment, version, error = %e, "loading the new active version failed"),
+                }
+            }
+            Notice::Rollover(Rollover { segment, version: None }) => {
+                self.metrics.rollover_notice();
+                self.held.requested.lock().unwrap_or_else(|e| e.into_inner()).remove(&segment);
+                self.switch(&segment, None);
+                self.evict(options, &segment).await;
+            }
+            Notice::Load { segment, version } => {
+                self.held.requested.lock().unwrap_or_else(|e| e.into_inner()).insert(segment.clone(), version);
+                if let Err(e) = self.hold(options, &segment, version).await {
+                    warn!(%segment, version, error = %e, "loading a requested version failed");
+                }
+            }
+            Notice::Override { segment, change } => {
+                let mut overlays = self.held.overlays.write().unwrap_or_else(|e| e.into_inner());
+                if let Some(overlay) = overlays.get_mut(&segment) {
+                    merge_override(overlay, change);
+                }
+            }
+        }
+    }
+
+    fn finish_request(&self, segment: &SegmentKey, version: u64) {
+        let mut requested = self.held.requested.lock().unwrap_or_else(|e| e.into_inner());
+        if requested.get(segment) == Some(&version) {
+            requested.remove(segment);
+        }
+    }
+
     /// Runs a store call under the configured deadline; a missed deadline
     /// counts as the store being unavailable.
     async fn call<T>(&self, operation: &'static str, call: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
@@ -376,6 +586,11 @@ impl Inner {
             return Err(StoreError::Unavailable(
                 "the store lost its state (its epoch is gone); reads fail until it is restored or rebuilt".into(),
             ));
+        }
+        // A replica serving from index files knows nobody's segments until
+        // it holds every active version: "in no segment" would be wrong.
+        if self.config.index.is_some() && !self.ready.load(Ordering::Acquire) {
+            return Err(StoreError::Unavailable("this replica is still loading the active versions' index files".into()));
         }
         Ok(())
     }
@@ -419,16 +634,22 @@ impl Inner {
     fn apply(&self, notice: Rollover) {
         self.metrics.rollover_notice();
         debug!(segment = %notice.segment, version = ?notice.version, "rollover notice");
+        let active = notice.version.map(|version| ActiveSegment::entry(notice.segment.clone(), version).1);
+        self.switch(&notice.segment, active);
+    }
+
+    /// Points `segment`'s alias at `active` (`None`: removes it) and marks
+    /// the segment's cached answers stale.
+    fn switch(&self, segment: &SegmentKey, active: Option<Arc<ActiveSegment>>) {
         {
             let mut aliases = self.aliases.write().unwrap_or_else(|e| e.into_inner());
             let mut next = (**aliases).clone();
-            match notice.version {
-                Some(version) => {
-                    let (segment, active) = ActiveSegment::entry(notice.segment.clone(), version);
-                    next.insert(segment, active);
+            match active {
+                Some(active) => {
+                    next.insert(segment.clone(), active);
                 }
                 None => {
-                    next.remove(&notice.segment);
+                    next.remove(segment);
                 }
             }
             *aliases = Arc::new(next);
@@ -437,9 +658,20 @@ impl Inner {
         // number also sees the new alias. Only this segment's cached
         // answers are stale; the version list goes, user entries are
         // patched when read.
-        let seq = self.notices.write().unwrap_or_else(|e| e.into_inner()).record(&notice.segment);
+        let seq = self.notices.write().unwrap_or_else(|e| e.into_inner()).record(segment);
         self.notice_seq.store(seq, Ordering::Release);
-        self.versions.remove(&notice.segment);
+        self.versions.remove(segment);
+    }
+
+    /// Applies one notice: rollovers only, unless serving from index files.
+    async fn apply_notice(&self, notice: Notice) {
+        match (self.index_options(), notice) {
+            (Some(options), notice) => self.apply_indexed(options, notice).await,
+            (None, Notice::Rollover(rollover)) => self.apply(rollover),
+            // Overrides reach the Redis layout's members directly; cached
+            // answers keep them out for at most the cache TTL.
+            (None, Notice::Load { .. } | Notice::Override { .. }) => {}
+        }
     }
 
     /// Replaces the alias map with the store's. `changed_anyway` says the
@@ -459,6 +691,9 @@ impl Inner {
             self.members.clear();
         }
         let changed_anyway = changed_anyway || store_changed;
+        if let Some(options) = self.index_options() {
+            return self.refresh_indexed(options, fresh, changed_anyway, store_changed).await;
+        }
         {
             let mut aliases = self.aliases.write().unwrap_or_else(|e| e.into_inner());
             // A notice applied while this read was in flight is newer than
@@ -479,6 +714,126 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// [`refresh_aliases`](Self::refresh_aliases) when serving from index
+    /// files: holds every active and requested version (fetching what is
+    /// missing, a few at a time), then points the alias map at them. Ready,
+    /// and reported live, only once every active version is held.
+    async fn refresh_indexed(
+        &self,
+        options: &IndexOptions,
+        fresh: BTreeMap<SegmentKey, u64>,
+        resubscribed: bool,
+        store_changed: bool,
+    ) -> Result<(), StoreError> {
+        if store_changed {
+            // A rebuilt store's version numbers may name other members.
+            self.held.versions.write().unwrap_or_else(|e| e.into_inner()).clear();
+            self.held.overlays.write().unwrap_or_else(|e| e.into_inner()).clear();
+        }
+        let requests = self.call("load_requests", self.store.load_requests()).await?;
+        *self.held.requested.lock().unwrap_or_else(|e| e.into_inner()) = requests.clone().into_iter().collect();
+        if resubscribed {
+            // Override notices may have been missed: read each held
+            // segment's overrides again.
+            self.reload_overlays().await?;
+        }
+        let wanted: Vec<(SegmentKey, u64)> = fresh
+            .iter()
+            .chain(requests.iter())
+            .filter(|(segment, version)| self.held_version(segment, **version).is_none())
+            .map(|(segment, version)| (segment.clone(), *version))
+            .collect();
+        let failed: Vec<(SegmentKey, u64, StoreError)> = futures::stream::iter(wanted)
+            .map(|(segment, version)| async move {
+                let result = self.hold(options, &segment, version).await;
+                (segment, version, result)
+            })
+            .buffer_unordered(options.parallel_loads.max(1))
+            .filter_map(|(segment, version, result)| async move { result.err().map(|e| (segment, version, e)) })
+            .collect()
+            .await;
+        for (segment, version, error) in &failed {
+            warn!(%segment, version, %error, "loading an index failed; retrying on the next refresh");
+        }
+        let mut complete = true;
+        let before = self.aliases();
+        let mut next = AliasMap::default();
+        for (segment, version) in &fresh {
+            match self.held_version(segment, *version) {
+                Some(loaded) => {
+                    let unchanged =
+                        before.get(segment).filter(|active| active.index.as_ref().is_some_and(|i| Arc::ptr_eq(i, &loaded)));
+                    let entry = unchanged.cloned().unwrap_or_else(|| ActiveSegment::indexed(segment.clone(), loaded).1);
+                    next.insert(segment.clone(), entry);
+                }
+                None => {
+                    complete = false;
+                    // Keeps answering from the version it has, if any.
+                    if let Some(kept) = before.get(segment).filter(|active| active.index.is_some()) {
+                        next.insert(segment.clone(), kept.clone());
+                    }
+                }
+            }
+        }
+        let changed = next.len() != before.len()
+            || next.iter().any(|(segment, active)| before.get(segment).is_none_or(|old| !Arc::ptr_eq(old, active)));
+        if changed {
+            let rolled: Vec<SegmentKey> = before
+                .keys()
+                .chain(next.keys())
+                .filter(|segment| match (before.get(*segment), next.get(*segment)) {
+                    (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
+                    _ => true,
+                })
+                .cloned()
+                .collect();
+            *self.aliases.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+            for segment in rolled {
+                self.versions.remove(&segment);
+            }
+        }
+        let segments: Vec<SegmentKey> = self.held.versions.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+        for segment in segments {
+            self.evict(options, &segment).await;
+        }
+        if complete {
+            self.held.complete.store(true, Ordering::Release);
+        }
+        if self.held.complete.load(Ordering::Acquire) {
+            let until = Utc::now() + options.liveness;
+            self.call("replica_alive", self.store.replica_alive(&options.replica, until)).await?;
+            if !self.ready.swap(true, Ordering::AcqRel) {
+                info!(segments = fresh.len(), "every active version is held; ready");
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads every held segment's overrides again (after a gap in the
+    /// notices), from the oldest time a held version does not reflect.
+    async fn reload_overlays(&self) -> Result<(), StoreError> {
+        let since: Vec<(SegmentKey, DateTime<Utc>)> = {
+            let held = self.held.versions.read().unwrap_or_else(|e| e.into_inner());
+            held.iter()
+                .map(|(segment, versions)| {
+                    let oldest = versions.values().map(|v| v.reflects_until().unwrap_or(DateTime::UNIX_EPOCH)).min();
+                    (segment.clone(), oldest.unwrap_or(DateTime::UNIX_EPOCH))
+                })
+                .collect()
+        };
+        for (segment, since) in since {
+            let overrides = self.call("overrides_since", self.store.overrides_since(&segment, since)).await?;
+            let mut overlays = self.held.overlays.write().unwrap_or_else(|e| e.into_inner());
+            let overlay = overlays.entry(segment).or_default();
+            for change in overrides {
+                merge_override(overlay, change);
+            }
+        }
+        Ok(())
+    }
+}
+
 fn same_versions(aliases: &AliasMap, versions: &BTreeMap<SegmentKey, u64>) -> bool {
     aliases.len() == versions.len()
         && versions.iter().all(|(segment, version)| aliases.get(segment).is_some_and(|active| active.version == *version))
@@ -494,7 +849,7 @@ async fn follow_rollovers(state: Weak<Inner>) {
         let Some(inner) = state.upgrade() else { return };
         let subscribe_timeout = inner.config.subscribe_timeout;
         let refresh_interval = inner.config.refresh_interval;
-        let feed = match tokio::time::timeout(subscribe_timeout, inner.store.rollovers()).await {
+        let feed = match tokio::time::timeout(subscribe_timeout, inner.store.notices()).await {
             Ok(result) => result,
             Err(_) => Err(StoreError::Unavailable(format!("subscribing took longer than {subscribe_timeout:?}").into())),
         };
@@ -519,7 +874,7 @@ async fn follow_rollovers(state: Weak<Inner>) {
                         notice = notices.next() => {
                             let Some(inner) = state.upgrade() else { return };
                             match notice {
-                                Some(notice) => inner.apply(notice),
+                                Some(notice) => inner.apply_notice(notice).await,
                                 None => {
                                     warn!("rollover feed ended; subscribing again");
                                     break;

@@ -1,0 +1,305 @@
+//! Serving from index files: a replica answers from the result files'
+//! `members.sgix` held in memory (the store holds no members at all here),
+//! switches a segment only once it holds the new version, reports what it
+//! holds, and lays realtime overrides on top. On the embedded store and on
+//! a real `redis-server`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use axum::body::Body;
+use chrono::{DateTime, TimeDelta, Utc};
+use http::{Request, StatusCode};
+use segment_core::api::SegmentKey;
+use segment_core::index::IdSet;
+use segment_core::naming::results_uri;
+use segment_core::store::{MemoryStore, Override, OverrideOp, Seal, StoreError};
+use segment_serving::{router, AppState, IndexOptions, IndexSource, ResultFiles, ServingConfig, ServingStore};
+use segment_store::redis::RedisStore;
+use segment_tests::{write_result, RedisServer};
+use serde_json::Value;
+use tower::ServiceExt;
+
+const REPLICA: &str = "serving-0";
+
+fn snapshot() -> DateTime<Utc> {
+    DateTime::from_timestamp(1_780_000_000, 0).unwrap()
+}
+
+fn lapsed() -> SegmentKey {
+    SegmentKey::new("growth", "lapsed")
+}
+
+fn vip() -> SegmentKey {
+    SegmentKey::new("crm", "vip")
+}
+
+/// An index source that can be held back or made to fail, in front of the
+/// real result files.
+struct Gate {
+    files: ResultFiles,
+    open: AtomicBool,
+    broken: AtomicBool,
+}
+
+impl Gate {
+    fn new(base: &str) -> Arc<Gate> {
+        Arc::new(Gate { files: ResultFiles::new(base), open: AtomicBool::new(true), broken: AtomicBool::new(false) })
+    }
+}
+
+#[async_trait]
+impl IndexSource for Gate {
+    async fn fetch(&self, segment: &SegmentKey, version: u64) -> Result<IdSet, StoreError> {
+        while !self.open.load(Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if self.broken.load(Ordering::Acquire) {
+            return Err(StoreError::Unavailable("the object store is down".into()));
+        }
+        self.files.fetch(segment, version).await
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    base: String,
+    store: Arc<dyn ServingStore>,
+}
+
+impl Fixture {
+    fn new(store: Arc<dyn ServingStore>) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let base = format!("file://{}/", dir.path().display());
+        Fixture { _dir: dir, base, store }
+    }
+
+    /// Writes the version's result files and seals it in the store with
+    /// no members there: every answer must come from the files.
+    async fn version(&self, segment: &SegmentKey, version: u64, members: &[&str]) {
+        let mut ids: Vec<String> = members.iter().map(|m| m.to_string()).collect();
+        ids.sort();
+        write_result(&results_uri(&self.base, segment, version), segment, version, snapshot(), &[ids]).await;
+        let seal = Seal { snapshot_time: Some(snapshot()), overrides_from: Some(snapshot()), ..Seal::default() };
+        self.store.seal_with(segment, version, &seal).await.unwrap();
+    }
+
+    fn config(&self, source: Arc<dyn IndexSource>, refresh: Duration) -> ServingConfig {
+        ServingConfig {
+            refresh_interval: refresh,
+            store_timeout: Duration::from_millis(500),
+            index: Some(IndexOptions::new(source, REPLICA)),
+            ..ServingConfig::default()
+        }
+    }
+}
+
+struct Api {
+    router: axum::Router,
+    state: AppState,
+}
+
+impl Api {
+    fn start(store: Arc<dyn ServingStore>, config: ServingConfig) -> Api {
+        let state = AppState::new(store, config);
+        Api { router: router(state.clone()), state }
+    }
+
+    async fn wait_ready(&self) {
+        let start = Instant::now();
+        while !self.state.is_ready() {
+            assert!(start.elapsed() < Duration::from_secs(10), "the replica never became ready");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let request = Request::get(path).body(Body::empty()).unwrap();
+        let response =
+            tokio::time::timeout(Duration::from_secs(10), self.router.clone().oneshot(request)).await.unwrap().unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    /// The user's segments as `ns/name@version`.
+    async fn segments_of(&self, user: &str) -> Vec<String> {
+        let (status, body) = self.get(&format!("/v1/users/{user}/segments")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["segments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| format!("{}/{}@{}", s["namespace"].as_str().unwrap(), s["name"].as_str().unwrap(), s["version"]))
+            .collect()
+    }
+
+    async fn is_member(&self, segment: &SegmentKey, user: &str) -> bool {
+        let (status, body) =
+            self.get(&format!("/v1/namespaces/{}/segments/{}/members/{user}", segment.namespace, segment.name)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["member"].as_bool().unwrap()
+    }
+
+    async fn eventually_segments(&self, user: &str, expected: &[&str]) {
+        let start = Instant::now();
+        loop {
+            let got = self.segments_of(user).await;
+            if got == expected {
+                return;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "{user}: still {got:?}, expected {expected:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn eventually_holding(store: &dyn ServingStore, segment: &SegmentKey, version: u64, holding: bool) {
+    let start = Instant::now();
+    loop {
+        let status = store.load_status(segment, version).await.unwrap();
+        if status.holding.contains(REPLICA) == holding {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{segment} v{version}: {status:?}, expected holding={holding}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Answers, rollover after the version is held, load requests reported
+/// before the switch, eviction of the version left.
+async fn answers_and_rollovers(store: Arc<dyn ServingStore>) {
+    let fixture = Fixture::new(store.clone());
+    fixture.version(&lapsed(), 1, &["u1", "u2"]).await;
+    fixture.version(&lapsed(), 2, &["u2", "u3"]).await;
+    fixture.version(&vip(), 1, &["u1"]).await;
+    store.activate(&lapsed(), 1).await.unwrap();
+    store.activate(&vip(), 1).await.unwrap();
+    let gate = Gate::new(&fixture.base);
+    let api = Api::start(store.clone(), fixture.config(gate.clone(), Duration::from_secs(600)));
+    api.wait_ready().await;
+
+    assert_eq!(api.segments_of("u1").await, ["crm/vip@1", "growth/lapsed@1"]);
+    assert_eq!(api.segments_of("u2").await, ["growth/lapsed@1"]);
+    assert!(api.segments_of("u3").await.is_empty());
+    assert!(api.is_member(&lapsed(), "u2").await && !api.is_member(&lapsed(), "u3").await);
+    let status = store.load_status(&lapsed(), 1).await.unwrap();
+    assert!(status.live.contains(REPLICA) && status.holding.contains(REPLICA), "ready, live and holding: {status:?}");
+
+    // A load request: the replica fetches v2 and reports it while readers
+    // stay on v1.
+    store.request_load(&lapsed(), 2).await.unwrap();
+    eventually_holding(store.as_ref(), &lapsed(), 2, true).await;
+    assert_eq!(api.segments_of("u2").await, ["growth/lapsed@1"], "no switch before the rollover");
+
+    // The switch, then the version left is dropped and reported gone.
+    store.activate(&lapsed(), 2).await.unwrap();
+    api.eventually_segments("u3", &["growth/lapsed@2"]).await;
+    assert_eq!(api.segments_of("u1").await, ["crm/vip@1"]);
+    eventually_holding(store.as_ref(), &lapsed(), 1, false).await;
+
+    // A rollback to a version no longer held: the replica answers from v2
+    // until it holds v1 again, then switches.
+    gate.open.store(false, Ordering::Release);
+    store.activate(&lapsed(), 1).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(api.segments_of("u3").await, ["growth/lapsed@2"], "still on the version it holds");
+    gate.open.store(true, Ordering::Release);
+    api.eventually_segments("u3", &[]).await;
+    assert_eq!(api.segments_of("u1").await, ["crm/vip@1", "growth/lapsed@1"]);
+
+    // Withdrawn: the segment is answered no more.
+    store.withdraw(&vip()).await.unwrap();
+    api.eventually_segments("u1", &["growth/lapsed@1"]).await;
+    eventually_holding(store.as_ref(), &vip(), 1, false).await;
+}
+
+#[tokio::test]
+async fn answers_come_from_the_index_files_on_the_embedded_store() {
+    answers_and_rollovers(Arc::new(MemoryStore::new())).await;
+}
+
+#[tokio::test]
+async fn answers_come_from_the_index_files_on_redis() {
+    let redis = RedisServer::start();
+    answers_and_rollovers(Arc::new(RedisStore::connect(&redis.url()).await.unwrap())).await;
+}
+
+fn change(user: &str, op: OverrideOp, ts: DateTime<Utc>) -> Override {
+    Override { user: user.into(), op, ts, id: format!("{user}-{}", ts.timestamp()), offset: None }
+}
+
+/// Overrides recorded before the replica started and after, on top of the
+/// index; one the version's lake data reflects already does not count.
+async fn overrides_on_top(store: Arc<dyn ServingStore>) {
+    let fixture = Fixture::new(store.clone());
+    fixture.version(&lapsed(), 1, &["u1", "u2"]).await;
+    store.activate(&lapsed(), 1).await.unwrap();
+    store.record_override(&lapsed(), &change("u2", OverrideOp::Exclude, snapshot() + TimeDelta::minutes(1))).await.unwrap();
+    store.record_override(&lapsed(), &change("u1", OverrideOp::Exclude, snapshot() - TimeDelta::minutes(1))).await.unwrap();
+    let api = Api::start(store.clone(), fixture.config(Gate::new(&fixture.base), Duration::from_secs(600)));
+    api.wait_ready().await;
+    assert!(api.segments_of("u2").await.is_empty(), "an override after the version's lake data, read at load");
+    assert_eq!(api.segments_of("u1").await, ["growth/lapsed@1"], "an override the lake data reflects does not count");
+
+    store.record_override(&lapsed(), &change("u9", OverrideOp::Include, snapshot() + TimeDelta::minutes(2))).await.unwrap();
+    api.eventually_segments("u9", &["growth/lapsed@1"]).await;
+    assert!(api.is_member(&lapsed(), "u9").await);
+}
+
+#[tokio::test]
+async fn overrides_go_on_top_of_the_index_on_the_embedded_store() {
+    overrides_on_top(Arc::new(MemoryStore::new())).await;
+}
+
+#[tokio::test]
+async fn overrides_go_on_top_of_the_index_on_redis() {
+    let redis = RedisServer::start();
+    overrides_on_top(Arc::new(RedisStore::connect(&redis.url()).await.unwrap())).await;
+}
+
+#[tokio::test]
+async fn a_replica_is_ready_and_live_only_once_it_holds_every_active_version() {
+    let store: Arc<dyn ServingStore> = Arc::new(MemoryStore::new());
+    let fixture = Fixture::new(store.clone());
+    fixture.version(&lapsed(), 1, &["u1"]).await;
+    fixture.version(&vip(), 1, &["u1"]).await;
+    store.activate(&lapsed(), 1).await.unwrap();
+    store.activate(&vip(), 1).await.unwrap();
+    let gate = Gate::new(&fixture.base);
+    gate.broken.store(true, Ordering::Release);
+    let api = Api::start(store.clone(), fixture.config(gate.clone(), Duration::from_millis(100)));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!api.state.is_ready(), "nothing held yet");
+    assert_eq!(api.get("/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(store.load_status(&lapsed(), 1).await.unwrap().live.is_empty(), "not reported live before it is ready");
+
+    gate.broken.store(false, Ordering::Release);
+    api.wait_ready().await;
+    assert_eq!(api.get("/readyz").await.0, StatusCode::OK);
+    assert_eq!(api.segments_of("u1").await, ["crm/vip@1", "growth/lapsed@1"]);
+    assert!(store.load_status(&lapsed(), 1).await.unwrap().live.contains(REPLICA));
+}
+
+#[tokio::test]
+async fn a_damaged_index_file_is_never_served() {
+    let store: Arc<dyn ServingStore> = Arc::new(MemoryStore::new());
+    let fixture = Fixture::new(store.clone());
+    fixture.version(&lapsed(), 1, &["u1", "u2"]).await;
+    store.activate(&lapsed(), 1).await.unwrap();
+    let path = results_uri(&fixture.base, &lapsed(), 1).trim_start_matches("file://").to_string() + "members.sgix";
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::write(&path, &bytes).unwrap();
+    let api = Api::start(store.clone(), fixture.config(Gate::new(&fixture.base), Duration::from_millis(100)));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!api.state.is_ready(), "a file that fails its checksum is not held");
+    assert_eq!(api.get("/v1/users/u1/segments").await.0, StatusCode::SERVICE_UNAVAILABLE);
+    bytes[middle] ^= 0x55;
+    std::fs::write(&path, &bytes).unwrap();
+    api.wait_ready().await;
+    assert_eq!(api.segments_of("u1").await, ["growth/lapsed@1"]);
+}
