@@ -303,3 +303,32 @@ async fn a_damaged_index_file_is_never_served() {
     api.wait_ready().await;
     assert_eq!(api.segments_of("u1").await, ["growth/lapsed@1"]);
 }
+
+#[tokio::test]
+async fn the_binary_withdraws_its_liveness_when_stopped() {
+    let redis = RedisServer::start();
+    let store: Arc<dyn ServingStore> = Arc::new(RedisStore::connect(&redis.url()).await.unwrap());
+    let fixture = Fixture::new(store.clone());
+    fixture.version(&lapsed(), 1, &["u1"]).await;
+    store.activate(&lapsed(), 1).await.unwrap();
+    let port = segment_tests::free_port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_segment-serving"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", "127.0.0.1:0", "--threads", "1"])
+        .args(["--redis-url", &redis.url(), "--results-uri", &fixture.base, "--pod-name", REPLICA])
+        // Far longer than the test: only the withdrawal can end it.
+        .args(["--replica-liveness-ms", "600000"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !store.load_status(&lapsed(), 1).await.unwrap().holding.contains(REPLICA) {
+        assert!(start.elapsed() < Duration::from_secs(20), "the binary never reported itself live and holding v1");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    segment_tests::signal(child.id(), segment_tests::Signal::Terminate);
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "{status}");
+    let after = store.load_status(&lapsed(), 1).await.unwrap();
+    assert!(!after.live.contains(REPLICA), "withdrawn on SIGTERM, long before its liveness ran out: {after:?}");
+}

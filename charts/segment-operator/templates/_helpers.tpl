@@ -151,3 +151,33 @@ which in a NetworkPolicy means any destination on those ports.
     {{- toYaml . | nindent 4 }}
   {{- end }}
 {{- end }}
+
+{{/*
+S3 for result files: read by the object_store crate's
+AmazonS3Builder::from_env, not by flags. The operator (retention,
+deletion) and serving (index files, read only) use it, each with its own
+Secret: `secret`.
+*/}}
+{{- define "segment-operator.s3Env" -}}
+{{- $values := .ctx.Values -}}
+{{- with $values.s3.region }}
+- name: AWS_REGION
+  value: {{ . | quote }}
+{{- end }}
+{{- with $values.s3.endpoint }}
+- name: AWS_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- with .secret }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $values.s3.accessKeyIdKey }}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $values.s3.secretAccessKeyKey }}
+{{- end }}
+{{- end }}

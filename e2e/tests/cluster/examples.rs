@@ -140,7 +140,7 @@ fn the_examples_run_through_real_jobs_and_are_served() {
     // Serving answers the members of an independent evaluation.
     let spec = example_lake_spec();
     let want = expected_members(&spec, |name| snapshots[name]);
-    let serving = Serving::start(&tenant.redis.url());
+    let serving = Serving::start(&tenant);
     let users: Vec<String> = (0..spec.users).map(lakegen::user_id).collect();
     cluster.wait_until("serving answers", Duration::from_secs(30), || serving.get("/readyz").0 == 200);
     let got = served(&serving, &tenant.namespace, &users);

@@ -93,7 +93,7 @@ fn a_run_request_makes_a_new_version_and_pin_version_rolls_back() {
     put_object(&tenant.lake_bucket, "lists/vip.csv", &list(1..=5));
     tenant.apply(&static_segment(&tenant, "vip", json!({})));
     let _operator = Operator::start(&tenant, &[]);
-    let serving = Serving::start(&tenant.redis.url());
+    let serving = Serving::start(&tenant);
 
     let v1 = tenant.wait_for_segment("vip", RUN, |s| active_version(s) == Some(1));
     assert_eq!(v1["status"]["members"], 5);
@@ -324,7 +324,7 @@ fn a_failed_definition_is_stalled_and_the_old_version_keeps_serving() {
     };
     tenant.apply(&sql("amount > 100"));
     let _operator = Operator::start(&tenant, &[]);
-    let serving = Serving::start(&tenant.redis.url());
+    let serving = Serving::start(&tenant);
     let v1 = tenant.wait_for_segment("big-spenders", RUN, |s| active_version(s) == Some(1));
     assert_eq!(v1["status"]["members"], 2);
 

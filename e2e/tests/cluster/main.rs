@@ -303,11 +303,15 @@ pub struct Serving {
 }
 
 impl Serving {
-    pub fn start(redis_url: &str) -> Serving {
+    /// A replica serving the tenant's segments from their index files,
+    /// reading the results the operator writes.
+    pub fn start(tenant: &Tenant) -> Serving {
         let (port, metrics_port) = (free_port(), free_port());
         let child = Command::new(cluster::workspace_binary("segment-serving"))
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--redis-url", redis_url, "--threads", "1"])
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--redis-url", &tenant.redis.url(), "--threads", "1"])
             .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+            .args(["--results-uri", &tenant.results_uri, "--pod-name", &format!("serving-{port}")])
+            .envs(shared_s3().env())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

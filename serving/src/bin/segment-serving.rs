@@ -1,11 +1,17 @@
-//! `segment-serving`: the serving API in front of Redis.
+//! `segment-serving`: the serving API. With `--results-uri` it answers from
+//! the active versions' index files held in memory, and Redis holds only
+//! aliases, overrides, notices and load reports; without it, from Redis's
+//! per-membership layout.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use segment_serving::{connect_redis, ConnectionLimits, Server, ServerOptions, ServingConfig, Tokens};
+use segment_core::store::StoreError;
+use std::sync::Arc;
+
+use segment_serving::{connect_redis, ConnectionLimits, IndexOptions, ResultFiles, Server, ServerOptions, ServingConfig, Tokens};
 use tracing::{error, info, warn};
 
 #[global_allocator]
@@ -50,6 +56,16 @@ struct Args {
     /// YAML or JSON map of bearer token to the namespaces it may read (`*`: all). Without it, auth is off.
     #[arg(long, env = "TOKENS_FILE")]
     tokens_file: Option<PathBuf>,
+    /// Base URI of the result files (the operator's `--results-uri`): serve
+    /// from each active version's index file there, read-only.
+    #[arg(long, env = "RESULTS_URI")]
+    results_uri: Option<String>,
+    /// This replica's name in load reports, unique among replicas (the pod name).
+    #[arg(long, env = "POD_NAME", default_value = "segment-serving")]
+    pod_name: String,
+    /// How long one liveness report lasts; renewed on every alias refresh.
+    #[arg(long, env = "REPLICA_LIVENESS_MS", default_value_t = 20_000)]
+    replica_liveness_ms: u64,
     /// Serving threads, each with its own store connection; 0: one per CPU
     /// the process may use (its cgroup's CPU limit included).
     #[arg(long, env = "THREADS", default_value_t = 0)]
@@ -82,6 +98,10 @@ fn run(args: Args) -> Result<(), String> {
         refresh_interval: Duration::from_millis(args.refresh_interval_ms.max(100)),
         max_checks: args.max_checks,
         tokens,
+        index: args.results_uri.as_ref().map(|base| IndexOptions {
+            liveness: Duration::from_millis(args.replica_liveness_ms.max(args.refresh_interval_ms.max(100) * 3)),
+            ..IndexOptions::new(Arc::new(ResultFiles::new(base.clone())), args.pod_name.clone())
+        }),
         ..ServingConfig::default()
     };
     let url = args.redis_url.clone();
@@ -105,6 +125,7 @@ fn run(args: Args) -> Result<(), String> {
         metrics = %server.metrics_address(),
         threads = server.threads(),
         auth = args.tokens_file.is_some(),
+        index_files = args.results_uri.is_some(),
         "serving"
     );
     // The serving threads run their own runtimes; this one only waits.
@@ -113,6 +134,17 @@ fn run(args: Args) -> Result<(), String> {
         tokio::select! {
             _ = segment_runtime::shutdown_signal() => {}
             _ = server.stopped() => warn!("a serving thread stopped; shutting down"),
+        }
+        if args.results_uri.is_some() {
+            // Withdrawn from the load reports at once, so a switch in the
+            // next seconds does not wait for a replica that is going away.
+            let gone = async { connect_redis(&args.redis_url).await?.replica_gone(&args.pod_name).await };
+            if let Err(e) = tokio::time::timeout(Duration::from_secs(2), gone)
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Unavailable("timed out".into())))
+            {
+                warn!(error = %e, "withdrawing from the load reports failed; its liveness runs out instead");
+            }
         }
     });
     server.shutdown().map_err(|e| e.to_string())
