@@ -9,16 +9,18 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
+use futures::stream::BoxStream;
 use futures::StreamExt;
 use segment_core::api::SegmentKey;
 use segment_core::store::{
-    ChangesClaim, MembershipReader, MemoryStore, Override, OverrideOp, RolloverFeed, Seal, SegmentStore, StoreError, Transition,
+    ChangesClaim, MembershipReader, MemoryStore, Notice, Override, OverrideOp, ReplicaRegistry, RolloverFeed, Seal, SegmentStore,
+    StoreError, Transition,
 };
 use segment_store::redis::{RedisStore, RedisStoreOptions, Rollover};
 use segment_tests::{RedisCluster, RedisServer};
 
-trait Store: SegmentStore + MembershipReader {}
-impl<S: SegmentStore + MembershipReader> Store for S {}
+trait Store: SegmentStore + MembershipReader + RolloverFeed + ReplicaRegistry {}
+impl<S: SegmentStore + MembershipReader + RolloverFeed + ReplicaRegistry> Store for S {}
 
 fn users(prefix: &str, range: std::ops::Range<usize>) -> Vec<String> {
     range.map(|i| format!("{prefix}-{i:05}")).collect()
@@ -75,6 +77,32 @@ async fn served_version(store: &impl Store, segment: &SegmentKey, user: &str) ->
 
 async fn versions_of(store: &impl Store, segment: &SegmentKey, user: &str) -> BTreeSet<u64> {
     store.user_versions(user).await.unwrap().into_iter().filter(|(s, _)| s == segment).map(|(_, v)| v).collect()
+}
+
+/// The next notice about `segment` (notices about others are skipped).
+async fn notice_about(notices: &mut BoxStream<'static, Notice>, segment: &SegmentKey) -> Notice {
+    loop {
+        let notice = tokio::time::timeout(Duration::from_secs(5), notices.next())
+            .await
+            .unwrap_or_else(|_| panic!("a notice about {segment} within 5s"))
+            .expect("the notice stream is open");
+        let about = match &notice {
+            Notice::Rollover(rollover) => &rollover.segment,
+            Notice::Load { segment, .. } | Notice::Override { segment, .. } => segment,
+        };
+        if about == segment {
+            return notice;
+        }
+    }
+}
+
+/// The load requests of segments in `namespace`.
+async fn load_requests_in(store: &impl Store, namespace: &str) -> BTreeMap<SegmentKey, u64> {
+    store.load_requests().await.unwrap().into_iter().filter(|(segment, _)| segment.namespace == namespace).collect()
+}
+
+fn names(replicas: &[&String]) -> BTreeSet<String> {
+    replicas.iter().map(|r| r.to_string()).collect()
 }
 
 fn missing(result: Result<impl std::fmt::Debug, StoreError>, version: u64) {
@@ -611,6 +639,120 @@ async fn withdrawing_stops_serving_and_keeps_the_versions(store: &impl Store, se
     assert_eq!(served(store, segment, &members).await.len(), 10, "served again once activated");
 }
 
+/// Replicas are asked to load a version ahead of its rollover: the request
+/// is listed and announced, and lasts until the segment is switched to
+/// that version (not to another one), withdrawn or deleted. A replica
+/// counts while its liveness lasts and holds what it reported last. (The
+/// only contract that registers replicas: liveness is global.)
+async fn replicas_load_what_is_requested(store: &impl Store, segment: &SegmentKey) {
+    let namespace = segment.namespace.as_str();
+    let other = SegmentKey::new(namespace, "other");
+    for version in 1..=3 {
+        load_sealed(store, segment, version, &users("u", 0..5), at(version as i64)).await;
+    }
+    let mut notices = store.notices().await.unwrap();
+    store.activate(segment, 1).await.unwrap();
+    assert_eq!(
+        notice_about(&mut notices, segment).await,
+        Notice::Rollover(Rollover { segment: segment.clone(), version: Some(1) })
+    );
+
+    assert!(load_requests_in(store, namespace).await.is_empty());
+    store.request_load(segment, 3).await.unwrap();
+    assert_eq!(notice_about(&mut notices, segment).await, Notice::Load { segment: segment.clone(), version: 3 });
+    store.request_load(&other, 1).await.unwrap();
+    let both = BTreeMap::from([(segment.clone(), 3), (other.clone(), 1)]);
+    assert_eq!(load_requests_in(store, namespace).await, both);
+    store.activate(segment, 2).await.unwrap();
+    assert_eq!(load_requests_in(store, namespace).await, both, "switching to another version leaves the request");
+    store.activate(segment, 3).await.unwrap();
+    assert_eq!(
+        load_requests_in(store, namespace).await,
+        BTreeMap::from([(other.clone(), 1)]),
+        "switching to the version requested ends the request, and only the segment's"
+    );
+    store.request_load(segment, 2).await.unwrap();
+    assert_eq!(load_requests_in(store, namespace).await.get(segment), Some(&2));
+    store.withdraw(segment).await.unwrap();
+    assert_eq!(load_requests_in(store, namespace).await.get(segment), None, "withdrawing ends the request");
+    store.activate(segment, 2).await.unwrap();
+
+    let replica = |name: &str| format!("{namespace}-{name}");
+    let (r1, r2, r3) = (replica("r1"), replica("r2"), replica("r3"));
+    let later = Utc::now() + chrono::Duration::hours(1);
+    store.replica_alive(&r1, later).await.unwrap();
+    store.replica_alive(&r2, later).await.unwrap();
+    store.replica_alive(&r3, Utc::now() - chrono::Duration::seconds(1)).await.unwrap();
+    store.report_loaded(&r1, segment, &[2, 3]).await.unwrap();
+    store.report_loaded(&r2, segment, &[2]).await.unwrap();
+    store.report_loaded(&r3, segment, &[3]).await.unwrap();
+    store.report_loaded(&r2, &other, &[3]).await.unwrap();
+    let status = |version| async move { store.load_status(segment, version).await.unwrap() };
+    let of_3 = status(3).await;
+    assert_eq!(of_3.live, names(&[&r1, &r2]), "a replica whose liveness ran out does not count");
+    assert_eq!(of_3.holding, names(&[&r1]), "holding: live replicas that reported the version for this segment");
+    assert_eq!(of_3.missing(), [r2.as_str()]);
+    assert_eq!(status(2).await.holding, names(&[&r1, &r2]));
+    assert!(status(1).await.holding.is_empty());
+    store.replica_alive(&r3, later).await.unwrap();
+    assert_eq!(status(3).await.holding, names(&[&r1, &r3]), "renewed, it counts again with what it reported");
+
+    store.report_loaded(&r2, segment, &[3]).await.unwrap();
+    assert_eq!(status(2).await.holding, names(&[&r1]), "a report replaces the one before");
+    assert_eq!(status(3).await.holding, names(&[&r1, &r2, &r3]));
+    store.report_loaded(&r1, segment, &[]).await.unwrap();
+    assert_eq!(status(3).await.holding, names(&[&r2, &r3]), "an empty report clears it");
+    assert!(status(2).await.holding.is_empty());
+
+    store.replica_gone(&r2).await.unwrap();
+    let of_3 = status(3).await;
+    assert_eq!((of_3.live, of_3.holding), (names(&[&r1, &r3]), names(&[&r3])), "a replica gone does not count");
+
+    // A liveness runs out by itself.
+    let until = Utc::now() + chrono::Duration::seconds(1);
+    store.replica_alive(&r3, until).await.unwrap();
+    assert_eq!(status(3).await.holding, names(&[&r3]), "live until its time");
+    tokio::time::sleep((until - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(50)).await;
+    let of_3 = status(3).await;
+    assert_eq!((of_3.live, of_3.holding), (names(&[&r1]), names(&[])), "and not after it");
+
+    store.request_load(segment, 3).await.unwrap();
+    assert_eq!(load_requests_in(store, namespace).await.get(segment), Some(&3));
+    store.delete_segment(segment).await.unwrap();
+    assert_eq!(load_requests_in(store, namespace).await, BTreeMap::from([(other, 1)]), "deleting ends the request");
+}
+
+/// Replicas answering from index files hear of each override that took
+/// effect, with the override, and of no other: not of a stale one, nor of
+/// the same event again, nor of one refused for a segment not served.
+async fn overrides_that_take_effect_are_announced(store: &impl Store, segment: &SegmentKey) {
+    load_sealed(store, segment, 1, &users("u", 0..3), at(0)).await;
+    store.activate(segment, 1).await.unwrap();
+    let mut notices = store.notices().await.unwrap();
+    let announced = |change: &Override| Notice::Override { segment: segment.clone(), change: change.clone() };
+    let u1 = "u-00001";
+
+    let first = ov_at(u1, OverrideOp::Exclude, at(10), "a", 7);
+    assert!(store.record_override(segment, &first).await.unwrap());
+    assert_eq!(notice_about(&mut notices, segment).await, announced(&first));
+    assert!(!store.record_override(segment, &ov(u1, OverrideOp::Include, at(5), "z")).await.unwrap(), "stale");
+    assert!(!store.record_override(segment, &first).await.unwrap(), "redelivered");
+    let newer = ov_at(u1, OverrideOp::Include, at(11), "b", 8);
+    assert_eq!(store.record_override_if_active(segment, &newer).await.unwrap(), Some(true));
+    assert_eq!(notice_about(&mut notices, segment).await, announced(&newer), "the next notice is the next that took effect");
+
+    store.withdraw(segment).await.unwrap();
+    assert_eq!(notice_about(&mut notices, segment).await, Notice::Rollover(Rollover { segment: segment.clone(), version: None }));
+    let unserved = ov_at(u1, OverrideOp::Exclude, at(12), "c", 9);
+    assert_eq!(store.record_override_if_active(segment, &unserved).await.unwrap(), None);
+    store.activate(segment, 1).await.unwrap();
+    assert_eq!(
+        notice_about(&mut notices, segment).await,
+        Notice::Rollover(Rollover { segment: segment.clone(), version: Some(1) }),
+        "nothing announced for the override refused"
+    );
+}
+
 /// Every contract, each in its own namespace under `prefix`.
 async fn run_contract(store: &impl Store, prefix: &str) {
     let segment = |name: &str| SegmentKey::new(format!("{prefix}-{name}"), "segment");
@@ -631,6 +773,8 @@ async fn run_contract(store: &impl Store, prefix: &str) {
     change_events_are_claimed_once(store, &segment("changes")).await;
     deletes_fence_and_unsealed_data_is_listed(store, &segment("fence")).await;
     withdrawing_stops_serving_and_keeps_the_versions(store, &segment("withdraw")).await;
+    replicas_load_what_is_requested(store, &segment("replicas")).await;
+    overrides_that_take_effect_are_announced(store, &segment("override-notices")).await;
 }
 
 #[tokio::test]
@@ -656,6 +800,11 @@ async fn redis_keeps_the_contract() {
         ]
     );
     assert!(server.keys("sg:{single-delete-version/segment}:v*").is_empty(), "deleted versions leave no set behind");
+    assert_eq!(
+        server.keys("sg:{single-replicas/segment}*"),
+        Vec::<String>::new(),
+        "a deleted segment leaves no key, reports of replicas included"
+    );
 }
 
 #[tokio::test]
@@ -675,6 +824,11 @@ async fn redis_cluster_keeps_the_contract() {
         ]
     );
     assert!(cluster.keys("sg:{cluster-delete-version/segment}:v*").is_empty(), "deleted versions leave no set behind");
+    assert_eq!(
+        cluster.keys("sg:{cluster-replicas/segment}*"),
+        Vec::<String>::new(),
+        "a deleted segment leaves no key, reports of replicas included"
+    );
 }
 
 // ------------------------------------------------------------- Redis only
@@ -860,6 +1014,11 @@ async fn fails_fast_when_down(store: &RedisStore) {
     unavailable!(store.record_override(&segment, &ov("u-1", OverrideOp::Exclude, at(1), "x")));
     unavailable!(store.delete_version(&segment, 1));
     unavailable!(store.rollovers());
+    unavailable!(store.request_load(&segment, 2));
+    unavailable!(store.load_requests());
+    unavailable!(store.replica_alive("replica-1", Utc::now()));
+    unavailable!(store.report_loaded("replica-1", &segment, &[1]));
+    unavailable!(store.load_status(&segment, 1));
 }
 
 fn short_deadlines() -> RedisStoreOptions {

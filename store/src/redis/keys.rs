@@ -13,9 +13,20 @@ pub(crate) const ALIASES: &str = "sg:aliases";
 /// activation, so it vanishes only with the whole state (a flush, an empty
 /// replacement). Not a segment: it has no `/`.
 pub(crate) const EPOCH_FIELD: &str = "!epoch";
-/// Rollover notifications: payload `ns/name <version>`, or `ns/name -` when
-/// the segment no longer has an active version.
+/// The notice channel (`segment_core::store::Notice`, in its wire form
+/// `Notice::payload`): `ns/name <version>` on a rollover, `ns/name -` when
+/// the segment no longer has an active version, `load ns/name <version>`
+/// on a load request, `override ns/name <JSON>` for an override that took
+/// effect. The name predates the other kinds; subscribers know it.
 pub const ROLLOVER_CHANNEL: &str = "sg:rollover";
+/// Hash replica → until when it is live (Unix ms), as the replica last
+/// renewed it (`ReplicaRegistry::replica_alive`). Global, like the
+/// aliases: one small field per serving replica.
+pub(crate) const REPLICAS: &str = "sg:replicas";
+/// Hash `ns/name` → the version serving replicas are asked to load ahead
+/// of the segment's rollover (`ReplicaRegistry::request_load`). Global, so
+/// that one read lists them all; one field per segment in rollover.
+pub(crate) const LOAD_REQUESTS: &str = "sg:load";
 /// Value of a reverse-index field; the field name carries the information.
 pub(crate) const PRESENT: &str = "1";
 /// Width of [`order_key`]; the Lua scripts slice stored overrides by it.
@@ -80,6 +91,14 @@ impl SegmentKeys {
         format!("{}changes", self.base)
     }
 
+    /// Hash replica → the versions of the segment it holds in memory, as it
+    /// last reported them (`3,4`). Kept with the segment (and deleted with
+    /// it), since only the segment's rollover reads it; an entry of a
+    /// replica that is no longer live is ignored, not removed.
+    pub fn replicas(&self) -> String {
+        format!("{}replicas", self.base)
+    }
+
     /// Field of the user's reverse-index hash for one version.
     pub fn user_field(&self, version: u64) -> String {
         format!("{}#{version}", self.field)
@@ -140,6 +159,7 @@ mod tests {
         let segment = SegmentKey::new("growth", "lapsed-high-value");
         let keys = SegmentKeys::new(&segment);
         assert_eq!(keys.version(42), "sg:{growth/lapsed-high-value}:v42");
+        assert_eq!(keys.replicas(), "sg:{growth/lapsed-high-value}:replicas");
         assert_eq!(parse_user_field(&keys.user_field(42)), Some((segment.clone(), 42)));
         assert_eq!(parse_segment(&keys.field), Some(segment));
         assert_eq!(user_key("u1"), "sg:u:{u1}");

@@ -21,15 +21,18 @@ use segment_core::api::SegmentKey;
 use segment_core::manifest::SourceRead;
 pub use segment_core::store::Rollover;
 use segment_core::store::{
-    new_incarnation, Cause, Change, ChangesClaim, CountedChange, DiffPage, MembershipReader, Notice, Override, OverrideOp,
-    RolloverFeed, Seal, SegmentStore, StoreEpoch, StoreError, StoredVersion, Transition,
+    new_incarnation, Cause, Change, ChangesClaim, CountedChange, DiffPage, LoadStatus, MembershipReader, Notice, Override,
+    OverrideOp, ReplicaRegistry, RolloverFeed, Seal, SegmentStore, StoreEpoch, StoreError, StoredVersion, Transition,
 };
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use conn::{parse, within, Batch, Conn};
 pub use keys::ROLLOVER_CHANNEL;
-use keys::{check_segment, order_key, parse_segment, parse_user_field, user_key, SegmentKeys, ALIASES, EPOCH_FIELD, PRESENT};
+use keys::{
+    check_segment, order_key, parse_segment, parse_user_field, user_key, SegmentKeys, ALIASES, EPOCH_FIELD, LOAD_REQUESTS,
+    PRESENT, REPLICAS,
+};
 
 /// Users per round trip of a bulk load (each costs one SADD element and
 /// one HSET).
@@ -68,14 +71,6 @@ impl Default for RedisStoreOptions {
     }
 }
 
-/// The payload published on [`ROLLOVER_CHANNEL`], read back by [`Rollover::parse`].
-fn rollover_payload(segment: &SegmentKeys, version: Option<u64>) -> String {
-    match version {
-        Some(v) => format!("{} {v}", segment.field),
-        None => format!("{} -", segment.field),
-    }
-}
-
 /// A connection to one Redis server or a Redis Cluster. Cheap to clone:
 /// clones share the connection.
 #[derive(Clone)]
@@ -85,8 +80,8 @@ pub struct RedisStore {
 
 struct Inner {
     conn: Conn,
-    /// Where rollover notifications can be subscribed: the server, or each
-    /// cluster node in turn (PUBLISH reaches every node of a cluster).
+    /// Where notices can be subscribed: the server, or each cluster node in
+    /// turn (PUBLISH reaches every node of a cluster).
     pubsub: Vec<redis::Client>,
     options: RedisStoreOptions,
 }
@@ -181,9 +176,10 @@ impl RedisStore {
         &self.inner.options
     }
 
-    /// Rollover notices from now on, on a dedicated pub/sub connection. The
-    /// stream ends when that connection drops: subscribe again and treat
-    /// the gap as "anything may have changed" (drop the whole cache).
+    /// Notices (rollovers, load requests, overrides) from now on, on a
+    /// dedicated pub/sub connection. The stream ends when that connection
+    /// drops: subscribe again and treat the gap as "anything may have
+    /// changed" (drop the whole cache).
     pub async fn notifications(&self) -> Result<BoxStream<'static, Notice>, StoreError> {
         let mut last = StoreError::Unavailable("no Redis node to subscribe to".into());
         for client in &self.inner.pubsub {
@@ -234,6 +230,12 @@ impl RedisStore {
             let mut batch = Batch::new();
             RedisStore::reverse_index(&mut batch, &keys, &change.user, *include == 1, versions);
             self.run(batch, self.write()).await?;
+        }
+        // Only an override that superseded what the user had is news to
+        // replicas; a stale one or the same event again changes nothing
+        // they hold. Announced last, once every write it stands for is done.
+        if recorded {
+            self.publish(&Notice::Override { segment: segment.clone(), change: change.clone() }).await?;
         }
         Ok(recorded)
     }
@@ -299,9 +301,26 @@ impl RedisStore {
         Ok(())
     }
 
-    async fn publish(&self, keys: &SegmentKeys, version: Option<u64>) -> Result<(), StoreError> {
-        let publish = cmd("PUBLISH").arg(ROLLOVER_CHANNEL).arg(rollover_payload(keys, version)).clone();
+    /// Publishes a notice in its one wire form ([`Notice::payload`], which
+    /// subscribers read back with [`Notice::parse`]).
+    async fn publish(&self, notice: &Notice) -> Result<(), StoreError> {
+        let publish = cmd("PUBLISH").arg(ROLLOVER_CHANNEL).arg(notice.payload()).clone();
         self.query::<i64>(&publish, self.write()).await.map(drop)
+    }
+
+    async fn publish_rollover(&self, segment: &SegmentKey, version: Option<u64>) -> Result<(), StoreError> {
+        self.publish(&Notice::Rollover(Rollover { segment: segment.clone(), version })).await
+    }
+
+    /// Removes the segment's alias and its load request in one round trip
+    /// (withdraw, delete): the segment is no longer served, so nothing is
+    /// to be loaded ahead of a rollover. Whether the alias was there.
+    async fn clear_alias_and_request(&self, keys: &SegmentKeys) -> Result<bool, StoreError> {
+        let mut batch = Batch::new();
+        batch.add(ALIASES, cmd("HDEL").arg(ALIASES).arg(&keys.field).clone());
+        batch.add(LOAD_REQUESTS, cmd("HDEL").arg(LOAD_REQUESTS).arg(&keys.field).clone());
+        let removed: i64 = parse(self.run(batch, self.write()).await?.into_iter().next().unwrap_or_default(), "HDEL")?;
+        Ok(removed == 1)
     }
 
     /// The reverse-index writes that follow a membership change of `user`
@@ -462,7 +481,13 @@ impl SegmentStore for RedisStore {
         // PUBLISH by channel name, so it cannot share the pipeline): a
         // cache that drops entries on the notice re-reads the new alias.
         self.query::<i64>(cmd("HSET").arg(ALIASES).arg(&keys.field).arg(version), self.write()).await?;
-        self.publish(&keys, Some(version)).await
+        // The load request this activate satisfies ends with it, never
+        // before: only once the alias is written. A request for another
+        // version (a newer run's) is left for its own activate.
+        let mut request = scripts::HDEL_UNCHANGED.key(LOAD_REQUESTS);
+        request.arg(&keys.field).arg(version);
+        self.script::<i64>(request, self.write()).await?;
+        self.publish_rollover(segment, Some(version)).await
     }
 
     async fn delete_version(&self, segment: &SegmentKey, version: u64) -> Result<(), StoreError> {
@@ -477,20 +502,21 @@ impl SegmentStore for RedisStore {
         fence.add(&keys.meta(), cmd("SREM").arg(keys.promoted()).arg(version).clone());
         fence.add(&keys.meta(), cmd("HDEL").arg(keys.meta()).arg(version).clone());
         self.run(fence, self.write()).await?;
-        let mut clear = scripts::CLEAR_ALIAS_IF.key(ALIASES);
+        // The alias goes only if it still points at this version, so a
+        // concurrent rollover is not undone.
+        let mut clear = scripts::HDEL_UNCHANGED.key(ALIASES);
         clear.arg(&keys.field).arg(version);
         let cleared: i64 = self.script(clear, self.write()).await?;
         if cleared == 1 {
-            self.publish(&keys, None).await?;
+            self.publish_rollover(segment, None).await?;
         }
         self.purge_version(&keys, version).await
     }
 
     async fn delete_segment(&self, segment: &SegmentKey) -> Result<(), StoreError> {
         let keys = SegmentKeys::new(segment);
-        let removed: i64 = self.query(cmd("HDEL").arg(ALIASES).arg(&keys.field), self.write()).await?;
-        if removed == 1 {
-            self.publish(&keys, None).await?;
+        if self.clear_alias_and_request(&keys).await? {
+            self.publish_rollover(segment, None).await?;
         }
         let mut batch = Batch::new();
         batch.add(&keys.meta(), cmd("SMEMBERS").arg(keys.loaded()).clone());
@@ -505,19 +531,15 @@ impl SegmentStore for RedisStore {
         for version in versions {
             self.purge_version(&keys, version).await?;
         }
-        self.query::<i64>(
-            cmd("UNLINK").arg(keys.overrides()).arg(keys.loaded()).arg(keys.changes()).arg(keys.promoted()).arg(keys.fenced()),
-            self.write(),
-        )
-        .await?;
+        let rest = [keys.overrides(), keys.loaded(), keys.changes(), keys.promoted(), keys.fenced(), keys.replicas()];
+        self.query::<i64>(cmd("UNLINK").arg(&rest), self.write()).await?;
         Ok(())
     }
 
     async fn withdraw(&self, segment: &SegmentKey) -> Result<(), StoreError> {
         let keys = SegmentKeys::new(segment);
-        let removed: i64 = self.query(cmd("HDEL").arg(ALIASES).arg(&keys.field), self.write()).await?;
-        if removed == 1 {
-            self.publish(&keys, None).await?;
+        if self.clear_alias_and_request(&keys).await? {
+            self.publish_rollover(segment, None).await?;
         }
         Ok(())
     }
@@ -638,7 +660,7 @@ impl SegmentStore for RedisStore {
             let old: Vec<&(String, String)> =
                 entries.iter().filter(|(_, value)| parse_stored_override(value).is_some_and(|o| o.ts < older_than)).collect();
             if !old.is_empty() {
-                let mut prune = scripts::PRUNE_OVERRIDES.key(keys.overrides());
+                let mut prune = scripts::HDEL_UNCHANGED.key(keys.overrides());
                 for (user, value) in old {
                     prune.arg(user).arg(value);
                 }
@@ -778,6 +800,117 @@ impl RolloverFeed for RedisStore {
     }
 }
 
+/// The stored form of the versions a replica holds: `3,4`.
+fn held_versions(versions: &[u64]) -> String {
+    versions.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn parse_held_versions(text: &str) -> Option<Vec<u64>> {
+    text.split(',').map(|v| v.parse().ok()).collect()
+}
+
+#[async_trait]
+impl ReplicaRegistry for RedisStore {
+    async fn request_load(&self, segment: &SegmentKey, version: u64) -> Result<(), StoreError> {
+        check_segment(segment)?;
+        let keys = SegmentKeys::new(segment);
+        // Recorded before it is announced, so a replica that subscribes
+        // in between finds it in `load_requests`.
+        self.query::<i64>(cmd("HSET").arg(LOAD_REQUESTS).arg(&keys.field).arg(version), self.write()).await?;
+        self.publish(&Notice::Load { segment: segment.clone(), version }).await
+    }
+
+    async fn load_requests(&self) -> Result<BTreeMap<SegmentKey, u64>, StoreError> {
+        let all: Vec<(String, String)> = self.query(cmd("HGETALL").arg(LOAD_REQUESTS), self.read()).await?;
+        let mut out = BTreeMap::new();
+        for (field, version) in all {
+            match (parse_segment(&field), version.parse()) {
+                (Some(segment), Ok(version)) => {
+                    out.insert(segment, version);
+                }
+                _ => warn!(%field, %version, "ignoring a malformed load request"),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn replica_alive(&self, replica: &str, until: DateTime<Utc>) -> Result<(), StoreError> {
+        let until = until.timestamp_millis();
+        self.query::<i64>(cmd("HSET").arg(REPLICAS).arg(replica).arg(until), self.write()).await.map(drop)
+    }
+
+    async fn replica_gone(&self, replica: &str) -> Result<(), StoreError> {
+        // Its reports stay in the segments' hashes (they live in as many
+        // slots as there are segments); a replica that is not live never
+        // counts, so they are ignored until it is live again.
+        self.query::<i64>(cmd("HDEL").arg(REPLICAS).arg(replica), self.write()).await.map(drop)
+    }
+
+    async fn report_loaded(&self, replica: &str, segment: &SegmentKey, versions: &[u64]) -> Result<(), StoreError> {
+        check_segment(segment)?;
+        let key = SegmentKeys::new(segment).replicas();
+        let report = match versions {
+            [] => cmd("HDEL").arg(&key).arg(replica).clone(),
+            versions => cmd("HSET").arg(&key).arg(replica).arg(held_versions(versions)).clone(),
+        };
+        self.query::<i64>(&report, self.write()).await.map(drop)
+    }
+
+    async fn load_status(&self, segment: &SegmentKey, version: u64) -> Result<LoadStatus, StoreError> {
+        let held = SegmentKeys::new(segment).replicas();
+        let mut batch = Batch::new();
+        batch.add(REPLICAS, cmd("HGETALL").arg(REPLICAS).clone());
+        batch.add(&held, cmd("HGETALL").arg(&held).clone());
+        let mut replies = self.run(batch, self.read()).await?.into_iter();
+        let (Some(replicas), Some(reports)) = (replies.next(), replies.next()) else {
+            return Err(StoreError::Other(format!("the replicas of {segment}: short reply").into()));
+        };
+        let replicas: Vec<(String, String)> = parse(replicas, "the live replicas")?;
+        let reports: Vec<(String, String)> = parse(reports, "the replicas' reports")?;
+        // Compared with this process's clock, as the replicas set `until`
+        // with theirs (the embedded store does the same).
+        let now = Utc::now().timestamp_millis();
+        let mut status = LoadStatus::default();
+        let mut expired = Vec::new();
+        for (replica, until) in replicas {
+            match until.parse::<i64>() {
+                Ok(until) if until > now => {
+                    status.live.insert(replica);
+                }
+                Ok(_) => expired.push((replica, until)),
+                Err(_) => warn!(%replica, %until, "ignoring a malformed replica liveness"),
+            }
+        }
+        for (replica, versions) in reports {
+            if !status.live.contains(&replica) {
+                continue;
+            }
+            match parse_held_versions(&versions) {
+                Some(versions) if versions.contains(&version) => {
+                    status.holding.insert(replica);
+                }
+                Some(_) => {}
+                // Counted as holding nothing: the rollover waits for a
+                // report it can read rather than switching on a guess.
+                None => warn!(%segment, %replica, %versions, "ignoring a malformed load report"),
+            }
+        }
+        if !expired.is_empty() {
+            // Forgets replicas that died without saying so (a pod killed),
+            // unless one renewed since it was read. The answer above stands
+            // either way, so a failure here is only logged.
+            let mut prune = scripts::HDEL_UNCHANGED.key(REPLICAS);
+            for (replica, until) in &expired {
+                prune.arg(replica).arg(until);
+            }
+            if let Err(error) = self.script::<i64>(prune, self.write()).await {
+                warn!(%error, expired = expired.len(), "could not forget expired replicas");
+            }
+        }
+        Ok(status)
+    }
+}
+
 #[async_trait]
 impl MembershipReader for RedisStore {
     async fn aliases(&self) -> Result<BTreeMap<SegmentKey, u64>, StoreError> {
@@ -846,14 +979,44 @@ mod tests {
     }
 
     #[test]
-    fn rollover_payloads() {
-        let keys = SegmentKeys::new(&SegmentKey::new("ns", "a"));
-        assert_eq!(
-            Rollover::parse(&rollover_payload(&keys, Some(7))),
-            Some(Rollover { segment: SegmentKey::new("ns", "a"), version: Some(7) })
-        );
-        assert_eq!(Rollover::parse("ns/a -").and_then(|r| r.version), None);
-        assert_eq!(Rollover::parse("garbage"), None);
+    fn notices_round_trip_through_their_one_wire_form() {
+        let segment = SegmentKey::new("ns", "a");
+        let ts = DateTime::parse_from_rfc3339("2026-11-01T10:00:00.123456789Z").unwrap().with_timezone(&Utc);
+        let change = Override { user: "u 1".into(), op: OverrideOp::Exclude, ts, id: "evt-9".into(), offset: Some(1234) };
+        let notices = [
+            (Notice::Rollover(Rollover { segment: segment.clone(), version: Some(7) }), Some("ns/a 7")),
+            (Notice::Rollover(Rollover { segment: segment.clone(), version: None }), Some("ns/a -")),
+            (Notice::Load { segment: segment.clone(), version: 8 }, Some("load ns/a 8")),
+            (Notice::Override { segment: segment.clone(), change: change.clone() }, None),
+            (Notice::Override { segment: segment.clone(), change: Override { offset: None, ..change } }, None),
+        ];
+        for (notice, wire) in notices {
+            let payload = notice.payload();
+            if let Some(wire) = wire {
+                assert_eq!(payload, wire, "the wire form subscribers read");
+            }
+            assert_eq!(Notice::parse(&payload), Some(notice), "{payload}");
+        }
+        let malformed = [
+            "garbage",
+            "ns/a seven",
+            "load ns/a",
+            "load ns/a x",
+            "override ns/a",
+            "override ns/a {}",
+            r#"override ns/a {"user":"#,
+        ];
+        for malformed in malformed {
+            assert_eq!(Notice::parse(malformed), None, "{malformed}");
+        }
+    }
+
+    #[test]
+    fn held_versions_round_trip() {
+        assert_eq!(parse_held_versions(&held_versions(&[3, 4])), Some(vec![3, 4]));
+        assert_eq!(held_versions(&[3, 4]), "3,4");
+        assert_eq!(parse_held_versions("3,x"), None);
+        assert_eq!(parse_held_versions(""), None, "an empty report is deleted, never stored");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Lua scripts: the compare-and-set steps that must be atomic. Each one
-//! touches only keys of one segment (one hash tag, so one cluster slot);
+//! touches only keys of one segment (one hash tag, so one cluster slot),
+//! or one global hash;
 //! the version sets it reaches are named from a prefix passed in, which
 //! Redis Cluster allows because they hash to the same slot.
 //!
@@ -181,20 +182,6 @@ return out
     )
 });
 
-/// KEYS: aliases. ARGV: segment field, version. Removes the alias only if
-/// it still points at `version`, so a concurrent rollover is not undone.
-pub(crate) static CLEAR_ALIAS_IF: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
-  redis.call('HDEL', KEYS[1], ARGV[1])
-  return 1
-end
-return 0
-"#,
-    )
-});
-
 /// KEYS: changes. ARGV: version, holder, now (ms), expiry (ms), a new
 /// incarnation id (kept only when the segment has none yet).
 ///
@@ -246,11 +233,12 @@ return 1
     )
 });
 
-/// KEYS: overrides. ARGV: pairs of user and the stored override read for
-/// them. Removes each whose stored value is still the one read: an
-/// override recorded for the user since then is kept. Returns how many
-/// went.
-pub(crate) static PRUNE_OVERRIDES: LazyLock<Script> = LazyLock::new(|| {
+/// KEYS: a hash. ARGV: pairs of a field and the value read for it.
+/// Removes each field whose value is still the one read, so that what was
+/// written since is kept: the alias of a concurrent rollover, an override
+/// recorded for the user meanwhile, a liveness the replica renewed, the
+/// load request of a newer version. Returns how many went.
+pub(crate) static HDEL_UNCHANGED: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local removed = 0
