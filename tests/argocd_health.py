@@ -159,6 +159,37 @@ CASES = [
         "Ingesting",
     ),
     (
+        "first version loaded, waiting for the serving replicas to load it",
+        segment(
+            status(
+                cond(
+                    "Ready",
+                    False,
+                    "WaitingForReplicas",
+                    "version 1 is loaded by 1 of 2 serving replicas; readers switch once all have it",
+                )
+            )
+        ),
+        "Progressing",
+        "1 of 2 serving replicas",
+    ),
+    (
+        "a rollover waiting for the serving replicas while the old version serves",
+        segment(
+            status(
+                cond(
+                    "Ready",
+                    True,
+                    "WaitingForReplicas",
+                    f"{SERVES}; version 43 is loaded by 1 of 2 serving replicas; readers switch once all have it",
+                ),
+                activeVersion=42,
+            )
+        ),
+        "Healthy",
+        SERVES,
+    ),
+    (
         "invalid SQL",
         segment(
             status(

@@ -56,6 +56,11 @@ pub trait Effects: Send {
 
     /// Switches readers to `version` atomically, after applying the
     /// overrides it does not reflect ([`crate::store::activate_with_overrides`]).
+    /// An implementation may hold the switch (the cluster waits until the
+    /// serving replicas have loaded the version,
+    /// [`crate::store::replicas_ready`]) by returning an error: the plan
+    /// stops there, before its status is written, so the status never
+    /// claims a switch that has not happened, and the next plan asks again.
     async fn activate(&mut self, version: u64) -> Result<(), Self::Error>;
     /// Forgets realtime overrides from before `older_than`.
     async fn prune_overrides(&mut self, older_than: DateTime<Utc>) -> Result<(), Self::Error>;

@@ -113,6 +113,14 @@ string_enum! {
         RolledBack,
         /// The rollover guard holds a version until it is approved.
         RolloverHeld,
+        /// Readers are switched to a version once every live serving
+        /// replica has loaded it; some have not yet. Also the `Ready`
+        /// condition's reason while the switch waits.
+        WaitingForReplicas,
+        /// Serving replicas did not load a version within the operator's
+        /// `--replica-load-timeout-seconds`: readers were switched anyway,
+        /// and those replicas switch when they have it.
+        ReplicaLoadTimedOut,
         InvalidDefinition,
         InvalidSchedule,
         InvalidSpec,
@@ -129,6 +137,7 @@ impl EventReason {
             | EventReason::MissedSchedule
             | EventReason::VersionLost
             | EventReason::RolloverHeld
+            | EventReason::ReplicaLoadTimedOut
             | EventReason::InvalidDefinition
             | EventReason::InvalidSchedule
             | EventReason::InvalidSpec
@@ -139,7 +148,8 @@ impl EventReason {
             | EventReason::VersionDeleted
             | EventReason::VersionDiscarded
             | EventReason::RolledOver
-            | EventReason::RolledBack => false,
+            | EventReason::RolledBack
+            | EventReason::WaitingForReplicas => false,
         }
     }
 }

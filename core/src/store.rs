@@ -524,6 +524,41 @@ impl LoadStatus {
     }
 }
 
+/// Whether readers may be switched to a version, as far as the serving
+/// replicas go ([`replicas_ready`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicasReady {
+    /// Every live replica holds the version; `live` is 0 when none is live
+    /// (no index-serving replica deployed, or all gone), and there is
+    /// nobody to wait for.
+    Ready { live: usize },
+    /// These of the `live` replicas do not hold it yet.
+    Waiting { live: usize, missing: Vec<String> },
+}
+
+/// The one rule of switching readers: asks the serving replicas to load
+/// `version` of `segment` (again: a replica that missed the first notice
+/// gets another, and one that starts later finds the request), then
+/// answers whether every live replica holds it. A replica whose liveness
+/// ran out does not count: waiting for a dead one would hold the segment
+/// until the timeout. How long to wait, and what to do after, is the
+/// caller's: the operator holds the switch; standalone mode, whose serving
+/// is in-process, does not ask.
+pub async fn replicas_ready(
+    registry: &dyn ReplicaRegistry,
+    segment: &SegmentKey,
+    version: u64,
+) -> Result<ReplicasReady, StoreError> {
+    registry.request_load(segment, version).await?;
+    let status = registry.load_status(segment, version).await?;
+    let live = status.live.len();
+    let missing: Vec<String> = status.missing().into_iter().map(str::to_string).collect();
+    Ok(match missing.is_empty() {
+        true => ReplicasReady::Ready { live },
+        false => ReplicasReady::Waiting { live, missing },
+    })
+}
+
 /// Result files in object storage.
 #[async_trait]
 pub trait ResultStore: Send + Sync {
@@ -612,11 +647,6 @@ impl MemoryStore {
     }
 
     fn notify(&self, segment: &SegmentKey, version: Option<u64>) {
-        let mut replicas = self.replicas.lock().unwrap_or_else(|e| e.into_inner());
-        if version.is_none() || replicas.requests.get(segment) == version.as_ref() {
-            replicas.requests.remove(segment);
-        }
-        drop(replicas);
         self.send(Notice::Rollover(Rollover { segment: segment.clone(), version }));
     }
 
@@ -779,6 +809,11 @@ impl SegmentStore for MemoryStore {
             data.active = Some(version);
             Ok(())
         })?;
+        let mut replicas = self.replicas.lock().unwrap_or_else(|e| e.into_inner());
+        if replicas.requests.get(segment) == Some(&version) {
+            replicas.requests.remove(segment);
+        }
+        drop(replicas);
         self.notify(segment, Some(version));
         Ok(())
     }
@@ -806,6 +841,12 @@ impl SegmentStore for MemoryStore {
     async fn delete_segment(&self, segment: &SegmentKey) -> Result<(), StoreError> {
         self.ensure_available()?;
         let removed = self.with(|all| all.remove(segment));
+        let mut replicas = self.replicas.lock().unwrap_or_else(|e| e.into_inner());
+        replicas.requests.remove(segment);
+        // A re-created segment numbers its versions from 1 again: reports
+        // of the deleted one's versions must not count for it.
+        replicas.loaded.remove(segment);
+        drop(replicas);
         if removed.is_some_and(|data| data.active.is_some()) {
             self.notify(segment, None);
         }
@@ -815,6 +856,7 @@ impl SegmentStore for MemoryStore {
     async fn withdraw(&self, segment: &SegmentKey) -> Result<(), StoreError> {
         self.ensure_available()?;
         let was_active = self.with(|all| all.get_mut(segment).and_then(|data| data.active.take()).is_some());
+        self.replicas.lock().unwrap_or_else(|e| e.into_inner()).requests.remove(segment);
         if was_active {
             self.notify(segment, None);
         }
@@ -1163,6 +1205,31 @@ mod tests {
         assert_eq!(io.kind(), std::io::ErrorKind::ConnectionReset);
         assert_eq!(error.clone(), error, "clones compare equal");
         assert!(StoreError::Other("no reply".into()).source().and_then(|c| c.source()).is_none());
+    }
+
+    /// Readers switch once every live replica holds the version; a replica
+    /// whose liveness ran out does not count, and with none live there is
+    /// nobody to wait for. Each look asks for the load again.
+    #[tokio::test]
+    async fn replicas_are_ready_once_every_live_one_holds_the_version() {
+        let store = MemoryStore::new();
+        let key = SegmentKey::new("growth", "vip");
+        assert_eq!(replicas_ready(&store, &key, 2).await.unwrap(), ReplicasReady::Ready { live: 0 });
+        assert_eq!(store.load_requests().await.unwrap().get(&key), Some(&2), "the load was requested");
+
+        let later = Utc::now() + chrono::Duration::hours(1);
+        store.replica_alive("a", later).await.unwrap();
+        store.replica_alive("b", later).await.unwrap();
+        store.replica_alive("dead", Utc::now() - chrono::Duration::seconds(1)).await.unwrap();
+        store.report_loaded("a", &key, &[1, 2]).await.unwrap();
+        store.report_loaded("b", &key, &[1]).await.unwrap();
+        let waiting = ReplicasReady::Waiting { live: 2, missing: vec!["b".to_string()] };
+        assert_eq!(replicas_ready(&store, &key, 2).await.unwrap(), waiting);
+        store.report_loaded("b", &key, &[2]).await.unwrap();
+        assert_eq!(replicas_ready(&store, &key, 2).await.unwrap(), ReplicasReady::Ready { live: 2 });
+
+        store.set_unavailable(true);
+        assert!(replicas_ready(&store, &key, 2).await.unwrap_err().is_transient());
     }
 
     #[test]

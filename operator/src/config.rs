@@ -84,6 +84,13 @@ pub struct RunArgs {
     #[arg(long, env = "READER_GRACE_SECONDS", default_value_t = 60)]
     pub reader_grace_seconds: i64,
 
+    /// Readers are switched to a version once every live serving replica
+    /// has loaded it; after this long the replicas still missing are not
+    /// waited for (a Warning event counts them; they switch once they have
+    /// it). 0 switches at once.
+    #[arg(long, env = "REPLICA_LOAD_TIMEOUT_SECONDS", default_value_t = 300)]
+    pub replica_load_timeout_seconds: u32,
+
     /// After SIGTERM, how long reconciles in flight may take to finish
     /// before the operator exits anyway; below the pod's
     /// terminationGracePeriodSeconds.

@@ -78,6 +78,10 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
             client: client.clone(),
             cache,
             store: store.clone(),
+            replicas: store.clone(),
+            replica_load_timeout: chrono::Duration::seconds(args.replica_load_timeout_seconds.into()),
+            // Per term: a new leader waits again from zero (see ReplicaWaits).
+            replica_waits: Default::default(),
             results: results.clone(),
             planner: PlannerConfig {
                 results_base: Some(args.results_uri.clone()),

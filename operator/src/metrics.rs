@@ -109,12 +109,15 @@ impl Metrics {
     }
 
     /// Counts a reconcile by outcome, and failures by kind. A status-write
-    /// conflict is routine (planned again at once on fresh data), so it
-    /// is counted apart from errors.
+    /// conflict is routine (planned again at once on fresh data), and so
+    /// is a rollover waiting for serving replicas to load its version
+    /// (looked at again every second, for up to the load timeout): both
+    /// are counted apart from errors, so an alert on the error rate does
+    /// not fire on every rollover.
     pub fn reconciled(&self, outcome: Result<(), &reconcile::Error>, seconds: f64) {
         let result = match outcome {
             Ok(()) => "ok",
-            Err(reconcile::Error::Conflict) => "conflict",
+            Err(error @ (reconcile::Error::Conflict | reconcile::Error::WaitingForReplicas { .. })) => error.metric_label(),
             Err(error) => {
                 self.reconcile_errors.get_or_create(&ErrorLabel { error: error.metric_label() }).inc();
                 "error"
@@ -168,6 +171,8 @@ fn run_outcome(reason: EventReason) -> Option<&'static str> {
         | EventReason::VersionDiscarded
         | EventReason::RolledOver
         | EventReason::RolledBack
+        | EventReason::WaitingForReplicas
+        | EventReason::ReplicaLoadTimedOut
         | EventReason::InvalidDefinition
         | EventReason::InvalidSchedule
         | EventReason::InvalidSpec

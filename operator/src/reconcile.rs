@@ -24,8 +24,10 @@ use segment_core::executor::{self, Effects};
 use segment_core::naming::JobKind;
 use segment_core::planner::{self, Action, Event, JobState, Launch, Observation, ObservedJob, Plan, PlannerConfig, StoreView};
 use segment_core::policy;
-use segment_core::reasons::{FailureReason, SpecProblem};
-use segment_core::store::{activate_with_overrides, ResultStore, SegmentStore, StoreError};
+use segment_core::reasons::{ConditionType, EventReason, FailureReason, SpecProblem};
+use segment_core::store::{
+    activate_with_overrides, replicas_ready, ReplicaRegistry, ReplicasReady, ResultStore, SegmentStore, StoreError,
+};
 use segment_core::task::{sources_read, Failure, SegmentInput};
 use segment_core::validation::Invalid;
 use serde_json::json;
@@ -48,6 +50,14 @@ pub struct Context {
     /// call of its own.
     pub cache: ClusterCache,
     pub store: Arc<dyn SegmentStore>,
+    /// The same store, as the registry of serving replicas: a version is
+    /// activated once every live replica has loaded it.
+    pub replicas: Arc<dyn ReplicaRegistry>,
+    /// How long an activation waits for the replicas still missing before
+    /// readers are switched anyway (`--replica-load-timeout-seconds`).
+    pub replica_load_timeout: chrono::Duration,
+    /// When each waiting activation first asked the replicas to load.
+    pub replica_waits: ReplicaWaits,
     pub results: Arc<dyn ResultStore>,
     pub planner: PlannerConfig,
     pub jobs: JobArgs,
@@ -106,6 +116,14 @@ pub enum Error {
     /// the finalizer on any successful cleanup, so waiting is an error).
     #[error("{0} Jobs of the deleted Segment are still stopping")]
     JobsStopping(usize),
+    /// Readers are switched to `version` once every live serving replica
+    /// has loaded it; `missing` of the `live` ones have not yet. Routine:
+    /// looked at again shortly, up to `--replica-load-timeout-seconds`.
+    #[error(
+        "version {version} is loaded by {} of {live} serving replicas; readers switch once all have it",
+        .live - .missing
+    )]
+    WaitingForReplicas { version: u64, missing: usize, live: usize },
 }
 
 impl Error {
@@ -120,6 +138,7 @@ impl Error {
             Error::NoNamespace => "no_namespace",
             Error::CacheNotReady => "cache_not_ready",
             Error::JobsStopping(_) => "jobs_stopping",
+            Error::WaitingForReplicas { .. } => "waiting_for_replicas",
             Error::NotLeader(_) => "not_leader",
         }
     }
@@ -383,6 +402,12 @@ pub fn error_policy(segment: Arc<Segment>, error: &Error, _ctx: Arc<Context>) ->
             info!(segment = %key, %error, "removing its data once they are gone");
             Requeue::requeue(JOBS_STOPPING_RECHECK)
         }
+        // At debug: a wait is logged once at info when it starts, and this
+        // repeats every second until the replicas have the version.
+        Error::WaitingForReplicas { .. } => {
+            debug!(segment = %key, %error, "activating once the serving replicas have loaded it");
+            Requeue::requeue(REPLICA_LOAD_RECHECK)
+        }
         // The term is ending; the next leader reconciles this Segment.
         Error::NotLeader(_) => {
             debug!(segment = %key, %error, "not reconciled");
@@ -543,6 +568,122 @@ impl ClusterEffects<'_> {
     fn jobs_api(&self, namespace: &str) -> Api<Job> {
         Api::namespaced(self.ctx.client.clone(), namespace)
     }
+
+    /// Holds the switch to `version` until every live serving replica has
+    /// loaded it (push, replicas report, then swap, as LinkedIn's Venice
+    /// does): a replica answering from the index files it holds in memory
+    /// could not answer for a version it has not loaded. The hold is an
+    /// error, so the executor stops before the plan's status is written:
+    /// the status never claims a switch that has not happened (nor starts
+    /// the reader grace of the version left), and the next reconcile plans
+    /// the same activation and looks again. The planner knows nothing of
+    /// replicas. After `replica_load_timeout` readers are switched anyway;
+    /// the returned warning, published once they are, says how many
+    /// replicas lacked the version (they load it on the rollover notice
+    /// and switch when they have it).
+    async fn await_replicas(&mut self, version: u64) -> Result<Option<Event>, Error> {
+        let ready = replicas_ready(self.ctx.replicas.as_ref(), &self.key, version)
+            .await
+            .map_err(store("asking the serving replicas to load a version"))?;
+        let ReplicasReady::Waiting { live, missing } = ready else { return Ok(None) };
+        let now = (self.ctx.clock)();
+        let (since, began) = self.ctx.replica_waits.since(&self.key, version, now);
+        let waited = now - since;
+        if waited < self.ctx.replica_load_timeout {
+            let waiting = Error::WaitingForReplicas { version, missing: missing.len(), live };
+            if began {
+                info!(segment = %self.key, version, ?missing, "waiting for the serving replicas to load the version");
+                self.event(&Event { reason: EventReason::WaitingForReplicas, message: waiting.to_string() }).await;
+            }
+            self.show_wait(&waiting).await;
+            return Err(waiting);
+        }
+        let waited_seconds = waited.num_seconds();
+        warn!(segment = %self.key, version, ?missing, waited_seconds, "switching readers before every serving replica has it");
+        let mut names = missing.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+        if missing.len() > 5 {
+            names.push_str(&format!(" and {} more", missing.len() - 5));
+        }
+        let message = format!(
+            "readers switched to v{version} after waiting {waited_seconds}s for the serving replicas: {} of {live} had not \
+             loaded it ({names}); they switch once they have",
+            missing.len(),
+        );
+        Ok(Some(Event { reason: EventReason::ReplicaLoadTimedOut, message }))
+    }
+
+    /// Shows a held switch in the `Ready` condition, on the status the
+    /// Segment has: the plan's own status waits with the switch. The
+    /// next plan, once readers are switched, writes its conditions over it.
+    async fn show_wait(&self, waiting: &Error) {
+        let Some(previous) = self.segment.status.as_ref() else { return };
+        let status = waiting_status(previous, &waiting.to_string());
+        if status == *previous {
+            return;
+        }
+        // Only the display is lost: the wait goes on, and the next look
+        // writes it again (on fresh data, after a conflict).
+        match write_status(self.ctx, self.segment, &status).await {
+            Ok(()) | Err(Error::Conflict) => {}
+            Err(error) => warn!(segment = %self.key, %error, "could not show the wait for serving replicas in the status"),
+        }
+    }
+}
+
+/// `previous` with its `Ready` condition saying what readers wait for
+/// (reason `WaitingForReplicas`). `Ready` keeps its status, and so its
+/// transition time: a version that serves still serves meanwhile.
+fn waiting_status(previous: &SegmentStatus, wait: &str) -> SegmentStatus {
+    let mut status = previous.clone();
+    let message = match status.active_version {
+        Some(active) => format!("v{active} serves {} members; {wait}", status.members.unwrap_or(0)),
+        None => wait.to_string(),
+    };
+    if let Some(ready) = status.conditions.iter_mut().find(|c| c.type_ == ConditionType::Ready.as_str()) {
+        ready.reason = EventReason::WaitingForReplicas.as_str().to_string();
+        ready.message = message;
+    }
+    status
+}
+
+/// How often a switch waiting for serving replicas looks again: a replica
+/// loads an index in about that time, and readers should not wait longer
+/// than they must.
+const REPLICA_LOAD_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// When this term first asked the serving replicas to load the version
+/// each waiting segment is to be switched to: the load timeout counts from
+/// there. Kept in memory rather than in the store: a new term (or a
+/// restarted operator) counts from zero again, which only makes that wait
+/// longer and never skips it, and neither store has to keep operator
+/// bookkeeping. One entry per segment (its version in the entry), since
+/// only the activation planned now matters: a wait for another version (a
+/// rollback planned while a rollover waited) starts over, and the entry
+/// goes once the segment is switched or deleted.
+#[derive(Clone, Default)]
+pub struct ReplicaWaits(Arc<std::sync::Mutex<std::collections::HashMap<SegmentKey, ReplicaWait>>>);
+
+/// The version a segment's switch waits for, and when its load was first
+/// requested.
+type ReplicaWait = (u64, DateTime<Utc>);
+
+impl ReplicaWaits {
+    /// When the wait for `version` began, beginning it at `now` if it had
+    /// not; and whether it just began.
+    fn since(&self, segment: &SegmentKey, version: u64, now: DateTime<Utc>) -> (DateTime<Utc>, bool) {
+        let mut waits = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match waits.get(segment) {
+            Some((waiting_for, since)) if *waiting_for == version => (*since, false),
+            _ => {
+                waits.insert(segment.clone(), (version, now));
+                (now, true)
+            }
+        }
+    }
+
+    fn end(&self, segment: &SegmentKey) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(segment);
+    }
 }
 
 /// Where a Segment's Jobs may be, each with the label selector that finds
@@ -603,7 +744,13 @@ impl Effects for ClusterEffects<'_> {
 
     async fn activate(&mut self, version: u64) -> Result<(), Error> {
         self.ctx.leadership.check()?;
-        activate_with_overrides(self.ctx.store.as_ref(), &self.key, version).await.map_err(store("activating a version"))
+        let late = self.await_replicas(version).await?;
+        activate_with_overrides(self.ctx.store.as_ref(), &self.key, version).await.map_err(store("activating a version"))?;
+        self.ctx.replica_waits.end(&self.key);
+        if let Some(warning) = late {
+            self.event(&warning).await;
+        }
+        Ok(())
     }
 
     async fn prune_overrides(&mut self, older_than: DateTime<Utc>) -> Result<(), Error> {
@@ -783,6 +930,7 @@ async fn cleanup(segment: &Segment, ctx: &Context) -> Result<Requeue, Error> {
         info!(segment = %key, "deletionPolicy Retain: no longer served; store data and result files kept");
     }
     ctx.metrics.forget(&key.namespace, &key.name);
+    ctx.replica_waits.end(&key);
     Ok(Requeue::await_change())
 }
 

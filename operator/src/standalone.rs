@@ -23,7 +23,7 @@ use segment_core::task::{compute_task, ingest_task, segment_inputs, Failure};
 use segment_store::results::ObjectResults;
 use tokio::sync::Notify;
 
-use segment_serving::{AppState, ServingConfig, ServingStore};
+use segment_serving::{AppState, IndexOptions, ResultFiles, ServingConfig, ServingStore};
 
 use crate::manifests::{self, Manifests};
 
@@ -290,6 +290,10 @@ struct LocalEffects<'e> {
 impl Effects for LocalEffects<'_> {
     type Error = StandaloneError;
 
+    /// Switches at once, without the cluster's wait for serving replicas
+    /// to load the version (`segment_core::store::replicas_ready`): the
+    /// serving API here is in this process and switches on the notice once
+    /// it holds the version's index, so there is no replica to wait for.
     async fn activate(&mut self, version: u64) -> Result<(), StandaloneError> {
         Ok(activate_with_overrides(self.engine.store.as_ref(), &self.key, version).await?)
     }
@@ -433,7 +437,11 @@ pub async fn run_until(
     println!("  curl http://{listen}/v1/namespaces/default/segments/churn-risk/members/u0000003");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let app = segment_serving::router(AppState::new(store, ServingConfig::default()));
+    // Serving answers from the versions' index files, as in a cluster; it
+    // is in process, so the engine does not wait for its load reports: it
+    // switches a segment on the notice, once it holds the new version.
+    let index = IndexOptions::new(Arc::new(ResultFiles::new(engine.results_base.clone())), "standalone");
+    let app = segment_serving::router(AppState::new(store, ServingConfig { index: Some(index), ..ServingConfig::default() }));
     let mut serving_stop = stop_rx.clone();
     let serving = tokio::spawn(async move {
         axum::serve(listener, app)

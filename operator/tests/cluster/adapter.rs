@@ -20,12 +20,12 @@ use segment_core::api::{
     SEGMENT_LABEL, VERSION_LABEL,
 };
 use segment_core::planner::PlannerConfig;
-use segment_core::store::{MembershipReader, MemoryResults, MemoryStore, ResultStore, SegmentStore};
+use segment_core::store::{MembershipReader, MemoryResults, MemoryStore, ReplicaRegistry, ResultStore, SegmentStore};
 use segment_core::task::{ComputeTask, IngestTask, TASK_ANNOTATION, TASK_FILE};
 use segment_operator::config::JobArgs;
 use segment_operator::events::EventPublisher;
 use segment_operator::metrics::Metrics;
-use segment_operator::reconcile::{error_policy, reconcile, ClusterCache, ComputeSlots, Context, Error};
+use segment_operator::reconcile::{error_policy, reconcile, ClusterCache, ComputeSlots, Context, Error, ReplicaWaits};
 
 const NS: &str = "growth";
 const SEGMENTS: &str = "/apis/segmentation.dev/v1alpha1/namespaces/growth/segments/vip";
@@ -96,6 +96,12 @@ struct Harness {
     compute_limit: usize,
     /// The operator's watched namespace (`--namespace`), if any.
     watch_namespace: Option<String>,
+    /// `--replica-load-timeout-seconds`.
+    replica_load_timeout: Duration,
+    /// The waits for serving replicas this operator's term remembers: the
+    /// one thing every context of the harness shares, so that the load
+    /// timeout runs across reconciles (replace it to start a new term).
+    replica_waits: ReplicaWaits,
 }
 
 impl Harness {
@@ -109,6 +115,8 @@ impl Harness {
             metrics: Arc::new(Metrics::default()),
             compute_limit: 0,
             watch_namespace: None,
+            replica_load_timeout: Duration::seconds(300),
+            replica_waits: ReplicaWaits::default(),
         }
     }
 
@@ -139,6 +147,9 @@ impl Harness {
             client: client.clone(),
             cache,
             store: self.store.clone(),
+            replicas: self.store.clone(),
+            replica_load_timeout: self.replica_load_timeout,
+            replica_waits: self.replica_waits.clone(),
             results: self.results.clone(),
             planner: PlannerConfig { results_base: Some("s3://results".into()), ..Default::default() },
             jobs: job_args(),
@@ -213,14 +224,44 @@ impl Harness {
     /// Drives a fresh Segment to version `version` being active, with the
     /// given members loaded by the (simulated) ingest.
     async fn run_to_active(&self, version: u64, members: &[&str]) {
+        self.run_to_loaded(version, members).await;
+        self.reconcile().await;
+        assert_eq!(self.store.active_version(&self.key()).await.unwrap(), Some(version));
+    }
+
+    /// Drives a run of `version` until its ingest Job has finished: the
+    /// next reconcile promotes and activates it.
+    async fn run_to_loaded(&self, version: u64, members: &[&str]) {
         self.reconcile().await;
         let compute = format!("vip-v{version}-compute");
         self.finish_job(&compute, "Complete", None);
         self.reconcile().await;
         self.store.load_version(&self.key(), version, members.iter().map(|m| m.to_string()), None, None);
         self.finish_job(&self.ingest_job(version), "Complete", None);
-        self.reconcile().await;
-        assert_eq!(self.store.active_version(&self.key()).await.unwrap(), Some(version));
+    }
+
+    /// A reconcile that fails, with its error as the operator sees it.
+    async fn reconcile_error(&self) -> Error {
+        reconcile(Arc::new(self.segment()), self.context()).await.expect_err("the reconcile fails")
+    }
+
+    /// A serving replica that is live (for an hour of real time: the
+    /// store's liveness runs on the wall clock) and holds `versions` of vip.
+    async fn serving_replica(&self, replica: &str, versions: &[u64]) {
+        self.store.replica_alive(replica, Utc::now() + Duration::hours(1)).await.unwrap();
+        self.store.report_loaded(replica, &self.key(), versions).await.unwrap();
+    }
+
+    fn ready(&self) -> segment_core::api::Condition {
+        self.segment().status.unwrap().conditions.into_iter().find(|c| c.type_ == "Ready").unwrap()
+    }
+
+    /// Requests the next run of vip at `at` (`HH:MM`, on t0's day).
+    fn request_run(&self, at: &str) {
+        self.edit(|s| {
+            s.metadata.annotations =
+                Some(BTreeMap::from([("segmentation.dev/run-requested-at".into(), format!("2026-03-02T{at}:00Z"))]))
+        });
     }
 }
 
@@ -763,4 +804,170 @@ fn the_namespace_label_then_the_default_choose_the_compute_class_and_a_missing_o
     assert!(missing.message.contains("`gone`") && missing.message.contains("label"), "{missing}");
     let missing_default = cache.compute_class("finance", Some("nope")).unwrap_err();
     assert!(missing_default.message.contains("--default-compute-class"), "{missing_default}");
+}
+
+/// Readers are switched to a version only once every live serving replica
+/// has loaded it: the switch is held (the store's active version does not
+/// move, the plan's status is not written) while one has not, and the
+/// next reconcile after it reports the version switches.
+#[tokio::test]
+async fn a_rollover_waits_until_every_live_serving_replica_has_loaded_the_version() {
+    let h = Harness::new(segment(""));
+    h.serving_replica("serving-a", &[1]).await;
+    h.serving_replica("serving-b", &[1]).await;
+    h.run_to_active(1, &["u1"]).await;
+    h.request_run("11:00");
+    h.run_to_loaded(2, &["u1", "u2"]).await;
+    h.store.report_loaded("serving-a", &h.key(), &[1, 2]).await.unwrap();
+    let events_before = event_reasons(&h.world).len();
+
+    let error = h.reconcile_error().await;
+    assert!(matches!(error, Error::WaitingForReplicas { version: 2, missing: 1, live: 2 }), "{error:?}");
+    assert_eq!(error.to_string(), "version 2 is loaded by 1 of 2 serving replicas; readers switch once all have it");
+    assert_eq!(h.store.active_version(&h.key()).await.unwrap(), Some(1), "readers stay on v1");
+    assert_eq!(h.store.load_requests().await.unwrap().get(&h.key()), Some(&2), "the replicas were asked to load v2");
+    let status = h.segment().status.unwrap();
+    assert_eq!(status.active_version, Some(1), "the status does not claim the switch");
+    assert_eq!(status.current_run.as_ref().map(|r| (r.version, r.phase)), Some((2, RunPhase::Ingesting)));
+    let ready = h.ready();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "WaitingForReplicas"));
+    assert_eq!(
+        ready.message,
+        "v1 serves 1 members; version 2 is loaded by 1 of 2 serving replicas; readers switch once all have it"
+    );
+    assert_eq!(event_reasons(&h.world)[events_before..], ["WaitingForReplicas"], "said once, and no RolledOver yet");
+    // Routine: looked at again in a second, not counted as a failure.
+    assert_eq!(error_policy(Arc::new(h.segment()), &error, h.context()), Requeue::requeue(std::time::Duration::from_secs(1)));
+    let metrics = h.metrics.encode();
+    assert!(metrics.contains(r#"segment_operator_reconciles_total{result="waiting_for_replicas"} 1"#), "{metrics}");
+    assert!(!metrics.contains("segment_operator_reconcile_errors_total{"), "{metrics}");
+
+    // Still waiting: nothing new is written or said.
+    let before = h.world.lock().unwrap().log.len();
+    assert!(matches!(h.reconcile_error().await, Error::WaitingForReplicas { .. }));
+    let writes: Vec<String> =
+        h.world.lock().unwrap().log[before..].iter().filter(|l| l.method != "GET").map(|l| l.line()).collect();
+    assert_eq!(writes, Vec::<String>::new());
+    assert_eq!(h.store.active_version(&h.key()).await.unwrap(), Some(1));
+
+    h.store.report_loaded("serving-b", &h.key(), &[1, 2]).await.unwrap();
+    h.reconcile().await;
+    assert_eq!(h.store.active_version(&h.key()).await.unwrap(), Some(2));
+    let status = h.segment().status.unwrap();
+    assert_eq!((status.active_version, status.current_run), (Some(2), None));
+    let ready = h.ready();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "VersionActive"));
+    let reasons = event_reasons(&h.world);
+    assert!(reasons.contains(&"RolledOver".to_string()) && !reasons.contains(&"ReplicaLoadTimedOut".to_string()), "{reasons:?}");
+}
+
+/// A replica whose liveness ran out (it died without saying so) does not
+/// hold the switch; while it was live, it did. The first activation waits
+/// like any other, with `Ready` still `False`.
+#[tokio::test]
+async fn a_serving_replica_whose_liveness_ran_out_does_not_hold_the_switch() {
+    let h = Harness::new(segment(""));
+    h.serving_replica("serving-a", &[]).await;
+    h.run_to_loaded(1, &["u1"]).await;
+    let error = h.reconcile_error().await;
+    assert!(matches!(error, Error::WaitingForReplicas { version: 1, missing: 1, live: 1 }), "{error:?}");
+    assert_eq!(h.store.active_version(&h.key()).await.unwrap(), None);
+    let ready = h.ready();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "WaitingForReplicas"));
+    assert_eq!(ready.message, "version 1 is loaded by 0 of 1 serving replicas; readers switch once all have it");
+
+    h.store.replica_alive("serving-a", Utc::now() - Duration::seconds(1)).await.unwrap();
+    h.reconcile().await;
+    assert_eq!(h.store.active_version(&h.key()).await.unwrap(), Some(1));
+    assert_eq!(h.ready().reason, "VersionActive");
+}
+
+/// Without index-serving replicas (none deployed) there is nobody to wait
+/// for: the version is switched to in the same reconcile, right after the
+/// load was asked for.
+#[tokio::test]
+async fn without_live_serving_replicas_a_version_is_switched_to_at_once() {
+    use futures::{FutureExt, StreamExt};
+    use segment_core::store::{Notice, Rollover, RolloverFeed};
+
+    let h = Harness::new(segment(""));
+    h.run_to_loaded(1, &["u1"]).await;
+    let mut notices = h.store.notices().await.unwrap();
+    h.reconcile().await;
+    assert_eq!(h.store.active_version(&h.key()).await.unwrap(), Some(1));
+    let mut seen = Vec::new();
+    while let Some(Some(notice)) = notices.next().now_or_never() {
+        seen.push(notice);
+    }
+    let load = Notice::Load { segment: h.key(), version: 1 };
+    assert_eq!(seen, vec![load, Notice::Rollover(Rollover { segment: h.key(), version: Some(1) })]);
+    let reasons = event_reasons(&h.world);
+    assert!(!reasons.contains(&"WaitingForReplicas".to_string()), "{reasons:?}");
+}
+
+/// The wait is bounded: from the load request's first issue in this term,
+/// after `--replica-load-timeout-seconds` readers are switched anyway and
+/// a Warning names the replicas that had not loaded the version. A new
+/// term counts from zero.
+#[tokio::test]
+async fn after_the_load_timeout_readers_are_switched_with_a_warning() {
+    let mut h = Harness::new(segment(""));
+    h.serving_replica("serving-a", &[1]).await;
+    h.serving_replica("serving-b", &[1]).await;
+    h.run_to_active(1, &["u1"]).await;
+    h.request_run("11:00");
+    h.run_to_loaded(2, &["u1", "u2"]).await;
+    h.store.report_loaded("serving-a", &h.key(), &[1, 2]).await.unwrap();
+
+    assert!(matches!(h.reconcile_error().await, Error::WaitingForReplicas { version: 2, .. }));
+    h.advance(Duration::seconds(299));
+    assert!(matches!(h.reconcile_error().await, Error::WaitingForReplicas { version: 2, .. }), "not yet");
+    assert_eq!(h.store.active_version(&h.key()).await.unwrap(), Some(1));
+
+    // A new term (a failover, a restart) forgets the wait and starts it over.
+    h.replica_waits = ReplicaWaits::default();
+    h.advance(Duration::seconds(1));
+    assert!(matches!(h.reconcile_error().await, Error::WaitingForReplicas { version: 2, .. }), "counted from zero again");
+    h.advance(Duration::seconds(299));
+    assert!(matches!(h.reconcile_error().await, Error::WaitingForReplicas { version: 2, .. }));
+
+    h.advance(Duration::seconds(1));
+    h.reconcile().await;
+    assert_eq!(h.store.active_version(&h.key()).await.unwrap(), Some(2), "switched without serving-b");
+    let warning =
+        h.world.lock().unwrap().requests("POST", "/events").into_iter().find(|e| e.body["reason"] == "ReplicaLoadTimedOut");
+    let warning = warning.expect("a warning");
+    assert_eq!(warning.body["type"], "Warning");
+    assert_eq!(
+        warning.body["note"],
+        "readers switched to v2 after waiting 300s for the serving replicas: 1 of 2 had not loaded it (serving-b); they switch \
+         once they have"
+    );
+    assert_eq!(h.ready().reason, "VersionActive");
+}
+
+/// A rollback (`pinVersion`) switches readers too, and waits the same way
+/// for a replica that no longer holds the older version.
+#[tokio::test]
+async fn a_rollback_waits_for_the_serving_replicas_too() {
+    let h = Harness::new(segment(""));
+    h.serving_replica("serving-a", &[1]).await;
+    h.run_to_active(1, &["u1"]).await;
+    h.request_run("11:00");
+    h.run_to_loaded(2, &["u1", "u2"]).await;
+    h.store.report_loaded("serving-a", &h.key(), &[2]).await.unwrap();
+    h.reconcile().await;
+    assert_eq!(h.store.active_version(&h.key()).await.unwrap(), Some(2));
+
+    h.edit(|s| s.spec.pin_version = Some(1));
+    let error = h.reconcile_error().await;
+    assert!(matches!(error, Error::WaitingForReplicas { version: 1, missing: 1, live: 1 }), "{error:?}");
+    assert_eq!(h.store.active_version(&h.key()).await.unwrap(), Some(2), "readers stay on v2");
+    assert_eq!(h.store.load_requests().await.unwrap().get(&h.key()), Some(&1));
+    assert!(!event_reasons(&h.world).contains(&"RolledBack".to_string()));
+
+    h.store.report_loaded("serving-a", &h.key(), &[1, 2]).await.unwrap();
+    h.reconcile().await;
+    assert_eq!(h.store.active_version(&h.key()).await.unwrap(), Some(1));
+    assert!(event_reasons(&h.world).contains(&"RolledBack".to_string()));
 }

@@ -60,7 +60,8 @@ struct Args {
     /// from each active version's index file there, read-only.
     #[arg(long, env = "RESULTS_URI")]
     results_uri: Option<String>,
-    /// This replica's name in load reports, unique among replicas (the pod name).
+    /// This replica's name in load reports, unique among replicas (the pod
+    /// name); each process adds a suffix of its own.
     #[arg(long, env = "POD_NAME", default_value = "segment-serving")]
     pod_name: String,
     /// How long one liveness report lasts; renewed on every alias refresh.
@@ -91,6 +92,10 @@ fn run(args: Args) -> Result<(), String> {
         Some(path) => Some(Tokens::load(path).map_err(|e| e.to_string())?),
         None => None,
     };
+    // The name in the load reports: the pod's, plus one of this process's
+    // own, so a restarted container never inherits the reports of the
+    // process before it (which held what this one has not loaded yet).
+    let replica = format!("{}/{}", args.pod_name, &segment_core::store::new_incarnation()[..8]);
     let config = ServingConfig {
         cache_ttl: Duration::from_millis(args.cache_ttl_ms),
         cache_capacity: args.cache_capacity,
@@ -100,7 +105,7 @@ fn run(args: Args) -> Result<(), String> {
         tokens,
         index: args.results_uri.as_ref().map(|base| IndexOptions {
             liveness: Duration::from_millis(args.replica_liveness_ms.max(args.refresh_interval_ms.max(100) * 3)),
-            ..IndexOptions::new(Arc::new(ResultFiles::new(base.clone())), args.pod_name.clone())
+            ..IndexOptions::new(Arc::new(ResultFiles::new(base.clone())), replica.clone())
         }),
         ..ServingConfig::default()
     };
@@ -138,7 +143,7 @@ fn run(args: Args) -> Result<(), String> {
         if args.results_uri.is_some() {
             // Withdrawn from the load reports at once, so a switch in the
             // next seconds does not wait for a replica that is going away.
-            let gone = async { connect_redis(&args.redis_url).await?.replica_gone(&args.pod_name).await };
+            let gone = async { connect_redis(&args.redis_url).await?.replica_gone(&replica).await };
             if let Err(e) = tokio::time::timeout(Duration::from_secs(2), gone)
                 .await
                 .unwrap_or_else(|_| Err(StoreError::Unavailable("timed out".into())))
