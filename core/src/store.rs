@@ -559,6 +559,15 @@ pub async fn replicas_ready(
     })
 }
 
+/// Where a version's index file ([`crate::index`]) is read from: serving
+/// replicas hold it, the realtime worker diffs two of them.
+#[async_trait]
+pub trait IndexSource: Send + Sync {
+    /// The version's ids, verified (checksum, structure) before anything
+    /// is answered from them.
+    async fn fetch(&self, segment: &SegmentKey, version: u64) -> Result<crate::index::IdSet, StoreError>;
+}
+
 /// Result files in object storage.
 #[async_trait]
 pub trait ResultStore: Send + Sync {

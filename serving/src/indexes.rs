@@ -4,8 +4,9 @@
 //! does not reflect laid on top. The store keeps only small state: aliases,
 //! overrides, notices and the replicas' load reports.
 //!
-//! - [`IndexSource`]: where a version's index comes from; [`ResultFiles`]
-//!   reads it from the result files compute wrote, checksum verified.
+//! - [`IndexSource`] (core): where a version's index comes from;
+//!   [`ResultFiles`] (store) reads it from the result files compute wrote,
+//!   checksum verified.
 //! - [`LoadedVersion`]: one version's ids, and the time up to which its lake
 //!   data reflects realtime events.
 //! - [`Overlay`]: a segment's realtime overrides, newest per user.
@@ -14,54 +15,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use segment_core::api::SegmentKey;
 use segment_core::index::IdSet;
-use segment_core::naming::results_uri;
-use segment_core::store::{Override, OverrideOp, StoreError};
-use segment_store::results::ResultDir;
-
-/// Where a replica fetches a version's index file.
-#[async_trait]
-pub trait IndexSource: Send + Sync {
-    /// The version's ids, verified (checksum, structure) before anything
-    /// is answered from them.
-    async fn fetch(&self, segment: &SegmentKey, version: u64) -> Result<IdSet, StoreError>;
-}
-
-/// The index files next to each version's result parts, under the results
-/// base the operator writes to (`<base>/<namespace>/<name>/v<version>/`).
-/// Replicas need read access to it only.
-#[derive(Debug, Clone)]
-pub struct ResultFiles {
-    base: String,
-}
-
-impl ResultFiles {
-    pub fn new(base: impl Into<String>) -> ResultFiles {
-        ResultFiles { base: base.into() }
-    }
-}
-
-#[async_trait]
-impl IndexSource for ResultFiles {
-    async fn fetch(&self, segment: &SegmentKey, version: u64) -> Result<IdSet, StoreError> {
-        let uri = results_uri(&self.base, segment, version);
-        let unreadable = |e: &dyn std::fmt::Display| StoreError::Unavailable(format!("reading {uri}: {e}").into());
-        let dir = ResultDir::open(&uri).map_err(|e| StoreError::Other(format!("{uri}: {e}").into()))?;
-        let manifest = dir.read_manifest().await.map_err(|e| unreadable(&e))?;
-        let manifest = manifest.ok_or_else(|| StoreError::MissingVersion { segment: segment.to_string(), version })?;
-        // Versions computed before index files existed have none; they are
-        // served again once recomputed.
-        let entry = manifest
-            .index
-            .as_ref()
-            .ok_or_else(|| StoreError::Other(format!("{uri}: the version has no index file; recompute it").into()))?;
-        let bytes = dir.read_index(entry).await.map_err(|e| unreadable(&e))?;
-        entry.open_index(bytes).map_err(|e| StoreError::Other(format!("{uri}: {e}").into()))
-    }
-}
+pub use segment_core::store::IndexSource;
+use segment_core::store::{Override, OverrideOp};
+pub use segment_store::results::ResultFiles;
 
 /// How a replica serves from index files.
 #[derive(Clone)]

@@ -11,9 +11,10 @@ use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use segment_core::api::SegmentKey;
-use segment_core::index::INDEX_FILE;
+use segment_core::index::{IdSet, INDEX_FILE};
 use segment_core::manifest::{checksum, encode_part, index_checksum, part_file, Manifest, Part, MANIFEST_FILE};
-use segment_core::store::{Cause, ResultStore, StoreError};
+use segment_core::naming::results_uri;
+use segment_core::store::{Cause, IndexSource, ResultStore, StoreError};
 
 use crate::objects::{child, locate, Location, ObjectsError};
 
@@ -215,5 +216,38 @@ impl ResultStore for ObjectResults {
     async fn delete_segment(&self, segment: &SegmentKey) -> Result<(), StoreError> {
         let location = self.segment_location(segment)?;
         Ok(delete_prefix(&location.store, &location.path).await?)
+    }
+}
+
+/// The index files next to each version's result parts, under the results
+/// base the operator writes to (`<base>/<namespace>/<name>/v<version>/`).
+/// Readers (serving replicas, the realtime worker) need read access only.
+#[derive(Debug, Clone)]
+pub struct ResultFiles {
+    base: String,
+}
+
+impl ResultFiles {
+    pub fn new(base: impl Into<String>) -> ResultFiles {
+        ResultFiles { base: base.into() }
+    }
+}
+
+#[async_trait]
+impl IndexSource for ResultFiles {
+    async fn fetch(&self, segment: &SegmentKey, version: u64) -> Result<IdSet, StoreError> {
+        let uri = results_uri(&self.base, segment, version);
+        let unreadable = |e: &dyn std::fmt::Display| StoreError::Unavailable(format!("reading {uri}: {e}").into());
+        let dir = ResultDir::open(&uri).map_err(|e| StoreError::Other(format!("{uri}: {e}").into()))?;
+        let manifest = dir.read_manifest().await.map_err(|e| unreadable(&e))?;
+        let manifest = manifest.ok_or_else(|| StoreError::MissingVersion { segment: segment.to_string(), version })?;
+        // Versions computed before index files existed have none; they are
+        // served again once recomputed.
+        let entry = manifest
+            .index
+            .as_ref()
+            .ok_or_else(|| StoreError::Other(format!("{uri}: the version has no index file; recompute it").into()))?;
+        let bytes = dir.read_index(entry).await.map_err(|e| unreadable(&e))?;
+        entry.open_index(bytes).map_err(|e| StoreError::Other(format!("{uri}: {e}").into()))
     }
 }
