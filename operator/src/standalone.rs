@@ -441,7 +441,7 @@ pub async fn run_until(
     // is in process, so the engine does not wait for its load reports: it
     // switches a segment on the notice, once it holds the new version.
     let index = IndexOptions::new(Arc::new(ResultFiles::new(engine.results_base.clone())), "standalone");
-    let app = segment_serving::router(AppState::new(store, ServingConfig { index: Some(index), ..ServingConfig::default() }));
+    let app = segment_serving::router(AppState::new(store, ServingConfig::new(index)));
     let mut serving_stop = stop_rx.clone();
     let serving = tokio::spawn(async move {
         axum::serve(listener, app)

@@ -160,6 +160,16 @@ fn check_user(field: &str, user: &str) -> Result<(), ApiError> {
     }
 }
 
+/// A user held by another shard is refused (`421 WrongShard`), never
+/// answered "in no segment".
+fn check_shard(state: &AppState, field: &str, user: &str) -> Result<(), ApiError> {
+    if state.owns(user) {
+        return Ok(());
+    }
+    let shard = state.config().index.shard;
+    Err(ApiError::wrong_shard(field, crate::Shard::of(user, shard.count), shard))
+}
+
 fn check_name(field: &str, name: &str) -> Result<(), ApiError> {
     if name.is_empty() {
         Err(ApiError::invalid(field, format!("{field} must not be empty")))
@@ -185,7 +195,8 @@ fn no_active_version(field: Option<&str>, segment: &SegmentKey) -> ApiError {
         (status = 400, description = "Bad user id or namespace", body = ErrorBody),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 403, description = "Namespace not allowed for this token", body = ErrorBody),
-        (status = 503, description = "Store unavailable and nothing cached", body = ErrorBody),
+        (status = 421, description = "The user is held by another shard (route by FNV-1a 64 of the user id)", body = ErrorBody),
+        (status = 503, description = "This replica is not ready, or the store lost its state", body = ErrorBody),
     ),
     security((), ("bearer" = []))
 )]
@@ -196,11 +207,12 @@ async fn user_segments(
     Query(query): Query<UserQuery>,
 ) -> Result<Response, ApiError> {
     check_user("user", &user)?;
+    check_shard(&state, "user", &user)?;
     if let Some(namespace) = &query.namespace {
         check_name("namespace", namespace)?;
         access.check("namespace", namespace)?;
     }
-    let active = state.user_segments(&user).await.map_err(|e| ApiError::store(&e))?;
+    let active = state.user_segments(&user).map_err(|e| ApiError::store(&e))?;
     let segments = active
         .iter()
         .filter(|a| query.namespace.as_ref().is_none_or(|ns| *ns == a.segment.namespace))
@@ -248,7 +260,8 @@ fn user_segments_json<'a>(user: &str, segments: impl Iterator<Item = &'a Arc<Act
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 403, description = "Namespace not allowed for this token", body = ErrorBody),
         (status = 404, description = "Segment unknown or without an active version", body = ErrorBody),
-        (status = 503, description = "Store unavailable and nothing cached", body = ErrorBody),
+        (status = 421, description = "The user is held by another shard (route by FNV-1a 64 of the user id)", body = ErrorBody),
+        (status = 503, description = "This replica is not ready, or the store lost its state", body = ErrorBody),
     ),
     security((), ("bearer" = []))
 )]
@@ -260,10 +273,11 @@ async fn member(
     check_name("namespace", &namespace)?;
     check_name("name", &name)?;
     check_user("user", &user)?;
+    check_shard(&state, "user", &user)?;
     access.check("namespace", &namespace)?;
     let segment = SegmentKey::new(namespace, name);
     let version = state.active_version(&segment).ok_or_else(|| no_active_version(Some("name"), &segment))?;
-    let answers = state.members(&[(segment, version, user)]).await.map_err(|e| ApiError::store(&e))?;
+    let answers = state.members(&[(segment, version, user)]).map_err(|e| ApiError::store(&e))?;
     Ok(Json(Membership { member: answers.first().copied().unwrap_or(false), version }))
 }
 
@@ -280,7 +294,8 @@ async fn member(
         (status = 403, description = "A namespace not allowed for this token", body = ErrorBody),
         (status = 404, description = "A segment unknown or without an active version", body = ErrorBody),
         (status = 413, description = "A body longer than the most checks allowed can take", body = ErrorBody),
-        (status = 503, description = "Store unavailable and not everything cached", body = ErrorBody),
+        (status = 421, description = "A user held by another shard (route by FNV-1a 64 of the user id)", body = ErrorBody),
+        (status = 503, description = "This replica is not ready, or the store lost its state", body = ErrorBody),
     ),
     security((), ("bearer" = []))
 )]
@@ -304,12 +319,13 @@ async fn check(
         check_name(&field("namespace"), &c.namespace)?;
         check_name(&field("segment"), &c.segment)?;
         check_user(&field("user"), &c.user)?;
+        check_shard(&state, &field("user"), &c.user)?;
         access.check(&field("namespace"), &c.namespace)?;
         let segment = SegmentKey::new(c.namespace.clone(), c.segment.clone());
         let version = aliases.get(&segment).ok_or_else(|| no_active_version(Some(&field("segment")), &segment))?.version;
         triples.push((segment, version, c.user.clone()));
     }
-    let answers = state.members(&triples).await.map_err(|e| ApiError::store(&e))?;
+    let answers = state.members(&triples).map_err(|e| ApiError::store(&e))?;
     let results = request
         .checks
         .into_iter()
@@ -350,7 +366,7 @@ async fn segment_info(state: &AppState, segment: SegmentKey, active: Option<u64>
         (status = 200, description = "Active and retained versions with member counts", body = SegmentList),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 403, description = "Namespace not allowed for this token", body = ErrorBody),
-        (status = 503, description = "Store unavailable and nothing cached", body = ErrorBody),
+        (status = 503, description = "Store unavailable and not in cache", body = ErrorBody),
     ),
     security((), ("bearer" = []))
 )]
@@ -383,7 +399,7 @@ async fn list_segments(
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 403, description = "Namespace not allowed for this token", body = ErrorBody),
         (status = 404, description = "The store holds nothing for this segment", body = ErrorBody),
-        (status = 503, description = "Store unavailable and nothing cached", body = ErrorBody),
+        (status = 503, description = "Store unavailable and not in cache", body = ErrorBody),
     ),
     security((), ("bearer" = []))
 )]
@@ -582,8 +598,15 @@ mod tests {
     #[tokio::test]
     async fn the_users_answer_is_what_serde_writes_for_user_segments() {
         let segments = [SegmentKey::new("growth", "active-buyers"), SegmentKey::new("risk", "chargebacks")];
-        let active: Vec<Arc<ActiveSegment>> =
-            segments.iter().enumerate().map(|(i, s)| Arc::new(ActiveSegment::new(s.clone(), 7 + i as u64 * 1000))).collect();
+        let nobody = || segment_core::index::IdSet::open(segment_core::index::build([]).unwrap()).unwrap();
+        let active: Vec<Arc<ActiveSegment>> = segments
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let version = crate::indexes::LoadedVersion::new(7 + i as u64 * 1000, nobody(), None);
+                Arc::new(ActiveSegment::new(s.clone(), Arc::new(version)))
+            })
+            .collect();
         for (user, shown) in [("u-1", 2), ("quote\"back\\slash\u{1}é\u{2028}", 2), ("nobody", 0)] {
             let response = user_segments_json(user, active.iter().take(shown));
             assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");

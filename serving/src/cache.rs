@@ -1,5 +1,5 @@
-//! The caches in front of the store: bounded, and each entry expires a
-//! fixed time after it was stored.
+//! The version listings' cache in front of the store: bounded, and each
+//! entry expires a fixed time after it was stored.
 //!
 //! quick_cache (S3-FIFO eviction, sharded locks) does the bounding; the
 //! expiry is checked on read from a deadline kept next to the value. A
@@ -54,23 +54,6 @@ impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
             entries.insert(key, Entry { expires: Instant::now() + self.ttl, value });
         }
     }
-
-    /// Drops one entry.
-    pub fn remove<Q>(&self, key: &Q)
-    where
-        Q: Hash + Equivalent<K> + ?Sized,
-    {
-        if let Some(entries) = &self.entries {
-            entries.remove(key);
-        }
-    }
-
-    /// Drops every entry.
-    pub fn clear(&self) {
-        if let Some(entries) = &self.entries {
-            entries.clear();
-        }
-    }
 }
 
 #[cfg(test)]
@@ -89,15 +72,13 @@ mod tests {
     }
 
     #[test]
-    fn bounded_and_clearable() {
+    fn bounded() {
         let cache = TtlCache::new(100, Duration::from_secs(60));
         for i in 0..10_000u32 {
             cache.insert(i, i);
         }
         let kept = (0..10_000u32).filter(|i| cache.get(i).is_some()).count();
         assert!(kept > 0 && kept <= 200, "about the capacity is kept, not everything: {kept}");
-        cache.clear();
-        assert_eq!((0..10_000u32).filter(|i| cache.get(i).is_some()).count(), 0);
     }
 
     #[test]

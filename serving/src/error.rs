@@ -14,7 +14,7 @@ pub struct ErrorBody {
     /// What went wrong, for people.
     pub error: String,
     /// For programs: `InvalidArgument`, `NotFound`, `Unauthorized`,
-    /// `Forbidden`, `StoreUnavailable` or `StoreError`.
+    /// `Forbidden`, `WrongShard`, `StoreUnavailable` or `StoreError`.
     pub reason: String,
     /// The request field at fault, for bad input.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -53,6 +53,16 @@ impl ApiError {
     pub fn forbidden(field: &str, namespace: &str) -> ApiError {
         let error = format!("this token may not read namespace {namespace:?}");
         ApiError::new(StatusCode::FORBIDDEN, "Forbidden", error, Some(field))
+    }
+
+    /// The user is held by another shard's replicas: the caller routed
+    /// wrong (docs/serving.md, "Shards"). Names the shards, not the user.
+    pub fn wrong_shard(field: &str, user_shard: u32, served: crate::Shard) -> ApiError {
+        let error = format!(
+            "{field}: the user is in shard {user_shard} of {count}, this replica serves shard {served}; route by FNV-1a 64 of the user id modulo {count}",
+            count = served.count
+        );
+        ApiError::new(StatusCode::MISDIRECTED_REQUEST, "WrongShard", error, Some(field))
     }
 
     pub fn store(e: &StoreError) -> ApiError {

@@ -21,6 +21,8 @@ pub use segment_core::store::IndexSource;
 use segment_core::store::{Override, OverrideOp};
 pub use segment_store::results::ResultFiles;
 
+use crate::shard::Shard;
+
 /// How a replica serves from index files.
 #[derive(Clone)]
 pub struct IndexOptions {
@@ -34,6 +36,8 @@ pub struct IndexOptions {
     /// Indexes fetched at once when many are missing (start-up, after a
     /// gap in the notices).
     pub parallel_loads: usize,
+    /// The part of every version this replica holds.
+    pub shard: Shard,
 }
 
 impl std::fmt::Debug for IndexOptions {
@@ -42,13 +46,20 @@ impl std::fmt::Debug for IndexOptions {
             .field("replica", &self.replica)
             .field("liveness", &self.liveness)
             .field("parallel_loads", &self.parallel_loads)
+            .field("shard", &self.shard)
             .finish_non_exhaustive()
     }
 }
 
 impl IndexOptions {
     pub fn new(source: Arc<dyn IndexSource>, replica: impl Into<String>) -> IndexOptions {
-        IndexOptions { source, replica: replica.into(), liveness: Duration::from_secs(20), parallel_loads: 4 }
+        IndexOptions {
+            source,
+            replica: replica.into(),
+            liveness: Duration::from_secs(20),
+            parallel_loads: 4,
+            shard: Shard::WHOLE,
+        }
     }
 }
 

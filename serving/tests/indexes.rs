@@ -16,7 +16,7 @@ use segment_core::api::SegmentKey;
 use segment_core::index::IdSet;
 use segment_core::naming::results_uri;
 use segment_core::store::{MemoryStore, Override, OverrideOp, Seal, StoreError};
-use segment_serving::{router, AppState, IndexOptions, IndexSource, ResultFiles, ServingConfig, ServingStore};
+use segment_serving::{router, AppState, IndexOptions, IndexSource, ResultFiles, ServingConfig, ServingStore, Shard};
 use segment_store::redis::RedisStore;
 use segment_tests::{write_result, RedisServer};
 use serde_json::Value;
@@ -90,8 +90,7 @@ impl Fixture {
         ServingConfig {
             refresh_interval: refresh,
             store_timeout: Duration::from_millis(500),
-            index: Some(IndexOptions::new(source, REPLICA)),
-            ..ServingConfig::default()
+            ..ServingConfig::new(IndexOptions::new(source, REPLICA))
         }
     }
 }
@@ -332,4 +331,57 @@ async fn the_binary_withdraws_its_liveness_when_stopped() {
     assert!(status.success(), "{status}");
     let after = store.load_status(&lapsed(), 1).await.unwrap();
     assert!(!ours(&after.live), "withdrawn on SIGTERM, long before its liveness ran out: {after:?}");
+}
+
+/// Two shards at small scale: each replica holds its part of every
+/// version, answers for its users and refuses the others with a 421 naming
+/// the right shard; together they answer what one replica would.
+#[tokio::test]
+async fn two_shards_split_the_users_and_together_answer_like_one() {
+    let store: Arc<dyn ServingStore> = Arc::new(MemoryStore::new());
+    let fixture = Fixture::new(store.clone());
+    let users: Vec<String> = (0..200).map(|i| format!("user-{i:03}")).collect();
+    let even: Vec<&str> = users.iter().step_by(2).map(String::as_str).collect();
+    let thirds: Vec<&str> = users.iter().step_by(3).map(String::as_str).collect();
+    fixture.version(&lapsed(), 1, &even).await;
+    fixture.version(&vip(), 1, &thirds).await;
+    store.activate(&lapsed(), 1).await.unwrap();
+    store.activate(&vip(), 1).await.unwrap();
+    let start = |shard: &str| {
+        let mut config = fixture.config(Gate::new(&fixture.base), Duration::from_secs(600));
+        config.index.shard = shard.parse().unwrap();
+        config.index.replica = format!("serving-{shard}");
+        Api::start(store.clone(), config)
+    };
+    let (whole, shards) = (start("0/1"), [start("0/2"), start("1/2")]);
+    whole.wait_ready().await;
+    for shard in &shards {
+        shard.wait_ready().await;
+    }
+    let mut answered = [0, 0];
+    for user in &users {
+        let owner = Shard::of(user, 2) as usize;
+        answered[owner] += 1;
+        assert_eq!(shards[owner].segments_of(user).await, whole.segments_of(user).await, "{user}");
+        let (status, body) = shards[1 - owner].get(&format!("/v1/users/{user}/segments")).await;
+        assert_eq!((status, body["reason"].as_str()), (StatusCode::MISDIRECTED_REQUEST, Some("WrongShard")), "{user}");
+        assert!(body["error"].as_str().unwrap().contains(&format!("shard {owner} of 2")), "{body}");
+        assert!(!body["error"].as_str().unwrap().contains(user.as_str()), "errors never echo the user: {body}");
+        let (status, _) = shards[1 - owner].get(&format!("/v1/namespaces/growth/segments/lapsed/members/{user}")).await;
+        assert_eq!(status, StatusCode::MISDIRECTED_REQUEST);
+    }
+    assert!(answered[0] > 60 && answered[1] > 60, "both shards hold a fair part: {answered:?}");
+    // Each holds about half: the memberships held add up to the whole's.
+    let held = |api: &Api| {
+        let metrics = api.state.metrics().encode();
+        let line = metrics.lines().find_map(|l| l.strip_prefix("segment_serving_index_memberships ")).unwrap().to_string();
+        line.parse::<u64>().unwrap()
+    };
+    assert_eq!(held(&shards[0]) + held(&shards[1]), held(&whole));
+    assert_eq!(held(&whole), (even.len() + thirds.len()) as u64);
+    assert!(held(&shards[0]) < held(&whole) && held(&shards[1]) < held(&whole));
+    // Both shards' replicas report holding the version: the operator's
+    // switch waits for every shard.
+    let status = store.load_status(&lapsed(), 1).await.unwrap();
+    assert!(["serving-0/2", "serving-1/2"].iter().all(|r| status.holding.contains(*r)), "{status:?}");
 }

@@ -1,7 +1,6 @@
-//! `segment-serving`: the serving API. With `--results-uri` it answers from
-//! the active versions' index files held in memory, and Redis holds only
-//! aliases, overrides, notices and load reports; without it, from Redis's
-//! per-membership layout.
+//! `segment-serving`: the serving API. It answers from the active versions'
+//! index files (under `--results-uri`) held in memory; Redis holds only
+//! aliases, version metadata, overrides, notices and load reports.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,14 +10,16 @@ use clap::Parser;
 use segment_core::store::StoreError;
 use std::sync::Arc;
 
-use segment_serving::{connect_redis, ConnectionLimits, IndexOptions, ResultFiles, Server, ServerOptions, ServingConfig, Tokens};
+use segment_serving::{
+    connect_redis, ConnectionLimits, IndexOptions, ResultFiles, Server, ServerOptions, ServingConfig, Shard, Tokens,
+};
 use tracing::{error, info, warn};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Debug, Parser)]
-#[command(name = "segment-serving", version, about = "Serves segment membership over HTTP/JSON from Redis.")]
+#[command(name = "segment-serving", version, about = "Serves segment membership over HTTP/JSON from index files held in memory.")]
 struct Args {
     /// Address of the API (and /healthz, /readyz, /openapi.json).
     #[arg(long, env = "LISTEN", default_value = "127.0.0.1:8080")]
@@ -38,13 +39,13 @@ struct Args {
     /// The store: redis://host:port[/db] or redis+cluster://host:port,host:port.
     #[arg(long, env = "REDIS_URL")]
     redis_url: String,
-    /// How long cached answers are served (rollover notices drop them sooner).
+    /// How long version listings are served from cache (notices drop them sooner).
     #[arg(long, env = "CACHE_TTL_MS", default_value_t = 2000)]
     cache_ttl_ms: u64,
-    /// Entries per cache.
-    #[arg(long, env = "CACHE_CAPACITY", default_value_t = 100_000)]
+    /// Version listings cached.
+    #[arg(long, env = "CACHE_CAPACITY", default_value_t = 10_000)]
     cache_capacity: u64,
-    /// Deadline of each store call; past it a request is answered from cache or gets 503.
+    /// Deadline of each store call; past it a request that needs the store (version listings) gets 503.
     #[arg(long, env = "STORE_TIMEOUT_MS", default_value_t = 250)]
     store_timeout_ms: u64,
     /// How often the alias map is re-read even without rollover notices.
@@ -56,14 +57,18 @@ struct Args {
     /// YAML or JSON map of bearer token to the namespaces it may read (`*`: all). Without it, auth is off.
     #[arg(long, env = "TOKENS_FILE")]
     tokens_file: Option<PathBuf>,
-    /// Base URI of the result files (the operator's `--results-uri`): serve
-    /// from each active version's index file there, read-only.
+    /// Base URI of the result files (the operator's `--results-uri`): the
+    /// active versions' index files are read there (read access suffices).
     #[arg(long, env = "RESULTS_URI")]
-    results_uri: Option<String>,
+    results_uri: String,
     /// This replica's name in load reports, unique among replicas (the pod
     /// name); each process adds a suffix of its own.
     #[arg(long, env = "POD_NAME", default_value = "segment-serving")]
     pod_name: String,
+    /// The part of the users this replica holds: `I/N` for shard I of N
+    /// (by FNV-1a 64 of the user id modulo N); `0/1` holds everyone.
+    #[arg(long, env = "SHARD", default_value = "0/1")]
+    shard: Shard,
     /// How long one liveness report lasts; renewed on every alias refresh.
     #[arg(long, env = "REPLICA_LIVENESS_MS", default_value_t = 20_000)]
     replica_liveness_ms: u64,
@@ -96,6 +101,11 @@ fn run(args: Args) -> Result<(), String> {
     // own, so a restarted container never inherits the reports of the
     // process before it (which held what this one has not loaded yet).
     let replica = format!("{}/{}", args.pod_name, &segment_core::store::new_incarnation()[..8]);
+    let index = IndexOptions {
+        liveness: Duration::from_millis(args.replica_liveness_ms.max(args.refresh_interval_ms.max(100) * 3)),
+        shard: args.shard,
+        ..IndexOptions::new(Arc::new(ResultFiles::new(args.results_uri.clone())), replica.clone())
+    };
     let config = ServingConfig {
         cache_ttl: Duration::from_millis(args.cache_ttl_ms),
         cache_capacity: args.cache_capacity,
@@ -103,11 +113,7 @@ fn run(args: Args) -> Result<(), String> {
         refresh_interval: Duration::from_millis(args.refresh_interval_ms.max(100)),
         max_checks: args.max_checks,
         tokens,
-        index: args.results_uri.as_ref().map(|base| IndexOptions {
-            liveness: Duration::from_millis(args.replica_liveness_ms.max(args.refresh_interval_ms.max(100) * 3)),
-            ..IndexOptions::new(Arc::new(ResultFiles::new(base.clone())), replica.clone())
-        }),
-        ..ServingConfig::default()
+        ..ServingConfig::new(index)
     };
     let url = args.redis_url.clone();
     let connect = move || {
@@ -130,7 +136,8 @@ fn run(args: Args) -> Result<(), String> {
         metrics = %server.metrics_address(),
         threads = server.threads(),
         auth = args.tokens_file.is_some(),
-        index_files = args.results_uri.is_some(),
+        results = %args.results_uri,
+        shard = %args.shard,
         "serving"
     );
     // The serving threads run their own runtimes; this one only waits.
@@ -140,7 +147,7 @@ fn run(args: Args) -> Result<(), String> {
             _ = segment_runtime::shutdown_signal() => {}
             _ = server.stopped() => warn!("a serving thread stopped; shutting down"),
         }
-        if args.results_uri.is_some() {
+        {
             // Withdrawn from the load reports at once, so a switch in the
             // next seconds does not wait for a replica that is going away.
             let gone = async { connect_redis(&args.redis_url).await?.replica_gone(&replica).await };
