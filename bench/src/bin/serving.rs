@@ -1,39 +1,217 @@
-//! The serving API over a real Redis: `oha -q` (open loop, from crates.io)
-//! at fixed rates for cache hits and misses, then the maximum throughput of
-//! each with `wrk` (a C event loop as light per request as
-//! `redis-benchmark`, so the ratio compares the two servers rather than two
-//! clients), next to `redis-benchmark` GET on the same Redis.
+//! The serving API, measured against the goals of serving from index files
+//! (docs/benchmarks.md, "Serving from index files"):
 //!
-//! cargo install oha; apt-get install wrk
+//! - 10M memberships over 20 segments of varied sizes, from a universe of
+//!   2M users `user-<7 digits>`, written as result files (parts, index,
+//!   manifest, by `segment_tests::write_result`, compute's layout) to a
+//!   local S3 server (moto) and sealed in a real Redis with no members
+//!   there; Redis holds only the small state (aliases, notices, reports).
+//! - replica ready: [`Server`] started in index mode, as `segment-serving
+//!   --results-uri` runs it, until `/readyz` answers 200;
+//! - bytes per membership: the replica's own `index_bytes / index_memberships`
+//!   and this process's resident memory grown while the replica loaded, per
+//!   membership (the data is written by a child process, so none of it is
+//!   in this one); the same members as random 32-hex ids, index bytes only;
+//! - the users route on random users (serving keeps no response cache):
+//!   `oha -q` (open loop) at fixed rates for p99, `wrk` for the maximum,
+//!   each round next to `redis-benchmark` GET on the same Redis;
+//! - the is-member route on random (segment, user) pairs, the same way;
+//! - files to served: a 10M-member version, sealed and its files written,
+//!   until the running replica answers from it (load request, held,
+//!   activated, answered), next to one GET of its index file from the same
+//!   server.
+//!
+//! cargo install oha; apt-get install wrk; bash tests/setup (moto, redis)
 //! cargo run --release -p segment-bench --bin serving -- [seconds per run]
 //!
-//! Serving runs as `segment-serving` does ([`Server`]), on `SERVING_THREADS`
-//! threads (default 1; 0 is one per CPU, the binary's default); the load
-//! generator, serving and Redis share the machine.
+//! `RESULTS=file` writes the result files to a local directory (`file://`)
+//! instead of moto; `MEMBERSHIPS` scales the data down for a quick check.
+//! Serving runs on `SERVING_THREADS` threads (default 1;
+//! 0 is one per CPU, the binary's default); the load generator, serving,
+//! Redis and moto share the machine.
 
 use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use segment_bench::{redis_benchmark, row};
+use chrono::{DateTime, Utc};
+use segment_bench::{redis_benchmark, row, rss_bytes};
 use segment_core::api::SegmentKey;
-use segment_core::store::SegmentStore;
-use segment_serving::{connect_redis, ConnectionLimits, Server, ServerOptions, ServingConfig};
+use segment_core::index::IdSetWriter;
+use segment_core::naming::results_uri;
+use segment_core::store::{ReplicaRegistry, Seal, SegmentStore};
+use segment_serving::{
+    connect_redis, ConnectionLimits, IndexOptions, IndexSource, ResultFiles, Server, ServerOptions, ServingConfig,
+};
 use segment_store::redis::RedisStore;
-use segment_tests::RedisServer;
+use segment_store::results::ResultDir;
+use segment_tests::{http_get, write_result, RedisServer, S3Server};
+use serde_json::{json, Value};
 
 /// The allocator of the `segment-serving` binary, so the server measured
 /// here in process allocates as it does in production.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const USERS: u64 = 200_000;
-const SEGMENTS: u64 = 10;
-/// Far fewer entries than users, so random users miss the cache (the run
-/// prints the share that hit).
-const CACHE_CAPACITY: u64 = 10_000;
-/// Rounds of (ceiling, maximum on hits, maximum on misses).
+/// Rounds of (ceiling, maxima): the ratio is taken within each round.
 const ROUNDS: usize = 3;
+/// Load generator connections, for oha and wrk alike.
+const CONNECTIONS: &str = "64";
+
+/// The first argument of the child process that writes the result files.
+const WRITE_RESULTS: &str = "--write-results";
+const NAMESPACE: &str = "bench";
+/// Users `user-0000000` to `user-1999999`; the load generators' patterns
+/// (`user-[0-1][0-9]{6}`) draw from exactly these.
+const UNIVERSE: u64 = 2_000_000;
+const SEGMENTS: usize = 20;
+/// Each segment is this share of the one before it: from 18 % of the
+/// memberships down to under 0.5 %.
+const SIZE_RATIO: f64 = 0.82;
+/// The 10M-member version switched to while serving: ids `user-<8 digits>`
+/// drawn from this many.
+const BIG: &str = "big";
+const BIG_SPACE: u64 = 100_000_000;
+/// Ids per part file, compute's default.
+const PART_SIZE: usize = 1_000_000;
+const REPLICA: &str = "bench-replica";
+
+/// A fixed-seed splitmix64: the same members on every run, no dependency.
+struct Random(u64);
+
+impl Random {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+/// Exactly `k` of `0..n`, each set as likely, in increasing order
+/// (selection sampling, Knuth's Algorithm S).
+fn choose(random: &mut Random, n: u64, k: u64, mut pick: impl FnMut(u64)) {
+    let mut left = k.min(n);
+    for i in 0..n {
+        if left == 0 {
+            return;
+        }
+        if random.next() % (n - i) < left {
+            pick(i);
+            left -= 1;
+        }
+    }
+}
+
+fn memberships() -> u64 {
+    std::env::var("MEMBERSHIPS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000_000)
+}
+
+/// Segment sizes falling geometrically, summing to `total`.
+fn segment_sizes(total: u64) -> Vec<u64> {
+    let weights: Vec<f64> = (0..SEGMENTS).map(|i| SIZE_RATIO.powi(i as i32)).collect();
+    let sum: f64 = weights.iter().sum();
+    let mut sizes: Vec<u64> = weights.iter().map(|w| (total as f64 * w / sum).round() as u64).collect();
+    let assigned: u64 = sizes.iter().sum();
+    sizes[0] = (sizes[0] + total).saturating_sub(assigned);
+    assert!(sizes[0] <= UNIVERSE, "the largest segment ({}) exceeds the {UNIVERSE} users", sizes[0]);
+    sizes
+}
+
+fn segment(i: usize) -> SegmentKey {
+    SegmentKey::new(NAMESPACE, format!("segment-{i}"))
+}
+
+fn big() -> SegmentKey {
+    SegmentKey::new(NAMESPACE, BIG)
+}
+
+fn user_id(n: u64) -> String {
+    format!("user-{n:07}")
+}
+
+fn snapshot() -> DateTime<Utc> {
+    DateTime::from_timestamp(1_780_000_000, 0).expect("a time")
+}
+
+/// Sorted ids as parts of [`PART_SIZE`].
+fn into_parts(ids: impl Iterator<Item = String>) -> Vec<Vec<String>> {
+    let mut parts: Vec<Vec<String>> = Vec::new();
+    for id in ids {
+        match parts.last_mut() {
+            Some(part) if part.len() < PART_SIZE => part.push(id),
+            _ => parts.push(vec![id]),
+        }
+    }
+    parts
+}
+
+/// The child process: writes every version's result files under `base`
+/// and prints what it wrote as one JSON line. A child, so that none of the
+/// generated ids stay in the measuring process's memory.
+fn write_results(base: &str) {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+    let sizes = segment_sizes(memberships());
+    let probe = user_id(1_234_567 % UNIVERSE);
+    let (mut written_s, mut text_bytes) = (0.0, 0u64);
+    let mut probe_segments = Vec::new();
+    for (i, size) in sizes.iter().enumerate() {
+        let mut ids = Vec::with_capacity(*size as usize);
+        choose(&mut Random(1_000 + i as u64), UNIVERSE, *size, |n| ids.push(user_id(n)));
+        if ids.binary_search(&probe).is_ok() {
+            probe_segments.push(segment(i).name);
+        }
+        text_bytes += ids.iter().map(|id| id.len() as u64 + 1).sum::<u64>();
+        let parts = into_parts(ids.into_iter());
+        let started = Instant::now();
+        runtime.block_on(write_result(&results_uri(base, &segment(i), 1), &segment(i), 1, snapshot(), &parts));
+        written_s += started.elapsed().as_secs_f64();
+    }
+
+    let big_members = memberships();
+    let mut ids = Vec::with_capacity(big_members as usize);
+    choose(&mut Random(7), BIG_SPACE, big_members, |n| ids.push(format!("user-{n:08}")));
+    let big_probe = ids[ids.len() / 2].clone();
+    let big_text: u64 = ids.iter().map(|id| id.len() as u64 + 1).sum();
+    let parts = into_parts(ids.into_iter());
+    let started = Instant::now();
+    runtime.block_on(write_result(&results_uri(base, &big(), 1), &big(), 1, snapshot(), &parts));
+    let big_written_s = started.elapsed().as_secs_f64();
+    drop(parts);
+
+    // The same segment sizes over 2M random 32-hex ids: index bytes only.
+    let mut random = Random(11);
+    let mut hex: Vec<String> = (0..UNIVERSE).map(|_| format!("{:016x}{:016x}", random.next(), random.next())).collect();
+    hex.sort_unstable();
+    hex.dedup();
+    let mut hex_bytes = 0u64;
+    for (i, size) in sizes.iter().enumerate() {
+        let mut writer = IdSetWriter::new();
+        choose(&mut Random(1_000 + i as u64), hex.len() as u64, *size, |n| {
+            writer.push(&hex[n as usize]).expect("sorted, unique ids");
+        });
+        hex_bytes += writer.finish().len() as u64;
+    }
+
+    let report = json!({
+        "sizes": sizes,
+        "written_s": written_s,
+        "text_bytes": text_bytes,
+        "probe": probe,
+        "probe_segments": probe_segments,
+        "big_members": big_members,
+        "big_probe": big_probe,
+        "big_text_bytes": big_text,
+        "big_written_s": big_written_s,
+        "hex_example": hex[7],
+        "hex_index_bytes": hex_bytes,
+    });
+    println!("{report}");
+}
 
 /// What one load run measured.
+#[derive(Clone, Copy)]
 struct Figures {
     rps: f64,
     p50: f64,
@@ -50,7 +228,7 @@ fn oha(args: &[String]) -> Figures {
         .args(args)
         .output()
         .expect("oha runs (cargo install oha)");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+    let report: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("oha output: {e}: {}", String::from_utf8_lossy(&out.stderr)));
     let ms = |key: &str| report["latencyPercentiles"][key].as_f64().unwrap_or(f64::NAN) * 1000.0;
     let statuses = report["statusCodeDistribution"].as_object().cloned().unwrap_or_default();
@@ -65,21 +243,39 @@ fn oha(args: &[String]) -> Figures {
     }
 }
 
-/// Runs wrk (closed loop, one thread, 64 connections) on `path`, or on
-/// random users when `path` is `None`, and returns its figures (wrk prints
-/// no p99.9).
-fn wrk(base: &str, path: Option<&str>, seconds: u64) -> Figures {
+/// oha in open loop at `rate` requests/s for `seconds` on `url`, a
+/// `--rand-regex-url` pattern when `random`.
+fn oha_at(url: &str, rate: u32, seconds: u64, random: bool) -> Figures {
+    let duration = format!("{seconds}s");
+    let mut args: Vec<String> =
+        ["-z", &duration, "-q", &rate.to_string(), "-c", CONNECTIONS, "--worker-threads", "1"].map(String::from).into();
+    // -w: requests still in flight at the end are awaited, not counted as
+    // failed.
+    args.extend(["--latency-correction".into(), "-w".into()]);
+    if random {
+        args.push("--rand-regex-url".into());
+    }
+    args.push(url.to_string());
+    oha(&args)
+}
+
+/// A wrk script asking for `format` (Lua `string.format`) with each
+/// `%d`-like field drawn uniformly from its range in `ranges`.
+fn lua_random(format: &str, ranges: &[(u64, u64)]) -> String {
+    let draws: Vec<String> = ranges.iter().map(|(low, high)| format!("math.random({low}, {high})")).collect();
+    format!(
+        "math.randomseed(7)\nrequest = function()\n  return wrk.format(\"GET\", string.format(\"{format}\", {}))\nend\n",
+        draws.join(", ")
+    )
+}
+
+/// Runs wrk (closed loop, one thread, 64 connections) with `lua` and
+/// returns its figures (wrk prints no p99.9).
+fn wrk(base: &str, lua: &str, seconds: u64) -> Figures {
     let script = tempfile::Builder::new().suffix(".lua").tempfile().expect("a temp file");
-    let lua = match path {
-        Some(path) => format!("request = function()\n  return wrk.format(\"GET\", \"{path}\")\nend\n"),
-        None => format!(
-            "math.randomseed(7)\nrequest = function()\n  return wrk.format(\"GET\", string.format(\"/v1/users/u%07d/segments\", math.random(0, {})))\nend\n",
-            USERS - 1
-        ),
-    };
     std::fs::write(script.path(), lua).expect("the wrk script");
     let out = Command::new("wrk")
-        .args(["-t1", "-c64", "--latency", &format!("-d{seconds}s"), "-s"])
+        .args(["-t1", &format!("-c{CONNECTIONS}"), "--latency", &format!("-d{seconds}s"), "-s"])
         .arg(script.path())
         .arg(base)
         .output()
@@ -105,101 +301,211 @@ fn wrk(base: &str, path: Option<&str>, seconds: u64) -> Figures {
     Figures { rps, p50: ms(field("50%")), p99: ms(field("99%")), p999: f64::NAN, failed }
 }
 
-/// The users cache's (hits, misses) so far, from serving's `/metrics`
-/// (`metrics`: the metrics port's base URL).
-fn users_cache(metrics: &str) -> (f64, f64) {
-    let out = Command::new("curl").args(["-sf", "-m", "5", &format!("{metrics}/metrics")]).output().expect("curl runs");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let value = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("segment_serving_{name}_total{{cache=\"users\"}} ")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
-    };
-    (value("cache_hits"), value("cache_misses"))
+fn table_header(last: &str) {
+    println!(
+        "{:<34} {:>8} {:>11} {:>8} {:>8} {:>9} {:>7} {:>7}",
+        "run", "offered", "achieved/s", "p50 ms", "p99 ms", "p99.9 ms", last, "failed"
+    );
 }
 
-/// Runs `load` and prints its figures with the share of requests the users
-/// cache answered meanwhile.
-fn measured(name: &str, offered: &str, metrics: &str, load: impl FnOnce() -> Figures) -> Figures {
-    let (hits_before, misses_before) = users_cache(metrics);
-    let figures = load();
-    let (hits, misses) = users_cache(metrics);
-    let hit_ratio = 100.0 * (hits - hits_before) / ((hits - hits_before) + (misses - misses_before)).max(1.0);
+fn table_row(name: &str, offered: &str, figures: Figures, extra: &str) -> Figures {
     let Figures { rps, p50, p99, p999, failed } = figures;
-    println!("{name:<26} {offered:>8} {rps:>11.0} {p50:>8.3} {p99:>8.3} {p999:>9.3} {hit_ratio:>6.1}% {failed:>7}");
+    println!("{name:<34} {offered:>8} {rps:>11.0} {p50:>8.3} {p99:>8.3} {p999:>9.3} {extra:>7} {failed:>7}");
     figures
 }
 
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn met(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "NOT met"
+    }
+}
+
+/// Bytes of this process's resident memory the allocator has freed with
+/// `MADV_FREE`: still counted in RSS until the kernel needs the pages.
+fn lazy_free_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/smaps_rollup")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("LazyFree:"))
+                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+/// serving's `/metrics` value of `name` (`metrics_port`: its port).
+fn metric(metrics_port: u16, name: &str) -> f64 {
+    let (_, text) = http_get(metrics_port, "/metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("segment_serving_{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
 fn main() {
-    let seconds: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(10);
-    // One thread: on 2 cores shared with Redis and the load generator, a
-    // second serving thread costs more in context switches than it adds
-    // (docs/benchmarks.md has both). 0 is the binary's default, one per CPU.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let seconds_at = |i: usize| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(10);
+    match args.first().map(String::as_str) {
+        Some(WRITE_RESULTS) => write_results(args.get(1).expect("a results base")),
+        _ => index_files(seconds_at(0)),
+    }
+}
+
+/// Serving from index files, against the issue's goals.
+fn index_files(seconds: u64) {
     let threads: usize = std::env::var("SERVING_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
     let redis = RedisServer::start();
     let url = redis.url();
-    let loading = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
-    loading.block_on(async {
-        let store = RedisStore::connect(&url).await.expect("redis");
-        // Each user is in about half of the segments.
-        for s in 0..SEGMENTS {
-            let key = SegmentKey::new("bench", format!("segment-{s}"));
-            let members: Vec<String> = (0..USERS).filter(|u| (u * 7 + s * 13) % 2 == 0).map(|u| format!("u{u:07}")).collect();
-            for chunk in members.chunks(10_000) {
-                store.load_members(&key, 1, chunk).await.expect("load");
-            }
-            store.seal_version(&key, 1, None, None).await.expect("seal");
-            store.activate(&key, 1).await.expect("activate");
+    let on_s3 = std::env::var("RESULTS").map_or(true, |v| v != "file");
+    let (_s3, _dir, base) = if on_s3 {
+        let s3 = S3Server::start(&["results"]);
+        for (key, value) in s3.env() {
+            // Before any S3 client of this process (or the child) reads it.
+            std::env::set_var(key, value);
         }
-    });
-    drop(loading);
+        (Some(s3), None, "s3://results/bench".to_string())
+    } else {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let base = format!("file://{}/", dir.path().display());
+        (None, Some(dir), base)
+    };
+    let where_from = if on_s3 { "a local S3 server (moto)" } else { "a local directory (file://)" };
 
-    let config = ServingConfig { cache_capacity: CACHE_CAPACITY, ..ServingConfig::default() };
-    let connect = move || {
+    // The result files, written by a child process.
+    let started = Instant::now();
+    let out = Command::new(std::env::current_exe().expect("this binary"))
+        .args([WRITE_RESULTS, &base])
+        .output()
+        .expect("the writer runs");
+    assert!(out.status.success(), "writing the result files failed: {}", String::from_utf8_lossy(&out.stderr));
+    let written: Value = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .expect("the writer's report");
+    let sizes: Vec<u64> = written["sizes"].as_array().expect("sizes").iter().map(|v| v.as_u64().expect("a size")).collect();
+    let total: u64 = sizes.iter().sum();
+    let big_members = written["big_members"].as_u64().expect("big_members");
+    let mb = |key: &str| written[key].as_f64().unwrap_or(0.0) / 1e6;
+    let secs = |key: &str| written[key].as_f64().unwrap_or(0.0);
+    println!(
+        "serving from index files: {total} memberships over {SEGMENTS} segments ({} .. {} members) from {UNIVERSE} users ({}), \
+         result files on {where_from}; serving on {threads} thread(s), {seconds}s per run",
+        sizes.last().unwrap_or(&0),
+        sizes.first().unwrap_or(&0),
+        user_id(42)
+    );
+    println!(
+        "written in {:.1}s: {SEGMENTS} versions' parts ({:.0} MB of ids) and index files in {:.1}s; \
+         the {big_members}-member version ({:.0} MB of ids) in {:.1}s",
+        started.elapsed().as_secs_f64(),
+        mb("text_bytes"),
+        secs("written_s"),
+        mb("big_text_bytes"),
+        secs("big_written_s")
+    );
+
+    // Sealed with no members in the store, then active: every answer comes
+    // from the files.
+    let control = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+    let store = control.block_on(RedisStore::connect(&url)).expect("redis");
+    let seal = Seal { snapshot_time: Some(snapshot()), overrides_from: Some(snapshot()), ..Seal::default() };
+    control.block_on(async {
+        for i in 0..SEGMENTS {
+            store.seal_with(&segment(i), 1, &seal).await.expect("seal");
+            store.activate(&segment(i), 1).await.expect("activate");
+        }
+        store.seal_with(&big(), 1, &seal).await.expect("seal");
+    });
+
+    // A new replica: started, until ready.
+    let config = ServingConfig::new(IndexOptions::new(Arc::new(ResultFiles::new(base.clone())), REPLICA));
+    let connect = {
         let url = url.clone();
-        async move { connect_redis(&url).await }
+        move || {
+            let url = url.clone();
+            async move { connect_redis(&url).await }
+        }
     };
     let any = "127.0.0.1:0".parse().expect("an address");
     let options = ServerOptions { listen: any, metrics_listen: any, threads, limits: ConnectionLimits::default() };
+    let (rss_before, lazy_before) = (rss_bytes(), lazy_free_bytes());
+    let started = Instant::now();
     let server = Server::start(options, config, connect).expect("serving starts");
-    let threads = server.threads();
-    let base = format!("http://{}", server.address());
-    let metrics = format!("http://{}", server.metrics_address());
-    let ready = format!("{base}/readyz");
-    for _ in 0..100 {
-        if Command::new("curl").args(["-sf", "-m", "1", "-o", "/dev/null", &ready]).status().is_ok_and(|s| s.success()) {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
+    let port = server.address().port();
+    let metrics_port = server.metrics_address().port();
+    while http_get(port, "/readyz").0 != 200 {
+        assert!(started.elapsed() < Duration::from_secs(600), "the replica was not ready within 10 minutes");
+        std::thread::sleep(Duration::from_millis(5));
     }
+    let ready_s = started.elapsed().as_secs_f64();
+    let rss_ready = rss_bytes();
+    std::thread::sleep(Duration::from_secs(2));
+    let (rss_settled, lazy_settled) = (rss_bytes(), lazy_free_bytes());
+    let index_bytes = metric(metrics_port, "index_bytes");
+    let index_memberships = metric(metrics_port, "index_memberships");
+    assert_eq!(index_memberships as u64, total, "the replica holds every membership");
+    let per_membership = |bytes: f64| bytes / total as f64;
+    let held_pm = per_membership(index_bytes);
+    let rss_ready_pm = per_membership(rss_ready.saturating_sub(rss_before) as f64);
+    let rss_settled_pm = per_membership(rss_settled.saturating_sub(rss_before) as f64);
+    let in_use_pm = per_membership((rss_settled - lazy_settled) as f64 - (rss_before - lazy_before) as f64);
+    let hex_pm = written["hex_index_bytes"].as_f64().unwrap_or(f64::NAN) / total as f64;
 
-    let hit_path = "/v1/users/u0000042/segments";
-    let hit = format!("{base}{hit_path}");
-    let miss = format!("{base}/v1/users/u0[0-1][0-9]{{5}}/segments");
+    // The answers are the files' (one user checked against the generator).
+    let probe = written["probe"].as_str().expect("probe");
+    let (status, body) = http_get(port, &format!("/v1/users/{probe}/segments"));
+    let served: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+    let mut got: Vec<&str> =
+        served["segments"].as_array().map(|s| s.iter().filter_map(|s| s["name"].as_str()).collect()).unwrap_or_default();
+    let mut expected: Vec<&str> =
+        written["probe_segments"].as_array().expect("probe_segments").iter().filter_map(Value::as_str).collect();
+    got.sort_unstable();
+    expected.sort_unstable();
+    assert!(status == 200 && got == expected, "{probe}: served {status} {body}, expected {expected:?}");
+
+    println!();
+    row("replica ready (started to /readyz 200)", ready_s, "s");
+    row("index bytes held / memberships", held_pm, "B");
+    row("RSS grown / memberships, at ready", rss_ready_pm, "B");
+    row("RSS grown / memberships, 2 s later", rss_settled_pm, "B");
+    row("  of it not freed lazily (RSS - LazyFree)", in_use_pm, "B");
+    row("  the same members as 32-hex ids: index bytes", hex_pm, "B");
     println!(
-        "serving benchmark: {SEGMENTS} segments x {USERS} users in Redis, serving on {threads} thread(s), cache of {CACHE_CAPACITY} users, {seconds}s per run"
+        "  ({} B held in index files; RSS {:.1} MB before, {:.1} MB at ready, {:.1} MB 2 s later, of which LazyFree {:.1} MB; \
+         32-hex ids like {})",
+        index_bytes,
+        rss_before as f64 / 1e6,
+        rss_ready as f64 / 1e6,
+        rss_settled as f64 / 1e6,
+        lazy_settled as f64 / 1e6,
+        written["hex_example"].as_str().unwrap_or("")
     );
-    println!("fixed rates: oha -q (open loop, latency corrected, 64 connections, 1 worker thread); maximum: wrk (1 thread, 64 connections)");
-    println!(
-        "{:<26} {:>8} {:>11} {:>8} {:>8} {:>9} {:>7} {:>7}",
-        "run", "offered", "achieved/s", "p50 ms", "p99 ms", "p99.9 ms", "hits", "failed"
+
+    // Fixed rates and maxima on random users and random (segment, user).
+    let base_url = format!("http://{}", server.address());
+    let users = format!("{base_url}/v1/users/user-[0-1][0-9]{{6}}/segments");
+    let member = format!("{base_url}/v1/namespaces/{NAMESPACE}/segments/segment-([0-9]|1[0-9])/members/user-[0-1][0-9]{{6}}");
+    assert_eq!((UNIVERSE, SEGMENTS), (2_000_000, 20), "the patterns above draw from these");
+    println!();
+    println!("fixed rates: oha -q (open loop, latency corrected, {CONNECTIONS} connections, 1 worker thread); maximum: wrk (1 thread, {CONNECTIONS} connections)");
+    table_header("");
+    table_row("users, random", "10000", oha_at(&users, 10_000, seconds, true), "");
+    let users_20k = table_row("users, random", "20000", oha_at(&users, 20_000, seconds, true), "");
+    let member_20k = table_row("is-member, random", "20000", oha_at(&member, 20_000, seconds, true), "");
+    let users_lua = lua_random("/v1/users/user-%07d/segments", &[(0, UNIVERSE - 1)]);
+    let member_lua = lua_random(
+        &format!("/v1/namespaces/{NAMESPACE}/segments/segment-%d/members/user-%07d"),
+        &[(0, SEGMENTS as u64 - 1), (0, UNIVERSE - 1)],
     );
-    let duration = format!("{seconds}s");
-    for (name, url, random) in [("users, cache hit", &hit, false), ("users, cache miss", &miss, true)] {
-        for rate in [5_000u32, 10_000, 20_000] {
-            let mut args: Vec<String> =
-                ["-z", &duration, "-q", &rate.to_string(), "-c", "64", "--worker-threads", "1"].map(String::from).into();
-            // -w: requests still in flight at the end are awaited, not
-            // counted as failed.
-            args.extend(["--latency-correction".into(), "-w".into()]);
-            if random {
-                args.push("--rand-regex-url".into());
-            }
-            args.push(url.clone());
-            measured(name, &rate.to_string(), &metrics, || oha(&args));
-        }
-    }
     // The machine's speed drifts between runs (a shared VM): each round
     // measures the ceiling next to serving's maxima, the ratio is per
     // round, and the median round is reported.
@@ -207,17 +513,113 @@ fn main() {
     for round in 1..=ROUNDS {
         let ceiling = redis_benchmark(redis.port, 500_000, 1, &["GET", "key:__rand_int__"]);
         row(&format!("redis-benchmark GET, -c 16 (ceiling) #{round}"), ceiling, "requests/s");
-        let hit_max = measured(&format!("max, cache hit (wrk) #{round}"), "-", &metrics, || wrk(&base, Some(hit_path), seconds));
-        let miss_max = measured(&format!("max, cache miss (wrk) #{round}"), "-", &metrics, || wrk(&base, None, seconds));
-        rounds.push((ceiling, 100.0 * hit_max.rps / ceiling, 100.0 * miss_max.rps / ceiling));
+        let users_max = table_row(&format!("max, users, random (wrk) #{round}"), "-", wrk(&base_url, &users_lua, seconds), "");
+        let member_max =
+            table_row(&format!("max, is-member, random (wrk) #{round}"), "-", wrk(&base_url, &member_lua, seconds), "");
+        rounds.push((
+            ceiling,
+            100.0 * users_max.rps / ceiling,
+            100.0 * member_max.rps / ceiling,
+            users_max.failed + member_max.failed,
+        ));
     }
-    let median = |pick: fn(&(f64, f64, f64)) -> f64| {
-        let mut values: Vec<f64> = rounds.iter().map(pick).collect();
-        values.sort_by(f64::total_cmp);
-        values[values.len() / 2]
-    };
-    row("redis-benchmark GET, median of rounds", median(|r| r.0), "requests/s");
-    row("serving max, cache hit / ceiling, median", median(|r| r.1), "%");
-    row("serving max, cache miss / ceiling, median", median(|r| r.2), "%");
+    let ceiling = median(rounds.iter().map(|r| r.0).collect());
+    let users_ratio = median(rounds.iter().map(|r| r.1).collect());
+    let member_ratio = median(rounds.iter().map(|r| r.2).collect());
+    let failed = users_20k.failed + member_20k.failed + rounds.iter().map(|r| r.3).sum::<u64>();
+    row("redis-benchmark GET, median of rounds", ceiling, "requests/s");
+    row("max users / ceiling, median", users_ratio, "%");
+    row("max is-member / ceiling, median", member_ratio, "%");
+
+    // A 10M-member version, sealed with its files written, to served: the
+    // operator's steps (load request, every replica holding, activate)
+    // with the waits polled tightly.
+    let probe = written["big_probe"].as_str().expect("big_probe").to_string();
+    let member_path = format!("/v1/namespaces/{NAMESPACE}/segments/{BIG}/members/{probe}");
+    let started = Instant::now();
+    control.block_on(store.request_load(&big(), 1)).expect("request_load");
+    while !control.block_on(store.load_status(&big(), 1)).expect("load_status").holding.contains(REPLICA) {
+        assert!(started.elapsed() < Duration::from_secs(300), "the replica never held the version");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let held_s = started.elapsed().as_secs_f64();
+    control.block_on(store.activate(&big(), 1)).expect("activate");
+    loop {
+        let (status, body) = http_get(port, &member_path);
+        if status == 200 && body.contains("\"member\":true") {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(300), "the replica never answered from the version: {status} {body}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let served_s = started.elapsed().as_secs_f64();
+    let files_to_served = big_members as f64 / served_s;
+    // The ceiling: the same index file's bytes from the same server, one
+    // GET (best of three), and a GET with the replica's verification.
+    let dir = ResultDir::open(&results_uri(&base, &big(), 1)).expect("a result location");
+    let manifest = control.block_on(dir.read_manifest()).expect("the manifest").expect("a manifest");
+    let entry = manifest.index.expect("an index file");
+    let gets: Vec<(usize, f64)> = (0..3)
+        .map(|_| {
+            let started = Instant::now();
+            let bytes = control.block_on(dir.read_part(&entry)).expect("the index file");
+            (bytes.len(), started.elapsed().as_secs_f64())
+        })
+        .collect();
+    let get_s = gets.iter().map(|g| g.1).fold(f64::INFINITY, f64::min);
+    let file_len = gets[0].0;
+    let started = Instant::now();
+    let verified = control.block_on(ResultFiles::new(base.clone()).fetch(&big(), 1)).expect("the index verified");
+    let fetch_s = started.elapsed().as_secs_f64();
+    assert_eq!(verified.len(), big_members);
+    drop(verified);
+    println!();
+    row(&format!("{big_members}-member version: load request to held"), held_s, "s");
+    row("  to answered after activate", served_s, "s");
+    row("memberships/s from files to served", files_to_served, "/s");
+    row(
+        &format!("  ceiling: one GET of its index ({:.1} MB), best of 3", file_len as f64 / 1e6),
+        big_members as f64 / get_s,
+        "/s",
+    );
+    row("  GET and verify (ResultFiles::fetch), memberships/s", big_members as f64 / fetch_s, "/s");
+    println!("  (GETs took {} s)", gets.iter().map(|g| format!("{:.3}", g.1)).collect::<Vec<_>>().join(", "));
+    println!("requests that failed in the runs above: {failed}");
+
+    let bytes_pm = held_pm.max(rss_settled_pm);
+    println!();
+    println!(
+        "goal: <= 8 bytes per membership at 10M memberships over 20 segments: {} (index held {held_pm:.2}, RSS grown {rss_settled_pm:.2} settled / {rss_ready_pm:.2} at ready, {in_use_pm:.2} without LazyFree; 32-hex ids: {hex_pm:.2} index bytes)",
+        met(bytes_pm <= 8.0)
+    );
+    println!("bytes per membership: {bytes_pm:.2}");
+    println!(
+        "goal: >= 5M memberships/s from result files to served, {big_members}-member version: {} (ceiling: one GET of the index, {:.0}/s)",
+        met(files_to_served >= 5e6),
+        big_members as f64 / get_s
+    );
+    println!("memberships/s from files to served: {files_to_served:.0}");
+    println!(
+        "goal: users route, random users, no response cache: max >= 150 % of redis-benchmark GET in the same run: {} (median of {ROUNDS} rounds, ceiling {ceiling:.0}/s)",
+        met(users_ratio >= 150.0)
+    );
+    println!("uncached max / redis-benchmark GET: {users_ratio:.1} %");
+    println!(
+        "goal: users route p99 <= 1 ms at 20K requests/s, random users: {} (achieved {:.0}/s)",
+        met(users_20k.p99 <= 1.0),
+        users_20k.rps
+    );
+    println!("p99 at 20K/s uncached: {:.3} ms", users_20k.p99);
+    println!(
+        "goal: is-member p99 <= 0.5 ms (at 20K requests/s, random segment and user): {} (achieved {:.0}/s)",
+        met(member_20k.p99 <= 0.5),
+        member_20k.rps
+    );
+    println!("is-member p99 at 20K/s: {:.3} ms", member_20k.p99);
+    println!(
+        "goal: a new replica holding 10M memberships ready in <= 10 s from a local S3 server: {} (from {where_from})",
+        met(ready_s <= 10.0)
+    );
+    println!("replica ready: {ready_s:.2} s");
     server.shutdown().expect("serving stops cleanly");
 }
