@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Runs segment-operator against the current kube context (a kind or k3d
-# cluster) on the bundled examples. It needs kubectl, a Redis the cluster
-# can reach (REDIS_URL) and an S3 bucket for lake and results (RESULTS_URI,
-# with AWS_* credentials in the Secret below); it cannot run in CI, where
-# no cluster exists.
+# cluster) on the bundled examples. It needs kubectl, a Redis this machine
+# can reach (REDIS_URL: the operator runs here; the Jobs need none) and an
+# S3 bucket for lake and results (RESULTS_URI, with AWS_* credentials in the
+# Secret below); it cannot run in CI, where no cluster exists.
 #
 #   REDIS_URL=redis://redis.default:6379 RESULTS_URI=s3://segment-results \
 #   WORKER_IMAGE=segment-operator/segment-worker:0.1.0 e2e/cluster.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-: "${REDIS_URL:?set REDIS_URL to a Redis reachable from the cluster}"
+: "${REDIS_URL:?set REDIS_URL to a Redis the operator can reach}"
 : "${RESULTS_URI:?set RESULTS_URI, e.g. s3://segment-results}"
 namespace=${NAMESPACE:-segments-e2e}
 
@@ -17,8 +17,9 @@ kubectl get --raw /version >/dev/null
 kubectl apply --server-side -f crds/segmentation.dev.yaml
 kubectl wait --for condition=established crd/segments.segmentation.dev crd/segmentsources.segmentation.dev crd/computeclasses.segmentation.dev --timeout=60s
 kubectl create namespace "$namespace" --dry-run=client -o yaml | kubectl apply -f -
+# The workers' Secret: S3 credentials only (compute and ingest Jobs touch
+# no store; the operator seals each version from the ingest's verdict).
 kubectl -n "$namespace" create secret generic segment-credentials \
-    --from-literal=REDIS_URL="$REDIS_URL" \
     --from-literal=AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-}" \
     --from-literal=AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-}" \
     --from-literal=AWS_REGION="${AWS_REGION:-us-east-1}" \

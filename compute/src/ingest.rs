@@ -1,22 +1,38 @@
-//! `segment-worker ingest`: loads one version's result files into the
-//! store, invisibly to readers, and seals it. It never activates it: the
-//! operator rolls over after its guard.
+//! `segment-worker ingest`: verifies one version's result files and writes
+//! its verdict, the [`Seal`] the operator records the version with, as
+//! `_seal.json` next to them (`segment_core::seal`). It touches no store
+//! and needs no store credentials: the operator seals the version in the
+//! store from the verdict once the Job succeeded, and never activates it
+//! before its rollover guard.
 //!
-//! Every part is checked against the manifest (checksum and count) and
-//! loaded in batches; a part that fails is retried, and up to
-//! `max_failed_parts` parts may fail before the whole run does. Realtime
-//! overrides the lake data may not reflect yet (from the snapshot time
-//! minus the lake's lag grace) are applied last, so they survive the
-//! rollover. Loading is idempotent: a retried Job loads the same sets.
+//! What is verified:
+//! - the manifest is the task's (segment, version, snapshot time);
+//! - the index file, which serving answers from and so is the version's
+//!   membership: its checksum and structure, and that it holds the
+//!   manifest's count. No tolerance applies to it, and a result without
+//!   one (written before index files) is refused: no serving replica
+//!   could answer from it;
+//! - every part's checksum and count. Parts are what other segments'
+//!   rules (`segment` conditions) and `kubectl segment preview` read, so a
+//!   damaged part is caught here rather than in a later compute. Up to
+//!   `spec.ingest.maxFailedParts` of them may fail (damaged, or unreadable
+//!   after retries) without failing the run: they no longer change what is
+//!   served, only what those readers find.
+//!
+//! It then counts how the version differs from the one active at launch,
+//! by merging the two index files, and writes the verdict last. Verifying
+//! is read-only and the verdict the same each time: a retried Job writes
+//! it again.
 
 use std::time::Duration;
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 
 use segment_core::index::{changes, IdSet};
 use segment_core::manifest::{Manifest, Part};
 use segment_core::reasons::FailureReason;
-use segment_core::store::{CountedChange, Seal, SegmentStore, StoreError};
+use segment_core::seal::SealFile;
+use segment_core::store::{CountedChange, Seal, SegmentStore};
 use segment_core::task::{IngestTask, VersionFiles};
 use segment_store::results::ResultDir;
 use serde::Serialize;
@@ -24,24 +40,27 @@ use tracing::{info, warn};
 
 use crate::failure::WorkerError;
 
-/// Users per store batch.
-pub const BATCH: usize = 5_000;
-/// Batches sent to the store at once.
+/// Parts read and checked at once.
 pub const IN_FLIGHT: usize = 4;
-/// Attempts per part before it counts as failed.
+/// Attempts to read a part before it counts as failed.
 pub const ATTEMPTS: usize = 3;
 
+/// What ingest prints when it succeeds (the verdict it wrote, in short).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct IngestReport {
     pub version: u64,
     pub members: u64,
     pub parts: usize,
+    /// Parts that failed within `maxFailedParts`, with why.
     pub failed_parts: Vec<String>,
-    pub overrides_applied: usize,
+    /// The change from the version active at launch, when it was counted.
+    pub change: Option<CountedChange>,
 }
 
-pub async fn run(task: &IngestTask, store: &dyn SegmentStore) -> Result<IngestReport, WorkerError> {
+/// Verifies the task's result files and writes the verdict
+/// (`_seal.json`) next to them.
+pub async fn verify(task: &IngestTask) -> Result<IngestReport, WorkerError> {
     let dir = ResultDir::open(&task.results_uri).map_err(|e| WorkerError::new(FailureReason::BadTask, e.to_string()))?;
     let manifest = dir
         .read_manifest()
@@ -50,100 +69,122 @@ pub async fn run(task: &IngestTask, store: &dyn SegmentStore) -> Result<IngestRe
         .ok_or_else(|| WorkerError::new(FailureReason::NoResult, format!("no _manifest.json under {}", task.results_uri)))?;
     check_manifest_matches(task, &manifest)?;
     let index = check_index(&dir, &manifest).await?;
-    let change = match (&index, &task.compare_with) {
-        (Some(index), Some(previous)) => count_change(index, previous).await,
-        _ => None,
+    let failed = check_parts(&dir, &manifest, task.max_failed_parts).await?;
+    let change = match &task.compare_with {
+        Some(previous) => count_change(&index, previous).await,
+        None => None,
     };
 
-    let mut failed = Vec::new();
-    for part in &manifest.parts {
-        match load_part_with_retries(&dir, part, task, store).await {
-            Ok(_) => {}
-            Err(PartError::Store(e)) => return Err(WorkerError::new(FailureReason::StoreUnavailable, e.to_string())),
-            Err(PartError::Part(reason)) => {
-                warn!(part = %part.file, %reason, "part failed");
-                failed.push(format!("{}: {reason}", part.file));
-                if failed.len() > task.max_failed_parts as usize {
-                    // Nothing is sealed, so the partial version is invisible;
-                    // the operator deletes it.
-                    return Err(WorkerError::new(
-                        FailureReason::CorruptResult,
-                        format!(
-                            "{} of {} parts failed (tolerated: {}): {}",
-                            failed.len(),
-                            manifest.parts.len(),
-                            task.max_failed_parts,
-                            failed.join("; ")
-                        ),
-                    ));
-                }
-            }
-        }
-    }
-
-    let overrides_from = task.overrides_from.unwrap_or(task.snapshot_time);
-    let overrides = store
-        .overrides_since(&task.segment, overrides_from)
-        .await
-        .map_err(|e| WorkerError::new(FailureReason::StoreUnavailable, e.to_string()))?;
-    store
-        .apply_overrides(&task.segment, task.version, &overrides)
-        .await
-        .map_err(|e| WorkerError::new(FailureReason::StoreUnavailable, e.to_string()))?;
-
-    // The store counts the members itself: overrides may have changed
-    // the files' count.
     let seal = Seal {
+        members: index.len(),
         snapshot_time: Some(task.snapshot_time),
         definition_hash: Some(manifest.definition_hash.clone()),
         change,
-        overrides_from: Some(overrides_from),
+        overrides_from: Some(task.overrides_from.unwrap_or(task.snapshot_time)),
         table_versions: manifest.sources.iter().filter(|read| read.version.is_some()).cloned().collect(),
     };
-    let meta = store
-        .seal_with(&task.segment, task.version, &seal)
+    let verdict = SealFile::new(task.segment.clone(), task.version, seal);
+    dir.write_seal(&verdict)
         .await
-        .map_err(|e| WorkerError::new(FailureReason::StoreUnavailable, e.to_string()))?;
-    let members = meta.members;
-    let report = IngestReport {
-        version: task.version,
-        members,
-        parts: manifest.parts.len(),
-        failed_parts: failed,
-        overrides_applied: overrides.len(),
-    };
-    info!(segment = %task.segment, version = task.version, members, "ingested");
-    Ok(report)
+        .map_err(|e| WorkerError::new(FailureReason::WriteFailed, format!("writing the verdict: {e}")))?;
+    let members = verdict.seal.members;
+    info!(segment = %task.segment, version = task.version, members, ?change, "verified; verdict written");
+    Ok(IngestReport { version: task.version, members, parts: manifest.parts.len(), failed_parts: failed, change })
+}
+
+/// [`verify`] under the entry point's former name and signature, for
+/// callers not moved yet (`segment-bench`'s `ingest` binary): the store is
+/// never used.
+pub async fn run(task: &IngestTask, _store: &dyn SegmentStore) -> Result<IngestReport, WorkerError> {
+    verify(task).await
 }
 
 fn check_manifest_matches(task: &IngestTask, manifest: &Manifest) -> Result<(), WorkerError> {
+    let corrupt = |message: String| Err(WorkerError::new(FailureReason::CorruptResult, message));
     if manifest.segment != task.segment || manifest.version != task.version {
-        return Err(WorkerError::new(
-            FailureReason::CorruptResult,
-            format!(
-                "the manifest is for {} v{}, the task for {} v{}",
-                manifest.segment, manifest.version, task.segment, task.version
-            ),
+        return corrupt(format!(
+            "the manifest is for {} v{}, the task for {} v{}",
+            manifest.segment, manifest.version, task.segment, task.version
+        ));
+    }
+    if manifest.snapshot_time != task.snapshot_time {
+        return corrupt(format!(
+            "the manifest was computed at snapshot time {}, the task's is {}",
+            manifest.snapshot_time.to_rfc3339(),
+            task.snapshot_time.to_rfc3339()
         ));
     }
     Ok(())
 }
 
-/// The version's index file, when the manifest lists one, must be the one
-/// compute wrote (checksum) and hold the manifest's count: one file for the
-/// whole version, so no tolerance of failed parts applies to it.
-async fn check_index(dir: &ResultDir, manifest: &Manifest) -> Result<Option<IdSet>, WorkerError> {
-    let Some(index) = &manifest.index else {
-        return Ok(None);
-    };
+/// The version's index file must be listed, be the one compute wrote
+/// (checksum, structure) and hold the manifest's count: it is what serving
+/// answers from, so no tolerance of failed parts applies to it.
+async fn check_index(dir: &ResultDir, manifest: &Manifest) -> Result<IdSet, WorkerError> {
     let corrupt = |message: String| WorkerError::new(FailureReason::CorruptResult, message);
+    let Some(index) = &manifest.index else {
+        return Err(corrupt(
+            "the result has no index file (written by a compute worker older than index files); serving answers from it, \
+             so the version cannot be served: compute it again"
+                .to_string(),
+        ));
+    };
     let bytes = dir.read_index(index).await.map_err(|e| corrupt(e.to_string()))?;
-    index.open_index(bytes).map(Some).map_err(|e| corrupt(e.to_string()))
+    index.open_index(bytes).map_err(|e| corrupt(e.to_string()))
+}
+
+/// Checks every part against the manifest (checksum and count), a few at
+/// a time; returns the failures `max_failed` tolerates, and fails with
+/// `CorruptResult` beyond them.
+async fn check_parts(dir: &ResultDir, manifest: &Manifest, max_failed: u32) -> Result<Vec<String>, WorkerError> {
+    // Owned parts and directory handles keep the future `Send` for every
+    // caller (a borrowing closure would not be general enough).
+    let checked: Vec<(usize, Result<(), String>)> = futures::stream::iter(manifest.parts.clone().into_iter().enumerate())
+        .map(|(i, part)| {
+            let dir = dir.clone();
+            async move { (i, check_part(&dir, &part).await) }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .collect()
+        .await;
+    let mut failed: Vec<(usize, String)> = checked
+        .into_iter()
+        .filter_map(|(i, checked)| checked.err().map(|reason| (i, format!("{}: {reason}", manifest.parts[i].file))))
+        .collect();
+    failed.sort();
+    let failed: Vec<String> = failed.into_iter().map(|(_, reason)| reason).collect();
+    for reason in &failed {
+        warn!(%reason, "part failed");
+    }
+    if failed.len() > max_failed as usize {
+        return Err(WorkerError::new(
+            FailureReason::CorruptResult,
+            format!("{} of {} parts failed (tolerated: {max_failed}): {}", failed.len(), manifest.parts.len(), failed.join("; ")),
+        ));
+    }
+    Ok(failed)
+}
+
+/// Reads a part (retrying a read that fails) and checks it.
+async fn check_part(dir: &ResultDir, part: &Part) -> Result<(), String> {
+    let mut last = String::new();
+    for attempt in 0..ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+        }
+        match dir.read_part(part).await {
+            // A checksum or count mismatch will not fix itself: no retry.
+            Ok(bytes) => return part.decode(&bytes).map(drop).map_err(|e| e.to_string()),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(format!("unreadable after {ATTEMPTS} attempts: {last}"))
 }
 
 /// How this version differs from `previous`, by one merge of the two index
 /// files. `None` when the previous version's index cannot be had (written
-/// before index files, or gone): the store then counts the change itself.
+/// before index files, or gone): the rollover guard then holds the version
+/// for approval if it has a change limit.
 async fn count_change(index: &IdSet, previous: &VersionFiles) -> Option<CountedChange> {
     let read = async {
         let dir = ResultDir::open(&previous.results_uri).map_err(|e| e.to_string())?;
@@ -155,55 +196,8 @@ async fn count_change(index: &IdSet, previous: &VersionFiles) -> Option<CountedC
     match read.await {
         Ok(before) => Some(CountedChange { from: previous.version, changed: changes(&before, index).changed() }),
         Err(reason) => {
-            warn!(version = previous.version, %reason, "the change is left to the store to count");
+            warn!(version = previous.version, %reason, "the change from the previous version cannot be counted");
             None
         }
     }
-}
-
-enum PartError {
-    /// The part itself is bad or unreadable.
-    Part(String),
-    /// The store failed: the whole run fails (and is retried later).
-    Store(StoreError),
-}
-
-async fn load_part_with_retries(
-    dir: &ResultDir,
-    part: &Part,
-    task: &IngestTask,
-    store: &dyn SegmentStore,
-) -> Result<u64, PartError> {
-    let mut last = String::new();
-    for attempt in 0..ATTEMPTS {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-        }
-        let bytes = match dir.read_part(part).await {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                last = e.to_string();
-                continue;
-            }
-        };
-        // A checksum or count mismatch will not fix itself: no retry.
-        let users = part.decode(&bytes).map_err(|e| PartError::Part(e.to_string()))?;
-        // Several batches in flight keep the store busy while the next
-        // one is encoded; loads are idempotent, so their order is free.
-        let batches: Vec<Vec<String>> = users.chunks(BATCH).map(owned_batch).collect();
-        futures::stream::iter(batches)
-            .map(|owned| async move { store.load_members(&task.segment, task.version, &owned).await })
-            .buffer_unordered(IN_FLIGHT)
-            .try_collect::<()>()
-            .await
-            .map_err(PartError::Store)?;
-        return Ok(users.len() as u64);
-    }
-    Err(PartError::Part(format!("unreadable after {ATTEMPTS} attempts: {last}")))
-}
-
-// A named function (not a closure) so the future stays `Send` for every
-// lifetime of the borrowed ids.
-fn owned_batch(batch: &[&str]) -> Vec<String> {
-    batch.iter().map(|u| u.to_string()).collect()
 }

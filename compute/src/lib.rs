@@ -6,7 +6,8 @@
 //!   writes the result files;
 //! - [`delta`]: Delta Lake tables as of a point in time, from their
 //!   transaction log;
-//! - [`ingest`]: loads a result into the store as a new, invisible version;
+//! - [`ingest`]: verifies a result and writes its verdict (`_seal.json`),
+//!   from which the operator seals the version; it touches no store;
 //! - [`lakegen`]: a deterministic example lake, for the examples, tests and
 //!   benchmarks;
 //! - [`failure`]: the one-line reasons written to the termination log.

@@ -203,9 +203,11 @@ pub struct RolloverPolicy {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct IngestPolicy {
-    /// Result parts that may fail to load (corrupted, unreadable after
-    /// retries) before the whole run fails. The default 0 loads a version
-    /// only when every part loads.
+    /// Result parts that may fail ingest's check (damaged, unreadable after
+    /// retries) before the whole run fails. Parts are what other segments'
+    /// rules and previews read; readers are served from the version's index
+    /// file, which must be whole whatever this allows. The default 0
+    /// accepts a version only when every part checks.
     #[serde(default)]
     pub max_failed_parts: u32,
 }
@@ -458,7 +460,8 @@ pub struct RunStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingested_at: Option<DateTime<Utc>>,
     /// Why the run waits (`ChangeRatioExceeded`, `BelowMinMembers`,
-    /// `WaitingForComputeSlot`), and the details for people.
+    /// `ChangeNotCounted`, `WaitingForComputeSlot`), and the details for
+    /// people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// Why the run waits, for people.

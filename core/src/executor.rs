@@ -22,6 +22,7 @@ use chrono::{DateTime, Utc};
 
 use crate::api::SegmentStatus;
 use crate::planner::{Action, Event, Launch, Plan};
+use crate::store::Seal;
 
 /// The steps of carrying out a plan, in the order they run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -38,7 +39,8 @@ impl Step {
     /// The step an action belongs to.
     pub fn of(action: &Action) -> Step {
         match action {
-            Action::Activate { .. }
+            Action::Seal { .. }
+            | Action::Activate { .. }
             | Action::DeleteVersion { .. }
             | Action::PruneOverrides { .. }
             | Action::CollectResults { .. } => Step::Store,
@@ -54,8 +56,15 @@ impl Step {
 pub trait Effects: Send {
     type Error: Send;
 
-    /// Switches readers to `version` atomically, after applying the
-    /// overrides it does not reflect ([`crate::store::activate_with_overrides`]).
+    /// Seals `version` in the store with ingest's verdict on it
+    /// ([`crate::store::SegmentStore::seal_with`]). A store that refuses
+    /// (the version was deleted: [`crate::store::StoreError::Fenced`])
+    /// fails the plan here, before anything else of it happens; the next
+    /// plan observes the fence and fails the run.
+    async fn seal(&mut self, version: u64, seal: &Seal) -> Result<(), Self::Error>;
+    /// Switches readers to `version` atomically
+    /// ([`crate::store::SegmentStore::activate`]); serving lays the realtime
+    /// overrides the version does not reflect over its index file.
     /// An implementation may hold the switch (the cluster waits until the
     /// serving replicas have loaded the version,
     /// [`crate::store::replicas_ready`]) by returning an error: the plan
@@ -112,6 +121,7 @@ pub async fn carry_out_through<E: Effects + ?Sized>(
 
 async fn perform<E: Effects + ?Sized>(action: &Action, effects: &mut E) -> Result<(), E::Error> {
     match action {
+        Action::Seal { version, seal } => effects.seal(*version, seal).await,
         Action::Activate { version, .. } => effects.activate(*version).await,
         Action::DeleteVersion { version } => effects.delete_version(*version).await,
         Action::PruneOverrides { older_than } => effects.prune_overrides(*older_than).await,

@@ -2,8 +2,9 @@
 //! the ids sorted bytewise, front-coded in blocks, checksummed. Ingest
 //! writes it next to the version's parts; a reader answers is-member with a
 //! binary search over the blocks' first ids and a scan of one block, and
-//! two versions' entered/exited counts come from merging their sorted ids,
-//! with no server-side set operation.
+//! two versions' entered/exited counts ([`changes`]) and the users who
+//! entered or exited, page by page ([`diff_page`]), come from merging their
+//! sorted ids, with no server-side set operation.
 //!
 //! ```text
 //! header   "SGIX" | format u32 | ids u64 | block_len u32 | blocks u32 | entries_len u64
@@ -22,6 +23,8 @@
 use std::cmp::Ordering;
 
 use sha2::{Digest, Sha256};
+
+use crate::store::Change;
 
 pub const MAGIC: &[u8; 4] = b"SGIX";
 /// The format number in the header; readers refuse any other.
@@ -278,6 +281,67 @@ impl IdSet {
         false
     }
 
+    /// The last block whose first id is at most `id` (0 when none is):
+    /// every id after `id` is in it or in a later block.
+    fn block_of(&self, id: &[u8]) -> usize {
+        let (mut low, mut high) = (0usize, self.blocks);
+        while low < high {
+            let middle = low + (high - low) / 2;
+            match self.first_id(middle) <= id {
+                true => low = middle + 1,
+                false => high = middle,
+            }
+        }
+        low.saturating_sub(1)
+    }
+
+    /// Blocks in the file: [`len`](Self::len) over the block length,
+    /// rounded up. A reader may build its own directory over them
+    /// ([`block_first_id`](Self::block_first_id)) and narrow lookups with
+    /// [`contains_within`](Self::contains_within).
+    pub fn block_count(&self) -> usize {
+        self.blocks
+    }
+
+    /// The first id of `block` (below [`block_count`](Self::block_count)),
+    /// stored whole: what the binary search of `contains` compares against.
+    pub fn block_first_id(&self, block: usize) -> &[u8] {
+        self.first_id(block)
+    }
+
+    /// [`contains`](Self::contains) with its binary search over the blocks
+    /// narrowed to `blocks`: the caller knows that every block before
+    /// `blocks.start` begins with an id before `id`, and every block from
+    /// `blocks.end` on with an id after it. With such a range the answer is
+    /// `contains`'s; an empty range costs no comparison of first ids, only
+    /// the scan of the block before it. With a wrong range it may miss a
+    /// member, but never answers true for an id not written: an id is only
+    /// ever found by comparing it whole.
+    pub fn contains_within(&self, id: &str, blocks: std::ops::Range<usize>) -> bool {
+        let id = id.as_bytes();
+        let (mut low, mut high) = (blocks.start.min(self.blocks), blocks.end.min(self.blocks));
+        while low < high {
+            let middle = low + (high - low) / 2;
+            match self.first_id(middle).cmp(id) {
+                Ordering::Less => low = middle + 1,
+                Ordering::Equal => return true,
+                Ordering::Greater => high = middle,
+            }
+        }
+        if low == 0 {
+            return false;
+        }
+        let mut reader = self.block(low - 1);
+        while let Ok(Some(candidate)) = reader.next_id() {
+            match candidate.cmp(id) {
+                Ordering::Less => continue,
+                Ordering::Equal => return true,
+                Ordering::Greater => return false,
+            }
+        }
+        false
+    }
+
     /// Every id, in order.
     pub fn iter(&self) -> Ids<'_> {
         Ids { set: self, block: 0, reader: None }
@@ -325,35 +389,101 @@ impl Changes {
 /// Entered, exited and kept members from `old` to `new`, by one merge of
 /// the two sorted id lists.
 pub fn changes(old: &IdSet, new: &IdSet) -> Changes {
-    let (mut olds, mut news) = (Cursor::new(old), Cursor::new(new));
+    let mut merge = Merge::new(Cursor::new(old), Cursor::new(new));
     let mut counts = Changes::default();
-    loop {
-        match (olds.current(), news.current()) {
-            (None, None) => return counts,
-            (Some(_), None) => {
-                counts.exited += 1;
-                olds.advance();
-            }
-            (None, Some(_)) => {
-                counts.entered += 1;
-                news.advance();
-            }
-            (Some(a), Some(b)) => match a.cmp(b) {
-                Ordering::Less => {
-                    counts.exited += 1;
-                    olds.advance();
-                }
-                Ordering::Greater => {
-                    counts.entered += 1;
-                    news.advance();
-                }
-                Ordering::Equal => {
-                    counts.kept += 1;
-                    olds.advance();
-                    news.advance();
-                }
-            },
+    while let Some(side) = merge.next() {
+        match side {
+            Side::Exited => counts.exited += 1,
+            Side::Entered => counts.entered += 1,
+            Side::Kept => counts.kept += 1,
         }
+    }
+    counts
+}
+
+/// One page of the users in exactly one of `old` and `new`, in id order:
+/// entered (in `new` only) and exited (in `old` only) as they come.
+/// `after` is the cursor: the page holds the changes of users after it,
+/// at most `limit` of them (at least one, so a caller always advances).
+/// Returns the page and the next cursor, the last user of the page, or
+/// `None` once no change is left.
+///
+/// Ids are sorted, so resuming after a cursor is a seek: a binary search
+/// over each set's blocks and a scan of one block, whatever the page's
+/// depth, then one merge of the two sets from there. The cursor need not
+/// be in either set.
+pub fn diff_page(old: &IdSet, new: &IdSet, after: Option<&str>, limit: usize) -> (Vec<Change>, Option<String>) {
+    let limit = limit.max(1);
+    let cursor = |set| match after {
+        Some(after) => Cursor::after(set, after.as_bytes()),
+        None => Cursor::new(set),
+    };
+    let mut merge = Merge::new(cursor(old), cursor(new));
+    let mut page: Vec<Change> = Vec::with_capacity(limit.min(1024));
+    loop {
+        let entered = match merge.next() {
+            None => return (page, None),
+            Some(Side::Kept) => continue,
+            Some(side) => side == Side::Entered,
+        };
+        // One change beyond the page is looked for before answering, so
+        // the last page says it is the last.
+        if page.len() == limit {
+            let next = page.last().map(|change| change.user.clone());
+            return (page, next);
+        }
+        page.push(Change { user: merge.id().to_string(), entered });
+    }
+}
+
+/// Which of two sets an id is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// The old one only.
+    Exited,
+    /// The new one only.
+    Entered,
+    Kept,
+}
+
+/// The merge of two sets' sorted ids: each id once, with the side it is on.
+struct Merge<'a> {
+    old: Cursor<'a>,
+    new: Cursor<'a>,
+    /// The id [`Merge::next`] returned last.
+    id: Vec<u8>,
+}
+
+impl<'a> Merge<'a> {
+    fn new(old: Cursor<'a>, new: Cursor<'a>) -> Merge<'a> {
+        Merge { old, new, id: Vec::new() }
+    }
+
+    /// The next id of either set (read it with [`Merge::id`]).
+    fn next(&mut self) -> Option<Side> {
+        let side = match (self.old.current(), self.new.current()) {
+            (None, None) => return None,
+            (Some(_), None) => Side::Exited,
+            (None, Some(_)) => Side::Entered,
+            (Some(a), Some(b)) => match a.cmp(b) {
+                Ordering::Less => Side::Exited,
+                Ordering::Greater => Side::Entered,
+                Ordering::Equal => Side::Kept,
+            },
+        };
+        match side {
+            Side::Exited => self.old.take(&mut self.id),
+            Side::Entered => self.new.take(&mut self.id),
+            Side::Kept => {
+                self.old.take(&mut self.id);
+                self.new.advance();
+            }
+        }
+        Some(side)
+    }
+
+    fn id(&self) -> &str {
+        std::str::from_utf8(&self.id).expect("checked by open")
     }
 }
 
@@ -372,8 +502,27 @@ impl<'a> Cursor<'a> {
         cursor
     }
 
+    /// At the first id after `after`: starts in the block [`IdSet::block_of`]
+    /// finds and skips at most that block's ids.
+    fn after(set: &'a IdSet, after: &[u8]) -> Cursor<'a> {
+        let ids = Ids { set, block: set.block_of(after), reader: None };
+        let mut cursor = Cursor { ids, id: Vec::new(), done: false };
+        cursor.advance();
+        while cursor.current().is_some_and(|id| id <= after) {
+            cursor.advance();
+        }
+        cursor
+    }
+
     fn current(&self) -> Option<&[u8]> {
         (!self.done).then_some(self.id.as_slice())
+    }
+
+    /// Moves the current id into `out` (whose buffer it takes in
+    /// exchange, no copy) and advances.
+    fn take(&mut self, out: &mut Vec<u8>) {
+        std::mem::swap(out, &mut self.id);
+        self.advance();
     }
 
     fn advance(&mut self) {
@@ -575,6 +724,102 @@ mod tests {
         assert_eq!(changes(&open(&[]), &new).entered, 130);
     }
 
+    /// Every page of the diff, from the start, with `limit` changes a page:
+    /// the pages, and the cursors they returned.
+    fn pages(old: &IdSet, new: &IdSet, limit: usize) -> Vec<(Vec<Change>, Option<String>)> {
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let (page, next) = diff_page(old, new, after.as_deref(), limit);
+            out.push((page, next.clone()));
+            match next {
+                Some(next) => after = Some(next),
+                None => return out,
+            }
+            assert!(out.len() < 100_000, "the pages do not end");
+        }
+    }
+
+    fn entered(users: &[String]) -> Vec<Change> {
+        users.iter().map(|user| Change { user: user.clone(), entered: true }).collect()
+    }
+
+    fn exited(users: &[String]) -> Vec<Change> {
+        users.iter().map(|user| Change { user: user.clone(), entered: false }).collect()
+    }
+
+    #[test]
+    fn the_diff_lists_entered_and_exited_users_in_id_order() {
+        let old = open(&ids(0..100));
+        let new = open(&ids(50..180));
+        let (page, next) = diff_page(&old, &new, None, 1000);
+        assert_eq!(next, None);
+        let mut expected = exited(&ids(0..50));
+        expected.extend(entered(&ids(100..180)));
+        assert_eq!(page, expected);
+        // A page ends at the limit, and its last user is the next cursor.
+        let (first, next) = diff_page(&old, &new, None, 30);
+        assert_eq!((first.as_slice(), next.as_deref()), (&expected[..30], Some("user-0000029")));
+        let (second, next) = diff_page(&old, &new, next.as_deref(), 30);
+        assert_eq!((second.as_slice(), next.as_deref()), (&expected[30..60], Some("user-0000109")));
+    }
+
+    /// Blocks hold 16 ids: pages of 16 changes end on a block's last id,
+    /// pages of 17 on the next block's first, and every other length in
+    /// between; each cursor is resumed from by a seek into the right block.
+    #[test]
+    fn pages_that_split_at_block_boundaries_resume_at_the_next_id() {
+        let block = BLOCK_LEN as usize;
+        let all = ids(0..(block as u32 * 8));
+        let (old, new) = (open(&[]), open(&all));
+        for limit in 1..=(3 * block + 1) {
+            let listed = pages(&old, &new, limit);
+            let flat: Vec<Change> = listed.iter().flat_map(|(page, _)| page.clone()).collect();
+            assert_eq!(flat, entered(&all), "limit {limit}");
+            assert_eq!(listed.len(), all.len().div_ceil(limit), "limit {limit}: no empty page at the end");
+            for (page, next) in &listed[..listed.len() - 1] {
+                assert_eq!(page.len(), limit);
+                assert_eq!(next.as_deref(), page.last().map(|c| c.user.as_str()));
+            }
+        }
+        // Cursors on a block's last and first id, in both sets at once.
+        let (old, new) = (open(&all), open(&all[..all.len() - block]));
+        for b in 1..7 {
+            let last_of_previous = &all[b * block - 1];
+            let first = &all[b * block];
+            assert_eq!(diff_page(&old, &new, Some(last_of_previous), 1).0, exited(&all[all.len() - block..][..1]));
+            assert_eq!(diff_page(&open(&[]), &new, Some(last_of_previous), 1).0, entered(std::slice::from_ref(first)));
+            assert_eq!(diff_page(&open(&[]), &new, Some(first), 1).0, entered(&all[b * block + 1..][..1]));
+        }
+    }
+
+    #[test]
+    fn a_cursor_outside_the_ids_seeks_to_the_next_one() {
+        let new = open(&ids(0..40).into_iter().step_by(2).collect::<Vec<_>>());
+        let empty = open(&[]);
+        // Between two ids, before the first, after the last.
+        let (page, next) = diff_page(&empty, &new, Some("user-0000017"), 2);
+        assert_eq!((page, next.as_deref()), (entered(&[ids(18..19), ids(20..21)].concat()), Some("user-0000020")));
+        assert_eq!(diff_page(&empty, &new, Some(""), 1).0, entered(&ids(0..1)));
+        assert_eq!(diff_page(&empty, &new, Some("a"), 1).0, entered(&ids(0..1)));
+        assert_eq!(diff_page(&empty, &new, Some("user-0000038"), 10), (Vec::new(), None));
+        assert_eq!(diff_page(&empty, &new, Some("zzz"), 10), (Vec::new(), None));
+        assert_eq!(diff_page(&new, &empty, Some("\u{10ffff}"), 10), (Vec::new(), None));
+    }
+
+    #[test]
+    fn empty_and_identical_sets_have_empty_diffs() {
+        let (empty, some) = (open(&[]), open(&ids(0..100)));
+        assert_eq!(diff_page(&empty, &empty, None, 10), (Vec::new(), None));
+        assert_eq!(diff_page(&some, &some, None, 10), (Vec::new(), None));
+        assert_eq!(diff_page(&some, &some, Some("user-0000050"), 10), (Vec::new(), None));
+        let flat = |old: &IdSet, new: &IdSet| pages(old, new, 7).into_iter().flat_map(|(page, _)| page).collect::<Vec<_>>();
+        assert_eq!(flat(&empty, &some), entered(&ids(0..100)));
+        assert_eq!(flat(&some, &empty), exited(&ids(0..100)));
+        // A limit of 0 still advances: one change a page.
+        assert_eq!(diff_page(&empty, &some, None, 0), (entered(&ids(0..1)), Some("user-0000000".to_string())));
+    }
+
     proptest! {
         /// Any set of ids, including non-ASCII and shared prefixes longer
         /// than a block: the file holds exactly them, in order, and the
@@ -603,6 +848,37 @@ mod tests {
                 kept,
             };
             prop_assert_eq!(changes(&old_set, &new_set), expected);
+        }
+
+        /// Paged through with any limit, or resumed after any cursor, the
+        /// diff is the symmetric difference of the two sets, in order:
+        /// `entered` for the new set's ids, each page full but the last.
+        #[test]
+        fn the_paged_diff_is_the_symmetric_difference(
+            old in proptest::collection::btree_set("[a-c\u{e9}]{1,5}", 0..300),
+            new in proptest::collection::btree_set("[a-c\u{e9}]{1,5}", 0..300),
+            limit in 1usize..40,
+            after in "[a-c\u{e9}]{0,6}",
+        ) {
+            let old_set = IdSet::open(build(old.iter().map(String::as_str)).unwrap()).unwrap();
+            let new_set = IdSet::open(build(new.iter().map(String::as_str)).unwrap()).unwrap();
+            let expected: Vec<Change> = old
+                .symmetric_difference(&new)
+                .map(|user| Change { user: user.clone(), entered: new.contains(user) })
+                .collect();
+            let listed = pages(&old_set, &new_set, limit);
+            prop_assert_eq!(listed.len(), expected.len().div_ceil(limit).max(1));
+            for (page, next) in &listed[..listed.len() - 1] {
+                prop_assert_eq!(page.len(), limit);
+                prop_assert_eq!(next.as_deref(), page.last().map(|c| c.user.as_str()));
+            }
+            let flat: Vec<Change> = listed.into_iter().flat_map(|(page, _)| page).collect();
+            prop_assert_eq!(&flat, &expected);
+
+            let rest: Vec<Change> = expected.iter().filter(|c| c.user.as_str() > after.as_str()).cloned().collect();
+            let (page, next) = diff_page(&old_set, &new_set, Some(&after), limit);
+            prop_assert_eq!(&page[..], &rest[..rest.len().min(limit)]);
+            prop_assert_eq!(next.is_some(), rest.len() > limit);
         }
     }
 }

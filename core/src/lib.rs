@@ -14,8 +14,9 @@
 //!   and the in-memory store of standalone mode and the tests.
 //! - [`naming`], [`task`]: names and the task handed to worker Jobs.
 //! - [`manifest`]: the `_manifest.json` of a result; [`index`]: its
-//!   members as one immutable, checksummed index file; [`manifests`]:
-//!   Segments and SegmentSources read from YAML files.
+//!   members as one immutable, checksummed index file; [`seal`]: ingest's
+//!   verdict on it (`_seal.json`), from which the operator seals the
+//!   version; [`manifests`]: Segments and SegmentSources read from YAML files.
 
 pub mod api;
 pub mod definition;
@@ -31,6 +32,7 @@ pub mod reasons;
 pub mod rules;
 pub mod rules_sql;
 pub mod schedule;
+pub mod seal;
 pub mod store;
 pub mod task;
 pub mod validation;

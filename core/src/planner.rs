@@ -17,9 +17,10 @@ use crate::api::*;
 use crate::definition::definition_hash;
 use crate::duration::parse_duration;
 use crate::naming::{results_uri, run_job_name, JobKind};
-use crate::reasons::{ConditionType, EventReason, FailureReason};
+use crate::reasons::{ConditionType, EventReason, FailureReason, HoldReason};
 use crate::schedule::CronSchedule;
-use crate::store::{SegmentStore, StoreError, StoredVersion};
+use crate::seal::{judge, Verdict, SEAL_FILE};
+use crate::store::{ResultStore, Seal, SegmentStore, StoreError, StoredVersion};
 use crate::task::Failure;
 use crate::validation::{check_spec, Invalid};
 
@@ -102,23 +103,22 @@ pub enum JobState {
     Failed { finished_at: DateTime<Utc>, failure: Failure },
 }
 
-/// What the store holds for the segment.
+/// What the store holds for the segment, and what sealing the run in
+/// flight needs ([`observe_seal`]).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct StoreView {
     pub active: Option<u64>,
+    /// Sealed versions, each with the member count and the change ingest
+    /// counted (the rollover guard's numbers).
     pub versions: BTreeMap<u64, StoredVersion>,
-    /// Membership change between the active version and the version of the
-    /// run in flight, measured only when the rollover guard needs it.
-    pub change: Option<ChangeCount>,
     /// Versions with data but no seal ([`SegmentStore::unsealed_versions`]).
     pub unsealed: BTreeSet<u64>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ChangeCount {
-    pub from: u64,
-    pub to: u64,
-    pub changed: u64,
+    /// The run in flight's version when it was deleted (fenced) while it
+    /// was ingested: it can never be sealed.
+    pub fenced: BTreeSet<u64>,
+    /// Ingest's verdict on the run in flight, read once its ingest Job
+    /// succeeded while the store does not list the version.
+    pub verdict: Option<Verdict>,
 }
 
 /// Everything a plan is made from.
@@ -153,6 +153,13 @@ pub enum Action {
     Activate {
         version: u64,
         previous: Option<u64>,
+    },
+    /// Seal `version` in the store with ingest's verdict on it (the run
+    /// in flight, its ingest Job done). Comes before every other store
+    /// action of the plan, which treats the version as sealed.
+    Seal {
+        version: u64,
+        seal: Seal,
     },
     /// Remove a version from the store (incrementally).
     DeleteVersion {
@@ -201,11 +208,11 @@ impl Event {
     }
 }
 
-/// Reads what the planner needs from the store. The change count is
-/// measured only while the run in flight has a loaded version and an
-/// active version exists to compare with: the count ingest recorded with
-/// the version when it compared with that same active version, else the
-/// store's own count.
+/// Reads what the planner needs from the store: the active version, the
+/// sealed versions (with the member count and change recorded when each
+/// was sealed), the unsealed ones, and, while the run in flight is
+/// ingested and its version not sealed, whether that version was deleted
+/// meanwhile (fenced: it can never be sealed).
 pub async fn observe_store(
     store: &dyn SegmentStore,
     segment: &SegmentKey,
@@ -213,23 +220,63 @@ pub async fn observe_store(
 ) -> Result<StoreView, StoreError> {
     let active = store.active_version(segment).await?;
     let versions = store.versions(segment).await?;
-    let candidate = status
-        .and_then(|s| s.current_run.as_ref())
-        .filter(|run| matches!(run.phase, RunPhase::Ingesting | RunPhase::AwaitingApproval))
-        .map(|run| run.version)
-        .filter(|v| versions.contains_key(v));
-    let change = match (active, candidate) {
-        (Some(from), Some(to)) if from != to && versions.contains_key(&from) => {
-            let changed = match versions[&to].change {
-                Some(counted) if counted.from == from => counted.changed,
-                _ => store.change_count(segment, from, to).await?,
-            };
-            Some(ChangeCount { from, to, changed })
-        }
-        _ => None,
-    };
     let unsealed = store.unsealed_versions(segment).await?;
-    Ok(StoreView { active, versions, change, unsealed })
+    let ingesting = status
+        .and_then(|s| s.current_run.as_ref())
+        .filter(|run| run.phase == RunPhase::Ingesting && !versions.contains_key(&run.version))
+        .map(|run| run.version);
+    let mut fenced = BTreeSet::new();
+    if let Some(version) = ingesting {
+        if store.is_fenced(segment, version).await? {
+            fenced.insert(version);
+        }
+    }
+    Ok(StoreView { active, versions, unsealed, fenced, verdict: None })
+}
+
+/// Reads ingest's verdict on the run in flight into `view`, once its
+/// ingest Job succeeded while the store neither lists its version nor
+/// fenced it (nothing is read otherwise): its seal file, judged against
+/// the run ([`crate::seal::judge`]). The cluster and standalone mode both
+/// call it after [`observe_store`]; the plan then seals the version from
+/// the verdict ([`Action::Seal`]) or fails the run.
+pub async fn observe_seal(
+    results: &dyn ResultStore,
+    segment: &SegmentKey,
+    status: Option<&SegmentStatus>,
+    jobs: &[ObservedJob],
+    view: &mut StoreView,
+) -> Result<(), StoreError> {
+    let Some(run) = status.and_then(|s| s.current_run.as_ref()).filter(|run| run.phase == RunPhase::Ingesting) else {
+        return Ok(());
+    };
+    if !ingest_succeeded(jobs, run.version) || view.versions.contains_key(&run.version) || view.fenced.contains(&run.version) {
+        return Ok(());
+    }
+    let bytes = results.seal_file(segment, run.version).await?;
+    view.verdict = Some(judge(bytes.as_deref(), segment, run));
+    Ok(())
+}
+
+fn ingest_succeeded(jobs: &[ObservedJob], version: u64) -> bool {
+    jobs.iter().any(|j| j.version == version && j.kind == JobKind::Ingest && matches!(j.state, JobState::Succeeded { .. }))
+}
+
+/// The version the plan seals and what with: the run in flight of the
+/// current definition, its ingest Job done, not in the store nor deleted,
+/// with a sound verdict.
+fn to_seal(obs: &Observation<'_>, def_hash: &str) -> Option<(u64, Seal)> {
+    let run = obs.segment.status.as_ref()?.current_run.as_ref()?;
+    let store = obs.store;
+    let due = run.phase == RunPhase::Ingesting
+        && run.definition_hash == def_hash
+        && ingest_succeeded(obs.jobs, run.version)
+        && !store.versions.contains_key(&run.version)
+        && !store.fenced.contains(&run.version);
+    match &store.verdict {
+        Some(Verdict::Sealable(seal)) if due => Some((run.version, seal.clone())),
+        _ => None,
+    }
 }
 
 /// Decides what to do next. Pure: the same observation gives the same plan.
@@ -237,6 +284,24 @@ pub fn plan(obs: &Observation<'_>, cfg: &PlannerConfig) -> Plan {
     let segment = obs.segment;
     let spec = &segment.spec;
     let previous = segment.status.clone().unwrap_or_default();
+    let def_hash = definition_hash(&spec.definition);
+
+    // A version sealed from ingest's verdict is sealed first: the rest of
+    // the plan (the rollover guard, the switch, retention) treats it as in
+    // the store, and the executor seals before any other store action.
+    let sealing = to_seal(obs, &def_hash);
+    let sealed_view;
+    let sealed_obs;
+    let obs = match &sealing {
+        Some((version, seal)) => {
+            let mut view = obs.store.clone();
+            view.versions.insert(*version, seal.stored(false));
+            sealed_view = view;
+            sealed_obs = Observation { store: &sealed_view, ..obs.clone() };
+            &sealed_obs
+        }
+        None => obs,
+    };
     let mut p = Planner {
         obs,
         cfg,
@@ -246,8 +311,10 @@ pub fn plan(obs: &Observation<'_>, cfg: &PlannerConfig) -> Plan {
         launch_blocked: false,
         lost_versions: false,
     };
+    if let Some((version, seal)) = sealing {
+        p.actions.push(Action::Seal { version, seal });
+    }
 
-    let def_hash = definition_hash(&spec.definition);
     // The same checks as `segment-operator check`, so a spec that never
     // met the API server's CEL rules (standalone mode) is judged alike.
     let problem =
@@ -508,16 +575,26 @@ impl Planner<'_, '_> {
         true
     }
 
-    /// Applies the rollover guard to a loaded version: promote it, or hold
-    /// it until `approve-version` names it.
+    /// Applies the rollover guard to a sealed version: promote it, or hold
+    /// it until `approve-version` names it. A version the store does not
+    /// list once its ingest Job succeeded fails the run: ingest left no
+    /// sound verdict to seal it with, or it was deleted meanwhile.
     fn guard_and_promote(&mut self, mut run: RunStatus) {
         let Some(stored) = self.obs.store.versions.get(&run.version).cloned() else {
             self.delete_leftover(run.version);
-            let failure = Failure::new(
-                FailureReason::IngestIncomplete,
-                format!("the ingest Job succeeded but v{} is not complete in the store", run.version),
-            );
-            self.fail_run(&run, "ingest", failure);
+            let v = run.version;
+            let message = if run.phase == RunPhase::AwaitingApproval {
+                format!("v{v} is no longer in the store")
+            } else if self.obs.store.fenced.contains(&v) {
+                format!("v{v} was deleted while it was ingested and cannot be sealed")
+            } else {
+                match &self.obs.store.verdict {
+                    Some(Verdict::Missing) => format!("the ingest Job succeeded but left no verdict ({SEAL_FILE}) on v{v}"),
+                    Some(Verdict::Invalid(why)) => format!("the ingest Job's verdict on v{v} is not sound: {why}"),
+                    Some(Verdict::Sealable(_)) | None => format!("the ingest Job succeeded but v{v} is not sealed in the store"),
+                }
+            };
+            self.fail_run(&run, "ingest", Failure::new(FailureReason::IngestIncomplete, message));
             return;
         };
         let approved = self.annotation(APPROVE_VERSION_ANNOTATION).map(str::trim) == Some(run.version.to_string().as_str());
@@ -525,40 +602,50 @@ impl Planner<'_, '_> {
         let mut hold = None;
         if stored.members < rollover.min_members {
             hold = Some((
-                "BelowMinMembers",
+                HoldReason::BelowMinMembers,
                 format!("v{} has {} members, fewer than minMembers {}", run.version, stored.members, rollover.min_members),
             ));
         } else if let (Some(max_ratio), Some(active)) = (rollover.max_change_ratio, self.obs.store.active) {
             let active_members = self.obs.store.versions.get(&active).map(|v| v.members);
-            if active != run.version && active_members.is_some() {
-                let change = self.obs.store.change.filter(|c| c.from == active && c.to == run.version);
-                let Some(change) = change else {
-                    // The adapter measures the change on the next look.
-                    run.reason = Some("ComparingVersions".into());
-                    run.message = Some(format!("measuring the change from v{active}"));
-                    self.st.current_run = Some(run);
-                    return;
-                };
-                let base = active_members.unwrap_or(0).max(1) as f64;
-                let ratio = change.changed as f64 / base;
-                if ratio > max_ratio {
-                    hold = Some((
-                        "ChangeRatioExceeded",
+            if let Some(active_members) = active_members.filter(|_| active != run.version) {
+                // Only the change ingest counted from the two versions'
+                // index files is trusted: the store holds no member sets
+                // to count it otherwise.
+                hold = match stored.change {
+                    Some(change) if change.from == active => {
+                        let ratio = change.changed as f64 / active_members.max(1) as f64;
+                        (ratio > max_ratio).then(|| {
+                            let message = format!(
+                                "v{} changes {} members, {:.1}% of v{active}'s {active_members} (maxChangeRatio {max_ratio})",
+                                run.version,
+                                change.changed,
+                                ratio * 100.0,
+                            );
+                            (HoldReason::ChangeRatioExceeded, message)
+                        })
+                    }
+                    Some(change) => Some((
+                        HoldReason::ChangeNotCounted,
                         format!(
-                            "v{} changes {} members, {:.1}% of v{active}'s {} (maxChangeRatio {})",
-                            run.version,
-                            change.changed,
-                            ratio * 100.0,
-                            active_members.unwrap_or(0),
-                            max_ratio
+                            "the change of v{} was counted from v{}, not from v{active} that readers are on now, so \
+                             maxChangeRatio {max_ratio} cannot be checked",
+                            run.version, change.from
                         ),
-                    ));
-                }
+                    )),
+                    None => Some((
+                        HoldReason::ChangeNotCounted,
+                        format!(
+                            "the change of v{} from v{active} could not be counted from their index files (v{active} has \
+                             none, or it could not be read), so maxChangeRatio {max_ratio} cannot be checked",
+                            run.version
+                        ),
+                    )),
+                };
             }
         }
         match hold {
             Some((reason, message)) if !approved => {
-                if run.phase != RunPhase::AwaitingApproval || run.reason.as_deref() != Some(reason) {
+                if run.phase != RunPhase::AwaitingApproval || run.reason.as_deref() != Some(reason.as_str()) {
                     self.event(
                         EventReason::RolloverHeld,
                         format!("{message}; approve with the annotation {APPROVE_VERSION_ANNOTATION}=\"{}\"", run.version),
@@ -566,7 +653,7 @@ impl Planner<'_, '_> {
                 }
                 run.phase = RunPhase::AwaitingApproval;
                 run.job = None;
-                run.reason = Some(reason.to_string());
+                run.reason = Some(reason.as_str().to_string());
                 run.message = Some(message);
                 self.st.current_run = Some(run);
             }

@@ -166,6 +166,25 @@ impl From<SpecProblem> for EventReason {
 }
 
 string_enum! {
+    /// Why the rollover guard holds a version (`AwaitingApproval`): the
+    /// run's `reason` and the `RolloverHeld` condition's. `docs/lifecycle.md`
+    /// lists them.
+    pub enum HoldReason {
+        /// The version has fewer members than `rollover.minMembers`.
+        BelowMinMembers,
+        /// More of the active version's members entered or left than
+        /// `rollover.maxChangeRatio` allows.
+        ChangeRatioExceeded,
+        /// `rollover.maxChangeRatio` is set but the change from the active
+        /// version could not be counted: ingest counts it from the two
+        /// versions' index files, and the active one has none (computed
+        /// before index files), or readers were switched to another
+        /// version since the run started.
+        ChangeNotCounted,
+    }
+}
+
+string_enum! {
     /// Why a run failed: what the worker wrote to its termination log
     /// (`Reason: message`), or what the operator concluded without one.
     /// Recorded in `status.versions[].reason`.
@@ -194,7 +213,9 @@ string_enum! {
         // Concluded by the operator.
         /// The worker's termination message names no known reason.
         WorkerFailed,
-        /// The ingest Job succeeded but the store holds no sealed version.
+        /// The ingest Job succeeded but left no sound verdict to seal the
+        /// version with (`_seal.json` missing, damaged or not the run's),
+        /// or the version was deleted meanwhile and cannot be sealed.
         IngestIncomplete,
         /// The Job ran past its `activeDeadlineSeconds`.
         DeadlineExceeded,
@@ -286,6 +307,9 @@ mod tests {
         }
         for reason in EventReason::ALL {
             assert_eq!(reason.to_string().parse::<EventReason>(), Ok(*reason));
+        }
+        for reason in HoldReason::ALL {
+            assert_eq!(reason.as_str().parse::<HoldReason>(), Ok(*reason));
         }
         assert_eq!("Ready".parse::<ConditionType>(), Ok(ConditionType::Ready));
         assert_eq!("ready".parse::<ConditionType>(), Err(UnknownReason("ready".into())));

@@ -96,8 +96,9 @@ impl From<&str> for Cause {
     }
 }
 
-/// A fully loaded version as the store records it. Ingest writes this last,
-/// so a version the store lists is complete.
+/// A sealed version as the store records it: the operator seals a version
+/// from ingest's verdict ([`Seal`]) once the ingest Job succeeded, so a
+/// version the store lists has verified result files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredVersion {
     pub members: u64,
@@ -111,10 +112,9 @@ pub struct StoredVersion {
     /// guard must not become servable because a status was lost.
     pub promoted: bool,
     /// The version is taken to reflect the events before this time (its
-    /// snapshot time minus the lake's lag grace): realtime overrides from
-    /// then on are applied to it, at ingest, when recorded, and again when
-    /// it is activated. `None`: its snapshot time (versions sealed before
-    /// the grace existed).
+    /// snapshot time minus the lake's lag grace): serving lays the realtime
+    /// overrides from then on over its index file. `None`: its snapshot
+    /// time (versions sealed before the grace existed).
     pub overrides_from: Option<DateTime<Utc>>,
     /// The lake tables the version was computed from at a table version
     /// (Delta), as its manifest lists them.
@@ -128,17 +128,44 @@ impl StoredVersion {
     }
 }
 
-/// What ingest records with a version it seals, besides its members.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// What is recorded with a version when it is sealed: ingest's verdict on
+/// it, which ingest writes next to the result files
+/// ([`crate::seal::SealFile`]) and the operator hands to
+/// [`SegmentStore::seal_with`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Seal {
+    /// The version's member count: its index file's, which ingest checked
+    /// against the manifest. The store records it as given.
+    pub members: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_time: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub definition_hash: Option<String>,
     /// How the version differs from an earlier one ([`StoredVersion::change`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub change: Option<CountedChange>,
     /// [`StoredVersion::overrides_from`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overrides_from: Option<DateTime<Utc>>,
     /// [`StoredVersion::table_versions`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub table_versions: Vec<crate::manifest::SourceRead>,
+}
+
+impl Seal {
+    /// The version as a store lists it once sealed with this.
+    pub fn stored(&self, promoted: bool) -> StoredVersion {
+        StoredVersion {
+            members: self.members,
+            snapshot_time: self.snapshot_time,
+            definition_hash: self.definition_hash.clone(),
+            change: self.change,
+            promoted,
+            overrides_from: self.overrides_from,
+            table_versions: self.table_versions.clone(),
+        }
+    }
 }
 
 /// Users in exactly one of two versions (entered plus exited), counted by
@@ -234,24 +261,6 @@ pub struct Transition {
     pub sequence: u64,
 }
 
-/// Switches readers to `version` after applying to it every override it
-/// does not reflect ([`StoredVersion::overrides_from`]). A version only
-/// receives overrides while it is active or newer than the active one, so
-/// one activated again by a rollback would otherwise miss those recorded
-/// while it was retained. Applying them again to a version that has them
-/// changes nothing.
-pub async fn activate_with_overrides(store: &dyn SegmentStore, segment: &SegmentKey, version: u64) -> Result<(), StoreError> {
-    let versions = store.versions(segment).await?;
-    let stored = versions.get(&version).ok_or(StoreError::MissingVersion { segment: segment.to_string(), version })?;
-    if let Some(since) = stored.reflects_events_until() {
-        let overrides = store.overrides_since(segment, since).await?;
-        if !overrides.is_empty() {
-            store.apply_overrides(segment, version, &overrides).await?;
-        }
-    }
-    store.activate(segment, version).await
-}
-
 /// A new incarnation id: 64 random bits in hex. Only its uniqueness
 /// matters; `RandomState` gives fresh random keys without a dependency.
 pub fn new_incarnation() -> String {
@@ -265,10 +274,19 @@ pub fn new_incarnation() -> String {
 pub trait SegmentStore: Send + Sync {
     /// The version readers see now.
     async fn active_version(&self, segment: &SegmentKey) -> Result<Option<u64>, StoreError>;
-    /// Every complete (sealed) version held for the segment.
+    /// Every complete (sealed) version held for the segment, with the
+    /// member count recorded when it was sealed.
     async fn versions(&self, segment: &SegmentKey) -> Result<BTreeMap<u64, StoredVersion>, StoreError>;
-    /// Users in exactly one of the two versions (entered plus exited).
+    /// Users in exactly one of the two versions (entered plus exited), by
+    /// set arithmetic over member sets loaded with
+    /// [`load_members`](Self::load_members). Nothing in the lifecycle
+    /// calls it any more: the rollover guard uses the change ingest counted
+    /// from the index files ([`StoredVersion::change`]).
     async fn change_count(&self, segment: &SegmentKey, from: u64, to: u64) -> Result<u64, StoreError>;
+    /// Whether `version` was deleted ([`delete_version`](Self::delete_version)
+    /// fences it first): sealing it is refused from then on. The planner
+    /// asks about the run in flight before it seals it from ingest's verdict.
+    async fn is_fenced(&self, segment: &SegmentKey, version: u64) -> Result<bool, StoreError>;
     /// Versions with data but no seal: being loaded now, or left behind by
     /// an ingest that died or a delete that was interrupted.
     async fn unsealed_versions(&self, segment: &SegmentKey) -> Result<BTreeSet<u64>, StoreError>;
@@ -287,23 +305,27 @@ pub trait SegmentStore: Send + Sync {
     /// keeps its versions: a deleted Segment with `deletionPolicy: Retain`.
     async fn withdraw(&self, segment: &SegmentKey) -> Result<(), StoreError>;
 
-    /// Adds members to a version being loaded. Readers cannot see the
-    /// version until it is activated, and [`versions`](Self::versions)
-    /// does not list it until it is sealed.
+    /// Adds members to a version being loaded into member sets (the
+    /// former ingest; nothing in the lifecycle calls it any more, serving
+    /// answers from index files). Readers cannot see the version until it
+    /// is activated, and [`versions`](Self::versions) does not list it
+    /// until it is sealed.
     async fn load_members(&self, segment: &SegmentKey, version: u64, users: &[String]) -> Result<(), StoreError>;
-    /// Marks a loaded version complete (written last by ingest) and
-    /// returns what is recorded; the member count is the store's own.
+    /// Seals a version loaded with [`load_members`](Self::load_members),
+    /// recording the loaded set's count: the counterpart of that former
+    /// path, kept while it is. Refused for a fenced version.
     async fn seal_version(
         &self,
         segment: &SegmentKey,
         version: u64,
         snapshot_time: Option<DateTime<Utc>>,
         definition_hash: Option<&str>,
-    ) -> Result<StoredVersion, StoreError> {
-        let seal = Seal { snapshot_time, definition_hash: definition_hash.map(str::to_string), ..Seal::default() };
-        self.seal_with(segment, version, &seal).await
-    }
-    /// [`seal_version`](Self::seal_version) with everything ingest records.
+    ) -> Result<StoredVersion, StoreError>;
+    /// Marks a version complete with ingest's verdict (the operator calls
+    /// it once the ingest Job succeeded, from the seal file) and returns
+    /// what is recorded: the member count is `seal.members`, as given; no
+    /// member data needs to exist. Refused with [`StoreError::Fenced`] for
+    /// a deleted version. Sealing again records the new seal.
     async fn seal_with(&self, segment: &SegmentKey, version: u64, seal: &Seal) -> Result<StoredVersion, StoreError>;
 
     /// Records a realtime override and applies it to the active version,
@@ -326,9 +348,11 @@ pub trait SegmentStore: Send + Sync {
     /// Overrides with a time after `since`: what a version computed at
     /// snapshot time `since` does not know yet.
     async fn overrides_since(&self, segment: &SegmentKey, since: DateTime<Utc>) -> Result<Vec<Override>, StoreError>;
-    /// Applies overrides to a version (ingest, before sealing). Where a
-    /// newer override of the same user was recorded since the caller read
-    /// its list, the newer one is applied instead: the newest always wins.
+    /// Applies overrides to a version's member set (the former ingest did,
+    /// before sealing; nothing in the lifecycle calls it any more: serving
+    /// lays overrides over the index files). Where a newer override of the
+    /// same user was recorded since the caller read its list, the newer
+    /// one is applied instead: the newest always wins.
     async fn apply_overrides(&self, segment: &SegmentKey, version: u64, overrides: &[Override]) -> Result<(), StoreError>;
     /// Forgets the overrides with a time before `older_than` (every version
     /// kept reflects them through its lake data); an override recorded for
@@ -576,6 +600,11 @@ pub trait ResultStore: Send + Sync {
     async fn collect(&self, segment: &SegmentKey, older_than: DateTime<Utc>, keep: &[u64]) -> Result<usize, StoreError>;
     /// Deletes every result file of the segment.
     async fn delete_segment(&self, segment: &SegmentKey) -> Result<(), StoreError>;
+    /// The bytes of the version's seal file ([`crate::seal::SEAL_FILE`],
+    /// ingest's verdict), `None` when there is none. Judged by
+    /// [`crate::seal::judge`]; a read that fails is
+    /// [`StoreError::Unavailable`] and is tried again.
+    async fn seal_file(&self, segment: &SegmentKey, version: u64) -> Result<Option<Vec<u8>>, StoreError>;
 }
 
 #[derive(Default, Debug, Clone)]
@@ -762,15 +791,14 @@ impl SegmentData {
         self.active.into_iter().chain(sealed).chain(loading).collect()
     }
 
+    /// Applies an override to a version's member set. The count recorded
+    /// when the version was sealed stays: it is the version's index file's.
     fn apply(&mut self, version: u64, change: &Override) {
         let members = self.members_mut(version);
         match change.op {
             OverrideOp::Include => members.insert(change.user.clone()),
             OverrideOp::Exclude => members.remove(&change.user),
         };
-        if let Some((meta, members)) = self.versions.get_mut(&version) {
-            meta.members = members.len() as u64;
-        }
     }
 }
 
@@ -878,6 +906,20 @@ impl SegmentStore for MemoryStore {
         Ok(())
     }
 
+    async fn seal_version(
+        &self,
+        segment: &SegmentKey,
+        version: u64,
+        snapshot_time: Option<DateTime<Utc>>,
+        definition_hash: Option<&str>,
+    ) -> Result<StoredVersion, StoreError> {
+        self.ensure_available()?;
+        let loaded = self.with(|all| all.get(segment).and_then(|d| d.members(version)).map_or(0, |m| m.len() as u64));
+        let seal =
+            Seal { members: loaded, snapshot_time, definition_hash: definition_hash.map(str::to_string), ..Seal::default() };
+        self.seal_with(segment, version, &seal).await
+    }
+
     async fn seal_with(&self, segment: &SegmentKey, version: u64, seal: &Seal) -> Result<StoredVersion, StoreError> {
         self.ensure_available()?;
         self.with(|all| {
@@ -885,20 +927,19 @@ impl SegmentStore for MemoryStore {
             if data.fenced.contains(&version) {
                 return Err(StoreError::Fenced { segment: segment.to_string(), version });
             }
+            // Members loaded the former way (or applied by overrides) stay
+            // with the version; the count recorded is the seal's.
             let members =
                 data.loading.remove(&version).or_else(|| data.versions.remove(&version).map(|(_, m)| m)).unwrap_or_default();
-            let meta = StoredVersion {
-                members: members.len() as u64,
-                snapshot_time: seal.snapshot_time,
-                definition_hash: seal.definition_hash.clone(),
-                change: seal.change,
-                promoted: data.promoted.contains(&version),
-                overrides_from: seal.overrides_from,
-                table_versions: seal.table_versions.clone(),
-            };
+            let meta = seal.stored(data.promoted.contains(&version));
             data.versions.insert(version, (meta.clone(), members));
             Ok(meta)
         })
+    }
+
+    async fn is_fenced(&self, segment: &SegmentKey, version: u64) -> Result<bool, StoreError> {
+        self.ensure_available()?;
+        Ok(self.with(|all| all.get(segment).is_some_and(|d| d.fenced.contains(&version))))
     }
 
     async fn record_override(&self, segment: &SegmentKey, change: &Override) -> Result<bool, StoreError> {
@@ -1160,10 +1201,11 @@ impl ReplicaRegistry for MemoryStore {
 }
 
 /// Result files kept in memory: which versions have results and when they
-/// were computed. Backs standalone mode's bookkeeping and the tests.
+/// were computed, and the seal files ingest wrote. Backs the tests.
 #[derive(Default, Debug)]
 pub struct MemoryResults {
     versions: Mutex<HashMap<SegmentKey, BTreeMap<u64, DateTime<Utc>>>>,
+    seals: Mutex<HashMap<(SegmentKey, u64), Vec<u8>>>,
 }
 
 impl MemoryResults {
@@ -1175,8 +1217,18 @@ impl MemoryResults {
         self.lock().get(segment).map(|m| m.keys().copied().collect()).unwrap_or_default()
     }
 
+    /// Writes the version's seal file, as ingest does last; `bytes` need
+    /// not be a valid one.
+    pub fn put_seal_file(&self, segment: &SegmentKey, version: u64, bytes: Vec<u8>) {
+        self.seals().insert((segment.clone(), version), bytes);
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SegmentKey, BTreeMap<u64, DateTime<Utc>>>> {
         self.versions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn seals(&self) -> std::sync::MutexGuard<'_, HashMap<(SegmentKey, u64), Vec<u8>>> {
+        self.seals.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -1187,14 +1239,30 @@ impl ResultStore for MemoryResults {
         let Some(versions) = all.get_mut(segment) else {
             return Ok(0);
         };
-        let before = versions.len();
-        versions.retain(|v, computed_at| keep.contains(v) || *computed_at >= older_than);
-        Ok(before - versions.len())
+        let mut removed = Vec::new();
+        versions.retain(|v, computed_at| {
+            let kept = keep.contains(v) || *computed_at >= older_than;
+            if !kept {
+                removed.push(*v);
+            }
+            kept
+        });
+        drop(all);
+        let mut seals = self.seals();
+        for version in &removed {
+            seals.remove(&(segment.clone(), *version));
+        }
+        Ok(removed.len())
     }
 
     async fn delete_segment(&self, segment: &SegmentKey) -> Result<(), StoreError> {
         self.lock().remove(segment);
+        self.seals().retain(|(key, _), _| key != segment);
         Ok(())
+    }
+
+    async fn seal_file(&self, segment: &SegmentKey, version: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.seals().get(&(segment.clone(), version)).cloned())
     }
 }
 

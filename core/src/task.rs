@@ -56,15 +56,17 @@ pub struct IngestTask {
     pub version: u64,
     pub snapshot_time: DateTime<Utc>,
     pub results_uri: String,
-    /// Parts that may fail to load before the run fails (`spec.ingest.maxFailedParts`).
+    /// Parts that may fail ingest's check before the run fails
+    /// (`spec.ingest.maxFailedParts`); the index file may not.
     #[serde(default)]
     pub max_failed_parts: u32,
     /// The version active when the run was launched: ingest counts how
     /// this version differs from it, from the two index files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compare_with: Option<VersionFiles>,
-    /// Realtime overrides from this time on are applied to the version:
-    /// the snapshot time minus the lake's lag grace, since the lake may not
+    /// Realtime overrides from this time on are laid over the version (it
+    /// is recorded in the verdict, and the version sealed with it): the
+    /// snapshot time minus the lake's lag grace, since the lake may not
     /// hold the events of the last moments before the snapshot yet.
     /// Absent: the snapshot time.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -9,9 +9,9 @@ use common::*;
 use segment_core::api::*;
 use segment_core::definition::definition_hash;
 use segment_core::naming::JobKind::{Compute, Ingest};
-use segment_core::planner::{Action, ChangeCount, Event, Launch, PlannerConfig};
-use segment_core::reasons::FailureReason;
-use segment_core::store::{Override, OverrideOp, SegmentStore};
+use segment_core::planner::{Action, Event, Launch, PlannerConfig};
+use segment_core::reasons::{FailureReason, HoldReason};
+use segment_core::store::{CountedChange, Override, OverrideOp, SegmentStore};
 use segment_core::task::Failure;
 use ConditionType::{Ready as READY, Reconciling as RECONCILING, RolloverHeld as ROLLOVER_HELD, Stalled as STALLED};
 
@@ -106,7 +106,8 @@ fn first_run_computes_then_ingests_then_activates_v1() {
     w.advance(Duration::minutes(2));
     w.succeed(1, Ingest);
     let plan = w.reconcile();
-    assert_eq!(effects(&plan), vec![Action::Activate { version: 1, previous: None }]);
+    // Sealed from the verdict ingest wrote, before anything else.
+    assert_eq!(effects(&plan), vec![w.seal_action(1), Action::Activate { version: 1, previous: None }]);
     assert_eq!(event_reasons(&plan), ["VersionReady", "RolledOver"]);
     let st = &plan.status;
     assert_eq!(st.current_run, None);
@@ -123,7 +124,7 @@ fn first_run_computes_then_ingests_then_activates_v1() {
     assert_eq!(ready.last_transition_time, w.now, "Ready turned True now");
     assert_eq!(cond(st, RECONCILING), is("False", "NotReconciling"));
     assert_eq!(w.store_active(), Some(1));
-    assert_eq!(w.store.active_members(&key()).unwrap().len(), 3);
+    assert_eq!(w.stored_members(1), Some(3), "the verdict's count");
 
     // Nothing is left to do.
     let again = w.reconcile();
@@ -725,17 +726,120 @@ fn an_ingest_failure_deletes_the_partial_version_and_keeps_the_previous() {
     assert_eq!(w.store_active(), Some(1));
 }
 
+/// Ingest writes its verdict and touches no store; the plan after its Job
+/// succeeded seals the version from the verdict, as the verdict says
+/// (members, change, times), before any other store action.
 #[test]
-fn an_ingest_that_leaves_no_version_is_incomplete() {
+fn a_successful_ingest_is_sealed_from_its_verdict() {
+    let mut w = world_with_v1(&spec(""));
+    w.members.insert(2, users(&["u2", "u3", "u4", "u5"]));
+    w.advance(Duration::minutes(1));
+    let v = rerun_to_ingesting(&mut w);
+    w.succeed(v, Ingest);
+    assert_eq!(w.store_versions(), [1], "the ingest Job sealed nothing");
+    let plan = w.reconcile();
+    let verdict = w.verdict_on(v);
+    assert_eq!(plan.actions.first(), Some(&Action::Seal { version: v, seal: verdict.clone() }), "{:?}", plan.actions);
+    assert_eq!(effects(&plan), vec![w.seal_action(v), Action::Activate { version: v, previous: Some(1) }]);
+    let stored = w.block_on(w.store.versions(&key())).unwrap()[&v].clone();
+    assert_eq!(stored, verdict.stored(true), "recorded as the verdict says, and promoted by the switch");
+    assert_eq!((stored.members, stored.change.map(|c| (c.from, c.changed))), (4, Some((1, 3))));
+    assert_eq!(plan.status.members, Some(4));
+    assert_eq!(w.store.active_members(&key()), Some(Default::default()), "no member set: serving reads the index");
+}
+
+/// A successful ingest Job that left no verdict fails its run, once, with
+/// a typed reason; nothing is sealed, the previous version keeps serving,
+/// and the failure is retried like any transient one.
+#[test]
+fn an_ingest_that_leaves_no_verdict_fails_the_run_as_incomplete() {
     let mut w = world_with_v1(&spec(""));
     w.advance(Duration::minutes(1));
     let v = rerun_to_ingesting(&mut w);
-    w.succeed_without_loading(v, Ingest);
+    w.succeed_without_verdict(v, Ingest);
     let plan = w.reconcile();
     assert_eq!(effects(&plan), vec![Action::DeleteVersion { version: 2 }]);
-    assert_eq!(version(&plan.status, 2).reason.as_deref(), Some("IngestIncomplete"));
+    let failed = version(&plan.status, 2);
+    assert_eq!(failed.reason.as_deref(), Some("IngestIncomplete"));
+    assert_eq!(failed.message.as_deref(), Some("the ingest Job succeeded but left no verdict (_seal.json) on v2"));
     assert!(plan.status.retry_at.is_some());
     assert_eq!(plan.status.active_version, Some(1));
+    assert_eq!(w.store_versions(), [1]);
+    assert!(effects(&w.reconcile()).is_empty(), "failed once, not again");
+}
+
+/// A seal file that is not this run's verdict (damaged, forged, another
+/// version's, another definition's) seals nothing: the run fails with the
+/// reason, and its leftovers are deleted.
+#[test]
+fn a_verdict_that_is_not_the_runs_fails_the_run_and_seals_nothing() {
+    use segment_core::seal::SealFile;
+    type Forge = Box<dyn Fn(&mut SealFile) -> Vec<u8>>;
+    let cases: [(&str, Forge); 4] = [
+        ("does not parse", Box::new(|_| b"{\"members\": 999999".to_vec())),
+        ("the verdict on growth/vip v7", Box::new(|f| SealFile { version: 7, ..f.clone() }.to_bytes())),
+        (
+            "definition hash forged",
+            Box::new(|f| {
+                f.seal.definition_hash = Some("forged".into());
+                f.to_bytes()
+            }),
+        ),
+        (
+            "snapshot time",
+            Box::new(|f| {
+                f.seal.snapshot_time = f.seal.snapshot_time.map(|t| t - Duration::days(1));
+                f.to_bytes()
+            }),
+        ),
+    ];
+    for (expected, forge) in cases {
+        let mut w = world_with_v1(&spec(""));
+        w.advance(Duration::minutes(1));
+        let v = rerun_to_ingesting(&mut w);
+        let mut verdict = w.verdict(v);
+        verdict.seal.members = 999_999;
+        w.results.put_seal_file(&key(), v, forge(&mut verdict));
+        w.succeed_without_verdict(v, Ingest);
+        let plan = w.reconcile();
+        assert!(!plan.actions.iter().any(|a| matches!(a, Action::Seal { .. })), "{expected}: {:?}", plan.actions);
+        assert_eq!(effects(&plan), vec![Action::DeleteVersion { version: v }], "{expected}");
+        let failed = version(&plan.status, v);
+        assert_eq!(failed.reason.as_deref(), Some("IngestIncomplete"), "{expected}");
+        let message = failed.message.clone().unwrap_or_default();
+        assert!(message.starts_with("the ingest Job's verdict on v2 is not sound: _seal.json"), "{message}");
+        assert!(message.contains(expected), "{expected}: {message}");
+        assert_eq!(w.store_versions(), [1], "{expected}");
+        assert_eq!(plan.status.active_version, Some(1));
+        assert!(effects(&w.reconcile()).is_empty(), "{expected}: failed once");
+    }
+}
+
+/// A version deleted (fenced) while it was ingested is never sealed from
+/// its verdict, even though the verdict is sound: the run fails with a
+/// typed reason instead of trying to seal again on every look. (The plan
+/// that fenced it failed to record the run's end: a status write lost.)
+#[test]
+fn a_fenced_version_is_not_sealed_and_its_run_fails() {
+    let mut w = world_with_v1(&spec(""));
+    w.advance(Duration::minutes(1));
+    let v = rerun_to_ingesting(&mut w);
+    w.block_on(w.store.delete_version(&key(), v)).unwrap();
+    w.succeed(v, Ingest);
+    let view = w.store_view();
+    assert!(view.fenced.contains(&v) && view.verdict.is_none(), "the verdict is not even read: {view:?}");
+    let plan = w.reconcile();
+    assert!(!plan.actions.iter().any(|a| matches!(a, Action::Seal { .. })), "{:?}", plan.actions);
+    let failed = version(&plan.status, v);
+    assert_eq!(failed.reason.as_deref(), Some("IngestIncomplete"));
+    assert_eq!(failed.message.as_deref(), Some("v2 was deleted while it was ingested and cannot be sealed"));
+    assert_eq!(w.store_versions(), [1]);
+    assert!(effects(&w.reconcile()).is_empty(), "no second attempt");
+
+    // The store refuses to seal it whoever asks: the plan that tries (a
+    // stale one) fails before anything else of it happens.
+    let refused = w.block_on(w.store.seal_with(&key(), v, &w.verdict_on(v)));
+    assert!(matches!(refused, Err(segment_core::store::StoreError::Fenced { .. })), "{refused:?}");
 }
 
 #[test]
@@ -766,7 +870,7 @@ fn min_members_holds_a_version_until_it_is_approved() {
     w.reconcile();
     w.succeed(1, Ingest);
     let plan = w.reconcile();
-    assert!(effects(&plan).is_empty(), "{:?}", plan.actions);
+    assert_eq!(effects(&plan), vec![w.seal_action(1)], "sealed, not activated");
     assert_eq!(event_reasons(&plan), ["!RolloverHeld"]);
     assert_eq!(
         events(&plan)[0].message,
@@ -798,7 +902,7 @@ fn min_members_holds_a_version_until_it_is_approved() {
 }
 
 #[test]
-fn max_change_ratio_measures_the_change_then_holds_or_promotes() {
+fn max_change_ratio_holds_or_promotes_by_the_change_ingest_counted() {
     let mut w = World::new(&spec("rollover:\n  maxChangeRatio: 0.5\n"));
     w.default_members = users(&["a", "b", "c", "d"]);
     w.reconcile();
@@ -810,22 +914,10 @@ fn max_change_ratio_measures_the_change_then_holds_or_promotes() {
     w.advance(Duration::minutes(1));
     let v = rerun_to_ingesting(&mut w);
     w.succeed(v, Ingest);
-
-    // Before the adapter has measured the change, the run waits for it.
-    let mut unmeasured = w.store_view();
-    assert_eq!(unmeasured.change, Some(ChangeCount { from: 1, to: 2, changed: 5 }));
-    unmeasured.change = None;
-    let plan = w.plan_with(&unmeasured);
-    assert!(effects(&plan).is_empty(), "{:?}", plan.actions);
-    assert!(events(&plan).is_empty());
-    let run = plan.status.current_run.as_ref().unwrap();
-    assert_eq!((run.phase, run.reason.as_deref()), (RunPhase::Ingesting, Some("ComparingVersions")));
-    // A change measured for another pair of versions is no measurement.
-    unmeasured.change = Some(ChangeCount { from: 1, to: 7, changed: 0 });
-    assert_eq!(w.plan_with(&unmeasured).status.current_run.unwrap().reason.as_deref(), Some("ComparingVersions"));
+    assert_eq!(w.verdict_on(v).change, Some(CountedChange { from: 1, changed: 5 }), "counted by ingest");
 
     let plan = w.reconcile();
-    assert!(effects(&plan).is_empty(), "{:?}", plan.actions);
+    assert_eq!(effects(&plan), vec![w.seal_action(v)], "sealed, not activated");
     assert_eq!(event_reasons(&plan), ["!RolloverHeld"]);
     let run = plan.status.current_run.as_ref().unwrap();
     assert_eq!((run.phase, run.reason.as_deref()), (RunPhase::AwaitingApproval, Some("ChangeRatioExceeded")));
@@ -837,42 +929,79 @@ fn max_change_ratio_measures_the_change_then_holds_or_promotes() {
     w.annotate(APPROVE_VERSION_ANNOTATION, " 2 ");
     let plan = w.reconcile();
     assert_eq!(effects(&plan), vec![Action::Activate { version: 2, previous: Some(1) }]);
-    assert_eq!(w.store.active_members(&key()).unwrap().len(), 5);
+    assert_eq!(w.stored_members(2), Some(5));
 
     // A small change passes without approval: 1 of 5.
     w.members.insert(3, users(&["c", "d", "e", "f", "g", "h"]));
     w.advance(Duration::minutes(1));
     rerun(&mut w);
     let plan = w.complete_run();
-    assert_eq!(effects(&plan), vec![Action::Activate { version: 3, previous: Some(2) }]);
+    assert_eq!(effects(&plan), vec![w.seal_action(3), Action::Activate { version: 3, previous: Some(2) }]);
 }
 
-/// Ingest records, with the version, the change it counted from the index
-/// files against the version active at launch; the guard uses that count
-/// instead of asking the store, unless it was counted against another.
+/// The guard compares with the active version by the change ingest
+/// counted from the two versions' index files, recorded with the version:
+/// that count decides, whatever else differs. A change that could not be
+/// counted against the active version (it has no index file, or readers
+/// were switched since the run started) holds the version for approval,
+/// with a typed reason: the store holds no member sets to count it.
 #[test]
-fn the_change_counted_by_ingest_is_used_against_the_version_it_was_counted_from() {
-    use segment_core::store::{CountedChange, Seal};
-    let mut w = World::new(&spec("rollover:\n  maxChangeRatio: 0.5\n"));
-    w.default_members = users(&["a", "b", "c", "d"]);
-    w.reconcile();
-    w.complete_run();
-    w.members.insert(2, users(&["c", "d", "e", "f", "g"]));
-    w.advance(Duration::minutes(1));
-    let v = rerun_to_ingesting(&mut w);
-    w.succeed(v, Ingest);
-    assert_eq!(w.store_view().change, Some(ChangeCount { from: 1, to: 2, changed: 5 }), "the store's own count");
-
-    // A count that differs from the store's shows which one is used.
-    let reseal = |from: u64| {
-        let counted = Some(CountedChange { from, changed: 1 });
-        let seal = Seal { change: counted, ..Seal::default() };
-        futures::executor::block_on(w.store.seal_with(&key(), 2, &seal)).unwrap();
+fn the_guard_uses_the_change_ingest_counted_and_holds_a_version_whose_change_was_not_counted() {
+    let world = || {
+        let mut w = World::new(&spec("rollover:\n  maxChangeRatio: 0.5\n"));
+        w.default_members = users(&["a", "b", "c", "d"]);
+        w.reconcile();
+        w.complete_run();
+        w.members.insert(2, users(&["c", "d", "e", "f", "g"]));
+        w.advance(Duration::minutes(1));
+        let v = rerun_to_ingesting(&mut w);
+        (w, v)
     };
-    reseal(1);
-    assert_eq!(w.store_view().change, Some(ChangeCount { from: 1, to: 2, changed: 1 }));
-    reseal(7);
-    assert_eq!(w.store_view().change, Some(ChangeCount { from: 1, to: 2, changed: 5 }), "counted against v7, not v1");
+
+    // Ingest's count is the one used: 1 of 4 passes.
+    let (mut w, v) = world();
+    w.succeed_with_verdict(v, |seal| seal.change = Some(CountedChange { from: 1, changed: 1 }));
+    let plan = w.reconcile();
+    assert!(plan.actions.contains(&Action::Activate { version: v, previous: Some(1) }), "{:?}", plan.actions);
+
+    // v1 was computed before index files: nothing was counted.
+    let (mut w, v) = world();
+    w.without_index.insert(1);
+    w.succeed(v, Ingest);
+    assert_eq!(w.verdict_on(v).change, None);
+    let plan = w.reconcile();
+    assert_eq!(effects(&plan), vec![w.seal_action(v)], "sealed and held");
+    assert_eq!(event_reasons(&plan), ["!RolloverHeld"]);
+    let run = plan.status.current_run.as_ref().unwrap();
+    assert_eq!((run.phase, run.reason.as_deref()), (RunPhase::AwaitingApproval, Some(HoldReason::ChangeNotCounted.as_str())));
+    assert_eq!(
+        run.message.as_deref(),
+        Some(
+            "the change of v2 from v1 could not be counted from their index files (v1 has none, or it could not be read), \
+             so maxChangeRatio 0.5 cannot be checked"
+        )
+    );
+    assert_eq!(cond(&plan.status, ROLLOVER_HELD), is("True", "ChangeNotCounted"));
+    assert!(events(&plan)[0].message.ends_with("approve with the annotation segmentation.dev/approve-version=\"2\""));
+    assert!(w.reconcile().actions.is_empty(), "held once, reported once");
+    w.annotate(APPROVE_VERSION_ANNOTATION, "2");
+    let plan = w.reconcile();
+    assert_eq!(effects(&plan), vec![Action::Activate { version: 2, previous: Some(1) }]);
+
+    // Counted against another version than the one readers are on.
+    let (mut w, v) = world();
+    w.succeed_with_verdict(v, |seal| seal.change = Some(CountedChange { from: 7, changed: 0 }));
+    let plan = w.reconcile();
+    let run = plan.status.current_run.as_ref().unwrap();
+    assert_eq!((run.phase, run.reason.as_deref()), (RunPhase::AwaitingApproval, Some("ChangeNotCounted")));
+    assert!(run.message.as_deref().unwrap().starts_with("the change of v2 was counted from v7, not from v1"), "{run:?}");
+
+    // Without a change limit nothing needs counting.
+    let (mut w, v) = world();
+    w.edit(|s| s.rollover.max_change_ratio = None);
+    w.without_index.insert(1);
+    w.succeed(v, Ingest);
+    assert!(w.reconcile().actions.contains(&Action::Activate { version: v, previous: Some(1) }));
 }
 
 #[test]
@@ -978,7 +1107,7 @@ fn retention_deletes_the_version_readers_leave_only_after_the_reader_grace() {
     w.succeed(v, Ingest);
     let switched_at = w.now;
     let plan = w.reconcile();
-    assert_eq!(effects(&plan), vec![Action::Activate { version: 2, previous: Some(1) }]);
+    assert_eq!(effects(&plan), vec![w.seal_action(2), Action::Activate { version: 2, previous: Some(1) }]);
     assert_eq!(version_states(&plan.status), [(2, VersionState::Active), (1, VersionState::Retained)]);
     assert_eq!(version(&plan.status, 1).retired_at, Some(switched_at));
     assert_eq!(version(&plan.status, 2).retired_at, None);
@@ -1044,10 +1173,13 @@ fn include(user: &str, ts: chrono::DateTime<chrono::Utc>) -> Override {
     Override { user: user.into(), op: OverrideOp::Include, ts, id: format!("{user}@{ts}"), offset: None }
 }
 
-/// A version receives realtime overrides while it is active or newer than
-/// the active one; rolled back to, it gets those recorded meanwhile too.
+/// Activating a version (a rollback included) only switches readers: the
+/// realtime overrides recorded meanwhile stay recorded, and serving lays
+/// those the version does not reflect over its index file
+/// (`StoredVersion::reflects_events_until`); nothing is applied into
+/// member sets.
 #[test]
-fn a_rollback_applies_the_overrides_recorded_while_the_version_was_retained() {
+fn a_rollback_switches_readers_and_leaves_the_overrides_to_serving() {
     let mut w = world_with_v1(&spec("retention:\n  keepVersions: 3\n"));
     w.advance(Duration::minutes(1));
     rerun(&mut w);
@@ -1055,12 +1187,17 @@ fn a_rollback_applies_the_overrides_recorded_while_the_version_was_retained() {
     assert_eq!(w.store_active(), Some(2));
     let recorded = w.now;
     w.block_on(w.store.record_override(&key(), &include("zed", recorded))).unwrap();
-    assert!(w.store.active_members(&key()).unwrap().contains("zed"));
 
     w.edit(|s| s.pin_version = Some(1));
-    w.reconcile();
+    let plan = w.reconcile();
+    assert_eq!(effects(&plan), vec![Action::Activate { version: 1, previous: Some(2) }]);
     assert_eq!(w.store_active(), Some(1));
-    assert!(w.store.active_members(&key()).unwrap().contains("zed"), "v1 serves the include recorded while v2 was active");
+    let v1 = w.block_on(w.store.versions(&key())).unwrap()[&1].clone();
+    assert_eq!(v1.members, 3, "the count recorded at sealing");
+    let since = v1.reflects_events_until().expect("v1 says what it reflects");
+    let pending: Vec<String> = w.block_on(w.store.overrides_since(&key(), since)).unwrap().into_iter().map(|o| o.user).collect();
+    assert_eq!(pending, ["zed"], "what serving lays over v1's index");
+    assert!(!w.store.active_members(&key()).unwrap().contains("zed"), "not applied into a member set");
 }
 
 /// Once retention deletes versions, overrides from before what every kept
@@ -1096,14 +1233,11 @@ fn retention_prunes_the_overrides_no_kept_version_needs() {
 #[test]
 fn the_table_versions_a_version_read_are_in_its_status() {
     use segment_core::manifest::SourceRead;
-    use segment_core::store::Seal;
     let mut w = world_with_v1(&spec(""));
     w.advance(Duration::minutes(1));
     let v = rerun_to_ingesting(&mut w);
-    w.succeed(v, Ingest);
     let read = SourceRead { table: "orders".into(), format: SourceFormat::Delta, version: Some(7) };
-    let seal = Seal { table_versions: vec![read.clone()], ..Seal::default() };
-    w.block_on(w.store.seal_with(&key(), v, &seal)).unwrap();
+    w.succeed_with_verdict(v, |seal| seal.table_versions = vec![read.clone()]);
     let plan = w.reconcile();
     assert_eq!(version(&plan.status, v).table_versions, vec![read]);
     assert!(version(&plan.status, 1).table_versions.is_empty());
@@ -1510,7 +1644,7 @@ mod properties {
                 }
                 Op::IngestWithoutLoading => {
                     if let Some((v, JobKind::Ingest)) = self.running_job() {
-                        self.w.succeed_without_loading(v, JobKind::Ingest);
+                        self.w.succeed_without_verdict(v, JobKind::Ingest);
                     }
                 }
                 Op::DropJobs => w.jobs.clear(),
@@ -1646,18 +1780,31 @@ mod properties {
             }
             prop_assert!(plan.status.latest_version >= before.latest_version, "latest_version never goes down");
 
+            // A version is sealed only from a sound verdict on the run in
+            // flight, first of all, and the rest of the plan sees it sealed.
+            let mut sealed = view.versions.clone();
+            for (i, action) in plan.actions.iter().enumerate() {
+                if let Action::Seal { version, seal } = action {
+                    prop_assert_eq!(i, 0, "Seal comes first: {:?}", plan.actions);
+                    let in_flight = before.current_run.as_ref().map(|r| (r.version, r.phase));
+                    prop_assert_eq!(in_flight, Some((*version, RunPhase::Ingesting)), "Seal of a run not being ingested");
+                    prop_assert!(!view.versions.contains_key(version) && !view.fenced.contains(version));
+                    prop_assert_eq!(view.verdict.as_ref(), Some(&segment_core::seal::Verdict::Sealable(seal.clone())));
+                    sealed.insert(*version, seal.stored(false));
+                }
+            }
             let forbid = spec.schedule.as_ref().is_none_or(|s| s.concurrency_policy == ConcurrencyPolicy::Forbid);
             for action in &plan.actions {
                 match action {
                     Action::Activate { version, previous } => {
                         prop_assert_eq!(*previous, view.active);
-                        prop_assert!(view.versions.contains_key(version), "Activate of v{} not in the store", version);
+                        prop_assert!(sealed.contains_key(version), "Activate of v{} not in the store", version);
                         prop_assert!(!failed_before.contains(version), "Activate of failed v{}", version);
                         prop_assert_eq!(plan.status.active_version, Some(*version));
                     }
                     Action::DeleteVersion { version } => {
                         prop_assert_ne!(Some(*version), plan.status.active_version, "DeleteVersion of the active version");
-                        let pinned_and_stored = spec.pin_version == Some(*version) && view.versions.contains_key(version);
+                        let pinned_and_stored = spec.pin_version == Some(*version) && sealed.contains_key(version);
                         prop_assert!(!pinned_and_stored, "DeleteVersion of the pinned v{}", version);
                     }
                     Action::CancelJobs { version } if forbid => {
@@ -1675,7 +1822,7 @@ mod properties {
             if let Some(active) = plan.status.active_version {
                 let activated = plan.actions.iter().any(|a| matches!(a, Action::Activate { version, .. } if *version == active));
                 prop_assert!(activated || view.active == Some(active), "status says v{active}, readers see {:?}", view.active);
-                let members = view.versions.get(&active).map(|v| v.members);
+                let members = sealed.get(&active).map(|v| v.members);
                 prop_assert_eq!(plan.status.members, members);
             }
             prop_assert!(plan.requeue_at.is_none_or(|at| at > w.now), "requeue_at {:?} is not after now", plan.requeue_at);
@@ -1738,7 +1885,16 @@ mod properties {
             let servable =
                 st.versions.iter().filter(|v| matches!(v.state, VersionState::Active | VersionState::Retained)).count();
             let protected = [st.active_version, w.segment.spec.pin_version].into_iter().flatten().collect::<BTreeSet<_>>().len();
-            prop_assert!(servable <= keep.max(protected) + 1, "{servable} servable versions with keepVersions {keep}");
+            // Every version readers left within the reader grace is kept
+            // too (two switches in a row keep two).
+            let grace_from = w.now - w.cfg.reader_grace;
+            let in_grace = st
+                .versions
+                .iter()
+                .filter(|v| matches!(v.state, VersionState::Active | VersionState::Retained))
+                .filter(|v| v.retired_at.is_some_and(|t| t > grace_from))
+                .count();
+            prop_assert!(servable <= keep.max(protected + in_grace) + 1, "{servable} servable versions with keepVersions {keep}");
             let failed = st.versions.iter().filter(|v| v.state == VersionState::Failed).count();
             prop_assert!(failed <= w.cfg.failed_history);
             Ok(())

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use segment_core::reasons::{EventReason, FailureReason};
+use segment_core::reasons::{EventReason, FailureReason, HoldReason};
 
 /// The rows of the first Markdown table after `heading` in `doc`: each row's
 /// cells, the backquotes of the first cell removed.
@@ -52,4 +52,12 @@ fn the_event_table_of_lifecycle_md_lists_every_event_reason_and_its_type() {
         .map(|r| (r.as_str().to_string(), if r.is_warning() { "Warning" } else { "Normal" }.to_string()))
         .collect();
     assert_eq!(documented, in_code, "docs/lifecycle.md#events against EventReason (same order)");
+}
+
+#[test]
+fn the_hold_table_of_lifecycle_md_lists_every_hold_reason() {
+    let documented: Vec<String> =
+        table_after("lifecycle.md", "The reasons a version is held").into_iter().map(|cells| cells[0].clone()).collect();
+    let in_code: Vec<String> = HoldReason::ALL.iter().map(|r| r.as_str().to_string()).collect();
+    assert_eq!(documented, in_code, "docs/lifecycle.md#rollover-and-the-guard against HoldReason (same order)");
 }

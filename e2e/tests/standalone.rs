@@ -3,7 +3,10 @@
 //! every segment's members equal an independent evaluation over the
 //! generated lake; a new version becomes visible atomically; `pinVersion`
 //! rolls back; a broken definition is reported while the old version keeps
-//! serving. Run with the embedded store and with a real Redis.
+//! serving. Run with the embedded store and with a real Redis. Ingest
+//! writes each version's verdict next to its results and the engine seals
+//! the version from it: the store records the verdict's count and holds no
+//! member of any version.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -13,10 +16,11 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use segment_compute::lakegen;
+use segment_core::seal::{SealFile, SEAL_FILE};
 use segment_operator::config::StandaloneArgs;
 use segment_operator::standalone;
 use segment_tests::examples::{expected_members, SEGMENTS};
-use segment_tests::{free_port, RedisServer};
+use segment_tests::{free_port, redis_call, RedisServer};
 use serde_json::{json, Value};
 
 fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
@@ -108,6 +112,25 @@ fn condition(status: &Value, type_: &str) -> (String, String) {
         .unwrap_or_default()
 }
 
+/// Every active version's verdict (`_seal.json`, written by the in-process
+/// ingest) is in its results, and the count the store serves is the
+/// verdict's.
+fn verdicts_match_the_served_counts(port: u16, results: &Path) {
+    let (_, listing) = http(port, "GET", "/v1/namespaces/default/segments", None);
+    let segments = listing["segments"].as_array().expect("a listing");
+    assert_eq!(segments.len(), SEGMENTS.len(), "{listing}");
+    for segment in segments {
+        let name = segment["name"].as_str().unwrap();
+        let active = segment["activeVersion"].as_u64().expect("an active version");
+        let file = results.join("default").join(name).join(format!("v{active}")).join(SEAL_FILE);
+        let text = std::fs::read(&file).unwrap_or_else(|e| panic!("{name}: no verdict at {}: {e}", file.display()));
+        let verdict: SealFile = serde_json::from_slice(&text).unwrap();
+        assert_eq!((verdict.segment.name.as_str(), verdict.version), (name, active));
+        let listed = segment["versions"].as_array().unwrap().iter().find(|v| v["version"].as_u64() == Some(active)).unwrap();
+        assert_eq!(listed["members"].as_u64(), Some(verdict.seal.members), "{name}: the store records the verdict's count");
+    }
+}
+
 async fn the_examples_end_to_end(redis_url: Option<String>) {
     let dir = tempfile::tempdir().unwrap();
     for file in ["sources.yaml", "segments.yaml"] {
@@ -140,6 +163,7 @@ async fn the_examples_end_to_end(redis_url: Option<String>) {
             assert_eq!(got[name], want[name], "{name}: served members differ from the independent evaluation");
         }
         assert!(SEGMENTS.iter().all(|s| !want[*s].is_empty()), "every example segment has members: {want:?}");
+        verdicts_match_the_served_counts(port, &dir.join(".results"));
 
         // 2. New data and a run request: the new version appears atomically.
         let old: BTreeSet<String> = want["vip-list"].clone();
@@ -205,8 +229,18 @@ async fn the_examples_with_the_embedded_store() {
     the_examples_end_to_end(None).await;
 }
 
+/// With Redis, the store holds the small mutable state only: aliases,
+/// version metadata, the bookkeeping sets. No version's member set and no
+/// per-user key was ever written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_examples_with_redis() {
     let redis = RedisServer::start();
     the_examples_end_to_end(Some(redis.url())).await;
+    let keys = redis_call(redis.port, &["KEYS", "*"]).expect("Redis answers").texts();
+    assert!(keys.iter().any(|k| k == "sg:aliases"), "{keys:?}");
+    let members: Vec<&String> = keys
+        .iter()
+        .filter(|k| k.starts_with("sg:u:") || k.rsplit_once(":v").is_some_and(|(_, n)| n.parse::<u64>().is_ok()))
+        .collect();
+    assert!(members.is_empty(), "member data in Redis: {members:?}");
 }

@@ -133,7 +133,8 @@ pub struct JobArgs {
     #[arg(long, env = "WORKER_SERVICE_ACCOUNT", default_value = "segment-worker")]
     pub worker_service_account: String,
 
-    /// Secret whose keys become the workers' environment (REDIS_URL, AWS_*).
+    /// Secret whose keys become the workers' environment (AWS_*; workers
+    /// need no store credentials).
     #[arg(long, env = "WORKER_ENV_SECRET")]
     pub worker_env_secret: Option<String>,
 
@@ -145,16 +146,18 @@ pub struct JobArgs {
     pub default_compute_class: Option<String>,
 
     /// Namespace where ingest Jobs run, apart from the tenants': ingest
-    /// writes to the store that holds every tenant's data, so its
-    /// credentials (`--ingest-env-secret`, a Secret of this namespace) must
-    /// not be readable from a tenant's namespace. Unset: ingest Jobs run in
-    /// the Segment's namespace with the worker's Secret. Needs the
-    /// operator to watch every namespace (or this one), to see the Jobs.
+    /// judges the tenants' results (it writes the verdict the operator
+    /// seals a version from), so neither its Job nor its credentials
+    /// (`--ingest-env-secret`, a Secret of this namespace) are a tenant's
+    /// to reach. Unset: ingest Jobs run in the Segment's namespace with the
+    /// worker's Secret. Needs the operator to watch every namespace (or
+    /// this one), to see the Jobs.
     #[arg(long, env = "INGEST_NAMESPACE")]
     pub ingest_namespace: Option<String>,
 
     /// Secret of the ingest namespace whose keys become the ingest Jobs'
-    /// environment: REDIS_URL, and AWS_* to read the results.
+    /// environment: AWS_* that read the results and write the verdicts
+    /// (`_seal.json`); ingest needs no store credentials.
     #[arg(long, env = "INGEST_ENV_SECRET")]
     pub ingest_env_secret: Option<String>,
 

@@ -25,9 +25,7 @@ use segment_core::naming::JobKind;
 use segment_core::planner::{self, Action, Event, JobState, Launch, Observation, ObservedJob, Plan, PlannerConfig, StoreView};
 use segment_core::policy;
 use segment_core::reasons::{ConditionType, EventReason, FailureReason, SpecProblem};
-use segment_core::store::{
-    activate_with_overrides, replicas_ready, ReplicaRegistry, ReplicasReady, ResultStore, SegmentStore, StoreError,
-};
+use segment_core::store::{replicas_ready, ReplicaRegistry, ReplicasReady, ResultStore, Seal, SegmentStore, StoreError};
 use segment_core::task::{sources_read, Failure, SegmentInput};
 use segment_core::validation::Invalid;
 use serde_json::json;
@@ -506,9 +504,14 @@ async fn observe(segment: &Segment, ctx: &Context) -> Result<Observed, Error> {
         .map(|s| s.as_ref().clone())
         .collect();
     let tables = sources.iter().map(|s| s.spec.table.clone()).collect();
-    let store = planner::observe_store(ctx.store.as_ref(), &segment.key(), segment.status.as_ref())
+    let mut view = planner::observe_store(ctx.store.as_ref(), &segment.key(), segment.status.as_ref())
         .await
         .map_err(store("reading the store"))?;
+    // Once the ingest Job of the run in flight succeeded: its verdict, from
+    // which the plan seals the version.
+    planner::observe_seal(ctx.results.as_ref(), &segment.key(), segment.status.as_ref(), &jobs, &mut view)
+        .await
+        .map_err(store("reading the ingest's verdict"))?;
     let (class, not_allowed) = match ctx.cache.compute_class(&namespace, ctx.jobs.default_compute_class.as_deref()) {
         Ok(class) => {
             let read = sources_read(&segment.spec.definition, sources.iter().map(|s| &s.spec));
@@ -518,7 +521,7 @@ async fn observe(segment: &Segment, ctx: &Context) -> Result<Observed, Error> {
         }
         Err(missing) => (ComputeClassSpec::default(), Some(missing)),
     };
-    Ok(Observed { jobs, sources, tables, store, now, class, not_allowed })
+    Ok(Observed { jobs, sources, tables, store: view, now, class, not_allowed })
 }
 
 /// Plans; when the plan launches a compute Job under a compute limit,
@@ -742,10 +745,19 @@ async fn delete_jobs(ctx: &Context, namespace: &str, selector: &str) -> Result<(
 impl Effects for ClusterEffects<'_> {
     type Error = Error;
 
+    /// Refused for a fenced version: the reconcile fails, and the next
+    /// one observes the fence and fails the run.
+    async fn seal(&mut self, version: u64, seal: &Seal) -> Result<(), Error> {
+        self.ctx.leadership.check()?;
+        let sealed = self.ctx.store.seal_with(&self.key, version, seal).await.map_err(store("sealing a version"))?;
+        info!(segment = %self.key, version, members = sealed.members, "sealed from the ingest's verdict");
+        Ok(())
+    }
+
     async fn activate(&mut self, version: u64) -> Result<(), Error> {
         self.ctx.leadership.check()?;
         let late = self.await_replicas(version).await?;
-        activate_with_overrides(self.ctx.store.as_ref(), &self.key, version).await.map_err(store("activating a version"))?;
+        self.ctx.store.activate(&self.key, version).await.map_err(store("activating a version"))?;
         self.ctx.replica_waits.end(&self.key);
         if let Some(warning) = late {
             self.event(&warning).await;

@@ -3,7 +3,9 @@
 //! files change), compute and ingest run in-process where the operator
 //! would launch Jobs, and the store is Redis when `REDIS_URL` is set and
 //! the embedded one otherwise. The planner is the same as in a cluster:
-//! only where Jobs run and where status lives differ.
+//! only where Jobs run and where status lives differ. Ingest writes its
+//! verdict next to the results and the engine seals the version from it,
+//! as the cluster's operator does (`planner::observe_seal`, `Action::Seal`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -18,7 +20,7 @@ use segment_core::executor::{self, Effects};
 use segment_core::naming::JobKind;
 use segment_core::planner::{self, Event, JobState, Launch, Observation, ObservedJob, PlannerConfig};
 use segment_core::reasons::ConditionType;
-use segment_core::store::{activate_with_overrides, ResultStore, SegmentStore};
+use segment_core::store::{ResultStore, Seal, SegmentStore};
 use segment_core::task::{compute_task, ingest_task, segment_inputs, Failure};
 use segment_store::results::ObjectResults;
 use tokio::sync::Notify;
@@ -163,7 +165,12 @@ impl Engine {
                 .filter(|s| s.metadata.namespace == segment.metadata.namespace)
                 .map(|s| s.spec.table.clone())
                 .collect();
-            let view = match planner::observe_store(self.store.as_ref(), &key, segment.status.as_ref()).await {
+            let observed_store = async {
+                let mut view = planner::observe_store(self.store.as_ref(), &key, segment.status.as_ref()).await?;
+                planner::observe_seal(&self.results, &key, segment.status.as_ref(), &observed, &mut view).await?;
+                Ok::<_, segment_core::store::StoreError>(view)
+            };
+            let view = match observed_store.await {
                 Ok(view) => view,
                 Err(e) => {
                     eprintln!("[{key}] store: {e}; retrying");
@@ -211,7 +218,6 @@ impl Engine {
         if self.jobs.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&job_key) {
             return;
         }
-        let store = self.store.clone();
         let jobs = self.jobs.clone();
         let wake = self.wake.clone();
         let name = job_key.clone();
@@ -236,7 +242,7 @@ impl Engine {
                 }
                 JobKind::Ingest => {
                     let task = ingest_task(segment, launch, &self.results_base, STANDALONE_LAKE_LAG);
-                    Box::pin(async move { ingest::run(&task, store.as_ref()).await.map(|_| ()) })
+                    Box::pin(async move { ingest::verify(&task).await.map(|_| ()) })
                 }
             };
         let observed = ObservedJob::new(launch.job_name.clone(), launch.version, launch.kind, JobState::Running);
@@ -295,7 +301,13 @@ impl Effects for LocalEffects<'_> {
     /// serving API here is in this process and switches on the notice once
     /// it holds the version's index, so there is no replica to wait for.
     async fn activate(&mut self, version: u64) -> Result<(), StandaloneError> {
-        Ok(activate_with_overrides(self.engine.store.as_ref(), &self.key, version).await?)
+        Ok(self.engine.store.activate(&self.key, version).await?)
+    }
+
+    /// Seals the version from the verdict the in-process ingest wrote.
+    async fn seal(&mut self, version: u64, seal: &Seal) -> Result<(), StandaloneError> {
+        self.engine.store.seal_with(&self.key, version, seal).await?;
+        Ok(())
     }
 
     async fn prune_overrides(&mut self, older_than: DateTime<Utc>) -> Result<(), StandaloneError> {

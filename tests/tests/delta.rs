@@ -238,11 +238,13 @@ fn the_example_lakes_delta_table_is_read_by_deltalake() {
     assert_eq!(got, want);
 }
 
-/// Ingest records with the version the table version its compute read
-/// (from the manifest), which the operator copies into the status.
+/// Ingest records in its verdict the table version its compute read (from
+/// the manifest); the operator seals the version with it and copies it
+/// into the status.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_records_the_table_version_read_with_the_version() {
     use segment_core::manifest::SourceRead;
+    use segment_core::seal::{SealFile, SEAL_FILE};
     use segment_core::store::{MemoryStore, SegmentStore};
     use segment_core::task::IngestTask;
     let dir = tempfile::tempdir().unwrap();
@@ -264,7 +266,10 @@ async fn ingest_records_the_table_version_read_with_the_version() {
         compare_with: None,
         overrides_from: None,
     };
-    segment_compute::ingest::run(&ingest, &store).await.expect("ingest succeeds");
+    segment_compute::ingest::verify(&ingest).await.expect("ingest succeeds");
+    let written = ResultDir::open(&compute_task.results_uri).unwrap().read_seal().await.unwrap();
+    let verdict: SealFile = serde_json::from_slice(&written.unwrap_or_else(|| panic!("no {SEAL_FILE}"))).unwrap();
+    store.seal_with(&compute_task.segment, 1, &verdict.seal).await.unwrap();
     let stored = &store.versions(&compute_task.segment).await.unwrap()[&1];
     assert_eq!(stored.members, members.len() as u64);
     assert_eq!(stored.table_versions, vec![SourceRead { table: "orders".into(), format: SourceFormat::Delta, version: Some(1) }]);

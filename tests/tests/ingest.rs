@@ -1,18 +1,19 @@
 //! `segment-worker ingest` against real result files (local and on a real
-//! S3 server) and the stores: the embedded one and a real Redis.
-
-use std::collections::BTreeSet;
+//! S3 server): it verifies them, writes its verdict (`_seal.json`) next to
+//! them and touches no store.
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use segment_compute::ingest;
-use segment_core::api::SegmentKey;
+use segment_core::api::{RunPhase, RunStatus, RunTrigger, SegmentKey};
 use segment_core::index::INDEX_FILE;
 use segment_core::manifest::Manifest;
 use segment_core::reasons::FailureReason;
-use segment_core::store::{CountedChange, MembershipReader, MemoryStore, Override, OverrideOp, SegmentStore};
+use segment_core::seal::{judge, SealFile, Verdict, SEAL_FILE, SEAL_FORMAT};
+use segment_core::store::{CountedChange, MemoryStore, ResultStore, SegmentStore};
 use segment_core::task::{IngestTask, VersionFiles};
 use segment_store::redis::RedisStore;
-use segment_tests::RedisServer;
+use segment_store::results::ObjectResults;
+use segment_tests::{redis_call, RedisServer, Resp};
 
 fn snapshot() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 6, 1, 12, 0, 0).unwrap()
@@ -42,168 +43,188 @@ fn local_uri(dir: &tempfile::TempDir, version: u64) -> String {
     format!("file://{}/v{version}/", dir.path().display())
 }
 
-/// Ingests `members` as v1 and serves it, as a segment looks before the run under test.
-async fn serve_v1<S: SegmentStore>(store: &S, segment: &SegmentKey, dir: &tempfile::TempDir, members: Vec<String>) {
-    write_result(&local_uri(dir, 1), segment, 1, &[members]).await;
-    ingest::run(&task(segment, 1, &local_uri(dir, 1), 0), store).await.unwrap();
-    store.activate(segment, 1).await.unwrap();
+/// The verdict ingest wrote under `dir`'s `v<version>/`, if any.
+fn verdict_in(dir: &tempfile::TempDir, version: u64) -> Option<SealFile> {
+    let bytes = std::fs::read(dir.path().join(format!("v{version}/{SEAL_FILE}"))).ok()?;
+    Some(serde_json::from_slice(&bytes).expect("a seal file"))
 }
 
-/// Members a reader sees through the active version.
-async fn served<S: MembershipReader>(store: &S, segment: &SegmentKey, candidates: &[String]) -> BTreeSet<String> {
-    let Some(version) = store.aliases().await.unwrap().get(segment).copied() else { return BTreeSet::new() };
-    let pairs: Vec<_> = candidates.iter().map(|u| (segment.clone(), version, u.clone())).collect();
-    let found = store.check(&pairs).await.unwrap();
-    candidates.iter().zip(found).filter(|(_, f)| *f).map(|(u, _)| u.clone()).collect()
+/// The run in flight the operator judges a verdict against.
+fn run(version: u64) -> RunStatus {
+    RunStatus {
+        version,
+        phase: RunPhase::Ingesting,
+        job: None,
+        snapshot_time: snapshot(),
+        started_at: snapshot(),
+        trigger: RunTrigger::Schedule,
+        definition_hash: "feedc0de".into(),
+        generation: 1,
+        computed_at: None,
+        ingested_at: None,
+        reason: None,
+        message: None,
+    }
 }
 
-async fn loads_every_part_invisibly<S: SegmentStore + MembershipReader>(store: &S, segment: &SegmentKey) {
+/// Every file is checked and the verdict, the seal the operator records
+/// the version with, is written next to the manifest: the index file's
+/// count, the manifest's definition hash, the run's snapshot time and the
+/// time realtime overrides count from. A retried Job writes the same.
+#[tokio::test]
+async fn verifies_the_result_and_writes_its_verdict_next_to_it() {
     let dir = tempfile::tempdir().unwrap();
-    serve_v1(store, segment, &dir, users(0..100)).await;
+    let segment = SegmentKey::new("t", "verdict");
+    write_result(&local_uri(&dir, 2), &segment, 2, &[users(50..2050), users(2050..4050), users(4050..4100)]).await;
+    let lagged =
+        IngestTask { overrides_from: Some(snapshot() - Duration::hours(1)), ..task(&segment, 2, &local_uri(&dir, 2), 0) };
+    let report = ingest::verify(&lagged).await.unwrap();
+    assert_eq!((report.members, report.parts, report.failed_parts.len(), report.change), (4050, 3, 0, None));
 
-    write_result(&local_uri(&dir, 2), segment, 2, &[users(50..2050), users(2050..4050), users(4050..4100)]).await;
-    let report = ingest::run(&task(segment, 2, &local_uri(&dir, 2), 0), store).await.unwrap();
-    assert_eq!((report.members, report.parts), (4050, 3));
-    assert_eq!(store.versions(segment).await.unwrap()[&2].members, 4050);
-    assert_eq!(store.versions(segment).await.unwrap()[&2].definition_hash.as_deref(), Some("feedc0de"));
-    assert_eq!(store.active_version(segment).await.unwrap(), Some(1), "ingest never flips the alias");
-    assert_eq!(served(store, segment, &users(0..4100)).await, users(0..100).into_iter().collect());
+    let verdict = verdict_in(&dir, 2).expect("the verdict is written");
+    assert_eq!((verdict.format.as_str(), &verdict.segment, verdict.version), (SEAL_FORMAT, &segment, 2));
+    let seal = &verdict.seal;
+    assert_eq!(seal.members, 4050);
+    assert_eq!(seal.definition_hash.as_deref(), Some("feedc0de"));
+    assert_eq!((seal.snapshot_time, seal.overrides_from), (Some(snapshot()), Some(snapshot() - Duration::hours(1))));
+    assert_eq!(judge(Some(&verdict.to_bytes()), &segment, &run(2)), Verdict::Sealable(seal.clone()), "the operator seals it");
 
-    // A retried Job loads the same sets: nothing changes.
-    let again = ingest::run(&task(segment, 2, &local_uri(&dir, 2), 0), store).await.unwrap();
-    assert_eq!(again.members, 4050);
-    assert_eq!(store.change_count(segment, 1, 2).await.unwrap(), 50 + 4000);
+    // A retried Job writes the same verdict.
+    ingest::verify(&lagged).await.unwrap();
+    assert_eq!(verdict_in(&dir, 2), Some(verdict));
+    // Without a lag grace, overrides count from the snapshot.
+    ingest::verify(&task(&segment, 2, &local_uri(&dir, 2), 0)).await.unwrap();
+    assert_eq!(verdict_in(&dir, 2).unwrap().seal.overrides_from, Some(snapshot()));
+}
+
+/// Ingest needs no store: `verify` takes none, and the former entry point,
+/// which still takes one for callers not moved yet, never uses it. A real
+/// Redis it is handed holds no key afterwards (no member set, no reverse
+/// index, no seal), and a store that is down does not fail it.
+#[tokio::test]
+async fn ingest_touches_no_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let segment = SegmentKey::new("t", "no-store");
+    write_result(&local_uri(&dir, 1), &segment, 1, &[users(0..300)]).await;
+
+    let server = RedisServer::start();
+    let redis = RedisStore::connect(&server.url()).await.unwrap();
+    let report = ingest::run(&task(&segment, 1, &local_uri(&dir, 1), 0), &redis).await.unwrap();
+    assert_eq!(report.members, 300);
+    assert!(matches!(redis_call(server.port, &["DBSIZE"]), Some(Resp::Int(0))), "Redis holds nothing");
+    assert!(redis.versions(&segment).await.unwrap().is_empty());
+
+    let down = MemoryStore::new();
+    down.set_unavailable(true);
+    ingest::run(&task(&segment, 1, &local_uri(&dir, 1), 0), &down).await.expect("a store that is down does not matter");
+    assert_eq!(verdict_in(&dir, 1).unwrap().seal.members, 300);
 }
 
 /// Ingest counts how the version differs from the one active at launch by
-/// merging the two index files, and records it with the version: the same
-/// count as the store's set arithmetic, without it. Without the earlier
-/// version's files, nothing is recorded and the store counts.
-async fn the_change_from_the_active_version_is_counted_from_the_index_files<S: SegmentStore + MembershipReader>(
-    store: &S,
-    segment: &SegmentKey,
-) {
+/// merging the two index files, and records it in its verdict. Without the
+/// earlier version's files, nothing is counted (the rollover guard then
+/// holds the version for approval, if it has a change limit).
+#[tokio::test]
+async fn the_change_from_the_active_version_is_counted_from_the_index_files() {
     let dir = tempfile::tempdir().unwrap();
-    serve_v1(store, segment, &dir, users(0..100)).await;
-    write_result(&local_uri(&dir, 2), segment, 2, &[users(50..2050), users(2050..4050)]).await;
+    let segment = SegmentKey::new("t", "counted");
+    write_result(&local_uri(&dir, 1), &segment, 1, &[users(0..100)]).await;
+    write_result(&local_uri(&dir, 2), &segment, 2, &[users(50..2050), users(2050..4050)]).await;
     let compare_with = |version: u64| Some(VersionFiles { version, results_uri: local_uri(&dir, version) });
-    let counted = IngestTask { compare_with: compare_with(1), ..task(segment, 2, &local_uri(&dir, 2), 0) };
-    ingest::run(&counted, store).await.unwrap();
-    let change = store.versions(segment).await.unwrap()[&2].change;
-    assert_eq!(change, Some(CountedChange { from: 1, changed: 50 + 3950 }));
-    assert_eq!(store.change_count(segment, 1, 2).await.unwrap(), 50 + 3950, "the store agrees");
+    let counted = IngestTask { compare_with: compare_with(1), ..task(&segment, 2, &local_uri(&dir, 2), 0) };
+    let report = ingest::verify(&counted).await.unwrap();
+    let change = Some(CountedChange { from: 1, changed: 50 + 3950 });
+    assert_eq!(report.change, change);
+    assert_eq!(verdict_in(&dir, 2).unwrap().seal.change, change);
 
-    let missing = IngestTask { compare_with: compare_with(9), ..task(segment, 2, &local_uri(&dir, 2), 0) };
-    ingest::run(&missing, store).await.unwrap();
-    assert_eq!(store.versions(segment).await.unwrap()[&2].change, None);
+    let missing = IngestTask { compare_with: compare_with(9), ..task(&segment, 2, &local_uri(&dir, 2), 0) };
+    ingest::verify(&missing).await.unwrap();
+    assert_eq!(verdict_in(&dir, 2).unwrap().seal.change, None);
 }
 
-async fn a_corrupted_part_fails_the_run_and_leaves_the_active_version<S: SegmentStore + MembershipReader>(
-    store: &S,
-    segment: &SegmentKey,
-) {
+/// A damaged part fails the run (no verdict is written) unless
+/// `maxFailedParts` tolerates it: parts are what other segments' rules and
+/// previews read, not what is served. The index file, which is served, has
+/// no tolerance: damaged, or missing (a result written before index
+/// files), it fails the run.
+#[tokio::test]
+async fn a_damaged_part_fails_the_run_unless_tolerated_and_a_damaged_or_missing_index_always_does() {
     let dir = tempfile::tempdir().unwrap();
-    serve_v1(store, segment, &dir, users(0..10)).await;
-
-    write_result(&local_uri(&dir, 2), segment, 2, &[users(100..200), users(200..300)]).await;
+    let segment = SegmentKey::new("t", "corrupt");
+    write_result(&local_uri(&dir, 2), &segment, 2, &[users(100..200), users(200..300)]).await;
     let part = dir.path().join("v2/part-00001.txt");
     let mut bytes = std::fs::read(&part).unwrap();
     bytes[3] ^= 0x20;
     std::fs::write(&part, bytes).unwrap();
 
-    let error = ingest::run(&task(segment, 2, &local_uri(&dir, 2), 0), store).await.unwrap_err();
+    let error = ingest::verify(&task(&segment, 2, &local_uri(&dir, 2), 0)).await.unwrap_err();
     assert_eq!(error.reason, FailureReason::CorruptResult);
     assert!(error.message.contains("part-00001.txt") && error.message.contains("checksum"), "{error}");
-    assert!(!store.versions(segment).await.unwrap().contains_key(&2), "nothing is sealed");
-    assert_eq!(store.active_version(segment).await.unwrap(), Some(1));
-    assert_eq!(served(store, segment, &users(0..300)).await, users(0..10).into_iter().collect());
+    assert_eq!(verdict_in(&dir, 2), None, "no verdict");
 
-    // The Segment tolerates one bad part: the rest loads.
-    let report = ingest::run(&task(segment, 2, &local_uri(&dir, 2), 1), store).await.unwrap();
-    assert_eq!(report.failed_parts.len(), 1);
-    assert_eq!(store.versions(segment).await.unwrap()[&2].members, 100);
-    assert_eq!(store.active_version(segment).await.unwrap(), Some(1));
+    // The Segment tolerates one bad part: the version is whole in its index.
+    let report = ingest::verify(&task(&segment, 2, &local_uri(&dir, 2), 1)).await.unwrap();
+    assert_eq!(report.failed_parts.len(), 1, "{report:?}");
+    assert_eq!(verdict_in(&dir, 2).unwrap().seal.members, 200, "the index's count");
 
     // A damaged index file fails the whole run, whatever the tolerance.
-    write_result(&local_uri(&dir, 3), segment, 3, &[users(300..400)]).await;
+    write_result(&local_uri(&dir, 3), &segment, 3, &[users(300..400)]).await;
     let index = dir.path().join(format!("v3/{INDEX_FILE}"));
     let mut bytes = std::fs::read(&index).unwrap();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x01;
     std::fs::write(&index, bytes).unwrap();
-    let error = ingest::run(&task(segment, 3, &local_uri(&dir, 3), 5), store).await.unwrap_err();
+    let error = ingest::verify(&task(&segment, 3, &local_uri(&dir, 3), 5)).await.unwrap_err();
     assert_eq!(error.reason, FailureReason::CorruptResult);
     assert!(error.message.contains(INDEX_FILE) && error.message.contains("checksum"), "{error}");
-    assert!(!store.versions(segment).await.unwrap().contains_key(&3), "nothing is sealed");
+    assert_eq!(verdict_in(&dir, 3), None);
+
+    // So does a result without one: no replica could serve it.
+    let manifest = write_result(&local_uri(&dir, 4), &segment, 4, &[users(0..10)]).await;
+    let without = Manifest { index: None, ..manifest };
+    std::fs::write(dir.path().join("v4/_manifest.json"), serde_json::to_vec(&without).unwrap()).unwrap();
+    let error = ingest::verify(&task(&segment, 4, &local_uri(&dir, 4), 5)).await.unwrap_err();
+    assert_eq!(error.reason, FailureReason::CorruptResult);
+    assert!(error.message.contains("no index file"), "{error}");
+    assert_eq!(verdict_in(&dir, 4), None);
 }
 
-async fn missing_or_foreign_results_are_refused<S: SegmentStore>(store: &S, segment: &SegmentKey) {
+/// No manifest, or one of another version or snapshot time than the
+/// task's, fails the run and writes no verdict.
+#[tokio::test]
+async fn missing_or_foreign_results_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let error = ingest::run(&task(segment, 5, &local_uri(&dir, 5), 0), store).await.unwrap_err();
+    let segment = SegmentKey::new("t", "missing");
+    let error = ingest::verify(&task(&segment, 5, &local_uri(&dir, 5), 0)).await.unwrap_err();
     assert_eq!(error.reason, FailureReason::NoResult);
-    write_result(&local_uri(&dir, 6), segment, 7, &[users(0..3)]).await;
-    let error = ingest::run(&task(segment, 6, &local_uri(&dir, 6), 0), store).await.unwrap_err();
+    write_result(&local_uri(&dir, 6), &segment, 7, &[users(0..3)]).await;
+    let error = ingest::verify(&task(&segment, 6, &local_uri(&dir, 6), 0)).await.unwrap_err();
     assert_eq!(error.reason, FailureReason::CorruptResult);
     assert!(error.message.contains("v7"), "{error}");
-    assert!(store.versions(segment).await.unwrap().is_empty());
+    write_result(&local_uri(&dir, 8), &segment, 8, &[users(0..3)]).await;
+    let later = IngestTask { snapshot_time: snapshot() + Duration::hours(1), ..task(&segment, 8, &local_uri(&dir, 8), 0) };
+    let error = ingest::verify(&later).await.unwrap_err();
+    assert_eq!(error.reason, FailureReason::CorruptResult);
+    assert!(error.message.contains("snapshot time"), "{error}");
+    assert!([6, 8].iter().all(|v| verdict_in(&dir, *v).is_none()));
 }
 
-async fn overrides_newer_than_the_snapshot_survive_the_rollover<S: SegmentStore + MembershipReader>(
-    store: &S,
-    segment: &SegmentKey,
-) {
-    let dir = tempfile::tempdir().unwrap();
-    serve_v1(store, segment, &dir, users(0..10)).await;
-    let at = |minutes: i64| snapshot() + Duration::minutes(minutes);
-    let ov = |user: &str, op, ts, id: &str| Override { user: user.into(), op, ts, id: id.into(), offset: None };
-    // Before the snapshot: the lake already reflects it, so it is not re-applied.
-    store.record_override(segment, &ov("user-000001", OverrideOp::Exclude, at(-5), "a")).await.unwrap();
-    // After the snapshot: the new version must keep them.
-    store.record_override(segment, &ov("user-000002", OverrideOp::Exclude, at(5), "b")).await.unwrap();
-    store.record_override(segment, &ov("vip-7", OverrideOp::Include, at(6), "c")).await.unwrap();
-
-    write_result(&local_uri(&dir, 2), segment, 2, &[users(0..10)]).await;
-    let report = ingest::run(&task(segment, 2, &local_uri(&dir, 2), 0), store).await.unwrap();
-    assert_eq!(report.overrides_applied, 2);
-    store.activate(segment, 2).await.unwrap();
-    let mut candidates = users(0..10);
-    candidates.push("vip-7".into());
-    let now_served = served(store, segment, &candidates).await;
-    assert!(now_served.contains("user-000001"), "an override older than the snapshot is not re-applied");
-    assert!(!now_served.contains("user-000002"), "the exclude survives the rollover");
-    assert!(now_served.contains("vip-7"), "the include survives the rollover");
-    assert_eq!(store.versions(segment).await.unwrap()[&2].members, 10, "10 - 1 excluded + 1 included");
-}
-
-#[tokio::test]
-async fn embedded_store() {
-    let store = MemoryStore::new();
-    loads_every_part_invisibly(&store, &SegmentKey::new("t", "loads")).await;
-    a_corrupted_part_fails_the_run_and_leaves_the_active_version(&store, &SegmentKey::new("t", "corrupt")).await;
-    the_change_from_the_active_version_is_counted_from_the_index_files(&store, &SegmentKey::new("t", "counted")).await;
-    missing_or_foreign_results_are_refused(&store, &SegmentKey::new("t", "missing")).await;
-    overrides_newer_than_the_snapshot_survive_the_rollover(&store, &SegmentKey::new("t", "overrides")).await;
-}
-
-#[tokio::test]
-async fn redis_store() {
-    let server = RedisServer::start();
-    let store = RedisStore::connect(&server.url()).await.unwrap();
-    loads_every_part_invisibly(&store, &SegmentKey::new("t", "loads")).await;
-    a_corrupted_part_fails_the_run_and_leaves_the_active_version(&store, &SegmentKey::new("t", "corrupt")).await;
-    the_change_from_the_active_version_is_counted_from_the_index_files(&store, &SegmentKey::new("t", "counted")).await;
-    missing_or_foreign_results_are_refused(&store, &SegmentKey::new("t", "missing")).await;
-    overrides_newer_than_the_snapshot_survive_the_rollover(&store, &SegmentKey::new("t", "overrides")).await;
-}
-
+/// On S3: ingest reads the result and writes its verdict there, and the
+/// operator's results reader finds it and judges it sealable.
 #[tokio::test]
 async fn results_on_a_real_s3_server() {
     segment_tests::shared_s3().create_bucket("results");
-    let store = MemoryStore::new();
     let segment = SegmentKey::new("t", "s3");
     let uri = "s3://results/t/s3/v1/";
     write_result(uri, &segment, 1, &[users(0..500), users(500..700)]).await;
-    let report = ingest::run(&task(&segment, 1, uri, 0), &store).await.unwrap();
+    let report = ingest::verify(&task(&segment, 1, uri, 0)).await.unwrap();
     assert_eq!(report.members, 700);
-    assert_eq!(store.versions(&segment).await.unwrap()[&1].members, 700);
+
+    let results = ObjectResults::new("s3://results");
+    let bytes = results.seal_file(&segment, 1).await.unwrap().expect("the verdict is on S3");
+    match judge(Some(&bytes), &segment, &run(1)) {
+        Verdict::Sealable(seal) => assert_eq!(seal.members, 700),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(results.seal_file(&segment, 2).await.unwrap(), None, "no verdict on a version never ingested");
 }

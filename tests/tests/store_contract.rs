@@ -13,8 +13,8 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 use segment_core::api::SegmentKey;
 use segment_core::store::{
-    ChangesClaim, MembershipReader, MemoryStore, Notice, Override, OverrideOp, ReplicaRegistry, RolloverFeed, Seal, SegmentStore,
-    StoreError, Transition,
+    ChangesClaim, CountedChange, MembershipReader, MemoryStore, Notice, Override, OverrideOp, ReplicaRegistry, RolloverFeed,
+    Seal, SegmentStore, StoreError, Transition,
 };
 use segment_store::redis::{RedisStore, RedisStoreOptions, Rollover};
 use segment_tests::{RedisCluster, RedisServer};
@@ -134,6 +134,45 @@ async fn load_seal_and_list(store: &impl Store, segment: &SegmentKey) {
     assert_eq!(store.seal_version(segment, 3, Some(at(1)), None).await.unwrap().members, 0);
     assert_eq!(store.versions(segment).await.unwrap()[&3].members, 0);
     assert_eq!(store.active_version(segment).await.unwrap(), None, "nothing is active before activate");
+}
+
+/// The operator seals a version from ingest's verdict with no member
+/// loaded into the store: the count recorded is the one given, and it is
+/// what `versions` reports whatever overrides arrive later (serving lays
+/// those over the index file). Sealing again records the new seal and
+/// keeps a promotion. A deleted version is fenced, and sealing it is
+/// refused.
+async fn a_version_is_sealed_with_the_count_it_is_given(store: &impl Store, segment: &SegmentKey) {
+    let seal = Seal {
+        members: 1234,
+        snapshot_time: Some(at(60)),
+        definition_hash: Some("9f2c".into()),
+        change: Some(CountedChange { from: 1, changed: 7 }),
+        overrides_from: Some(at(0)),
+        table_versions: Vec::new(),
+    };
+    assert_eq!(store.seal_with(segment, 2, &seal).await.unwrap(), seal.stored(false));
+    assert_eq!(store.versions(segment).await.unwrap()[&2], seal.stored(false), "listed as given");
+    assert!(store.unsealed_versions(segment).await.unwrap().is_empty());
+    store.activate(segment, 2).await.unwrap();
+    assert!(store.record_override(segment, &ov("vip", OverrideOp::Include, at(70), "a")).await.unwrap());
+    assert_eq!(store.versions(segment).await.unwrap()[&2].members, 1234, "overrides do not change it");
+
+    let again = Seal { members: 1235, ..seal.clone() };
+    assert_eq!(store.seal_with(segment, 2, &again).await.unwrap().members, 1235);
+    let listed = &store.versions(segment).await.unwrap()[&2];
+    assert_eq!((listed.members, listed.promoted), (1235, true), "sealed again, still promoted");
+
+    // v3's run is cancelled before its ingest is done: deleted, fenced.
+    assert!(!store.is_fenced(segment, 3).await.unwrap());
+    store.delete_version(segment, 3).await.unwrap();
+    assert!(store.is_fenced(segment, 3).await.unwrap());
+    assert!(!store.is_fenced(segment, 2).await.unwrap());
+    match store.seal_with(segment, 3, &seal).await {
+        Err(StoreError::Fenced { version: 3, .. }) => {}
+        other => panic!("expected Fenced v3, got {other:?}"),
+    }
+    assert_eq!(store.versions(segment).await.unwrap().keys().copied().collect::<Vec<_>>(), [2]);
 }
 
 async fn invisible_until_activated(store: &impl Store, segment: &SegmentKey) {
@@ -304,9 +343,9 @@ async fn the_newest_override_wins(store: &impl Store, segment: &SegmentKey) {
     assert!(store.record_override(segment, &ov("vip", OverrideOp::Include, at(12), "c")).await.unwrap());
     assert!(store.is_member(segment, 1, "vip").await.unwrap(), "an include adds a user who was not computed");
     assert_eq!(served_version(store, segment, "vip").await, Some(1));
-    assert_eq!(store.versions(segment).await.unwrap()[&1].members, 4, "the count follows overrides");
+    assert_eq!(store.versions(segment).await.unwrap()[&1].members, 3, "the count recorded at sealing stays");
     assert!(!store.record_override(segment, &ov("vip", OverrideOp::Include, at(12), "c")).await.unwrap());
-    assert_eq!(store.versions(segment).await.unwrap()[&1].members, 4, "a redelivery changes nothing");
+    assert_eq!(store.versions(segment).await.unwrap()[&1].members, 3, "a redelivery changes nothing");
 
     let since = |t| async move {
         let mut found: Vec<(String, String)> =
@@ -596,6 +635,7 @@ async fn deletes_fence_and_unsealed_data_is_listed(store: &impl Store, segment: 
     // Job still runs; what the Job loads and seals afterwards is refused.
     store.delete_version(segment, 2).await.unwrap();
     assert!(store.unsealed_versions(segment).await.unwrap().is_empty());
+    assert!(store.is_fenced(segment, 2).await.unwrap() && !store.is_fenced(segment, 1).await.unwrap());
     store.load_members(segment, 2, &users("late", 0..3)).await.unwrap();
     assert_eq!(store.unsealed_versions(segment).await.unwrap(), BTreeSet::from([2]), "the late load is found");
     match store.seal_version(segment, 2, Some(at(5)), Some("hash")).await {
@@ -757,6 +797,7 @@ async fn overrides_that_take_effect_are_announced(store: &impl Store, segment: &
 async fn run_contract(store: &impl Store, prefix: &str) {
     let segment = |name: &str| SegmentKey::new(format!("{prefix}-{name}"), "segment");
     load_seal_and_list(store, &segment("load")).await;
+    a_version_is_sealed_with_the_count_it_is_given(store, &segment("given")).await;
     invisible_until_activated(store, &segment("invisible")).await;
     rollback_to_an_older_version(store, &segment("rollback")).await;
     deleting_an_old_version_keeps_the_active_one(store, &segment("delete-version")).await;

@@ -20,13 +20,12 @@ struct Cli {
 enum Command {
     /// Evaluate a Segment definition over the lake and write the result files.
     Compute(ComputeArgs),
-    /// Load a result into the store as a new version (never activates it).
+    /// Verify a result and write its verdict (`_seal.json`) next to it, from
+    /// which the operator seals the version in the store. Needs read access
+    /// to the results and write access to the verdict, no store.
     Ingest {
         #[command(flatten)]
         task: TaskArgs,
-        /// `redis://host:port` or `redis+cluster://host:port,host:port`.
-        #[arg(long, env = "REDIS_URL")]
-        redis_url: String,
     },
     /// Apply include/exclude events from Kafka to the active versions and
     /// publish entered/exited events on every rollover (a Deployment).
@@ -59,6 +58,12 @@ struct RealtimeArgs {
     /// `redis://host:port` or `redis+cluster://host:port,host:port`.
     #[arg(long, env = "REDIS_URL")]
     redis_url: String,
+    /// Base URI of the result files (the operator's `--results-uri`,
+    /// `s3://bucket/prefix` or `file:///path`): change events are the diff
+    /// of two versions' index files there, read only. S3 credentials come
+    /// from the `AWS_*` environment.
+    #[arg(long, env = "RESULTS_URI")]
+    results_uri: String,
     /// Kafka bootstrap servers, `host:port[,host:port...]`.
     #[arg(long, env = "KAFKA_BROKERS", alias = "brokers")]
     kafka_brokers: String,
@@ -207,15 +212,8 @@ async fn main() -> ExitCode {
             let result = async { compute::run_with(&parse::<ComputeTask>(&args.task)?, &args.options()).await }.await;
             finish(result, &args.task.termination_log)
         }
-        Command::Ingest { task: args, redis_url } => {
-            let result = async {
-                let task: IngestTask = parse(&args)?;
-                let store = segment_store::redis::RedisStore::connect(&redis_url)
-                    .await
-                    .map_err(|e| WorkerError::new(FailureReason::StoreUnavailable, e.to_string()))?;
-                ingest::run(&task, &store).await
-            }
-            .await;
+        Command::Ingest { task: args } => {
+            let result = async { ingest::verify(&parse::<IngestTask>(&args)?).await }.await;
             finish(result, &args.termination_log)
         }
         Command::GenerateLake { out, users, seed, now, orders_per_user, events_per_user } => {
@@ -232,6 +230,12 @@ async fn main() -> ExitCode {
 async fn realtime(args: RealtimeArgs) -> ExitCode {
     use segment_worker::realtime::{kafka, metrics::Metrics};
     use std::sync::Arc;
+    // A URI that cannot name a store is refused now, not at the first rollover.
+    if let Err(e) = segment_store::results::ResultDir::open(&args.results_uri) {
+        eprintln!("segment-worker: --results-uri: {e}");
+        return ExitCode::FAILURE;
+    }
+    let index = Arc::new(segment_store::results::ResultFiles::new(args.results_uri.clone()));
     let store = match segment_store::redis::RedisStore::connect(&args.redis_url).await {
         Ok(store) => Arc::new(store),
         Err(e) => {
@@ -273,7 +277,7 @@ async fn realtime(args: RealtimeArgs) -> ExitCode {
         resync_interval: std::time::Duration::from_secs(args.resync_seconds.max(1)),
         max_clock_skew: std::time::Duration::from_secs(args.max_clock_skew_seconds),
     };
-    let result = kafka::run(config, store, metrics, shutdown).await;
+    let result = kafka::run(config, store, index, metrics, shutdown).await;
     if let Ok(Err(e)) = server.await {
         eprintln!("segment-worker: metrics server: {e}");
     }

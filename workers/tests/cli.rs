@@ -96,3 +96,31 @@ fn a_compute_job_reads_relative_sources_and_reports() {
     assert_eq!(manifest["members"], report["members"]);
     assert!(!log.exists());
 }
+
+/// `realtime` needs the results base its change events are read from, and
+/// refuses one that names no store before connecting to anything.
+#[test]
+fn the_realtime_worker_refuses_a_results_uri_that_names_no_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let realtime = |results_uri: Option<&str>| {
+        let mut command = Command::new(WORKER);
+        // A refused command line writes a termination log, as a Job's would.
+        command.env("TERMINATION_LOG", dir.path().join("termination-log"));
+        command.args(["realtime", "--redis-url", "redis://127.0.0.1:1/", "--kafka-brokers", "127.0.0.1:1"]);
+        command.args(["--metrics-addr", "127.0.0.1:0"]).env_remove("RESULTS_URI");
+        if let Some(uri) = results_uri {
+            command.args(["--results-uri", uri]);
+        }
+        command.output().unwrap()
+    };
+    let out = realtime(None);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--results-uri"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    for uri in ["ftp://results/base", "s3:///no-bucket"] {
+        let out = realtime(Some(uri));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{uri}: {stderr}");
+        assert!(stderr.contains("--results-uri") && stderr.contains(uri), "{uri}: {stderr}");
+    }
+}

@@ -1,8 +1,9 @@
 //! A small simulated world for driving the planner end to end: it applies
 //! plans the way the operator's adapter does (store actions, then the
 //! status, then Jobs, then Events), turns launches into Jobs that tests
-//! finish by hand, and loads a version into a `MemoryStore` when its ingest
-//! Job succeeds.
+//! finish by hand, and writes a version's verdict (its seal file, into a
+//! `MemoryResults`) when its ingest Job succeeds, as the worker does; the
+//! plans seal it into a `MemoryStore` from there.
 
 #![allow(dead_code)]
 
@@ -15,7 +16,8 @@ use segment_core::executor::{self, Effects, Step};
 use segment_core::naming::{job_name, JobKind};
 use segment_core::planner::{self, Action, Event, JobState, Launch, Observation, ObservedJob, Plan, PlannerConfig, StoreView};
 pub use segment_core::reasons::{ConditionType, EventReason};
-use segment_core::store::{activate_with_overrides, MemoryStore, SegmentStore};
+use segment_core::seal::SealFile;
+use segment_core::store::{CountedChange, MemoryResults, MemoryStore, Seal, SegmentStore};
 use segment_core::task::Failure;
 
 pub const NAME: &str = "vip";
@@ -61,6 +63,11 @@ pub struct World {
     pub segment: Segment,
     pub jobs: Vec<ObservedJob>,
     pub store: MemoryStore,
+    /// Where ingest writes its verdicts (seal files).
+    pub results: MemoryResults,
+    /// Versions whose result has no index file (computed before index
+    /// files): ingest cannot count a change from them.
+    pub without_index: std::collections::BTreeSet<u64>,
     pub now: DateTime<Utc>,
     pub slot_free: bool,
     pub source_tables: Option<Vec<String>>,
@@ -85,6 +92,8 @@ impl World {
             segment,
             jobs: Vec::new(),
             store: MemoryStore::new(),
+            results: MemoryResults::default(),
+            without_index: Default::default(),
             now: t(CREATED),
             slot_free: true,
             source_tables: None,
@@ -105,8 +114,17 @@ impl World {
         self.status().current_run.as_ref().expect("a run is in flight")
     }
 
+    /// What the adapters observe before planning: the store, and the
+    /// verdict of an ingest that succeeded.
     pub fn store_view(&self) -> StoreView {
-        self.rt.block_on(planner::observe_store(&self.store, &key(), self.segment.status.as_ref())).expect("the store answers")
+        let status = self.segment.status.as_ref();
+        self.rt
+            .block_on(async {
+                let mut view = planner::observe_store(&self.store, &key(), status).await?;
+                planner::observe_seal(&self.results, &key(), status, &self.jobs, &mut view).await?;
+                Ok::<_, segment_core::store::StoreError>(view)
+            })
+            .expect("the store answers")
     }
 
     /// Plans on what the world looks like now, without applying anything.
@@ -198,20 +216,81 @@ impl World {
             .unwrap_or_else(|| panic!("no {kind:?} Job for v{version}"))
     }
 
-    /// The Job of `version` and `kind` succeeds now; an ingest loads the
-    /// version into the store first, as the worker does.
+    /// The Job of `version` and `kind` succeeds now; an ingest writes its
+    /// verdict first, as the worker does ([`World::verdict`]).
     pub fn succeed(&mut self, version: u64, kind: JobKind) {
         if kind == JobKind::Ingest {
-            self.load(version);
+            // Its members are fixed from now on, whatever later runs get.
+            self.members.insert(version, self.members_of(version));
+            let verdict = self.verdict(version);
+            self.results.put_seal_file(&key(), version, verdict.to_bytes());
         }
         let now = self.now;
         self.job_mut(version, kind).state = JobState::Succeeded { finished_at: now };
     }
 
-    /// The Job succeeds without the version reaching the store.
-    pub fn succeed_without_loading(&mut self, version: u64, kind: JobKind) {
+    /// The Job succeeds without writing a verdict.
+    pub fn succeed_without_verdict(&mut self, version: u64, kind: JobKind) {
         let now = self.now;
         self.job_mut(version, kind).state = JobState::Succeeded { finished_at: now };
+    }
+
+    /// The members of `version`'s result.
+    pub fn members_of(&self, version: u64) -> Vec<String> {
+        self.members.get(&version).cloned().unwrap_or_else(|| self.default_members.clone())
+    }
+
+    /// What ingest concludes of `version` (the run in flight): its members'
+    /// count, the run's snapshot time and definition hash, and the change
+    /// from the version active now, counted when both results have index
+    /// files.
+    pub fn verdict(&self, version: u64) -> SealFile {
+        let run = self.run();
+        assert_eq!(run.version, version, "ingest runs for the run in flight");
+        let members = self.members_of(version);
+        let active = self.status().active_version.filter(|a| *a != version);
+        let change = active.filter(|a| !self.without_index.contains(a) && !self.without_index.contains(&version)).map(|from| {
+            let before: std::collections::BTreeSet<String> = self.members_of(from).into_iter().collect();
+            let after: std::collections::BTreeSet<String> = members.iter().cloned().collect();
+            CountedChange { from, changed: before.symmetric_difference(&after).count() as u64 }
+        });
+        let seal = Seal {
+            members: members.len() as u64,
+            snapshot_time: Some(run.snapshot_time),
+            definition_hash: Some(run.definition_hash.clone()),
+            change,
+            overrides_from: Some(run.snapshot_time),
+            table_versions: Vec::new(),
+        };
+        SealFile::new(key(), version, seal)
+    }
+
+    /// The seal in the verdict ingest wrote on `version`.
+    pub fn verdict_on(&self, version: u64) -> Seal {
+        let bytes = self.rt.block_on(segment_core::store::ResultStore::seal_file(&self.results, &key(), version));
+        let bytes = bytes.expect("the results answer").unwrap_or_else(|| panic!("no verdict on v{version}"));
+        serde_json::from_slice::<SealFile>(&bytes).expect("a seal file").seal
+    }
+
+    /// The `Seal` action that seals `version` from the verdict its ingest
+    /// wrote.
+    pub fn seal_action(&self, version: u64) -> Action {
+        Action::Seal { version, seal: self.verdict_on(version) }
+    }
+
+    /// The ingest Job of the run in flight succeeds with the verdict
+    /// [`World::verdict`] would write, changed by `edit`.
+    pub fn succeed_with_verdict(&mut self, version: u64, edit: impl FnOnce(&mut Seal)) {
+        self.members.insert(version, self.members_of(version));
+        let mut verdict = self.verdict(version);
+        edit(&mut verdict.seal);
+        self.results.put_seal_file(&key(), version, verdict.to_bytes());
+        self.succeed_without_verdict(version, JobKind::Ingest);
+    }
+
+    /// The member count the store records for `version`.
+    pub fn stored_members(&self, version: u64) -> Option<u64> {
+        self.rt.block_on(self.store.versions(&key())).expect("the store answers").get(&version).map(|v| v.members)
     }
 
     /// The Job fails with the worker's termination message.
@@ -221,10 +300,12 @@ impl World {
         self.job_mut(version, kind).state = JobState::Failed { finished_at: now, failure };
     }
 
-    /// Loads `version` into the store with its members, snapshot time and
-    /// definition hash (from the run in flight when it is that version).
+    /// Puts `version` into the store, sealed, with its members, snapshot
+    /// time and definition hash (from the run in flight when it is that
+    /// version), bypassing the verdict and the fence: a store written by
+    /// something else (a late ingest of an older worker).
     pub fn load(&mut self, version: u64) {
-        let members = self.members.get(&version).cloned().unwrap_or_else(|| self.default_members.clone());
+        let members = self.members_of(version);
         let run = self.segment.status.as_ref().and_then(|s| s.current_run.as_ref()).filter(|r| r.version == version);
         let snapshot = run.map(|r| r.snapshot_time);
         let hash = run.map(|r| r.definition_hash.clone()).unwrap_or_else(|| definition_hash(&self.segment.spec.definition));
@@ -356,8 +437,13 @@ struct WorldEffects<'w> {
 impl Effects for WorldEffects<'_> {
     type Error = String;
 
+    async fn seal(&mut self, version: u64, seal: &Seal) -> Result<(), String> {
+        let sealed = self.store.seal_with(&key(), version, seal).await;
+        sealed.map(drop).map_err(|e| format!("Seal of v{version}: {e}"))
+    }
+
     async fn activate(&mut self, version: u64) -> Result<(), String> {
-        let activated = activate_with_overrides(self.store, &key(), version).await;
+        let activated = self.store.activate(&key(), version).await;
         activated.map_err(|e| format!("Activate of v{version}, which the store does not hold: {e}"))
     }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::{cluster, condition, is_true, put_object, Operator, Serving, Tenant};
+use crate::{cluster, condition, is_true, list_objects, put_object, Operator, Serving, Tenant};
 
 pub const RUN: Duration = Duration::from_secs(180);
 
@@ -131,12 +131,20 @@ fn a_held_version_is_served_only_once_approved() {
     assert_eq!(held["status"]["currentRun"]["phase"], "AwaitingApproval", "{:#}", held["status"]);
     let message = condition(&held, "RolloverHeld").unwrap()["message"].as_str().unwrap().to_string();
     assert!(message.contains("v2 changes 20 members"), "{message}");
-    // Counted by the ingest Job from the two versions' index files and
-    // recorded with v2, not by a set operation in Redis.
+    // Counted by the ingest Job from the two versions' index files, written
+    // in its verdict next to v2's results, and recorded with v2 when the
+    // operator sealed it from there: not by a set operation in Redis.
     let meta_key = format!("sg:{{{}/vip}}:meta", tenant.namespace);
     let meta = segment_tests::redis_call(tenant.redis.port, &["HGET", &meta_key, "2"]).and_then(|r| r.text());
     let meta: Value = serde_json::from_str(&meta.expect("v2's metadata")).unwrap();
-    assert_eq!(meta["change"], json!({"from": 1, "changed": 20}), "{meta}");
+    assert_eq!((meta["change"].clone(), meta["members"].clone()), (json!({"from": 1, "changed": 20}), json!(10)), "{meta}");
+    let results_bucket = tenant.results_uri.trim_start_matches("s3://");
+    let files = list_objects(results_bucket, &format!("{}/vip/v2", tenant.namespace));
+    assert!(files.iter().any(|f| f.ends_with("/v2/_seal.json")), "the ingest Job's verdict: {files:?}");
+    // Redis holds no member of any version: no member set, no per-user key.
+    let members: Vec<String> =
+        tenant.redis.keys("*").into_iter().filter(|k| k.starts_with("sg:u:") || k.contains("/vip}:v")).collect();
+    assert!(members.is_empty(), "member data in Redis: {members:?}");
 
     annotate(&tenant, "vip", "segmentation.dev/approve-version=2");
     let approved = tenant.wait_for_segment("vip", RUN, |s| active_version(s) == Some(2));
@@ -386,7 +394,13 @@ fn retention_deletes_old_versions_and_each_deletion_is_its_own_event() {
         annotate(&tenant, "vip", &format!("segmentation.dev/run-requested-at=2030-01-0{version}T00:00:00Z"));
         tenant.wait_for_segment("vip", RUN, |s| active_version(s) == Some(version));
     }
-    let loaded = |version: u64| !tenant.redis.keys(&format!("*{}/vip*:v{version}*", tenant.namespace)).is_empty();
+    // A version is in the store while its metadata is (sealed from the
+    // ingest's verdict: it has no member set).
+    let meta_key = format!("sg:{{{}/vip}}:meta", tenant.namespace);
+    let loaded = |version: u64| {
+        let field = version.to_string();
+        matches!(segment_tests::redis_call(tenant.redis.port, &["HEXISTS", &meta_key, &field]), Some(segment_tests::Resp::Int(1)))
+    };
     assert!(loaded(1) && loaded(2) && loaded(3), "three versions kept: {:?}", tenant.redis.keys("*"));
 
     // Keeping one version deletes two in one reconcile: two Events, each

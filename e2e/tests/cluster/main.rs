@@ -70,10 +70,8 @@ impl Tenant {
         s3.create_bucket(&results_bucket);
         s3.create_bucket(&lake_bucket);
         let mut secret = vec!["create", "secret", "generic", "segment-credentials", "-n", &namespace];
-        let literals: Vec<String> = std::iter::once(("REDIS_URL".to_string(), redis.url()))
-            .chain(s3.env())
-            .map(|(key, value)| format!("--from-literal={key}={value}"))
-            .collect();
+        // S3 credentials only: compute and ingest Jobs touch no store.
+        let literals: Vec<String> = s3.env().into_iter().map(|(key, value)| format!("--from-literal={key}={value}")).collect();
         secret.extend(literals.iter().map(String::as_str));
         cluster.kubectl_ok(&secret);
         cluster.kubectl_ok(&["create", "serviceaccount", "segment-worker", "-n", &namespace]);

@@ -191,12 +191,11 @@ fn ingest_runs_in_the_admins_namespace_and_no_tenant_holds_the_store_credentials
         secret.extend(s3_only.iter().map(String::as_str));
         cluster.kubectl_ok(&secret);
     }
-    // The admin's namespace: the store's credentials, and the worker's
-    // ServiceAccount the ingest pods run as.
+    // The admin's namespace: the ingest Secret, with S3 credentials only
+    // (ingest touches no store: the operator seals from its verdict), and
+    // the worker's ServiceAccount the ingest pods run as.
     let system = cluster.namespace("system");
     let mut secret = vec!["create", "secret", "generic", "segment-ingest", "-n", &system];
-    let redis_url = format!("--from-literal=REDIS_URL={}", growth.redis.url());
-    secret.push(&redis_url);
     secret.extend(s3_only.iter().map(String::as_str));
     cluster.kubectl_ok(&secret);
     cluster.kubectl_ok(&["create", "serviceaccount", "segment-worker", "-n", &system]);

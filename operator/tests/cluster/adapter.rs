@@ -20,7 +20,10 @@ use segment_core::api::{
     SEGMENT_LABEL, VERSION_LABEL,
 };
 use segment_core::planner::PlannerConfig;
-use segment_core::store::{MembershipReader, MemoryResults, MemoryStore, ReplicaRegistry, ResultStore, SegmentStore};
+use segment_core::seal::SealFile;
+use segment_core::store::{
+    CountedChange, MembershipReader, MemoryResults, MemoryStore, ReplicaRegistry, ResultStore, Seal, SegmentStore, StoreError,
+};
 use segment_core::task::{ComputeTask, IngestTask, TASK_ANNOTATION, TASK_FILE};
 use segment_operator::config::JobArgs;
 use segment_operator::events::EventPublisher;
@@ -229,15 +232,50 @@ impl Harness {
         assert_eq!(self.store.active_version(&self.key()).await.unwrap(), Some(version));
     }
 
-    /// Drives a run of `version` until its ingest Job has finished: the
-    /// next reconcile promotes and activates it.
+    /// Drives a run of `version` until its ingest Job has finished, with
+    /// its verdict written: the next reconcile seals, promotes and
+    /// activates it.
     async fn run_to_loaded(&self, version: u64, members: &[&str]) {
+        self.run_to_ingesting(version).await;
+        self.write_verdict(version, members.len() as u64, None);
+        self.finish_job(&self.ingest_job(version), "Complete", None);
+    }
+
+    /// Drives a run of `version` until its ingest Job runs.
+    async fn run_to_ingesting(&self, version: u64) {
         self.reconcile().await;
         let compute = format!("vip-v{version}-compute");
         self.finish_job(&compute, "Complete", None);
         self.reconcile().await;
-        self.store.load_version(&self.key(), version, members.iter().map(|m| m.to_string()), None, None);
-        self.finish_job(&self.ingest_job(version), "Complete", None);
+        let run = self.segment().status.unwrap().current_run.unwrap();
+        assert_eq!((run.version, run.phase), (version, RunPhase::Ingesting));
+    }
+
+    /// The verdict ingest writes on the run in flight (`version`), as
+    /// `segment-worker ingest` does: its count, the run's snapshot time and
+    /// definition hash, and the change it counted.
+    fn verdict(&self, version: u64, members: u64, change: Option<CountedChange>) -> SealFile {
+        let run = self.segment().status.unwrap().current_run.unwrap();
+        assert_eq!(run.version, version);
+        let seal = Seal {
+            members,
+            snapshot_time: Some(run.snapshot_time),
+            definition_hash: Some(run.definition_hash.clone()),
+            change,
+            overrides_from: Some(run.snapshot_time - Duration::hours(1)),
+            table_versions: Vec::new(),
+        };
+        SealFile::new(self.key(), version, seal)
+    }
+
+    /// The seal in the verdict written on `version`.
+    fn verdict_of(&self, version: u64) -> Seal {
+        let bytes = futures::executor::block_on(self.results.seal_file(&self.key(), version)).unwrap().expect("a verdict");
+        serde_json::from_slice::<SealFile>(&bytes).unwrap().seal
+    }
+
+    fn write_verdict(&self, version: u64, members: u64, change: Option<CountedChange>) {
+        self.results.put_seal_file(&self.key(), version, self.verdict(version, members, change).to_bytes());
     }
 
     /// A reconcile that fails, with its error as the operator sees it.
@@ -418,6 +456,127 @@ async fn a_finished_ingest_rolls_readers_over() {
     assert!(h.metrics.encode().contains("segment_operator_segment_members{namespace=\"growth\",segment=\"vip\"} 3"));
 }
 
+/// The ingest Job touches no store: it writes its verdict, and the
+/// reconcile after the Job succeeded seals the version from it (the
+/// verdict's count and change, as given), then promotes it.
+#[tokio::test]
+async fn the_operator_seals_the_version_from_the_ingests_verdict() {
+    let h = Harness::new(segment(""));
+    h.run_to_ingesting(1).await;
+    let verdict = h.verdict(1, 1234, None);
+    h.results.put_seal_file(&h.key(), 1, verdict.to_bytes());
+    h.finish_job(&h.ingest_job(1), "Complete", None);
+    assert!(h.store.versions(&h.key()).await.unwrap().is_empty(), "nothing sealed by the Job");
+
+    h.reconcile().await;
+    let stored = h.store.versions(&h.key()).await.unwrap()[&1].clone();
+    assert_eq!(stored, verdict.seal.stored(true), "sealed as the verdict says, then promoted");
+    assert_eq!(h.store.active_version(&h.key()).await.unwrap(), Some(1));
+    assert_eq!(h.store.active_members(&h.key()), Some(Default::default()), "no member was loaded into the store");
+    let status = h.segment().status.unwrap();
+    assert_eq!((status.active_version, status.members, status.current_run), (Some(1), Some(1234), None));
+    assert_eq!(event_reasons(&h.world), vec!["RunStarted", "VersionReady", "RolledOver"]);
+}
+
+/// A successful ingest Job that left no verdict, or one that is not the
+/// run's (damaged, forged, another version's), fails the run once with
+/// `IngestIncomplete` and the reason; nothing is sealed, the previous
+/// version keeps serving, and the next reconcile does not try again.
+#[tokio::test]
+async fn a_missing_or_unsound_verdict_fails_the_run_and_seals_nothing() {
+    for (case, bytes) in [
+        ("missing", None),
+        ("damaged", Some(b"{\"format\": \"segment-seal/v1\", \"members\": 10".to_vec())),
+        ("another version's", Some(b"v3".to_vec())),
+    ] {
+        let h = Harness::new(segment(""));
+        h.run_to_active(1, &["u1"]).await;
+        h.request_run("11:00");
+        h.run_to_ingesting(2).await;
+        let bytes = match (case, bytes) {
+            ("another version's", _) => Some(SealFile { version: 3, ..h.verdict(2, 10, None) }.to_bytes()),
+            (_, bytes) => bytes,
+        };
+        if let Some(bytes) = bytes {
+            h.results.put_seal_file(&h.key(), 2, bytes);
+        }
+        h.finish_job(&h.ingest_job(2), "Complete", None);
+
+        let writes = h.reconcile().await;
+        assert_eq!(writes, vec![format!("PATCH {STATUS}"), format!("POST {EVENTS}")], "{case}");
+        assert_eq!(h.store.versions(&h.key()).await.unwrap().keys().copied().collect::<Vec<_>>(), [1], "{case}");
+        assert!(!h.store.is_fenced(&h.key(), 1).await.unwrap());
+        let status = h.segment().status.unwrap();
+        let failed = status.versions.iter().find(|v| v.version == 2).unwrap();
+        assert_eq!((failed.state, failed.reason.as_deref()), (VersionState::Failed, Some("IngestIncomplete")), "{case}");
+        let message = failed.message.clone().unwrap();
+        let expected = match case {
+            "missing" => "left no verdict (_seal.json)",
+            "damaged" => "_seal.json does not parse",
+            _ => "the verdict on growth/vip v3, not on growth/vip v2",
+        };
+        assert!(message.contains(expected), "{case}: {message}");
+        assert_eq!((status.active_version, status.current_run.is_none()), (Some(1), true), "{case}");
+        assert!(status.retry_at.is_some(), "{case}: retried as a new run");
+        let warning = h.world.lock().unwrap().requests("POST", "/events").pop().unwrap();
+        assert_eq!(warning.body["reason"], "RunFailed", "{case}");
+        assert!(h.reconcile().await.is_empty(), "{case}: failed once, not again");
+    }
+}
+
+/// A version deleted while it was ingested (fenced: its run ended, but
+/// that status write was lost) is never sealed from its verdict: the run
+/// fails instead of trying on every look. The store refuses the seal too.
+#[tokio::test]
+async fn a_fenced_version_is_not_sealed_from_its_verdict() {
+    let h = Harness::new(segment(""));
+    h.run_to_active(1, &["u1"]).await;
+    h.request_run("11:00");
+    h.run_to_ingesting(2).await;
+    h.store.delete_version(&h.key(), 2).await.unwrap();
+    h.write_verdict(2, 10, Some(CountedChange { from: 1, changed: 9 }));
+    h.finish_job(&h.ingest_job(2), "Complete", None);
+
+    h.reconcile().await;
+    assert_eq!(h.store.versions(&h.key()).await.unwrap().keys().copied().collect::<Vec<_>>(), [1]);
+    let status = h.segment().status.unwrap();
+    let failed = status.versions.iter().find(|v| v.version == 2).unwrap();
+    assert_eq!(failed.reason.as_deref(), Some("IngestIncomplete"));
+    assert_eq!(failed.message.as_deref(), Some("v2 was deleted while it was ingested and cannot be sealed"));
+    assert_eq!(status.active_version, Some(1));
+    assert!(h.reconcile().await.is_empty(), "no second attempt");
+    let seal = h.verdict_of(2);
+    assert!(matches!(h.store.seal_with(&h.key(), 2, &seal).await, Err(StoreError::Fenced { version: 2, .. })));
+}
+
+/// With `maxChangeRatio` set, a version whose change from the active one
+/// ingest could not count (the active version has no index file) is held
+/// for approval with reason `ChangeNotCounted`: the store holds no member
+/// sets to count it instead. Approving it rolls over.
+#[tokio::test]
+async fn a_version_whose_change_was_not_counted_is_held_for_approval() {
+    let h = Harness::new(segment("  rollover: {maxChangeRatio: 0.2}\n"));
+    h.run_to_active(1, &["u1", "u2", "u3"]).await;
+    h.request_run("11:00");
+    h.run_to_loaded(2, &["u1", "u2", "u3"]).await;
+
+    h.reconcile().await;
+    let status = h.segment().status.unwrap();
+    let run = status.current_run.as_ref().unwrap();
+    assert_eq!((run.phase, run.reason.as_deref()), (RunPhase::AwaitingApproval, Some("ChangeNotCounted")));
+    let held = status.conditions.iter().find(|c| c.type_ == "RolloverHeld").unwrap();
+    assert_eq!((held.status.as_str(), held.reason.as_str()), ("True", "ChangeNotCounted"));
+    assert!(held.message.contains("the change of v2 from v1 could not be counted"), "{}", held.message);
+    assert_eq!(h.store.active_version(&h.key()).await.unwrap(), Some(1), "v1 keeps serving");
+    assert!(event_reasons(&h.world).contains(&"RolloverHeld".to_string()));
+
+    h.edit(|s| {
+        s.metadata.annotations.as_mut().unwrap().insert(APPROVE_VERSION_ANNOTATION.into(), "2".into());
+    });
+    h.reconcile().await;
+    assert_eq!(h.store.active_version(&h.key()).await.unwrap(), Some(2));
+}
+
 #[tokio::test]
 async fn a_failed_job_reports_the_workers_reason_and_the_previous_version_keeps_serving() {
     let h = Harness::new(segment(""));
@@ -478,14 +637,15 @@ async fn a_held_rollover_waits_for_the_approval_annotation() {
         s.metadata.annotations =
             Some(BTreeMap::from([("segmentation.dev/run-requested-at".into(), "2026-03-02T11:00:00Z".into())]))
     });
-    h.reconcile().await;
-    h.finish_job("vip-v2-compute", "Complete", None);
-    h.reconcile().await;
-    h.store.load_version(&h.key(), 2, ["u1", "x1", "x2", "x3", "x4"].map(String::from), None, None);
+    h.run_to_ingesting(2).await;
+    // v2 is {u1, x1..x4}: 4 left v1 and 4 entered, as ingest counted from
+    // the index files.
+    h.write_verdict(2, 5, Some(CountedChange { from: 1, changed: 8 }));
     h.finish_job(&h.ingest_job(2), "Complete", None);
 
-    // The first look measures the change, the plan holds the version.
+    // The verdict seals the version, the guard holds it.
     h.reconcile().await;
+    assert_eq!(h.store.versions(&h.key()).await.unwrap()[&2].change, Some(CountedChange { from: 1, changed: 8 }));
     let status = h.segment().status.unwrap();
     assert_eq!(status.current_run.as_ref().map(|r| r.phase), Some(RunPhase::AwaitingApproval));
     let held = status.conditions.iter().find(|c| c.type_ == "RolloverHeld").unwrap();
@@ -537,7 +697,7 @@ async fn pin_version_rolls_back_and_clearing_it_rolls_forward() {
     h.edit(|s| s.spec.pin_version = Some(1));
     h.reconcile().await;
     assert_eq!(h.store.active_version(&h.key()).await.unwrap(), Some(1));
-    assert_eq!(h.store.active_members(&h.key()).unwrap().len(), 1);
+    assert_eq!(h.segment().status.unwrap().members, Some(1), "v1's count, as sealed");
     assert!(event_reasons(&h.world).contains(&"RolledBack".to_string()));
     h.edit(|s| s.spec.pin_version = None);
     h.reconcile().await;

@@ -86,11 +86,22 @@ struct Inner {
     options: RedisStoreOptions,
 }
 
+/// Which member count a seal records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SealCount {
+    /// [`Seal::members`], as given (the verdict of ingest).
+    Given,
+    /// The version's member set's, counted by the script (a version loaded
+    /// with `load_members`, the former ingest).
+    LoadedSet,
+}
+
 /// The metadata of a sealed version as stored (JSON in the meta hash).
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct VersionMeta {
-    /// The count at sealing; [`SegmentStore::versions`] reports the live one.
+    /// The count recorded at sealing, which [`SegmentStore::versions`]
+    /// reports. Written by the seal script, never in the JSON it is given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     members: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -301,6 +312,35 @@ impl RedisStore {
         Ok(())
     }
 
+    /// Seals a version in one script: refused (nothing written) when the
+    /// version is fenced; else the metadata, with the member count `count`
+    /// says, goes into `meta` last, so a listed version is complete.
+    async fn seal(&self, segment: &SegmentKey, version: u64, seal: &Seal, count: SealCount) -> Result<StoredVersion, StoreError> {
+        check_segment(segment)?;
+        let keys = SegmentKeys::new(segment);
+        let meta = VersionMeta {
+            members: None,
+            snapshot_time: seal.snapshot_time.as_ref().map(order_key),
+            definition_hash: seal.definition_hash.clone(),
+            change: seal.change,
+            overrides_from: seal.overrides_from.as_ref().map(order_key),
+            table_versions: seal.table_versions.clone(),
+        };
+        let rest = serde_json::to_string(&meta).map_err(|e| StoreError::Other(Cause::new("encoding version metadata", e)))?;
+        let given = match count {
+            SealCount::Given => seal.members.to_string(),
+            SealCount::LoadedSet => String::new(),
+        };
+        let mut invocation = scripts::SEAL.key(keys.meta());
+        invocation.key(keys.version(version)).key(keys.loaded()).key(keys.fenced()).arg(version).arg(rest).arg(given);
+        let members: i64 = self.script(invocation, self.write()).await?;
+        let Ok(members) = u64::try_from(members) else {
+            return Err(StoreError::Fenced { segment: segment.to_string(), version });
+        };
+        // Sealing never promotes; only an activate does.
+        Ok(Seal { members, ..seal.clone() }.stored(false))
+    }
+
     /// Publishes a notice in its one wire form ([`Notice::payload`], which
     /// subscribers read back with [`Notice::parse`]).
     async fn publish(&self, notice: &Notice) -> Result<(), StoreError> {
@@ -410,16 +450,13 @@ impl SegmentStore for RedisStore {
     async fn versions(&self, segment: &SegmentKey) -> Result<BTreeMap<u64, StoredVersion>, StoreError> {
         let keys = SegmentKeys::new(segment);
         let mut invocation = scripts::VERSIONS.key(keys.meta());
-        invocation.key(keys.promoted()).arg(keys.version_prefix());
+        invocation.key(keys.promoted());
         let flat: Vec<Value> = self.script(invocation, self.read()).await?;
         let mut out = BTreeMap::new();
         let mut items = flat.into_iter();
-        while let (Some(version), Some(json), Some(count), Some(promoted)) =
-            (items.next(), items.next(), items.next(), items.next())
-        {
+        while let (Some(version), Some(json), Some(promoted)) = (items.next(), items.next(), items.next()) {
             let version: u64 = parse(version, "a version number")?;
             let json: String = parse(json, "version metadata")?;
-            let members: u64 = parse(count, "a member count")?;
             let promoted: bool = parse::<u8>(promoted, "a promoted flag")? == 1;
             let meta: VersionMeta = serde_json::from_str(&json)
                 .map_err(|e| StoreError::Other(Cause::new(format!("metadata of {segment} v{version}"), e)))?;
@@ -432,7 +469,9 @@ impl SegmentStore for RedisStore {
                 .transpose()
             };
             let stored = StoredVersion {
-                members,
+                // The count recorded at sealing (the seal script always
+                // writes one).
+                members: meta.members.unwrap_or(0),
                 snapshot_time: time(meta.snapshot_time, "snapshot time")?,
                 definition_hash: meta.definition_hash,
                 change: meta.change,
@@ -581,34 +620,24 @@ impl SegmentStore for RedisStore {
         Ok(())
     }
 
+    async fn seal_version(
+        &self,
+        segment: &SegmentKey,
+        version: u64,
+        snapshot_time: Option<DateTime<Utc>>,
+        definition_hash: Option<&str>,
+    ) -> Result<StoredVersion, StoreError> {
+        let seal = Seal { snapshot_time, definition_hash: definition_hash.map(str::to_string), ..Seal::default() };
+        self.seal(segment, version, &seal, SealCount::LoadedSet).await
+    }
+
     async fn seal_with(&self, segment: &SegmentKey, version: u64, seal: &Seal) -> Result<StoredVersion, StoreError> {
-        check_segment(segment)?;
+        self.seal(segment, version, seal, SealCount::Given).await
+    }
+
+    async fn is_fenced(&self, segment: &SegmentKey, version: u64) -> Result<bool, StoreError> {
         let keys = SegmentKeys::new(segment);
-        let meta = VersionMeta {
-            members: None,
-            snapshot_time: seal.snapshot_time.as_ref().map(order_key),
-            definition_hash: seal.definition_hash.clone(),
-            change: seal.change,
-            overrides_from: seal.overrides_from.as_ref().map(order_key),
-            table_versions: seal.table_versions.clone(),
-        };
-        let rest = serde_json::to_string(&meta).map_err(|e| StoreError::Other(Cause::new("encoding version metadata", e)))?;
-        let mut invocation = scripts::SEAL.key(keys.meta());
-        invocation.key(keys.version(version)).key(keys.loaded()).key(keys.fenced()).arg(version).arg(rest);
-        let members: i64 = self.script(invocation, self.write()).await?;
-        let Ok(members) = u64::try_from(members) else {
-            return Err(StoreError::Fenced { segment: segment.to_string(), version });
-        };
-        // Sealing never promotes; only an activate does.
-        Ok(StoredVersion {
-            members,
-            snapshot_time: seal.snapshot_time,
-            definition_hash: seal.definition_hash.clone(),
-            change: seal.change,
-            promoted: false,
-            overrides_from: seal.overrides_from,
-            table_versions: seal.table_versions.clone(),
-        })
+        self.query(cmd("SISMEMBER").arg(keys.fenced()).arg(version), self.read()).await
     }
 
     async fn record_override(&self, segment: &SegmentKey, change: &Override) -> Result<bool, StoreError> {

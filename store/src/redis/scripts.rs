@@ -138,16 +138,18 @@ return out
 });
 
 /// KEYS: meta, version set, loaded, fenced. ARGV: version, metadata JSON
-/// without the member count. Counts the members and writes the metadata
-/// last, in one step, so a listed version is complete. Returns the count,
-/// or -1 (nothing written) when the version was deleted: a late ingest
-/// cannot bring it back.
+/// without the member count, the member count to record (empty: count the
+/// version set, for a version loaded into one). Writes the metadata last,
+/// in one step, so a listed version is complete. Returns the count
+/// recorded, or -1 (nothing written) when the version was deleted: a late
+/// seal cannot bring it back.
 pub(crate) static SEAL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local meta, set, loaded, fenced = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 if redis.call('SISMEMBER', fenced, ARGV[1]) == 1 then return -1 end
-local n = redis.call('SCARD', set)
+local n = ARGV[3]
+if n == '' then n = tostring(redis.call('SCARD', set)) end
 local rest = ARGV[2]
 local json
 if rest == '{}' then
@@ -157,15 +159,14 @@ else
 end
 redis.call('SADD', loaded, ARGV[1])
 redis.call('HSET', meta, ARGV[1], json)
-return n
+return tonumber(n)
 "#,
     )
 });
 
-/// KEYS: meta, promoted. ARGV: version key prefix. Every sealed version
-/// with its metadata, its live member count (overrides change it after
-/// sealing) and whether it was ever promoted (1 or 0).
-/// Returns `{version, json, count, promoted, ...}`.
+/// KEYS: meta, promoted. Every sealed version with its metadata (which
+/// holds the member count recorded at sealing) and whether it was ever
+/// promoted (1 or 0). Returns `{version, json, promoted, ...}`.
 pub(crate) static VERSIONS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -174,7 +175,6 @@ local out = {}
 for i = 1, #all, 2 do
   out[#out + 1] = all[i]
   out[#out + 1] = all[i + 1]
-  out[#out + 1] = redis.call('SCARD', ARGV[1] .. all[i])
   out[#out + 1] = redis.call('SISMEMBER', KEYS[2], all[i])
 end
 return out

@@ -1,5 +1,6 @@
 //! The Kafka side of the realtime worker: the membership consumer (with its
-//! dead-letter producer) and the announcer that publishes change events.
+//! dead-letter producer) and the announcer that publishes change events
+//! (computed from the versions' index files, read from an [`IndexSource`]).
 //!
 //! Every assigned partition of the membership topic gets a queue of its own
 //! (`split_partition_queue`) and a task that handles its messages one after
@@ -30,7 +31,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use rdkafka::TopicPartitionList;
 use segment_core::api::SegmentKey;
-use segment_core::store::{MembershipReader, RolloverFeed, SegmentStore};
+use segment_core::store::{IndexSource, MembershipReader, RolloverFeed, SegmentStore};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
@@ -216,10 +217,12 @@ impl Shared {
     }
 }
 
-/// Runs the consumer and the announcer until `shutdown` turns true.
+/// Runs the consumer and the announcer until `shutdown` turns true. The
+/// announcer diffs the versions' index files from `index`.
 pub async fn run<S>(
     config: RealtimeConfig,
     store: Arc<S>,
+    index: Arc<dyn IndexSource>,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), RealtimeError>
@@ -234,7 +237,8 @@ where
     consumer.subscribe(&[&config.membership_topic])?;
     let producer = config.kafka.producer()?;
     let sink = KafkaChangeSink { producer: producer.clone(), topic: config.changes_topic.clone() };
-    let announcer = tokio::spawn(announce_rollovers(config.clone(), store.clone(), sink, metrics.clone(), shutdown.clone()));
+    let announcer =
+        tokio::spawn(announce_rollovers(config.clone(), store.clone(), index, sink, metrics.clone(), shutdown.clone()));
     info!(topic = %config.membership_topic, group = %config.group_id, "consuming membership events");
     let shared = Arc::new(Shared {
         config,
@@ -503,6 +507,7 @@ impl ChangeSink for KafkaChangeSink {
 async fn announce_rollovers<S>(
     config: RealtimeConfig,
     store: Arc<S>,
+    index: Arc<dyn IndexSource>,
     sink: KafkaChangeSink,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
@@ -510,10 +515,10 @@ async fn announce_rollovers<S>(
     S: SegmentStore + MembershipReader + RolloverFeed + 'static,
 {
     let announce_active = |segment: SegmentKey| {
-        let (store, sink, metrics, config) = (store.clone(), &sink, metrics.clone(), &config);
+        let (store, index, sink, metrics, config) = (store.clone(), index.as_ref(), &sink, metrics.clone(), &config);
         async move {
             match store.active_version(&segment).await {
-                Ok(Some(version)) => announce_one(store.as_ref(), sink, &metrics, config, &segment, version).await,
+                Ok(Some(version)) => announce_one(store.as_ref(), index, sink, &metrics, config, &segment, version).await,
                 Ok(None) => {}
                 Err(e) => {
                     metrics.store_error();
@@ -544,7 +549,7 @@ async fn announce_rollovers<S>(
                     // second read per segment.
                     Ok(aliases) => {
                         for (segment, version) in aliases {
-                            announce_one(store.as_ref(), &sink, &metrics, &config, &segment, version).await;
+                            announce_one(store.as_ref(), index.as_ref(), &sink, &metrics, &config, &segment, version).await;
                         }
                     }
                     Err(e) => {
@@ -564,13 +569,14 @@ async fn announce_rollovers<S>(
 
 async fn announce_one(
     store: &dyn SegmentStore,
+    index: &dyn IndexSource,
     sink: &dyn ChangeSink,
     metrics: &Metrics,
     config: &RealtimeConfig,
     segment: &SegmentKey,
     version: u64,
 ) {
-    match announce(store, sink, segment, version, &config.holder, config.claim_lease).await {
+    match announce(store, index, sink, segment, version, &config.holder, config.claim_lease).await {
         Ok(Announcement::Published { from, entered, exited }) => {
             metrics.announcement("published");
             metrics.change_events(entered, exited);
@@ -582,6 +588,10 @@ async fn announce_one(
         Ok(Announcement::BaseGone { from }) => {
             metrics.announcement("base_gone");
             warn!(%segment, from, version, "the previous version was deleted before its successor was announced; no events for this rollover");
+        }
+        Ok(Announcement::IndexUnreadable { from, version: unreadable, error }) => {
+            metrics.announcement("index_unreadable");
+            warn!(%segment, from, version, unreadable, %error, "a version's index file cannot be read (computed before index files, or damaged); no events for this rollover");
         }
         Err(e) => {
             metrics.announcement("failed");
