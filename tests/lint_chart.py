@@ -386,6 +386,52 @@ def check_serving_clients_only() -> None:
             print(f"  serving: API port admits the clients only, metrics port {'the scrapers' if listed_scrapers else 'any peer'}")
 
 
+def check_shards() -> None:
+    """With serving.shards: 2, one Deployment, Service, PDB and HPA per
+    shard, each replica told its shard and each Service selecting only its
+    shard's pods; the NetworkPolicy still covers every shard."""
+    overrides = {
+        "serving": {"shards": 2, "auth": {"existingSecret": "segment-serving-tokens"}, "autoscaling": {"enabled": True}},
+        "networkPolicy": {"enabled": True},
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as file:
+        yaml.safe_dump(overrides, file)
+    try:
+        objects = render_in_child(Path(file.name))
+    finally:
+        os.unlink(file.name)
+    check_objects("shards", objects)
+    by_kind: dict[str, dict[str, dict]] = {}
+    for item in objects:
+        obj = item["object"]
+        by_kind.setdefault(obj["kind"], {})[obj["metadata"]["name"]] = obj
+    base = f"{RELEASE}-segment-operator-serving"
+    for shard in (0, 1):
+        name = f"{base}-{shard}"
+        deployment = by_kind.get("Deployment", {}).get(name)
+        if deployment is None:
+            fail(f"[shards] no Deployment {name}: {sorted(by_kind.get('Deployment', {}))}")
+            continue
+        label = deployment["spec"]["selector"]["matchLabels"].get("segmentation.dev/shard")
+        args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        if label != str(shard) or f"--shard={shard}/2" not in args:
+            fail(f"[shards] {name}: selector shard label {label!r}, args {args}")
+        service = by_kind.get("Service", {}).get(name, {})
+        if service.get("spec", {}).get("selector", {}).get("segmentation.dev/shard") != str(shard):
+            fail(f"[shards] Service {name} must select shard {shard}'s pods only: {service.get('spec', {}).get('selector')}")
+        if by_kind.get("PodDisruptionBudget", {}).get(name) is None:
+            fail(f"[shards] no PodDisruptionBudget {name}")
+        hpa = by_kind.get("HorizontalPodAutoscaler", {}).get(name, {})
+        if hpa.get("spec", {}).get("scaleTargetRef", {}).get("name") != name:
+            fail(f"[shards] HorizontalPodAutoscaler {name} must scale its own Deployment: {hpa.get('spec')}")
+    if base in by_kind.get("Deployment", {}) or base in by_kind.get("Service", {}):
+        fail(f"[shards] the unsharded {base} must not be rendered next to the shards")
+    policy = by_kind.get("NetworkPolicy", {}).get(base, {})
+    if "segmentation.dev/shard" in policy.get("spec", {}).get("podSelector", {}).get("matchLabels", {"x": 1}):
+        fail("[shards] the serving NetworkPolicy must select every shard's pods")
+    print("  serving: two shards, each with its Deployment (--shard i/2), Service, PDB and HPA")
+
+
 def check_refusals() -> None:
     """Values the chart must refuse, each with a message that says why."""
     minimal = load_overrides(MINIMAL)
@@ -440,6 +486,8 @@ def main() -> int:
         (check_all_features if values_file == ALL_FEATURES else check_default)(objects)
     print("==> network policy: serving clients listed, with and without metrics scrapers")
     check_serving_clients_only()
+    print("==> serving split into shards")
+    check_shards()
     print("==> values the chart must refuse")
     check_refusals()
 

@@ -45,12 +45,16 @@ app.kubernetes.io/part-of: segment-operator
 {{/*
 The labels a component's Service, PDB and NetworkPolicy select its pods by;
 they must never change between upgrades (Deployment selectors are immutable).
+With a "shard" key (serving split into shards), the shard's label too.
 */}}
 {{- define "segment-operator.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "segment-operator.name" .ctx }}
 app.kubernetes.io/instance: {{ .ctx.Release.Name }}
 {{- if .component }}
 app.kubernetes.io/component: {{ .component }}
+{{- end }}
+{{- if hasKey . "shard" }}
+segmentation.dev/shard: {{ .shard | quote }}
 {{- end }}
 {{- end }}
 
