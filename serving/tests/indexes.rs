@@ -385,3 +385,24 @@ async fn two_shards_split_the_users_and_together_answer_like_one() {
     let status = store.load_status(&lapsed(), 1).await.unwrap();
     assert!(["serving-0/2", "serving-1/2"].iter().all(|r| status.holding.contains(*r)), "{status:?}");
 }
+
+/// A rollback to an older version: the overrides recorded while it was
+/// retained (after its lake data) count for it as soon as it serves again.
+#[tokio::test]
+async fn a_rollback_serves_the_overrides_recorded_while_the_version_was_retained() {
+    let store: Arc<dyn ServingStore> = Arc::new(MemoryStore::new());
+    let fixture = Fixture::new(store.clone());
+    fixture.version(&lapsed(), 1, &["u1", "u2"]).await;
+    fixture.version(&lapsed(), 2, &["u1", "u2", "u3"]).await;
+    store.activate(&lapsed(), 2).await.unwrap();
+    let api = Api::start(store.clone(), fixture.config(Gate::new(&fixture.base), Duration::from_secs(600)));
+    api.wait_ready().await;
+    store.record_override(&lapsed(), &change("u1", OverrideOp::Exclude, snapshot() + TimeDelta::minutes(5))).await.unwrap();
+    store.record_override(&lapsed(), &change("u9", OverrideOp::Include, snapshot() + TimeDelta::minutes(5))).await.unwrap();
+    api.eventually_segments("u1", &[]).await;
+    store.activate(&lapsed(), 1).await.unwrap();
+    api.eventually_segments("u2", &["growth/lapsed@1"]).await;
+    assert!(api.segments_of("u1").await.is_empty(), "excluded while v1 was retained");
+    assert_eq!(api.segments_of("u9").await, ["growth/lapsed@1"], "included while v1 was retained");
+    assert!(api.segments_of("u3").await.is_empty());
+}
