@@ -32,7 +32,7 @@ use segment_core::index::{changes, IdSet};
 use segment_core::manifest::{Manifest, Part};
 use segment_core::reasons::FailureReason;
 use segment_core::seal::SealFile;
-use segment_core::store::{CountedChange, Seal, SegmentStore};
+use segment_core::store::{CountedChange, Seal};
 use segment_core::task::{IngestTask, VersionFiles};
 use segment_store::results::ResultDir;
 use serde::Serialize;
@@ -90,13 +90,6 @@ pub async fn verify(task: &IngestTask) -> Result<IngestReport, WorkerError> {
     let members = verdict.seal.members;
     info!(segment = %task.segment, version = task.version, members, ?change, "verified; verdict written");
     Ok(IngestReport { version: task.version, members, parts: manifest.parts.len(), failed_parts: failed, change })
-}
-
-/// [`verify`] under the entry point's former name and signature, for
-/// callers not moved yet (`segment-bench`'s `ingest` binary): the store is
-/// never used.
-pub async fn run(task: &IngestTask, _store: &dyn SegmentStore) -> Result<IngestReport, WorkerError> {
-    verify(task).await
 }
 
 fn check_manifest_matches(task: &IngestTask, manifest: &Manifest) -> Result<(), WorkerError> {

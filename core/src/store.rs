@@ -178,8 +178,9 @@ pub struct CountedChange {
     pub changed: u64,
 }
 
-/// A realtime include or exclude of one user, kept per segment so that the
-/// ingest of the next version re-applies it (see [`SegmentStore::record_override`]).
+/// A realtime include or exclude of one user, kept per segment so that
+/// readers lay it over every version that does not reflect it yet (see
+/// [`SegmentStore::record_override`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Override {
     pub user: String,
@@ -217,19 +218,12 @@ impl Override {
     }
 }
 
-/// A user who entered or left a segment between two versions.
+/// A user who entered or left a segment between two versions, as a page
+/// of the merge of their index files lists it ([`crate::index::diff_page`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Change {
     pub user: String,
     pub entered: bool,
-}
-
-/// One page of a diff; `next` is the opaque cursor of the next page,
-/// `None` once the diff is complete.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct DiffPage {
-    pub changes: Vec<Change>,
-    pub next: Option<String>,
 }
 
 /// Where publishing one version's entered/exited events stands (see
@@ -268,8 +262,11 @@ pub fn new_incarnation() -> String {
     format!("{:016x}", std::collections::hash_map::RandomState::new().build_hasher().finish())
 }
 
-/// The membership store as the lifecycle, ingest and realtime use it.
-/// Every write is idempotent: a retried batch changes nothing the second time.
+/// The store as the lifecycle and realtime use it: small state only
+/// (versions' seals, aliases, overrides, change bookkeeping). Memberships
+/// live in the versions' result files, which serving and the realtime
+/// worker read. Every write is idempotent: a retried call changes nothing
+/// the second time.
 #[async_trait]
 pub trait SegmentStore: Send + Sync {
     /// The version readers see now.
@@ -277,18 +274,13 @@ pub trait SegmentStore: Send + Sync {
     /// Every complete (sealed) version held for the segment, with the
     /// member count recorded when it was sealed.
     async fn versions(&self, segment: &SegmentKey) -> Result<BTreeMap<u64, StoredVersion>, StoreError>;
-    /// Users in exactly one of the two versions (entered plus exited), by
-    /// set arithmetic over member sets loaded with
-    /// [`load_members`](Self::load_members). Nothing in the lifecycle
-    /// calls it any more: the rollover guard uses the change ingest counted
-    /// from the index files ([`StoredVersion::change`]).
-    async fn change_count(&self, segment: &SegmentKey, from: u64, to: u64) -> Result<u64, StoreError>;
     /// Whether `version` was deleted ([`delete_version`](Self::delete_version)
     /// fences it first): sealing it is refused from then on. The planner
     /// asks about the run in flight before it seals it from ingest's verdict.
     async fn is_fenced(&self, segment: &SegmentKey, version: u64) -> Result<bool, StoreError>;
-    /// Versions with data but no seal: being loaded now, or left behind by
-    /// an ingest that died or a delete that was interrupted.
+    /// Versions with state but no seal: left behind by a delete that was
+    /// interrupted (the version is unlisted first, and its state goes
+    /// after), so that the next plan deletes them again.
     async fn unsealed_versions(&self, segment: &SegmentKey) -> Result<BTreeSet<u64>, StoreError>;
     /// Switches readers to `version` in one atomic step and notifies caches;
     /// the version is recorded as promoted ([`StoredVersion::promoted`]).
@@ -305,22 +297,6 @@ pub trait SegmentStore: Send + Sync {
     /// keeps its versions: a deleted Segment with `deletionPolicy: Retain`.
     async fn withdraw(&self, segment: &SegmentKey) -> Result<(), StoreError>;
 
-    /// Adds members to a version being loaded into member sets (the
-    /// former ingest; nothing in the lifecycle calls it any more, serving
-    /// answers from index files). Readers cannot see the version until it
-    /// is activated, and [`versions`](Self::versions) does not list it
-    /// until it is sealed.
-    async fn load_members(&self, segment: &SegmentKey, version: u64, users: &[String]) -> Result<(), StoreError>;
-    /// Seals a version loaded with [`load_members`](Self::load_members),
-    /// recording the loaded set's count: the counterpart of that former
-    /// path, kept while it is. Refused for a fenced version.
-    async fn seal_version(
-        &self,
-        segment: &SegmentKey,
-        version: u64,
-        snapshot_time: Option<DateTime<Utc>>,
-        definition_hash: Option<&str>,
-    ) -> Result<StoredVersion, StoreError>;
     /// Marks a version complete with ingest's verdict (the operator calls
     /// it once the ingest Job succeeded, from the seal file) and returns
     /// what is recorded: the member count is `seal.members`, as given; no
@@ -328,12 +304,15 @@ pub trait SegmentStore: Send + Sync {
     /// a deleted version. Sealing again records the new seal.
     async fn seal_with(&self, segment: &SegmentKey, version: u64, seal: &Seal) -> Result<StoredVersion, StoreError>;
 
-    /// Records a realtime override and applies it to the active version,
-    /// and to every newer version (one being loaded, or one sealed with a
-    /// snapshot before the override), so that it survives the next
-    /// rollover whenever it arrives. Returns false when a newer (or the
-    /// same) override was already recorded for the user, in which case
-    /// nothing changes.
+    /// Records a realtime override, the newest per user as
+    /// [`Override::supersedes`] orders them, and announces it
+    /// ([`Notice::Override`]): serving lays the recorded overrides over the
+    /// versions' index files, from each version's
+    /// [`StoredVersion::reflects_events_until`] on, so an override reaches
+    /// every version that does not reflect it, whenever it is activated.
+    /// Returns false when a newer (or the same) override was already
+    /// recorded for the user, in which case nothing changes and nothing is
+    /// announced.
     async fn record_override(&self, segment: &SegmentKey, change: &Override) -> Result<bool, StoreError>;
     /// [`record_override`](Self::record_override) for a segment that is
     /// served; `None`, with nothing recorded, when it has no active
@@ -348,27 +327,10 @@ pub trait SegmentStore: Send + Sync {
     /// Overrides with a time after `since`: what a version computed at
     /// snapshot time `since` does not know yet.
     async fn overrides_since(&self, segment: &SegmentKey, since: DateTime<Utc>) -> Result<Vec<Override>, StoreError>;
-    /// Applies overrides to a version's member set (the former ingest did,
-    /// before sealing; nothing in the lifecycle calls it any more: serving
-    /// lays overrides over the index files). Where a newer override of the
-    /// same user was recorded since the caller read its list, the newer
-    /// one is applied instead: the newest always wins.
-    async fn apply_overrides(&self, segment: &SegmentKey, version: u64, overrides: &[Override]) -> Result<(), StoreError>;
     /// Forgets the overrides with a time before `older_than` (every version
     /// kept reflects them through its lake data); an override recorded for
     /// the same user meanwhile is kept. Returns how many went.
     async fn prune_overrides(&self, segment: &SegmentKey, older_than: DateTime<Utc>) -> Result<usize, StoreError>;
-
-    /// A page of the users who entered (in `to`, not in `from`) or exited
-    /// (in `from`, not in `to`). Start with `cursor` `None`.
-    async fn diff_page(
-        &self,
-        segment: &SegmentKey,
-        from: u64,
-        to: u64,
-        cursor: Option<&str>,
-        page_size: usize,
-    ) -> Result<DiffPage, StoreError>;
 
     /// Claims publishing the change events of `version` for `lease`, so
     /// that each version is announced once however many realtime workers
@@ -398,7 +360,10 @@ pub enum StoreEpoch {
     Id(String),
 }
 
-/// What serving reads: each call is one round trip to the store.
+/// What serving (and the realtime worker) read of the store besides the
+/// notices: which version of each segment is active. Memberships are not
+/// in the store: readers answer from the active versions' index files.
+/// Each call is one round trip to the store.
 #[async_trait]
 pub trait MembershipReader: Send + Sync {
     /// The active version of every segment.
@@ -407,13 +372,6 @@ pub trait MembershipReader: Send + Sync {
     async fn aliases_with_epoch(&self) -> Result<(BTreeMap<SegmentKey, u64>, StoreEpoch), StoreError> {
         Ok((self.aliases().await?, StoreEpoch::Untracked))
     }
-    /// Every (segment, version) the user is loaded in; filter with
-    /// [`aliases`](Self::aliases) to get the active ones. Versions still
-    /// being loaded may be listed too (never active, so filtered out).
-    async fn user_versions(&self, user: &str) -> Result<Vec<(SegmentKey, u64)>, StoreError>;
-    async fn is_member(&self, segment: &SegmentKey, version: u64, user: &str) -> Result<bool, StoreError>;
-    /// Many (segment, version, user) checks at once.
-    async fn check(&self, pairs: &[(SegmentKey, u64, String)]) -> Result<Vec<bool>, StoreError>;
 }
 
 /// A rollover notice: `segment` now serves `version` (`None`: nothing, the
@@ -611,9 +569,9 @@ pub trait ResultStore: Send + Sync {
 struct SegmentData {
     active: Option<u64>,
     /// Sealed versions.
-    versions: BTreeMap<u64, (StoredVersion, BTreeSet<String>)>,
-    /// Versions being loaded.
-    loading: BTreeMap<u64, BTreeSet<String>>,
+    versions: BTreeMap<u64, StoredVersion>,
+    /// Versions left with state but no seal ([`MemoryStore::leave_unsealed`]).
+    unsealed: BTreeSet<u64>,
     overrides: BTreeMap<String, Override>,
     /// The version whose change events were published last.
     announced: Option<u64>,
@@ -693,34 +651,36 @@ impl MemoryStore {
         let _ = self.feed.send(FeedEvent::Notice(notice));
     }
 
-    /// Loads a complete version (what a successful ingest leaves behind).
+    /// Seals a version with `members` as its count, as the operator does
+    /// from ingest's verdict ([`SegmentStore::seal_with`]), fenced or not:
+    /// what a successful run leaves behind (its result files are the
+    /// caller's).
     pub fn load_version(
         &self,
         segment: &SegmentKey,
         version: u64,
-        members: impl IntoIterator<Item = String>,
+        members: u64,
         snapshot_time: Option<DateTime<Utc>>,
         definition_hash: Option<String>,
     ) {
-        let members: BTreeSet<String> = members.into_iter().collect();
-        let meta = StoredVersion {
-            members: members.len() as u64,
-            snapshot_time,
-            definition_hash,
-            change: None,
-            promoted: false,
-            overrides_from: None,
-            table_versions: Vec::new(),
-        };
-        self.with(|all| all.entry(segment.clone()).or_default().versions.insert(version, (meta, members)));
+        let seal = Seal { members, snapshot_time, definition_hash, ..Seal::default() };
+        self.with(|all| {
+            let data = all.entry(segment.clone()).or_default();
+            let meta = seal.stored(data.promoted.contains(&version));
+            data.versions.insert(version, meta);
+        });
     }
 
-    /// Members of the active version, as a reader would see them.
-    pub fn active_members(&self, segment: &SegmentKey) -> Option<BTreeSet<String>> {
+    /// Leaves `version` with state but no seal, as a delete interrupted
+    /// between unlisting the version and removing the rest of its state
+    /// does in a store that deletes step by step (Redis):
+    /// [`SegmentStore::unsealed_versions`] lists it until it is deleted.
+    pub fn leave_unsealed(&self, segment: &SegmentKey, version: u64) {
         self.with(|all| {
-            let data = all.get(segment)?;
-            data.versions.get(&data.active?).map(|(_, m)| m.clone())
-        })
+            let data = all.entry(segment.clone()).or_default();
+            data.versions.remove(&version);
+            data.unsealed.insert(version);
+        });
     }
 
     /// Makes every call fail as if the store were down, or brings it back.
@@ -764,44 +724,6 @@ impl MemoryStore {
     }
 }
 
-impl SegmentData {
-    fn members_mut(&mut self, version: u64) -> &mut BTreeSet<String> {
-        match self.versions.get_mut(&version) {
-            Some((_, members)) => members,
-            None => self.loading.entry(version).or_default(),
-        }
-    }
-
-    fn members(&self, version: u64) -> Option<&BTreeSet<String>> {
-        self.versions.get(&version).map(|(_, m)| m).or_else(|| self.loading.get(&version))
-    }
-
-    /// The versions a new override reaches: the active one and every newer
-    /// one that does not already reflect it (being loaded, or sealed with a
-    /// snapshot before the override). With no active version, all loaded
-    /// ones are newer.
-    fn override_targets(&self, change: &Override) -> Vec<u64> {
-        let newer = |v: &u64| self.active.is_none_or(|active| *v > active);
-        let sealed = self
-            .versions
-            .iter()
-            .filter(|(v, (meta, _))| newer(v) && meta.reflects_events_until().is_none_or(|until| until < change.ts))
-            .map(|(v, _)| *v);
-        let loading = self.loading.keys().copied().filter(newer);
-        self.active.into_iter().chain(sealed).chain(loading).collect()
-    }
-
-    /// Applies an override to a version's member set. The count recorded
-    /// when the version was sealed stays: it is the version's index file's.
-    fn apply(&mut self, version: u64, change: &Override) {
-        let members = self.members_mut(version);
-        match change.op {
-            OverrideOp::Include => members.insert(change.user.clone()),
-            OverrideOp::Exclude => members.remove(&change.user),
-        };
-    }
-}
-
 #[async_trait]
 impl SegmentStore for MemoryStore {
     async fn active_version(&self, segment: &SegmentKey) -> Result<Option<u64>, StoreError> {
@@ -814,25 +736,13 @@ impl SegmentStore for MemoryStore {
         Ok(self.with(|all| {
             let Some(data) = all.get(segment) else { return BTreeMap::new() };
             let stored = |v: u64, meta: &StoredVersion| StoredVersion { promoted: data.promoted.contains(&v), ..meta.clone() };
-            data.versions.iter().map(|(v, (meta, _))| (*v, stored(*v, meta))).collect()
+            data.versions.iter().map(|(v, meta)| (*v, stored(*v, meta))).collect()
         }))
     }
 
     async fn unsealed_versions(&self, segment: &SegmentKey) -> Result<BTreeSet<u64>, StoreError> {
         self.ensure_available()?;
-        Ok(self.with(|all| all.get(segment).map(|d| d.loading.keys().copied().collect()).unwrap_or_default()))
-    }
-
-    async fn change_count(&self, segment: &SegmentKey, from: u64, to: u64) -> Result<u64, StoreError> {
-        self.ensure_available()?;
-        self.with(|all| {
-            let data = all.get(segment);
-            let get = |v: u64| {
-                data.and_then(|d| d.members(v)).ok_or(StoreError::MissingVersion { segment: segment.to_string(), version: v })
-            };
-            let (a, b) = (get(from)?, get(to)?);
-            Ok(a.symmetric_difference(b).count() as u64)
-        })
+        Ok(self.with(|all| all.get(segment).map(|d| d.unsealed.clone()).unwrap_or_default()))
     }
 
     async fn activate(&self, segment: &SegmentKey, version: u64) -> Result<(), StoreError> {
@@ -862,7 +772,7 @@ impl SegmentStore for MemoryStore {
             data.fenced.insert(version);
             data.promoted.remove(&version);
             data.versions.remove(&version);
-            data.loading.remove(&version);
+            data.unsealed.remove(&version);
             let cleared = data.active == Some(version);
             if cleared {
                 data.active = None;
@@ -900,26 +810,6 @@ impl SegmentStore for MemoryStore {
         Ok(())
     }
 
-    async fn load_members(&self, segment: &SegmentKey, version: u64, users: &[String]) -> Result<(), StoreError> {
-        self.ensure_available()?;
-        self.with(|all| all.entry(segment.clone()).or_default().members_mut(version).extend(users.iter().cloned()));
-        Ok(())
-    }
-
-    async fn seal_version(
-        &self,
-        segment: &SegmentKey,
-        version: u64,
-        snapshot_time: Option<DateTime<Utc>>,
-        definition_hash: Option<&str>,
-    ) -> Result<StoredVersion, StoreError> {
-        self.ensure_available()?;
-        let loaded = self.with(|all| all.get(segment).and_then(|d| d.members(version)).map_or(0, |m| m.len() as u64));
-        let seal =
-            Seal { members: loaded, snapshot_time, definition_hash: definition_hash.map(str::to_string), ..Seal::default() };
-        self.seal_with(segment, version, &seal).await
-    }
-
     async fn seal_with(&self, segment: &SegmentKey, version: u64, seal: &Seal) -> Result<StoredVersion, StoreError> {
         self.ensure_available()?;
         self.with(|all| {
@@ -927,12 +817,9 @@ impl SegmentStore for MemoryStore {
             if data.fenced.contains(&version) {
                 return Err(StoreError::Fenced { segment: segment.to_string(), version });
             }
-            // Members loaded the former way (or applied by overrides) stay
-            // with the version; the count recorded is the seal's.
-            let members =
-                data.loading.remove(&version).or_else(|| data.versions.remove(&version).map(|(_, m)| m)).unwrap_or_default();
+            data.unsealed.remove(&version);
             let meta = seal.stored(data.promoted.contains(&version));
-            data.versions.insert(version, (meta.clone(), members));
+            data.versions.insert(version, meta.clone());
             Ok(meta)
         })
     }
@@ -953,9 +840,6 @@ impl SegmentStore for MemoryStore {
                 return false;
             }
             data.overrides.insert(change.user.clone(), change.clone());
-            for version in data.override_targets(change) {
-                data.apply(version, change);
-            }
             true
         });
         if recorded {
@@ -979,68 +863,6 @@ impl SegmentStore for MemoryStore {
             data.overrides.retain(|_, change| change.ts >= older_than);
             before - data.overrides.len()
         }))
-    }
-
-    async fn apply_overrides(&self, segment: &SegmentKey, version: u64, overrides: &[Override]) -> Result<(), StoreError> {
-        self.ensure_available()?;
-        self.with(|all| {
-            let data = all.entry(segment.clone()).or_default();
-            for change in overrides {
-                let newest = match data.overrides.get(&change.user) {
-                    Some(recorded) if recorded.supersedes(change) => recorded.clone(),
-                    _ => change.clone(),
-                };
-                data.apply(version, &newest);
-            }
-        });
-        Ok(())
-    }
-
-    async fn diff_page(
-        &self,
-        segment: &SegmentKey,
-        from: u64,
-        to: u64,
-        cursor: Option<&str>,
-        page_size: usize,
-    ) -> Result<DiffPage, StoreError> {
-        self.ensure_available()?;
-        // A page holds at least one change, or a caller could never advance.
-        let page_size = page_size.max(1);
-        self.with(|all| {
-            let data = all.get(segment);
-            let get = |v: u64| {
-                data.and_then(|d| d.members(v)).ok_or(StoreError::MissingVersion { segment: segment.to_string(), version: v })
-            };
-            let (old, new) = (get(from)?, get(to)?);
-            // The cursor is the last user returned; entered users come
-            // first (phase "e"), then exited ones (phase "x").
-            let (phase, after) = match cursor.and_then(|c| c.split_once(':')) {
-                Some((phase, after)) => (phase.to_string(), Some(after.to_string())),
-                None => ("e".to_string(), None),
-            };
-            let mut page = DiffPage::default();
-            let phases: &[(&str, &BTreeSet<String>, &BTreeSet<String>, bool)] = &[("e", new, old, true), ("x", old, new, false)];
-            for (name, source, other, entered) in phases.iter().skip_while(|p| p.0 != phase) {
-                let start = if *name == phase { after.clone() } else { None };
-                let candidates = source
-                    .iter()
-                    .filter(|u| start.as_ref().is_none_or(|s| u.as_str() > s.as_str()))
-                    .filter(|u| !other.contains(*u));
-                for user in candidates {
-                    if page.changes.len() == page_size {
-                        // The phase of the last change, not the one being
-                        // scanned: a page that fills exactly at the end of
-                        // the entered users must not skip the exited ones.
-                        page.next =
-                            page.changes.last().map(|c: &Change| format!("{}:{}", if c.entered { "e" } else { "x" }, c.user));
-                        return Ok(page);
-                    }
-                    page.changes.push(Change { user: user.clone(), entered: *entered });
-                }
-            }
-            Ok(page)
-        })
     }
 
     async fn claim_changes(
@@ -1094,33 +916,6 @@ impl MembershipReader for MemoryStore {
     async fn aliases(&self) -> Result<BTreeMap<SegmentKey, u64>, StoreError> {
         self.ensure_available()?;
         Ok(self.with(|all| all.iter().filter_map(|(k, d)| d.active.map(|v| (k.clone(), v))).collect()))
-    }
-
-    async fn user_versions(&self, user: &str) -> Result<Vec<(SegmentKey, u64)>, StoreError> {
-        self.ensure_available()?;
-        Ok(self.with(|all| {
-            let mut out = Vec::new();
-            for (key, data) in all.iter() {
-                for (version, (_, members)) in &data.versions {
-                    if members.contains(user) {
-                        out.push((key.clone(), *version));
-                    }
-                }
-            }
-            out
-        }))
-    }
-
-    async fn is_member(&self, segment: &SegmentKey, version: u64, user: &str) -> Result<bool, StoreError> {
-        self.ensure_available()?;
-        Ok(self.with(|all| all.get(segment).and_then(|d| d.versions.get(&version)).is_some_and(|(_, m)| m.contains(user))))
-    }
-
-    async fn check(&self, pairs: &[(SegmentKey, u64, String)]) -> Result<Vec<bool>, StoreError> {
-        self.ensure_available()?;
-        Ok(self.with(|all| {
-            pairs.iter().map(|(k, v, u)| all.get(k).and_then(|d| d.versions.get(v)).is_some_and(|(_, m)| m.contains(u))).collect()
-        }))
     }
 }
 

@@ -10,7 +10,7 @@ use axum::body::Body;
 use axum::Router;
 use http::{Request, StatusCode};
 use segment_core::api::SegmentKey;
-use segment_core::store::{MemoryStore, SegmentStore};
+use segment_core::store::{MemoryStore, Seal, SegmentStore};
 use segment_serving::{
     connect_redis, metrics_router, router, AppState, ConnectionLimits, IndexOptions, ResultFiles, Server, ServerOptions,
     ServingConfig, ServingStore, Tokens,
@@ -52,8 +52,8 @@ impl Results {
         ids.sort();
         let uri = segment_core::naming::results_uri(&self.base, segment, version);
         segment_tests::write_result(&uri, segment, version, chrono::Utc::now(), &[ids.clone()]).await;
-        store.load_members(segment, version, &ids).await.unwrap();
-        store.seal_version(segment, version, None, Some("hash")).await.unwrap();
+        let seal = Seal { members: ids.len() as u64, definition_hash: Some("hash".into()), ..Seal::default() };
+        store.seal_with(segment, version, &seal).await.unwrap();
     }
 }
 

@@ -9,11 +9,9 @@ use segment_core::index::INDEX_FILE;
 use segment_core::manifest::Manifest;
 use segment_core::reasons::FailureReason;
 use segment_core::seal::{judge, SealFile, Verdict, SEAL_FILE, SEAL_FORMAT};
-use segment_core::store::{CountedChange, MemoryStore, ResultStore, SegmentStore};
+use segment_core::store::{CountedChange, ResultStore};
 use segment_core::task::{IngestTask, VersionFiles};
-use segment_store::redis::RedisStore;
 use segment_store::results::ObjectResults;
-use segment_tests::{redis_call, RedisServer, Resp};
 
 fn snapshot() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 6, 1, 12, 0, 0).unwrap()
@@ -95,29 +93,6 @@ async fn verifies_the_result_and_writes_its_verdict_next_to_it() {
     // Without a lag grace, overrides count from the snapshot.
     ingest::verify(&task(&segment, 2, &local_uri(&dir, 2), 0)).await.unwrap();
     assert_eq!(verdict_in(&dir, 2).unwrap().seal.overrides_from, Some(snapshot()));
-}
-
-/// Ingest needs no store: `verify` takes none, and the former entry point,
-/// which still takes one for callers not moved yet, never uses it. A real
-/// Redis it is handed holds no key afterwards (no member set, no reverse
-/// index, no seal), and a store that is down does not fail it.
-#[tokio::test]
-async fn ingest_touches_no_store() {
-    let dir = tempfile::tempdir().unwrap();
-    let segment = SegmentKey::new("t", "no-store");
-    write_result(&local_uri(&dir, 1), &segment, 1, &[users(0..300)]).await;
-
-    let server = RedisServer::start();
-    let redis = RedisStore::connect(&server.url()).await.unwrap();
-    let report = ingest::run(&task(&segment, 1, &local_uri(&dir, 1), 0), &redis).await.unwrap();
-    assert_eq!(report.members, 300);
-    assert!(matches!(redis_call(server.port, &["DBSIZE"]), Some(Resp::Int(0))), "Redis holds nothing");
-    assert!(redis.versions(&segment).await.unwrap().is_empty());
-
-    let down = MemoryStore::new();
-    down.set_unavailable(true);
-    ingest::run(&task(&segment, 1, &local_uri(&dir, 1), 0), &down).await.expect("a store that is down does not matter");
-    assert_eq!(verdict_in(&dir, 1).unwrap().seal.members, 300);
 }
 
 /// Ingest counts how the version differs from the one active at launch by

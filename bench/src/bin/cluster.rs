@@ -6,9 +6,11 @@
 //!
 //! No pod runs. The controller manager is stopped (so no Job controller
 //! creates pods) and the benchmark plays the Jobs' part: it marks each
-//! compute Job complete, and for each ingest Job seals a version in Redis
-//! as `segment-worker ingest` would, then marks that Job complete. What
-//! is measured is the operator and the API server, not the pods.
+//! compute Job complete, and for each ingest Job writes the verdict
+//! (`_seal.json`) to the local S3 server as `segment-worker ingest` would
+//! (the operator seals the version in Redis from it), then marks that Job
+//! complete. What is measured is the operator and the API server, not the
+//! pods.
 //!
 //! The ceiling is the API server's own: Jobs per second it creates for
 //! one client sending 16 at a time, measured before the operator starts.
@@ -33,9 +35,10 @@ use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::ResourceExt;
 use segment_bench::{process_rss_bytes, row};
 use segment_core::api::{Segment, SegmentKey, JOB_KIND_LABEL};
-use segment_core::store::SegmentStore;
+use segment_core::seal::SealFile;
+use segment_core::store::Seal;
 use segment_core::task::{ComputeTask, IngestTask, TASK_ANNOTATION};
-use segment_store::redis::RedisStore;
+use segment_store::results::ResultDir;
 use segment_tests::cluster::{workspace_binary, workspace_root, LocalCluster};
 use segment_tests::{free_port, http_get, signal, RedisServer, S3Server, Signal};
 use serde_json::json;
@@ -58,6 +61,10 @@ async fn main() {
     cluster.install_crds(&std::fs::read_to_string(workspace_root().join("crds/segmentation.dev.yaml")).expect("the CRDs"));
     let redis = RedisServer::start();
     let s3 = S3Server::start(&["bench-results"]);
+    for (key, value) in s3.env() {
+        // Before any S3 client of this process reads it (the Completer's).
+        std::env::set_var(key, value);
+    }
     let client = cluster.client().await;
 
     let ceiling = job_create_ceiling(&client, 1_000).await;
@@ -67,8 +74,7 @@ async fn main() {
     create_segments(&client, segments, namespaces).await;
     row("Segments created (16 at once)", segments as f64 / start.elapsed().as_secs_f64(), "Segments/s");
 
-    let store = Arc::new(RedisStore::connect(&redis.url()).await.expect("Redis"));
-    let completer = Completer::start(client.clone(), store);
+    let completer = Completer::start(client.clone());
     let active = ActiveCount::start(client.clone());
 
     // From nothing to an active version for every Segment.
@@ -236,9 +242,9 @@ async fn create_segments(client: &kube::Client, segments: u64, namespaces: u64) 
 }
 
 /// Plays the pods of the operator's Jobs: a compute Job is marked
-/// complete; an ingest Job's version is loaded and sealed in Redis
-/// (members, snapshot time and definition hash, as the worker writes
-/// them), then the Job is marked complete.
+/// complete; an ingest Job's verdict is written next to its (absent)
+/// result files (member count, snapshot time and definition hash, as the
+/// worker writes them), then the Job is marked complete.
 struct Completer {
     compute_jobs: Arc<AtomicU64>,
     ingest_jobs: Arc<AtomicU64>,
@@ -246,7 +252,7 @@ struct Completer {
 }
 
 impl Completer {
-    fn start(client: kube::Client, store: Arc<RedisStore>) -> Completer {
+    fn start(client: kube::Client) -> Completer {
         let compute_jobs = Arc::new(AtomicU64::new(0));
         let ingest_jobs = Arc::new(AtomicU64::new(0));
         let (computes, ingests) = (compute_jobs.clone(), ingest_jobs.clone());
@@ -261,7 +267,7 @@ impl Completer {
                 .filter_map(|job| std::future::ready(job.ok()))
                 .filter(move |job| std::future::ready(seen.insert(job.uid().unwrap_or_default())));
             jobs.for_each_concurrent(IN_FLIGHT, |job| {
-                let (client, store, hashes) = (client.clone(), store.clone(), hashes.clone());
+                let (client, hashes) = (client.clone(), hashes.clone());
                 let (computes, ingests) = (computes.clone(), ingests.clone());
                 async move {
                     let task = task_of(&job);
@@ -272,12 +278,16 @@ impl Completer {
                     } else {
                         let task: IngestTask = serde_json::from_str(&task).expect("an ingest task");
                         let hash = hashes.lock().unwrap().remove(&(task.segment.clone(), task.version));
-                        let members: Vec<String> = (0..MEMBERS).map(|m| format!("user-{}-{m}", task.version % 2)).collect();
-                        store.load_members(&task.segment, task.version, &members).await.expect("members loaded");
-                        store
-                            .seal_version(&task.segment, task.version, Some(task.snapshot_time), hash.as_deref())
-                            .await
-                            .expect("a version sealed");
+                        let seal = Seal {
+                            members: MEMBERS as u64,
+                            snapshot_time: Some(task.snapshot_time),
+                            definition_hash: hash,
+                            overrides_from: Some(task.overrides_from.unwrap_or(task.snapshot_time)),
+                            ..Seal::default()
+                        };
+                        let verdict = SealFile::new(task.segment.clone(), task.version, seal);
+                        let dir = ResultDir::open(&task.results_uri).expect("a result location");
+                        dir.write_seal(&verdict).await.expect("the verdict written");
                         ingests.fetch_add(1, Ordering::Relaxed);
                     }
                     complete(&client, &job).await;

@@ -62,7 +62,7 @@ async fn main() {
                     }
                 }
                 if step == 1 {
-                    store.load_version(&key, round, (0..100).map(|u| format!("u{u}")), Some(now), None);
+                    store.load_version(&key, round, 100, Some(now), None);
                 }
                 segment.status = Some(p.status);
             }

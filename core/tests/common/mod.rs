@@ -300,12 +300,12 @@ impl World {
         self.job_mut(version, kind).state = JobState::Failed { finished_at: now, failure };
     }
 
-    /// Puts `version` into the store, sealed, with its members, snapshot
-    /// time and definition hash (from the run in flight when it is that
-    /// version), bypassing the verdict and the fence: a store written by
-    /// something else (a late ingest of an older worker).
+    /// Puts `version` into the store, sealed, with its member count,
+    /// snapshot time and definition hash (from the run in flight when it is
+    /// that version), bypassing the verdict and the fence: a store written
+    /// by something else (a late ingest of an older worker).
     pub fn load(&mut self, version: u64) {
-        let members = self.members_of(version);
+        let members = self.members_of(version).len() as u64;
         let run = self.segment.status.as_ref().and_then(|s| s.current_run.as_ref()).filter(|r| r.version == version);
         let snapshot = run.map(|r| r.snapshot_time);
         let hash = run.map(|r| r.definition_hash.clone()).unwrap_or_else(|| definition_hash(&self.segment.spec.definition));

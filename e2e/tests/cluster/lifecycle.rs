@@ -141,10 +141,15 @@ fn a_held_version_is_served_only_once_approved() {
     let results_bucket = tenant.results_uri.trim_start_matches("s3://");
     let files = list_objects(results_bucket, &format!("{}/vip/v2", tenant.namespace));
     assert!(files.iter().any(|f| f.ends_with("/v2/_seal.json")), "the ingest Job's verdict: {files:?}");
-    // Redis holds no member of any version: no member set, no per-user key.
-    let members: Vec<String> =
-        tenant.redis.keys("*").into_iter().filter(|k| k.starts_with("sg:u:") || k.contains("/vip}:v")).collect();
-    assert!(members.is_empty(), "member data in Redis: {members:?}");
+    // Redis holds no member of any version: the segment's keys are its
+    // small state only (docs/storage.md), and there is no per-user key.
+    let prefix = format!("sg:{{{}/vip}}:", tenant.namespace);
+    let mut kinds: Vec<String> =
+        tenant.redis.keys(&format!("{prefix}*")).iter().map(|k| k.trim_start_matches(&prefix).to_string()).collect();
+    kinds.sort();
+    let small = ["changes", "fenced", "loaded", "meta", "ov", "promoted", "replicas"];
+    assert!(kinds.iter().all(|k| small.contains(&k.as_str())), "keys outside the small-state layout: {kinds:?}");
+    assert!(tenant.redis.keys("sg:u:*").is_empty(), "no per-user key");
 
     annotate(&tenant, "vip", "segmentation.dev/approve-version=2");
     let approved = tenant.wait_for_segment("vip", RUN, |s| active_version(s) == Some(2));

@@ -472,7 +472,6 @@ async fn the_operator_seals_the_version_from_the_ingests_verdict() {
     let stored = h.store.versions(&h.key()).await.unwrap()[&1].clone();
     assert_eq!(stored, verdict.seal.stored(true), "sealed as the verdict says, then promoted");
     assert_eq!(h.store.active_version(&h.key()).await.unwrap(), Some(1));
-    assert_eq!(h.store.active_members(&h.key()), Some(Default::default()), "no member was loaded into the store");
     let status = h.segment().status.unwrap();
     assert_eq!((status.active_version, status.members, status.current_run), (Some(1), Some(1234), None));
     assert_eq!(event_reasons(&h.world), vec!["RunStarted", "VersionReady", "RolledOver"]);

@@ -1,7 +1,7 @@
 //! The key layout (docs/storage.md). Every key of one segment carries the
 //! hash tag `{ns/name}`, so in a cluster they share one slot: the Lua
 //! scripts that compare-and-set across them are atomic, and a segment's
-//! pipelines go to one node. A user's reverse index is tagged by the user.
+//! pipelines go to one node. Every key is small: no key holds members.
 
 use chrono::{DateTime, Datelike, SecondsFormat, Utc};
 use segment_core::api::SegmentKey;
@@ -27,14 +27,12 @@ pub(crate) const REPLICAS: &str = "sg:replicas";
 /// of the segment's rollover (`ReplicaRegistry::request_load`). Global, so
 /// that one read lists them all; one field per segment in rollover.
 pub(crate) const LOAD_REQUESTS: &str = "sg:load";
-/// Value of a reverse-index field; the field name carries the information.
-pub(crate) const PRESENT: &str = "1";
 /// Width of [`order_key`]; the Lua scripts slice stored overrides by it.
 pub(crate) const ORDER_KEY_WIDTH: usize = 30;
 
 /// The keys of one segment.
 pub(crate) struct SegmentKeys {
-    /// `ns/name`: the alias field and the prefix of reverse-index fields.
+    /// `ns/name`: the field of the segment in the global hashes.
     pub field: String,
     /// `sg:{ns/name}:`
     base: String,
@@ -47,23 +45,15 @@ impl SegmentKeys {
         SegmentKeys { field, base }
     }
 
-    /// Set of the members of one version.
-    pub fn version(&self, version: u64) -> String {
-        format!("{}v{version}", self.base)
-    }
-
-    /// What [`version`](Self::version) puts before the number (for scripts).
-    pub fn version_prefix(&self) -> String {
-        format!("{}v", self.base)
-    }
-
     /// Hash version → JSON metadata of every sealed version.
     pub fn meta(&self) -> String {
         format!("{}meta", self.base)
     }
 
-    /// Set of every version that has data, sealed or still loading, so
-    /// deletes find partial loads and overrides reach versions in flight.
+    /// Set of the versions being deleted (fenced and unlisted, not yet
+    /// done), listed unsealed until their delete ends, so that an
+    /// interrupted delete is finished by the next one. Keys written by the
+    /// former per-membership layout listed every loaded version here too.
     pub fn loaded(&self) -> String {
         format!("{}loaded", self.base)
     }
@@ -98,16 +88,6 @@ impl SegmentKeys {
     pub fn replicas(&self) -> String {
         format!("{}replicas", self.base)
     }
-
-    /// Field of the user's reverse-index hash for one version.
-    pub fn user_field(&self, version: u64) -> String {
-        format!("{}#{version}", self.field)
-    }
-}
-
-/// The reverse index of a user: hash `ns/name#version` → `1`.
-pub(crate) fn user_key(user: &str) -> String {
-    format!("sg:u:{{{user}}}")
 }
 
 pub(crate) fn parse_segment(field: &str) -> Option<SegmentKey> {
@@ -115,14 +95,10 @@ pub(crate) fn parse_segment(field: &str) -> Option<SegmentKey> {
     Some(SegmentKey::new(namespace, name))
 }
 
-pub(crate) fn parse_user_field(field: &str) -> Option<(SegmentKey, u64)> {
-    let (segment, version) = field.rsplit_once('#')?;
-    Some((parse_segment(segment)?, version.parse().ok()?))
-}
-
 /// Rejects segment keys the layout cannot round-trip: `/` separates the
-/// namespace from the name, `#` the segment from the version, and braces
-/// would move the hash tag (Kubernetes names never contain any of them).
+/// namespace from the name, braces would move the hash tag, and `#` is
+/// kept out as the former layout's separator of a segment and a version
+/// (Kubernetes names never contain any of them).
 pub(crate) fn check_segment(segment: &SegmentKey) -> Result<(), StoreError> {
     let bad = |part: &str, what: &str, forbidden: &[char]| {
         if part.is_empty() {
@@ -158,12 +134,9 @@ mod tests {
     fn fields_round_trip() {
         let segment = SegmentKey::new("growth", "lapsed-high-value");
         let keys = SegmentKeys::new(&segment);
-        assert_eq!(keys.version(42), "sg:{growth/lapsed-high-value}:v42");
+        assert_eq!(keys.meta(), "sg:{growth/lapsed-high-value}:meta");
         assert_eq!(keys.replicas(), "sg:{growth/lapsed-high-value}:replicas");
-        assert_eq!(parse_user_field(&keys.user_field(42)), Some((segment.clone(), 42)));
         assert_eq!(parse_segment(&keys.field), Some(segment));
-        assert_eq!(user_key("u1"), "sg:u:{u1}");
-        assert_eq!(parse_user_field("no-version"), None);
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! The Redis store, on one server or a Redis Cluster. Key layout, the
-//! reasons behind it, the commands each operation sends and the memory
-//! cost per membership: docs/storage.md.
+//! The Redis store, on one server or a Redis Cluster. It holds only small
+//! state: versions' seals, aliases, overrides, change bookkeeping, load
+//! requests and replicas' reports; memberships are in the result files.
+//! Key layout, the reasons behind it and the commands each operation
+//! sends: docs/storage.md.
 
 mod conn;
 mod keys;
@@ -21,29 +23,18 @@ use segment_core::api::SegmentKey;
 use segment_core::manifest::SourceRead;
 pub use segment_core::store::Rollover;
 use segment_core::store::{
-    new_incarnation, Cause, Change, ChangesClaim, CountedChange, DiffPage, LoadStatus, MembershipReader, Notice, Override,
-    OverrideOp, ReplicaRegistry, RolloverFeed, Seal, SegmentStore, StoreEpoch, StoreError, StoredVersion, Transition,
+    new_incarnation, Cause, ChangesClaim, CountedChange, LoadStatus, MembershipReader, Notice, Override, ReplicaRegistry,
+    RolloverFeed, Seal, SegmentStore, StoreEpoch, StoreError, StoredVersion, Transition,
 };
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use conn::{parse, within, Batch, Conn};
 pub use keys::ROLLOVER_CHANNEL;
-use keys::{
-    check_segment, order_key, parse_segment, parse_user_field, user_key, SegmentKeys, ALIASES, EPOCH_FIELD, LOAD_REQUESTS,
-    PRESENT, REPLICAS,
-};
+use keys::{check_segment, order_key, parse_segment, SegmentKeys, ALIASES, EPOCH_FIELD, LOAD_REQUESTS, REPLICAS};
 
-/// Users per round trip of a bulk load (each costs one SADD element and
-/// one HSET).
-const LOAD_CHUNK: usize = 10_000;
-/// Elements per variadic SADD.
-const SADD_CHUNK: usize = 1_000;
-/// Elements per SSCAN/HSCAN step of an incremental delete or scan.
+/// Elements per HSCAN step of a scan of a segment's overrides.
 const SCAN_COUNT: usize = 1_000;
-/// Overrides per script call of `apply_overrides`, so no call holds the
-/// server for long.
-const OVERRIDE_CHUNK: usize = 500;
 
 /// Deadlines of store calls: nothing waits longer for Redis than these.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,9 +45,10 @@ pub struct RedisStoreOptions {
     /// itself (serving, with its `--store-timeout-ms`), so that a read runs
     /// one timer instead of two.
     pub read_timeout: Option<Duration>,
-    /// One small write round trip (activate, overrides).
+    /// One small write round trip (activate, seal, overrides).
     pub write_timeout: Duration,
-    /// One round trip of a bulk operation (a load batch, a delete step).
+    /// One round trip of a bulk operation (a step of a scan of a
+    /// segment's overrides).
     pub bulk_timeout: Duration,
 }
 
@@ -86,22 +78,12 @@ struct Inner {
     options: RedisStoreOptions,
 }
 
-/// Which member count a seal records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SealCount {
-    /// [`Seal::members`], as given (the verdict of ingest).
-    Given,
-    /// The version's member set's, counted by the script (a version loaded
-    /// with `load_members`, the former ingest).
-    LoadedSet,
-}
-
 /// The metadata of a sealed version as stored (JSON in the meta hash).
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct VersionMeta {
-    /// The count recorded at sealing, which [`SegmentStore::versions`]
-    /// reports. Written by the seal script, never in the JSON it is given.
+    /// The count recorded at sealing ([`Seal::members`]), which
+    /// [`SegmentStore::versions`] reports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     members: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -217,31 +199,14 @@ impl RedisStore {
         Err(last)
     }
 
-    /// Records an override and applies it to `active` and every newer
-    /// version. The alias lives in another slot, so the caller reads it
-    /// first; a rollover in between is harmless, since the script also
-    /// applies the override to every version newer than the one read.
-    async fn record_override_at(&self, segment: &SegmentKey, change: &Override, active: Option<u64>) -> Result<bool, StoreError> {
+    /// Records an override unless the user's recorded one supersedes it
+    /// (one script, one round trip), then announces it.
+    async fn record(&self, segment: &SegmentKey, change: &Override) -> Result<bool, StoreError> {
         let keys = SegmentKeys::new(segment);
         let mut record = scripts::RECORD_OVERRIDE.key(keys.overrides());
-        record
-            .key(keys.loaded())
-            .key(keys.meta())
-            .arg(&change.user)
-            .arg(order_key(&change.ts))
-            .arg(offset_arg(change))
-            .arg(&change.id)
-            .arg(op_name(change.op))
-            .arg(stored_override(change)?)
-            .arg(active.unwrap_or(0))
-            .arg(keys.version_prefix());
-        let reply: Vec<u64> = self.script(record, self.write()).await?;
-        let recorded = reply.first() == Some(&1);
-        if let [_, include, versions @ ..] = reply.as_slice() {
-            let mut batch = Batch::new();
-            RedisStore::reverse_index(&mut batch, &keys, &change.user, *include == 1, versions);
-            self.run(batch, self.write()).await?;
-        }
+        record.arg(&change.user).arg(order_key(&change.ts)).arg(offset_arg(change)).arg(&change.id).arg(stored_override(change)?);
+        let recorded: u64 = self.script(record, self.write()).await?;
+        let recorded = recorded == 1;
         // Only an override that superseded what the user had is news to
         // replicas; a stale one or the same event again changes nothing
         // they hold. Announced last, once every write it stands for is done.
@@ -283,62 +248,29 @@ impl RedisStore {
         self.inner.options.bulk_timeout
     }
 
-    /// Deletes one version's data step by step: reverse-index fields in
-    /// SSCAN batches, then the set (UNLINK frees it off the main thread),
-    /// then its registry entry, so an interrupted delete can be resumed
-    /// and nothing is ever left unreachable.
-    async fn purge_version(&self, keys: &SegmentKeys, version: u64) -> Result<(), StoreError> {
-        let set = keys.version(version);
-        let field = keys.user_field(version);
-        let mut cursor = 0u64;
-        loop {
-            let step = cmd("SSCAN").arg(&set).arg(cursor).arg("COUNT").arg(SCAN_COUNT).clone();
-            let (next, users): (u64, Vec<String>) = self.query(&step, self.bulk()).await?;
-            let mut batch = Batch::new();
-            for user in &users {
-                let key = user_key(user);
-                batch.add(&key, cmd("HDEL").arg(&key).arg(&field).clone());
-            }
-            self.run(batch, self.bulk()).await?;
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
-        let mut batch = Batch::new();
-        batch.add(&set, cmd("UNLINK").arg(&set).clone());
-        batch.add(&set, cmd("SREM").arg(keys.loaded()).arg(version).clone());
-        self.run(batch, self.bulk()).await?;
-        Ok(())
-    }
-
     /// Seals a version in one script: refused (nothing written) when the
-    /// version is fenced; else the metadata, with the member count `count`
-    /// says, goes into `meta` last, so a listed version is complete.
-    async fn seal(&self, segment: &SegmentKey, version: u64, seal: &Seal, count: SealCount) -> Result<StoredVersion, StoreError> {
+    /// version is fenced; else its metadata, with the member count as
+    /// given, goes into `meta` in one HSET.
+    async fn seal(&self, segment: &SegmentKey, version: u64, seal: &Seal) -> Result<StoredVersion, StoreError> {
         check_segment(segment)?;
         let keys = SegmentKeys::new(segment);
         let meta = VersionMeta {
-            members: None,
+            members: Some(seal.members),
             snapshot_time: seal.snapshot_time.as_ref().map(order_key),
             definition_hash: seal.definition_hash.clone(),
             change: seal.change,
             overrides_from: seal.overrides_from.as_ref().map(order_key),
             table_versions: seal.table_versions.clone(),
         };
-        let rest = serde_json::to_string(&meta).map_err(|e| StoreError::Other(Cause::new("encoding version metadata", e)))?;
-        let given = match count {
-            SealCount::Given => seal.members.to_string(),
-            SealCount::LoadedSet => String::new(),
-        };
+        let json = serde_json::to_string(&meta).map_err(|e| StoreError::Other(Cause::new("encoding version metadata", e)))?;
         let mut invocation = scripts::SEAL.key(keys.meta());
-        invocation.key(keys.version(version)).key(keys.loaded()).key(keys.fenced()).arg(version).arg(rest).arg(given);
-        let members: i64 = self.script(invocation, self.write()).await?;
-        let Ok(members) = u64::try_from(members) else {
+        invocation.key(keys.fenced()).arg(version).arg(json);
+        let sealed: i64 = self.script(invocation, self.write()).await?;
+        if sealed != 1 {
             return Err(StoreError::Fenced { segment: segment.to_string(), version });
-        };
+        }
         // Sealing never promotes; only an activate does.
-        Ok(Seal { members, ..seal.clone() }.stored(false))
+        Ok(seal.stored(false))
     }
 
     /// Publishes a notice in its one wire form ([`Notice::payload`], which
@@ -362,28 +294,6 @@ impl RedisStore {
         let removed: i64 = parse(self.run(batch, self.write()).await?.into_iter().next().unwrap_or_default(), "HDEL")?;
         Ok(removed == 1)
     }
-
-    /// The reverse-index writes that follow a membership change of `user`
-    /// in `versions` (idempotent, so a retry or redelivery repeats them).
-    fn reverse_index(batch: &mut Batch, keys: &SegmentKeys, user: &str, include: bool, versions: &[u64]) {
-        let key = user_key(user);
-        for version in versions {
-            let field = keys.user_field(*version);
-            let command = if include {
-                cmd("HSET").arg(&key).arg(field).arg(PRESENT).clone()
-            } else {
-                cmd("HDEL").arg(&key).arg(field).clone()
-            };
-            batch.add(&key, command);
-        }
-    }
-}
-
-fn check_present(segment: &SegmentKey, versions: &[u64], present: &[bool]) -> Result<(), StoreError> {
-    match versions.iter().zip(present).find(|(_, present)| !**present) {
-        Some((version, _)) => Err(StoreError::MissingVersion { segment: segment.to_string(), version: *version }),
-        None => Ok(()),
-    }
 }
 
 /// Stored form of an override: its order key, then its JSON (scripts/mod docs).
@@ -400,44 +310,6 @@ fn parse_stored_override(value: &str) -> Option<Override> {
 /// offset, when it has none.
 fn offset_arg(change: &Override) -> i64 {
     change.offset.map_or(-1, |offset| i64::try_from(offset).unwrap_or(i64::MAX))
-}
-
-fn op_name(op: OverrideOp) -> &'static str {
-    match op {
-        OverrideOp::Include => "include",
-        OverrideOp::Exclude => "exclude",
-    }
-}
-
-/// Where a diff page resumes: the phase (entered users first, then exited
-/// ones), the SSCAN cursor of that phase, and how many users of the batch
-/// that cursor returns were already handled (SSCAN returns a whole batch,
-/// which may be larger than a page).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct DiffCursor {
-    entered: bool,
-    scan: u64,
-    skip: usize,
-}
-
-impl DiffCursor {
-    const START: DiffCursor = DiffCursor { entered: true, scan: 0, skip: 0 };
-
-    fn parse(cursor: &str) -> Option<DiffCursor> {
-        let mut parts = cursor.split(':');
-        let entered = match parts.next()? {
-            "e" => true,
-            "x" => false,
-            _ => return None,
-        };
-        let scan = parts.next()?.parse().ok()?;
-        let skip = parts.next()?.parse().ok()?;
-        parts.next().is_none().then_some(DiffCursor { entered, scan, skip })
-    }
-
-    fn render(&self) -> String {
-        format!("{}:{}:{}", if self.entered { "e" } else { "x" }, self.scan, self.skip)
-    }
 }
 
 #[async_trait]
@@ -484,24 +356,6 @@ impl SegmentStore for RedisStore {
         Ok(out)
     }
 
-    async fn change_count(&self, segment: &SegmentKey, from: u64, to: u64) -> Result<u64, StoreError> {
-        let keys = SegmentKeys::new(segment);
-        let (a, b) = (keys.version(from), keys.version(to));
-        let mut batch = Batch::new();
-        batch.add(&a, cmd("SMISMEMBER").arg(keys.loaded()).arg(from).arg(to).clone());
-        batch.add(&a, cmd("SCARD").arg(&a).clone());
-        batch.add(&a, cmd("SCARD").arg(&b).clone());
-        batch.add(&a, cmd("SINTERCARD").arg(2).arg(&a).arg(&b).clone());
-        let mut replies = self.run(batch, self.read()).await?.into_iter();
-        let mut next = |what: &str| replies.next().ok_or_else(|| StoreError::Other(format!("no reply for {what}").into()));
-        let present: Vec<bool> = parse(next("SMISMEMBER")?, "SMISMEMBER")?;
-        check_present(segment, &[from, to], &present)?;
-        let size_a: u64 = parse(next("SCARD")?, "SCARD")?;
-        let size_b: u64 = parse(next("SCARD")?, "SCARD")?;
-        let common: u64 = parse(next("SINTERCARD")?, "SINTERCARD")?;
-        Ok(size_a + size_b - 2 * common)
-    }
-
     async fn activate(&self, segment: &SegmentKey, version: u64) -> Result<(), StoreError> {
         check_segment(segment)?;
         let keys = SegmentKeys::new(segment);
@@ -533,8 +387,9 @@ impl SegmentStore for RedisStore {
         let keys = SegmentKeys::new(segment);
         // Fenced before anything goes, so a seal racing with the delete
         // cannot list the version again; then unlisted, so nothing starts
-        // using a half-deleted version. Until the purge below ends, the
-        // version is unsealed data, which the next plan deletes again.
+        // using a half-deleted version. Until the last step below, the
+        // version is listed in `loaded` without a seal: unsealed, which the
+        // next plan deletes again (an interrupted delete is finished).
         let mut fence = Batch::new();
         fence.add(&keys.meta(), cmd("SADD").arg(keys.fenced()).arg(version).clone());
         fence.add(&keys.meta(), cmd("SADD").arg(keys.loaded()).arg(version).clone());
@@ -549,7 +404,7 @@ impl SegmentStore for RedisStore {
         if cleared == 1 {
             self.publish_rollover(segment, None).await?;
         }
-        self.purge_version(&keys, version).await
+        self.query::<i64>(cmd("SREM").arg(keys.loaded()).arg(version), self.write()).await.map(drop)
     }
 
     async fn delete_segment(&self, segment: &SegmentKey) -> Result<(), StoreError> {
@@ -557,22 +412,9 @@ impl SegmentStore for RedisStore {
         if self.clear_alias_and_request(&keys).await? {
             self.publish_rollover(segment, None).await?;
         }
-        let mut batch = Batch::new();
-        batch.add(&keys.meta(), cmd("SMEMBERS").arg(keys.loaded()).clone());
-        batch.add(&keys.meta(), cmd("HKEYS").arg(keys.meta()).clone());
-        let mut versions = BTreeSet::new();
-        for reply in self.run(batch, self.read()).await? {
-            let listed: Vec<u64> = parse(reply, "a version list")?;
-            versions.extend(listed);
-        }
-        // Meta first: `versions()` must not list what is being removed.
-        self.query::<i64>(cmd("UNLINK").arg(keys.meta()), self.write()).await?;
-        for version in versions {
-            self.purge_version(&keys, version).await?;
-        }
-        let rest = [keys.overrides(), keys.loaded(), keys.changes(), keys.promoted(), keys.fenced(), keys.replicas()];
-        self.query::<i64>(cmd("UNLINK").arg(&rest), self.write()).await?;
-        Ok(())
+        // Every key of the segment is small and in its one slot: one UNLINK.
+        let all = [keys.meta(), keys.overrides(), keys.loaded(), keys.changes(), keys.promoted(), keys.fenced(), keys.replicas()];
+        self.query::<i64>(cmd("UNLINK").arg(&all), self.write()).await.map(drop)
     }
 
     async fn withdraw(&self, segment: &SegmentKey) -> Result<(), StoreError> {
@@ -597,42 +439,8 @@ impl SegmentStore for RedisStore {
         Ok(loaded.difference(&sealed).copied().collect())
     }
 
-    async fn load_members(&self, segment: &SegmentKey, version: u64, users: &[String]) -> Result<(), StoreError> {
-        check_segment(segment)?;
-        let keys = SegmentKeys::new(segment);
-        let set = keys.version(version);
-        let field = keys.user_field(version);
-        // Registered even when empty, so the version exists (as it does in
-        // the embedded store) and deletes find it.
-        let mut batch = Batch::new();
-        batch.add(&set, cmd("SADD").arg(keys.loaded()).arg(version).clone());
-        for chunk in users.chunks(LOAD_CHUNK) {
-            for part in chunk.chunks(SADD_CHUNK) {
-                batch.add(&set, cmd("SADD").arg(&set).arg(part).clone());
-            }
-            for user in chunk {
-                let key = user_key(user);
-                batch.add(&key, cmd("HSET").arg(&key).arg(&field).arg(PRESENT).clone());
-            }
-            self.run(std::mem::take(&mut batch), self.bulk()).await?;
-        }
-        self.run(batch, self.bulk()).await?;
-        Ok(())
-    }
-
-    async fn seal_version(
-        &self,
-        segment: &SegmentKey,
-        version: u64,
-        snapshot_time: Option<DateTime<Utc>>,
-        definition_hash: Option<&str>,
-    ) -> Result<StoredVersion, StoreError> {
-        let seal = Seal { snapshot_time, definition_hash: definition_hash.map(str::to_string), ..Seal::default() };
-        self.seal(segment, version, &seal, SealCount::LoadedSet).await
-    }
-
     async fn seal_with(&self, segment: &SegmentKey, version: u64, seal: &Seal) -> Result<StoredVersion, StoreError> {
-        self.seal(segment, version, seal, SealCount::Given).await
+        self.seal(segment, version, seal).await
     }
 
     async fn is_fenced(&self, segment: &SegmentKey, version: u64) -> Result<bool, StoreError> {
@@ -642,16 +450,15 @@ impl SegmentStore for RedisStore {
 
     async fn record_override(&self, segment: &SegmentKey, change: &Override) -> Result<bool, StoreError> {
         check_segment(segment)?;
-        let active = self.active_version(segment).await?;
-        self.record_override_at(segment, change, active).await
+        self.record(segment, change).await
     }
 
     async fn record_override_if_active(&self, segment: &SegmentKey, change: &Override) -> Result<Option<bool>, StoreError> {
         check_segment(segment)?;
-        match self.active_version(segment).await? {
-            None => Ok(None),
-            active => self.record_override_at(segment, change, active).await.map(Some),
+        if self.active_version(segment).await?.is_none() {
+            return Ok(None);
         }
+        self.record(segment, change).await.map(Some)
     }
 
     async fn overrides_since(&self, segment: &SegmentKey, since: DateTime<Utc>) -> Result<Vec<Override>, StoreError> {
@@ -699,85 +506,6 @@ impl SegmentStore for RedisStore {
                 return Ok(removed);
             }
             cursor = next;
-        }
-    }
-
-    async fn apply_overrides(&self, segment: &SegmentKey, version: u64, overrides: &[Override]) -> Result<(), StoreError> {
-        check_segment(segment)?;
-        let keys = SegmentKeys::new(segment);
-        for chunk in overrides.chunks(OVERRIDE_CHUNK) {
-            let mut apply = scripts::APPLY_OVERRIDES.key(keys.overrides());
-            apply.key(keys.version(version)).key(keys.loaded()).arg(version);
-            for change in chunk {
-                apply
-                    .arg(&change.user)
-                    .arg(order_key(&change.ts))
-                    .arg(offset_arg(change))
-                    .arg(&change.id)
-                    .arg(op_name(change.op));
-            }
-            let applied: Vec<u64> = self.script(apply, self.bulk()).await?;
-            let mut batch = Batch::new();
-            for (change, include) in chunk.iter().zip(applied) {
-                RedisStore::reverse_index(&mut batch, &keys, &change.user, include == 1, &[version]);
-            }
-            self.run(batch, self.bulk()).await?;
-        }
-        Ok(())
-    }
-
-    async fn diff_page(
-        &self,
-        segment: &SegmentKey,
-        from: u64,
-        to: u64,
-        cursor: Option<&str>,
-        page_size: usize,
-    ) -> Result<DiffPage, StoreError> {
-        let keys = SegmentKeys::new(segment);
-        let page_size = page_size.max(1);
-        let mut at = match cursor {
-            None => DiffCursor::START,
-            Some(c) => DiffCursor::parse(c)
-                .ok_or_else(|| StoreError::Other(format!("diff cursor {c:?} is not one this store returned").into()))?,
-        };
-        let (old, new) = (keys.version(from), keys.version(to));
-        let count = page_size.clamp(100, SCAN_COUNT);
-        let mut page = DiffPage::default();
-        let mut first = true;
-        loop {
-            let (source, other) = if at.entered { (&new, &old) } else { (&old, &new) };
-            let mut batch = Batch::new();
-            if first {
-                batch.add(source, cmd("SMISMEMBER").arg(keys.loaded()).arg(from).arg(to).clone());
-            }
-            batch.add(source, cmd("SSCAN").arg(source).arg(at.scan).arg("COUNT").arg(count).clone());
-            let mut replies = self.run(batch, self.read()).await?.into_iter();
-            if first {
-                let present: Vec<bool> = parse(replies.next().unwrap_or_default(), "SMISMEMBER")?;
-                check_present(segment, &[from, to], &present)?;
-                first = false;
-            }
-            let (next, users): (u64, Vec<String>) = parse(replies.next().unwrap_or_default(), "SSCAN")?;
-            let pending = users.get(at.skip..).unwrap_or_default();
-            if !pending.is_empty() {
-                let in_other: Vec<bool> = self.query(cmd("SMISMEMBER").arg(other).arg(pending), self.read()).await?;
-                for (i, (user, in_other)) in pending.iter().zip(in_other).enumerate() {
-                    if in_other {
-                        continue;
-                    }
-                    if page.changes.len() == page_size {
-                        page.next = Some(DiffCursor { skip: at.skip + i, ..at }.render());
-                        return Ok(page);
-                    }
-                    page.changes.push(Change { user: user.clone(), entered: at.entered });
-                }
-            }
-            at = match (next, at.entered) {
-                (0, true) => DiffCursor { entered: false, scan: 0, skip: 0 },
-                (0, false) => return Ok(page),
-                (next, entered) => DiffCursor { entered, scan: next, skip: 0 },
-            };
         }
     }
 
@@ -964,38 +692,12 @@ impl MembershipReader for RedisStore {
         }
         Ok((out, epoch))
     }
-
-    async fn user_versions(&self, user: &str) -> Result<Vec<(SegmentKey, u64)>, StoreError> {
-        let fields: Vec<String> = self.query(cmd("HKEYS").arg(user_key(user)), self.read()).await?;
-        Ok(fields
-            .iter()
-            .filter_map(|field| {
-                let parsed = parse_user_field(field);
-                if parsed.is_none() {
-                    warn!(%user, %field, "ignoring a malformed reverse-index field");
-                }
-                parsed
-            })
-            .collect())
-    }
-
-    async fn is_member(&self, segment: &SegmentKey, version: u64, user: &str) -> Result<bool, StoreError> {
-        let set = SegmentKeys::new(segment).version(version);
-        self.query(cmd("SISMEMBER").arg(set).arg(user), self.read()).await
-    }
-
-    async fn check(&self, pairs: &[(SegmentKey, u64, String)]) -> Result<Vec<bool>, StoreError> {
-        let mut batch = Batch::new();
-        for (segment, version, user) in pairs {
-            let set = SegmentKeys::new(segment).version(*version);
-            batch.add(&set, cmd("SISMEMBER").arg(&set).arg(user).clone());
-        }
-        self.run(batch, self.read()).await?.into_iter().map(|v| parse(v, "SISMEMBER")).collect()
-    }
 }
 
 #[cfg(test)]
 mod tests {
+    use segment_core::store::OverrideOp;
+
     use super::*;
 
     #[test]
@@ -1046,13 +748,5 @@ mod tests {
         assert_eq!(held_versions(&[3, 4]), "3,4");
         assert_eq!(parse_held_versions("3,x"), None);
         assert_eq!(parse_held_versions(""), None, "an empty report is deleted, never stored");
-    }
-
-    #[test]
-    fn diff_cursors_round_trip() {
-        let at = DiffCursor { entered: false, scan: 123, skip: 4 };
-        assert_eq!(DiffCursor::parse(&at.render()), Some(at));
-        assert_eq!(DiffCursor::parse("e:1"), None);
-        assert_eq!(DiffCursor::parse("q:1:2"), None);
     }
 }

@@ -1,8 +1,6 @@
 //! Lua scripts: the compare-and-set steps that must be atomic. Each one
 //! touches only keys of one segment (one hash tag, so one cluster slot),
-//! or one global hash;
-//! the version sets it reaches are named from a prefix passed in, which
-//! Redis Cluster allows because they hash to the same slot.
+//! or one global hash.
 //!
 //! Stored overrides are `<order key><override JSON>`, the order key being
 //! [`super::keys::order_key`] ([`ORDER_KEY_WIDTH`] bytes). Lua's `<` on strings follows the
@@ -27,7 +25,7 @@ local function less(a, b)
   return #a < #b
 end
 -- Whether the override (order, offset, id) is older than the stored one
--- `cur`, whether it is the same event, and the stored override decoded.
+-- `cur`, and whether it is the same event.
 local function compare_with_stored(order, offset, id, cur)
   local cur_order = string.sub(cur, 1, W)
   local stored = cjson.decode(string.sub(cur, W + 1))
@@ -41,7 +39,7 @@ local function compare_with_stored(order, offset, id, cur)
     older = less(id, stored.id)
   end
   local same = order == cur_order and id == stored.id
-  return older, same, stored
+  return older, same
 end
 "#;
 
@@ -49,117 +47,39 @@ fn with_helpers(body: &str) -> Script {
     Script::new(&format!("local W = {ORDER_KEY_WIDTH}\n{LESS}\n{body}"))
 }
 
-/// KEYS: overrides, loaded, meta. ARGV: user, order key, offset (-1 =
-/// none), id, op, stored value, active version (0 = none), version key prefix.
+/// KEYS: overrides. ARGV: user, order key, offset (-1 = none), id, stored
+/// value.
 ///
-/// Records the override unless the stored one is newer, then applies it to
-/// the active version and to every newer version (being loaded, or sealed
-/// reflecting events only until before the override: its `overridesFrom`,
-/// else its snapshot time), so it survives the next rollover
-/// whenever it arrives. The same event again (same time and id: a
-/// redelivery, or the producer's duplicate at another offset) is not
-/// recorded again but re-applied, which repairs a reverse index whose write
-/// was lost.
-/// Returns `{recorded, include, versions applied...}`.
+/// Records the override unless the stored one of the user is newer, or is
+/// the same event (same time and id: a redelivery, or the producer's
+/// duplicate at another offset). Returns 1 when it was recorded, else 0.
 pub(crate) static RECORD_OVERRIDE: LazyLock<Script> = LazyLock::new(|| {
     with_helpers(
         r#"
-local ov, loaded, meta = KEYS[1], KEYS[2], KEYS[3]
-local user, order, offset, id, op, value = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6]
-local active, prefix = tonumber(ARGV[7]), ARGV[8]
-local recorded = 1
+local ov = KEYS[1]
+local user, order, offset, id, value = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local cur = redis.call('HGET', ov, user)
 if cur then
-  local older, same, stored = compare_with_stored(order, offset, id, cur)
-  if same then
-    recorded = 0
-    op = stored.op
-  elseif older then
-    return {0}
-  end
+  local older, same = compare_with_stored(order, offset, id, cur)
+  if same or older then return 0 end
 end
-if recorded == 1 then redis.call('HSET', ov, user, value) end
-local out = {recorded, op == 'include' and 1 or 0}
-for _, v in ipairs(redis.call('SMEMBERS', loaded)) do
-  local n = tonumber(v)
-  local apply = n == active
-  if not apply and n > active then
-    apply = true
-    local m = redis.call('HGET', meta, v)
-    if m then
-      local decoded = cjson.decode(m)
-      local reflects_until = decoded.overridesFrom or decoded.snapshotTime
-      if type(reflects_until) == 'string' and not less(reflects_until, order) then apply = false end
-    end
-  end
-  if apply then
-    if op == 'include' then
-      redis.call('SADD', prefix .. v, user)
-    else
-      redis.call('SREM', prefix .. v, user)
-    end
-    out[#out + 1] = n
-  end
-end
-return out
+redis.call('HSET', ov, user, value)
+return 1
 "#,
     )
 });
 
-/// KEYS: overrides, version set, loaded. ARGV: version, then per override
-/// user, order key, offset (-1 = none), id, op.
-///
-/// Applies overrides to one version; where a newer override of the user
-/// was recorded meanwhile (after the caller read its list), that one is
-/// applied instead, so newest wins. Returns per override 1 (include) or 0.
-pub(crate) static APPLY_OVERRIDES: LazyLock<Script> = LazyLock::new(|| {
-    with_helpers(
-        r#"
-local ov, set, loaded = KEYS[1], KEYS[2], KEYS[3]
-redis.call('SADD', loaded, ARGV[1])
-local out = {}
-for i = 2, #ARGV, 5 do
-  local user, order, offset, id, op = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4]
-  local cur = redis.call('HGET', ov, user)
-  if cur then
-    local older, _, stored = compare_with_stored(order, offset, id, cur)
-    if older then op = stored.op end
-  end
-  if op == 'include' then
-    redis.call('SADD', set, user)
-  else
-    redis.call('SREM', set, user)
-  end
-  out[#out + 1] = op == 'include' and 1 or 0
-end
-return out
-"#,
-    )
-});
-
-/// KEYS: meta, version set, loaded, fenced. ARGV: version, metadata JSON
-/// without the member count, the member count to record (empty: count the
-/// version set, for a version loaded into one). Writes the metadata last,
-/// in one step, so a listed version is complete. Returns the count
-/// recorded, or -1 (nothing written) when the version was deleted: a late
-/// seal cannot bring it back.
+/// KEYS: meta, fenced. ARGV: version, metadata JSON (with the member
+/// count). Writes the metadata in one step, so a listed version is
+/// complete. Returns 1, or -1 (nothing written) when the version was
+/// deleted: a late seal cannot bring it back.
 pub(crate) static SEAL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local meta, set, loaded, fenced = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local meta, fenced = KEYS[1], KEYS[2]
 if redis.call('SISMEMBER', fenced, ARGV[1]) == 1 then return -1 end
-local n = ARGV[3]
-if n == '' then n = tostring(redis.call('SCARD', set)) end
-local rest = ARGV[2]
-local json
-if rest == '{}' then
-  json = '{"members":' .. n .. '}'
-else
-  json = '{"members":' .. n .. ',' .. string.sub(rest, 2)
-end
-redis.call('SADD', loaded, ARGV[1])
-redis.call('HSET', meta, ARGV[1], json)
-return tonumber(n)
+redis.call('HSET', meta, ARGV[1], ARGV[2])
+return 1
 "#,
     )
 });
