@@ -68,12 +68,20 @@ pub async fn verify(task: &IngestTask) -> Result<IngestReport, WorkerError> {
         .map_err(|e| WorkerError::new(FailureReason::CorruptResult, e.to_string()))?
         .ok_or_else(|| WorkerError::new(FailureReason::NoResult, format!("no _manifest.json under {}", task.results_uri)))?;
     check_manifest_matches(task, &manifest)?;
-    let index = check_index(&dir, &manifest).await?;
+    // The index, the parts and the previous version's index are checked at
+    // once: each check is mostly a SHA-256 pass over its files, and the
+    // spawned ones run on the runtime's other threads (other cores).
+    let index = tokio::spawn({
+        let (dir, manifest) = (dir.clone(), manifest.clone());
+        async move { check_index(&dir, &manifest).await }
+    });
+    let previous = tokio::spawn(read_previous(task.compare_with.clone()));
     let failed = check_parts(&dir, &manifest, task.max_failed_parts).await?;
-    let change = match &task.compare_with {
-        Some(previous) => count_change(&index, previous).await,
-        None => None,
-    };
+    let index = index.await.map_err(stopped)??;
+    let change = previous
+        .await
+        .map_err(stopped)?
+        .map(|(from, before)| CountedChange { from, changed: changes(&before, &index).changed() });
 
     let seal = Seal {
         members: index.len(),
@@ -174,11 +182,12 @@ async fn check_part(dir: &ResultDir, part: &Part) -> Result<(), String> {
     Err(format!("unreadable after {ATTEMPTS} attempts: {last}"))
 }
 
-/// How this version differs from `previous`, by one merge of the two index
-/// files. `None` when the previous version's index cannot be had (written
-/// before index files, or gone): the rollover guard then holds the version
-/// for approval if it has a change limit.
-async fn count_change(index: &IdSet, previous: &VersionFiles) -> Option<CountedChange> {
+/// The previous version's index, to count the change from it by one merge
+/// of the two index files. `None` when it cannot be had (written before
+/// index files, or gone): the rollover guard then holds the version for
+/// approval if it has a change limit.
+async fn read_previous(previous: Option<VersionFiles>) -> Option<(u64, IdSet)> {
+    let previous = previous?;
     let read = async {
         let dir = ResultDir::open(&previous.results_uri).map_err(|e| e.to_string())?;
         let manifest = dir.read_manifest().await.map_err(|e| e.to_string())?.ok_or("no manifest")?;
@@ -187,10 +196,15 @@ async fn count_change(index: &IdSet, previous: &VersionFiles) -> Option<CountedC
         entry.open_index(bytes).map_err(|e| e.to_string())
     };
     match read.await {
-        Ok(before) => Some(CountedChange { from: previous.version, changed: changes(&before, index).changed() }),
+        Ok(before) => Some((previous.version, before)),
         Err(reason) => {
             warn!(version = previous.version, %reason, "the change from the previous version cannot be counted");
             None
         }
     }
+}
+
+/// A check that panicked or was cancelled fails the run rather than pass.
+fn stopped(e: tokio::task::JoinError) -> WorkerError {
+    WorkerError::new(FailureReason::WorkerFailed, format!("a check of the result stopped: {e}"))
 }
