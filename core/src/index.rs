@@ -328,15 +328,45 @@ impl IdSet {
                 Ordering::Greater => high = middle,
             }
         }
-        if low == 0 {
-            return false;
-        }
-        let mut reader = self.block(low - 1);
-        while let Ok(Some(candidate)) = reader.next_id() {
-            match candidate.cmp(id) {
-                Ordering::Less => continue,
-                Ordering::Equal => return true,
-                Ordering::Greater => return false,
+        low > 0 && self.block_holds(low - 1, id)
+    }
+
+    /// Whether `block` holds `id`, walking its front-coded entries without
+    /// decoding them into a buffer. `matched` is how many leading bytes `id`
+    /// shares with the entry just passed, which sorts before `id`: an entry
+    /// sharing more than that with the one before it has the same byte
+    /// where that one is below `id`, so it sorts before `id` too; any other
+    /// entry equals `id` up to what it shares, and is compared from there.
+    fn block_holds(&self, block: usize, id: &[u8]) -> bool {
+        let Ok(start) = self.block_start(block) else { return false };
+        let end = match block + 1 < self.blocks {
+            true => self.block_start(block + 1).unwrap_or(start),
+            false => self.entries_end,
+        };
+        let entries = &self.bytes[start..end.max(start)];
+        let (mut position, mut matched) = (0usize, 0usize);
+        let varint = |position: &mut usize| {
+            let (value, used) = get_varint(entries.get(*position..)?)?;
+            *position += used;
+            usize::try_from(value).ok()
+        };
+        for index in 0..self.block_ids(block) {
+            let shared = if index == 0 { Some(0) } else { varint(&mut position) };
+            let (Some(shared), Some(suffix_len)) = (shared, varint(&mut position)) else { return false };
+            let Some(suffix) = position.checked_add(suffix_len).and_then(|end| entries.get(position..end)) else {
+                return false;
+            };
+            position += suffix_len;
+            if shared > matched {
+                continue;
+            }
+            let rest = &id[shared..];
+            let common = common_prefix(suffix, rest);
+            match (suffix.get(common), rest.get(common)) {
+                (None, None) => return true,
+                (Some(_), None) => return false,
+                (Some(entry), Some(wanted)) if entry > wanted => return false,
+                _ => matched = shared + common,
             }
         }
         false
@@ -879,6 +909,32 @@ mod tests {
             let (page, next) = diff_page(&old_set, &new_set, Some(&after), limit);
             prop_assert_eq!(&page[..], &rest[..rest.len().min(limit)]);
             prop_assert_eq!(next.is_some(), rest.len() > limit);
+        }
+    }
+
+    proptest! {
+        /// `contains_within` given the blocks a reader's directory would
+        /// narrow the search to (from a block's first id on the exact
+        /// answer's side, each range as wide as any directory could leave
+        /// it) answers as `contains`; over every block, too.
+        #[test]
+        fn a_search_narrowed_to_the_right_blocks_answers_as_contains(
+            ids in proptest::collection::btree_set("[a-c\u{e9}\0]{1,6}", 0..300),
+            probes in proptest::collection::vec("[a-c\u{e9}\0]{0,7}", 0..60),
+            slack in 0usize..4,
+        ) {
+            let set = IdSet::open(build(ids.iter().map(String::as_str)).unwrap()).unwrap();
+            let blocks = set.block_count();
+            for probe in probes.iter().chain(ids.iter()) {
+                let expected = ids.contains(probe);
+                prop_assert_eq!(set.contains(probe), expected);
+                prop_assert_eq!(set.contains_within(probe, 0..blocks), expected, "{:?}", probe);
+                let before = (0..blocks).filter(|&b| set.block_first_id(b) < probe.as_bytes()).count();
+                let not_after = (0..blocks).filter(|&b| set.block_first_id(b) <= probe.as_bytes()).count();
+                let narrowed = before.saturating_sub(slack)..(not_after + slack).min(blocks);
+                prop_assert_eq!(set.contains_within(probe, before..not_after), expected, "{:?}", probe);
+                prop_assert_eq!(set.contains_within(probe, narrowed), expected, "{:?}", probe);
+            }
         }
     }
 }

@@ -93,7 +93,11 @@ impl Default for Metrics {
             connection_timeouts.clone(),
         );
         registry.register("index_load_seconds", "Time to fetch and verify one version's index file", index_load_seconds.clone());
-        registry.register("index_bytes", "Bytes of the index files held in memory", index_bytes.clone());
+        registry.register(
+            "index_bytes",
+            "Bytes held in memory for the versions: index files, with their prefilters and block directories",
+            index_bytes.clone(),
+        );
         registry.register("index_memberships", "Memberships in the index files held in memory", index_memberships.clone());
         Metrics {
             registry,

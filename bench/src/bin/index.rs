@@ -7,6 +7,11 @@
 //! - open (checksum and full check of every id): SHA-256 over the same bytes;
 //! - is-member: a `HashSet<&str>` of the same ids in memory.
 //!
+//! and the same lookups as serving holds a version
+//! (`segment_serving::LoadedVersion`: the index plus a prefilter and a
+//! directory over its blocks, built at load): their bytes, build rate,
+//! false positives and a user's segments.
+//!
 //! cargo run --release -p segment-bench --bin index -- [memberships] [segments] [users]
 //!
 //! Two id shapes: sequential (`user-000001234`) and random (32 hex
@@ -18,6 +23,7 @@ use std::time::Instant;
 use segment_bench::{row, timed};
 use segment_core::index::{self, IdSet, IdSetWriter};
 use segment_core::manifest::{checksum, encode_part};
+use segment_serving::LoadedVersion;
 
 /// A fixed-seed splitmix64: the same members on every run, no dependency.
 struct Random(u64);
@@ -117,6 +123,61 @@ fn main() {
         let quantile = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
         row(&format!("a user's segments ({segments} probes), p50"), quantile(0.5), "us");
         row(&format!("a user's segments ({segments} probes), p99"), quantile(0.99), "us");
+
+        // As serving holds them: the prefilter and block directory built
+        // when a version is loaded.
+        let (loaded, load_s) = timed(|| sets.iter().map(|set| LoadedVersion::new(1, set.clone(), None)).collect::<Vec<_>>());
+        let extra: usize = loaded.iter().zip(&sets).map(|(l, s)| l.bytes() - s.file_len()).sum();
+        row("served: prefilter and directory bytes per membership", extra as f64 / total as f64, "B");
+        row("served: build (prefilter, directory), memberships/s", total as f64 / load_s, "/s");
+        let (served_found, served_s) = timed(|| probes.iter().filter(|id| loaded[0].has(id, None)).count());
+        assert_eq!(served_found, found, "the served answer is the index's");
+        row("served: is-member probes/s (one segment)", probes.len() as f64 / served_s, "/s");
+        let member_of: Vec<HashSet<&str>> = members.iter().map(|ids| ids.iter().copied().collect()).collect();
+        let (mut negatives, mut passed) = (0u64, 0u64);
+        for id in &probes[..100_000] {
+            for (set, version) in member_of.iter().zip(&loaded) {
+                if !set.contains(id) {
+                    negatives += 1;
+                    passed += u64::from(version.prefilter_passes(LoadedVersion::hash(id)));
+                }
+            }
+        }
+        row("served: non-members past the prefilter", 100.0 * passed as f64 / negatives as f64, "%");
+        for (label, once) in [("hashed once", true), ("hashed per segment", false)] {
+            let mut latencies: Vec<f64> = probes[100_000..200_000]
+                .iter()
+                .map(|id| {
+                    let start = Instant::now();
+                    let count = if once {
+                        let hash = LoadedVersion::hash(id);
+                        loaded.iter().filter(|version| version.has_hashed(id, hash, None)).count()
+                    } else {
+                        loaded.iter().filter(|version| version.has(id, None)).count()
+                    };
+                    std::hint::black_box(count);
+                    start.elapsed().as_secs_f64() * 1e6
+                })
+                .collect();
+            latencies.sort_by(f64::total_cmp);
+            let quantile = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+            row(&format!("served: a user's segments ({label}), p50"), quantile(0.5), "us");
+            row(&format!("served: a user's segments ({label}), p99"), quantile(0.99), "us");
+        }
+        let expected: usize = probes[..10_000].iter().map(|id| sets.iter().filter(|set| set.contains(id)).count()).sum();
+        let served: usize = probes[..10_000].iter().map(|id| loaded.iter().filter(|v| v.has(id, None)).count()).sum();
+        assert_eq!(served, expected, "a user's segments, served, are the index's");
+        drop(loaded);
+        if shape == "sequential" {
+            // One version as large as all the memberships: its prefilter
+            // no longer fits in the caches the segments' above do.
+            let mut writer = IdSetWriter::new();
+            (0..memberships as u64).for_each(|i| writer.push(&id_of(i * 10)).expect("sorted, unique ids"));
+            let big = IdSet::open(writer.finish()).expect("a valid index");
+            let (version, big_s) = timed(|| LoadedVersion::new(1, big, None));
+            row(&format!("served: build, one {memberships}-member version, memberships/s"), memberships as f64 / big_s, "/s");
+            drop(version);
+        }
         let changes = index::changes(&sets[0], &sets[1]);
         let (_, merge_s) = timed(|| index::changes(&sets[0], &sets[1]));
         row("entered/exited by merge, memberships/s", (sets[0].len() + sets[1].len()) as f64 / merge_s, "/s");
