@@ -276,8 +276,9 @@ async fn member(
     check_shard(&state, "user", &user)?;
     access.check("namespace", &namespace)?;
     let segment = SegmentKey::new(namespace, name);
-    let version = state.active_version(&segment).ok_or_else(|| no_active_version(Some("name"), &segment))?;
-    let answers = state.members(&[(segment, version, user)]).map_err(|e| ApiError::store(&e))?;
+    let active = state.active(&segment).ok_or_else(|| no_active_version(Some("name"), &segment))?;
+    let version = active.version;
+    let answers = state.members(&[(active, user.as_str())]).map_err(|e| ApiError::store(&e))?;
     Ok(Json(Membership { member: answers.first().copied().unwrap_or(false), version }))
 }
 
@@ -313,7 +314,7 @@ async fn check(
         return Err(ApiError::invalid("checks", format!("checks: at most {max} per request, got {}", request.checks.len())));
     }
     let aliases = state.aliases();
-    let mut triples = Vec::with_capacity(request.checks.len());
+    let mut asked: Vec<(Arc<ActiveSegment>, &str)> = Vec::with_capacity(request.checks.len());
     for (i, c) in request.checks.iter().enumerate() {
         let field = |name: &str| format!("checks[{i}].{name}");
         check_name(&field("namespace"), &c.namespace)?;
@@ -322,21 +323,17 @@ async fn check(
         check_shard(&state, &field("user"), &c.user)?;
         access.check(&field("namespace"), &c.namespace)?;
         let segment = SegmentKey::new(c.namespace.clone(), c.segment.clone());
-        let version = aliases.get(&segment).ok_or_else(|| no_active_version(Some(&field("segment")), &segment))?.version;
-        triples.push((segment, version, c.user.clone()));
+        let active = aliases.get(&segment).ok_or_else(|| no_active_version(Some(&field("segment")), &segment))?;
+        asked.push((active.clone(), c.user.as_str()));
     }
-    let answers = state.members(&triples).map_err(|e| ApiError::store(&e))?;
+    let answers = state.members(&asked).map_err(|e| ApiError::store(&e))?;
+    let versions: Vec<u64> = asked.iter().map(|(active, _)| active.version).collect();
+    drop(asked);
     let results = request
         .checks
         .into_iter()
-        .zip(triples.iter().zip(answers))
-        .map(|(c, ((_, version, _), member))| CheckResult {
-            namespace: c.namespace,
-            segment: c.segment,
-            user: c.user,
-            member,
-            version: *version,
-        })
+        .zip(versions.into_iter().zip(answers))
+        .map(|(c, (version, member))| CheckResult { namespace: c.namespace, segment: c.segment, user: c.user, member, version })
         .collect();
     Ok(Json(CheckResponse { results }))
 }

@@ -196,24 +196,20 @@ impl AppState {
         Ok(active.into())
     }
 
-    /// Each (segment, version, user) answered from the versions held.
-    pub(crate) fn members(&self, triples: &[(SegmentKey, u64, String)]) -> Result<Vec<bool>, StoreError> {
+    /// The segment's active version as this replica serves it.
+    pub(crate) fn active(&self, segment: &SegmentKey) -> Option<Arc<ActiveSegment>> {
+        self.aliases().get(segment).cloned()
+    }
+
+    /// Each (active version, user) answered from that version. The caller
+    /// holds the versions it took from one alias map, so a switch (and the
+    /// eviction of the version left) in the middle of a request cannot
+    /// take a version from under it.
+    pub(crate) fn members(&self, checks: &[(Arc<ActiveSegment>, &str)]) -> Result<Vec<bool>, StoreError> {
         let inner = &self.inner;
         inner.check_state()?;
-        let aliases = inner.aliases();
         let overlays = inner.held.overlays.read().unwrap_or_else(|e| e.into_inner());
-        let held = inner.held.versions.read().unwrap_or_else(|e| e.into_inner());
-        triples
-            .iter()
-            .map(|(segment, version, user)| {
-                let active = aliases.get(segment).map(|active| &active.index).filter(|index| index.version == *version);
-                let loaded =
-                    active.or_else(|| held.get(segment).and_then(|versions| versions.get(version))).ok_or_else(|| {
-                        StoreError::Unavailable(format!("version {version} of {segment} is not loaded on this replica").into())
-                    })?;
-                Ok(loaded.has(user, overlays.get(segment)))
-            })
-            .collect()
+        Ok(checks.iter().map(|(active, user)| active.index.has(user, overlays.get(&active.segment))).collect())
     }
 
     /// The sealed versions of a segment: cache, else one `versions` round trip.
