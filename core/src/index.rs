@@ -256,29 +256,7 @@ impl IdSet {
 
     /// Whether `id` is in the set: exact, never true for an id not written.
     pub fn contains(&self, id: &str) -> bool {
-        let id = id.as_bytes();
-        // The last block whose first id is <= id.
-        let (mut low, mut high) = (0usize, self.blocks);
-        while low < high {
-            let middle = low + (high - low) / 2;
-            match self.first_id(middle).cmp(id) {
-                Ordering::Less => low = middle + 1,
-                Ordering::Equal => return true,
-                Ordering::Greater => high = middle,
-            }
-        }
-        if low == 0 {
-            return false;
-        }
-        let mut reader = self.block(low - 1);
-        while let Ok(Some(candidate)) = reader.next_id() {
-            match candidate.cmp(id) {
-                Ordering::Less => continue,
-                Ordering::Equal => return true,
-                Ordering::Greater => return false,
-            }
-        }
-        false
+        self.contains_within(id, 0..self.blocks)
     }
 
     /// The last block whose first id is at most `id` (0 when none is):

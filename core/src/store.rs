@@ -216,6 +216,26 @@ impl Override {
         let same_event = (self.ts, &self.id) == (other.ts, &other.id);
         !same_event && (self.ts, self.offset, &self.id) > (other.ts, other.offset, &other.id)
     }
+
+    /// Whether `self` is what a user's override becomes when `current` is
+    /// the one kept so far: the first one, or one that supersedes it.
+    pub fn replaces(&self, current: Option<&Override>) -> bool {
+        current.is_none_or(|current| self.supersedes(current))
+    }
+
+    /// Whether the override decides membership in a version whose lake
+    /// data reflects the events until `reflects_until`
+    /// ([`StoredVersion::reflects_events_until`]; `None`: none): only an
+    /// event after them does, the lake data answers for older ones. The
+    /// one rule serving and the change events apply.
+    pub fn counts_for(&self, reflects_until: Option<DateTime<Utc>>) -> bool {
+        reflects_until.is_none_or(|until| self.ts > until)
+    }
+
+    /// The membership the override sets.
+    pub fn includes(&self) -> bool {
+        self.op == OverrideOp::Include
+    }
 }
 
 /// A user who entered or left a segment between two versions, as a page
@@ -836,7 +856,7 @@ impl SegmentStore for MemoryStore {
         }
         let recorded = self.with(|all| {
             let data = all.entry(segment.clone()).or_default();
-            if data.overrides.get(&change.user).is_some_and(|current| !change.supersedes(current)) {
+            if !change.replaces(data.overrides.get(&change.user)) {
                 return false;
             }
             data.overrides.insert(change.user.clone(), change.clone());

@@ -22,7 +22,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use segment_core::index::IdSet;
 pub use segment_core::store::IndexSource;
-use segment_core::store::{Override, OverrideOp};
+use segment_core::store::Override;
 pub use segment_store::results::ResultFiles;
 
 use crate::shard::Shard;
@@ -119,8 +119,8 @@ impl LoadedVersion {
     /// member, though it never makes a non-member one.
     pub fn has_hashed(&self, user: &str, hash: u64, overlay: Option<&Overlay>) -> bool {
         if let Some(change) = overlay.and_then(|overlay| overlay.get(user)) {
-            if self.reflects_until.is_none_or(|until| change.ts > until) {
-                return change.op == OverrideOp::Include;
+            if change.counts_for(self.reflects_until) {
+                return change.includes();
             }
         }
         self.contains(user, hash)
@@ -407,17 +407,15 @@ pub type Overlay = HashMap<String, Override>;
 
 /// Adds `change` unless the user has a newer override ([`Override::supersedes`]).
 pub fn merge_override(overlay: &mut Overlay, change: Override) {
-    match overlay.get(&change.user) {
-        Some(current) if !change.supersedes(current) => {}
-        _ => {
-            overlay.insert(change.user.clone(), change);
-        }
+    if change.replaces(overlay.get(&change.user)) {
+        overlay.insert(change.user.clone(), change);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use segment_core::store::OverrideOp;
 
     fn change(user: &str, op: OverrideOp, ts: i64) -> Override {
         Override { user: user.into(), op, ts: DateTime::from_timestamp(ts, 0).unwrap(), id: format!("{user}-{ts}"), offset: None }

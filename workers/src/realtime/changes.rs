@@ -24,7 +24,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use segment_core::api::SegmentKey;
 use segment_core::index::{self, IdSet};
-use segment_core::store::{Change, ChangesClaim, IndexSource, Override, OverrideOp, SegmentStore, StoreError, Transition};
+use segment_core::store::{Change, ChangesClaim, IndexSource, Override, SegmentStore, StoreError, Transition};
 use serde::{Deserialize, Serialize};
 
 /// Users per diff page: one page is published and acknowledged before the
@@ -211,19 +211,17 @@ struct Seen {
 }
 
 impl Seen {
-    /// Whether the user's override counts for this version: it was
-    /// recorded after the version's lake data (every override counts for
-    /// a version that records no time).
+    /// Whether the user's override counts for this version
+    /// ([`Override::counts_for`], the rule serving applies).
     fn counts(&self, change: &Override) -> bool {
-        self.reflects_until.is_none_or(|until| change.ts > until)
+        change.counts_for(self.reflects_until)
     }
 
-    /// Whether readers saw `user` as a member: serving's rule
-    /// (`segment_serving::LoadedVersion::has`), the override when it
+    /// Whether readers saw `user` as a member: the override when it
     /// counts, else the index.
     fn has(&self, user: &str, change: &Override) -> bool {
         match self.counts(change) {
-            true => change.op == OverrideOp::Include,
+            true => change.includes(),
             false => self.ids.contains(user),
         }
     }
@@ -257,11 +255,8 @@ impl Diff {
         let new = Seen { ids: new, reflects_until: new_reflects_until };
         let mut newest: BTreeMap<String, Override> = BTreeMap::new();
         for change in overrides {
-            match newest.get(&change.user) {
-                Some(current) if !change.supersedes(current) => {}
-                _ => {
-                    newest.insert(change.user.clone(), change);
-                }
+            if change.replaces(newest.get(&change.user)) {
+                newest.insert(change.user.clone(), change);
             }
         }
         newest.retain(|_, change| old.counts(change) || new.counts(change));
@@ -331,6 +326,7 @@ impl Diff {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use segment_core::store::OverrideOp;
     use segment_core::store::{MemoryStore, Seal};
     use std::collections::{BTreeSet, HashMap};
     use std::sync::Mutex;
