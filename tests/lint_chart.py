@@ -162,19 +162,24 @@ def render_in_child(overrides_path: Path | None) -> list[dict]:
     return json.loads(result.stdout)
 
 
+def render_with(overrides: dict) -> list[dict]:
+    """The chart rendered with `overrides` as its values file."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as file:
+        yaml.safe_dump(overrides, file)
+    try:
+        return render_in_child(Path(file.name))
+    finally:
+        os.unlink(file.name)
+
+
 def render_error_in_child(overrides: dict) -> str:
     """Renders values that must be refused; returns Helm's message ("" when
     they were accepted)."""
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(overrides, f)
-        path = Path(f.name)
     try:
-        render_in_child(path)
+        render_with(overrides)
         return ""
     except RuntimeError as error:
         return str(error)
-    finally:
-        path.unlink()
 
 
 # ------------------------------------------------------------------ checks
@@ -369,12 +374,7 @@ def check_serving_clients_only() -> None:
             "networkPolicy": {"enabled": True, "ingress": {"serving": clients, "metrics": listed_scrapers}},
             "serving": {"auth": {"existingSecret": "segment-serving-tokens"}},
         }
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as file:
-            yaml.safe_dump(overrides, file)
-        try:
-            objects = render_in_child(Path(file.name))
-        finally:
-            os.unlink(file.name)
+        objects = render_with(overrides)
         policies = [i["object"] for i in objects if i["object"]["kind"] == "NetworkPolicy"]
         serving = [p for p in policies if p["metadata"]["name"].endswith("-serving")]
         rules = serving[0]["spec"]["ingress"] if serving else []
@@ -394,12 +394,7 @@ def check_shards() -> None:
         "serving": {"shards": 2, "auth": {"existingSecret": "segment-serving-tokens"}, "autoscaling": {"enabled": True}},
         "networkPolicy": {"enabled": True},
     }
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as file:
-        yaml.safe_dump(overrides, file)
-    try:
-        objects = render_in_child(Path(file.name))
-    finally:
-        os.unlink(file.name)
+    objects = render_with(overrides)
     check_objects("shards", objects)
     by_kind: dict[str, dict[str, dict]] = {}
     for item in objects:

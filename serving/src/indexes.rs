@@ -416,6 +416,7 @@ pub fn merge_override(overlay: &mut Overlay, change: Override) {
 mod tests {
     use super::*;
     use segment_core::store::OverrideOp;
+    use segment_tests::SplitMix64;
 
     fn change(user: &str, op: OverrideOp, ts: i64) -> Override {
         Override { user: user.into(), op, ts: DateTime::from_timestamp(ts, 0).unwrap(), id: format!("{user}-{ts}"), offset: None }
@@ -436,29 +437,12 @@ mod tests {
         assert!(!version.has("z", Some(&overlay)));
     }
 
-    /// A fixed-seed splitmix64.
-    struct Random(u64);
-
-    impl Random {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-
-        /// `prefix` and 0 to `max_len` characters of `alphabet`.
-        fn id(&mut self, prefix: &str, alphabet: &[char], max_len: usize) -> String {
-            let len = self.below(max_len + 1);
-            let mut id = prefix.to_string();
-            id.extend((0..len).map(|_| alphabet[self.below(alphabet.len())]));
-            id
-        }
+    /// Random ids: `prefix` and 0 to `max_len` characters of `alphabet`.
+    fn random_id(random: &mut SplitMix64, prefix: &str, alphabet: &[char], max_len: usize) -> String {
+        let len = random.below(max_len as u64 + 1);
+        let mut id = prefix.to_string();
+        id.extend((0..len).map(|_| alphabet[random.below(alphabet.len() as u64) as usize]));
+        id
     }
 
     fn loaded(ids: &std::collections::BTreeSet<String>) -> (IdSet, LoadedVersion) {
@@ -474,7 +458,7 @@ mod tests {
     /// no member is ever missed.
     #[test]
     fn the_prefiltered_answer_is_the_index_answer() {
-        let mut random = Random(42);
+        let mut random = SplitMix64(42);
         let shapes: [(&str, &[char], usize); 4] = [
             ("", &['a', 'b', '\0', '\u{e9}', 'z'], 6),
             ("tenant-acme/users/", &['0', '1', '2'], 12),
@@ -488,11 +472,11 @@ mod tests {
                 1 => 1,
                 2 => 16,
                 3 => 17,
-                _ => random.below(3000),
+                _ => random.below(3000) as usize,
             };
             // The prefix itself may be an id: no empty ids, though.
             let ids: std::collections::BTreeSet<String> =
-                (0..size).map(|_| random.id(prefix, alphabet, max_len)).filter(|id| !id.is_empty()).collect();
+                (0..size).map(|_| random_id(&mut random, prefix, alphabet, max_len)).filter(|id| !id.is_empty()).collect();
             let (exact, version) = loaded(&ids);
             let mut queries: Vec<String> = ids.iter().cloned().collect();
             for id in ids.iter().take(200) {
@@ -502,8 +486,8 @@ mod tests {
                 shorter.pop();
                 queries.push(shorter);
             }
-            queries.extend((0..500).map(|_| random.id(prefix, alphabet, max_len + 1)));
-            queries.extend((0..100).map(|_| random.id("", &['a', 't', 'u', '~'], 4)));
+            queries.extend((0..500).map(|_| random_id(&mut random, prefix, alphabet, max_len + 1)));
+            queries.extend((0..100).map(|_| random_id(&mut random, "", &['a', 't', 'u', '~'], 4)));
             queries.extend(["".to_string(), "\u{10ffff}".to_string(), prefix.to_string()]);
             for query in &queries {
                 let expected = ids.contains(query);

@@ -24,19 +24,7 @@ use segment_bench::{row, timed};
 use segment_core::index::{self, IdSet, IdSetWriter};
 use segment_core::manifest::{checksum, encode_part};
 use segment_serving::LoadedVersion;
-
-/// A fixed-seed splitmix64: the same members on every run, no dependency.
-struct Random(u64);
-
-impl Random {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
+use segment_tests::SplitMix64;
 
 fn main() {
     let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
@@ -47,15 +35,15 @@ fn main() {
     println!("{memberships} memberships over {segments} segments of {per_segment} members, from {users} users");
     for (shape, id_of) in [
         ("sequential", (|i: u64| format!("user-{i:09}")) as fn(u64) -> String),
-        ("random", |i: u64| format!("{:016x}{:016x}", Random(i).next(), Random(i ^ 0xfeed).next())),
+        ("random", |i: u64| format!("{:016x}{:016x}", SplitMix64(i).next_u64(), SplitMix64(i ^ 0xfeed).next_u64())),
     ] {
         println!("\n== {shape} ids ({})", id_of(7));
         let all: Vec<String> = (0..users as u64).map(id_of).collect();
-        let mut random = Random(7);
+        let mut random = SplitMix64(7);
         let members: Vec<Vec<&str>> = (0..segments)
             .map(|_| {
                 let mut ids: Vec<&str> =
-                    (0..per_segment).map(|_| all[(random.next() % users as u64) as usize].as_str()).collect();
+                    (0..per_segment).map(|_| all[(random.next_u64() % users as u64) as usize].as_str()).collect();
                 ids.sort_unstable();
                 ids.dedup();
                 ids
@@ -101,7 +89,7 @@ fn main() {
         row("open (checksum, every id checked), memberships/s", total as f64 / open_s, "/s");
         row("  ceiling: SHA-256 of the same bytes, memberships/s", total as f64 / sum_s, "/s");
 
-        let probes: Vec<&str> = (0..1_000_000).map(|_| all[(random.next() % users as u64) as usize].as_str()).collect();
+        let probes: Vec<&str> = (0..1_000_000).map(|_| all[(random.next_u64() % users as u64) as usize].as_str()).collect();
         let (found, probe_s) = timed(|| probes.iter().filter(|id| sets[0].contains(id)).count());
         let hashed: HashSet<&str> = members[0].iter().copied().collect();
         let (hash_found, hash_s) = timed(|| probes.iter().filter(|id| hashed.contains(*id)).count());

@@ -47,7 +47,7 @@ use segment_serving::{
 };
 use segment_store::redis::RedisStore;
 use segment_store::results::ResultDir;
-use segment_tests::{http_get, write_result, RedisServer, S3Server};
+use segment_tests::{http_get, write_result, RedisServer, S3Server, SplitMix64};
 use serde_json::{json, Value};
 
 /// The allocator of the `segment-serving` binary, so the server measured
@@ -78,28 +78,15 @@ const BIG_SPACE: u64 = 100_000_000;
 const PART_SIZE: usize = 1_000_000;
 const REPLICA: &str = "bench-replica";
 
-/// A fixed-seed splitmix64: the same members on every run, no dependency.
-struct Random(u64);
-
-impl Random {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
 /// Exactly `k` of `0..n`, each set as likely, in increasing order
 /// (selection sampling, Knuth's Algorithm S).
-fn choose(random: &mut Random, n: u64, k: u64, mut pick: impl FnMut(u64)) {
+fn choose(random: &mut SplitMix64, n: u64, k: u64, mut pick: impl FnMut(u64)) {
     let mut left = k.min(n);
     for i in 0..n {
         if left == 0 {
             return;
         }
-        if random.next() % (n - i) < left {
+        if random.next_u64() % (n - i) < left {
             pick(i);
             left -= 1;
         }
@@ -160,7 +147,7 @@ fn write_results(base: &str) {
     let mut probe_segments = Vec::new();
     for (i, size) in sizes.iter().enumerate() {
         let mut ids = Vec::with_capacity(*size as usize);
-        choose(&mut Random(1_000 + i as u64), UNIVERSE, *size, |n| ids.push(user_id(n)));
+        choose(&mut SplitMix64(1_000 + i as u64), UNIVERSE, *size, |n| ids.push(user_id(n)));
         if ids.binary_search(&probe).is_ok() {
             probe_segments.push(segment(i).name);
         }
@@ -176,7 +163,7 @@ fn write_results(base: &str) {
 
     let big_members = memberships();
     let mut ids = Vec::with_capacity(big_members as usize);
-    choose(&mut Random(7), BIG_SPACE, big_members, |n| ids.push(format!("user-{n:08}")));
+    choose(&mut SplitMix64(7), BIG_SPACE, big_members, |n| ids.push(format!("user-{n:08}")));
     let big_probe = ids[ids.len() / 2].clone();
     let big_text: u64 = ids.iter().map(|id| id.len() as u64 + 1).sum();
     let parts = into_parts(ids.into_iter());
@@ -186,14 +173,14 @@ fn write_results(base: &str) {
     drop(parts);
 
     // The same segment sizes over 2M random 32-hex ids: index bytes only.
-    let mut random = Random(11);
-    let mut hex: Vec<String> = (0..UNIVERSE).map(|_| format!("{:016x}{:016x}", random.next(), random.next())).collect();
+    let mut random = SplitMix64(11);
+    let mut hex: Vec<String> = (0..UNIVERSE).map(|_| format!("{:016x}{:016x}", random.next_u64(), random.next_u64())).collect();
     hex.sort_unstable();
     hex.dedup();
     let mut hex_bytes = 0u64;
     for (i, size) in sizes.iter().enumerate() {
         let mut writer = IdSetWriter::new();
-        choose(&mut Random(1_000 + i as u64), hex.len() as u64, *size, |n| {
+        choose(&mut SplitMix64(1_000 + i as u64), hex.len() as u64, *size, |n| {
             writer.push(&hex[n as usize]).expect("sorted, unique ids");
         });
         hex_bytes += writer.finish().len() as u64;
