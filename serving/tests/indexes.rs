@@ -406,3 +406,24 @@ async fn a_rollback_serves_the_overrides_recorded_while_the_version_was_retained
     assert_eq!(api.segments_of("u9").await, ["growth/lapsed@1"], "included while v1 was retained");
     assert!(api.segments_of("u3").await.is_empty());
 }
+
+/// A switch whose notice never reached the replica (here the alias is
+/// written straight into Redis, with no notice) is picked up by the
+/// periodic refresh: the bound on how long a replica that missed a notice
+/// answers the old version is one refresh interval.
+#[tokio::test]
+async fn a_missed_notice_is_made_up_by_the_next_refresh() {
+    let redis = RedisServer::start();
+    let store: Arc<dyn ServingStore> = Arc::new(RedisStore::connect(&redis.url()).await.unwrap());
+    let fixture = Fixture::new(store.clone());
+    fixture.version(&lapsed(), 1, &["u1"]).await;
+    fixture.version(&lapsed(), 2, &["u2"]).await;
+    store.activate(&lapsed(), 1).await.unwrap();
+    let api = Api::start(store.clone(), fixture.config(Gate::new(&fixture.base), Duration::from_millis(300)));
+    api.wait_ready().await;
+    assert_eq!(api.segments_of("u1").await, ["growth/lapsed@1"]);
+    let written = segment_tests::redis_call(redis.port, &["HSET", "sg:aliases", "growth/lapsed", "2"]);
+    assert!(written.is_some(), "the alias is written without a notice");
+    api.eventually_segments("u2", &["growth/lapsed@2"]).await;
+    assert!(api.segments_of("u1").await.is_empty());
+}
