@@ -230,6 +230,37 @@ pub struct ComputeOverrides {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub active_deadline_seconds: Option<i64>,
+    /// The engine that computes the members: `datafusion` (one pod, the
+    /// default) or `spark` (a Spark application, for lakes that outgrow one
+    /// pod; the namespace's ComputeClass must enable it).
+    #[serde(default, skip_serializing_if = "ComputeEngine::is_default")]
+    pub engine: ComputeEngine,
+}
+
+/// Which engine runs a compute. Both read the same sources and write the
+/// same result files, so ingest, serving and rollback do not know which ran.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeEngine {
+    /// Apache DataFusion, in the worker process.
+    #[default]
+    Datafusion,
+    /// Apache Spark: a `SparkApplication` in a cluster, a local
+    /// `spark-submit` for a hand-run or standalone worker.
+    Spark,
+}
+
+impl ComputeEngine {
+    pub fn is_default(&self) -> bool {
+        *self == ComputeEngine::Datafusion
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ComputeEngine::Datafusion => "datafusion",
+            ComputeEngine::Spark => "spark",
+        }
+    }
 }
 
 /// CPU and memory requests and limits of the worker container (no other

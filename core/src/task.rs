@@ -7,7 +7,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::api::{Definition, Segment, SegmentKey, SegmentSourceSpec};
+use crate::api::{ComputeEngine, Definition, Segment, SegmentKey, SegmentSourceSpec};
 use crate::naming::results_uri;
 use crate::planner::Launch;
 use crate::reasons::FailureReason;
@@ -38,6 +38,10 @@ pub struct ComputeTask {
     pub segment_inputs: Vec<SegmentInput>,
     /// Where the result parts and `_manifest.json` go.
     pub results_uri: String,
+    /// The engine that runs the definition (`"engine": "spark"`); absent
+    /// means DataFusion.
+    #[serde(default, skip_serializing_if = "ComputeEngine::is_default")]
+    pub engine: ComputeEngine,
 }
 
 /// Members of another segment's active version, read from its results.
@@ -119,6 +123,7 @@ pub fn compute_task(
         definition: segment.spec.definition.clone(),
         sources,
         segment_inputs,
+        engine: segment.spec.compute.as_ref().map(|c| c.engine).unwrap_or_default(),
     }
 }
 

@@ -121,6 +121,7 @@ fn task(
         sources,
         segment_inputs: Vec::new(),
         results_uri,
+        engine: Default::default(),
     }
 }
 

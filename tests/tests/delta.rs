@@ -91,6 +91,7 @@ fn task(name: &str, source: SegmentSourceSpec, results: &Path, snapshot: DateTim
         sources: vec![source],
         segment_inputs: Vec::new(),
         results_uri: format!("file://{}/{name}/", results.display()),
+        engine: Default::default(),
     }
 }
 

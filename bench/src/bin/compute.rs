@@ -140,6 +140,7 @@ fn bench_task(
         sources: sources.to_vec(),
         segment_inputs: Vec::new(),
         results_uri: format!("file://{}/results/{name}/v1/", work.display()),
+        engine: Default::default(),
     }
 }
 
