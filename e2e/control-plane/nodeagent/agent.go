@@ -2,6 +2,8 @@ package nodeagent
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -33,9 +35,20 @@ const (
 	// informerResync re-delivers every pod to its worker now and then, and
 	// is also the period of the housekeeping sweep.
 	informerResync = 30 * time.Second
-	// cgroupParent is the agent's directory in the memory hierarchy.
+	// cgroupParent holds each agent's directory in the memory hierarchy
+	// (agentCgroupDir).
 	cgroupParent = "local-node-agent"
 )
+
+// agentCgroupDir is the memory cgroup directory of the agent whose root
+// directory is root: one of its own, so that the clean-up of stale cgroups
+// at start (removeStale) touches only what an earlier agent of the same
+// node left, never the running containers of another cluster's agent on
+// the same machine (tests run several clusters side by side).
+func agentCgroupDir(root string) string {
+	sum := sha256.Sum256([]byte(root))
+	return filepath.Join(cgroupParent, hex.EncodeToString(sum[:6]))
+}
 
 // Config is what the node-agent subcommand's flags set.
 type Config struct {
@@ -198,7 +211,7 @@ func newAgentWithClient(cfg Config, logger *slog.Logger, client kubernetes.Inter
 	a.objects = clientGetter{client: client, timeout: a.callContext}
 	a.volumes = &volumeBuilder{client: client, objects: a.objects, allocatable: resources, timeout: a.callContext}
 	if a.isolate {
-		a.cgroups = newMemoryCgroups(logger, cgroupParent)
+		a.cgroups = newMemoryCgroups(logger, agentCgroupDir(root))
 	} else {
 		logger.Warn("not running as root: containers share the agent's mount table and user; pods with volumeMounts or runAsUser will not start, memory limits are not enforced")
 		a.cgroups = &memoryCgroups{logger: logger}

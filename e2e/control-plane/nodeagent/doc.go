@@ -27,8 +27,10 @@
 //     their mountPath (with subPath) in a private mount namespace;
 //   - securityContext: runAsUser/runAsGroup/runAsNonRoot, fsGroup and
 //     supplementalGroups, readOnlyRootFilesystem, allowPrivilegeEscalation;
-//   - memory limits, enforced by a cgroup v1 memory cgroup per container,
-//     so the kernel's OOM kill is what reports OOMKilled;
+//   - memory limits, enforced by a cgroup v1 memory cgroup per container
+//     (under a directory of the agent's own, so agents of clusters side
+//     by side never touch each other's), so the kernel's OOM kill is what
+//     reports OOMKilled;
 //   - startup, readiness and liveness probes (exec, httpGet, tcpSocket,
 //     grpc) with their timing and thresholds;
 //   - container logs through the API server (kubectl logs) via an HTTPS
