@@ -39,25 +39,8 @@ use segment_core::reasons::FailureReason;
 use serde_json::Value;
 
 /// Why a Delta table cannot be read as of the snapshot time.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeltaError {
-    pub reason: FailureReason,
-    pub message: String,
-}
-
-impl DeltaError {
-    fn new(reason: FailureReason, message: impl Into<String>) -> DeltaError {
-        DeltaError { reason, message: message.into() }
-    }
-}
-
-fn unreadable(message: impl Into<String>) -> DeltaError {
-    DeltaError::new(FailureReason::UnreadableSource, message)
-}
-
-fn unsupported(message: impl Into<String>) -> DeltaError {
-    DeltaError::new(FailureReason::UnsupportedSource, message)
-}
+pub use crate::lake_table::TableError as DeltaError;
+use crate::lake_table::{unreadable, unsupported};
 
 /// The table as of one version.
 #[derive(Debug, Clone)]

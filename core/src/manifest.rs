@@ -52,8 +52,9 @@ pub struct SourceRead {
     pub table: String,
     /// The SegmentSource's format.
     pub format: SourceFormat,
-    /// The table version read (Delta): the newest commit at or before the
-    /// snapshot time.
+    /// The table version read: the newest commit at or before the
+    /// snapshot time (Delta), or the id of the newest snapshot committed
+    /// at or before it (Iceberg).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
 }

@@ -197,12 +197,14 @@ string_enum! {
         NotOneColumn,
         SegmentNotReady,
         UnreadableSource,
-        /// A Delta table has no commit at or before the snapshot time: the
-        /// snapshot is older than the table, or its history was removed.
+        /// A Delta table has no commit at or before the snapshot time, or
+        /// an Iceberg table no snapshot current then: the snapshot is older
+        /// than the table, or its history was removed (expired).
         SnapshotBeforeHistory,
-        /// A Delta table needs a reader feature the worker does not
-        /// support (deletion vectors, column mapping), or its `uri` is not
-        /// a table root.
+        /// A Delta or Iceberg table needs a feature the worker does not
+        /// support (deletion vectors, column mapping, delete files), its
+        /// `uri` is not a table root, or an Iceberg table's catalog or
+        /// files are not where the ComputeClass allows.
         UnsupportedSource,
         ResourcesExhausted,
         WriteFailed,

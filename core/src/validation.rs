@@ -61,7 +61,9 @@ pub fn check_spec(spec: &SegmentSpec, known_tables: Option<&[String]>) -> Result
 
 /// Checks a SegmentSource's spec beyond what its schema says: a Delta
 /// table's `uri` is its root directory, which holds `_delta_log/`, not a
-/// glob or a file. The CRD's CEL rule refuses the glob at `kubectl apply`.
+/// glob or a file; an Iceberg table's is `iceberg://<catalog>/<namespace>/<table>`,
+/// and only an Iceberg table's. The CRD's CEL rules refuse the glob and
+/// the mismatched scheme at `kubectl apply`.
 pub fn check_source(spec: &SegmentSourceSpec) -> Result<(), Invalid> {
     if spec.format == SourceFormat::Delta {
         if spec.uri.contains(['*', '?', '[']) {
@@ -76,6 +78,15 @@ pub fn check_source(spec: &SegmentSourceSpec) -> Result<(), Invalid> {
                 format!("{}: name the table's root directory, the one holding _delta_log/, not the log itself", spec.uri),
             ));
         }
+    }
+    let iceberg_scheme = spec.uri.starts_with(crate::iceberg::SCHEME);
+    if spec.format == SourceFormat::Iceberg {
+        crate::iceberg::TableRef::parse(&spec.uri).map_err(|message| invalid_spec("spec.uri", message))?;
+    } else if iceberg_scheme {
+        return Err(invalid_spec(
+            "spec.format",
+            format!("{}: an iceberg:// table is read with format: iceberg, not {}", spec.uri, spec.format.as_str()),
+        ));
     }
     Ok(())
 }
@@ -141,6 +152,23 @@ mod tests {
             let err = check_source(&source(uri, "delta")).unwrap_err();
             assert_eq!((err.reason, err.field.as_str()), (SpecProblem::InvalidSpec, "spec.uri"), "{uri}: {err}");
             assert!(err.message.contains("root directory"), "{err}");
+        }
+    }
+
+    #[test]
+    fn an_iceberg_source_names_a_catalog_a_namespace_and_a_table() {
+        let source = |uri: &str, format: &str| -> SegmentSourceSpec {
+            serde_yaml::from_str(&format!("{{table: orders, uri: '{uri}', format: {format}}}")).unwrap()
+        };
+        assert!(check_source(&source("iceberg://lake/sales/orders", "iceberg")).is_ok());
+        for (uri, format, field) in [
+            ("s3://lake/sales/orders/", "iceberg", "spec.uri"),
+            ("iceberg://lake/orders", "iceberg", "spec.uri"),
+            ("iceberg://lake/sales/../orders", "iceberg", "spec.uri"),
+            ("iceberg://lake/sales/orders", "parquet", "spec.format"),
+        ] {
+            let err = check_source(&source(uri, format)).unwrap_err();
+            assert_eq!((err.reason, err.field.as_str()), (SpecProblem::InvalidSpec, field), "{uri}: {err}");
         }
     }
 

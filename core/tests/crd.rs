@@ -322,9 +322,10 @@ fn compiled_rules<'a>(node: &'a CompiledSchema, path: String, out: &mut Vec<(Str
 #[test]
 fn every_rule_compiles_without_warnings() {
     // 3 on Segment's own fields, and the rule schema unrolled to three levels
-    // of groups: 1 + 3 + 9 + 27 nodes. SegmentSource: a delta uri is no glob.
+    // of groups: 1 + 3 + 9 + 27 nodes. SegmentSource: a delta uri is no
+    // glob; an iceberg:// uri goes with format: iceberg.
     for (kind, schema, expected) in
-        [("Segment", openapi_schema::<Segment>(), 3 + 40), ("SegmentSource", openapi_schema::<SegmentSource>(), 1)]
+        [("Segment", openapi_schema::<Segment>(), 3 + 40), ("SegmentSource", openapi_schema::<SegmentSource>(), 2)]
     {
         let compiled = compile_schema(&schema);
         let mut rules = Vec::new();
@@ -721,7 +722,10 @@ fn enums_are_the_documented_ones() {
     assert_eq!(ops, segment_core::rules::Op::ALL.map(|op| format!("{op:?}")));
 
     let source = openapi_schema::<SegmentSource>();
-    assert_eq!(enum_of(&source, "/properties/spec/properties/format"), [r#""parquet""#, r#""csv""#, r#""ndjson""#, r#""delta""#]);
+    assert_eq!(
+        enum_of(&source, "/properties/spec/properties/format"),
+        [r#""parquet""#, r#""csv""#, r#""ndjson""#, r#""delta""#, r#""iceberg""#]
+    );
     assert_eq!(source["properties"]["spec"]["required"], json!(["format", "table", "uri"]));
     assert_eq!(segment["properties"]["spec"]["required"], json!(["definition"]));
 }

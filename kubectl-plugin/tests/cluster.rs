@@ -378,6 +378,20 @@ async fn status_shows_the_table_versions_each_version_read() {
     assert_eq!(table, expected, "got:\n{out}");
 }
 
+/// An Iceberg table's version is the snapshot id read, shown the same way.
+#[tokio::test]
+async fn status_shows_the_iceberg_snapshot_each_version_read() {
+    let mut segment = vip(Some(2));
+    segment["status"]["versions"][1]["tableVersions"] = json!([
+        {"table": "events", "format": "iceberg", "version": 6258459911819725586u64},
+        {"table": "orders", "format": "delta", "version": 12}
+    ]);
+    let world = world_with(segment);
+    let out = kubectl_segment(&world, &["status", "vip"]).await.unwrap();
+    let row = out.lines().find(|l| l.starts_with("2 ")).unwrap_or_else(|| panic!("no v2 row:\n{out}"));
+    assert!(row.contains(" events@6258459911819725586,orders@12 "), "got:\n{out}");
+}
+
 #[tokio::test]
 async fn status_of_a_segment_that_has_not_run_yet() {
     let world = world_with(new_segment());

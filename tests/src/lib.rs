@@ -67,7 +67,7 @@ struct Process {
 /// run leaves servers behind. The kernel signals on the spawning thread's
 /// exit, not the process's: start long-lived servers from a thread that
 /// lives as long as they must.
-fn die_with_parent(command: &mut Command) -> &mut Command {
+pub fn die_with_parent(command: &mut Command) -> &mut Command {
     use std::os::unix::process::CommandExt;
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
     unsafe {

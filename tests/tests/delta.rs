@@ -92,6 +92,7 @@ fn task(name: &str, source: SegmentSourceSpec, results: &Path, snapshot: DateTim
         segment_inputs: Vec::new(),
         results_uri: format!("file://{}/{name}/", results.display()),
         engine: Default::default(),
+        iceberg: None,
     }
 }
 

@@ -5,7 +5,8 @@
 //! IN lists, string predicates) over Parquet, CSV and NDJSON, with each
 //! segment's ratio and the total's. Then the orders segments again with
 //! `orders` read as a Delta Lake table (a log over the same Parquet files),
-//! next to the same segments over the plain Parquet prefix.
+//! next to the same segments over the plain Parquet prefix, and read as an
+//! Apache Iceberg table (the same files, registered by pyiceberg).
 //!
 //! cargo run --release -p segment-bench --bin compute -- [users]
 //! (1,000,000 users give ~3M orders and ~10M app events)
@@ -16,7 +17,8 @@ use chrono::{DateTime, Duration, Utc};
 use segment_bench::row;
 use segment_compute::compute;
 use segment_compute::lakegen::{generate, write_delta_commit, LakeSpec};
-use segment_core::api::{Definition, SegmentKey, SegmentSourceSpec, SourceFormat};
+use segment_core::api::{Definition, IcebergCatalog, IcebergCatalogType, SegmentKey, SegmentSourceSpec, SourceFormat};
+use segment_core::iceberg::IcebergAccess;
 use segment_core::rules::Rule;
 use segment_core::rules_sql;
 use segment_core::task::ComputeTask;
@@ -141,6 +143,7 @@ fn bench_task(
         segment_inputs: Vec::new(),
         results_uri: format!("file://{}/results/{name}/v1/", work.display()),
         engine: Default::default(),
+        iceberg: None,
     }
 }
 
@@ -231,6 +234,80 @@ async fn main() {
         let seconds = start.elapsed().as_secs_f64();
         let (_, parquet_seconds, parquet_members) = ours[i];
         assert_eq!(report.members, parquet_members, "{name}: Delta and Parquet disagree on the members");
+        let ratio = seconds / parquet_seconds;
+        println!("{name:<42} {seconds:>10.2} {parquet_seconds:>11.2} {ratio:>7.2}x {:>10}", report.members);
+    }
+
+    iceberg_orders(&lake, &parts, &sources, work.path()).await;
+}
+
+/// The same orders as an Iceberg table: pyiceberg registers the same
+/// Parquet files (`add_files`) in a SQL catalog, one snapshot. It commits
+/// now, after the lake's snapshot time, so both sides run at a snapshot
+/// time after the commit (windowed segments may then find fewer members,
+/// or none: both sides still scan the same files).
+async fn iceberg_orders(
+    lake: &std::path::Path,
+    parts: &[std::path::PathBuf],
+    sources: &[SegmentSourceSpec],
+    work: &std::path::Path,
+) {
+    let db = work.join("iceberg-catalog.db");
+    let catalog = serde_json::json!({"name": "bench", "type": "sql", "uri": format!("sqlite:///{}", db.display()),
+                                     "warehouse": format!("file://{}/iceberg-warehouse", work.display())});
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/iceberg_table.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args(["register", &catalog.to_string(), &format!("file://{}/orders", lake.display())])
+        .args(parts)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "pyiceberg add_files failed (tests/setup installs pyiceberg): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let at = Utc::now();
+    let access = IcebergAccess {
+        catalogs: vec![IcebergCatalog {
+            name: "bench".into(),
+            type_: IcebergCatalogType::Sql,
+            uri: format!("sqlite://{}", db.display()),
+            warehouse: None,
+            catalog_name: None,
+            token_env: None,
+        }],
+        namespace: "bench".into(),
+        results_base: format!("file://{}/results", work.display()),
+        allowed_prefixes: None,
+        allow_local_files: true,
+    };
+    let iceberg_sources: Vec<SegmentSourceSpec> = sources
+        .iter()
+        .map(|s| match s.table.as_str() {
+            "orders" => {
+                SegmentSourceSpec { format: SourceFormat::Iceberg, uri: "iceberg://bench/bench/orders".into(), ..s.clone() }
+            }
+            _ => s.clone(),
+        })
+        .collect();
+    println!();
+    println!("{:<42} {:>10} {:>11} {:>8} {:>10}", "orders as an Iceberg table", "iceberg (s)", "parquet (s)", "ratio", "members");
+    for (i, (name, definition, _)) in reference_segments(sources)
+        .into_iter()
+        .enumerate()
+        .filter(|(_, (_, _, sql))| sql.contains("orders") && !sql.contains("app_events"))
+    {
+        let parquet = bench_task(&format!("parquet-now{i}"), definition.clone(), sources, at, work);
+        let start = std::time::Instant::now();
+        let parquet_report = compute::run(&parquet).await.unwrap_or_else(|e| panic!("{name}: {e}"));
+        let parquet_seconds = start.elapsed().as_secs_f64();
+        let mut task = bench_task(&format!("iceberg{i}"), definition, &iceberg_sources, at, work);
+        task.iceberg = Some(access.clone());
+        let start = std::time::Instant::now();
+        let report = compute::run(&task).await.unwrap_or_else(|e| panic!("{name} over Iceberg: {e}"));
+        let seconds = start.elapsed().as_secs_f64();
+        assert_eq!(report.members, parquet_report.members, "{name}: Iceberg and Parquet disagree on the members");
         let ratio = seconds / parquet_seconds;
         println!("{name:<42} {seconds:>10.2} {parquet_seconds:>11.2} {ratio:>7.2}x {:>10}", report.members);
     }

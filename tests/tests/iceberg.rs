@@ -1,0 +1,543 @@
+//! `format: iceberg` sources: Apache Iceberg tables written by a real
+//! writer (pyiceberg, via `tests/iceberg_table.py`) into real catalogs — a
+//! SQL catalog on SQLite, and Apache Iceberg's REST catalog server (its
+//! test fixture from Maven Central, which tests/setup caches) — and read
+//! by the compute worker as of the run's snapshot time. Every expected set
+//! of members comes from pyiceberg's own scan of a snapshot, and its own
+//! timestamp time travel must agree on the snapshot.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration as StdDuration, Instant};
+
+use chrono::{DateTime, Duration, Utc};
+use segment_compute::compute;
+use segment_core::api::{
+    ComputeClassSpec, Definition, IcebergCatalog, IcebergCatalogType, SegmentKey, SegmentSourceSpec, SegmentSpec, SourceFormat,
+};
+use segment_core::iceberg::IcebergAccess;
+use segment_core::policy::{check_allowed, Tenant};
+use segment_core::reasons::{FailureReason, SpecProblem};
+use segment_core::task::ComputeTask;
+use segment_store::results::ResultDir;
+use serde_json::{json, Value};
+
+/// The segment the helper's `members` evaluates: amount >= 50 outside the US.
+const SQL: &str = "SELECT user_id FROM orders WHERE amount >= 50 AND country <> 'US'";
+const URI: &str = "iceberg://lake/sales/orders";
+
+/// A catalog pyiceberg writes through and the worker reads.
+struct Catalog {
+    /// pyiceberg's properties, with the catalog's name.
+    pyiceberg: Value,
+    /// The same catalog as a ComputeClass names it.
+    class: IcebergCatalog,
+    warehouse: PathBuf,
+}
+
+impl Catalog {
+    fn sql(dir: &Path) -> Catalog {
+        let warehouse = dir.join("warehouse");
+        std::fs::create_dir_all(&warehouse).unwrap();
+        let db = dir.join("catalog.db");
+        Catalog {
+            pyiceberg: json!({"name": "lake", "type": "sql", "uri": format!("sqlite:///{}", db.display()),
+                              "warehouse": format!("file://{}", warehouse.display())}),
+            class: IcebergCatalog {
+                name: "lake".into(),
+                type_: IcebergCatalogType::Sql,
+                uri: format!("sqlite://{}", db.display()),
+                warehouse: None,
+                catalog_name: None,
+                token_env: None,
+            },
+            warehouse,
+        }
+    }
+
+    fn rest(server: &RestCatalogServer) -> Catalog {
+        Catalog {
+            pyiceberg: json!({"name": "lake", "type": "rest", "uri": server.url()}),
+            class: IcebergCatalog {
+                name: "lake".into(),
+                type_: IcebergCatalogType::Rest,
+                uri: server.url(),
+                warehouse: None,
+                catalog_name: None,
+                token_env: None,
+            },
+            warehouse: server.warehouse.clone(),
+        }
+    }
+
+    /// Runs the helper against this catalog; its one line of JSON.
+    fn helper(&self, args: &[&str]) -> Value {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("iceberg_table.py");
+        let (command, rest) = args.split_first().unwrap();
+        let output = Command::new("python3")
+            .arg(&script)
+            .arg(command)
+            .arg(self.pyiceberg.to_string())
+            .args(rest)
+            .output()
+            .expect("python3 runs");
+        assert!(
+            output.status.success(),
+            "{} {args:?}: {}\n(tests/setup installs pyiceberg)",
+            script.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).expect("the helper prints JSON")
+    }
+
+    /// The access a namespace whose class allows the warehouse gets.
+    fn access(&self) -> IcebergAccess {
+        IcebergAccess {
+            catalogs: vec![self.class.clone()],
+            namespace: "growth".into(),
+            results_base: "s3://results".into(),
+            allowed_prefixes: Some(vec![format!("file://{}/", self.warehouse.display())]),
+            allow_local_files: true,
+        }
+    }
+}
+
+/// One snapshot of the table's history, as pyiceberg read it.
+#[derive(Debug)]
+struct Snapshot {
+    id: u64,
+    committed: DateTime<Utc>,
+    members: BTreeSet<String>,
+}
+
+fn history(printed: &Value) -> Vec<Snapshot> {
+    printed["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| Snapshot {
+            id: s["snapshotId"].as_u64().unwrap(),
+            committed: DateTime::from_timestamp_millis(s["timestampMs"].as_i64().unwrap()).unwrap(),
+            members: members_of(&s["members"]),
+        })
+        .collect()
+}
+
+fn members_of(value: &Value) -> BTreeSet<String> {
+    value.as_array().unwrap().iter().map(|m| m.as_str().unwrap().to_string()).collect()
+}
+
+/// A moment between snapshot `s` and the next one.
+fn between(history: &[Snapshot], s: usize) -> DateTime<Utc> {
+    match history.get(s + 1) {
+        Some(next) => history[s].committed + (next.committed - history[s].committed) / 2,
+        None => history[s].committed + Duration::milliseconds(500),
+    }
+}
+
+fn iceberg_source() -> SegmentSourceSpec {
+    SegmentSourceSpec {
+        table: "orders".into(),
+        uri: URI.into(),
+        format: SourceFormat::Iceberg,
+        user_id_column: "user_id".into(),
+        timestamp_column: None,
+    }
+}
+
+fn task(name: &str, access: &IcebergAccess, results: &Path, snapshot: DateTime<Utc>) -> ComputeTask {
+    ComputeTask {
+        segment: SegmentKey::new("growth", name),
+        version: 1,
+        generation: 1,
+        definition_hash: format!("sha256:{name}"),
+        snapshot_time: snapshot,
+        definition: Definition { sql: Some(SQL.into()), rules: None, static_list: None },
+        sources: vec![iceberg_source()],
+        segment_inputs: Vec::new(),
+        results_uri: format!("file://{}/{name}/", results.display()),
+        engine: Default::default(),
+        iceberg: Some(access.clone()),
+    }
+}
+
+/// Computes `task`; its members and the snapshot id its manifest records.
+async fn compute_members(task: &ComputeTask) -> (BTreeSet<String>, u64) {
+    let report = compute::run(task).await.unwrap_or_else(|e| panic!("{}: {e}", task.segment));
+    let dir = ResultDir::open(&task.results_uri).unwrap();
+    let manifest = dir.read_manifest().await.unwrap().expect("a manifest");
+    let mut ids = BTreeSet::new();
+    for part in &manifest.parts {
+        let bytes = dir.read_part(part).await.unwrap();
+        ids.extend(part.decode(&bytes).unwrap().into_iter().map(str::to_string));
+    }
+    assert_eq!(report.members as usize, ids.len());
+    let [read] = manifest.sources.as_slice() else { panic!("one source in {:?}", manifest.sources) };
+    assert_eq!((read.table.as_str(), read.format), ("orders", SourceFormat::Iceberg));
+    (ids, read.version.expect("an Iceberg source's snapshot id"))
+}
+
+/// The whole time-travel check against one catalog: every snapshot of the
+/// history (two appends, a delete, an overwrite, each as pyiceberg commits
+/// them) read at a time between it and the next, exactly at its own time,
+/// and again after one more commit.
+async fn check_time_travel(catalog: &Catalog, results: &Path) {
+    let written = history(&catalog.helper(&["write"]));
+    assert!(written.len() >= 4, "two appends, a delete and an overwrite: {written:?}");
+    let access = catalog.access();
+
+    let mut first_reads = Vec::new();
+    for (s, snapshot) in written.iter().enumerate() {
+        for (label, at) in [("between", between(&written, s)), ("at", snapshot.committed)] {
+            // pyiceberg's own timestamp time travel agrees on the snapshot.
+            let theirs = catalog.helper(&["at", &at.timestamp_millis().to_string()]);
+            assert_eq!(theirs["snapshotId"].as_u64(), Some(snapshot.id), "pyiceberg as of {at}");
+            assert_eq!(members_of(&theirs["members"]), snapshot.members);
+
+            let name = format!("s{s}-{label}");
+            let (members, read) = compute_members(&task(&name, &access, results, at)).await;
+            assert_eq!(read, snapshot.id, "the snapshot read as of {at}");
+            assert_eq!(members, snapshot.members, "the members of snapshot {s} ({label})");
+            first_reads.push((name, at, read, members));
+        }
+    }
+    let distinct: BTreeSet<_> = written.iter().map(|s| s.members.clone()).collect();
+    assert!(distinct.len() >= 4, "the commits change the members");
+
+    // More commits later: the same snapshot times give the same members.
+    let later = history(&catalog.helper(&["more"]));
+    assert_eq!(later.len(), written.len() + 1);
+    for (name, at, read, members) in &first_reads {
+        let again = compute_members(&task(&format!("again-{name}"), &access, results, *at)).await;
+        assert_eq!((&again.1, &again.0), (read, members), "recomputed as of {at}");
+    }
+    let newest = later.last().unwrap();
+    let (members, read) = compute_members(&task("newest", &access, results, between(&later, later.len() - 1))).await;
+    assert_eq!((read, &members), (newest.id, &newest.members));
+
+    // Before the first snapshot: no table state to read.
+    let before = written[0].committed - Duration::milliseconds(1);
+    let error = compute::run(&task("before", &access, results, before)).await.expect_err("fails");
+    assert_eq!(error.reason, FailureReason::SnapshotBeforeHistory, "{error}");
+    assert!(!error.reason.is_transient());
+    assert!(error.message.contains("table `orders`"), "{error}");
+    assert!(error.message.contains(&format!("before the oldest snapshot that can be read, {}", written[0].id)), "{error}");
+    assert!(!results.join("before/_manifest.json").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_iceberg_table_in_a_sql_catalog_is_read_as_of_the_snapshot_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = Catalog::sql(dir.path());
+    check_time_travel(&catalog, &dir.path().join("results")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_iceberg_table_in_a_rest_catalog_is_read_as_of_the_snapshot_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = RestCatalogServer::start(dir.path());
+    let catalog = Catalog::rest(&server);
+    check_time_travel(&catalog, &dir.path().join("results")).await;
+}
+
+/// Rules read an Iceberg table like any other: the same members as the SQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_work_on_an_iceberg_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = Catalog::sql(dir.path());
+    let written = history(&catalog.helper(&["write"]));
+    let s = written.len() - 1;
+    let mut rules = task("rules", &catalog.access(), &dir.path().join("results"), between(&written, s));
+    rules.definition = Definition {
+        sql: None,
+        rules: Some(
+            serde_json::from_value(json!({"all": [
+                {"property": {"table": "orders", "column": "amount", "op": "gte", "value": 50}},
+                {"property": {"table": "orders", "column": "country", "op": "ne", "value": "US"}}
+            ]}))
+            .unwrap(),
+        ),
+        static_list: None,
+    };
+    let (members, read) = compute_members(&rules).await;
+    assert_eq!((read, members), (written[s].id, written[s].members.clone()));
+}
+
+/// A tenant names a catalog, never a host: the operator refuses a catalog
+/// the namespace's class does not declare before launching anything, and
+/// the worker refuses a table whose metadata or data are outside the
+/// class's locations, or a catalog its task does not carry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undeclared_catalog_or_a_table_outside_the_allowed_prefixes_is_refused() {
+    let spec: SegmentSpec = serde_json::from_value(json!({"definition": {"sql": SQL}})).unwrap();
+    let tenant = Tenant { namespace: "growth", results_base: "s3://results" };
+    let class: ComputeClassSpec = serde_json::from_value(json!({
+        "allowedSourcePrefixes": ["s3://lake/{namespace}/"],
+        "icebergCatalogs": [{"name": "lake", "type": "rest", "uri": "https://catalog.internal/", "tokenEnv": "LAKE_TOKEN"}]
+    }))
+    .unwrap();
+    assert_eq!(check_allowed(&spec, &[&iceberg_source()], &class, tenant), Ok(()));
+    let elsewhere = SegmentSourceSpec { uri: "iceberg://attacker/sales/orders".into(), ..iceberg_source() };
+    let error = check_allowed(&spec, &[&elsewhere], &class, tenant).unwrap_err();
+    assert_eq!((error.reason, error.field.as_str()), (SpecProblem::NotAllowed, "SegmentSource of table `orders`: spec.uri"));
+    assert!(error.message.contains("`attacker` is not one of the ComputeClass's icebergCatalogs"), "{error}");
+    // The task carries the class's catalog, with its address: not the tenant's.
+    let launched = task("t", &empty_access(), Path::new("/r"), Utc::now()).with_iceberg_access(&class, "s3://results");
+    let task_json = serde_json::to_value(launched).unwrap();
+    assert_eq!(task_json["iceberg"]["catalogs"][0]["uri"], "https://catalog.internal/");
+    assert_eq!(task_json["iceberg"]["allowedPrefixes"], json!(["s3://lake/growth/"]));
+
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = Catalog::sql(dir.path());
+    let written = history(&catalog.helper(&["write"]));
+    let at = between(&written, written.len() - 1);
+    let results = dir.path().join("results");
+    let refused = |access: IcebergAccess, name: &'static str| {
+        let task = task(name, &access, &results, at);
+        async move { compute::run(&task).await.expect_err("refused") }
+    };
+    // The warehouse is not under the class's prefixes.
+    let mut outside = catalog.access();
+    outside.allowed_prefixes = Some(vec!["file:///somewhere/else/".into()]);
+    let error = refused(outside, "outside").await;
+    assert_eq!(error.reason, FailureReason::UnsupportedSource, "{error}");
+    assert!(error.message.contains("outside the locations the ComputeClass allows"), "{error}");
+    // Local files not allowed.
+    let mut no_local = catalog.access();
+    no_local.allow_local_files = false;
+    let error = refused(no_local, "no-local").await;
+    assert!(error.message.contains("does not allow local files"), "{error}");
+    // A catalog the task does not carry.
+    let mut undeclared = catalog.access();
+    undeclared.catalogs.clear();
+    let error = refused(undeclared, "undeclared").await;
+    assert_eq!(error.reason, FailureReason::UnsupportedSource, "{error}");
+    assert!(error.message.contains("not one of the namespace's ComputeClass icebergCatalogs"), "{error}");
+    assert!(!results.join("outside/_manifest.json").exists());
+}
+
+fn empty_access() -> IcebergAccess {
+    IcebergAccess {
+        catalogs: vec![],
+        namespace: "growth".into(),
+        results_base: "s3://results".into(),
+        allowed_prefixes: None,
+        allow_local_files: false,
+    }
+}
+
+/// Apache Iceberg's REST catalog fixture (`RESTCatalogServer`, a JDBC
+/// catalog on SQLite behind the REST protocol) on a free port, its
+/// warehouse a local directory. The jars are the ones tests/setup copies
+/// from Maven Central into the cache (`tests/iceberg-rest/pom.xml`).
+struct RestCatalogServer {
+    child: Child,
+    port: u16,
+    warehouse: PathBuf,
+}
+
+/// Where tests/setup puts the fixture's jars.
+fn rest_fixture_jars() -> PathBuf {
+    if let Ok(dir) = std::env::var("ICEBERG_REST_FIXTURE_DIR") {
+        return PathBuf::from(dir);
+    }
+    let cache = std::env::var("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache"));
+    cache.join("segment-operator/iceberg-rest-1.10.0")
+}
+
+impl RestCatalogServer {
+    fn start(dir: &Path) -> RestCatalogServer {
+        let jars = rest_fixture_jars();
+        assert!(
+            jars.join("iceberg-open-api-1.10.0-test-fixtures.jar").exists(),
+            "no Iceberg REST catalog fixture in {} (tests/setup installs it)",
+            jars.display()
+        );
+        let warehouse = dir.join("rest-warehouse");
+        std::fs::create_dir_all(&warehouse).unwrap();
+        let port = segment_tests::free_port();
+        let log = std::fs::File::create(dir.join("rest-catalog.log")).unwrap();
+        // The server dies with this test's thread, even when the run is killed.
+        let child = segment_tests::die_with_parent(&mut Command::new("java"))
+            .arg("-cp")
+            .arg(format!("{}/*", jars.display()))
+            .arg("org.apache.iceberg.rest.RESTCatalogServer")
+            .env("CATALOG_WAREHOUSE", format!("file://{}", warehouse.display()))
+            .env("CATALOG_REST_PORT", port.to_string())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("java runs");
+        let server = RestCatalogServer { child, port, warehouse };
+        let deadline = Instant::now() + StdDuration::from_secs(60);
+        while segment_tests::http_get(port, "/v1/config").0 != 200 {
+            assert!(Instant::now() < deadline, "the REST catalog did not start: {}", dir.join("rest-catalog.log").display());
+            std::thread::sleep(StdDuration::from_millis(200));
+        }
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for RestCatalogServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The catalog's token goes to the class's catalog URL and nowhere else:
+/// not to a `uri` the catalog's configuration names, not along a redirect.
+/// A catalog here answers `v1/config` with another host and redirects the
+/// table to it; the other host hears nothing, the run fails, and the
+/// message holds neither the token nor the catalog's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_catalog_token_goes_to_the_classs_catalog_alone() {
+    let elsewhere = FakeHttp::start(|_| "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}".to_string());
+    let other = format!("http://127.0.0.1:{}", elsewhere.port);
+    let answer_other = other.clone();
+    let catalog = FakeHttp::start(move |line| {
+        if line.starts_with("GET /v1/config") {
+            let body = json!({"defaults": {}, "overrides": {"uri": answer_other, "prefix": "p"}}).to_string();
+            format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+        } else {
+            format!("HTTP/1.1 302 Found\r\nLocation: {answer_other}/steal\r\nContent-Length: 0\r\n\r\n")
+        }
+    });
+    const TOKEN_ENV: &str = "ICEBERG_TEST_LAKE_TOKEN";
+    std::env::set_var(TOKEN_ENV, "s3cr3t-token");
+    let mut access = empty_access();
+    access.catalogs = vec![IcebergCatalog {
+        name: "lake".into(),
+        type_: IcebergCatalogType::Rest,
+        uri: format!("http://127.0.0.1:{}/", catalog.port),
+        warehouse: Some("tenants".into()),
+        catalog_name: None,
+        token_env: Some(TOKEN_ENV.into()),
+    }];
+    let dir = tempfile::tempdir().unwrap();
+    let error = compute::run(&task("token", &access, dir.path(), Utc::now())).await.expect_err("fails");
+    assert_eq!(error.reason, FailureReason::UnreadableSource, "{error}");
+    assert!(error.message.contains("HTTP 302"), "{error}");
+    assert!(!error.message.contains("s3cr3t") && !error.message.contains("steal"), "{error}");
+
+    let heard = catalog.requests();
+    assert_eq!(heard.len(), 2, "{heard:#?}");
+    assert!(heard[0].starts_with("GET /v1/config?warehouse=tenants "), "{heard:#?}");
+    assert!(heard[1].starts_with("GET /v1/p/namespaces/sales/tables/orders "), "{heard:#?}");
+    assert!(heard.iter().all(|r| r.contains("authorization: Bearer s3cr3t-token")), "{heard:#?}");
+    assert!(elsewhere.requests().is_empty(), "the other host heard {:#?}", elsewhere.requests());
+
+    // Without the variable in the worker's environment: named, not guessed.
+    std::env::remove_var(TOKEN_ENV);
+    let error = compute::run(&task("no-token", &access, dir.path(), Utc::now())).await.expect_err("fails");
+    assert!(error.message.contains(&format!("{TOKEN_ENV} holding its token is not set")), "{error}");
+    assert_eq!(catalog.requests().len(), 2, "nothing is sent without the token");
+}
+
+/// A loopback HTTP server answering each request with `answer(request
+/// line)`, remembering each request line with its lowercased headers.
+struct FakeHttp {
+    port: u16,
+    heard: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl FakeHttp {
+    fn start(answer: impl Fn(&str) -> String + Send + 'static) -> FakeHttp {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let heard = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = heard.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut request = String::new();
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line.trim() != "" {
+                    let lowered = match line.split_once(':') {
+                        Some((name, value)) if !request.is_empty() => format!("{}:{value}", name.to_lowercase()),
+                        _ => line.clone(),
+                    };
+                    request.push_str(lowered.trim_end());
+                    request.push('\n');
+                    line.clear();
+                }
+                let first = request.lines().next().unwrap_or_default().to_string();
+                log.lock().unwrap().push(request);
+                // One request a connection: the client must not reuse it.
+                let reply = answer(&first).replacen("\r\n", "\r\nConnection: close\r\n", 1);
+                let _ = stream.write_all(reply.as_bytes());
+            }
+        });
+        FakeHttp { port, heard }
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.heard.lock().unwrap().clone()
+    }
+}
+
+/// Ingest records the snapshot id the compute read (from the manifest) in
+/// its verdict; the operator seals the version with it, and it reaches the
+/// version's `tableVersions` in the status as for Delta tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_records_the_snapshot_read_with_the_version() {
+    use segment_core::manifest::SourceRead;
+    use segment_core::seal::{SealFile, SEAL_FILE};
+    use segment_core::store::{MemoryStore, SegmentStore};
+    use segment_core::task::IngestTask;
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = Catalog::sql(dir.path());
+    let written = history(&catalog.helper(&["write"]));
+    let snapshot = between(&written, 1);
+    let compute_task = task("ingested", &catalog.access(), &dir.path().join("results"), snapshot);
+    let (members, read) = compute_members(&compute_task).await;
+    assert_eq!(read, written[1].id);
+
+    let ingest = IngestTask {
+        segment: compute_task.segment.clone(),
+        version: compute_task.version,
+        snapshot_time: snapshot,
+        results_uri: compute_task.results_uri.clone(),
+        max_failed_parts: 0,
+        compare_with: None,
+        overrides_from: None,
+    };
+    segment_compute::ingest::verify(&ingest).await.expect("ingest succeeds");
+    let seal = ResultDir::open(&compute_task.results_uri).unwrap().read_seal().await.unwrap();
+    let verdict: SealFile = serde_json::from_slice(&seal.unwrap_or_else(|| panic!("no {SEAL_FILE}"))).unwrap();
+    let store = MemoryStore::new();
+    store.seal_with(&compute_task.segment, 1, &verdict.seal).await.unwrap();
+    let stored = &store.versions(&compute_task.segment).await.unwrap()[&1];
+    assert_eq!(stored.members, members.len() as u64);
+    let recorded = SourceRead { table: "orders".into(), format: SourceFormat::Iceberg, version: Some(written[1].id) };
+    assert_eq!(stored.table_versions, vec![recorded]);
+}
+
+/// History removed by the writer (pyiceberg's `expire_snapshots`, which
+/// drops the snapshot and trims the log): a time it covered fails with
+/// `SnapshotBeforeHistory` naming the oldest snapshot still readable,
+/// and later times read as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_snapshot_fails_with_snapshot_before_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = Catalog::sql(dir.path());
+    let written = history(&catalog.helper(&["write"]));
+    let left = history(&catalog.helper(&["expire", &written[0].id.to_string()]));
+    assert_eq!(left.first().map(|s| s.id), Some(written[1].id), "the log is trimmed");
+    let (access, results) = (catalog.access(), dir.path().join("results"));
+
+    let error = compute::run(&task("expired", &access, &results, between(&written, 0))).await.expect_err("fails");
+    assert_eq!(error.reason, FailureReason::SnapshotBeforeHistory, "{error}");
+    assert!(error.message.contains(&format!("before the oldest snapshot that can be read, {}", written[1].id)), "{error}");
+    let (members, read) = compute_members(&task("kept", &access, &results, between(&written, 1))).await;
+    assert_eq!((read, members), (written[1].id, written[1].members.clone()));
+}
