@@ -5,6 +5,10 @@
 #   docker build --target serving  -t segment-operator/segment-serving:0.1.0 .
 #   docker build --target worker   -t segment-operator/segment-worker:0.1.0 .
 #
+# and, for Segments with `spec.compute.engine: spark`, the Spark image of
+# their SparkApplications: the admin's Spark image plus segment-worker and
+# the driver (the `spark` target below).
+#
 # The names and tags are the chart's defaults (charts/segment-operator/
 # values.yaml: repository, tag = the chart's appVersion = the crates'
 # version) and the operator's default --worker-image. Each image's
@@ -14,6 +18,11 @@
 # the chart's arguments against the binary named by each image.
 
 ARG RUST_VERSION=1.95
+# The base of the `spark` target: a Spark 4 image with Python (PySpark) and
+# a glibc at least Debian 12's (2.36), which segment-worker is built
+# against; the S3A jars (hadoop-aws, AWS SDK v2) are the admin's to add
+# (docs/compute.md#engines).
+ARG SPARK_IMAGE=apache/spark:4.0.1-python3
 
 FROM rust:${RUST_VERSION}-bookworm AS source
 WORKDIR /src
@@ -70,7 +79,23 @@ FROM distroless AS serving
 COPY --from=build-serving /out/segment-serving /usr/local/bin/segment-serving
 ENTRYPOINT ["/usr/local/bin/segment-serving"]
 
-# A plain `docker build .` builds the last target: the worker.
+# The Spark image of SparkApplications:
+#
+#   docker build --target spark --build-arg SPARK_IMAGE=<the admin's Spark image> \
+#     -t segment-operator/segment-spark:0.1.0 .
+#
+# The driver runs `segment-worker spark-plan` and `write-result`
+# (SEGMENT_WORKER_BIN); a SparkApplication's mainApplicationFile is
+# local:///opt/segment-operator/spark/segment_spark.py. The base keeps its
+# entrypoint and user.
+FROM ${SPARK_IMAGE} AS spark
+COPY --from=build-worker /out/segment-worker /usr/local/bin/segment-worker
+COPY workers/spark/segment_spark.py /opt/segment-operator/spark/segment_spark.py
+ENV SEGMENT_WORKER_BIN=/usr/local/bin/segment-worker
+
+# A plain `docker build .` builds the last target: the worker. It carries
+# the Spark driver too (`segment-worker spark-driver` prints the same file).
 FROM slim AS worker
 COPY --from=build-worker /out/segment-worker /usr/local/bin/segment-worker
+COPY workers/spark/segment_spark.py /opt/segment-operator/spark/segment_spark.py
 ENTRYPOINT ["/usr/local/bin/segment-worker"]

@@ -11,7 +11,8 @@ use chrono::{DateTime, Duration, Utc};
 use segment_compute::compute::{self, ComputeOptions, ComputeReport};
 use segment_compute::failure::WorkerError;
 use segment_compute::lakegen::{self, LakeSpec, Order, UserRows};
-use segment_core::api::{Definition, SegmentKey, SegmentSourceSpec, SourceFormat, StaticList};
+use segment_compute::spark;
+use segment_core::api::{ComputeEngine, Definition, SegmentKey, SegmentSourceSpec, SourceFormat, StaticList};
 use segment_core::index::INDEX_FILE;
 use segment_core::manifest::{part_file, Manifest, FORMAT, MANIFEST_FILE};
 use segment_core::reasons::FailureReason;
@@ -122,6 +123,7 @@ fn task(
         segment_inputs: Vec::new(),
         results_uri,
         engine: Default::default(),
+        iceberg: None,
     }
 }
 
@@ -857,6 +859,11 @@ async fn s3_sources_and_results() {
     let listed = task("vip", static_list("s3://lake/lists/vip.csv".into()), vec![], "s3://results/growth/vip/v1/".into(), now);
     assert_members("s3 static", &run(&listed).await.unwrap(), &vip);
 
+    // The Spark engine reads the same lake through Hadoop S3A (the jars
+    // tests/setup prefetches) and writes the same results.
+    spark_ready();
+    spark_matches_datafusion(&lake, s3_sources.clone(), |name| format!("s3://results/growth/{name}/v1/")).await;
+
     // A bucket that does not exist, for the lake and for the results.
     let mut no_bucket = s3_sources.clone();
     no_bucket[0].uri = "s3://no-such-lake/orders/".into();
@@ -988,5 +995,238 @@ async fn errors_never_echo_what_a_source_file_holds() {
         for piece in SECRET.split('.') {
             assert!(!error.message.contains(piece), "{name}: the file's content is echoed: {error}");
         }
+    }
+}
+
+// The Spark engine (`engine: spark`), run by the local engine:
+// `spark-submit --master local[*]` on the embedded driver.
+
+/// The Spark tests need `spark-submit` (pyspark, installed by tests/setup)
+/// and the `segment-worker` the driver runs (built by `cargo test
+/// --workspace`, found next to this test binary's directory).
+fn spark_ready() {
+    segment_tests::cluster::workspace_binary("segment-worker");
+    let found = std::process::Command::new("sh").arg("-c").arg("command -v spark-submit").output();
+    assert!(
+        found.map(|o| o.status.success()).unwrap_or(false),
+        "`spark-submit` is not installed: python3 -m pip install pyspark==4.3.0 (tests/setup installs it)"
+    );
+}
+
+fn on_spark(task: ComputeTask) -> ComputeTask {
+    ComputeTask { engine: ComputeEngine::Spark, ..task }
+}
+
+/// Every reference definition run by Spark, all in one Spark session (the
+/// driver takes several tasks; each spark-submit costs a JVM): each gives
+/// the independent evaluation's members, and the same result files, byte
+/// for byte, as DataFusion on the same sources.
+async fn spark_matches_datafusion(lake: &Lake, sources: Vec<SegmentSourceSpec>, results: impl Fn(&str) -> String) {
+    let mut tasks = Vec::new();
+    let mut expected = Vec::new();
+    for case in reference_cases(lake) {
+        for (kind, definition) in &case.definitions {
+            let name = format!("{}-{kind}", case.name);
+            tasks.push(on_spark(task(&name, definition.clone(), sources.clone(), results(&format!("spark/{name}")), lake.now())));
+            expected.push((name, case.expected.clone()));
+        }
+    }
+    let reports = spark::run_local_all(&tasks, &ComputeOptions::default()).await.unwrap_or_else(|e| panic!("spark: {e}"));
+    assert_eq!(reports.len(), tasks.len());
+    for ((spark_task, (name, expected)), report) in tasks.iter().zip(expected).zip(reports) {
+        let (on_spark, ids) = read_result(&spark_task.results_uri).await;
+        assert_eq!((report.members, report.parts), (on_spark.members, on_spark.parts.len()), "{name}");
+        assert_members(&format!("{name} on spark"), &ids.into_iter().collect(), &expected);
+        let datafusion = ComputeTask {
+            engine: ComputeEngine::Datafusion,
+            results_uri: results(&format!("datafusion/{name}")),
+            ..spark_task.clone()
+        };
+        compute::run(&datafusion).await.unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (on_datafusion, _) = read_result(&datafusion.results_uri).await;
+        assert_eq!(
+            (&on_spark.parts, &on_spark.index, &on_spark.sources),
+            (&on_datafusion.parts, &on_datafusion.index, &on_datafusion.sources),
+            "{name}: both engines write the same files"
+        );
+    }
+}
+
+#[tokio::test]
+async fn spark_gives_every_reference_segment_the_members_datafusion_gives() {
+    spark_ready();
+    let lake = Lake::generate();
+    spark_matches_datafusion(&lake, lake.sources(), |name| lake.results(name)).await;
+}
+
+/// A query naming a column the table lacks: the run fails with its reason,
+/// the message names the column and the table but none of the table's
+/// columns (Spark suggests them: they come from the files), and a manifest
+/// an earlier run of the version left is gone.
+#[tokio::test]
+async fn a_failing_spark_run_has_its_reason_and_never_the_files_columns() {
+    spark_ready();
+    let lake = Lake::generate();
+    let earlier = task("misspelt", sql("SELECT user_id FROM orders"), lake.sources(), lake.results("misspelt"), lake.now());
+    compute::run(&earlier).await.unwrap();
+    let failing = on_spark(ComputeTask { definition: sql("SELECT user_id FROM orders WHERE amout > 10"), ..earlier.clone() });
+    let error = run_expecting_error(&failing).await;
+    assert_eq!(error.reason, FailureReason::UnknownColumn, "{error}");
+    assert!(error.message.contains("`amout`") && error.message.contains("`orders`"), "{error}");
+    for column in ["amount", "status", "created_at", "order_id"] {
+        assert!(!error.message.contains(column), "the file's column `{column}` is named: {error}");
+    }
+    assert!(ResultDir::open(&failing.results_uri).unwrap().read_manifest().await.unwrap().is_none(), "no result is left");
+}
+
+/// A tenant's SQL reads declared tables only: Spark's direct file query
+/// (`parquet.`path``) would read any path the worker's credentials reach,
+/// here another tenant's result files. Both engines refuse it before
+/// anything is read, naming the table and not what is at the path.
+#[tokio::test]
+async fn a_query_of_a_path_instead_of_a_table_is_refused_on_both_engines() {
+    spark_ready();
+    let lake = Lake::generate();
+    let other = task("other-tenant", sql("SELECT user_id FROM users"), lake.sources(), lake.results("other-tenant"), lake.now());
+    compute::run(&other).await.unwrap();
+    let path = other.results_uri.trim_end_matches('/');
+    for engine in [ComputeEngine::Datafusion, ComputeEngine::Spark] {
+        let reading = ComputeTask {
+            definition: sql(&format!("SELECT user_id FROM parquet.`{path}`")),
+            results_uri: lake.results(&format!("path-query-{}", engine.as_str())),
+            engine,
+            ..other.clone()
+        };
+        let error = run_expecting_error(&reading).await;
+        assert_eq!(error.reason, FailureReason::UnknownTable, "{}: {error}", engine.as_str());
+        assert!(!error.message.contains("user-"), "{}: no member is echoed: {error}", engine.as_str());
+        assert!(
+            ResultDir::open(&reading.results_uri).unwrap().read_manifest().await.unwrap().is_none(),
+            "{}: no result is written",
+            engine.as_str()
+        );
+    }
+}
+
+/// `segment-worker write-result` writes what the driver streams exactly as
+/// the compute writes its result, and refuses a stream that is not a
+/// sorted set of ids ended by an empty line, leaving no manifest.
+#[tokio::test]
+async fn write_result_writes_what_compute_writes_and_refuses_anything_else() {
+    let worker = segment_tests::cluster::workspace_binary("segment-worker");
+    let lake = Lake::generate();
+    let vip = task("vip", static_list(format!("{}/lists/vip.csv", lake.base_uri())), vec![], lake.results("vip"), lake.now());
+    compute::run(&vip).await.unwrap();
+    let (computed, ids) = read_result(&vip.results_uri).await;
+
+    let written = ComputeTask { results_uri: lake.results("vip-written"), engine: ComputeEngine::Spark, ..vip.clone() };
+    let task_file = lake.dir.path().join("write-result-task.json");
+    std::fs::write(&task_file, serde_json::to_vec(&written).unwrap()).unwrap();
+    let log = lake.dir.path().join("write-result-log");
+    let write = |input: Vec<u8>| {
+        use std::io::Write;
+        let _ = std::fs::remove_file(&log);
+        let mut child = std::process::Command::new(&worker)
+            .args(["write-result", "--task-file"])
+            .arg(&task_file)
+            .arg("--termination-log")
+            .arg(&log)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(&input).unwrap();
+        let status = child.wait().unwrap();
+        (status.success(), std::fs::read_to_string(&log).unwrap_or_default())
+    };
+
+    let stream = format!("{}\n\n", ids.join("\n")).into_bytes();
+    assert_eq!(write(stream), (true, String::new()));
+    let (again, again_ids) = read_result(&written.results_uri).await;
+    assert_eq!(again_ids, ids);
+    assert_eq!((&again.parts, &again.index), (&computed.parts, &computed.index), "the same bytes as the compute's");
+
+    for (input, says) in [
+        ("u2\nu1\n\n", "line 2: an id not after the one before it"),
+        ("u1\nu1\n\n", "line 2: an id not after the one before it"),
+        ("u1\r\nu2\n\n", "line 1: an empty id, or one with a line break"),
+        ("u1\nu2\n", "without its end mark"),
+        ("u1\n\nu2\n", "line 3 follows the end mark"),
+        ("u1\nu2", "cut short"),
+    ] {
+        let (ok, line) = write(input.as_bytes().to_vec());
+        assert!(!ok, "{input:?} is refused");
+        assert!(line.starts_with("QueryError: the ids on stdin: ") && line.contains(says), "{input:?}: {line}");
+        assert!(!line.contains("u1") && !line.contains("u2"), "ids are data, not quoted: {line}");
+        let manifest = ResultDir::open(&written.results_uri).unwrap().read_manifest().await.unwrap();
+        assert!(manifest.is_none(), "{input:?}: the earlier result is retracted and none is written");
+    }
+}
+
+/// The example Segments (examples/segments.yaml over examples/sources.yaml:
+/// Parquet, a Delta table, NDJSON, a static list, and rules reading other
+/// segments' results) give the independent evaluation's members on both
+/// engines, and the same files.
+#[tokio::test]
+async fn the_examples_give_the_same_members_on_both_engines() {
+    use segment_core::naming::JobKind;
+    use segment_core::planner::Launch;
+    use segment_core::task;
+    use segment_tests::examples::{expected_members, SEGMENTS};
+
+    spark_ready();
+    let dir = TempDir::new().unwrap();
+    let snapshot = DateTime::parse_from_rfc3339("2025-06-01T00:00:00Z").unwrap().with_timezone(&Utc);
+    let spec = LakeSpec { now: snapshot, ..LakeSpec::new(2_000, 42) };
+    lakegen::generate(&dir.path().join("lake"), &spec).unwrap();
+    let examples = segment_tests::cluster::workspace_root().join("examples");
+    let mut manifests = segment_core::manifests::load(&[examples.join("sources.yaml"), examples.join("segments.yaml")]).unwrap();
+    manifests.resolve_relative_uris(dir.path());
+    let declared = manifests.sources_in("default");
+    let expected = expected_members(&spec, |_| snapshot);
+
+    let mut results: BTreeMap<&str, Vec<Manifest>> = BTreeMap::new();
+    for engine in [ComputeEngine::Datafusion, ComputeEngine::Spark] {
+        let base = format!("file://{}/results-{engine:?}", dir.path().display());
+        // In SEGMENTS' order, win-back after the three segments it reads.
+        let tasks: Vec<ComputeTask> = SEGMENTS
+            .iter()
+            .map(|name| {
+                let segment = manifests.segments.iter().find(|s| s.metadata.name.as_deref() == Some(name)).unwrap();
+                let launch = Launch {
+                    kind: JobKind::Compute,
+                    version: 1,
+                    job_name: format!("{name}-v1"),
+                    snapshot_time: snapshot,
+                    definition_hash: segment_core::definition::definition_hash(&segment.spec.definition),
+                    generation: 1,
+                };
+                let sources = task::sources_read(&segment.spec.definition, &declared).into_iter().cloned().collect();
+                let inputs = task::segment_inputs(segment, &base, |_| Some(1));
+                ComputeTask { engine, ..task::compute_task(segment, &launch, sources, inputs, &base) }
+            })
+            .collect();
+        match engine {
+            ComputeEngine::Spark => {
+                spark::run_local_all(&tasks, &ComputeOptions::default()).await.unwrap_or_else(|e| panic!("spark: {e}"));
+            }
+            _ => {
+                for t in &tasks {
+                    compute::run(t).await.unwrap_or_else(|e| panic!("{}: {e}", t.segment));
+                }
+            }
+        }
+        for (name, t) in SEGMENTS.iter().zip(&tasks) {
+            let (manifest, ids) = read_result(&t.results_uri).await;
+            assert!(!expected[*name].is_empty(), "{name}: a telling case");
+            assert_members(&format!("{name} on {engine:?}"), &ids.into_iter().collect(), &expected[*name]);
+            results.entry(name).or_default().push(manifest);
+        }
+    }
+    for (name, manifests) in results {
+        let [datafusion, spark] = manifests.as_slice() else { panic!("{name}: two runs") };
+        assert_eq!((&datafusion.parts, &datafusion.index), (&spark.parts, &spark.index), "{name}: the same files");
+        assert_eq!(datafusion.sources, spark.sources, "{name}: the same tables and Delta versions read");
     }
 }

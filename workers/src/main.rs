@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use segment_compute::compute::{ComputeOptions, DEFAULT_MEMORY_MB, DEFAULT_PART_SIZE};
 use segment_compute::failure::WorkerError;
-use segment_compute::{compute, ingest, lakegen};
+use segment_compute::{compute, ingest, lakegen, spark};
 use segment_core::reasons::FailureReason;
 use segment_core::task::{ComputeTask, IngestTask, TERMINATION_LOG};
 use segment_runtime::LogArgs;
@@ -30,6 +30,21 @@ enum Command {
     /// Apply include/exclude events from Kafka to the active versions and
     /// publish entered/exited events on every rollover (a Deployment).
     Realtime(Box<RealtimeArgs>),
+    /// The Spark engine: print the plan of a task (Spark SQL, the files of
+    /// each table) as JSON, after removing a manifest an earlier run of
+    /// the version left. Run by the Spark driver.
+    SparkPlan {
+        #[command(flatten)]
+        task: TaskArgs,
+    },
+    /// The Spark engine: write the result of a task from the ids on stdin
+    /// (sorted bytewise, distinct, one a line, then an empty line) exactly
+    /// as `compute` writes it: parts, index, manifest last. Run by the
+    /// Spark driver.
+    WriteResult(WriteResultArgs),
+    /// Print the Spark driver program (PySpark), as installed at
+    /// /opt/segment-operator/spark/segment_spark.py in the images.
+    SparkDriver,
     /// Write a deterministic example lake (orders, users, app events).
     GenerateLake {
         #[arg(long)]
@@ -129,6 +144,20 @@ struct TaskArgs {
     termination_log: PathBuf,
 }
 
+/// `write-result`: the task and how its result is written.
+#[derive(Args)]
+struct WriteResultArgs {
+    #[command(flatten)]
+    task: TaskArgs,
+    /// User ids per result part.
+    #[arg(long, env = "COMPUTE_PART_SIZE", default_value_t = DEFAULT_PART_SIZE, value_parser = positive)]
+    compute_part_size: usize,
+    /// The lake tables the run read (the plan's `sourcesRead`, JSON), for
+    /// the manifest.
+    #[arg(long, env = "SOURCES_READ", default_value = "[]")]
+    sources_read: String,
+}
+
 /// `compute`: the task and how the engine runs.
 #[derive(Args)]
 struct ComputeArgs {
@@ -211,6 +240,25 @@ async fn main() -> ExitCode {
         Command::Compute(args) => {
             let result = async { compute::run_with(&parse::<ComputeTask>(&args.task)?, &args.options()).await }.await;
             finish(result, &args.task.termination_log)
+        }
+        Command::SparkPlan { task: args } => {
+            let result = async { spark::prepare(&parse::<ComputeTask>(&args)?).await }.await;
+            finish(result, &args.termination_log)
+        }
+        Command::WriteResult(args) => {
+            let result = async {
+                let task = parse::<ComputeTask>(&args.task)?;
+                let sources = serde_json::from_str(&args.sources_read)
+                    .map_err(|e| WorkerError::new(FailureReason::BadTask, format!("--sources-read: {e}")))?;
+                let stdin = tokio::io::BufReader::new(tokio::io::stdin());
+                spark::write_result(&task, args.compute_part_size, sources, stdin).await
+            }
+            .await;
+            finish(result, &args.task.termination_log)
+        }
+        Command::SparkDriver => {
+            print!("{}", spark::DRIVER);
+            ExitCode::SUCCESS
         }
         Command::Ingest { task: args } => {
             let result = async { ingest::verify(&parse::<IngestTask>(&args)?).await }.await;

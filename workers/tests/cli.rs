@@ -124,3 +124,13 @@ fn the_realtime_worker_refuses_a_results_uri_that_names_no_store() {
         assert!(stderr.contains("--results-uri") && stderr.contains(uri), "{uri}: {stderr}");
     }
 }
+
+/// The Spark driver is in the binary: the file the images install and a
+/// SparkApplication runs is what `spark-driver` prints.
+#[test]
+fn spark_driver_prints_the_embedded_driver() {
+    let out = Command::new(WORKER).arg("spark-driver").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let file = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("spark/segment_spark.py")).unwrap();
+    assert_eq!(out.stdout, file);
+}
