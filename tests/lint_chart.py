@@ -340,6 +340,11 @@ def check_all_features(objects: list[dict]) -> None:
     volumes = (serving or {}).get("spec", {}).get("template", {}).get("spec", {}).get("volumes", [])
     if not any(v.get("secret", {}).get("secretName") == "segment-serving-tokens" for v in volumes):
         fail("[all features] the serving tokens file is not mounted from its Secret")
+    # Spark on: the operator runs SparkApplications and may reach them.
+    if "--spark-applications" not in operator_args(objects):
+        fail("[all features] spark.enabled must pass --spark-applications to the operator")
+    if not spark_rules(objects):
+        fail("[all features] spark.enabled must grant the operator sparkapplications")
 
 
 def check_default(objects: list[dict]) -> None:
@@ -355,6 +360,21 @@ def check_default(objects: list[dict]) -> None:
     expected = [f"--ingest-namespace={NAMESPACE}", "--ingest-env-secret=segment-ingest"]
     if not all(flag in operator_args(objects) for flag in expected):
         fail(f"[default] the operator must run ingest in the release namespace: {operator_args(objects)}")
+    # Spark is off unless asked for: a cluster without the Spark operator's
+    # CRD is not touched, and the operator is granted nothing of it.
+    if "--spark-applications" in operator_args(objects) or spark_rules(objects):
+        fail("[default] Spark must be off by default: no --spark-applications, no sparkapplications rule")
+
+
+def spark_rules(objects: list[dict]) -> list[dict]:
+    """The RBAC rules that reach the Spark operator's API group."""
+    return [
+        rule
+        for item in objects
+        if item["object"]["kind"] in ("Role", "ClusterRole")
+        for rule in item["object"].get("rules", [])
+        if "sparkoperator.k8s.io" in rule.get("apiGroups", [])
+    ]
 
 
 def operator_args(objects: list[dict]) -> list[str]:

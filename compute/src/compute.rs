@@ -7,6 +7,9 @@
 //!   snapshot time ([`crate::delta`]): exactly the live Parquet files of
 //!   the newest version committed at or before it, with partition values
 //!   as columns; the manifest records each table read and the version.
+//!   An Iceberg table likewise ([`crate::iceberg`]): the live Parquet
+//!   files of the snapshot current at the snapshot time, whose id the
+//!   manifest records.
 //! - `now()` (and `current_timestamp`, `current_date`, `current_time`) is
 //!   the task's snapshot time, so a version recomputed later has the same
 //!   members.
@@ -72,15 +75,16 @@ use tracing::info;
 
 use crate::delta;
 use crate::failure::WorkerError;
+use crate::iceberg;
 
 /// Ids per result part unless configured.
 pub const DEFAULT_PART_SIZE: usize = 1_000_000;
 pub const DEFAULT_MEMORY_MB: usize = 1024;
 
 /// The one column of a segment's members.
-const USER_ID: &str = "user_id";
+pub(crate) const USER_ID: &str = "user_id";
 /// The table a static list is read as.
-const STATIC_TABLE: &str = "static_list";
+pub(crate) const STATIC_TABLE: &str = "static_list";
 /// Bytes read from a static list to tell a CSV from a plain list of ids.
 const SNIFF_BYTES: u64 = 64 * 1024;
 
@@ -124,61 +128,48 @@ pub async fn run(task: &ComputeTask) -> Result<ComputeReport, WorkerError> {
     run_with(task, &ComputeOptions::default()).await
 }
 
+/// Runs `task` on its engine: DataFusion in this process, or Spark
+/// (`engine: spark`) through `spark-submit --master local[*]`
+/// ([`crate::spark::run_local`]).
 pub async fn run_with(task: &ComputeTask, options: &ComputeOptions) -> Result<ComputeReport, WorkerError> {
+    if crate::spark::runs_on_spark(task) {
+        return crate::spark::run_local(task, options).await;
+    }
     let started = Instant::now();
-    let dir = ResultDir::open(&task.results_uri).map_err(|e| WorkerError::new(FailureReason::WriteFailed, e.to_string()))?;
-    // A manifest left by an earlier run of this version would vouch for
-    // parts this run is about to overwrite.
-    retract_manifest(&task.results_uri).await?;
-
-    let (parts, index, total, spilled_bytes, sources) = evaluate(task, options, &dir)
+    // Removes a manifest left by an earlier run of this version first.
+    let mut writer = ResultWriter::start(task, options.part_size).await?;
+    let (spilled_bytes, sources) = evaluate(task, options, &mut writer)
         .await
         .map_err(|e| WorkerError { message: without_data(&one_line(&e.message), &tenant_text(task)), ..e })?;
-
-    let manifest = Manifest {
-        format: manifest::FORMAT.to_string(),
-        segment: task.segment.clone(),
-        version: task.version,
-        generation: task.generation,
-        definition_hash: task.definition_hash.clone(),
-        snapshot_time: task.snapshot_time,
-        computed_at: Utc::now(),
-        members: total,
-        parts,
-        index: Some(index),
-        sources,
-    };
-    dir.write_manifest(&manifest)
-        .await
-        .map_err(|e| WorkerError::new(FailureReason::WriteFailed, one_line(&format!("{}: {e}", task.results_uri))))?;
+    let report = writer.finish(sources, spilled_bytes).await?;
     info!(
         segment = %task.segment,
         version = task.version,
-        members = total,
-        parts = manifest.parts.len(),
+        members = report.members,
+        parts = report.parts,
         spilled_bytes,
         seconds = started.elapsed().as_secs_f64(),
         "computed"
     );
-    Ok(ComputeReport { version: task.version, members: total, parts: manifest.parts.len(), spilled_bytes })
+    Ok(report)
 }
 
-/// The result's parts, its index file, its member count, the bytes
-/// spilled on the way and the lake tables read.
+/// Evaluates the definition into `writer`: the bytes spilled on the way
+/// and the lake tables read.
 async fn evaluate(
     task: &ComputeTask,
     options: &ComputeOptions,
-    dir: &ResultDir,
-) -> Result<(Vec<Part>, Part, u64, u64, Vec<SourceRead>), WorkerError> {
+    writer: &mut ResultWriter,
+) -> Result<(u64, Vec<SourceRead>), WorkerError> {
     let engine = Engine::new(task, options)?;
     let members = engine.members().await?;
     let task_ctx = Arc::new(members.task_ctx());
     let plan = members.create_physical_plan().await.map_err(|e| engine.classify(e))?;
     let stream = execute_stream(plan.clone(), task_ctx).map_err(|e| engine.classify(e))?;
-    let (parts, index, total) = write_parts(dir, &task.results_uri, stream, options.part_size.max(1), &engine).await?;
+    write_ids(writer, stream, &engine).await?;
     let mut sources = engine.read.lock().map(|read| read.clone()).unwrap_or_default();
     sources.sort_by(|a, b| a.table.cmp(&b.table));
-    Ok((parts, index, total, spilled_bytes(plan.as_ref()), sources))
+    Ok((spilled_bytes(plan.as_ref()), sources))
 }
 
 fn spilled_bytes(plan: &dyn ExecutionPlan) -> u64 {
@@ -186,7 +177,7 @@ fn spilled_bytes(plan: &dyn ExecutionPlan) -> u64 {
     own + plan.children().into_iter().map(|child| spilled_bytes(child.as_ref())).sum::<u64>()
 }
 
-async fn retract_manifest(results_uri: &str) -> Result<(), WorkerError> {
+pub(crate) async fn retract_manifest(results_uri: &str) -> Result<(), WorkerError> {
     let failed = |e: String| WorkerError::new(FailureReason::WriteFailed, format!("{results_uri}: {e}"));
     let location = locate(results_uri).map_err(|e| failed(e.to_string()))?;
     let path = child(&location.path, manifest::MANIFEST_FILE);
@@ -196,28 +187,12 @@ async fn retract_manifest(results_uri: &str) -> Result<(), WorkerError> {
     }
 }
 
-/// Writes the ids, which come sorted, as parts of `part_size` ids and as
-/// one index file.
-async fn write_parts(
-    dir: &ResultDir,
-    results_uri: &str,
+/// Streams the query's ids into `writer`.
+async fn write_ids(
+    writer: &mut ResultWriter,
     mut stream: SendableRecordBatchStream,
-    part_size: usize,
     engine: &Engine<'_>,
-) -> Result<(Vec<Part>, Part, u64), WorkerError> {
-    let mut parts = Vec::new();
-    let mut index = IdSetWriter::new();
-    let mut buffer = String::new();
-    let mut in_buffer = 0usize;
-    let mut total = 0u64;
-    let flush = |buffer: &mut String, index: usize| {
-        let text = std::mem::take(buffer);
-        async move {
-            dir.write_part(index, text.split_terminator('\n'))
-                .await
-                .map_err(|e| WorkerError::new(FailureReason::WriteFailed, format!("{results_uri}: {e}")))
-        }
-    };
+) -> Result<(), WorkerError> {
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(|e| engine.classify(e))?;
         let ids = utf8_column(&batch).map_err(|e| WorkerError::new(FailureReason::QueryError, e))?;
@@ -227,25 +202,116 @@ async fn write_parts(
             }
             // The plan sorts the ids bytewise and de-duplicates them; the
             // writer refuses anything else rather than write a wrong index.
-            index.push(id).map_err(|e| WorkerError::new(FailureReason::QueryError, format!("the result's ids: {e}")))?;
-            buffer.push_str(id);
-            buffer.push('\n');
-            in_buffer += 1;
-            total += 1;
-            if in_buffer == part_size {
-                parts.push(flush(&mut buffer, parts.len()).await?);
-                in_buffer = 0;
-            }
+            writer.push(id).await.map_err(|e| match e {
+                IdRefused::Write(error) => error,
+                refused => WorkerError::new(FailureReason::QueryError, format!("the result's ids: {refused}")),
+            })?;
         }
     }
-    if in_buffer > 0 {
-        parts.push(flush(&mut buffer, parts.len()).await?);
+    Ok(())
+}
+
+/// Writes a version's result from ids that come sorted bytewise and
+/// distinct, for both engines: parts of `part_size` ids as they come, the
+/// index file, and the manifest last, so a run that stops half-way leaves
+/// no result. Starting removes a manifest an earlier run of the version
+/// left, which would vouch for parts about to be overwritten.
+pub struct ResultWriter {
+    dir: ResultDir,
+    task: ComputeTask,
+    part_size: usize,
+    parts: Vec<Part>,
+    index: IdSetWriter,
+    buffer: String,
+    in_buffer: usize,
+    total: u64,
+}
+
+/// An id [`ResultWriter::push`] refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdRefused {
+    #[error("an empty id, or one with a line break")]
+    Invalid,
+    #[error("an id not after the one before it: ids must be sorted bytewise and distinct")]
+    Unsorted,
+    /// The part could not be written.
+    #[error("{0}")]
+    Write(WorkerError),
+}
+
+impl ResultWriter {
+    pub async fn start(task: &ComputeTask, part_size: usize) -> Result<ResultWriter, WorkerError> {
+        let dir = ResultDir::open(&task.results_uri).map_err(|e| WorkerError::new(FailureReason::WriteFailed, e.to_string()))?;
+        retract_manifest(&task.results_uri).await?;
+        Ok(ResultWriter {
+            dir,
+            task: task.clone(),
+            part_size: part_size.max(1),
+            parts: Vec::new(),
+            index: IdSetWriter::new(),
+            buffer: String::new(),
+            in_buffer: 0,
+            total: 0,
+        })
     }
-    let index = dir
-        .write_index(index.finish(), total)
-        .await
-        .map_err(|e| WorkerError::new(FailureReason::WriteFailed, format!("{results_uri}: {e}")))?;
-    Ok((parts, index, total))
+
+    /// Appends the next id; a part is written each `part_size` ids.
+    pub async fn push(&mut self, id: &str) -> Result<(), IdRefused> {
+        if id.contains('\r') {
+            return Err(IdRefused::Invalid);
+        }
+        self.index.push(id).map_err(|e| match e {
+            segment_core::index::IndexError::Unsorted { .. } => IdRefused::Unsorted,
+            _ => IdRefused::Invalid,
+        })?;
+        self.buffer.push_str(id);
+        self.buffer.push('\n');
+        self.in_buffer += 1;
+        self.total += 1;
+        if self.in_buffer == self.part_size {
+            self.flush().await.map_err(IdRefused::Write)?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), WorkerError> {
+        let text = std::mem::take(&mut self.buffer);
+        self.in_buffer = 0;
+        let part =
+            self.dir.write_part(self.parts.len(), text.split_terminator('\n')).await.map_err(|e| {
+                WorkerError::new(FailureReason::WriteFailed, one_line(&format!("{}: {e}", self.task.results_uri)))
+            })?;
+        self.parts.push(part);
+        Ok(())
+    }
+
+    /// Writes the last part, the index and the manifest, which records
+    /// `sources` (the lake tables read) and makes the result whole.
+    pub async fn finish(mut self, sources: Vec<SourceRead>, spilled_bytes: u64) -> Result<ComputeReport, WorkerError> {
+        let uri = self.task.results_uri.clone();
+        let failed = |e: String| WorkerError::new(FailureReason::WriteFailed, one_line(&format!("{uri}: {e}")));
+        if self.in_buffer > 0 {
+            self.flush().await?;
+        }
+        let index = std::mem::replace(&mut self.index, IdSetWriter::new());
+        let index = self.dir.write_index(index.finish(), self.total).await.map_err(|e| failed(e.to_string()))?;
+        let task = &self.task;
+        let manifest = Manifest {
+            format: manifest::FORMAT.to_string(),
+            segment: task.segment.clone(),
+            version: task.version,
+            generation: task.generation,
+            definition_hash: task.definition_hash.clone(),
+            snapshot_time: task.snapshot_time,
+            computed_at: Utc::now(),
+            members: self.total,
+            parts: self.parts,
+            index: Some(index),
+            sources,
+        };
+        self.dir.write_manifest(&manifest).await.map_err(|e| failed(e.to_string()))?;
+        Ok(ComputeReport { version: task.version, members: self.total, parts: manifest.parts.len(), spilled_bytes })
+    }
 }
 
 fn utf8_column(batch: &RecordBatch) -> Result<StringArray, String> {
@@ -409,18 +475,21 @@ impl<'a> Engine<'a> {
         if source.format == SourceFormat::Delta {
             return self.register_delta(source).await;
         }
+        if source.format == SourceFormat::Iceberg {
+            return self.register_iceberg(source).await;
+        }
         let unreadable = |detail: String| {
             WorkerError::new(FailureReason::UnreadableSource, format!("table `{}` ({}): {detail}", source.table, source.uri))
         };
         let location = locate(&source.uri).map_err(|e| unreadable(e.to_string()))?;
         self.ctx.register_object_store(&location.root, location.store);
         let url = listing_url(&source.uri).map_err(unreadable)?;
-        let extension = self.data_file_extension(&url, source.format).await.map_err(unreadable)?;
+        let extension = data_file_extension(&self.ctx, &url, source.format).await.map_err(unreadable)?;
         let format: Arc<dyn FileFormat> = match source.format {
             SourceFormat::Parquet => Arc::new(ParquetFormat::default()),
             SourceFormat::Csv => Arc::new(CsvFormat::default().with_has_header(true)),
             SourceFormat::Ndjson => Arc::new(JsonFormat::default()),
-            SourceFormat::Delta => unreachable!("read by register_delta"),
+            SourceFormat::Delta | SourceFormat::Iceberg => unreachable!("read by register_delta, register_iceberg"),
         };
         let options = ListingOptions::new(format).with_file_extension(extension);
         let state = self.ctx.state();
@@ -500,41 +569,48 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
+    /// An Iceberg table as of the snapshot time ([`crate::iceberg`]):
+    /// exactly the live Parquet files of the snapshot current then, read
+    /// with the snapshot's schema.
+    async fn register_iceberg(&self, source: &SegmentSourceSpec) -> Result<(), WorkerError> {
+        let named = |reason: FailureReason, detail: String| {
+            WorkerError::new(reason, format!("table `{}` ({}): {detail}", source.table, source.uri))
+        };
+        let access = self.task.iceberg.as_ref().ok_or_else(|| {
+            named(
+                FailureReason::UnsupportedSource,
+                "the task names no Iceberg catalog (the ComputeClass's icebergCatalogs)".into(),
+            )
+        })?;
+        let snapshot = iceberg::snapshot_at(&source.uri, access, self.task.snapshot_time)
+            .await
+            .map_err(|e| named(e.reason, one_line(&e.message)))?;
+        let location = locate(&snapshot.table_location).map_err(|e| named(FailureReason::UnreadableSource, e.to_string()))?;
+        self.ctx.register_object_store(&location.root, location.store);
+        let table: Arc<dyn TableProvider> = if snapshot.files.is_empty() {
+            Arc::new(MemTable::try_new(snapshot.schema.clone(), vec![vec![]]).map_err(|e| self.classify(e))?)
+        } else {
+            let urls =
+                snapshot.files.iter().map(ListingTableUrl::parse).collect::<Result<Vec<_>, _>>().map_err(|e| self.classify(e))?;
+            let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension("");
+            let config =
+                ListingTableConfig::new_with_multi_paths(urls).with_listing_options(options).with_schema(snapshot.schema.clone());
+            Arc::new(ListingTable::try_new(config).map_err(|e| self.classify(e))?)
+        };
+        self.register(&source.table, &source.uri, table)?;
+        info!(table = %source.table, snapshot = snapshot.snapshot_id, files = snapshot.files.len(), "iceberg table");
+        self.record_read(SourceRead {
+            table: source.table.clone(),
+            format: SourceFormat::Iceberg,
+            version: Some(snapshot.snapshot_id),
+        });
+        Ok(())
+    }
+
     fn record_read(&self, read: SourceRead) {
         if let Ok(mut all) = self.read.lock() {
             all.push(read);
         }
-    }
-
-    /// The extension of the data files under `url`: a directory may hold
-    /// markers (`_SUCCESS`) and other files next to the data.
-    async fn data_file_extension(&self, url: &ListingTableUrl, format: SourceFormat) -> Result<String, String> {
-        let state = self.ctx.state();
-        let store = state.runtime_env().object_store(url).map_err(|e| e.to_string())?;
-        let files: Vec<_> = url
-            .list_all_files(&state, store.as_ref(), "")
-            .await
-            .map_err(|e| one_line(&e.to_string()))?
-            .try_collect()
-            .await
-            .map_err(|e| one_line(&e.to_string()))?;
-        let names: Vec<&str> = files
-            .iter()
-            .filter_map(|meta| meta.location.filename())
-            .filter(|name| !name.starts_with('_') && !name.starts_with('.'))
-            .collect();
-        if names.is_empty() {
-            return Err("no data files there".to_string());
-        }
-        if !url.is_collection() && files.len() == 1 {
-            return Ok(String::new());
-        }
-        let known: &[&str] = match format {
-            SourceFormat::Parquet | SourceFormat::Delta => &[".parquet", ".parq"],
-            SourceFormat::Csv => &[".csv"],
-            SourceFormat::Ndjson => &[".ndjson", ".jsonl", ".json"],
-        };
-        Ok(known.iter().find(|ext| names.iter().any(|n| n.ends_with(*ext))).map(|ext| ext.to_string()).unwrap_or_default())
     }
 
     /// Another segment's members, streamed from its result parts; every
@@ -589,27 +665,21 @@ impl<'a> Engine<'a> {
         let unreadable =
             |detail: String| WorkerError::new(FailureReason::UnreadableSource, format!("static list {}: {detail}", list.uri));
         let location = locate(&list.uri).map_err(|e| unreadable(e.to_string()))?;
-        let meta = location.store.head(&location.path).await.map_err(|e| unreadable(one_line(&e.to_string())))?;
-        let head = location
-            .store
-            .get_range(&location.path, 0..meta.size.min(SNIFF_BYTES))
-            .await
-            .map_err(|e| unreadable(one_line(&e.to_string())))?;
+        let header = static_list_header(&location).await.map_err(unreadable)?;
         self.ctx.register_object_store(&location.root, location.store);
-        let text = String::from_utf8_lossy(&head);
-        let first = text.trim_start_matches('\u{feff}').lines().next().unwrap_or("").trim();
-        let header: Vec<String> = first.split(',').map(|f| f.trim().trim_matches('"').trim().to_string()).collect();
-        let (format, columns) = if header.iter().any(|c| c == USER_ID) {
-            (CsvFormat::default().with_has_header(true), unique_names(header))
-        } else if first.contains(',') {
-            return Err(WorkerError::new(
-                FailureReason::UnknownColumn,
-                format!("static list {}: the CSV header has no `{USER_ID}` column", list.uri),
-            ));
-        } else {
+        let (format, columns) = match header {
+            StaticHeader::Csv(header) => (CsvFormat::default().with_has_header(true), unique_names(header)),
+            StaticHeader::CsvWithoutUserId => {
+                return Err(WorkerError::new(
+                    FailureReason::UnknownColumn,
+                    format!("static list {}: the CSV header has no `{USER_ID}` column", list.uri),
+                ))
+            }
             // One id a line: separators that never occur in ids keep
             // commas and quotes inside an id intact.
-            (CsvFormat::default().with_has_header(false).with_delimiter(0x1f).with_quote(0x1e), vec![USER_ID.to_string()])
+            StaticHeader::Ids => {
+                (CsvFormat::default().with_has_header(false).with_delimiter(0x1f).with_quote(0x1e), vec![USER_ID.to_string()])
+            }
         };
         let schema = Arc::new(Schema::new(columns.iter().map(|c| Field::new(c, DataType::Utf8, true)).collect::<Vec<_>>()));
         let url = listing_url(&list.uri).map_err(unreadable)?;
@@ -657,6 +727,68 @@ impl<'a> Engine<'a> {
     }
 }
 
+/// The extension of the data files under `url`: a directory may hold
+/// markers (`_SUCCESS`) and other files next to the data.
+pub(crate) async fn data_file_extension(
+    ctx: &SessionContext,
+    url: &ListingTableUrl,
+    format: SourceFormat,
+) -> Result<String, String> {
+    let state = ctx.state();
+    let store = state.runtime_env().object_store(url).map_err(|e| e.to_string())?;
+    let files: Vec<_> = url
+        .list_all_files(&state, store.as_ref(), "")
+        .await
+        .map_err(|e| one_line(&e.to_string()))?
+        .try_collect()
+        .await
+        .map_err(|e| one_line(&e.to_string()))?;
+    let names: Vec<&str> = files
+        .iter()
+        .filter_map(|meta| meta.location.filename())
+        .filter(|name| !name.starts_with('_') && !name.starts_with('.'))
+        .collect();
+    if names.is_empty() {
+        return Err("no data files there".to_string());
+    }
+    if !url.is_collection() && files.len() == 1 {
+        return Ok(String::new());
+    }
+    let known: &[&str] = match format {
+        SourceFormat::Parquet | SourceFormat::Delta | SourceFormat::Iceberg => &[".parquet", ".parq"],
+        SourceFormat::Csv => &[".csv"],
+        SourceFormat::Ndjson => &[".ndjson", ".jsonl", ".json"],
+    };
+    Ok(known.iter().find(|ext| names.iter().any(|n| n.ends_with(*ext))).map(|ext| ext.to_string()).unwrap_or_default())
+}
+
+/// What the first line of a static list says it is.
+pub(crate) enum StaticHeader {
+    /// A CSV header naming `user_id`: its column names.
+    Csv(Vec<String>),
+    /// A CSV header (it has a comma) without `user_id`.
+    CsvWithoutUserId,
+    /// No header: one id a line.
+    Ids,
+}
+
+/// Reads the head of a static list to tell a CSV from a plain list of ids.
+pub(crate) async fn static_list_header(location: &segment_store::objects::Location) -> Result<StaticHeader, String> {
+    let meta = location.store.head(&location.path).await.map_err(|e| one_line(&e.to_string()))?;
+    let head =
+        location.store.get_range(&location.path, 0..meta.size.min(SNIFF_BYTES)).await.map_err(|e| one_line(&e.to_string()))?;
+    let text = String::from_utf8_lossy(&head);
+    let first = text.trim_start_matches('\u{feff}').lines().next().unwrap_or("").trim();
+    let header: Vec<String> = first.split(',').map(|f| f.trim().trim_matches('"').trim().to_string()).collect();
+    Ok(if header.iter().any(|c| c == USER_ID) {
+        StaticHeader::Csv(header)
+    } else if first.contains(',') {
+        StaticHeader::CsvWithoutUserId
+    } else {
+        StaticHeader::Ids
+    })
+}
+
 /// Whether an error message names a file under `uri`.
 fn mentions(detail: &str, uri: &str) -> bool {
     let path = uri.split_once("://").map(|(_, rest)| rest).unwrap_or(uri);
@@ -664,7 +796,7 @@ fn mentions(detail: &str, uri: &str) -> bool {
     !path.is_empty() && detail.contains(path)
 }
 
-fn rules_error(e: DefinitionError) -> WorkerError {
+pub(crate) fn rules_error(e: DefinitionError) -> WorkerError {
     if e.field.ends_with(".table") && e.message.starts_with("unknown table") {
         WorkerError::new(FailureReason::UnknownTable, e.to_string())
     } else {
@@ -708,7 +840,7 @@ fn unique_names(names: Vec<String>) -> Vec<String> {
 
 /// The listing URL of a source: a directory (`…/`), a single file, or a
 /// glob in the last segments (`s3://lake/orders/*.parquet`).
-fn listing_url(uri: &str) -> Result<ListingTableUrl, String> {
+pub(crate) fn listing_url(uri: &str) -> Result<ListingTableUrl, String> {
     if let Some(path) = uri.strip_prefix("file://") {
         // `file:///abs` or `file://./rel`: local paths, globs included, are
         // resolved against the working directory like `locate` does.
@@ -725,7 +857,7 @@ fn listing_url(uri: &str) -> Result<ListingTableUrl, String> {
 /// What the Segment's author wrote: the definition and the sources. A
 /// name or literal from it may appear in a message; anything else an
 /// engine or a parser quotes was read from the files.
-fn tenant_text(task: &ComputeTask) -> String {
+pub(crate) fn tenant_text(task: &ComputeTask) -> String {
     let written = serde_json::to_string(&(&task.definition, &task.sources, &task.segment)).unwrap_or_default();
     // The column a static list must have is the project's word, not data.
     format!("{written} {USER_ID}")
@@ -737,7 +869,7 @@ fn tenant_text(task: &ComputeTask) -> String {
 /// or a header line quoted by a CSV, JSON or cast error would hand them
 /// the content of a file they named as a source (a token, another
 /// tenant's results) without the right to read it.
-fn without_data(message: &str, written_by_author: &str) -> String {
+pub(crate) fn without_data(message: &str, written_by_author: &str) -> String {
     let mut out = String::with_capacity(message.len());
     let mut rest = message;
     while let Some(open) = rest.find(['\'', '"', '`']) {
@@ -759,7 +891,7 @@ fn without_data(message: &str, written_by_author: &str) -> String {
 }
 
 /// Messages end up in a termination log and a status field: one line, bounded.
-fn one_line(text: &str) -> String {
+pub(crate) fn one_line(text: &str) -> String {
     const MAX: usize = 1500;
     let joined = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
     // Wrapped errors repeat their prefix ("Parquet error: Parquet error: …").

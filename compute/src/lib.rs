@@ -5,15 +5,23 @@
 //! - [`compute`]: evaluates a definition over the lake (DataFusion) and
 //!   writes the result files;
 //! - [`delta`]: Delta Lake tables as of a point in time, from their
-//!   transaction log;
+//!   transaction log; [`iceberg`]: Apache Iceberg tables as of a point in
+//!   time, from their catalog ([`iceberg_catalog`]) and metadata;
+//!   [`lake_table`]: what both share;
 //! - [`ingest`]: verifies a result and writes its verdict (`_seal.json`),
 //!   from which the operator seals the version; it touches no store;
 //! - [`lakegen`]: a deterministic example lake, for the examples, tests and
 //!   benchmarks;
+//! - [`spark`]: the Spark engine's plan, result writer and local engine
+//!   (`spark-submit` on the embedded PySpark driver);
 //! - [`failure`]: the one-line reasons written to the termination log.
 
 pub mod compute;
 pub mod delta;
 pub mod failure;
+pub mod iceberg;
+pub mod iceberg_catalog;
 pub mod ingest;
+pub mod lake_table;
 pub mod lakegen;
+pub mod spark;

@@ -377,6 +377,151 @@ pub struct ComputeClassSpec {
     /// its lake on a volume it mounts for this class alone.
     #[serde(default)]
     pub allow_local_files: bool,
+    /// Spark for this class's namespaces: a Segment with
+    /// `spec.compute.engine: spark` runs as a `SparkApplication` of the
+    /// Kubeflow Spark operator with these settings, none of them the
+    /// Segment's. Unset: such a Segment is not allowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spark: Option<SparkSettings>,
+    /// The Apache Iceberg catalogs this class's Segments may read tables
+    /// of (`format: iceberg`, `uri: iceberg://<catalog>/...`). Their
+    /// addresses and credentials are the admin's: a SegmentSource names a
+    /// catalog, never a host. Tables' metadata and data must still be
+    /// under `allowedSourcePrefixes`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub iceberg_catalogs: Vec<IcebergCatalog>,
+}
+
+/// An Apache Iceberg catalog of a [`ComputeClass`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IcebergCatalog {
+    /// What SegmentSources call it: `iceberg://<name>/...`.
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"))]
+    pub name: String,
+    /// `rest` (the Iceberg REST catalog protocol) or `sql` (the JDBC /
+    /// SQLAlchemy catalog's `iceberg_tables` table, in SQLite).
+    #[serde(rename = "type")]
+    pub type_: IcebergCatalogType,
+    /// `rest`: the catalog's base URL (`https://catalog.example/api/`, the
+    /// one before `v1/`). `sql`: `sqlite:///abs/path/catalog.db`, a file
+    /// the worker's pod mounts.
+    #[schemars(regex(pattern = r"^(https?://|sqlite:///).+"))]
+    pub uri: String,
+    /// `rest`: the warehouse asked of the catalog's `/v1/config`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub warehouse: Option<String>,
+    /// `sql`: the `catalog_name` of its rows; `name` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub catalog_name: Option<String>,
+    /// `rest`: the worker environment variable (from the class's
+    /// `envFromSecret`, so the namespace's Secret) that holds the bearer
+    /// token sent to the catalog, and only to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"))]
+    pub token_env: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum IcebergCatalogType {
+    Rest,
+    Sql,
+}
+
+/// The admin's settings of the `SparkApplication`s of a [`ComputeClass`]
+/// (docs/spark.md). The pods also get the class's `envFromSecret` (or the
+/// operator's `--worker-env-secret`), `env`, `nodeSelector` and
+/// `tolerations`, as compute Jobs do.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SparkSettings {
+    /// Image of the driver and executors: Spark, Python, `segment-worker`
+    /// and the driver program at
+    /// `/opt/segment-operator/spark/segment_spark.py` (the project's
+    /// Dockerfile builds one).
+    #[schemars(length(min = 1))]
+    pub image: String,
+    /// `imagePullPolicy` of the driver and executors; the cluster's default
+    /// when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<String>,
+    /// The Spark version of the image (`4.0.1`), as the Spark operator wants it.
+    #[schemars(length(min = 1))]
+    pub spark_version: String,
+    /// ServiceAccount of the driver, in the Segment's namespace. The driver
+    /// creates its executors, so this account needs to create, watch and
+    /// delete pods, services and configmaps there.
+    #[schemars(length(min = 1))]
+    pub service_account_name: String,
+    /// User the driver and executor containers run as (the image's own
+    /// when unset; 185 in the Apache Spark images). They always run as
+    /// non-root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub run_as_user: Option<i64>,
+    /// The driver's cores and memory.
+    #[serde(default)]
+    pub driver: SparkDriver,
+    /// How many executors, and each one's cores and memory.
+    #[serde(default)]
+    pub executor: SparkExecutors,
+    /// Spark properties, as `--conf` gives them (`spark.sql.shuffle.partitions`).
+    /// The image, the driver's ServiceAccount and pod templates are set by
+    /// the fields above and the operator, not here.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub spark_conf: BTreeMap<String, String>,
+    /// Hadoop properties (the S3A settings), without their `spark.hadoop.` prefix.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub hadoop_conf: BTreeMap<String, String>,
+}
+
+/// Cores and memory of the Spark driver, in Spark's units.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SparkDriver {
+    /// `spark.driver.cores`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub cores: Option<i32>,
+    /// Hard CPU limit of the pod (`1500m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub core_limit: Option<String>,
+    /// JVM heap, in Spark's units (`512m`, `4g`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+[kmgtKMGT]?$"))]
+    pub memory: Option<String>,
+    /// Memory beyond the heap (Python workers, buffers), in Spark's units.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+[kmgtKMGT]?$"))]
+    pub memory_overhead: Option<String>,
+}
+
+/// The executors of a Spark run.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SparkExecutors {
+    /// How many executors run (`spark.executor.instances`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub instances: Option<i32>,
+    /// `spark.executor.cores`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub cores: Option<i32>,
+    /// Hard CPU limit of each executor pod (`1500m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub core_limit: Option<String>,
+    /// Each executor's JVM heap, in Spark's units (`512m`, `4g`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+[kmgtKMGT]?$"))]
+    pub memory: Option<String>,
+    /// Each executor's memory beyond the heap, in Spark's units.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+[kmgtKMGT]?$"))]
+    pub memory_overhead: Option<String>,
 }
 
 /// A Kubernetes resource quantity (`500m`, `2`, `1Gi`), as in a pod spec.
@@ -561,7 +706,8 @@ pub struct VersionStatus {
     /// learns of the switch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retired_at: Option<DateTime<Utc>>,
-    /// The lake tables read at a table version (Delta), with the version:
+    /// The lake tables read at a table version (Delta; Iceberg, whose
+    /// version is the snapshot id), with the version:
     /// recomputing at the same snapshot time reads the same.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub table_versions: Vec<crate::manifest::SourceRead>,
@@ -599,17 +745,26 @@ pub enum VersionState {
     "message": "uri of a delta table is the table's root directory, not a glob",
     "fieldPath": ".uri",
     "reason": "FieldValueInvalid"
+}, {
+    "rule": "(self.format == 'iceberg') == self.uri.startsWith('iceberg://')",
+    "message": "an iceberg table is named as iceberg://<catalog>/<namespace>/<table>, and only an iceberg table is",
+    "fieldPath": ".uri",
+    "reason": "FieldValueInvalid"
 }]))]
 pub struct SegmentSourceSpec {
     /// The name SQL and rules use for this table.
     #[schemars(regex(pattern = r"^[a-z_][a-z0-9_]{0,62}$"))]
     pub table: String,
     /// `s3://bucket/prefix/`, a glob, or `file:///path`; with `format:
-    /// delta`, the table's root directory (the one holding `_delta_log/`).
-    #[schemars(regex(pattern = r"^(s3|file)://.+"))]
+    /// delta`, the table's root directory (the one holding `_delta_log/`);
+    /// with `format: iceberg`, `iceberg://<catalog>/<namespace>/<table>`,
+    /// `<catalog>` one of the namespace's ComputeClass `icebergCatalogs`
+    /// (a nested namespace is one path segment a level).
+    #[schemars(regex(pattern = r"^(s3|file|iceberg)://.+"))]
     pub uri: String,
     /// The files' format: `parquet`, `csv` (with a header row), `ndjson`,
-    /// or `delta` (a Delta Lake table, read as of the run's snapshot time).
+    /// `delta` (a Delta Lake table) or `iceberg` (an Apache Iceberg table
+    /// in a catalog), the last two read as of the run's snapshot time.
     pub format: SourceFormat,
     /// The column holding the user id; `user_id` when unset.
     #[serde(default = "default_user_id_column")]
@@ -633,6 +788,11 @@ pub enum SourceFormat {
     /// A Delta Lake table: `uri` is its root; the version read is the
     /// newest commit at or before the run's snapshot time.
     Delta,
+    /// An Apache Iceberg table in a catalog of the namespace's
+    /// ComputeClass: `uri` is `iceberg://<catalog>/<namespace>/<table>`;
+    /// the snapshot read is the newest one committed at or before the
+    /// run's snapshot time.
+    Iceberg,
 }
 
 impl SourceFormat {
@@ -642,6 +802,7 @@ impl SourceFormat {
             SourceFormat::Csv => "csv",
             SourceFormat::Ndjson => "ndjson",
             SourceFormat::Delta => "delta",
+            SourceFormat::Iceberg => "iceberg",
         }
     }
 }

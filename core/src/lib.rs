@@ -12,7 +12,8 @@
 //!   [`executor::Effects`] trait the cluster, standalone mode and the tests implement.
 //! - [`store`]: the edges (membership store, result files) behind traits,
 //!   and the in-memory store of standalone mode and the tests.
-//! - [`naming`], [`task`]: names and the task handed to worker Jobs.
+//! - [`naming`], [`task`]: names and the task handed to worker Jobs;
+//!   [`iceberg`]: Iceberg table names and the catalogs a task may use.
 //! - [`manifest`]: the `_manifest.json` of a result; [`index`]: its
 //!   members as one immutable, checksummed index file; [`seal`]: ingest's
 //!   verdict on it (`_seal.json`), from which the operator seals the
@@ -22,6 +23,7 @@ pub mod api;
 pub mod definition;
 pub mod duration;
 pub mod executor;
+pub mod iceberg;
 pub mod index;
 pub mod manifest;
 pub mod manifests;

@@ -1,18 +1,25 @@
-//! Segment and SegmentSource manifests read from files, for the commands
+//! Segment and SegmentSource manifests (and the admin's ComputeClasses and
+//! the Namespaces that choose them) read from files, for the commands
 //! that work without a cluster (`segment-operator check`, standalone mode,
 //! `kubectl segment preview`), and the one rule for the locations in them:
 //! `file://./x` means `x` next to the manifests.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::api::{Segment, SegmentSource, SegmentSourceSpec};
+use crate::api::{ComputeClass, ComputeClassSpec, Segment, SegmentSource, SegmentSourceSpec, COMPUTE_CLASS_LABEL};
 
 #[derive(Debug, Default)]
 pub struct Manifests {
     pub segments: Vec<Segment>,
     pub sources: Vec<SegmentSource>,
+    /// ComputeClasses, for `segment-operator check`.
+    pub classes: Vec<ComputeClass>,
+    /// The class each Namespace of the files names with its
+    /// `segmentation.dev/compute-class` label.
+    pub namespace_classes: BTreeMap<String, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +61,16 @@ pub fn load(paths: &[PathBuf]) -> Result<Manifests, ManifestError> {
                     source.metadata.namespace.get_or_insert_with(|| DEFAULT_NAMESPACE.to_string());
                     out.sources.push(source);
                 }
+                Some("ComputeClass") => {
+                    out.classes.push(serde_yaml::from_value(value).map_err(|e| parse_err(e.to_string()))?);
+                }
+                Some("Namespace") => {
+                    let name = value["metadata"]["name"].as_str().map(str::to_string);
+                    let class = value["metadata"]["labels"][COMPUTE_CLASS_LABEL].as_str().map(str::to_string);
+                    if let (Some(name), Some(class)) = (name, class) {
+                        out.namespace_classes.insert(name, class);
+                    }
+                }
                 _ => {}
             }
         }
@@ -88,6 +105,14 @@ impl Manifests {
     /// The SegmentSources of `namespace`, as a compute task takes them.
     pub fn sources_in(&self, namespace: &str) -> Vec<SegmentSourceSpec> {
         self.sources.iter().filter(|s| s.metadata.namespace.as_deref() == Some(namespace)).map(|s| s.spec.clone()).collect()
+    }
+
+    /// The ComputeClass `namespace` uses, when the files hold both its
+    /// Namespace (with the label naming it) and the class: `None` when
+    /// they do not say, `Some(Err(name))` when the class named is not in them.
+    pub fn class_of(&self, namespace: &str) -> Option<Result<&ComputeClassSpec, &str>> {
+        let name = self.namespace_classes.get(namespace)?;
+        Some(self.classes.iter().find(|c| c.metadata.name.as_deref() == Some(name)).map(|c| &c.spec).ok_or(name.as_str()))
     }
 
     /// Makes the `file://./` locations of sources and static lists

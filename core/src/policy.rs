@@ -1,10 +1,14 @@
 //! What a namespace's [`ComputeClass`](crate::api::ComputeClass) allows
 //! a Segment: its resources within the class's maximum, and its sources
-//! and static list at locations the class allows. The operator checks it
+//! and static list at locations the class allows, and Spark only where it
+//! enables Spark. The operator checks it
 //! before launching anything; a Segment that asks for more is `Stalled`
 //! with reason `NotAllowed` (docs/security.md).
 
-use crate::api::{ComputeClassSpec, CpuMemory, SegmentSourceSpec, SegmentSpec, WorkerResources, RESERVED_WORKER_ENV};
+use crate::api::{
+    ComputeClassSpec, ComputeEngine, CpuMemory, SegmentSourceSpec, SegmentSpec, SparkSettings, WorkerResources,
+    RESERVED_WORKER_ENV,
+};
 use crate::reasons::SpecProblem;
 use crate::validation::Invalid;
 
@@ -25,6 +29,17 @@ pub fn check_allowed(
     tenant: Tenant<'_>,
 ) -> Result<(), Invalid> {
     check_class(class)?;
+    if spec.compute.as_ref().is_some_and(|c| c.engine == ComputeEngine::Spark) {
+        let Some(spark) = &class.spark else {
+            return Err(not_allowed(
+                "spec.compute.engine",
+                "spark: the namespace's ComputeClass does not enable Spark (its spec.spark is unset); use engine: datafusion, \
+                 or ask the cluster admin for a class with Spark settings"
+                    .to_string(),
+            ));
+        };
+        check_spark_settings(spark)?;
+    }
     if let (Some(resources), Some(max)) = (spec.compute.as_ref().and_then(|c| c.resources.as_ref()), &class.max_resources) {
         check_resources(resources, max)?;
     }
@@ -32,7 +47,14 @@ pub fn check_allowed(
         check_location("spec.definition.static.uri", &list.uri, class, tenant)?;
     }
     for source in sources {
-        check_location(&format!("SegmentSource of table `{}`: spec.uri", source.table), &source.uri, class, tenant)?;
+        let field = format!("SegmentSource of table `{}`: spec.uri", source.table);
+        if source.format == crate::api::SourceFormat::Iceberg {
+            // The table's locations come from the catalog at run time; the
+            // worker checks them against the same prefixes.
+            crate::iceberg::check_catalog_declared(&field, &source.uri, class)?;
+        } else {
+            check_location(&field, &source.uri, class, tenant)?;
+        }
     }
     Ok(())
 }
@@ -60,6 +82,41 @@ fn check_class(class: &ComputeClassSpec) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// Spark properties the class sets elsewhere, or the operator does: the
+/// image and the driver's ServiceAccount have their own fields (one place
+/// each), and the pods' templates, namespace and security are the
+/// operator's (docs/security.md).
+pub const RESERVED_SPARK_CONF: &[&str] = &[
+    "spark.kubernetes.container.image",
+    "spark.kubernetes.driver.container.image",
+    "spark.kubernetes.executor.container.image",
+    "spark.kubernetes.authenticate.driver.serviceAccountName",
+    "spark.kubernetes.authenticate.executor.serviceAccountName",
+    "spark.kubernetes.driver.podTemplateFile",
+    "spark.kubernetes.executor.podTemplateFile",
+    "spark.kubernetes.driver.podTemplateContainerName",
+    "spark.kubernetes.executor.podTemplateContainerName",
+    "spark.kubernetes.namespace",
+];
+
+/// The class's Spark settings, as the operator will run them: no property
+/// of [`RESERVED_SPARK_CONF`], none of the operator's environment.
+pub fn check_spark_settings(spark: &SparkSettings) -> Result<(), Invalid> {
+    if let Some(key) = spark.spark_conf.keys().find(|key| RESERVED_SPARK_CONF.contains(&key.as_str())) {
+        return Err(not_allowed(
+            "ComputeClass spec.spark.sparkConf",
+            format!("{key} is set by the class's own fields or by the operator, not by sparkConf"),
+        ));
+    }
+    if let Some(key) = spark.hadoop_conf.keys().find(|key| key.starts_with("spark.")) {
+        return Err(not_allowed(
+            "ComputeClass spec.spark.hadoopConf",
+            format!("{key}: Hadoop properties are written without the spark.hadoop. prefix; Spark properties go in sparkConf"),
+        ));
+    }
+    Ok(())
+}
+
 fn check_resources(resources: &WorkerResources, max: &CpuMemory) -> Result<(), Invalid> {
     let max = max.by_name();
     for (kind, asked) in [("requests", &resources.requests), ("limits", &resources.limits)] {
@@ -83,7 +140,7 @@ fn check_resources(resources: &WorkerResources, max: &CpuMemory) -> Result<(), I
 /// class allows local files; and under one of the class's prefixes, when
 /// it names any. Every check is on the location as the engine reads it,
 /// percent escapes decoded: `%66inance` is `finance`.
-fn check_location(field: &str, uri: &str, class: &ComputeClassSpec, tenant: Tenant<'_>) -> Result<(), Invalid> {
+pub(crate) fn check_location(field: &str, uri: &str, class: &ComputeClassSpec, tenant: Tenant<'_>) -> Result<(), Invalid> {
     let Tenant { namespace, results_base } = tenant;
     let read = percent_decoded(uri).ok_or_else(|| not_allowed(field, format!("{uri}: a percent escape is not UTF-8 text")))?;
     let path = read.split_once("://").map(|(_, rest)| rest).unwrap_or(&read);
@@ -246,6 +303,46 @@ mod tests {
         let no_slash = class("allowedSourcePrefixes: ['s3://lake/tenants/{namespace}']");
         let error = check_allowed(&spec(SQL), &[], &no_slash, GROWTH).unwrap_err();
         assert_eq!(error.field, "ComputeClass spec.allowedSourcePrefixes");
+    }
+
+    #[test]
+    fn spark_runs_only_where_the_class_enables_it() {
+        let spark = spec(&format!("{SQL}compute: {{engine: spark}}"));
+        for class in [ComputeClassSpec::default(), class("image: worker:class\nmaxResources: {cpu: '2'}")] {
+            let error = check_allowed(&spark, &[], &class, GROWTH).unwrap_err();
+            assert_eq!((error.reason, error.field.as_str()), (SpecProblem::NotAllowed, "spec.compute.engine"));
+            assert!(error.message.contains("does not enable Spark"), "{error}");
+        }
+        let enabled = class("spark: {image: 'spark:class', sparkVersion: 4.0.1, serviceAccountName: spark}");
+        assert_eq!(check_allowed(&spark, &[], &enabled, GROWTH), Ok(()));
+        // DataFusion runs with or without Spark settings.
+        assert_eq!(check_allowed(&spec(SQL), &[], &enabled, GROWTH), Ok(()));
+        assert_eq!(check_allowed(&spec(SQL), &[], &ComputeClassSpec::default(), GROWTH), Ok(()));
+        // The sources are checked as for DataFusion.
+        let prefixes = class(
+            "allowedSourcePrefixes: ['s3://lake/tenants/{namespace}/']\nspark: {image: 'spark:class', sparkVersion: 4.0.1, serviceAccountName: spark}",
+        );
+        let error = check_allowed(&spark, &[&source("s3://lake/tenants/finance/orders/")], &prefixes, GROWTH).unwrap_err();
+        assert_eq!(error.field, "SegmentSource of table `orders`: spec.uri");
+    }
+
+    #[test]
+    fn a_class_whose_spark_conf_sets_what_its_fields_or_the_operator_set_is_not_run() {
+        let spark = spec(&format!("{SQL}compute: {{engine: spark}}"));
+        for key in ["spark.kubernetes.container.image", "spark.kubernetes.authenticate.driver.serviceAccountName"] {
+            let class = class(&format!(
+                "spark: {{image: 'spark:class', sparkVersion: 4.0.1, serviceAccountName: spark, sparkConf: {{'{key}': x}}}}"
+            ));
+            let error = check_allowed(&spark, &[], &class, GROWTH).unwrap_err();
+            assert_eq!(error.field, "ComputeClass spec.spark.sparkConf", "{key}");
+            assert!(error.message.starts_with(key), "{error}");
+            // A DataFusion Segment of the same class is not held up by it.
+            assert_eq!(check_allowed(&spec(SQL), &[], &class, GROWTH), Ok(()));
+        }
+        let prefixed = class(
+            "spark: {image: 'spark:class', sparkVersion: 4.0.1, serviceAccountName: spark, hadoopConf: {'spark.hadoop.fs.s3a.endpoint': x}}",
+        );
+        assert_eq!(check_allowed(&spark, &[], &prefixed, GROWTH).unwrap_err().field, "ComputeClass spec.spark.hadoopConf");
     }
 
     #[test]

@@ -7,7 +7,8 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::api::{ComputeEngine, Definition, Segment, SegmentKey, SegmentSourceSpec};
+use crate::api::{ComputeClassSpec, ComputeEngine, Definition, Segment, SegmentKey, SegmentSourceSpec};
+use crate::iceberg::IcebergAccess;
 use crate::naming::results_uri;
 use crate::planner::Launch;
 use crate::reasons::FailureReason;
@@ -42,6 +43,20 @@ pub struct ComputeTask {
     /// means DataFusion.
     #[serde(default, skip_serializing_if = "ComputeEngine::is_default")]
     pub engine: ComputeEngine,
+    /// The catalogs the Iceberg sources name and where their tables may
+    /// be, from the namespace's ComputeClass; absent when no source is an
+    /// Iceberg table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iceberg: Option<IcebergAccess>,
+}
+
+impl ComputeTask {
+    /// The task with what its Iceberg sources need of `class`, the
+    /// namespace's ComputeClass (the operator's defaults: none).
+    pub fn with_iceberg_access(mut self, class: &ComputeClassSpec, results_base: &str) -> ComputeTask {
+        self.iceberg = IcebergAccess::resolve(&self.sources, class, &self.segment.namespace, results_base);
+        self
+    }
 }
 
 /// Members of another segment's active version, read from its results.
@@ -124,6 +139,7 @@ pub fn compute_task(
         sources,
         segment_inputs,
         engine: segment.spec.compute.as_ref().map(|c| c.engine).unwrap_or_default(),
+        iceberg: None,
     }
 }
 

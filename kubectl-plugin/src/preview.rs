@@ -153,7 +153,7 @@ impl Inputs {
         for source in context.sources.into_iter().chain(own.sources) {
             sources.insert((source.metadata.namespace.clone(), source.metadata.name.clone()), source);
         }
-        let sources = Manifests { segments: Vec::new(), sources: sources.into_values().collect() };
+        let sources = Manifests { sources: sources.into_values().collect(), ..Default::default() };
         Ok(Inputs { targets, segments, sources, searched: format!("{file} and {}", sources_path.display()) })
     }
 }

@@ -59,6 +59,14 @@ pub struct RunArgs {
     #[command(flatten)]
     pub leader: LeaderArgs,
 
+    /// Run Segments with `spec.compute.engine: spark` as SparkApplications
+    /// of the Kubeflow Spark operator (`sparkoperator.k8s.io/v1beta2`),
+    /// which must be installed: the operator then watches them. Off, such
+    /// Segments are refused and a cluster without the Spark operator's CRD
+    /// is not touched.
+    #[arg(long, env = "SPARK_APPLICATIONS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub spark_applications: bool,
+
     /// At most this many compute Jobs run at once across the cluster; runs
     /// beyond it wait in phase Pending. 0 means no limit.
     #[arg(long, env = "MAX_CONCURRENT_COMPUTES", default_value_t = 0)]

@@ -29,6 +29,7 @@ use crate::jobs;
 use crate::leader::{Leadership, LeaseLock, TermEnd};
 use crate::metrics::Metrics;
 use crate::reconcile::{self, ClusterCache, ComputeSlots, Context};
+use crate::spark::{self, SparkApplication};
 
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
 where
@@ -207,12 +208,28 @@ fn controller(
         // Only a label can change a namespace's class.
         .predicate_filter(predicates::labels, PredicateConfig::default());
     let classes = watcher(classes_api, watcher::Config::default()).default_backoff().reflect(classes_writer).touched_objects();
+    // SparkApplications only when Spark runs here: without the Spark
+    // operator's CRD the watch would fail forever.
+    let (spark_cache, spark_applications) = match args.spark_applications {
+        true => {
+            let (cache, writer) = reflector::store();
+            let stream =
+                watcher(api::<SparkApplication>(watch_client, namespace), watcher::Config::default().labels(SEGMENT_LABEL))
+                    .default_backoff()
+                    .modify(spark::trim_for_cache)
+                    .reflect(writer)
+                    .touched_objects();
+            (Some(cache), stream.boxed())
+        }
+        false => (None, futures::stream::pending().boxed()),
+    };
     let ctx = context(ClusterCache {
         jobs: jobs_cache,
         sources: sources_cache,
         segments: segments_cache.clone(),
         namespaces: namespaces_cache,
         compute_classes: classes_cache,
+        spark_applications: spark_cache,
         unwatched_jobs: Default::default(),
     });
     let default_class = args.jobs.default_compute_class.clone();
@@ -225,6 +242,12 @@ fn controller(
         // ingest namespace (an owner must share the Job's namespace), the
         // one its labels name.
         .watches_stream(jobs, move |job: Job| for_jobs.segment_of(&job, ingest_namespace.as_deref()))
+        // A SparkApplication's Segment is its owner.
+        .watches_stream(spark_applications, |app: SparkApplication| {
+            let namespace = app.namespace()?;
+            let owner = app.owner_references().iter().find(|o| o.controller == Some(true) && o.kind == "Segment")?;
+            Some(ObjectRef::<Segment>::new(&owner.name).within(&namespace))
+        })
         // A new or changed SegmentSource can make a definition valid (or
         // invalid): look at every Segment of its namespace again.
         .watches_stream(sources, move |source: SegmentSource| for_sources.segments_in(&source.namespace().unwrap_or_default()))

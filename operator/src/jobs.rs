@@ -46,6 +46,104 @@ pub fn labels(segment: &str, version: u64, kind: JobKind) -> BTreeMap<String, St
     ])
 }
 
+/// The task of `launch` as JSON: the value of the pod annotation
+/// [`TASK_ANNOTATION`] of a compute or ingest Job, or of a Spark run's
+/// driver (`crate::spark`). Sources are resolved now, so the worker needs
+/// no access to the Kubernetes API.
+pub fn task_json(
+    segment: &Segment,
+    launch: &Launch,
+    sources: &[SegmentSource],
+    segment_inputs: &[SegmentInput],
+    class: &ComputeClassSpec,
+    defaults: &JobArgs,
+    results_base: &str,
+) -> Result<String, serde_json::Error> {
+    match launch.kind {
+        JobKind::Compute => {
+            let sources = sources_read(&segment.spec.definition, sources.iter().map(|s| &s.spec)).into_iter().cloned().collect();
+            let task = compute_task(segment, launch, sources, segment_inputs.to_vec(), results_base);
+            // The catalogs of Iceberg sources are the class's, resolved now.
+            serde_json::to_string(&task.with_iceberg_access(class, results_base))
+        }
+        JobKind::Ingest => {
+            let lake_lag = chrono::Duration::seconds(defaults.lake_lag_seconds);
+            serde_json::to_string(&ingest_task(segment, launch, results_base, lake_lag))
+        }
+    }
+}
+
+/// The downward API volume that shows the pod's [`TASK_ANNOTATION`] as
+/// the file [`TASK_FILE`], and its read-only mount at [`TASK_DIR`].
+pub fn task_volume() -> (Volume, VolumeMount) {
+    let volume = Volume {
+        name: TASK_VOLUME.to_string(),
+        downward_api: Some(DownwardAPIVolumeSource {
+            items: Some(vec![DownwardAPIVolumeFile {
+                path: TASK_FILE.rsplit('/').next().unwrap_or("task.json").to_string(),
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: format!("metadata.annotations['{TASK_ANNOTATION}']"),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mount = VolumeMount {
+        name: TASK_VOLUME.to_string(),
+        mount_path: TASK_DIR.to_string(),
+        read_only: Some(true),
+        ..Default::default()
+    };
+    (volume, mount)
+}
+
+/// The worker's scratch emptyDir at [`SCRATCH_PATH`] (`--worker-scratch-size-limit`),
+/// the one place it writes under its read-only root, and its mount.
+pub fn scratch_volume(defaults: &JobArgs) -> (Volume, VolumeMount) {
+    let volume = Volume {
+        name: SCRATCH_VOLUME.to_string(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            size_limit: Some(Quantity(defaults.worker_scratch_size_limit.clone())),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mount = VolumeMount { name: SCRATCH_VOLUME.to_string(), mount_path: SCRATCH_PATH.to_string(), ..Default::default() };
+    (volume, mount)
+}
+
+/// The container security every worker (compute, ingest, Spark driver and
+/// executors) gets, whatever its class says: non-root, a read-only root,
+/// no capabilities, no privilege escalation (docs/security.md).
+pub fn worker_security_context() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".to_string()]), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+/// The pod security every worker gets: non-root (as `run_as_user` when
+/// the class names one), the runtime's seccomp profile.
+pub fn worker_pod_security_context(run_as_user: Option<i64>) -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user,
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".to_string(), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+/// The environment a worker gets from a Secret (its S3 credentials).
+pub fn env_from_secret(name: &str) -> EnvFromSource {
+    EnvFromSource { secret_ref: Some(SecretEnvSource { name: name.to_string(), optional: Some(false) }), ..Default::default() }
+}
+
 /// Builds the Job for `launch`. Sources are resolved now so the worker
 /// needs no access to the Kubernetes API.
 pub fn build_job(
@@ -58,16 +156,7 @@ pub fn build_job(
     results_base: &str,
 ) -> Result<Job, serde_json::Error> {
     let key = segment.key();
-    let task = match launch.kind {
-        JobKind::Compute => {
-            let sources = sources_read(&segment.spec.definition, sources.iter().map(|s| &s.spec)).into_iter().cloned().collect();
-            serde_json::to_string(&compute_task(segment, launch, sources, segment_inputs.to_vec(), results_base))?
-        }
-        JobKind::Ingest => {
-            let lake_lag = chrono::Duration::seconds(defaults.lake_lag_seconds);
-            serde_json::to_string(&ingest_task(segment, launch, results_base, lake_lag))?
-        }
-    };
+    let task = task_json(segment, launch, sources, segment_inputs, class, defaults, results_base)?;
     let mut overrides = segment.spec.compute.clone().unwrap_or_default();
     let mut labels = labels(&key.name, launch.version, launch.kind);
     // An ingest Job in the ingest namespace is the admin's alone: this
@@ -87,12 +176,7 @@ pub fn build_job(
     // Everything of the pod but the resources and the deadline is the
     // admin's: the namespace's ComputeClass, else this operator's flags.
     let env = class.env.clone().unwrap_or_default();
-    let env_from = env_secret.map(|name| {
-        vec![EnvFromSource {
-            secret_ref: Some(SecretEnvSource { name: name.clone(), optional: Some(false) }),
-            ..Default::default()
-        }]
-    });
+    let env_from = env_secret.map(|name| vec![env_from_secret(name)]);
     let chosen = overrides.resources.as_ref().or(class.default_resources.as_ref());
     let resources = match chosen {
         Some(WorkerResources { requests, limits }) => ResourceRequirements {
@@ -115,6 +199,8 @@ pub fn build_job(
         .unwrap_or(defaults.job_deadline_seconds)
         .min(class.max_deadline_seconds.unwrap_or(defaults.max_job_deadline_seconds));
 
+    let (task_files, task_mount) = task_volume();
+    let (scratch, scratch_mount) = scratch_volume(defaults);
     let container = Container {
         name: CONTAINER.to_string(),
         image: Some(class.image.clone().unwrap_or_else(|| defaults.worker_image.clone())),
@@ -122,26 +208,12 @@ pub fn build_job(
         env: Some(env),
         env_from,
         resources: Some(resources),
-        volume_mounts: Some(vec![
-            VolumeMount { name: SCRATCH_VOLUME.to_string(), mount_path: SCRATCH_PATH.to_string(), ..Default::default() },
-            VolumeMount {
-                name: TASK_VOLUME.to_string(),
-                mount_path: TASK_DIR.to_string(),
-                read_only: Some(true),
-                ..Default::default()
-            },
-        ]),
+        volume_mounts: Some(vec![scratch_mount, task_mount]),
         termination_message_path: Some(TERMINATION_LOG.to_string()),
         // The worker writes `Reason: message` there; when it crashes before
         // that, the log tail is the next best explanation.
         termination_message_policy: Some("FallbackToLogsOnError".to_string()),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".to_string()]), ..Default::default() }),
-            ..Default::default()
-        }),
+        security_context: Some(worker_security_context()),
         ..Default::default()
     };
 
@@ -177,37 +249,9 @@ pub fn build_job(
                     automount_service_account_token: Some(class.automount_service_account_token),
                     node_selector: class.node_selector.clone(),
                     tolerations: class.tolerations.clone(),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".to_string(), ..Default::default() }),
-                        ..Default::default()
-                    }),
+                    security_context: Some(worker_pod_security_context(None)),
                     containers: vec![container],
-                    volumes: Some(vec![
-                        Volume {
-                            name: SCRATCH_VOLUME.to_string(),
-                            empty_dir: Some(EmptyDirVolumeSource {
-                                size_limit: Some(Quantity(defaults.worker_scratch_size_limit.clone())),
-                                ..Default::default()
-                            }),
-                            ..Default::default()
-                        },
-                        Volume {
-                            name: TASK_VOLUME.to_string(),
-                            downward_api: Some(DownwardAPIVolumeSource {
-                                items: Some(vec![DownwardAPIVolumeFile {
-                                    path: TASK_FILE.rsplit('/').next().unwrap_or("task.json").to_string(),
-                                    field_ref: Some(ObjectFieldSelector {
-                                        field_path: format!("metadata.annotations['{TASK_ANNOTATION}']"),
-                                        ..Default::default()
-                                    }),
-                                    ..Default::default()
-                                }]),
-                                ..Default::default()
-                            }),
-                            ..Default::default()
-                        },
-                    ]),
+                    volumes: Some(vec![scratch, task_files]),
                     ..Default::default()
                 }),
             },
@@ -363,11 +407,12 @@ pub fn is_active(job: &Job) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use chrono::TimeZone;
 
-    fn defaults() -> JobArgs {
+    /// The operator's flags at their defaults, with no worker Secret.
+    pub(crate) fn defaults() -> JobArgs {
         JobArgs {
             worker_image: "worker:1".into(),
             worker_service_account: "segment-worker".into(),
@@ -563,6 +608,35 @@ spec:
         assert_eq!(args, ["compute", "--task-file", TASK_FILE]);
         let mount = pod.containers[0].volume_mounts.as_ref().unwrap().iter().find(|m| m.name == TASK_VOLUME).unwrap();
         assert_eq!((mount.mount_path.as_str(), mount.read_only), (TASK_DIR, Some(true)));
+    }
+
+    /// An Iceberg source's catalog is resolved from the class into the
+    /// task, with the namespace's prefixes: the worker reads the catalog
+    /// the admin declared, never an address from the Segment's side.
+    #[test]
+    fn the_task_of_an_iceberg_source_carries_the_classs_catalog_and_prefixes() {
+        let segment: Segment = serde_yaml::from_str(
+            "metadata: {name: vip, namespace: growth, uid: u1}\nspec:\n  definition: {sql: SELECT user_id FROM orders}\n",
+        )
+        .unwrap();
+        let sources: Vec<SegmentSource> = vec![serde_yaml::from_str(
+            "metadata: {name: orders, namespace: growth}\nspec: {table: orders, uri: 'iceberg://lake/sales/orders', format: iceberg}\n",
+        )
+        .unwrap()];
+        let class: ComputeClassSpec = serde_yaml::from_str(
+            "allowedSourcePrefixes: ['s3://lake/{namespace}/']\nicebergCatalogs:\n- {name: lake, type: rest, uri: 'https://catalog.internal/', tokenEnv: LAKE_TOKEN}\n- {name: unused, type: sql, uri: 'sqlite:///c.db'}",
+        )
+        .unwrap();
+        let task: serde_json::Value =
+            serde_json::from_str(&task_json(&segment, &launch("vip"), &sources, &[], &class, &defaults(), "s3://r").unwrap())
+                .unwrap();
+        assert_eq!(
+            task["iceberg"],
+            serde_json::json!({
+                "catalogs": [{"name": "lake", "type": "rest", "uri": "https://catalog.internal/", "tokenEnv": "LAKE_TOKEN"}],
+                "namespace": "growth", "resultsBase": "s3://r", "allowedPrefixes": ["s3://lake/growth/"], "allowLocalFiles": false
+            })
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - [`reconcile`]: one Segment — observe, plan, execute (through
 //!   `segment_core::executor`), the typed reconcile error;
 //! - [`jobs`]: building compute/ingest Jobs and reading them back;
+//! - [`spark`]: a Spark run's `SparkApplication` in place of its compute Job;
 //! - [`leader`]: Lease-based leader election;
 //! - [`controller`]: wiring the kube-runtime Controller, metrics and probes;
 //! - [`config`]: the command line (flags with environment fallbacks);
@@ -28,6 +29,7 @@ pub mod metrics;
 /// Manifests from files live in the core library, shared with `kubectl segment preview`.
 pub use segment_core::manifests;
 pub mod reconcile;
+pub mod spark;
 #[cfg(feature = "standalone")]
 pub mod standalone;
 pub mod time;

@@ -36,6 +36,7 @@ use crate::events::{EventNote, EventPublisher};
 use crate::jobs;
 use crate::leader::{Leadership, NotLeader};
 use crate::metrics::Metrics;
+use crate::spark::{self, SparkApplication};
 
 pub const FIELD_MANAGER: &str = "segment-operator";
 
@@ -165,6 +166,9 @@ pub struct ClusterCache {
     /// Namespaces, for their `segmentation.dev/compute-class` label.
     pub namespaces: Store<Namespace>,
     pub compute_classes: Store<ComputeClass>,
+    /// SparkApplications, when this operator runs Spark
+    /// (`--spark-applications`); `None` refuses Segments that ask for it.
+    pub spark_applications: Option<Store<SparkApplication>>,
     /// Jobs created in this term that the Jobs watch has not shown yet.
     pub unwatched_jobs: UnwatchedJobs,
 }
@@ -218,6 +222,10 @@ impl ClusterCache {
                 && self.segments.wait_until_ready().await.is_ok()
                 && self.namespaces.wait_until_ready().await.is_ok()
                 && self.compute_classes.wait_until_ready().await.is_ok()
+                && match &self.spark_applications {
+                    Some(applications) => applications.wait_until_ready().await.is_ok(),
+                    None => true,
+                }
         };
         match tokio::time::timeout(CACHE_SYNC_WAIT, ready).await {
             Ok(true) => Ok(()),
@@ -283,6 +291,28 @@ impl ClusterCache {
         self.segments.state_filter(named).first().map(|segment| ObjectRef::from(segment.as_ref()))
     }
 
+    /// The SparkApplications of one Segment (in its namespace).
+    fn spark_applications_of(&self, namespace: &str, segment: &str) -> Vec<Arc<SparkApplication>> {
+        let Some(applications) = &self.spark_applications else { return Vec::new() };
+        let label = segment_core::naming::segment_label_value(segment);
+        applications.state_filter(|app| {
+            app.metadata.namespace.as_deref() == Some(namespace) && app.labels().get(SEGMENT_LABEL) == Some(&label)
+        })
+    }
+
+    /// Refuses a Segment that asks for Spark from an operator that runs
+    /// none: without the Spark operator's CRD its applications could not
+    /// even be created.
+    fn spark_not_running(&self, segment: &Segment) -> Option<Invalid> {
+        (spark::runs_on_spark(segment) && self.spark_applications.is_none()).then(|| Invalid {
+            reason: SpecProblem::NotAllowed,
+            field: "spec.compute.engine".to_string(),
+            message: "spark: this operator runs no Spark applications (it was started without --spark-applications, \
+                      the chart's spark.enabled); use engine: datafusion, or ask the cluster admin to enable Spark"
+                .to_string(),
+        })
+    }
+
     /// The Jobs of one Segment, in its namespace or the ingest namespace.
     fn jobs_of(&self, namespace: &str, segment: &str, ingest_namespace: Option<&str>) -> Vec<Arc<Job>> {
         let label = segment_core::naming::segment_label_value(segment);
@@ -334,14 +364,28 @@ impl ComputeSlots {
         ComputeSlots { limit: (limit > 0).then_some(limit), reserved: Default::default() }
     }
 
-    /// Takes a slot for `job` if one is free.
-    fn try_reserve(&self, jobs: &Store<Job>, job: (String, String)) -> Option<SlotReservation<'_>> {
-        let compute = |j: &Job| j.labels().get(JOB_KIND_LABEL).map(String::as_str) == Some("compute");
+    /// Takes a slot for `job` (a compute Job's or SparkApplication's
+    /// name) if one is free. Both kinds of compute count.
+    fn try_reserve(
+        &self,
+        jobs: &Store<Job>,
+        applications: Option<&Store<SparkApplication>>,
+        job: (String, String),
+    ) -> Option<SlotReservation<'_>> {
+        let compute = |labels: &std::collections::BTreeMap<String, String>| {
+            labels.get(JOB_KIND_LABEL).map(String::as_str) == Some("compute")
+        };
         let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
-        // A reserved Job the watch has delivered is counted from the cache.
-        reserved.retain(|(ns, name)| jobs.get(&ObjectRef::new(name).within(ns)).is_none());
+        // A reserved run the watch has delivered is counted from the cache.
+        reserved.retain(|(ns, name)| {
+            let watched_app = applications.is_some_and(|apps| apps.get(&ObjectRef::new(name).within(ns)).is_some());
+            jobs.get(&ObjectRef::new(name).within(ns)).is_none() && !watched_app
+        });
         if let Some(limit) = self.limit {
-            let active = jobs.state_filter(|j| compute(j) && jobs::is_active(j)).len();
+            let active_apps = applications
+                .map(|apps| apps.state_filter(|app| compute(app.labels()) && spark::is_active(app)).len())
+                .unwrap_or(0);
+            let active = jobs.state_filter(|j| compute(j.labels()) && jobs::is_active(j)).len() + active_apps;
             if active + reserved.len() >= limit && !reserved.contains(&job) {
                 return None;
             }
@@ -487,6 +531,26 @@ async fn observe(segment: &Segment, ctx: &Context) -> Result<Observed, Error> {
         }
         jobs.push(observed);
     }
+    // A Spark run's application stands for its compute Job.
+    for app in ctx.cache.spark_applications_of(&namespace, &segment.name_any()) {
+        let Some(mut observed) = spark::observe_application(&app) else { continue };
+        if current_run.is_some_and(|r| r.version == observed.version) {
+            match &mut observed.state {
+                JobState::Failed { failure, .. } => {
+                    let driver = driver_pod(ctx, &namespace, &spark::driver_pod_name(&app)).await?;
+                    if let Some(found) = driver.as_ref().and_then(spark::driver_failure) {
+                        *failure = found;
+                    }
+                }
+                JobState::Running if observed.created_at.is_some_and(|at| now - at >= ctx.planner.pod_start_timeout) => {
+                    let driver = driver_pod(ctx, &namespace, &spark::driver_pod_name(&app)).await?;
+                    observed.not_started = spark::start_problem(&app, driver.as_ref());
+                }
+                _ => {}
+            }
+        }
+        jobs.push(observed);
+    }
     // A Job the API server refused has no object to observe: the refusal
     // stands in for it, so the run fails once instead of retrying.
     if let Some(run) = current_run {
@@ -516,7 +580,9 @@ async fn observe(segment: &Segment, ctx: &Context) -> Result<Observed, Error> {
         Ok(class) => {
             let read = sources_read(&segment.spec.definition, sources.iter().map(|s| &s.spec));
             let tenant = policy::Tenant { namespace: &namespace, results_base: &ctx.results_base };
-            let not_allowed = policy::check_allowed(&segment.spec, &read, &class, tenant).err();
+            let not_allowed = policy::check_allowed(&segment.spec, &read, &class, tenant)
+                .err()
+                .or_else(|| ctx.cache.spark_not_running(segment));
             (class, not_allowed)
         }
         Err(missing) => (ComputeClassSpec::default(), Some(missing)),
@@ -544,7 +610,7 @@ fn plan_with_slot<'c>(segment: &Segment, observed: &Observed, ctx: &'c Context) 
     });
     let Some(job_name) = compute_job.filter(|_| ctx.slots.limit.is_some()) else { return (plan, None) };
     let namespace = segment.namespace().unwrap_or_default();
-    match ctx.slots.try_reserve(&ctx.cache.jobs, (namespace, job_name)) {
+    match ctx.slots.try_reserve(&ctx.cache.jobs, ctx.cache.spark_applications.as_ref(), (namespace, job_name)) {
         Some(slot) => (plan, Some(slot)),
         None => (planner::plan(&observation(false), &ctx.planner), None),
     }
@@ -570,6 +636,48 @@ struct ClusterEffects<'a> {
 impl ClusterEffects<'_> {
     fn jobs_api(&self, namespace: &str) -> Api<Job> {
         Api::namespaced(self.ctx.client.clone(), namespace)
+    }
+
+    /// Remembers a Job or SparkApplication the API server refused for what
+    /// it is: the same one would be refused again, so the run fails with
+    /// the server's message on the next look instead of retrying.
+    fn refused(&self, launch: &Launch, message: &str) {
+        let failure = Failure::new(FailureReason::JobRejected, truncate(message, 1024));
+        warn!(segment = %self.key, job = %launch.job_name, %message, "the API server refused a Job");
+        let key = (self.key.clone(), launch.version);
+        self.ctx
+            .rejected_jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, (launch.kind, launch.job_name.clone(), failure));
+    }
+
+    /// Creates the SparkApplication of a Spark run's compute, in place of
+    /// its compute Job. The planner refuses a Spark Segment whose class
+    /// does not enable Spark, or when this operator runs none, so neither
+    /// is missing here unless the class changed since: then nothing is
+    /// created and the next reconcile reports it.
+    async fn launch_spark(&mut self, launch: &Launch, inputs: &[SegmentInput]) -> Result<(), Error> {
+        let ctx = self.ctx;
+        let Some(spark) = self.class.spark.as_ref().filter(|_| ctx.cache.spark_applications.is_some()) else {
+            warn!(segment = %self.key, "a Spark run without Spark settings or --spark-applications; nothing launched");
+            return Ok(());
+        };
+        let app =
+            spark::build_application(self.segment, launch, self.sources, inputs, self.class, spark, &ctx.jobs, &ctx.results_base)
+                .map_err(Error::BuildJob)?;
+        let api: Api<SparkApplication> = Api::namespaced(ctx.client.clone(), &self.key.namespace);
+        match api.create(&PostParams::default(), &app).await {
+            Ok(_) => {
+                ctx.metrics.jobs_created.inc();
+            }
+            // Created before (a restart, or a watch that has not shown it
+            // yet): the run continues with it.
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(kube::Error::Api(s)) if s.code == 400 || s.code == 422 => self.refused(launch, &s.message),
+            Err(source) => return Err(Error::Kube { op: "creating a SparkApplication", source }),
+        }
+        Ok(())
     }
 
     /// Holds the switch to `version` until every live serving replica has
@@ -725,6 +833,35 @@ async fn stop_jobs(ctx: &Context, namespace: &str, selector: &str) -> Result<usi
     Ok(remaining)
 }
 
+/// Deletes the SparkApplications `selector` finds in `namespace` and
+/// returns how many are still there (a foreground deletion waits for the
+/// driver pod, which the application owns).
+async fn stop_spark_applications(ctx: &Context, namespace: &str, selector: &str, how: DeleteParams) -> Result<usize, Error> {
+    let api: Api<SparkApplication> = Api::namespaced(ctx.client.clone(), namespace);
+    let apps = api.list(&ListParams::default().labels(selector)).await.map_err(kube("listing SparkApplications to stop"))?;
+    let mut remaining = 0;
+    for app in apps.items {
+        match api.delete(&app.name_any(), &how).await {
+            Ok(deleting) if deleting.is_left() && how.propagation_policy == Some(kube::api::PropagationPolicy::Foreground) => {
+                remaining += 1
+            }
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(source) => return Err(Error::Kube { op: "deleting a SparkApplication", source }),
+        }
+    }
+    Ok(remaining)
+}
+
+/// The driver pod of a Spark run, if it exists: listed by name, as the
+/// operator only lists pods (its RBAC).
+async fn driver_pod(ctx: &Context, namespace: &str, name: &str) -> Result<Option<Pod>, Error> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    let by_name = ListParams::default().fields(&format!("metadata.name={name}"));
+    let list = pods.list(&by_name).await.map_err(kube("listing the driver pod of a SparkApplication"))?;
+    Ok(list.items.into_iter().next())
+}
+
 /// Deletes the Jobs `selector` finds in `namespace` (in the background:
 /// their pods go with them), forgetting them as created-but-unwatched.
 async fn delete_jobs(ctx: &Context, namespace: &str, selector: &str) -> Result<(), Error> {
@@ -794,6 +931,13 @@ impl Effects for ClusterEffects<'_> {
         for (namespace, selector) in job_places(&self.key, &self.ctx.jobs) {
             delete_jobs(self.ctx, &namespace, &format!("{selector},{VERSION_LABEL}={version}")).await?;
         }
+        if self.ctx.cache.spark_applications.is_some() {
+            let selector = format!(
+                "{SEGMENT_LABEL}={},{VERSION_LABEL}={version}",
+                segment_core::naming::segment_label_value(&self.key.name)
+            );
+            stop_spark_applications(self.ctx, &self.key.namespace, &selector, DeleteParams::background()).await?;
+        }
         Ok(())
     }
 
@@ -804,6 +948,9 @@ impl Effects for ClusterEffects<'_> {
             JobKind::Ingest => Vec::new(),
         };
         let ctx = self.ctx;
+        if launch.kind == JobKind::Compute && spark::runs_on_spark(self.segment) {
+            return self.launch_spark(launch, &inputs).await;
+        }
         let job = jobs::build_job(self.segment, launch, self.sources, &inputs, self.class, &ctx.jobs, &ctx.results_base)
             .map_err(Error::BuildJob)?;
         let namespace = job.namespace().unwrap_or_else(|| self.key.namespace.clone());
@@ -818,16 +965,7 @@ impl Effects for ClusterEffects<'_> {
             // quantity that does not parse), 422 when it fails validation.
             // The same Job would be refused again, so the run fails with
             // the server's message on the next look instead of retrying.
-            Err(kube::Error::Api(s)) if s.code == 400 || s.code == 422 => {
-                let failure = Failure::new(FailureReason::JobRejected, truncate(&s.message, 1024));
-                warn!(segment = %self.key, job = %launch.job_name, message = %s.message, "the API server refused a Job");
-                let key = (self.key.clone(), launch.version);
-                self.ctx
-                    .rejected_jobs
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(key, (launch.kind, launch.job_name.clone(), failure));
-            }
+            Err(kube::Error::Api(s)) if s.code == 400 || s.code == 422 => self.refused(launch, &s.message),
             Err(source) => return Err(Error::Kube { op: "creating a Job", source }),
         }
         Ok(())
@@ -928,6 +1066,10 @@ async fn cleanup(segment: &Segment, ctx: &Context) -> Result<Requeue, Error> {
     for (namespace, selector) in job_places(&key, &ctx.jobs) {
         stopping += stop_jobs(ctx, &namespace, &selector).await?;
     }
+    if ctx.cache.spark_applications.is_some() {
+        let selector = format!("{SEGMENT_LABEL}={}", segment_core::naming::segment_label_value(&key.name));
+        stopping += stop_spark_applications(ctx, &key.namespace, &selector, DeleteParams::foreground()).await?;
+    }
     if stopping > 0 {
         return Err(Error::JobsStopping(stopping));
     }
@@ -983,13 +1125,13 @@ mod tests {
         let (cache, mut writer) = reflector::store::<Job>();
         writer.apply_watcher_event(&watcher::Event::InitDone);
         let job = |name: &str| ("growth".to_string(), name.to_string());
-        slots.try_reserve(&cache, job("a")).expect("a free slot").keep();
-        assert!(slots.try_reserve(&cache, job("b")).is_none(), "a's Job is being created");
+        slots.try_reserve(&cache, None, job("a")).expect("a free slot").keep();
+        assert!(slots.try_reserve(&cache, None, job("b")).is_none(), "a's Job is being created");
         writer.apply_watcher_event(&watcher::Event::Apply(compute_job("a", false)));
-        assert!(slots.try_reserve(&cache, job("b")).is_none(), "a's Job runs");
+        assert!(slots.try_reserve(&cache, None, job("b")).is_none(), "a's Job runs");
         writer.apply_watcher_event(&watcher::Event::Apply(compute_job("a", true)));
-        let b = slots.try_reserve(&cache, job("b")).expect("a's Job is done");
+        let b = slots.try_reserve(&cache, None, job("b")).expect("a's Job is done");
         drop(b);
-        assert!(slots.try_reserve(&cache, job("c")).is_some(), "b's reservation was released: its Job was never created");
+        assert!(slots.try_reserve(&cache, None, job("c")).is_some(), "b's reservation was released: its Job was never created");
     }
 }

@@ -14,6 +14,7 @@ mod failover;
 mod helm;
 mod lifecycle;
 mod plugin;
+mod spark;
 mod tenancy;
 
 use std::path::PathBuf;
@@ -142,25 +143,32 @@ impl Operator {
     /// With `namespaced`, the operator watches the tenant's namespace only
     /// (a RoleBinding); otherwise every namespace (a ClusterRoleBinding).
     pub fn start_with(tenant: &Tenant, namespaced: bool, extra_args: &[&str]) -> Operator {
-        Operator::spawn(tenant, namespaced, &format!("operator-{}", tenant.namespace), extra_args)
+        Operator::spawn(tenant, namespaced, &format!("operator-{}", tenant.namespace), &[], extra_args)
+    }
+
+    /// A namespaced operator whose RBAC is rendered with chart `values`
+    /// (`--set` arguments, e.g. `spark.enabled=true`).
+    pub fn start_with_values(tenant: &Tenant, values: &[&str], extra_args: &[&str]) -> Operator {
+        Operator::spawn(tenant, true, &format!("operator-{}", tenant.namespace), values, extra_args)
     }
 
     /// One of several replicas of a namespaced operator, with its own
     /// identity in the Lease (and in its User-Agent, which the API server's
     /// audit log records).
     pub fn replica(tenant: &Tenant, identity: &str, extra_args: &[&str]) -> Operator {
-        Operator::spawn(tenant, true, identity, extra_args)
+        Operator::spawn(tenant, true, identity, &[], extra_args)
     }
 
-    fn spawn(tenant: &Tenant, namespaced: bool, identity: &str, extra_args: &[&str]) -> Operator {
+    fn spawn(tenant: &Tenant, namespaced: bool, identity: &str, values: &[&str], extra_args: &[&str]) -> Operator {
         let cluster = tenant.cluster;
         let namespace = &tenant.namespace;
         let watch = if namespaced { format!("operator.watchNamespace={namespace}") } else { "operator.watchNamespace=".into() };
-        let rbac = helm_template(
-            namespace,
-            namespace,
-            &["--set", &watch, "--show-only", "templates/operator-rbac.yaml", "--show-only", "templates/serviceaccounts.yaml"],
-        );
+        let mut helm_args =
+            vec!["--set", &watch, "--show-only", "templates/operator-rbac.yaml", "--show-only", "templates/serviceaccounts.yaml"];
+        for value in values {
+            helm_args.extend(["--set", value]);
+        }
+        let rbac = helm_template(namespace, namespace, &helm_args);
         tenant.apply(&rbac);
         let service_account = format!("{namespace}-segment-operator");
         let token = cluster.service_account_token(namespace, &service_account);

@@ -16,8 +16,8 @@ use kube::runtime::controller::Action as Requeue;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
 use segment_core::api::{
-    RunPhase, Segment, SegmentKey, SegmentSource, VersionState, APPROVE_VERSION_ANNOTATION, FINALIZER, JOB_KIND_LABEL,
-    SEGMENT_LABEL, VERSION_LABEL,
+    ComputeClass, ComputeClassSpec, RunPhase, Segment, SegmentKey, SegmentSource, VersionState, APPROVE_VERSION_ANNOTATION,
+    FINALIZER, JOB_KIND_LABEL, SEGMENT_LABEL, VERSION_LABEL,
 };
 use segment_core::planner::PlannerConfig;
 use segment_core::seal::SealFile;
@@ -29,6 +29,7 @@ use segment_operator::config::JobArgs;
 use segment_operator::events::EventPublisher;
 use segment_operator::metrics::Metrics;
 use segment_operator::reconcile::{error_policy, reconcile, ClusterCache, ComputeSlots, Context, Error, ReplicaWaits};
+use segment_operator::spark::{SparkApplication, DRIVER_CONTAINER};
 
 const NS: &str = "growth";
 const SEGMENTS: &str = "/apis/segmentation.dev/v1alpha1/namespaces/growth/segments/vip";
@@ -105,6 +106,9 @@ struct Harness {
     /// one thing every context of the harness shares, so that the load
     /// timeout runs across reconciles (replace it to start a new term).
     replica_waits: ReplicaWaits,
+    /// Spark runs: the operator's `--spark-applications`, with this class
+    /// (`sparky`) as the default ComputeClass.
+    spark_class: Option<ComputeClassSpec>,
 }
 
 impl Harness {
@@ -120,7 +124,14 @@ impl Harness {
             watch_namespace: None,
             replica_load_timeout: Duration::seconds(300),
             replica_waits: ReplicaWaits::default(),
+            spark_class: None,
         }
+    }
+
+    /// An operator that runs Spark, whose default class enables it.
+    fn with_spark(segment: Segment) -> Harness {
+        let class = serde_yaml::from_str("spark: {image: 'spark:1', sparkVersion: 4.0.1, serviceAccountName: spark-driver}");
+        Harness { spark_class: Some(class.unwrap()), ..Harness::new(segment) }
     }
 
     /// The watch caches of an operator that has just listed the world:
@@ -134,7 +145,8 @@ impl Harness {
             sources: listed(world.sources.iter().cloned()),
             segments: listed(world.segment.iter().cloned()),
             namespaces: listed(std::iter::empty()),
-            compute_classes: listed(std::iter::empty()),
+            compute_classes: listed(self.spark_class.iter().map(|spec| ComputeClass::new("sparky", spec.clone()))),
+            spark_applications: self.spark_class.as_ref().map(|_| listed(world.spark_applications.iter().cloned())),
             unwatched_jobs: Default::default(),
         }
     }
@@ -155,7 +167,7 @@ impl Harness {
             replica_waits: self.replica_waits.clone(),
             results: self.results.clone(),
             planner: PlannerConfig { results_base: Some("s3://results".into()), ..Default::default() },
-            jobs: job_args(),
+            jobs: JobArgs { default_compute_class: self.spark_class.as_ref().map(|_| "sparky".to_string()), ..job_args() },
             results_base: "s3://results".into(),
             slots: ComputeSlots::new(self.compute_limit),
             events: Arc::new(EventPublisher::new(client, "segment-operator", "test")),
@@ -952,6 +964,7 @@ fn the_namespace_label_then_the_default_choose_the_compute_class_and_a_missing_o
         segments: listed(std::iter::empty()),
         namespaces: listed([namespace("growth", Some("gold")), namespace("finance", None), namespace("lab", Some("gone"))]),
         compute_classes: listed([class("gold", "worker:gold"), class("standard", "worker:standard")]),
+        spark_applications: None,
         unwatched_jobs: Default::default(),
     };
     let image = |ns: &str, default: Option<&str>| cache.compute_class(ns, default).map(|c| c.image);
@@ -1129,4 +1142,138 @@ async fn a_rollback_waits_for_the_serving_replicas_too() {
     h.reconcile().await;
     assert_eq!(h.store.active_version(&h.key()).await.unwrap(), Some(1));
     assert!(event_reasons(&h.world).contains(&"RolledBack".to_string()));
+}
+
+const SPARK_APPS: &str = "/apis/sparkoperator.k8s.io/v1beta2/namespaces/growth/sparkapplications";
+
+impl Harness {
+    fn spark_application(&self, name: &str) -> SparkApplication {
+        let world = self.world.lock().unwrap();
+        let found = world.spark_applications.iter().find(|a| a.metadata.name.as_deref() == Some(name)).cloned();
+        found.unwrap_or_else(|| panic!("no SparkApplication {name}"))
+    }
+
+    /// What the Spark operator reports on an application.
+    fn report_spark(&self, name: &str, status: serde_json::Value) {
+        let mut world = self.world.lock().unwrap();
+        let app = world.spark_applications.iter_mut().find(|a| a.metadata.name.as_deref() == Some(name)).unwrap();
+        app.status = Some(serde_json::from_value(status).unwrap());
+    }
+}
+
+#[tokio::test]
+async fn a_spark_segments_compute_is_a_spark_application_and_its_driver_says_why_it_failed() {
+    let h = Harness::with_spark(segment("  compute: {engine: spark}\n"));
+    let writes = h.reconcile().await;
+    assert_eq!(writes, vec![format!("PATCH {STATUS}"), format!("POST {SPARK_APPS}"), format!("POST {EVENTS}")]);
+    assert!(h.world.lock().unwrap().jobs.is_empty(), "no compute Job for a Spark run");
+    let run = h.segment().status.unwrap().current_run.unwrap();
+    assert_eq!((run.phase, run.job.as_deref()), (RunPhase::Computing, Some("vip-v1-compute")));
+    let app = h.spark_application("vip-v1-compute");
+    assert_eq!(app.spec.image.as_deref(), Some("spark:1"));
+    let task: ComputeTask = serde_json::from_str(&app.spec.driver.annotations[TASK_ANNOTATION]).unwrap();
+    assert_eq!((task.version, task.engine), (1, segment_core::api::ComputeEngine::Spark));
+
+    // Running: nothing to do; a second reconcile creates nothing again.
+    h.report_spark("vip-v1-compute", serde_json::json!({"applicationState": {"state": "RUNNING"}}));
+    h.advance(Duration::seconds(30));
+    assert!(h.reconcile().await.is_empty());
+
+    // The driver failed: its termination message is the run's reason,
+    // not the Spark operator's message.
+    h.report_spark(
+        "vip-v1-compute",
+        serde_json::json!({"applicationState": {"state": "FAILED", "errorMessage": "driver container failed with ExitCode: 1, Reason: Error"},
+            "driverInfo": {"podName": "vip-v1-compute-driver"}, "terminationTime": "2026-03-02T10:01:00Z"}),
+    );
+    let driver = Pod {
+        metadata: ObjectMeta { name: Some("vip-v1-compute-driver".into()), namespace: Some(NS.into()), ..Default::default() },
+        status: Some(PodStatus {
+            phase: Some("Failed".into()),
+            container_statuses: Some(vec![ContainerStatus {
+                name: DRIVER_CONTAINER.into(),
+                state: Some(ContainerState {
+                    terminated: Some(ContainerStateTerminated {
+                        exit_code: 1,
+                        reason: Some("Error".into()),
+                        message: Some("UnknownColumn: column `nope` is not in table `orders`".into()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    h.world.lock().unwrap().pods.push(driver);
+    h.reconcile().await;
+    let status = h.segment().status.unwrap();
+    let v1 = status.versions.iter().find(|v| v.version == 1).unwrap();
+    assert_eq!((v1.state, v1.reason.as_deref()), (VersionState::Failed, Some("UnknownColumn")), "{v1:?}");
+    assert!(status.current_run.is_none());
+}
+
+#[tokio::test]
+async fn a_completed_spark_application_is_ingested_and_deleting_the_segment_deletes_it() {
+    let h = Harness::with_spark(segment("  compute: {engine: spark}\n"));
+    h.reconcile().await;
+    h.report_spark(
+        "vip-v1-compute",
+        serde_json::json!({"applicationState": {"state": "COMPLETED"}, "terminationTime": "2026-03-02T10:01:00Z"}),
+    );
+    h.advance(Duration::seconds(60));
+    let writes = h.reconcile().await;
+    assert!(writes.contains(&format!("POST {JOBS}")), "the ingest Job: {writes:?}");
+    let run = h.segment().status.unwrap().current_run.unwrap();
+    assert_eq!(run.phase, RunPhase::Ingesting);
+    assert_eq!(run.computed_at, Some(Utc.with_ymd_and_hms(2026, 3, 2, 10, 1, 0).unwrap()), "the application's end");
+
+    // Deleted: the application goes with the Jobs before the data does.
+    h.edit(|s| s.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now())));
+    h.reconcile().await;
+    assert!(h.world.lock().unwrap().spark_applications.is_empty());
+    let deletes = h.world.lock().unwrap().requests("DELETE", "sparkapplications");
+    assert_eq!(deletes.len(), 1, "{deletes:?}");
+}
+
+#[tokio::test]
+async fn a_spark_segment_is_not_allowed_when_the_operator_runs_no_spark() {
+    let h = Harness::new(segment("  compute: {engine: spark}\n"));
+    let writes = h.reconcile().await;
+    assert!(!writes.iter().any(|w| w.contains("sparkapplications") || w.contains(JOBS)), "nothing launched: {writes:?}");
+    let status = h.segment().status.unwrap();
+    let stalled = status.conditions.iter().find(|c| c.type_ == "Stalled").unwrap();
+    assert_eq!((stalled.status.as_str(), stalled.reason.as_str()), ("True", "NotAllowed"));
+    assert!(stalled.message.contains("spec.compute.engine"), "{}", stalled.message);
+}
+
+#[tokio::test]
+async fn a_spark_application_past_its_deadline_is_deleted_and_its_run_fails() {
+    // The Spark operator knows no deadline: the operator keeps it on the
+    // application and the planner enforces it, as for a Job the Job
+    // controller did not stop.
+    let h = Harness::with_spark(segment("  compute: {engine: spark, activeDeadlineSeconds: 600}\n"));
+    h.reconcile().await;
+    {
+        let mut world = h.world.lock().unwrap();
+        let app = world.spark_applications.iter_mut().next().unwrap();
+        assert_eq!(app.metadata.annotations.as_ref().unwrap()[segment_operator::spark::DEADLINE_ANNOTATION], "600");
+        app.metadata.creation_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::from_second(t0().timestamp()).unwrap()));
+    }
+    h.report_spark("vip-v1-compute", serde_json::json!({"applicationState": {"state": "RUNNING"}}));
+    // Its driver runs (else the pod start timeout would end it first).
+    h.world.lock().unwrap().pods.push(Pod {
+        metadata: ObjectMeta { name: Some("vip-v1-compute-driver".into()), namespace: Some(NS.into()), ..Default::default() },
+        status: Some(PodStatus { phase: Some("Running".into()), ..Default::default() }),
+        ..Default::default()
+    });
+    h.advance(Duration::seconds(600 + PlannerConfig::default().deadline_grace.num_seconds() + 1));
+    let writes = h.reconcile().await;
+    assert!(writes.contains(&format!("DELETE {SPARK_APPS}/vip-v1-compute")), "{writes:?}");
+    assert!(h.world.lock().unwrap().spark_applications.is_empty());
+    let status = h.segment().status.unwrap();
+    let v1 = status.versions.iter().find(|v| v.version == 1).unwrap();
+    assert_eq!((v1.state, v1.reason.as_deref()), (VersionState::Failed, Some("DeadlineExceeded")), "{v1:?}");
 }

@@ -12,6 +12,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use segment_core::api::{Segment, SegmentSource};
+use segment_operator::spark::SparkApplication;
 pub use segment_tests::kube_api::Logged;
 use segment_tests::kube_api::{self, status};
 use serde_json::{json, Value};
@@ -23,6 +24,8 @@ pub struct World {
     /// Jobs of every namespace.
     pub jobs: Vec<Job>,
     pub pods: Vec<Pod>,
+    /// SparkApplications of every namespace.
+    pub spark_applications: Vec<SparkApplication>,
     pub leases: BTreeMap<String, Lease>,
     pub log: Vec<Logged>,
     /// Makes the next Lease replace fail with 409, as when another replica
@@ -116,8 +119,42 @@ fn answer(world: &mut World, req: &Logged) -> (StatusCode, Value) {
             }
             (StatusCode::OK, json!({"apiVersion": "v1", "kind": "Status", "status": "Success"}))
         }
+        ("GET", ["apis", "sparkoperator.k8s.io", "v1beta2", "namespaces", _, "sparkapplications"]) => {
+            let items = world
+                .spark_applications
+                .iter()
+                .filter(|a| matches(a.metadata.labels.as_ref(), &wanted))
+                .map(|a| json!(a))
+                .collect();
+            (StatusCode::OK, list("sparkoperator.k8s.io/v1beta2", "SparkApplicationList", items))
+        }
+        ("POST", ["apis", "sparkoperator.k8s.io", "v1beta2", "namespaces", _, "sparkapplications"]) => {
+            let mut app: SparkApplication = serde_json::from_value(req.body.clone()).unwrap();
+            if world.spark_applications.iter().any(|a| a.metadata.name == app.metadata.name) {
+                return status(409, "AlreadyExists", "sparkapplication exists");
+            }
+            app.metadata.resource_version = Some(rv);
+            world.spark_applications.push(app.clone());
+            (StatusCode::CREATED, json!(app))
+        }
+        ("DELETE", ["apis", "sparkoperator.k8s.io", "v1beta2", "namespaces", _, "sparkapplications", name]) => {
+            let before = world.spark_applications.len();
+            world.spark_applications.retain(|a| a.metadata.name.as_deref() != Some(*name));
+            if before == world.spark_applications.len() {
+                return status(404, "NotFound", "no such sparkapplication");
+            }
+            (StatusCode::OK, json!({"apiVersion": "v1", "kind": "Status", "status": "Success"}))
+        }
         ("GET", ["api", "v1", "namespaces", _, "pods"]) => {
-            let items = world.pods.iter().filter(|p| matches(p.metadata.labels.as_ref(), &wanted)).map(|p| json!(p)).collect();
+            // A field selector names one pod (a Spark driver's).
+            let named = req.query.split('&').find_map(|p| p.strip_prefix("fieldSelector=metadata.name="));
+            let items = world
+                .pods
+                .iter()
+                .filter(|p| matches(p.metadata.labels.as_ref(), &wanted))
+                .filter(|p| named.is_none_or(|name| p.metadata.name.as_deref() == Some(name)))
+                .map(|p| json!(p))
+                .collect();
             (StatusCode::OK, list("v1", "PodList", items))
         }
         ("GET", ["apis", "segmentation.dev", "v1alpha1", "namespaces", _, "segmentsources"]) => {
