@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Instant;
 
-use datafusion::arrow::datatypes::DataType;
+use datafusion::arrow::datatypes::{DataType, Schema};
 use datafusion::datasource::listing::ListingTableUrl;
 use datafusion::prelude::SessionContext;
 use segment_core::api::{ComputeEngine, SegmentSourceSpec, SourceFormat, StaticList};
@@ -143,6 +143,13 @@ pub enum TableRead {
     Delta {
         columns: Vec<SparkColumn>,
         groups: Vec<DeltaGroup>,
+    },
+    /// An Iceberg table as of the snapshot time: its live Parquet files
+    /// (every column is in the files; renamed columns are refused) and its
+    /// columns in order.
+    Iceberg {
+        columns: Vec<SparkColumn>,
+        files: Vec<String>,
     },
     /// One id a line, column `user_id`: another segment's verified result
     /// parts, or a static list without a header.
@@ -278,11 +285,9 @@ impl Planner<'_> {
                 let (read, version) = delta_table(source, self.task).await?;
                 (read, Some(version))
             }
-            other => {
-                return Err(WorkerError::new(
-                    FailureReason::UnsupportedSource,
-                    format!("{about}: the Spark engine does not read format `{}` tables", format_name(other)),
-                ))
+            SourceFormat::Iceberg => {
+                let (read, snapshot_id) = iceberg_table(source, self.task).await?;
+                (read, Some(snapshot_id))
             }
         };
         self.read.push(SourceRead { table: source.table.clone(), format: source.format, version });
@@ -405,20 +410,8 @@ async fn delta_table(source: &SegmentSourceSpec, task: &ComputeTask) -> Result<(
     let snapshot = delta::snapshot_at(location.store.as_ref(), &location.path, task.snapshot_time)
         .await
         .map_err(|e| named(e.reason, one_line(&e.message)))?;
-    let mut columns = Vec::with_capacity(snapshot.schema.fields().len());
-    for field in snapshot.schema.fields() {
-        let spark_type = spark_type(field.data_type()).ok_or_else(|| {
-            named(
-                FailureReason::UnsupportedSource,
-                format!("column `{}`: type {} on the Spark engine", field.name(), field.data_type()),
-            )
-        })?;
-        columns.push(SparkColumn {
-            name: field.name().clone(),
-            spark_type,
-            partition: snapshot.partition_columns.contains(field.name()),
-        });
-    }
+    let columns =
+        spark_columns(&snapshot.schema, &snapshot.partition_columns).map_err(|e| named(FailureReason::UnsupportedSource, e))?;
     let root = spark_root(location.root.as_str());
     let mut groups: BTreeMap<Vec<Option<String>>, DeltaGroup> = BTreeMap::new();
     for file in &snapshot.files {
@@ -433,7 +426,43 @@ async fn delta_table(source: &SegmentSourceSpec, task: &ComputeTask) -> Result<(
     Ok((TableRead::Delta { columns, groups: groups.into_values().collect() }, snapshot.version))
 }
 
-/// The Spark SQL type of an Arrow type a Delta table's schema uses.
+/// An Iceberg table as of the snapshot time, read through the catalog the
+/// task carries (the same reader, files and checks as the DataFusion
+/// compute), and the snapshot id.
+async fn iceberg_table(source: &SegmentSourceSpec, task: &ComputeTask) -> Result<(TableRead, u64), WorkerError> {
+    let named = |reason: FailureReason, detail: String| {
+        WorkerError::new(reason, format!("table `{}` ({}): {detail}", source.table, source.uri))
+    };
+    let access = task.iceberg.as_ref().ok_or_else(|| {
+        named(
+            FailureReason::UnsupportedSource,
+            "the task carries no Iceberg catalogs (the namespace's ComputeClass names them)".into(),
+        )
+    })?;
+    let snapshot = crate::iceberg::snapshot_at(&source.uri, access, task.snapshot_time)
+        .await
+        .map_err(|e| named(e.reason, one_line(&e.message)))?;
+    let columns = spark_columns(&snapshot.schema, &[]).map_err(|e| named(FailureReason::UnsupportedSource, e))?;
+    let files = snapshot.files.iter().map(|file| spark_root(file)).collect::<Vec<_>>();
+    info!(table = %source.table, snapshot = snapshot.snapshot_id, files = files.len(), "iceberg table for spark");
+    Ok((TableRead::Iceberg { columns, files }, snapshot.snapshot_id))
+}
+
+/// The Spark columns of a lake table's Arrow schema, in order; those named
+/// in `partition_columns` come from the log rather than the files.
+fn spark_columns(schema: &Schema, partition_columns: &[String]) -> Result<Vec<SparkColumn>, String> {
+    schema
+        .fields()
+        .iter()
+        .map(|field| {
+            let spark_type = spark_type(field.data_type())
+                .ok_or_else(|| format!("column `{}`: type {} on the Spark engine", field.name(), field.data_type()))?;
+            Ok(SparkColumn { name: field.name().clone(), spark_type, partition: partition_columns.contains(field.name()) })
+        })
+        .collect()
+}
+
+/// The Spark SQL type of an Arrow type a Delta or Iceberg table's schema uses.
 fn spark_type(data_type: &DataType) -> Option<String> {
     Some(match data_type {
         DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => "STRING".into(),
@@ -451,10 +480,6 @@ fn spark_type(data_type: &DataType) -> Option<String> {
         DataType::Binary | DataType::LargeBinary => "BINARY".into(),
         _ => return None,
     })
-}
-
-fn format_name(format: SourceFormat) -> String {
-    serde_json::to_value(format).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_else(|| format!("{format:?}"))
 }
 
 /// `s3://bucket/` is read through Hadoop S3A.

@@ -12,9 +12,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration as StdDuration, Instant};
 
 use chrono::{DateTime, Duration, Utc};
-use segment_compute::compute;
+use segment_compute::compute::{self, ComputeOptions};
+use segment_compute::spark;
 use segment_core::api::{
-    ComputeClassSpec, Definition, IcebergCatalog, IcebergCatalogType, SegmentKey, SegmentSourceSpec, SegmentSpec, SourceFormat,
+    ComputeClassSpec, ComputeEngine, Definition, IcebergCatalog, IcebergCatalogType, SegmentKey, SegmentSourceSpec, SegmentSpec,
+    SourceFormat,
 };
 use segment_core::iceberg::IcebergAccess;
 use segment_core::policy::{check_allowed, Tenant};
@@ -165,6 +167,13 @@ fn task(name: &str, access: &IcebergAccess, results: &Path, snapshot: DateTime<U
 /// Computes `task`; its members and the snapshot id its manifest records.
 async fn compute_members(task: &ComputeTask) -> (BTreeSet<String>, u64) {
     let report = compute::run(task).await.unwrap_or_else(|e| panic!("{}: {e}", task.segment));
+    let (ids, read) = result_members(task).await;
+    assert_eq!(report.members as usize, ids.len());
+    (ids, read)
+}
+
+/// The members a run of `task` wrote, and the snapshot id its manifest records.
+async fn result_members(task: &ComputeTask) -> (BTreeSet<String>, u64) {
     let dir = ResultDir::open(&task.results_uri).unwrap();
     let manifest = dir.read_manifest().await.unwrap().expect("a manifest");
     let mut ids = BTreeSet::new();
@@ -172,7 +181,6 @@ async fn compute_members(task: &ComputeTask) -> (BTreeSet<String>, u64) {
         let bytes = dir.read_part(part).await.unwrap();
         ids.extend(part.decode(&bytes).unwrap().into_iter().map(str::to_string));
     }
-    assert_eq!(report.members as usize, ids.len());
     let [read] = manifest.sources.as_slice() else { panic!("one source in {:?}", manifest.sources) };
     assert_eq!((read.table.as_str(), read.format), ("orders", SourceFormat::Iceberg));
     (ids, read.version.expect("an Iceberg source's snapshot id"))
@@ -239,6 +247,28 @@ async fn an_iceberg_table_in_a_rest_catalog_is_read_as_of_the_snapshot_time() {
     let server = RestCatalogServer::start(dir.path());
     let catalog = Catalog::rest(&server);
     check_time_travel(&catalog, &dir.path().join("results")).await;
+}
+
+/// The Spark engine reads the same snapshot, through the same reader, as
+/// DataFusion: at a time between each commit and the next, the members are
+/// that snapshot's (pyiceberg's scan) and the manifest records its id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_spark_engine_reads_each_snapshot_as_datafusion_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = Catalog::sql(dir.path());
+    let written = history(&catalog.helper(&["write"]));
+    let results = dir.path().join("results");
+    let tasks: Vec<ComputeTask> = (0..written.len())
+        .map(|s| ComputeTask {
+            engine: ComputeEngine::Spark,
+            ..task(&format!("spark-s{s}"), &catalog.access(), &results, between(&written, s))
+        })
+        .collect();
+    spark::run_local_all(&tasks, &ComputeOptions::default()).await.unwrap_or_else(|e| panic!("spark: {e}"));
+    for (s, task) in tasks.iter().enumerate() {
+        let (members, read) = result_members(task).await;
+        assert_eq!((read, &members), (written[s].id, &written[s].members), "snapshot {s} on Spark");
+    }
 }
 
 /// Rules read an Iceberg table like any other: the same members as the SQL.

@@ -241,7 +241,11 @@ def register(spark, table, plan):
         elif kind == "staticCsv":
             frame = spark.read.options(header=True, escape='"').csv(read["files"])
         elif kind == "delta":
-            frame = delta_frame(spark, read, F)
+            frame = lake_table_frame(spark, read["columns"], read["groups"], F)
+        elif kind == "iceberg":
+            # Iceberg files hold every column: one group, no partition values.
+            groups = [{"files": read["files"], "partitionValues": {}}] if read["files"] else []
+            frame = lake_table_frame(spark, read["columns"], groups, F)
         else:
             raise Failure("BadTask", f"{table['about']}: the plan reads format `{kind}`, which this driver does not know")
         frame.createOrReplaceTempView(table["name"])
@@ -254,15 +258,14 @@ def register(spark, table, plan):
         raise Failure("UnreadableSource", f"reading {table['about']}: {failure.message}") from None
 
 
-def delta_frame(spark, read, F):
-    """A Delta table's live files, each group with its partition values as
-    typed literal columns, in the table's column order."""
-    columns = read["columns"]
+def lake_table_frame(spark, columns, groups, F):
+    """A Delta or Iceberg table's live files, each group with its partition
+    values as typed literal columns, in the table's column order."""
     ddl = ", ".join(f"`{c['name']}` {c['type']}" for c in columns)
-    if not read["groups"]:
+    if not groups:
         return spark.createDataFrame([], ddl)
     frames = []
-    for group in read["groups"]:
+    for group in groups:
         files = spark.read.parquet(*group["files"])
         selected = [
             F.lit(group["partitionValues"].get(c["name"])).cast(c["type"]).alias(c["name"])

@@ -132,5 +132,10 @@ fn spark_driver_prints_the_embedded_driver() {
     let out = Command::new(WORKER).arg("spark-driver").output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let file = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("spark/segment_spark.py")).unwrap();
-    assert_eq!(out.stdout, file);
+    assert!(
+        out.stdout == file,
+        "spark-driver printed {} bytes, workers/spark/segment_spark.py has {}",
+        out.stdout.len(),
+        file.len()
+    );
 }
