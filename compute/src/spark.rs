@@ -215,6 +215,7 @@ impl Planner<'_> {
         let definition = &task.definition;
         match (&definition.sql, &definition.rules, &definition.static_list) {
             (Some(sql), None, None) => {
+                rules_sql::refuse_java_calls(sql).map_err(sql_error)?;
                 let tables = query_tables(sql)?;
                 self.register_all(&tables).await?;
                 rules_sql::pin_clock(sql, task.snapshot_time).map_err(sql_error)
@@ -825,6 +826,12 @@ mod tests {
             ),
             (serde_json::json!({"sql": "DROP TABLE orders"}), serde_json::json!([]), FailureReason::QueryError, "DDL"),
             (serde_json::json!({"sql": "SELEC user_id"}), serde_json::json!([]), FailureReason::QueryError, "SQL syntax"),
+            (
+                serde_json::json!({"sql": "SELECT reflect('java.lang.System', 'getenv', 'AWS_SECRET_ACCESS_KEY') FROM refunds"}),
+                serde_json::json!([]),
+                FailureReason::QueryError,
+                "calls Java methods",
+            ),
             (
                 serde_json::json!({"rules": {"segment": {"name": "vip"}}}),
                 serde_json::json!([]),

@@ -101,6 +101,35 @@ pub fn compile_for(rule: &Rule, sources: &[SegmentSourceSpec], dialect: Dialect)
     Ok(format!("SELECT DISTINCT user_id FROM ({body}) AS segment_members"))
 }
 
+/// Spark SQL functions that call Java methods by name
+/// (`reflect('java.lang.System', 'getenv', 'AWS_SECRET_ACCESS_KEY')`): a
+/// tenant could read the driver's credentials into its members. DataFusion
+/// has no such function.
+const JAVA_CALLS: [&str; 3] = ["reflect", "java_method", "try_reflect"];
+
+/// Refuses Spark SQL that calls a Java method ([`JAVA_CALLS`]), however it
+/// is written: qualified (`system.builtin.reflect(`), quoted
+/// (`` `reflect`( ``), with comments before the parenthesis. The tokens
+/// decide, not a parse, so Spark cannot read a call the check missed.
+pub fn refuse_java_calls(sql: &str) -> Result<(), DefinitionError> {
+    let tokens = Tokenizer::new(&GenericDialect {}, sql)
+        .tokenize()
+        .map_err(|e| DefinitionError::new("spec.definition.sql", format!("SQL syntax: {e}")))?;
+    let mut significant = tokens.iter().filter(|t| !matches!(t, Token::Whitespace(_))).peekable();
+    while let Some(token) = significant.next() {
+        if let Token::Word(word) = token {
+            let name = word.value.to_ascii_lowercase();
+            if JAVA_CALLS.contains(&name.as_str()) && significant.peek() == Some(&&Token::LParen) {
+                return Err(DefinitionError::new(
+                    "spec.definition.sql",
+                    format!("function `{name}` is not allowed: it calls Java methods in the Spark driver"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A Spark timestamp literal of `time`, in microseconds (Spark's
 /// precision: a snapshot time's nanoseconds are dropped).
 pub fn spark_timestamp(time: DateTime<Utc>) -> String {
@@ -423,6 +452,22 @@ mod tests {
         for datafusion_only in ["\"", "VARCHAR", "now()"] {
             assert!(!sql.contains(datafusion_only), "{datafusion_only} in {sql}");
         }
+    }
+
+    #[test]
+    fn spark_sql_that_calls_java_methods_is_refused() {
+        for sql in [
+            "SELECT reflect('java.lang.System', 'getenv', 'AWS_SECRET_ACCESS_KEY') AS user_id FROM orders",
+            "SELECT JAVA_METHOD('java.lang.System', 'getenv', 'X') AS user_id FROM orders",
+            "SELECT system.builtin.try_reflect('java.lang.System', 'getenv', 'X') AS user_id FROM orders",
+            "SELECT `reflect` /* a comment */ ('java.lang.System', 'getenv', 'X') AS user_id FROM orders",
+        ] {
+            let error = refuse_java_calls(sql).unwrap_err();
+            assert_eq!(error.field, "spec.definition.sql", "{sql}");
+            assert!(error.message.contains("calls Java methods"), "{sql}: {error:?}");
+        }
+        // A column or a string of the same name is not a call.
+        refuse_java_calls("SELECT user_id FROM orders WHERE reflect = 'reflect(' AND o.java_method > 1").unwrap();
     }
 
     #[test]
