@@ -14,6 +14,7 @@
 pub mod cluster;
 pub mod examples;
 pub mod kube_api;
+pub mod table_history;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

@@ -16,6 +16,7 @@ use segment_core::policy::{check_allowed, Tenant};
 use segment_core::reasons::{FailureReason, SpecProblem};
 use segment_core::task::ComputeTask;
 use segment_store::results::ResultDir;
+use segment_tests::table_history::{between, members_of, Commit};
 use serde_json::{json, Value};
 
 /// The segment the helper's `members` evaluates: amount >= 50 outside the
@@ -35,13 +36,7 @@ fn helper(args: &[&str]) -> Value {
     serde_json::from_slice(&output.stdout).expect("the helper prints JSON")
 }
 
-/// One version as the helper read it with deltalake.
-struct Version {
-    committed: DateTime<Utc>,
-    members: BTreeSet<String>,
-}
-
-fn versions(printed: &Value) -> Vec<Version> {
+fn versions(printed: &Value) -> Vec<Commit> {
     printed["versions"]
         .as_array()
         .unwrap()
@@ -49,25 +44,13 @@ fn versions(printed: &Value) -> Vec<Version> {
         .enumerate()
         .map(|(i, v)| {
             assert_eq!(v["version"].as_u64(), Some(i as u64));
-            Version {
+            Commit {
+                id: i as u64,
                 committed: DateTime::from_timestamp_nanos(v["mtimeNanos"].as_i64().unwrap()),
                 members: members_of(&v["members"]),
             }
         })
         .collect()
-}
-
-fn members_of(value: &Value) -> BTreeSet<String> {
-    value.as_array().unwrap().iter().map(|m| m.as_str().unwrap().to_string()).collect()
-}
-
-/// A moment between version `v`'s commit and the next one (half a second
-/// after the last).
-fn between(versions: &[Version], v: usize) -> DateTime<Utc> {
-    match versions.get(v + 1) {
-        Some(next) => versions[v].committed + (next.committed - versions[v].committed) / 2,
-        None => versions[v].committed + Duration::milliseconds(500),
-    }
 }
 
 fn delta_source(table_root: &Path) -> SegmentSourceSpec {

@@ -23,6 +23,7 @@ use segment_core::policy::{check_allowed, Tenant};
 use segment_core::reasons::{FailureReason, SpecProblem};
 use segment_core::task::ComputeTask;
 use segment_store::results::ResultDir;
+use segment_tests::table_history::{between, members_of, Commit};
 use serde_json::{json, Value};
 
 /// The segment the helper's `members` evaluates: amount >= 50 outside the US.
@@ -105,37 +106,17 @@ impl Catalog {
     }
 }
 
-/// One snapshot of the table's history, as pyiceberg read it.
-#[derive(Debug)]
-struct Snapshot {
-    id: u64,
-    committed: DateTime<Utc>,
-    members: BTreeSet<String>,
-}
-
-fn history(printed: &Value) -> Vec<Snapshot> {
+fn history(printed: &Value) -> Vec<Commit> {
     printed["history"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| Snapshot {
+        .map(|s| Commit {
             id: s["snapshotId"].as_u64().unwrap(),
             committed: DateTime::from_timestamp_millis(s["timestampMs"].as_i64().unwrap()).unwrap(),
             members: members_of(&s["members"]),
         })
         .collect()
-}
-
-fn members_of(value: &Value) -> BTreeSet<String> {
-    value.as_array().unwrap().iter().map(|m| m.as_str().unwrap().to_string()).collect()
-}
-
-/// A moment between snapshot `s` and the next one.
-fn between(history: &[Snapshot], s: usize) -> DateTime<Utc> {
-    match history.get(s + 1) {
-        Some(next) => history[s].committed + (next.committed - history[s].committed) / 2,
-        None => history[s].committed + Duration::milliseconds(500),
-    }
 }
 
 fn iceberg_source() -> SegmentSourceSpec {

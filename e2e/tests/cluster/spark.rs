@@ -426,13 +426,8 @@ fn stalled(tenant: &Tenant, name: &str) -> Value {
 
 const ORDERS: &str = "user_id,amount\nu0000001,10\nu0000002,250\nu0000003,300\nu0000004,99\nu0000005,101\n";
 
-#[test]
-fn a_spark_segment_runs_as_a_spark_application_with_the_classs_settings() {
-    let cluster = spark_cluster();
-    let tenant = Tenant::new("spark");
-    let namespace = tenant.namespace.clone();
-    cluster.kubectl_ok(&["create", "serviceaccount", "spark-driver", "-n", &namespace]);
-    class_for(&tenant, Some(spark_settings()));
+/// [`ORDERS`] in the tenant's lake, declared as its `orders` table.
+fn orders_in_the_lake(tenant: &Tenant) {
     put_object(&tenant.lake_bucket, "orders/orders.csv", ORDERS);
     let lake = &tenant.lake_bucket;
     tenant.apply(&object(
@@ -440,6 +435,16 @@ fn a_spark_segment_runs_as_a_spark_application_with_the_classs_settings() {
         "orders",
         json!({"table": "orders", "uri": format!("s3://{lake}/orders/"), "format": "csv"}),
     ));
+}
+
+#[test]
+fn a_spark_segment_runs_as_a_spark_application_with_the_classs_settings() {
+    let cluster = spark_cluster();
+    let tenant = Tenant::new("spark");
+    let namespace = tenant.namespace.clone();
+    cluster.kubectl_ok(&["create", "serviceaccount", "spark-driver", "-n", &namespace]);
+    class_for(&tenant, Some(spark_settings()));
+    orders_in_the_lake(&tenant);
     let big = "SELECT user_id FROM orders WHERE amount > 100";
     tenant.apply(&sql_segment("spark-spenders", big, "spark"));
     tenant.apply(&sql_segment("datafusion-spenders", big, "datafusion"));
@@ -519,13 +524,7 @@ fn spark_is_refused_where_the_class_does_not_enable_it_or_the_operator_runs_none
     let tenant = Tenant::new("nospark");
     let namespace = tenant.namespace.clone();
     class_for(&tenant, None);
-    put_object(&tenant.lake_bucket, "orders/orders.csv", ORDERS);
-    let lake = &tenant.lake_bucket;
-    tenant.apply(&object(
-        "SegmentSource",
-        "orders",
-        json!({"table": "orders", "uri": format!("s3://{lake}/orders/"), "format": "csv"}),
-    ));
+    orders_in_the_lake(&tenant);
     tenant.apply(&sql_segment("wants-spark", "SELECT user_id FROM orders", "spark"));
     tenant.apply(&sql_segment("plain", "SELECT user_id FROM orders", "datafusion"));
 
