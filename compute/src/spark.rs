@@ -215,7 +215,7 @@ impl Planner<'_> {
         let definition = &task.definition;
         match (&definition.sql, &definition.rules, &definition.static_list) {
             (Some(sql), None, None) => {
-                rules_sql::refuse_java_calls(sql).map_err(sql_error)?;
+                rules_sql::refuse_code_execution(sql).map_err(sql_error)?;
                 let tables = query_tables(sql)?;
                 self.register_all(&tables).await?;
                 rules_sql::pin_clock(sql, task.snapshot_time).map_err(sql_error)

@@ -107,27 +107,42 @@ pub fn compile_for(rule: &Rule, sources: &[SegmentSourceSpec], dialect: Dialect)
 /// has no such function.
 const JAVA_CALLS: [&str; 3] = ["reflect", "java_method", "try_reflect"];
 
-/// Refuses Spark SQL that calls a Java method ([`JAVA_CALLS`]), however it
-/// is written: qualified (`system.builtin.reflect(`), quoted
-/// (`` `reflect`( ``), with comments before the parenthesis. The tokens
-/// decide, not a parse, so Spark cannot read a call the check missed.
-pub fn refuse_java_calls(sql: &str) -> Result<(), DefinitionError> {
+/// Refuses Spark SQL that runs code of the tenant's choosing in the driver
+/// or executors: a call of a Java method ([`JAVA_CALLS`]), however it is
+/// written (qualified `system.builtin.reflect(`, quoted `` `reflect`( ``,
+/// comments before the parenthesis), and a script transform
+/// (`TRANSFORM (...) USING 'command'`, which runs a command; `USING`
+/// followed by a string is nothing else in Spark SQL). The tokens decide,
+/// not a parse, so Spark cannot read a call the check missed.
+pub fn refuse_code_execution(sql: &str) -> Result<(), DefinitionError> {
     let tokens = Tokenizer::new(&GenericDialect {}, sql)
         .tokenize()
         .map_err(|e| DefinitionError::new("spec.definition.sql", format!("SQL syntax: {e}")))?;
     let mut significant = tokens.iter().filter(|t| !matches!(t, Token::Whitespace(_))).peekable();
     while let Some(token) = significant.next() {
-        if let Token::Word(word) = token {
-            let name = word.value.to_ascii_lowercase();
-            if JAVA_CALLS.contains(&name.as_str()) && significant.peek() == Some(&&Token::LParen) {
-                return Err(DefinitionError::new(
-                    "spec.definition.sql",
-                    format!("function `{name}` is not allowed: it calls Java methods in the Spark driver"),
-                ));
-            }
-        }
+        let Token::Word(word) = token else { continue };
+        let name = word.value.to_ascii_lowercase();
+        let next = significant.peek();
+        let refused = if JAVA_CALLS.contains(&name.as_str()) && next == Some(&&Token::LParen) {
+            format!("function `{name}` is not allowed: it calls Java methods in the Spark driver")
+        } else if word.quote_style.is_none() && name == "using" && next.is_some_and(|t| is_string(t)) {
+            "a script transform (`USING '...'`) is not allowed: it runs a command in the Spark driver".to_string()
+        } else {
+            continue;
+        };
+        return Err(DefinitionError::new("spec.definition.sql", refused));
     }
     Ok(())
+}
+
+/// A string literal as Spark reads it: `'...'`, and `"..."`, which the
+/// generic tokenizer takes for a quoted name.
+fn is_string(token: &Token) -> bool {
+    match token {
+        Token::SingleQuotedString(_) | Token::DoubleQuotedString(_) => true,
+        Token::Word(word) => word.quote_style == Some('"'),
+        _ => false,
+    }
 }
 
 /// A Spark timestamp literal of `time`, in microseconds (Spark's
@@ -455,19 +470,29 @@ mod tests {
     }
 
     #[test]
-    fn spark_sql_that_calls_java_methods_is_refused() {
+    fn spark_sql_that_runs_code_is_refused() {
         for sql in [
             "SELECT reflect('java.lang.System', 'getenv', 'AWS_SECRET_ACCESS_KEY') AS user_id FROM orders",
             "SELECT JAVA_METHOD('java.lang.System', 'getenv', 'X') AS user_id FROM orders",
             "SELECT system.builtin.try_reflect('java.lang.System', 'getenv', 'X') AS user_id FROM orders",
             "SELECT `reflect` /* a comment */ ('java.lang.System', 'getenv', 'X') AS user_id FROM orders",
         ] {
-            let error = refuse_java_calls(sql).unwrap_err();
+            let error = refuse_code_execution(sql).unwrap_err();
             assert_eq!(error.field, "spec.definition.sql", "{sql}");
             assert!(error.message.contains("calls Java methods"), "{sql}: {error:?}");
         }
         // A column or a string of the same name is not a call.
-        refuse_java_calls("SELECT user_id FROM orders WHERE reflect = 'reflect(' AND o.java_method > 1").unwrap();
+        refuse_code_execution("SELECT user_id FROM orders WHERE reflect = 'reflect(' AND o.java_method > 1").unwrap();
+        // A script transform runs a command; a join's USING is a join.
+        for sql in [
+            "SELECT TRANSFORM(user_id) USING 'env' AS (user_id) FROM orders",
+            "SELECT transform (user_id) using\n\"sh -c 'cat /proc/self/environ'\" FROM orders",
+        ] {
+            let error = refuse_code_execution(sql).unwrap_err();
+            assert!(error.message.contains("runs a command"), "{sql}: {error:?}");
+        }
+        refuse_code_execution("SELECT o.user_id FROM orders o JOIN users u USING (user_id)").unwrap();
+        refuse_code_execution("SELECT transform(tags, t -> upper(t)) AS user_id FROM orders").unwrap();
     }
 
     #[test]
