@@ -8,8 +8,9 @@
 //! (`e2e/local-cluster`) once per test binary.
 //!
 //! Also shared by the tests of several crates: [`kube_api`], a fake
-//! Kubernetes API server behind kube's mock service, and [`examples`], the
-//! example Segments evaluated independently of the compute path.
+//! Kubernetes API server behind kube's mock service, [`examples`], the
+//! example Segments evaluated independently of the compute path, and
+//! [`table_history`], a lake table's commits as its own writer read them.
 
 pub mod cluster;
 pub mod examples;
