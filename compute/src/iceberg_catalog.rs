@@ -8,9 +8,10 @@
 //! - `rest`: the Iceberg REST catalog protocol: `GET v1/config` (the
 //!   `prefix` it gives, for the class's `warehouse`), then
 //!   `GET v1/{prefix}/namespaces/{namespace}/tables/{table}`, whose answer
-//!   holds the metadata and its location. The class's bearer token goes to
-//!   the class's URL alone: redirects are not followed, and a `uri` the
-//!   catalog's configuration suggests is ignored.
+//!   holds the metadata and its location. The class's bearer token (its
+//!   `tokenEnv`'s, or one issued for its `credentialEnv`'s OAuth2 client
+//!   credentials) goes to the class's URL alone: redirects are not
+//!   followed, and a `uri` the catalog's configuration suggests is ignored.
 
 use std::time::Duration;
 
@@ -70,18 +71,13 @@ fn sql_metadata_location(catalog: &IcebergCatalog, table: &TableRef) -> Result<C
 async fn rest_load_table(catalog: &IcebergCatalog, table: &TableRef) -> Result<CatalogTable, TableError> {
     let name = &catalog.name;
     let failed = |e: String| unreadable(format!("catalog `{name}`: {e}"));
-    let token = match &catalog.token_env {
-        Some(variable) => Some(std::env::var(variable).map_err(|_| {
-            unreadable(format!("catalog `{name}`: the environment variable {variable} holding its token is not set"))
-        })?),
-        None => None,
-    };
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(60))
         .build()
         .map_err(|e| failed(e.to_string()))?;
     let base = format!("{}/v1", catalog.uri.trim_end_matches('/'));
+    let token = bearer_token(catalog, &client, &base).await?;
     let get = |url: String| {
         let mut request = client.get(url).header("Accept", "application/json");
         if let Some(token) = &token {
@@ -114,8 +110,64 @@ async fn rest_load_table(catalog: &IcebergCatalog, table: &TableRef) -> Result<C
     Ok(CatalogTable { metadata_location, metadata: loaded.get("metadata").cloned() })
 }
 
+/// The bearer token the catalog's requests carry, if any: the one
+/// `tokenEnv` holds, or one the token endpoint issues for the OAuth2
+/// client credentials `credentialEnv` holds (the client credentials grant,
+/// as Iceberg's `credential` property does it). Either way it goes to the
+/// class's `uri` alone, and the client secret to the token endpoint alone.
+/// No message holds a variable's value, the token or an answer's text.
+async fn bearer_token(catalog: &IcebergCatalog, client: &reqwest::Client, base: &str) -> Result<Option<String>, TableError> {
+    let name = &catalog.name;
+    let variable = |variable: &str, holding: &str| {
+        std::env::var(variable).map_err(|_| {
+            unreadable(format!("catalog `{name}`: the environment variable {variable} holding its {holding} is not set"))
+        })
+    };
+    let (token_env, credential_env) = (&catalog.token_env, &catalog.credential_env);
+    let credential_env = match (token_env, credential_env) {
+        (Some(_), Some(_)) => {
+            // The operator refuses such a class; a task written by hand
+            // gets no guess at which was meant.
+            return Err(unsupported(format!("catalog `{name}`: both tokenEnv and credentialEnv are set")));
+        }
+        (Some(token_env), None) => return variable(token_env, "token").map(Some),
+        (None, None) => return Ok(None),
+        (None, Some(credential_env)) => credential_env,
+    };
+    let credential = variable(credential_env, "client credentials")?;
+    let Some((client_id, client_secret)) = credential.split_once(':') else {
+        return Err(unreadable(format!(
+            "catalog `{name}`: the environment variable {credential_env} does not hold client credentials as client_id:client_secret"
+        )));
+    };
+    let endpoint = catalog.oauth2_server_uri.clone().unwrap_or_else(|| format!("{base}/oauth/tokens"));
+    let form = [
+        ("grant_type", "client_credentials"),
+        ("client_id", client_id),
+        ("client_secret", client_secret),
+        ("scope", catalog.scope.as_deref().unwrap_or("catalog")),
+    ];
+    let request = client.post(endpoint).header("Accept", "application/json").form(&form);
+    let issued = answer(request, "the OAuth2 token request").await.map_err(|e| unreadable(format!("catalog `{name}`: {e}")))?;
+    // A token that is not a header value would fail later, in a message
+    // about a request; an empty one would be no authentication at all.
+    match issued.get("access_token").and_then(Value::as_str) {
+        Some(token) if !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic() || b == b' ') => {
+            Ok(Some(token.to_string()))
+        }
+        _ => Err(unreadable(format!("catalog `{name}`: the OAuth2 token endpoint's answer has no usable access_token"))),
+    }
+}
+
+/// The error codes of an OAuth2 token endpoint's answer (RFC 6749 5.2,
+/// the Iceberg REST spec's `OAuthError`): the only text of such an answer
+/// a message repeats.
+const OAUTH_ERRORS: &[&str] =
+    &["invalid_request", "invalid_client", "invalid_grant", "unauthorized_client", "unsupported_grant_type", "invalid_scope"];
+
 /// The JSON answer of a request, or why there is none: the status and
-/// the catalog's error type, never the body's text.
+/// the catalog's error type (or the token endpoint's OAuth2 error code),
+/// never the body's text.
 async fn answer(request: reqwest::RequestBuilder, what: &str) -> Result<Value, String> {
     let response = request.send().await.map_err(|e| format!("{what}: {}", without_url(&e)))?;
     let status = response.status();
@@ -123,7 +175,11 @@ async fn answer(request: reqwest::RequestBuilder, what: &str) -> Result<Value, S
     if status.is_success() {
         return Ok(body);
     }
-    let kind = body.pointer("/error/type").and_then(Value::as_str).unwrap_or("");
+    let kind = body
+        .pointer("/error/type")
+        .and_then(Value::as_str)
+        .or_else(|| body.get("error").and_then(Value::as_str).filter(|code| OAUTH_ERRORS.contains(code)))
+        .unwrap_or("");
     Err(format!("{what}: HTTP {status} {kind}").trim_end().to_string())
 }
 

@@ -418,10 +418,31 @@ pub struct IcebergCatalog {
     pub catalog_name: Option<String>,
     /// `rest`: the worker environment variable (from the class's
     /// `envFromSecret`, so the namespace's Secret) that holds the bearer
-    /// token sent to the catalog, and only to it.
+    /// token sent to the catalog, and only to it. Not with `credentialEnv`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"))]
     pub token_env: Option<String>,
+    /// `rest`: the worker environment variable (from the class's
+    /// `envFromSecret`, so the namespace's Secret) that holds OAuth2 client
+    /// credentials, `client_id:client_secret` (Iceberg's `credential`
+    /// property). Before it asks the catalog anything, the worker trades
+    /// them at `oauth2ServerUri` for an access token (the client credentials
+    /// grant), which it sends as the bearer token to the catalog's `uri`
+    /// alone; the secret goes to the token endpoint alone. Not with
+    /// `tokenEnv`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"))]
+    pub credential_env: Option<String>,
+    /// `rest` with `credentialEnv`: the scope asked of the token endpoint;
+    /// `catalog` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub scope: Option<String>,
+    /// `rest` with `credentialEnv`: the OAuth2 token endpoint;
+    /// `<uri>/v1/oauth/tokens` (the catalog's own) when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://.+"))]
+    pub oauth2_server_uri: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]

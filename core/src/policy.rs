@@ -6,8 +6,8 @@
 //! with reason `NotAllowed` (docs/security.md).
 
 use crate::api::{
-    ComputeClassSpec, ComputeEngine, CpuMemory, SegmentSourceSpec, SegmentSpec, SparkSettings, WorkerResources,
-    RESERVED_WORKER_ENV,
+    ComputeClassSpec, ComputeEngine, CpuMemory, IcebergCatalogType, SegmentSourceSpec, SegmentSpec, SparkSettings,
+    WorkerResources, RESERVED_WORKER_ENV,
 };
 use crate::reasons::SpecProblem;
 use crate::validation::Invalid;
@@ -64,7 +64,8 @@ fn not_allowed(field: &str, message: String) -> Invalid {
 }
 
 /// A class the operator will not run: one that sets the worker
-/// environment the operator owns, or a prefix that does not end a path.
+/// environment the operator owns, a prefix that does not end a path, or
+/// an Iceberg catalog whose settings contradict each other.
 fn check_class(class: &ComputeClassSpec) -> Result<(), Invalid> {
     for variable in class.env.iter().flatten() {
         if RESERVED_WORKER_ENV.contains(&variable.name.as_str()) {
@@ -77,6 +78,42 @@ fn check_class(class: &ComputeClassSpec) -> Result<(), Invalid> {
                 "ComputeClass spec.allowedSourcePrefixes",
                 format!("{prefix}: a prefix is an s3:// or file:/// URI ending in /"),
             ));
+        }
+    }
+    check_iceberg_catalogs(class)
+}
+
+/// The class's Iceberg catalogs, as the worker will use them: one way to
+/// authenticate to a catalog, and only the REST catalog's; the OAuth2
+/// settings only with the credentials they are for. The schema cannot say
+/// this, and a setting the worker would ignore is the admin's mistake.
+pub fn check_iceberg_catalogs(class: &ComputeClassSpec) -> Result<(), Invalid> {
+    for (i, catalog) in class.iceberg_catalogs.iter().enumerate() {
+        let field = |name: &str| format!("ComputeClass spec.icebergCatalogs[{i}].{name}");
+        let name = &catalog.name;
+        let oauth2 = [("scope", catalog.scope.is_some()), ("oauth2ServerUri", catalog.oauth2_server_uri.is_some())];
+        if catalog.type_ == IcebergCatalogType::Sql {
+            let rest_only = [("tokenEnv", catalog.token_env.is_some()), ("credentialEnv", catalog.credential_env.is_some())];
+            if let Some((setting, _)) = rest_only.iter().chain(&oauth2).find(|(_, set)| *set) {
+                return Err(not_allowed(
+                    &field(setting),
+                    format!("catalog `{name}` is a sql catalog, a file the worker opens: {setting} is for rest catalogs only"),
+                ));
+            }
+        }
+        if catalog.token_env.is_some() && catalog.credential_env.is_some() {
+            return Err(not_allowed(
+                &field("credentialEnv"),
+                format!("catalog `{name}`: tokenEnv and credentialEnv are two ways to authenticate; set one of them"),
+            ));
+        }
+        if catalog.credential_env.is_none() {
+            if let Some((setting, _)) = oauth2.iter().find(|(_, set)| *set) {
+                return Err(not_allowed(
+                    &field(setting),
+                    format!("catalog `{name}`: {setting} is for the OAuth2 client credentials of credentialEnv, which is unset"),
+                ));
+            }
         }
     }
     Ok(())
@@ -303,6 +340,55 @@ mod tests {
         let no_slash = class("allowedSourcePrefixes: ['s3://lake/tenants/{namespace}']");
         let error = check_allowed(&spec(SQL), &[], &no_slash, GROWTH).unwrap_err();
         assert_eq!(error.field, "ComputeClass spec.allowedSourcePrefixes");
+    }
+
+    #[test]
+    fn an_iceberg_catalog_authenticates_one_way_and_only_a_rest_one() {
+        let catalogs =
+            |entries: &str| class(&format!("icebergCatalogs:\n- {{name: sqlite, type: sql, uri: 'sqlite:///c.db'}}\n{entries}"));
+        for ok in [
+            "- {name: lake, type: rest, uri: 'https://c/', tokenEnv: LAKE_TOKEN}",
+            "- {name: lake, type: rest, uri: 'https://c/', credentialEnv: LAKE_CREDENTIAL}",
+            "- {name: lake, type: rest, uri: 'https://c/', credentialEnv: LAKE_CREDENTIAL, scope: 'PRINCIPAL_ROLE:ALL', \
+               oauth2ServerUri: 'https://idp/token'}",
+            "- {name: lake, type: rest, uri: 'https://c/'}",
+        ] {
+            assert_eq!(check_allowed(&spec(SQL), &[], &catalogs(ok), GROWTH), Ok(()), "{ok}");
+        }
+        for (entry, field, why) in [
+            (
+                "- {name: lake, type: rest, uri: 'https://c/', tokenEnv: LAKE_TOKEN, credentialEnv: LAKE_CREDENTIAL}",
+                "ComputeClass spec.icebergCatalogs[1].credentialEnv",
+                "catalog `lake`: tokenEnv and credentialEnv are two ways to authenticate; set one of them",
+            ),
+            (
+                "- {name: lake, type: sql, uri: 'sqlite:///l.db', credentialEnv: LAKE_CREDENTIAL}",
+                "ComputeClass spec.icebergCatalogs[1].credentialEnv",
+                "catalog `lake` is a sql catalog, a file the worker opens: credentialEnv is for rest catalogs only",
+            ),
+            (
+                "- {name: lake, type: sql, uri: 'sqlite:///l.db', tokenEnv: LAKE_TOKEN}",
+                "ComputeClass spec.icebergCatalogs[1].tokenEnv",
+                "catalog `lake` is a sql catalog, a file the worker opens: tokenEnv is for rest catalogs only",
+            ),
+            (
+                "- {name: lake, type: rest, uri: 'https://c/', tokenEnv: LAKE_TOKEN, oauth2ServerUri: 'https://idp/token'}",
+                "ComputeClass spec.icebergCatalogs[1].oauth2ServerUri",
+                "catalog `lake`: oauth2ServerUri is for the OAuth2 client credentials of credentialEnv, which is unset",
+            ),
+            (
+                "- {name: lake, type: rest, uri: 'https://c/', scope: catalog}",
+                "ComputeClass spec.icebergCatalogs[1].scope",
+                "catalog `lake`: scope is for the OAuth2 client credentials of credentialEnv, which is unset",
+            ),
+        ] {
+            let error = check_allowed(&spec(SQL), &[], &catalogs(entry), GROWTH).unwrap_err();
+            assert_eq!(
+                (error.reason, error.field.as_str(), error.message.as_str()),
+                (SpecProblem::NotAllowed, field, why),
+                "{entry}"
+            );
+        }
     }
 
     #[test]
