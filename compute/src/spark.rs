@@ -211,7 +211,7 @@ struct Planner<'a> {
 impl Planner<'_> {
     async fn sql(&mut self) -> Result<String, WorkerError> {
         let task = self.task;
-        let spark = Dialect::Spark { snapshot_time: task.snapshot_time };
+        let spark = Dialect::of(ComputeEngine::Spark, task.snapshot_time);
         let definition = &task.definition;
         match (&definition.sql, &definition.rules, &definition.static_list) {
             (Some(sql), None, None) => {
@@ -672,7 +672,14 @@ fn log_tail(path: &Path) -> String {
 }
 
 fn reads_s3(task: &ComputeTask) -> bool {
-    task.sources.iter().any(|s| s.uri.starts_with("s3://"))
+    // Where an Iceberg table is, only its catalog says, once the driver
+    // plans: it may be on S3 unless the class allows local files alone.
+    let iceberg_may_be_on_s3 = task.sources.iter().any(|s| s.format == SourceFormat::Iceberg)
+        && task.iceberg.as_ref().is_none_or(|access| {
+            access.allowed_prefixes.as_ref().is_none_or(|prefixes| prefixes.iter().any(|p| !p.starts_with("file://")))
+        });
+    iceberg_may_be_on_s3
+        || task.sources.iter().any(|s| s.uri.starts_with("s3://"))
         || task.segment_inputs.iter().any(|i| i.results_uri.starts_with("s3://"))
         || task.definition.static_list.as_ref().is_some_and(|l| l.uri.starts_with("s3://"))
 }
@@ -796,6 +803,32 @@ mod tests {
         assert!(line.contains("--master local[*]"), "{line}");
         assert!(line.contains(&format!("--packages {} --exclude-packages {S3A_EXCLUDED}", S3A_PACKAGES.join(","))), "{line}");
         assert_eq!(std::fs::read_to_string(scratch.path().join("ivysettings.xml")).unwrap(), IVY_SETTINGS);
+    }
+
+    /// An Iceberg table is wherever its catalog says: the S3A jars come
+    /// along unless the class allows local files alone.
+    #[test]
+    fn an_iceberg_table_may_be_on_s3_unless_only_local_files_are_allowed() {
+        let mut iceberg = task(serde_json::json!({"sql": "SELECT user_id FROM t"}), serde_json::json!([]));
+        iceberg.sources =
+            serde_json::from_value(serde_json::json!([{"table": "t", "uri": "iceberg://lake/sales/t", "format": "iceberg"}]))
+                .unwrap();
+        let access = |prefixes: Option<Vec<&str>>| segment_core::iceberg::IcebergAccess {
+            catalogs: Vec::new(),
+            namespace: "growth".into(),
+            results_base: "s3://results".into(),
+            allowed_prefixes: prefixes.map(|p| p.into_iter().map(str::to_string).collect()),
+            allow_local_files: true,
+        };
+        for (prefixes, on_s3) in [
+            (None, true),
+            (Some(vec!["s3://lake/growth/"]), true),
+            (Some(vec!["file:///lake/", "s3://lake/growth/"]), true),
+            (Some(vec!["file:///lake/"]), false),
+        ] {
+            iceberg.iceberg = Some(access(prefixes.clone()));
+            assert_eq!(reads_s3(&iceberg), on_s3, "{prefixes:?}");
+        }
     }
 
     #[test]

@@ -9,7 +9,12 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::api::{ComputeClass, ComputeClassSpec, Segment, SegmentSource, SegmentSourceSpec, COMPUTE_CLASS_LABEL};
+use crate::api::{
+    ComputeClass, ComputeClassSpec, IcebergCatalogType, Segment, SegmentSource, SegmentSourceSpec, COMPUTE_CLASS_LABEL,
+};
+use crate::reasons::SpecProblem;
+use crate::task::ComputeTask;
+use crate::validation::Invalid;
 
 #[derive(Debug, Default)]
 pub struct Manifests {
@@ -109,17 +114,53 @@ impl Manifests {
 
     /// The ComputeClass `namespace` uses, when the files hold both its
     /// Namespace (with the label naming it) and the class: `None` when
-    /// they do not say, `Some(Err(name))` when the class named is not in them.
-    pub fn class_of(&self, namespace: &str) -> Option<Result<&ComputeClassSpec, &str>> {
+    /// they do not say, `Some(Err(_))` when the class named is not in them.
+    pub fn class_of(&self, namespace: &str) -> Option<Result<&ComputeClassSpec, Invalid>> {
         let name = self.namespace_classes.get(namespace)?;
-        Some(self.classes.iter().find(|c| c.metadata.name.as_deref() == Some(name)).map(|c| &c.spec).ok_or(name.as_str()))
+        Some(self.classes.iter().find(|c| c.metadata.name.as_deref() == Some(name)).map(|c| &c.spec).ok_or_else(|| Invalid {
+            reason: SpecProblem::NotAllowed,
+            field: "metadata.namespace".to_string(),
+            message: format!("ComputeClass `{name}` (the namespace's label) is not in these files"),
+        }))
     }
 
-    /// Makes the `file://./` locations of sources and static lists
-    /// absolute, relative to `dir` (the manifest directory).
+    /// The class standalone mode and `kubectl segment preview` run
+    /// `namespace`'s computes with: the one the files name for it, else
+    /// an empty one (as the operator's without `--default-compute-class`).
+    pub fn compute_class(&self, namespace: &str) -> Result<ComputeClassSpec, Invalid> {
+        self.class_of(namespace).map_or_else(|| Ok(ComputeClassSpec::default()), |class| class.cloned())
+    }
+
+    /// `task` with what its Iceberg sources need of its namespace's class
+    /// ([`ComputeTask::with_iceberg_access`]): the catalogs come from the
+    /// files as they come from the cluster's ComputeClass, so a table
+    /// that runs here runs there. A task without Iceberg sources needs
+    /// no class.
+    pub fn with_iceberg_access(&self, task: ComputeTask, results_base: &str) -> Result<ComputeTask, Invalid> {
+        if !task.sources.iter().any(|s| s.format == crate::api::SourceFormat::Iceberg) {
+            return Ok(task);
+        }
+        let class = self.compute_class(&task.segment.namespace)?;
+        Ok(task.with_iceberg_access(&class, results_base))
+    }
+
+    /// Makes the `file://./` locations of sources and static lists, the
+    /// `sqlite://./` files of SQL Iceberg catalogs and the classes'
+    /// `file://./` allowed prefixes absolute, relative to `dir` (the
+    /// manifest directory).
     pub fn resolve_relative_uris(&mut self, dir: &Path) {
         for source in &mut self.sources {
             source.spec.uri = resolve_relative_uri(&source.spec.uri, dir);
+        }
+        for class in &mut self.classes {
+            for catalog in class.spec.iceberg_catalogs.iter_mut().filter(|c| c.type_ == IcebergCatalogType::Sql) {
+                if let Some(rest) = catalog.uri.strip_prefix("sqlite://./") {
+                    catalog.uri = format!("sqlite://{}/{rest}", dir.display());
+                }
+            }
+            for prefix in class.spec.allowed_source_prefixes.iter_mut().flatten() {
+                *prefix = resolve_relative_uri(prefix, dir);
+            }
         }
         for segment in &mut self.segments {
             if let Some(list) = segment.spec.definition.static_list.as_mut() {
@@ -148,5 +189,57 @@ mod tests {
         assert_eq!(resolve_relative_uri("file://./lake/orders/", dir), "file:///srv/segments/lake/orders/");
         assert_eq!(resolve_relative_uri("file:///data/orders/", dir), "file:///data/orders/");
         assert_eq!(resolve_relative_uri("s3://lake/orders/", dir), "s3://lake/orders/");
+    }
+
+    fn loaded(yaml: &str) -> Manifests {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("m.yaml"), yaml).unwrap();
+        let mut manifests = load(&[dir.path().to_path_buf()]).unwrap();
+        manifests.resolve_relative_uris(Path::new("/srv/segments"));
+        manifests
+    }
+
+    const CLASS: &str = "apiVersion: segmentation.dev/v1alpha1\nkind: ComputeClass\nmetadata: {name: lake-readers}\nspec:\n  allowLocalFiles: true\n  allowedSourcePrefixes: ['file://./warehouse/{namespace}/']\n  icebergCatalogs:\n  - {name: lake, type: sql, uri: 'sqlite://./catalog.db'}\n  - {name: other, type: rest, uri: 'http://catalog/'}\n---\napiVersion: segmentation.dev/v1alpha1\nkind: SegmentSource\nmetadata: {name: orders, namespace: growth}\nspec: {table: orders, uri: 'iceberg://lake/sales/orders', format: iceberg}\n";
+
+    /// Standalone mode and previews take a namespace's Iceberg catalogs
+    /// from the class its Namespace's label names in the files, as the
+    /// operator takes them from the cluster's.
+    #[test]
+    fn iceberg_catalogs_come_from_the_class_the_files_give_the_namespace() {
+        let labelled = "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: growth, labels: {segmentation.dev/compute-class: lake-readers}}\n";
+        let manifests = loaded(&format!("{CLASS}{labelled}"));
+        let task = |namespace: &str, sources: Vec<SegmentSourceSpec>| ComputeTask {
+            segment: crate::api::SegmentKey::new(namespace, "s"),
+            version: 1,
+            generation: 1,
+            definition_hash: "h".into(),
+            snapshot_time: chrono::Utc::now(),
+            definition: serde_json::from_value(serde_json::json!({"sql": "SELECT user_id FROM orders"})).unwrap(),
+            sources,
+            segment_inputs: Vec::new(),
+            results_uri: "file:///r/".into(),
+            engine: Default::default(),
+            iceberg: None,
+        };
+        let with_access = manifests.with_iceberg_access(task("growth", manifests.sources_in("growth")), "file:///r").unwrap();
+        let access = with_access.iceberg.expect("the Iceberg access");
+        assert_eq!(access.catalogs.len(), 1);
+        assert_eq!(access.catalogs[0].uri, "sqlite:///srv/segments/catalog.db");
+        assert_eq!(access.allowed_prefixes, Some(vec!["file:///srv/segments/warehouse/growth/".to_string()]));
+        assert!(access.allow_local_files);
+
+        // No Iceberg source: no class needed, none asked for.
+        assert_eq!(manifests.with_iceberg_access(task("other", Vec::new()), "file:///r").unwrap().iceberg, None);
+        // No class for the namespace: the operator's empty one, no catalogs.
+        let unlabelled = manifests.with_iceberg_access(task("other", manifests.sources_in("growth")), "file:///r").unwrap();
+        assert_eq!(unlabelled.iceberg.map(|a| a.catalogs), Some(Vec::new()));
+
+        // A class the label names but the files lack is an error, not an empty class.
+        let missing =
+            "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: growth, labels: {segmentation.dev/compute-class: gone}}\n";
+        let manifests = loaded(&format!("{CLASS}{missing}"));
+        let error = manifests.with_iceberg_access(task("growth", manifests.sources_in("growth")), "file:///r").unwrap_err();
+        assert_eq!((error.reason, error.field.as_str()), (SpecProblem::NotAllowed, "metadata.namespace"));
+        assert!(error.message.contains("ComputeClass `gone`"), "{error}");
     }
 }

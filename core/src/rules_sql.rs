@@ -20,7 +20,7 @@ use serde_json::Value;
 use sqlparser::dialect::GenericDialect;
 use sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer};
 
-use crate::api::SegmentSourceSpec;
+use crate::api::{ComputeEngine, SegmentSourceSpec};
 use crate::definition::DefinitionError;
 use crate::duration::parse_duration;
 use crate::rules::{Comparison, CountBounds, EventRule, Op, PropertyRule, Rule};
@@ -42,6 +42,14 @@ pub enum Dialect {
 }
 
 impl Dialect {
+    /// The dialect of `engine`, for a run at `snapshot_time`.
+    pub fn of(engine: ComputeEngine, snapshot_time: DateTime<Utc>) -> Dialect {
+        match engine {
+            ComputeEngine::Datafusion => Dialect::DataFusion,
+            ComputeEngine::Spark => Dialect::Spark { snapshot_time },
+        }
+    }
+
     /// A quoted identifier; rules accept only `[A-Za-z_][A-Za-z0-9_]*`
     /// names, and quoting keeps case and reserved words intact.
     fn ident(self, name: &str) -> String {

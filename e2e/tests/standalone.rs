@@ -20,6 +20,7 @@ use segment_core::seal::{SealFile, SEAL_FILE};
 use segment_operator::config::StandaloneArgs;
 use segment_operator::standalone;
 use segment_tests::examples::{expected_members, SEGMENTS};
+use segment_tests::table_history::iceberg_example;
 use segment_tests::{free_port, redis_call, RedisServer};
 use serde_json::{json, Value};
 
@@ -246,4 +247,61 @@ async fn the_examples_with_redis() {
     };
     let other: Vec<&String> = keys.iter().filter(|k| !small(k)).collect();
     assert!(other.is_empty(), "keys outside the small-state layout (docs/storage.md): {other:?}");
+}
+
+/// Standalone mode on an Iceberg table (pyiceberg, a SQL catalog next to
+/// the manifests): the catalog comes from the ComputeClass the files give
+/// the namespace, the version serves the members of the snapshot current
+/// at its snapshot time, and its status records that snapshot's id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_iceberg_source_in_standalone_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let history = iceberg_example(dir.path());
+    let port = free_port();
+    let args = StandaloneArgs {
+        dir: dir.path().to_path_buf(),
+        listen: format!("127.0.0.1:{port}").parse().unwrap(),
+        redis_url: None,
+        results_uri: None,
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(standalone::run_until(args, async move {
+        let _ = stopped.await;
+    }));
+    let dir = dir.path().to_path_buf();
+    let checks = tokio::task::spawn_blocking(move || {
+        let status_file = dir.join(".status/growth/big-abroad.yaml");
+        let status = wait_for("big-abroad to be active", Duration::from_secs(120), || {
+            let text = std::fs::read_to_string(&status_file).ok()?;
+            let status: Value = serde_yaml::from_str(&text).ok()?;
+            status["activeVersion"].as_u64().map(|_| status)
+        });
+        // The newest snapshot is the one current at the version's snapshot time.
+        let newest = history.last().unwrap();
+        let version = &status["versions"].as_array().unwrap()[0];
+        let read = &version["tableVersions"][0];
+        assert_eq!((read["table"].as_str(), read["format"].as_str()), (Some("orders"), Some("iceberg")), "{status:?}");
+        assert_eq!(read["version"].as_u64(), Some(newest.id), "{status:?}");
+
+        let everyone: BTreeSet<String> = history.iter().flat_map(|c| c.members.iter().cloned()).collect();
+        assert!(everyone.len() > newest.members.len(), "earlier snapshots had other members");
+        let checks: Vec<Value> =
+            everyone.iter().map(|u| json!({"namespace": "growth", "segment": "big-abroad", "user": u})).collect();
+        let (code, reply) = http(port, "POST", "/v1/membership:check", Some(&json!({"checks": checks})));
+        assert_eq!(code, 200, "{reply}");
+        let served: BTreeSet<String> = reply["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["member"] == json!(true))
+            .map(|r| r["user"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(served, newest.members);
+    })
+    .await;
+    let _ = stop.send(());
+    let _ = running.await;
+    if let Err(panic) = checks {
+        std::panic::resume_unwind(panic.into_panic());
+    }
 }

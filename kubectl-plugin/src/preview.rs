@@ -13,7 +13,13 @@
 //! standalone mode); `--lake ROOT` replaces the bucket of `s3://bucket/…`
 //! and the first directory of `file://…` locations with ROOT, so sources
 //! declared as `s3://lake/orders/` or `file://./lake/orders/` read
-//! `ROOT/orders/`.
+//! `ROOT/orders/`; `iceberg://` tables stay where their catalog says.
+//!
+//! Iceberg catalogs come from the ComputeClass the files give the
+//! Segment's namespace (a `Namespace` labelled
+//! `segmentation.dev/compute-class`, and that class), as the operator's
+//! come from the cluster; a catalog's `tokenEnv` is read from this
+//! machine's environment.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -22,13 +28,13 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Utc};
 use segment_compute::compute;
 use segment_compute::failure::WorkerError;
-use segment_core::api::{Segment, SegmentKey, SegmentSource, SegmentSourceSpec};
+use segment_core::api::{Segment, SegmentKey, SegmentSource, SegmentSourceSpec, SourceFormat};
 use segment_core::definition::definition_hash;
 use segment_core::manifests::{self, Manifests};
 use segment_core::naming::{job_name, JobKind};
 use segment_core::planner::Launch;
 use segment_core::reasons::SpecProblem;
-use segment_core::rules_sql;
+use segment_core::rules_sql::{self, Dialect};
 use segment_core::task::{compute_task, segment_inputs};
 use segment_core::validation::{check_spec, Invalid};
 use segment_store::results::ResultDir;
@@ -153,7 +159,19 @@ impl Inputs {
         for source in context.sources.into_iter().chain(own.sources) {
             sources.insert((source.metadata.namespace.clone(), source.metadata.name.clone()), source);
         }
-        let sources = Manifests { sources: sources.into_values().collect(), ..Default::default() };
+        // ComputeClasses and Namespace labels: where Iceberg catalogs come from.
+        let mut classes = BTreeMap::new();
+        for class in context.classes.into_iter().chain(own.classes) {
+            classes.insert(class.metadata.name.clone(), class);
+        }
+        let mut namespace_classes = context.namespace_classes;
+        namespace_classes.extend(own.namespace_classes);
+        let sources = Manifests {
+            sources: sources.into_values().collect(),
+            classes: classes.into_values().collect(),
+            namespace_classes,
+            ..Default::default()
+        };
         Ok(Inputs { targets, segments, sources, searched: format!("{file} and {}", sources_path.display()) })
     }
 }
@@ -190,7 +208,8 @@ pub fn rebase_on_lake(uri: &str, root: &str) -> String {
 }
 
 fn point_at_lake(loaded: &mut Manifests, root: &str) {
-    for source in &mut loaded.sources {
+    // An Iceberg table is wherever its catalog says, not under the lake.
+    for source in loaded.sources.iter_mut().filter(|s| s.spec.format != SourceFormat::Iceberg) {
         source.spec.uri = rebase_on_lake(&source.spec.uri, root);
     }
     for segment in &mut loaded.segments {
@@ -223,7 +242,7 @@ impl Run<'_> {
         let sources = self.inputs.sources.sources_in(&key.namespace);
         // The target's own problems first: a broken definition is reported
         // as the operator reports it, whatever it refers to.
-        check(target, &sources)?;
+        check(target, &sources, self.snapshot_time)?;
         for dependency in self.order(&key)? {
             if !self.computed.contains_key(&dependency) {
                 let result = self.compute(&self.inputs.segments[&dependency]).await;
@@ -297,7 +316,7 @@ impl Run<'_> {
             }
         }
         let sources = self.inputs.sources.sources_in(&key.namespace);
-        let (reads, compiled_sql) = check(segment, &sources)?;
+        let (reads, compiled_sql) = check(segment, &sources, self.snapshot_time)?;
         let launch = Launch {
             kind: JobKind::Compute,
             version: PREVIEW_VERSION,
@@ -312,19 +331,26 @@ impl Run<'_> {
         };
         let inputs = segment_inputs(segment, &self.results_base, active_of);
         let task = compute_task(segment, &launch, sources, inputs, &self.results_base);
+        let task = self.inputs.sources.with_iceberg_access(task, &self.results_base).map_err(PreviewError::Invalid)?;
         let report = compute::run(&task).await.map_err(PreviewError::Compute)?;
         Ok(Computed { members: report.members, results_uri: task.results_uri, reads, compiled_sql })
     }
 }
 
 /// The operator's checks, and what the definition reads; for rules, the
-/// query they compile to.
-fn check(segment: &Segment, sources: &[SegmentSourceSpec]) -> Result<(Vec<String>, Option<String>), PreviewError> {
+/// query they compile to, in the SQL of the Segment's engine (Spark's has
+/// the snapshot time written in).
+fn check(
+    segment: &Segment,
+    sources: &[SegmentSourceSpec],
+    snapshot_time: DateTime<Utc>,
+) -> Result<(Vec<String>, Option<String>), PreviewError> {
     let tables: Vec<String> = sources.iter().map(|s| s.table.clone()).collect();
     let checked = check_spec(&segment.spec, Some(&tables)).map_err(PreviewError::Invalid)?;
     let definition = &segment.spec.definition;
+    let engine = segment.spec.compute.as_ref().map(|c| c.engine).unwrap_or_default();
     let compiled_sql = match &definition.rules {
-        Some(rule) => Some(rules_sql::compile(rule, sources).map_err(|e| {
+        Some(rule) => Some(rules_sql::compile_for(rule, sources, Dialect::of(engine, snapshot_time)).map_err(|e| {
             PreviewError::Invalid(Invalid { reason: SpecProblem::InvalidDefinition, field: e.field, message: e.message })
         })?),
         None => None,

@@ -5,6 +5,7 @@
 //! segments are computed first, and broken definitions are reported with
 //! the operator's own messages, naming the field.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
@@ -14,9 +15,11 @@ use kubectl_segment::preview::{self, Preview};
 use segment_compute::lakegen::{self, LakeSpec};
 use segment_core::api::SegmentSourceSpec;
 use segment_core::manifests;
+use segment_core::reasons::FailureReason;
 use segment_core::rules_sql;
 use segment_core::validation::check_spec;
 use segment_tests::examples::{expected_members, SEGMENTS};
+use segment_tests::table_history::{between, iceberg_example};
 use tempfile::TempDir;
 
 const USERS: u64 = 1500;
@@ -292,4 +295,92 @@ async fn referenced_segments_must_be_found_and_must_not_loop() {
     let args = preview_args(&["preview", "-f", file.to_str().unwrap(), "churn-risk"]);
     let err = preview::preview(&args, now()).await.unwrap_err().to_string();
     assert_eq!(err, format!("{} has no Segment named \"churn-risk\" (it has: win-back, a, b)", file.display()));
+}
+
+/// An Iceberg source previews as in the cluster: the catalog comes from
+/// the ComputeClass the files give the Segment's namespace, the table is
+/// read as of `--snapshot-time`, and a namespace without the class has no
+/// catalog to read it through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_iceberg_source_is_previewed_as_of_the_snapshot_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let history = iceberg_example(dir.path());
+    let file = dir.path().join("iceberg.yaml");
+    for (i, commit) in history.iter().enumerate() {
+        let at = between(&history, i).to_rfc3339();
+        // `--lake` moves file sources, not a table its catalog places.
+        let lake = dir.path().join("elsewhere");
+        std::fs::create_dir_all(&lake).unwrap();
+        let args = preview_args(&[
+            "preview",
+            "-f",
+            file.to_str().unwrap(),
+            "--snapshot-time",
+            &at,
+            "--limit",
+            "1000",
+            "--lake",
+            lake.to_str().unwrap(),
+        ]);
+        let previews = preview::preview(&args, now()).await.unwrap();
+        let [(key, result)] = previews.as_slice() else { panic!("one Segment: {previews:?}") };
+        assert_eq!(key.to_string(), "growth/big-abroad");
+        let preview = result.as_ref().unwrap_or_else(|e| panic!("snapshot {i}: {e}"));
+        assert_eq!(preview.reads, vec!["table orders (iceberg://lake/sales/orders)".to_string()]);
+        let members: BTreeSet<String> = preview.sample.iter().cloned().collect();
+        assert_eq!((preview.members as usize, &members), (commit.members.len(), &commit.members), "as of {at}");
+    }
+
+    // The same Segment where the namespace has no class: no catalogs.
+    let yaml = std::fs::read_to_string(&file).unwrap().replace("segmentation.dev/compute-class: lake-readers", "team: growth");
+    std::fs::write(&file, yaml).unwrap();
+    let args = preview_args(&["preview", "-f", file.to_str().unwrap()]);
+    let previews = preview::preview(&args, now()).await.unwrap();
+    let Err(preview::PreviewError::Compute(error)) = &previews[0].1 else { panic!("{previews:?}") };
+    assert_eq!(error.reason, FailureReason::UnsupportedSource, "{error}");
+    assert!(error.message.contains("catalog `lake`"), "{error}");
+}
+
+/// A Spark Segment's rules print as the Spark SQL its run executes: the
+/// snapshot time written in, identifiers in backticks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spark_rules_print_the_spark_sql_they_compile_to() {
+    let lake = Lake::generate();
+    std::fs::copy(examples().join("sources.yaml"), lake.dir.path().join("sources.yaml")).unwrap();
+    let file = lake.dir.path().join("spark.yaml");
+    let segment = r#"
+apiVersion: segmentation.dev/v1alpha1
+kind: Segment
+metadata: {name: recent-buyers}
+spec:
+  compute: {engine: spark}
+  definition:
+    rules:
+      event: {table: orders, within: 30d}
+"#;
+    std::fs::write(&file, segment).unwrap();
+    let manifest = manifests::load(std::slice::from_ref(&file)).unwrap();
+    let rule = manifest.segments[0].spec.definition.rules.clone().unwrap();
+    let snapshot = lake.spec.now;
+    let spark = rules_sql::compile_for(&rule, &lake.sources(), rules_sql::Dialect::Spark { snapshot_time: snapshot }).unwrap();
+    assert_ne!(spark, rules_sql::compile(&rule, &lake.sources()).unwrap(), "the dialects differ");
+
+    let run = |path: &Path| {
+        let command = cli(&["preview", "-f", path.to_str().unwrap(), "--snapshot-time", &lake.snapshot()]);
+        async move { kubectl_segment::execute(command, now()).await.unwrap() }
+    };
+    let output = run(&file).await;
+    assert!(output.success, "{}", output.stderr);
+    let lines: Vec<&str> = output.stdout.lines().collect();
+    let at = lines.iter().position(|l| *l == "compiled SQL:").expect("the compiled SQL");
+    assert_eq!(lines[at + 1].trim(), spark);
+    assert!(spark.contains("`orders`") && spark.contains("2025-06-01"), "{spark}");
+
+    // Spark runs it to the members DataFusion gives.
+    let datafusion = lake.dir.path().join("datafusion.yaml");
+    std::fs::write(&datafusion, segment.replace("compute: {engine: spark}", "compute: {engine: datafusion}")).unwrap();
+    let expected = run(&datafusion).await;
+    let members = |stdout: &str| stdout.lines().find(|l| l.starts_with("members: ")).map(str::to_string);
+    assert!(members(&expected.stdout).is_some_and(|m| m != "members: 0"), "{}", expected.stdout);
+    assert_eq!(members(&output.stdout), members(&expected.stdout));
 }

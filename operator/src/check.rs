@@ -3,7 +3,7 @@
 //! With the admin's ComputeClasses and labelled Namespaces among the
 //! files, each Segment is also checked against its namespace's class
 //! (`segment_core::policy::check_allowed`: resources, locations, Spark),
-//! and each class's Spark settings are checked.
+//! and each class's Spark settings and Iceberg catalogs are checked.
 
 use std::fmt::Write as _;
 
@@ -22,15 +22,17 @@ pub fn report(manifests: &Manifests, now: DateTime<Utc>) -> (String, bool) {
     let mut all_ok = true;
     for class in &manifests.classes {
         let name = class.metadata.name.clone().unwrap_or_default();
-        match class.spec.spark.as_ref().map(policy::check_spark_settings) {
-            Some(Err(invalid)) => {
+        let checked = policy::check_iceberg_catalogs(&class.spec)
+            .and_then(|()| class.spec.spark.as_ref().map(policy::check_spark_settings).transpose());
+        match checked {
+            Err(invalid) => {
                 all_ok = false;
                 let _ = writeln!(out, "INVALID  ComputeClass {name}: {}: {invalid}", invalid.reason);
             }
-            Some(Ok(())) => {
+            Ok(Some(())) => {
                 let _ = writeln!(out, "ok       ComputeClass {name}: Spark enabled");
             }
-            None => {
+            Ok(None) => {
                 let _ = writeln!(out, "ok       ComputeClass {name}: DataFusion only");
             }
         }
@@ -96,11 +98,7 @@ fn allowed(manifests: &Manifests, segment: &segment_core::api::Segment) -> Resul
             policy::check_allowed(&segment.spec, &read, class, tenant)?;
             Ok(if spark { "; engine spark".to_string() } else { String::new() })
         }
-        Some(Err(missing)) => Err(Invalid {
-            reason: segment_core::reasons::SpecProblem::NotAllowed,
-            field: "metadata.namespace".to_string(),
-            message: format!("ComputeClass `{missing}` (the namespace's label) is not in these files"),
-        }),
+        Some(Err(missing)) => Err(missing),
         None if spark => {
             Ok(format!("; engine spark: needs a ComputeClass with spec.spark for namespace {namespace} (none in these files)"))
         }
@@ -170,6 +168,14 @@ spec: {definition: {sql: SELECT user_id FROM orders}, compute: {engine: spark}}
             FILES.replace("CLASS", "sparky").replace("spark.sql.shuffle.partitions", "spark.kubernetes.container.image");
         let (text, ok) = super::report(&manifests(&reserved), now);
         assert!(!ok && text.contains("INVALID  ComputeClass sparky"), "{text}");
+        // So is a catalog with two ways to authenticate.
+        let two_ways = FILES.replace("CLASS", "plain").replace(
+            "spec: {image: worker:1}",
+            "spec: {image: worker:1, icebergCatalogs: [{name: lake, type: rest, uri: 'https://c/', tokenEnv: T, credentialEnv: C}]}",
+        );
+        let (text, ok) = super::report(&manifests(&two_ways), now);
+        assert!(!ok && text.contains("INVALID  ComputeClass plain: NotAllowed"), "{text}");
+        assert!(text.contains("spec.icebergCatalogs[0].credentialEnv"), "{text}");
         // No Namespace in the files: not checked against a class, but said.
         let without = FILES.split("---").skip(1).collect::<Vec<_>>().join("---");
         let (text, ok) = super::report(&manifests(&without), now);

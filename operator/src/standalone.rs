@@ -14,12 +14,13 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use segment_compute::failure::WorkerError;
 use segment_compute::{compute, ingest};
 use segment_core::api::{DeletionPolicy, Segment, SegmentKey, SegmentSource, SegmentStatus};
 use segment_core::executor::{self, Effects};
 use segment_core::naming::JobKind;
 use segment_core::planner::{self, Event, JobState, Launch, Observation, ObservedJob, PlannerConfig};
-use segment_core::reasons::ConditionType;
+use segment_core::reasons::{ConditionType, FailureReason};
 use segment_core::store::{ResultStore, Seal, SegmentStore};
 use segment_core::task::{compute_task, ingest_task, segment_inputs, Failure};
 use segment_store::results::ObjectResults;
@@ -45,6 +46,9 @@ pub struct Engine {
     planner: PlannerConfig,
     segments: BTreeMap<SegmentKey, Segment>,
     sources: Vec<SegmentSource>,
+    /// The ComputeClasses and labelled Namespaces of the files: where a
+    /// namespace's Iceberg catalogs come from.
+    classes: Manifests,
     files: Vec<(PathBuf, SystemTime, u64)>,
     jobs: Arc<Mutex<HashMap<(String, String), LocalJob>>>,
     /// Wakes the loop when a job ends.
@@ -89,6 +93,7 @@ impl Engine {
             store,
             segments: BTreeMap::new(),
             sources: Vec::new(),
+            classes: Manifests::default(),
             files: Vec::new(),
             jobs: Arc::default(),
             wake: Arc::new(Notify::new()),
@@ -111,6 +116,11 @@ impl Engine {
     async fn apply_manifests(&mut self, mut loaded: Manifests) -> Result<(), StandaloneError> {
         loaded.resolve_relative_uris(&self.dir);
         self.sources = loaded.sources;
+        self.classes = Manifests {
+            classes: std::mem::take(&mut loaded.classes),
+            namespace_classes: std::mem::take(&mut loaded.namespace_classes),
+            ..Default::default()
+        };
         let mut seen = Vec::new();
         for mut segment in loaded.segments {
             let key = segment.key();
@@ -221,30 +231,35 @@ impl Engine {
         let jobs = self.jobs.clone();
         let wake = self.wake.clone();
         let name = job_key.clone();
-        let work: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), segment_compute::failure::WorkerError>> + Send>> =
-            match launch.kind {
-                JobKind::Compute => {
-                    let sources = self
-                        .sources
-                        .iter()
-                        .filter(|s| s.metadata.namespace.as_deref() == Some(&key.namespace))
-                        .map(|s| s.spec.clone())
-                        .collect();
-                    let active_of = |name: &str| {
-                        self.segments
-                            .get(&SegmentKey::new(&key.namespace, name))
-                            .and_then(|s| s.status.as_ref())
-                            .and_then(|s| s.active_version)
-                    };
-                    let inputs = segment_inputs(segment, &self.results_base, active_of);
-                    let task = compute_task(segment, launch, sources, inputs, &self.results_base);
-                    Box::pin(async move { compute::run(&task).await.map(|_| ()) })
+        let work: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), WorkerError>> + Send>> = match launch.kind {
+            JobKind::Compute => {
+                let sources = self
+                    .sources
+                    .iter()
+                    .filter(|s| s.metadata.namespace.as_deref() == Some(&key.namespace))
+                    .map(|s| s.spec.clone())
+                    .collect();
+                let active_of = |name: &str| {
+                    self.segments
+                        .get(&SegmentKey::new(&key.namespace, name))
+                        .and_then(|s| s.status.as_ref())
+                        .and_then(|s| s.active_version)
+                };
+                let inputs = segment_inputs(segment, &self.results_base, active_of);
+                let task = compute_task(segment, launch, sources, inputs, &self.results_base);
+                match self.classes.with_iceberg_access(task, &self.results_base) {
+                    Ok(task) => Box::pin(async move { compute::run(&task).await.map(|_| ()) }),
+                    Err(invalid) => {
+                        let failure = WorkerError::new(FailureReason::UnsupportedSource, invalid.to_string());
+                        Box::pin(async move { Err(failure) })
+                    }
                 }
-                JobKind::Ingest => {
-                    let task = ingest_task(segment, launch, &self.results_base, STANDALONE_LAKE_LAG);
-                    Box::pin(async move { ingest::verify(&task).await.map(|_| ()) })
-                }
-            };
+            }
+            JobKind::Ingest => {
+                let task = ingest_task(segment, launch, &self.results_base, STANDALONE_LAKE_LAG);
+                Box::pin(async move { ingest::verify(&task).await.map(|_| ()) })
+            }
+        };
         let observed = ObservedJob::new(launch.job_name.clone(), launch.version, launch.kind, JobState::Running);
         // The record goes in before the task can finish and update it.
         let mut guard = jobs.lock().unwrap_or_else(|e| e.into_inner());

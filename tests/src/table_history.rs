@@ -29,3 +29,88 @@ pub fn between(commits: &[Commit], i: usize) -> DateTime<Utc> {
         None => commits[i].committed + Duration::milliseconds(500),
     }
 }
+
+/// Runs `tests/iceberg_table.py COMMAND CATALOG ARGS...` (pyiceberg, which
+/// tests/setup installs) against `catalog`, pyiceberg's properties with the
+/// catalog's `name`; the one JSON object it prints.
+pub fn pyiceberg(catalog: &Value, args: &[&str]) -> Value {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("iceberg_table.py");
+    let (command, rest) = args.split_first().expect("a command");
+    let output = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(command)
+        .arg(catalog.to_string())
+        .args(rest)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "{} {args:?}: {}\n(tests/setup installs pyiceberg)",
+        script.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("the helper prints JSON")
+}
+
+/// The snapshot log `tests/iceberg_table.py` prints after a commit.
+pub fn iceberg_history(printed: &Value) -> Vec<Commit> {
+    printed["history"]
+        .as_array()
+        .expect("a history")
+        .iter()
+        .map(|s| Commit {
+            id: s["snapshotId"].as_u64().unwrap(),
+            committed: DateTime::from_timestamp_millis(s["timestampMs"].as_i64().unwrap()).unwrap(),
+            members: members_of(&s["members"]),
+        })
+        .collect()
+}
+
+/// The query `tests/iceberg_table.py` computes its members with.
+pub const ICEBERG_SEGMENT_SQL: &str = "SELECT user_id FROM orders WHERE amount >= 50 AND country <> 'US'";
+
+/// An Iceberg table written by pyiceberg in a SQL catalog (SQLite) under
+/// `dir` (`catalog.db`, `warehouse/`), and `dir/iceberg.yaml`, the
+/// manifests that read it as the files of standalone mode and previews
+/// do: the ComputeClass `lake-readers` naming the catalog `lake` (relative
+/// to the manifests), the Namespace `growth` labelled with it, the
+/// SegmentSource `orders` and the Segment `big-abroad`
+/// ([`ICEBERG_SEGMENT_SQL`]). Returns the table's history.
+pub fn iceberg_example(dir: &std::path::Path) -> Vec<Commit> {
+    let warehouse = dir.join("warehouse");
+    std::fs::create_dir_all(&warehouse).unwrap();
+    let catalog = serde_json::json!({"name": "lake", "type": "sql",
+        "uri": format!("sqlite:///{}", dir.join("catalog.db").display()),
+        "warehouse": format!("file://{}", warehouse.display())});
+    let history = iceberg_history(&pyiceberg(&catalog, &["write"]));
+    let manifests = format!(
+        r#"apiVersion: segmentation.dev/v1alpha1
+kind: ComputeClass
+metadata: {{name: lake-readers}}
+spec:
+  allowLocalFiles: true
+  allowedSourcePrefixes: ["file://./warehouse/"]
+  icebergCatalogs:
+  - {{name: lake, type: sql, uri: "sqlite://./catalog.db"}}
+---
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: growth
+  labels: {{segmentation.dev/compute-class: lake-readers}}
+---
+apiVersion: segmentation.dev/v1alpha1
+kind: SegmentSource
+metadata: {{name: orders, namespace: growth}}
+spec: {{table: orders, uri: "iceberg://lake/sales/orders", format: iceberg}}
+---
+apiVersion: segmentation.dev/v1alpha1
+kind: Segment
+metadata: {{name: big-abroad, namespace: growth}}
+spec:
+  definition: {{sql: "{ICEBERG_SEGMENT_SQL}"}}
+"#
+    );
+    std::fs::write(dir.join("iceberg.yaml"), manifests).unwrap();
+    history
+}

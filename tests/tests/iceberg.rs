@@ -23,11 +23,12 @@ use segment_core::policy::{check_allowed, Tenant};
 use segment_core::reasons::{FailureReason, SpecProblem};
 use segment_core::task::ComputeTask;
 use segment_store::results::ResultDir;
-use segment_tests::table_history::{between, members_of, Commit};
+use segment_tests::table_history::{between, iceberg_history, members_of, pyiceberg, Commit, ICEBERG_SEGMENT_SQL};
+use segment_tests::S3Server;
 use serde_json::{json, Value};
 
 /// The segment the helper's `members` evaluates: amount >= 50 outside the US.
-const SQL: &str = "SELECT user_id FROM orders WHERE amount >= 50 AND country <> 'US'";
+const SQL: &str = ICEBERG_SEGMENT_SQL;
 const URI: &str = "iceberg://lake/sales/orders";
 
 /// A catalog pyiceberg writes through and the worker reads.
@@ -36,7 +37,8 @@ struct Catalog {
     pyiceberg: Value,
     /// The same catalog as a ComputeClass names it.
     class: IcebergCatalog,
-    warehouse: PathBuf,
+    /// Where its tables are: the prefix the class allows.
+    warehouse: String,
 }
 
 impl Catalog {
@@ -54,8 +56,36 @@ impl Catalog {
                 warehouse: None,
                 catalog_name: None,
                 token_env: None,
+                credential_env: None,
+                scope: None,
+                oauth2_server_uri: None,
             },
-            warehouse,
+            warehouse: format!("file://{}/", warehouse.display()),
+        }
+    }
+
+    /// A SQL catalog (SQLite) whose warehouse is a bucket of `s3`: pyiceberg
+    /// writes there through s3fs, the worker reads through its `AWS_*`.
+    fn sql_on_s3(dir: &Path, s3: &S3Server) -> Catalog {
+        let db = dir.join("catalog.db");
+        Catalog {
+            pyiceberg: json!({"name": "lake", "type": "sql", "uri": format!("sqlite:///{}", db.display()),
+                              "warehouse": "s3://lake/warehouse",
+                              "py-io-impl": "pyiceberg.io.fsspec.FsspecFileIO",
+                              "s3.endpoint": s3.endpoint(), "s3.region": "us-east-1",
+                              "s3.access-key-id": "test", "s3.secret-access-key": "test"}),
+            class: IcebergCatalog {
+                name: "lake".into(),
+                type_: IcebergCatalogType::Sql,
+                uri: format!("sqlite://{}", db.display()),
+                warehouse: None,
+                catalog_name: None,
+                token_env: None,
+                credential_env: None,
+                scope: None,
+                oauth2_server_uri: None,
+            },
+            warehouse: "s3://lake/warehouse/".into(),
         }
     }
 
@@ -69,29 +99,17 @@ impl Catalog {
                 warehouse: None,
                 catalog_name: None,
                 token_env: None,
+                credential_env: None,
+                scope: None,
+                oauth2_server_uri: None,
             },
-            warehouse: server.warehouse.clone(),
+            warehouse: format!("file://{}/", server.warehouse.display()),
         }
     }
 
     /// Runs the helper against this catalog; its one line of JSON.
     fn helper(&self, args: &[&str]) -> Value {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("iceberg_table.py");
-        let (command, rest) = args.split_first().unwrap();
-        let output = Command::new("python3")
-            .arg(&script)
-            .arg(command)
-            .arg(self.pyiceberg.to_string())
-            .args(rest)
-            .output()
-            .expect("python3 runs");
-        assert!(
-            output.status.success(),
-            "{} {args:?}: {}\n(tests/setup installs pyiceberg)",
-            script.display(),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        serde_json::from_slice(&output.stdout).expect("the helper prints JSON")
+        pyiceberg(&self.pyiceberg, args)
     }
 
     /// The access a namespace whose class allows the warehouse gets.
@@ -100,23 +118,14 @@ impl Catalog {
             catalogs: vec![self.class.clone()],
             namespace: "growth".into(),
             results_base: "s3://results".into(),
-            allowed_prefixes: Some(vec![format!("file://{}/", self.warehouse.display())]),
+            allowed_prefixes: Some(vec![self.warehouse.clone()]),
             allow_local_files: true,
         }
     }
 }
 
 fn history(printed: &Value) -> Vec<Commit> {
-    printed["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| Commit {
-            id: s["snapshotId"].as_u64().unwrap(),
-            committed: DateTime::from_timestamp_millis(s["timestampMs"].as_i64().unwrap()).unwrap(),
-            members: members_of(&s["members"]),
-        })
-        .collect()
+    iceberg_history(printed)
 }
 
 fn iceberg_source() -> SegmentSourceSpec {
@@ -170,8 +179,9 @@ async fn result_members(task: &ComputeTask) -> (BTreeSet<String>, u64) {
 /// The whole time-travel check against one catalog: every snapshot of the
 /// history (two appends, a delete, an overwrite, each as pyiceberg commits
 /// them) read at a time between it and the next, exactly at its own time,
-/// and again after one more commit.
-async fn check_time_travel(catalog: &Catalog, results: &Path) {
+/// and again after one more commit. Returns the helper's account of the
+/// table after that commit.
+async fn check_time_travel(catalog: &Catalog, results: &Path) -> Value {
     let written = history(&catalog.helper(&["write"]));
     assert!(written.len() >= 4, "two appends, a delete and an overwrite: {written:?}");
     let access = catalog.access();
@@ -195,7 +205,8 @@ async fn check_time_travel(catalog: &Catalog, results: &Path) {
     assert!(distinct.len() >= 4, "the commits change the members");
 
     // More commits later: the same snapshot times give the same members.
-    let later = history(&catalog.helper(&["more"]));
+    let printed = catalog.helper(&["more"]);
+    let later = history(&printed);
     assert_eq!(later.len(), written.len() + 1);
     for (name, at, read, members) in &first_reads {
         let again = compute_members(&task(&format!("again-{name}"), &access, results, *at)).await;
@@ -213,6 +224,7 @@ async fn check_time_travel(catalog: &Catalog, results: &Path) {
     assert!(error.message.contains("table `orders`"), "{error}");
     assert!(error.message.contains(&format!("before the oldest snapshot that can be read, {}", written[0].id)), "{error}");
     assert!(!results.join("before/_manifest.json").exists());
+    printed
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,6 +242,24 @@ async fn an_iceberg_table_in_a_rest_catalog_is_read_as_of_the_snapshot_time() {
     check_time_travel(&catalog, &dir.path().join("results")).await;
 }
 
+/// The same on S3 (moto): the catalog's metadata, manifests and data files
+/// are objects, and the worker lists and reads them through its `AWS_*`.
+/// The Spark engine reads each snapshot's files there through S3A.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_iceberg_table_on_s3_is_read_as_of_the_snapshot_time() {
+    let s3 = S3Server::start(&["lake"]);
+    for (key, value) in s3.env() {
+        std::env::set_var(key, value);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = Catalog::sql_on_s3(dir.path(), &s3);
+    let results = dir.path().join("results");
+    let printed = check_time_travel(&catalog, &results).await;
+    assert!(printed["location"].as_str().unwrap().starts_with("s3://lake/warehouse/"), "{printed}");
+    let written = history(&printed);
+    spark_reads_each_snapshot(&catalog, &written, &results).await;
+}
+
 /// The Spark engine reads the same snapshot, through the same reader, as
 /// DataFusion: at a time between each commit and the next, the members are
 /// that snapshot's (pyiceberg's scan) and the manifest records its id.
@@ -238,11 +268,17 @@ async fn the_spark_engine_reads_each_snapshot_as_datafusion_does() {
     let dir = tempfile::tempdir().unwrap();
     let catalog = Catalog::sql(dir.path());
     let written = history(&catalog.helper(&["write"]));
-    let results = dir.path().join("results");
+    spark_reads_each_snapshot(&catalog, &written, &dir.path().join("results")).await;
+}
+
+/// One Spark session computes every snapshot of `written` (at a time
+/// between it and the next): each gives that snapshot's members, and the
+/// manifest its id.
+async fn spark_reads_each_snapshot(catalog: &Catalog, written: &[Commit], results: &Path) {
     let tasks: Vec<ComputeTask> = (0..written.len())
         .map(|s| ComputeTask {
             engine: ComputeEngine::Spark,
-            ..task(&format!("spark-s{s}"), &catalog.access(), &results, between(&written, s))
+            ..task(&format!("spark-s{s}"), &catalog.access(), results, between(written, s))
         })
         .collect();
     spark::run_local_all(&tasks, &ComputeOptions::default()).await.unwrap_or_else(|e| panic!("spark: {e}"));
@@ -431,6 +467,9 @@ async fn the_catalog_token_goes_to_the_classs_catalog_alone() {
         warehouse: Some("tenants".into()),
         catalog_name: None,
         token_env: Some(TOKEN_ENV.into()),
+        credential_env: None,
+        scope: None,
+        oauth2_server_uri: None,
     }];
     let dir = tempfile::tempdir().unwrap();
     let error = compute::run(&task("token", &access, dir.path(), Utc::now())).await.expect_err("fails");
@@ -453,7 +492,8 @@ async fn the_catalog_token_goes_to_the_classs_catalog_alone() {
 }
 
 /// A loopback HTTP server answering each request with `answer(request
-/// line)`, remembering each request line with its lowercased headers.
+/// line)`, remembering each request line with its lowercased headers and,
+/// after an empty line, its body.
 struct FakeHttp {
     port: u16,
     heard: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
@@ -481,6 +521,14 @@ impl FakeHttp {
                     request.push('\n');
                     line.clear();
                 }
+                // The body (a form), read whole: one left unread could reset
+                // the connection before the client reads the answer.
+                let length = request.lines().find_map(|h| h.strip_prefix("content-length:")?.trim().parse().ok());
+                let mut body = vec![0; length.unwrap_or(0)];
+                if std::io::Read::read_exact(&mut reader, &mut body).is_ok() && !body.is_empty() {
+                    request.push('\n');
+                    request.push_str(&String::from_utf8_lossy(&body));
+                }
                 let first = request.lines().next().unwrap_or_default().to_string();
                 log.lock().unwrap().push(request);
                 // One request a connection: the client must not reuse it.
@@ -494,6 +542,169 @@ impl FakeHttp {
     fn requests(&self) -> Vec<String> {
         self.heard.lock().unwrap().clone()
     }
+}
+
+/// An HTTP answer with a JSON body, for a [`FakeHttp`].
+fn json_reply(status: &str, body: Value) -> String {
+    let body = body.to_string();
+    format!("HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+}
+
+/// A catalog of [`FakeHttp`]s for `credentialEnv`: config (prefix `p`),
+/// and a table it does not have, so a run fails after the table request.
+fn oauth2_catalog(token_endpoint: bool) -> FakeHttp {
+    FakeHttp::start(move |line| {
+        if token_endpoint && line.starts_with("POST /v1/oauth/tokens ") {
+            json_reply("200 OK", json!({"access_token": "issued-t0ken", "token_type": "bearer", "expires_in": 3600}))
+        } else if line.starts_with("GET /v1/config") {
+            json_reply("200 OK", json!({"defaults": {}, "overrides": {"prefix": "p"}}))
+        } else {
+            json_reply("404 Not Found", json!({"error": {"message": "no", "type": "NoSuchTableException", "code": 404}}))
+        }
+    })
+}
+
+/// The class's REST catalog at `catalog`, authenticating with the OAuth2
+/// client credentials the worker variable `credential_env` holds.
+fn oauth2_access(catalog: &FakeHttp, credential_env: &str, scope: Option<&str>, token_uri: Option<String>) -> IcebergAccess {
+    let mut access = empty_access();
+    access.catalogs = vec![IcebergCatalog {
+        name: "lake".into(),
+        type_: IcebergCatalogType::Rest,
+        uri: format!("http://127.0.0.1:{}/", catalog.port),
+        warehouse: Some("tenants".into()),
+        catalog_name: None,
+        token_env: None,
+        credential_env: Some(credential_env.into()),
+        scope: scope.map(str::to_string),
+        oauth2_server_uri: token_uri,
+    }];
+    access
+}
+
+/// `credentialEnv`: before `v1/config` the worker POSTs the client
+/// credentials grant (client id, secret, scope) to the catalog's
+/// `v1/oauth/tokens`, and the issued token, not the secret, goes with the
+/// config and table requests as the bearer token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oauth2_client_credentials_are_traded_for_the_token_the_catalog_hears() {
+    const CREDENTIAL_ENV: &str = "ICEBERG_TEST_OAUTH2_CATALOG_CREDENTIAL";
+    std::env::set_var(CREDENTIAL_ENV, "lake-client:s3cr3t-secret");
+    let catalog = oauth2_catalog(true);
+    let access = oauth2_access(&catalog, CREDENTIAL_ENV, Some("PRINCIPAL_ROLE:ALL"), None);
+    let dir = tempfile::tempdir().unwrap();
+    let error = compute::run(&task("oauth2", &access, dir.path(), Utc::now())).await.expect_err("no such table");
+    assert_eq!(error.reason, FailureReason::UnreadableSource, "{error}");
+    assert!(error.message.contains("HTTP 404 Not Found NoSuchTableException"), "{error}");
+    assert!(!error.message.contains("s3cr3t") && !error.message.contains("issued-t0ken"), "{error}");
+
+    let heard = catalog.requests();
+    assert_eq!(heard.len(), 3, "{heard:#?}");
+    let token_request = &heard[0];
+    assert!(token_request.starts_with("POST /v1/oauth/tokens "), "{heard:#?}");
+    assert!(token_request.contains("content-type: application/x-www-form-urlencoded"), "{heard:#?}");
+    assert!(
+        token_request.ends_with(
+            "\n\ngrant_type=client_credentials&client_id=lake-client&client_secret=s3cr3t-secret&scope=PRINCIPAL_ROLE%3AALL"
+        ),
+        "{heard:#?}"
+    );
+    assert!(!token_request.contains("authorization:"), "{heard:#?}");
+    assert!(heard[1].starts_with("GET /v1/config?warehouse=tenants "), "{heard:#?}");
+    assert!(heard[2].starts_with("GET /v1/p/namespaces/sales/tables/orders "), "{heard:#?}");
+    for request in &heard[1..] {
+        assert!(request.contains("authorization: Bearer issued-t0ken"), "{heard:#?}");
+        assert!(!request.contains("s3cr3t") && !request.contains("lake-client"), "{heard:#?}");
+    }
+    std::env::remove_var(CREDENTIAL_ENV);
+}
+
+/// `oauth2ServerUri` elsewhere: the secret goes there and only there (the
+/// scope `catalog` unless the class says otherwise), the token to the
+/// catalog and only there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_oauth2_server_uri_the_secret_goes_to_it_alone() {
+    const CREDENTIAL_ENV: &str = "ICEBERG_TEST_OAUTH2_SERVER_CREDENTIAL";
+    std::env::set_var(CREDENTIAL_ENV, "lake-client:s3cr3t-secret");
+    let idp = FakeHttp::start(|_| json_reply("200 OK", json!({"access_token": "issued-t0ken", "token_type": "Bearer"})));
+    let catalog = oauth2_catalog(false);
+    let token_uri = format!("http://127.0.0.1:{}/realms/lake/token", idp.port);
+    let access = oauth2_access(&catalog, CREDENTIAL_ENV, None, Some(token_uri));
+    let dir = tempfile::tempdir().unwrap();
+    let error = compute::run(&task("oauth2-server", &access, dir.path(), Utc::now())).await.expect_err("no such table");
+    assert!(error.message.contains("HTTP 404 Not Found NoSuchTableException"), "{error}");
+
+    let issued = idp.requests();
+    assert_eq!(issued.len(), 1, "{issued:#?}");
+    assert!(issued[0].starts_with("POST /realms/lake/token "), "{issued:#?}");
+    assert!(
+        issued[0].ends_with("\n\ngrant_type=client_credentials&client_id=lake-client&client_secret=s3cr3t-secret&scope=catalog"),
+        "{issued:#?}"
+    );
+    let heard = catalog.requests();
+    assert_eq!(heard.len(), 2, "{heard:#?}");
+    assert!(heard[0].starts_with("GET /v1/config?warehouse=tenants "), "{heard:#?}");
+    assert!(heard.iter().all(|r| r.contains("authorization: Bearer issued-t0ken") && !r.contains("s3cr3t")), "{heard:#?}");
+    std::env::remove_var(CREDENTIAL_ENV);
+}
+
+/// Refused credentials fail the run (`UnreadableSource`) with the status
+/// and the OAuth2 error code, not the secret nor the answer's text, and
+/// nothing goes to the catalog; neither does anything when the variable is
+/// unset or holds no `client_id:client_secret`, said without its value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_or_missing_oauth2_credentials_fail_the_run_without_echoing_them() {
+    const CREDENTIAL_ENV: &str = "ICEBERG_TEST_OAUTH2_REFUSED_CREDENTIAL";
+    std::env::set_var(CREDENTIAL_ENV, "lake-client:s3cr3t-secret");
+    let catalog = FakeHttp::start(|_| {
+        json_reply(
+            "401 Unauthorized",
+            json!({"error": "invalid_client", "error_description": "no client lake-client with secret s3cr3t-secret"}),
+        )
+    });
+    let access = oauth2_access(&catalog, CREDENTIAL_ENV, None, None);
+    let dir = tempfile::tempdir().unwrap();
+    let error = compute::run(&task("refused", &access, dir.path(), Utc::now())).await.expect_err("refused");
+    assert_eq!(error.reason, FailureReason::UnreadableSource, "{error}");
+    assert!(error.message.contains("catalog `lake`: the OAuth2 token request: HTTP 401 Unauthorized invalid_client"), "{error}");
+    assert!(!error.message.contains("s3cr3t") && !error.message.contains("no client"), "{error}");
+    let heard = catalog.requests();
+    assert_eq!(heard.len(), 1, "only the token request: {heard:#?}");
+    assert!(heard[0].starts_with("POST /v1/oauth/tokens "), "{heard:#?}");
+
+    std::env::set_var(CREDENTIAL_ENV, "s3cr3t-without-an-id");
+    let error = compute::run(&task("no-colon", &access, dir.path(), Utc::now())).await.expect_err("fails");
+    assert_eq!(error.reason, FailureReason::UnreadableSource, "{error}");
+    assert!(error.message.contains(&format!("{CREDENTIAL_ENV} does not hold client credentials as client_id:client_secret")));
+    assert!(!error.message.contains("s3cr3t"), "{error}");
+    std::env::remove_var(CREDENTIAL_ENV);
+    let error = compute::run(&task("unset", &access, dir.path(), Utc::now())).await.expect_err("fails");
+    assert!(error.message.contains(&format!("{CREDENTIAL_ENV} holding its client credentials is not set")), "{error}");
+    assert_eq!(catalog.requests().len(), 1, "nothing is sent without the credentials");
+}
+
+/// Apache Iceberg's REST catalog fixture issues a token for the client
+/// credentials grant at its `v1/oauth/tokens` and refuses any other
+/// request there (a form it cannot parse, another grant type): a table
+/// pyiceberg wrote is read with `credentialEnv` set, at two snapshots.
+/// The fixture accepts any client and does not check the bearer token;
+/// the tests against `FakeHttp` above check where each goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_iceberg_table_in_a_rest_catalog_is_read_with_oauth2_client_credentials() {
+    const CREDENTIAL_ENV: &str = "ICEBERG_TEST_OAUTH2_REST_FIXTURE_CREDENTIAL";
+    std::env::set_var(CREDENTIAL_ENV, "segment-worker:s3cr3t-secret");
+    let dir = tempfile::tempdir().unwrap();
+    let server = RestCatalogServer::start(dir.path());
+    let catalog = Catalog::rest(&server);
+    let written = history(&catalog.helper(&["write"]));
+    let mut access = catalog.access();
+    access.catalogs = vec![IcebergCatalog { credential_env: Some(CREDENTIAL_ENV.into()), ..catalog.class.clone() }];
+    let results = dir.path().join("results");
+    for s in [1, written.len() - 1] {
+        let (members, read) = compute_members(&task(&format!("oauth2-s{s}"), &access, &results, between(&written, s))).await;
+        assert_eq!((read, &members), (written[s].id, &written[s].members), "snapshot {s}");
+    }
+    std::env::remove_var(CREDENTIAL_ENV);
 }
 
 /// Ingest records the snapshot id the compute read (from the manifest) in
