@@ -49,6 +49,7 @@ use datafusion::error::DataFusionError;
 use datafusion::execution::context::SQLOptions;
 use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::simplify::{ExprSimplifyResult, SimplifyContext};
 use datafusion::logical_expr::{
@@ -152,6 +153,20 @@ pub async fn run_with(task: &ComputeTask, options: &ComputeOptions) -> Result<Co
         "computed"
     );
     Ok(report)
+}
+
+/// Runs `task`'s definition on DataFusion to the end without writing a
+/// result, and gives its physical plan with each operator's metrics (rows,
+/// time, spills: what `EXPLAIN ANALYZE` prints), to see where a
+/// definition's time goes (`segment-bench compute --explain`).
+pub async fn explain_analyze(task: &ComputeTask, options: &ComputeOptions) -> Result<String, WorkerError> {
+    let engine = Engine::new(task, options)?;
+    let members = engine.members().await?;
+    let task_ctx = Arc::new(members.task_ctx());
+    let plan = members.create_physical_plan().await.map_err(|e| engine.classify(e))?;
+    datafusion::physical_plan::collect(plan.clone(), task_ctx).await.map_err(|e| engine.classify(e))?;
+    let text = datafusion::physical_plan::display::DisplayableExecutionPlan::with_metrics(plan.as_ref()).indent(true).to_string();
+    Ok(text)
 }
 
 /// Evaluates the definition into `writer`: the bytes spilled on the way
@@ -356,7 +371,14 @@ impl<'a> Engine<'a> {
         // (10 MB) alone exceeds a small pool.
         let execution = &mut config.options_mut().execution;
         execution.sort_spill_reservation_bytes = execution.sort_spill_reservation_bytes.min(options.memory_limit / 4);
-        let ctx = SessionContext::new_with_config_rt(config, runtime);
+        let state = SessionStateBuilder::new()
+            .with_config(config)
+            .with_runtime_env(runtime)
+            .with_default_features()
+            .with_physical_optimizer_rule(Arc::new(crate::sorted_window::SortedWindowRule))
+            .with_physical_optimizer_rule(Arc::new(crate::sort_input::CompactSortInputRule))
+            .build();
+        let ctx = SessionContext::new_with_state(state);
         ctx.register_udf(ScalarUDF::from(SnapshotNow::new(task.snapshot_time)));
         Ok(Engine { task, ctx, tables: Default::default(), read: Default::default() })
     }

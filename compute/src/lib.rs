@@ -3,7 +3,9 @@
 //! `kubectl segment preview`.
 //!
 //! - [`compute`]: evaluates a definition over the lake (DataFusion) and
-//!   writes the result files;
+//!   writes the result files; [`sorted_window`]: its executor for
+//!   `row_number`, `lag` and `lead` over sorted input; [`sort_input`]:
+//!   sorts charged for their rows, not for buffers shared with others;
 //! - [`delta`]: Delta Lake tables as of a point in time, from their
 //!   transaction log; [`iceberg`]: Apache Iceberg tables as of a point in
 //!   time, from their catalog ([`iceberg_catalog`]) and metadata;
@@ -24,4 +26,6 @@ pub mod iceberg_catalog;
 pub mod ingest;
 pub mod lake_table;
 pub mod lakegen;
+pub mod sort_input;
+pub mod sorted_window;
 pub mod spark;
