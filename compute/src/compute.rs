@@ -355,7 +355,11 @@ impl<'a> Engine<'a> {
             runtime = runtime.with_temp_file_path(dir);
         }
         let runtime = runtime.build_arc().map_err(engine_error)?;
-        let mut config = SessionConfig::new().with_information_schema(false);
+        // DataFusion's own options may be tuned with its `DATAFUSION_*`
+        // variables (`DATAFUSION_EXECUTION_BATCH_SIZE=16384`): the worker's
+        // environment is the admin's (the ComputeClass's `env`). The
+        // settings below are the worker's contract and win.
+        let mut config = SessionConfig::from_env().map_err(engine_error)?.with_information_schema(false);
         if let Some(partitions) = options.partitions {
             config = config.with_target_partitions(partitions);
         }
@@ -1148,6 +1152,27 @@ mod tests {
             let value = ScalarValue::try_from_array(column, 0).unwrap();
             assert_eq!(value, ScalarValue::TimestampNanosecond(snapshot.timestamp_nanos_opt(), Some(Arc::from(UTC_OFFSET))));
         }
+    }
+
+    /// `DATAFUSION_*` variables tune the engine; the worker's own settings
+    /// stay.
+    #[tokio::test]
+    async fn datafusion_options_come_from_its_environment_variables() {
+        let task: ComputeTask = serde_json::from_value(serde_json::json!({
+            "segment": {"namespace": "n", "name": "s"}, "version": 1, "generation": 1, "definitionHash": "h",
+            "snapshotTime": Utc::now(), "definition": {"sql": "SELECT 'u1' AS user_id"}, "sources": [],
+            "resultsUri": "file:///tmp/unused/"
+        }))
+        .unwrap();
+        std::env::set_var("DATAFUSION_EXECUTION_BATCH_SIZE", "4321");
+        std::env::set_var("DATAFUSION_OPTIMIZER_REPARTITION_SORTS", "true");
+        let engine = Engine::new(&task, &ComputeOptions::default());
+        std::env::remove_var("DATAFUSION_EXECUTION_BATCH_SIZE");
+        std::env::remove_var("DATAFUSION_OPTIMIZER_REPARTITION_SORTS");
+        let state = engine.unwrap().ctx.state();
+        let options = state.config().options();
+        assert_eq!(state.config().batch_size(), 4321);
+        assert!(!options.optimizer.repartition_sorts, "the worker's own setting wins");
     }
 
     /// The members are sorted once, globally: a per-partition sort needs a
