@@ -8,18 +8,23 @@
 //! next to the same segments over the plain Parquet prefix, and read as an
 //! Apache Iceberg table (the same files, registered by pyiceberg).
 //!
-//! cargo run --release -p segment-bench --bin compute -- [users] [--explain NAME]
+//! cargo run --release -p segment-bench --bin compute -- [users] [--explain NAME] [--spark]
 //! (1,000,000 users give ~3M orders and ~10M app events). `--explain NAME`
 //! prints, for each segment whose name contains NAME, the physical plan
-//! with every operator's metrics after a run, and measures nothing.
+//! with every operator's metrics after a run, and measures nothing;
+//! `--spark` adds the segments on the local Spark engine (it needs
+//! `target/release/segment-worker`).
 
 use std::process::Command;
 
 use chrono::{DateTime, Duration, Utc};
 use segment_bench::row;
-use segment_compute::compute;
+use segment_compute::compute::{self, ComputeOptions};
 use segment_compute::lakegen::{generate, write_delta_commit, LakeSpec};
-use segment_core::api::{Definition, IcebergCatalog, IcebergCatalogType, SegmentKey, SegmentSourceSpec, SourceFormat};
+use segment_compute::spark;
+use segment_core::api::{
+    ComputeEngine, Definition, IcebergCatalog, IcebergCatalogType, SegmentKey, SegmentSourceSpec, SourceFormat,
+};
 use segment_core::iceberg::IcebergAccess;
 use segment_core::rules::Rule;
 use segment_core::rules_sql;
@@ -154,6 +159,39 @@ fn bench_task(
 /// percent with whatever else the host does.
 const RUNS: usize = 3;
 
+/// `--spark`: the fifteen segments on the local Spark engine (`spark-submit
+/// --master local[*]`, one session for all of them, so the JVM starts once;
+/// a 4 GiB driver), their total next to DataFusion's, and the members
+/// checked against DataFusion's. The same 2 cores: what a Spark run costs
+/// on one node, not what a cluster of executors would do.
+async fn spark_on_the_same_lake(
+    sources: &[SegmentSourceSpec],
+    snapshot: DateTime<Utc>,
+    work: &std::path::Path,
+    datafusion: &[(&str, f64, u64)],
+) {
+    let tasks: Vec<ComputeTask> = reference_segments(sources)
+        .into_iter()
+        .enumerate()
+        .map(|(i, (_, definition, _))| ComputeTask {
+            engine: ComputeEngine::Spark,
+            ..bench_task(&format!("spark{i}"), definition, sources, snapshot, work)
+        })
+        .collect();
+    let options = ComputeOptions { memory_limit: 4 << 30, ..ComputeOptions::default() };
+    let start = std::time::Instant::now();
+    let reports = spark::run_local_all(&tasks, &options).await.unwrap_or_else(|e| panic!("spark: {e}"));
+    let seconds = start.elapsed().as_secs_f64();
+    for ((name, _, members), report) in datafusion.iter().zip(&reports) {
+        assert_eq!(*members, report.members, "{name}: Spark and DataFusion disagree on the members");
+    }
+    let total: f64 = datafusion.iter().map(|(_, seconds, _)| seconds).sum();
+    println!();
+    row("the fifteen segments on local Spark, one session", seconds, "s");
+    row("the same on DataFusion (sum of the best runs)", total, "s");
+    println!("{:<48} {:>14.2} x", "Spark / DataFusion", seconds / total);
+}
+
 /// The fastest of [`RUNS`] runs of `task`, and its members.
 async fn best_of(task: &ComputeTask, name: &str) -> (f64, u64) {
     let mut best = f64::INFINITY;
@@ -237,6 +275,9 @@ async fn main() {
     row("total, duckdb (query + fetch)", total_ref, "s");
     println!("{:<48} {:>14.2} x", "total ratio, ours / duckdb", total_ours / total_ref);
     println!("{:<48} {:>14.2} x ({})", "worst segment ratio", worst.0, worst.1);
+    if args.iter().any(|a| a == "--spark") {
+        spark_on_the_same_lake(&sources, snapshot, work.path(), &ours).await;
+    }
 
     // The same orders as a Delta table: a log over the same Parquet files,
     // committed before the snapshot. The segments that read orders only.
