@@ -419,7 +419,14 @@ impl<'a> Engine<'a> {
     fn distinct_ids(&self, frame: DataFrame) -> Result<DataFrame, WorkerError> {
         let schema = frame.schema().clone();
         if schema.fields().len() != 1 {
-            let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+            // Only names the author wrote: `SELECT *` over a CSV would
+            // otherwise print its header line, which is the file's data.
+            let written = tenant_text(self.task);
+            let names: Vec<&str> = schema
+                .fields()
+                .iter()
+                .map(|f| if written.contains(f.name().as_str()) { f.name().as_str() } else { "…" })
+                .collect();
             return Err(WorkerError::new(
                 FailureReason::NotOneColumn,
                 format!(

@@ -20,7 +20,7 @@ use segment_core::task::{ComputeTask, SegmentInput};
 use segment_store::objects::locate;
 use segment_store::results::ResultDir;
 use segment_tests::S3Server;
-use serde_json::json;
+use serde_json::{json, Value};
 use tempfile::TempDir;
 
 const USERS: u64 = 3000;
@@ -710,6 +710,9 @@ async fn every_error_has_its_reason() {
         &["2 columns", "user_id", "country"],
     )
     .await;
+    // A file's column names (a CSV's header line) are its data: only the
+    // names the author wrote are printed.
+    check("star", sql("SELECT * FROM users"), FailureReason::NotOneColumn, &["columns (user_id, …"]).await;
     check("not-ids", sql("SELECT amount FROM orders"), FailureReason::QueryError, &["amount", "Float64"]).await;
     check(
         "two-kinds",
@@ -1077,6 +1080,25 @@ async fn a_failing_spark_run_has_its_reason_and_never_the_files_columns() {
         assert!(!error.message.contains(column), "the file's column `{column}` is named: {error}");
     }
     assert!(ResultDir::open(&failing.results_uri).unwrap().read_manifest().await.unwrap().is_none(), "no result is left");
+}
+
+/// The Spark driver tells each way a definition fails from real Spark
+/// errors (syntax, unknown function, cast, division by zero, unparsable
+/// text, two columns, `SELECT *`, not ids, unknown table and column), and
+/// no message holds a value of the table or a column name the author did
+/// not write: `workers/spark/classify_check.py`, one local Spark session.
+#[test]
+fn spark_failures_have_their_reasons_and_never_the_files_data() {
+    spark_ready();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../workers/spark/classify_check.py");
+    let output = std::process::Command::new("python3").arg(&script).output().expect("python3 runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr).lines().last().unwrap_or(""));
+    let report: Value = serde_json::from_slice(&output.stdout).expect("the check prints JSON");
+    let reasons: Vec<&str> = report["checked"].as_array().unwrap().iter().map(|c| c["reason"].as_str().unwrap()).collect();
+    assert_eq!(report["cases"].as_u64(), Some(10), "{report}");
+    for reason in ["QueryError", "NotOneColumn", "UnknownTable", "UnknownColumn"] {
+        assert!(reasons.contains(&reason), "{reason} in {reasons:?}");
+    }
 }
 
 /// A tenant's SQL reads declared tables only: Spark's direct file query

@@ -290,7 +290,10 @@ def member_ids(frame, plan):
 
     fields = frame.schema.fields
     if len(fields) != 1:
-        names = ", ".join(f.name for f in fields)
+        # Only names the author wrote: `SELECT *` over a CSV would
+        # otherwise print its header line, which is the file's data.
+        author = plan.get("authorText", "")
+        names = ", ".join(f.name if f.name in author else "…" for f in fields)
         raise Failure(
             "NotOneColumn",
             f"the definition returns {len(fields)} columns ({names}); it must return one column of user ids",
