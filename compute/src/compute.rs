@@ -74,9 +74,8 @@ use segment_store::results::ResultDir;
 use serde::Serialize;
 use tracing::info;
 
-use crate::delta;
 use crate::failure::WorkerError;
-use crate::iceberg;
+use crate::lake_table::{delta_table_at, iceberg_table_at, source_error};
 
 /// Ids per result part unless configured.
 pub const DEFAULT_PART_SIZE: usize = 1_000_000;
@@ -539,16 +538,8 @@ impl<'a> Engine<'a> {
     /// that version, one listing table per set of partition values, the
     /// partition values as literal columns, all as one view.
     async fn register_delta(&self, source: &SegmentSourceSpec) -> Result<(), WorkerError> {
-        let named = |reason: FailureReason, detail: String| {
-            WorkerError::new(reason, format!("table `{}` ({}): {detail}", source.table, source.uri))
-        };
-        let unreadable = |detail: String| named(FailureReason::UnreadableSource, detail);
-        segment_core::validation::check_source(source)
-            .map_err(|e| named(FailureReason::UnsupportedSource, format!("{}: {}", e.field, e.message)))?;
-        let location = locate(&source.uri).map_err(|e| unreadable(e.to_string()))?;
-        let snapshot = delta::snapshot_at(location.store.as_ref(), &location.path, self.task.snapshot_time)
-            .await
-            .map_err(|e| named(e.reason, one_line(&e.message)))?;
+        let unreadable = |detail: String| source_error(source, FailureReason::UnreadableSource, detail);
+        let (snapshot, location) = delta_table_at(source, self.task).await?;
         self.ctx.register_object_store(&location.root, location.store.clone());
         let partitioned = |name: &str| snapshot.partition_columns.iter().position(|c| c == name);
         let data_fields: Vec<Field> =
@@ -604,19 +595,8 @@ impl<'a> Engine<'a> {
     /// exactly the live Parquet files of the snapshot current then, read
     /// with the snapshot's schema.
     async fn register_iceberg(&self, source: &SegmentSourceSpec) -> Result<(), WorkerError> {
-        let named = |reason: FailureReason, detail: String| {
-            WorkerError::new(reason, format!("table `{}` ({}): {detail}", source.table, source.uri))
-        };
-        let access = self.task.iceberg.as_ref().ok_or_else(|| {
-            named(
-                FailureReason::UnsupportedSource,
-                "the task names no Iceberg catalog (the ComputeClass's icebergCatalogs)".into(),
-            )
-        })?;
-        let snapshot = iceberg::snapshot_at(&source.uri, access, self.task.snapshot_time)
-            .await
-            .map_err(|e| named(e.reason, one_line(&e.message)))?;
-        let location = locate(&snapshot.table_location).map_err(|e| named(FailureReason::UnreadableSource, e.to_string()))?;
+        let snapshot = iceberg_table_at(source, self.task).await?;
+        let location = locate(&snapshot.table_location).map_err(|e| source_error(source, FailureReason::UnreadableSource, e))?;
         self.ctx.register_object_store(&location.root, location.store);
         let table: Arc<dyn TableProvider> = if snapshot.files.is_empty() {
             Arc::new(MemTable::try_new(snapshot.schema.clone(), vec![vec![]]).map_err(|e| self.classify(e))?)

@@ -317,6 +317,10 @@ impl SortedWindowStream {
             };
         }
 
+        // Rows left in each row's partition after it, for the `lead`s.
+        let leads = self.functions.iter().any(|f| matches!(f, RowFunction::Shift { lead: true, .. }));
+        let remaining = if leads && end > emitted { rows_after_in_partition(&starts) } else { Vec::new() };
+
         let mut output = None;
         if end > emitted {
             let mut columns: Vec<ArrayRef> = work.columns().iter().map(|c| c.slice(emitted, end - emitted)).collect();
@@ -325,11 +329,6 @@ impl SortedWindowStream {
                     RowFunction::RowNumber => Arc::new(UInt64Array::from(row_numbers[emitted..end].to_vec())),
                     RowFunction::Shift { value, offset, lead, default, output } => {
                         let values = value.evaluate(&work)?.into_array(n)?;
-                        // Rows left in each row's partition after it, for `lead`.
-                        let remaining = match lead {
-                            true => rows_after_in_partition(&starts),
-                            false => Vec::new(),
-                        };
                         let indices: UInt32Array = (emitted..end)
                             .map(|i| match lead {
                                 false => (row_numbers[i] > *offset as u64).then(|| (i - offset) as u32),

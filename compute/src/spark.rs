@@ -45,8 +45,8 @@ use crate::compute::{
     self, data_file_extension, listing_url, one_line, retract_manifest, rules_error, tenant_text, without_data, ComputeOptions,
     ComputeReport, IdRefused, ResultWriter, STATIC_TABLE, USER_ID,
 };
-use crate::delta;
 use crate::failure::WorkerError;
+use crate::lake_table::{delta_table_at, iceberg_table_at, source_error};
 
 /// The PySpark driver program. `segment-worker spark-driver` prints it; the
 /// worker image carries it at [`DRIVER_PATH`].
@@ -402,17 +402,9 @@ async fn list(
 
 /// A Delta table as of the snapshot time, and its version.
 async fn delta_table(source: &SegmentSourceSpec, task: &ComputeTask) -> Result<(TableRead, u64), WorkerError> {
-    let named = |reason: FailureReason, detail: String| {
-        WorkerError::new(reason, format!("table `{}` ({}): {detail}", source.table, source.uri))
-    };
-    segment_core::validation::check_source(source)
-        .map_err(|e| named(FailureReason::UnsupportedSource, format!("{}: {}", e.field, e.message)))?;
-    let location = locate(&source.uri).map_err(|e| named(FailureReason::UnreadableSource, e.to_string()))?;
-    let snapshot = delta::snapshot_at(location.store.as_ref(), &location.path, task.snapshot_time)
-        .await
-        .map_err(|e| named(e.reason, one_line(&e.message)))?;
-    let columns =
-        spark_columns(&snapshot.schema, &snapshot.partition_columns).map_err(|e| named(FailureReason::UnsupportedSource, e))?;
+    let (snapshot, location) = delta_table_at(source, task).await?;
+    let columns = spark_columns(&snapshot.schema, &snapshot.partition_columns)
+        .map_err(|e| source_error(source, FailureReason::UnsupportedSource, e))?;
     let root = spark_root(location.root.as_str());
     let mut groups: BTreeMap<Vec<Option<String>>, DeltaGroup> = BTreeMap::new();
     for file in &snapshot.files {
@@ -431,19 +423,8 @@ async fn delta_table(source: &SegmentSourceSpec, task: &ComputeTask) -> Result<(
 /// task carries (the same reader, files and checks as the DataFusion
 /// compute), and the snapshot id.
 async fn iceberg_table(source: &SegmentSourceSpec, task: &ComputeTask) -> Result<(TableRead, u64), WorkerError> {
-    let named = |reason: FailureReason, detail: String| {
-        WorkerError::new(reason, format!("table `{}` ({}): {detail}", source.table, source.uri))
-    };
-    let access = task.iceberg.as_ref().ok_or_else(|| {
-        named(
-            FailureReason::UnsupportedSource,
-            "the task carries no Iceberg catalogs (the namespace's ComputeClass names them)".into(),
-        )
-    })?;
-    let snapshot = crate::iceberg::snapshot_at(&source.uri, access, task.snapshot_time)
-        .await
-        .map_err(|e| named(e.reason, one_line(&e.message)))?;
-    let columns = spark_columns(&snapshot.schema, &[]).map_err(|e| named(FailureReason::UnsupportedSource, e))?;
+    let snapshot = iceberg_table_at(source, task).await?;
+    let columns = spark_columns(&snapshot.schema, &[]).map_err(|e| source_error(source, FailureReason::UnsupportedSource, e))?;
     let files = snapshot.files.iter().map(|file| spark_root(file)).collect::<Vec<_>>();
     info!(table = %source.table, snapshot = snapshot.snapshot_id, files = files.len(), "iceberg table for spark");
     Ok((TableRead::Iceberg { columns, files }, snapshot.snapshot_id))

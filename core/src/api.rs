@@ -445,6 +445,23 @@ pub struct IcebergCatalog {
     pub oauth2_server_uri: Option<String>,
 }
 
+impl IcebergCatalog {
+    /// A catalog with no warehouse, catalog name or credentials.
+    pub fn new(name: &str, type_: IcebergCatalogType, uri: impl Into<String>) -> IcebergCatalog {
+        IcebergCatalog {
+            name: name.to_string(),
+            type_,
+            uri: uri.into(),
+            warehouse: None,
+            catalog_name: None,
+            token_env: None,
+            credential_env: None,
+            scope: None,
+            oauth2_server_uri: None,
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum IcebergCatalogType {

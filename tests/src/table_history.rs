@@ -30,26 +30,35 @@ pub fn between(commits: &[Commit], i: usize) -> DateTime<Utc> {
     }
 }
 
-/// Runs `tests/iceberg_table.py COMMAND CATALOG ARGS...` (pyiceberg, which
-/// tests/setup installs) against `catalog`, pyiceberg's properties with the
-/// catalog's `name`; the one JSON object it prints.
-pub fn pyiceberg(catalog: &Value, args: &[&str]) -> Value {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("iceberg_table.py");
-    let (command, rest) = args.split_first().expect("a command");
-    let output = std::process::Command::new("python3")
-        .arg(&script)
-        .arg(command)
-        .arg(catalog.to_string())
-        .args(rest)
-        .output()
-        .expect("python3 runs");
+/// Runs `tests/SCRIPT ARGS...`, one of the writers' helpers
+/// (`delta_table.py`, `iceberg_table.py`; tests/setup installs deltalake
+/// and pyiceberg); the one JSON object it prints.
+pub fn run_helper(script: &str, args: &[&str]) -> Value {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
+    let output = std::process::Command::new("python3").arg(&script).args(args).output().expect("python3 runs");
     assert!(
         output.status.success(),
-        "{} {args:?}: {}\n(tests/setup installs pyiceberg)",
+        "{} {args:?}: {}\n(tests/setup installs deltalake and pyiceberg)",
         script.display(),
         String::from_utf8_lossy(&output.stderr)
     );
     serde_json::from_slice(&output.stdout).expect("the helper prints JSON")
+}
+
+/// Runs `tests/iceberg_table.py COMMAND CATALOG ARGS...` against `catalog`,
+/// pyiceberg's properties with the catalog's `name`.
+pub fn pyiceberg(catalog: &Value, args: &[&str]) -> Value {
+    let (command, rest) = args.split_first().expect("a command");
+    let catalog = catalog.to_string();
+    let mut all = vec![*command, catalog.as_str()];
+    all.extend_from_slice(rest);
+    run_helper("iceberg_table.py", &all)
+}
+
+/// pyiceberg's properties of a SQL catalog named `lake` in the SQLite
+/// file `db`, its tables under `warehouse` (a `file://` or `s3://` URI).
+pub fn pyiceberg_sql_catalog(db: &std::path::Path, warehouse: &str) -> Value {
+    serde_json::json!({"name": "lake", "type": "sql", "uri": format!("sqlite:///{}", db.display()), "warehouse": warehouse})
 }
 
 /// The snapshot log `tests/iceberg_table.py` prints after a commit.
@@ -66,8 +75,10 @@ pub fn iceberg_history(printed: &Value) -> Vec<Commit> {
         .collect()
 }
 
-/// The query `tests/iceberg_table.py` computes its members with.
-pub const ICEBERG_SEGMENT_SQL: &str = "SELECT user_id FROM orders WHERE amount >= 50 AND country <> 'US'";
+/// The query the writers' helpers (`tests/delta_table.py`,
+/// `tests/iceberg_table.py`) compute a commit's members with: amount >= 50
+/// outside the US.
+pub const TABLE_SEGMENT_SQL: &str = "SELECT user_id FROM orders WHERE amount >= 50 AND country <> 'US'";
 
 /// An Iceberg table written by pyiceberg in a SQL catalog (SQLite) under
 /// `dir` (`catalog.db`, `warehouse/`), and `dir/iceberg.yaml`, the
@@ -75,13 +86,11 @@ pub const ICEBERG_SEGMENT_SQL: &str = "SELECT user_id FROM orders WHERE amount >
 /// do: the ComputeClass `lake-readers` naming the catalog `lake` (relative
 /// to the manifests), the Namespace `growth` labelled with it, the
 /// SegmentSource `orders` and the Segment `big-abroad`
-/// ([`ICEBERG_SEGMENT_SQL`]). Returns the table's history.
+/// ([`TABLE_SEGMENT_SQL`]). Returns the table's history.
 pub fn iceberg_example(dir: &std::path::Path) -> Vec<Commit> {
     let warehouse = dir.join("warehouse");
     std::fs::create_dir_all(&warehouse).unwrap();
-    let catalog = serde_json::json!({"name": "lake", "type": "sql",
-        "uri": format!("sqlite:///{}", dir.join("catalog.db").display()),
-        "warehouse": format!("file://{}", warehouse.display())});
+    let catalog = pyiceberg_sql_catalog(&dir.join("catalog.db"), &format!("file://{}", warehouse.display()));
     let history = iceberg_history(&pyiceberg(&catalog, &["write"]));
     let manifests = format!(
         r#"apiVersion: segmentation.dev/v1alpha1
@@ -108,9 +117,32 @@ apiVersion: segmentation.dev/v1alpha1
 kind: Segment
 metadata: {{name: big-abroad, namespace: growth}}
 spec:
-  definition: {{sql: "{ICEBERG_SEGMENT_SQL}"}}
+  definition: {{sql: "{TABLE_SEGMENT_SQL}"}}
 "#
     );
     std::fs::write(dir.join("iceberg.yaml"), manifests).unwrap();
     history
+}
+
+/// The version of `task`'s result as the store records it once ingest has
+/// checked it (`ingest::verify`, as its Job does) and the operator has
+/// sealed it from the verdict, in an in-memory store.
+pub async fn ingested_and_sealed(task: &segment_core::task::ComputeTask) -> segment_core::store::StoredVersion {
+    use segment_core::seal::{SealFile, SEAL_FILE};
+    use segment_core::store::{MemoryStore, SegmentStore};
+    let ingest = segment_core::task::IngestTask {
+        segment: task.segment.clone(),
+        version: task.version,
+        snapshot_time: task.snapshot_time,
+        results_uri: task.results_uri.clone(),
+        max_failed_parts: 0,
+        compare_with: None,
+        overrides_from: None,
+    };
+    segment_compute::ingest::verify(&ingest).await.expect("ingest succeeds");
+    let seal = segment_store::results::ResultDir::open(&task.results_uri).unwrap().read_seal().await.unwrap();
+    let verdict: SealFile = serde_json::from_slice(&seal.unwrap_or_else(|| panic!("no {SEAL_FILE}"))).unwrap();
+    let store = MemoryStore::new();
+    store.seal_with(&task.segment, task.version, &verdict.seal).await.unwrap();
+    store.versions(&task.segment).await.unwrap().remove(&task.version).expect("the sealed version")
 }

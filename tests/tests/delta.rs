@@ -7,7 +7,6 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::Command;
 
 use chrono::{DateTime, Duration, Utc};
 use segment_compute::compute;
@@ -16,24 +15,16 @@ use segment_core::policy::{check_allowed, Tenant};
 use segment_core::reasons::{FailureReason, SpecProblem};
 use segment_core::task::ComputeTask;
 use segment_store::results::ResultDir;
-use segment_tests::table_history::{between, members_of, Commit};
+use segment_tests::table_history::{between, ingested_and_sealed, members_of, run_helper, Commit, TABLE_SEGMENT_SQL};
 use serde_json::{json, Value};
 
-/// The segment the helper's `members` evaluates: amount >= 50 outside the
-/// US (`country` is the table's partition column).
-const SQL: &str = "SELECT user_id FROM orders WHERE amount >= 50 AND country <> 'US'";
+/// The segment the helper's `members` evaluates (`country` is the
+/// table's partition column).
+const SQL: &str = TABLE_SEGMENT_SQL;
 
 /// Runs the helper; its one line of JSON.
 fn helper(args: &[&str]) -> Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("delta_table.py");
-    let output = Command::new("python3").arg(&script).args(args).output().expect("python3 runs");
-    assert!(
-        output.status.success(),
-        "{} {args:?}: {}\n(tests/setup installs deltalake)",
-        script.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("the helper prints JSON")
+    run_helper("delta_table.py", args)
 }
 
 fn versions(printed: &Value) -> Vec<Commit> {
@@ -229,9 +220,6 @@ fn the_example_lakes_delta_table_is_read_by_deltalake() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_records_the_table_version_read_with_the_version() {
     use segment_core::manifest::SourceRead;
-    use segment_core::seal::{SealFile, SEAL_FILE};
-    use segment_core::store::{MemoryStore, SegmentStore};
-    use segment_core::task::IngestTask;
     let dir = tempfile::tempdir().unwrap();
     let table = dir.path().join("orders");
     let results = dir.path().join("results");
@@ -241,21 +229,7 @@ async fn ingest_records_the_table_version_read_with_the_version() {
     let (members, read) = compute_members(&compute_task).await;
     assert_eq!(read, 1);
 
-    let store = MemoryStore::new();
-    let ingest = IngestTask {
-        segment: compute_task.segment.clone(),
-        version: compute_task.version,
-        snapshot_time: snapshot,
-        results_uri: compute_task.results_uri.clone(),
-        max_failed_parts: 0,
-        compare_with: None,
-        overrides_from: None,
-    };
-    segment_compute::ingest::verify(&ingest).await.expect("ingest succeeds");
-    let written = ResultDir::open(&compute_task.results_uri).unwrap().read_seal().await.unwrap();
-    let verdict: SealFile = serde_json::from_slice(&written.unwrap_or_else(|| panic!("no {SEAL_FILE}"))).unwrap();
-    store.seal_with(&compute_task.segment, 1, &verdict.seal).await.unwrap();
-    let stored = &store.versions(&compute_task.segment).await.unwrap()[&1];
+    let stored = ingested_and_sealed(&compute_task).await;
     assert_eq!(stored.members, members.len() as u64);
     assert_eq!(stored.table_versions, vec![SourceRead { table: "orders".into(), format: SourceFormat::Delta, version: Some(1) }]);
 }

@@ -23,12 +23,14 @@ use segment_core::policy::{check_allowed, Tenant};
 use segment_core::reasons::{FailureReason, SpecProblem};
 use segment_core::task::ComputeTask;
 use segment_store::results::ResultDir;
-use segment_tests::table_history::{between, iceberg_history, members_of, pyiceberg, Commit, ICEBERG_SEGMENT_SQL};
+use segment_tests::table_history::{
+    between, iceberg_history, ingested_and_sealed, members_of, pyiceberg, pyiceberg_sql_catalog, Commit, TABLE_SEGMENT_SQL,
+};
 use segment_tests::S3Server;
 use serde_json::{json, Value};
 
 /// The segment the helper's `members` evaluates: amount >= 50 outside the US.
-const SQL: &str = ICEBERG_SEGMENT_SQL;
+const SQL: &str = TABLE_SEGMENT_SQL;
 const URI: &str = "iceberg://lake/sales/orders";
 
 /// A catalog pyiceberg writes through and the worker reads.
@@ -47,19 +49,8 @@ impl Catalog {
         std::fs::create_dir_all(&warehouse).unwrap();
         let db = dir.join("catalog.db");
         Catalog {
-            pyiceberg: json!({"name": "lake", "type": "sql", "uri": format!("sqlite:///{}", db.display()),
-                              "warehouse": format!("file://{}", warehouse.display())}),
-            class: IcebergCatalog {
-                name: "lake".into(),
-                type_: IcebergCatalogType::Sql,
-                uri: format!("sqlite://{}", db.display()),
-                warehouse: None,
-                catalog_name: None,
-                token_env: None,
-                credential_env: None,
-                scope: None,
-                oauth2_server_uri: None,
-            },
+            pyiceberg: pyiceberg_sql_catalog(&db, &format!("file://{}", warehouse.display())),
+            class: IcebergCatalog::new("lake", IcebergCatalogType::Sql, format!("sqlite://{}", db.display())),
             warehouse: format!("file://{}/", warehouse.display()),
         }
     }
@@ -68,23 +59,13 @@ impl Catalog {
     /// writes there through s3fs, the worker reads through its `AWS_*`.
     fn sql_on_s3(dir: &Path, s3: &S3Server) -> Catalog {
         let db = dir.join("catalog.db");
+        let mut pyiceberg = pyiceberg_sql_catalog(&db, "s3://lake/warehouse");
+        let io = json!({"py-io-impl": "pyiceberg.io.fsspec.FsspecFileIO", "s3.endpoint": s3.endpoint(), "s3.region": "us-east-1",
+                        "s3.access-key-id": "test", "s3.secret-access-key": "test"});
+        pyiceberg.as_object_mut().unwrap().extend(io.as_object().unwrap().clone());
         Catalog {
-            pyiceberg: json!({"name": "lake", "type": "sql", "uri": format!("sqlite:///{}", db.display()),
-                              "warehouse": "s3://lake/warehouse",
-                              "py-io-impl": "pyiceberg.io.fsspec.FsspecFileIO",
-                              "s3.endpoint": s3.endpoint(), "s3.region": "us-east-1",
-                              "s3.access-key-id": "test", "s3.secret-access-key": "test"}),
-            class: IcebergCatalog {
-                name: "lake".into(),
-                type_: IcebergCatalogType::Sql,
-                uri: format!("sqlite://{}", db.display()),
-                warehouse: None,
-                catalog_name: None,
-                token_env: None,
-                credential_env: None,
-                scope: None,
-                oauth2_server_uri: None,
-            },
+            pyiceberg,
+            class: IcebergCatalog::new("lake", IcebergCatalogType::Sql, format!("sqlite://{}", db.display())),
             warehouse: "s3://lake/warehouse/".into(),
         }
     }
@@ -92,17 +73,7 @@ impl Catalog {
     fn rest(server: &RestCatalogServer) -> Catalog {
         Catalog {
             pyiceberg: json!({"name": "lake", "type": "rest", "uri": server.url()}),
-            class: IcebergCatalog {
-                name: "lake".into(),
-                type_: IcebergCatalogType::Rest,
-                uri: server.url(),
-                warehouse: None,
-                catalog_name: None,
-                token_env: None,
-                credential_env: None,
-                scope: None,
-                oauth2_server_uri: None,
-            },
+            class: IcebergCatalog::new("lake", IcebergCatalogType::Rest, server.url()),
             warehouse: format!("file://{}/", server.warehouse.display()),
         }
     }
@@ -461,15 +432,9 @@ async fn the_catalog_token_goes_to_the_classs_catalog_alone() {
     std::env::set_var(TOKEN_ENV, "s3cr3t-token");
     let mut access = empty_access();
     access.catalogs = vec![IcebergCatalog {
-        name: "lake".into(),
-        type_: IcebergCatalogType::Rest,
-        uri: format!("http://127.0.0.1:{}/", catalog.port),
         warehouse: Some("tenants".into()),
-        catalog_name: None,
         token_env: Some(TOKEN_ENV.into()),
-        credential_env: None,
-        scope: None,
-        oauth2_server_uri: None,
+        ..IcebergCatalog::new("lake", IcebergCatalogType::Rest, format!("http://127.0.0.1:{}/", catalog.port))
     }];
     let dir = tempfile::tempdir().unwrap();
     let error = compute::run(&task("token", &access, dir.path(), Utc::now())).await.expect_err("fails");
@@ -569,15 +534,11 @@ fn oauth2_catalog(token_endpoint: bool) -> FakeHttp {
 fn oauth2_access(catalog: &FakeHttp, credential_env: &str, scope: Option<&str>, token_uri: Option<String>) -> IcebergAccess {
     let mut access = empty_access();
     access.catalogs = vec![IcebergCatalog {
-        name: "lake".into(),
-        type_: IcebergCatalogType::Rest,
-        uri: format!("http://127.0.0.1:{}/", catalog.port),
         warehouse: Some("tenants".into()),
-        catalog_name: None,
-        token_env: None,
         credential_env: Some(credential_env.into()),
         scope: scope.map(str::to_string),
         oauth2_server_uri: token_uri,
+        ..IcebergCatalog::new("lake", IcebergCatalogType::Rest, format!("http://127.0.0.1:{}/", catalog.port))
     }];
     access
 }
@@ -713,9 +674,6 @@ async fn an_iceberg_table_in_a_rest_catalog_is_read_with_oauth2_client_credentia
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_records_the_snapshot_read_with_the_version() {
     use segment_core::manifest::SourceRead;
-    use segment_core::seal::{SealFile, SEAL_FILE};
-    use segment_core::store::{MemoryStore, SegmentStore};
-    use segment_core::task::IngestTask;
     let dir = tempfile::tempdir().unwrap();
     let catalog = Catalog::sql(dir.path());
     let written = history(&catalog.helper(&["write"]));
@@ -724,21 +682,7 @@ async fn ingest_records_the_snapshot_read_with_the_version() {
     let (members, read) = compute_members(&compute_task).await;
     assert_eq!(read, written[1].id);
 
-    let ingest = IngestTask {
-        segment: compute_task.segment.clone(),
-        version: compute_task.version,
-        snapshot_time: snapshot,
-        results_uri: compute_task.results_uri.clone(),
-        max_failed_parts: 0,
-        compare_with: None,
-        overrides_from: None,
-    };
-    segment_compute::ingest::verify(&ingest).await.expect("ingest succeeds");
-    let seal = ResultDir::open(&compute_task.results_uri).unwrap().read_seal().await.unwrap();
-    let verdict: SealFile = serde_json::from_slice(&seal.unwrap_or_else(|| panic!("no {SEAL_FILE}"))).unwrap();
-    let store = MemoryStore::new();
-    store.seal_with(&compute_task.segment, 1, &verdict.seal).await.unwrap();
-    let stored = &store.versions(&compute_task.segment).await.unwrap()[&1];
+    let stored = ingested_and_sealed(&compute_task).await;
     assert_eq!(stored.members, members.len() as u64);
     let recorded = SourceRead { table: "orders".into(), format: SourceFormat::Iceberg, version: Some(written[1].id) };
     assert_eq!(stored.table_versions, vec![recorded]);

@@ -29,6 +29,7 @@ use segment_core::iceberg::IcebergAccess;
 use segment_core::rules::Rule;
 use segment_core::rules_sql;
 use segment_core::task::ComputeTask;
+use segment_tests::table_history::pyiceberg;
 
 fn sources(lake: &std::path::Path) -> Vec<SegmentSourceSpec> {
     let source = |table: &str, format, ts: Option<&str>| SegmentSourceSpec {
@@ -327,31 +328,14 @@ async fn iceberg_orders(
     let db = work.join("iceberg-catalog.db");
     let catalog = serde_json::json!({"name": "bench", "type": "sql", "uri": format!("sqlite:///{}", db.display()),
                                      "warehouse": format!("file://{}/iceberg-warehouse", work.display())});
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/iceberg_table.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .args(["register", &catalog.to_string(), &format!("file://{}/orders", lake.display())])
-        .args(parts)
-        .output()
-        .expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "pyiceberg add_files failed (tests/setup installs pyiceberg): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let location = format!("file://{}/orders", lake.display());
+    let parts: Vec<String> = parts.iter().map(|p| p.display().to_string()).collect();
+    let mut args = vec!["register", location.as_str()];
+    args.extend(parts.iter().map(String::as_str));
+    pyiceberg(&catalog, &args);
     let at = Utc::now();
     let access = IcebergAccess {
-        catalogs: vec![IcebergCatalog {
-            name: "bench".into(),
-            type_: IcebergCatalogType::Sql,
-            uri: format!("sqlite://{}", db.display()),
-            warehouse: None,
-            catalog_name: None,
-            token_env: None,
-            credential_env: None,
-            scope: None,
-            oauth2_server_uri: None,
-        }],
+        catalogs: vec![IcebergCatalog::new("bench", IcebergCatalogType::Sql, format!("sqlite://{}", db.display()))],
         namespace: "bench".into(),
         results_base: format!("file://{}/results", work.display()),
         allowed_prefixes: None,
