@@ -4,10 +4,10 @@
 //! An aggregate emits its groups as one large batch cut into zero-copy
 //! slices of `batch_size` rows. A sort charges each batch it buffers to
 //! the memory pool by the size of the buffers behind it, so every slice
-//! of an aggregate's output costs the whole output: a sort over 800,000
-//! groups (the members' final sort, a window `ORDER BY` an aggregate) was
-//! charged 1.3 GB for 19 MB of rows, found its share of the pool taken and
-//! spilled 17 times (`segment-bench compute --explain top-decile`).
+//! of an aggregate's output costs the whole output: a sort over 822,000
+//! groups (a window `ORDER BY` an aggregate), 19 MB of rows whose batches
+//! reported 1.3 GB of buffers between them, spilled 17 times
+//! (`segment-bench compute --explain top-decile`).
 //! [`CompactSortInputRule`] puts [`CompactExec`] under every sort: a batch
 //! whose buffers are much larger than its rows is copied into buffers of
 //! its own, so the sort is charged, and keeps, only what it sorts; any
