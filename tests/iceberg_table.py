@@ -140,3 +140,11 @@ def register(spec, location, *files):
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
     {"write": write, "more": more, "at": at, "expire": expire, "register": register}[command](*args)
+    sys.stdout.flush()
+    # pyarrow's S3 client (pyiceberg reads s3:// data files with it) is to
+    # be shut down before the interpreter exits: left to the exit, the AWS
+    # SDK now and then aborts the process ("terminate called without an
+    # active exception") after the output is written.
+    import pyarrow.fs
+
+    pyarrow.fs.finalize_s3()
