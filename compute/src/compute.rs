@@ -79,7 +79,42 @@ use crate::lake_table::{delta_table_at, iceberg_table_at, source_error};
 
 /// Ids per result part unless configured.
 pub const DEFAULT_PART_SIZE: usize = 1_000_000;
+/// The engine's memory pool when neither the flag nor the container's
+/// limit says otherwise.
 pub const DEFAULT_MEMORY_MB: usize = 1024;
+/// The part of a container's memory limit given to the pool (numerator,
+/// denominator): the rest holds what the pool does not count (Parquet
+/// pages being decoded, result files being written, the allocator's own).
+const POOL_SHARE_OF_CONTAINER: (u64, u64) = (2, 3);
+
+/// The memory pool for a process whose container is limited to
+/// `container_limit` bytes: two thirds of it, or [`DEFAULT_MEMORY_MB`]
+/// without a limit. A compute Job's pool then grows with the memory its
+/// class gives it instead of leaving most of it unused.
+pub fn memory_pool_for(container_limit: Option<u64>) -> usize {
+    let (share, of) = POOL_SHARE_OF_CONTAINER;
+    match container_limit {
+        Some(limit) => usize::try_from(limit / of * share).unwrap_or(usize::MAX),
+        None => DEFAULT_MEMORY_MB * 1024 * 1024,
+    }
+}
+
+/// The memory limit of the container this process runs in, from its
+/// cgroup (v2's `memory.max`, else v1's `memory.limit_in_bytes`); `None`
+/// when there is none or it cannot be read.
+pub fn container_memory_limit() -> Option<u64> {
+    ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
+        .iter()
+        .find_map(|path| std::fs::read_to_string(path).ok())
+        .and_then(|text| cgroup_memory_limit(&text))
+}
+
+/// A cgroup memory limit file's bytes; `None` for v2's `max` and for v1's
+/// "unlimited", a page-rounded `i64::MAX`.
+fn cgroup_memory_limit(text: &str) -> Option<u64> {
+    const UNLIMITED_ABOVE: u64 = 1 << 62;
+    text.trim().parse::<u64>().ok().filter(|bytes| *bytes < UNLIMITED_ABOVE)
+}
 
 /// The one column of a segment's members.
 pub(crate) const USER_ID: &str = "user_id";
@@ -374,6 +409,14 @@ impl<'a> Engine<'a> {
         // (10 MB) alone exceeds a small pool.
         let execution = &mut config.options_mut().execution;
         execution.sort_spill_reservation_bytes = execution.sort_spill_reservation_bytes.min(options.memory_limit / 4);
+        // A sort whose rows are charged less than this concatenates them and
+        // sorts once, instead of sorting every 8,192-row batch and merging
+        // them all (the default, 1 MB, merges almost always); a spilling
+        // sort sorts each run it spills the same way. The concatenated copy
+        // fits in what the sort has reserved (twice its rows). Measured on
+        // the 1M-user lake: 822,000 sums 78 ms to 11 ms, 3M orders by user
+        // and time 393 ms to 118 ms (docs/benchmarks.md).
+        execution.sort_in_place_threshold_bytes = execution.sort_in_place_threshold_bytes.max(options.memory_limit / 8);
         let state = SessionStateBuilder::new()
             .with_config(config)
             .with_runtime_env(runtime)
@@ -1196,5 +1239,18 @@ mod tests {
         assert_eq!(one_line("Parquet error: Parquet error: bad\n  footer\n"), "Parquet error: bad footer");
         assert_eq!(one_line(&"x".repeat(2000)).chars().count(), 1501);
         assert_eq!(unique_names(vec!["user_id".into(), "".into(), "user_id".into()]), vec!["user_id", "column_2", "user_id_3"]);
+    }
+
+    /// The pool is two thirds of the container's limit, read from either
+    /// cgroup version; an unlimited container gets the default.
+    #[test]
+    fn the_memory_pool_follows_the_containers_limit() {
+        assert_eq!(cgroup_memory_limit("4294967296\n"), Some(4 << 30));
+        assert_eq!(cgroup_memory_limit("max\n"), None, "cgroup v2 without a limit");
+        assert_eq!(cgroup_memory_limit("9223372036854771712\n"), None, "cgroup v1 without a limit");
+        assert_eq!(cgroup_memory_limit(""), None);
+        assert_eq!(memory_pool_for(Some(4 << 30)), 2_863_311_530);
+        assert_eq!(memory_pool_for(Some(3 << 20)), 2 << 20);
+        assert_eq!(memory_pool_for(None), DEFAULT_MEMORY_MB * 1024 * 1024);
     }
 }

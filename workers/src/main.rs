@@ -2,7 +2,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use segment_compute::compute::{ComputeOptions, DEFAULT_MEMORY_MB, DEFAULT_PART_SIZE};
+use segment_compute::compute::{container_memory_limit, memory_pool_for, ComputeOptions, DEFAULT_PART_SIZE};
 use segment_compute::failure::WorkerError;
 use segment_compute::{compute, ingest, lakegen, spark};
 use segment_core::reasons::FailureReason;
@@ -165,9 +165,10 @@ struct ComputeArgs {
     task: TaskArgs,
     /// The engine's memory pool in MiB; sorts and aggregations spill to
     /// disk beyond it. Leave headroom below the container's limit for
-    /// buffers outside the pool (about a third).
-    #[arg(long, env = "COMPUTE_MEMORY_MB", default_value_t = DEFAULT_MEMORY_MB, value_parser = positive)]
-    compute_memory_mb: usize,
+    /// buffers outside the pool (about a third). Unset: two thirds of the
+    /// container's memory limit, or 1024 without one.
+    #[arg(long, env = "COMPUTE_MEMORY_MB", value_parser = positive)]
+    compute_memory_mb: Option<usize>,
     /// Where spill files go; the OS temp dir (the Jobs' scratch volume at
     /// /tmp) when unset.
     #[arg(long, env = "COMPUTE_SPILL_DIR")]
@@ -183,7 +184,10 @@ struct ComputeArgs {
 impl ComputeArgs {
     fn options(&self) -> ComputeOptions {
         ComputeOptions {
-            memory_limit: self.compute_memory_mb * 1024 * 1024,
+            memory_limit: match self.compute_memory_mb {
+                Some(mb) => mb * 1024 * 1024,
+                None => memory_pool_for(container_memory_limit()),
+            },
             spill_dir: self.compute_spill_dir.clone().filter(|d| !d.as_os_str().is_empty()),
             part_size: self.compute_part_size,
             partitions: self.compute_partitions,

@@ -160,6 +160,13 @@ fn bench_task(
 /// percent with whatever else the host does.
 const RUNS: usize = 3;
 
+/// The memory both engines get: the pool of a compute Job of the chart's
+/// default size (`worker.memoryLimit: 4Gi`, two thirds of it), DataFusion
+/// through its pool and DuckDB through its `memory_limit`.
+fn pool_bytes() -> usize {
+    compute::memory_pool_for(Some(4 << 30))
+}
+
 /// `--spark`: the fifteen segments on the local Spark engine (`spark-submit
 /// --master local[*]`, one session for all of them, so the JVM starts once;
 /// a 4 GiB driver), their total next to DataFusion's, and the members
@@ -199,7 +206,8 @@ async fn best_of(task: &ComputeTask, name: &str) -> (f64, u64) {
     let mut members = 0;
     for _ in 0..RUNS {
         let start = std::time::Instant::now();
-        let report = compute::run(task).await.unwrap_or_else(|e| panic!("{name} ({}): {e}", task.segment));
+        let options = ComputeOptions { memory_limit: pool_bytes(), ..ComputeOptions::default() };
+        let report = compute::run_with(task, &options).await.unwrap_or_else(|e| panic!("{name} ({}): {e}", task.segment));
         best = best.min(start.elapsed().as_secs_f64());
         members = report.members;
     }
@@ -230,7 +238,8 @@ async fn main() {
         for (i, (name, definition, _)) in reference_segments(&sources).into_iter().enumerate() {
             if name.contains(&wanted) {
                 let task = bench_task(&format!("s{i}"), definition, &sources, snapshot, work.path());
-                let plan = compute::explain_analyze(&task, &Default::default()).await.unwrap_or_else(|e| panic!("{name}: {e}"));
+                let options = ComputeOptions { memory_limit: pool_bytes(), ..ComputeOptions::default() };
+                let plan = compute::explain_analyze(&task, &options).await.unwrap_or_else(|e| panic!("{name}: {e}"));
                 println!("{name}\n{plan}");
             }
         }
@@ -249,8 +258,14 @@ async fn main() {
     let queries_path = work.path().join("queries.json");
     std::fs::write(&queries_path, serde_json::to_vec(&queries).expect("json")).expect("queries written");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/duckdb_reference.py");
-    let out =
-        Command::new("python3").arg(script).arg(&lake).arg(&queries_path).arg(RUNS.to_string()).output().expect("python3 runs");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(&lake)
+        .arg(&queries_path)
+        .arg(RUNS.to_string())
+        .arg((pool_bytes() >> 20).to_string())
+        .output()
+        .expect("python3 runs");
     assert!(
         out.status.success(),
         "duckdb reference failed (python3 -m pip install duckdb): {}",
