@@ -7,7 +7,8 @@
 //! of an aggregate's output costs the whole output: a sort over 822,000
 //! groups (a window `ORDER BY` an aggregate), 19 MB of rows whose batches
 //! reported 1.3 GB of buffers between them, spilled 17 times
-//! (`segment-bench compute --explain top-decile`).
+//! (`segment-bench compute --explain top-decile`); with the copy below,
+//! none.
 //! [`CompactSortInputRule`] puts [`CompactExec`] under every sort: a batch
 //! whose buffers are much larger than its rows is copied into buffers of
 //! its own, so the sort is charged, and keeps, only what it sorts; any
