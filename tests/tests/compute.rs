@@ -1084,9 +1084,10 @@ async fn a_failing_spark_run_has_its_reason_and_never_the_files_columns() {
 
 /// The Spark driver tells each way a definition fails from real Spark
 /// errors (syntax, unknown function, cast, division by zero, unparsable
-/// text, two columns, `SELECT *`, not ids, unknown table and column), and
-/// no message holds a value of the table or a column name the author did
-/// not write: `workers/spark/classify_check.py`, one local Spark session.
+/// text, two columns, `SELECT *`, not ids, unknown table and column,
+/// Parquet files removed after planning or not Parquet), and no message
+/// holds a value of the table or a column name the author did not write:
+/// `workers/spark/classify_check.py`, one local Spark session.
 #[test]
 fn spark_failures_have_their_reasons_and_never_the_files_data() {
     spark_ready();
@@ -1095,8 +1096,8 @@ fn spark_failures_have_their_reasons_and_never_the_files_data() {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr).lines().last().unwrap_or(""));
     let report: Value = serde_json::from_slice(&output.stdout).expect("the check prints JSON");
     let reasons: Vec<&str> = report["checked"].as_array().unwrap().iter().map(|c| c["reason"].as_str().unwrap()).collect();
-    assert_eq!(report["cases"].as_u64(), Some(10), "{report}");
-    for reason in ["QueryError", "NotOneColumn", "UnknownTable", "UnknownColumn"] {
+    assert_eq!(report["cases"].as_u64(), Some(12), "{report}");
+    for reason in ["QueryError", "NotOneColumn", "UnknownTable", "UnknownColumn", "UnreadableSource"] {
         assert!(reasons.contains(&reason), "{reason} in {reasons:?}");
     }
 }

@@ -6,7 +6,9 @@
 Starts one local Spark session (pyspark, as the local engine runs it),
 reads a small table whose values stand for what a tenant's files hold,
 and runs, one after the other, definitions that fail in each way the
-driver tells apart (`segment_spark.classify`, `member_ids`). For each it
+driver tells apart (`segment_spark.classify`, `member_ids`), two of them
+over Parquet files that cannot be read (removed after planning, not
+Parquet). For each it
 checks the reason and that the message holds no value of the table.
 Prints one JSON object: the cases checked and, for each, the reason and
 message. Exits non-zero on the first case that is wrong.
@@ -14,9 +16,12 @@ message. Exits non-zero on the first case that is wrong.
 Run by tests/tests/compute.rs (`spark_failures_have_their_reasons_and_never_the_files_data`).
 """
 
+import glob
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,6 +45,11 @@ CASES = [
     ("SELECT user_id FROM orders WHERE countyr = 'ES'", "UnknownColumn", "unknown column `countyr`"),
     # Spark's own message quotes the value it could not parse.
     ("SELECT user_id FROM orders WHERE to_date(code, 'yyyy-MM-dd') > DATE'2020-01-01'", "QueryError", ""),
+    # Parquet files removed after the table was planned (a compaction
+    # between listing and reading).
+    ("SELECT user_id FROM vanished", "UnreadableSource", "reading table `vanished`"),
+    # A file that is not Parquet, holding the tenant's text.
+    ("SELECT user_id FROM garbled", "UnreadableSource", "reading table `garbled`"),
 ]
 
 
@@ -47,13 +57,27 @@ def main():
     spark = segment_spark.session()
     spark.sparkContext.setLogLevel("OFF")
     rows = [(f"user-SECRET-{i}", float(i), "CODE-SECRET", "country-SECRET") for i in range(5)]
-    spark.createDataFrame(rows, "user_id string, amount double, code string, country string").createOrReplaceTempView("orders")
+    frame = spark.createDataFrame(rows, "user_id string, amount double, code string, country string")
+    frame.createOrReplaceTempView("orders")
+    files = tempfile.mkdtemp(prefix="classify-check-")
+    vanished = os.path.join(files, "vanished")
+    frame.write.parquet(vanished)
+    spark.read.parquet(vanished).createOrReplaceTempView("vanished")
+    for part in glob.glob(os.path.join(vanished, "*.parquet")):
+        os.remove(part)
+    garbled = os.path.join(files, "garbled")
+    os.makedirs(garbled)
+    with open(os.path.join(garbled, "part-0.parquet"), "w") as out:
+        out.write("user_id\n" + "\n".join(r[0] for r in rows) + "\nPAR1")
+    spark.read.schema("user_id string").parquet(garbled).createOrReplaceTempView("garbled")
+    tables = {
+        name: {"name": name, "about": f"table `{name}`", "read": {"format": "parquet", "files": []}}
+        for name in ("orders", "vanished", "garbled")
+    }
     checked = []
     for sql, reason, fragment in CASES:
-        plan = {
-            "authorText": sql,
-            "tables": [{"name": "orders", "about": "table `orders`", "read": {"format": "parquet", "files": []}}],
-        }
+        table = "vanished" if "vanished" in sql else "garbled" if "garbled" in sql else "orders"
+        plan = {"authorText": sql, "tables": [tables[table]]}
         try:
             segment_spark.member_ids(spark.sql(sql), plan).collect()
             failure = None
@@ -70,6 +94,7 @@ def main():
             sys.exit(f"{sql}: the message holds the table's {leaked}: {line}")
     print(json.dumps({"cases": len(checked), "checked": checked}))
     spark.stop()
+    shutil.rmtree(files, ignore_errors=True)
 
 
 if __name__ == "__main__":
