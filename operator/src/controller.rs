@@ -101,7 +101,10 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error + Send +
         })
     };
     let grace = Duration::from_secs(args.shutdown_grace_seconds);
-    let lead = || within_grace(controller(&clients.watches, context, &args, stopped(stop_rx.clone())), stop_rx.clone(), grace);
+    let lead = || {
+        tokio::spawn(remove_former_layout(store.clone()));
+        within_grace(controller(&clients.watches, context, &args, stopped(stop_rx.clone())), stop_rx.clone(), grace)
+    };
 
     if args.leader.leader_election {
         let lock = LeaseLock::new(client.clone(), &args.leader.lease_namespace, &args.leader.lease_name, &identity, timing);
@@ -169,6 +172,21 @@ impl Clients {
 /// The controller of one term as leader: it watches Segments, the Jobs
 /// they own and the SegmentSources they read, and ends once `stop` fires
 /// and the reconciles in flight have finished.
+/// Removes what the former per-membership Redis layout left
+/// (`RedisStore::remove_former_layout`), once a term: after an upgrade from
+/// it, the first leader reclaims that memory; later terms find nothing. A
+/// failure is logged and the next term tries again; nothing reads those
+/// keys, so nothing waits for it.
+async fn remove_former_layout(store: Arc<RedisStore>) {
+    match store.remove_former_layout().await {
+        Ok(0) => {}
+        Ok(removed) => info!(removed, "removed the keys of the former per-membership Redis layout"),
+        Err(e) => {
+            warn!(error = %e, "removing the keys of the former per-membership Redis layout failed; the next term tries again")
+        }
+    }
+}
+
 fn controller(
     watch_client: &Client,
     context: impl FnOnce(ClusterCache) -> Arc<Context>,

@@ -691,6 +691,66 @@ async fn redis_cluster_keeps_the_contract() {
 }
 
 // ------------------------------------------------------------- Redis only
+
+/// Sends one command to whichever of `ports` holds its key: the node that
+/// does not answer MOVED. A single server is a cluster of one.
+fn call_owner(ports: &[u16], args: &[&str]) {
+    let answered = ports.iter().any(|port| match redis_call(*port, args) {
+        Some(Resp::Error(e)) if e.starts_with("MOVED") => false,
+        Some(Resp::Error(e)) => panic!("{args:?}: {e}"),
+        Some(_) => true,
+        None => false,
+    });
+    assert!(answered, "{args:?}: no node took it");
+}
+
+/// An upgrade from the former per-membership layout: the store removes its
+/// member sets and per-user hashes, on a single server and on every node
+/// of a cluster, and leaves today's keys, of a segment named like a
+/// version too, as they were; a second run finds nothing.
+async fn the_former_layout_is_removed(store: &RedisStore, ports: &[u16], keys: impl Fn(&str) -> Vec<String>) {
+    let segment = SegmentKey::new("upgraded", "v1");
+    sealed(store, &segment, 3, 2, at(0)).await;
+    store.activate(&segment, 3).await.unwrap();
+    let mut former = Vec::new();
+    for version in 1..=3 {
+        let set = format!("sg:{{upgraded/v1}}:v{version}");
+        call_owner(ports, &["SADD", &set, "user-1", "user-2"]);
+        former.push(set);
+    }
+    for user in 0..300 {
+        let hash = format!("sg:u:user-{user}");
+        call_owner(ports, &["HSET", &hash, "upgraded/v1", "3"]);
+        former.push(hash);
+    }
+    let today = |keys: &dyn Fn(&str) -> Vec<String>| {
+        let mut found: Vec<String> = keys("sg:*").into_iter().filter(|k| !former.contains(k)).collect();
+        found.sort();
+        found
+    };
+    let before = today(&keys);
+    assert!(before.contains(&"sg:{upgraded/v1}:meta".to_string()), "{before:?}");
+    assert_eq!(store.remove_former_layout().await.unwrap(), former.len() as u64);
+    assert_eq!(keys("sg:u:*"), Vec::<String>::new());
+    assert!(keys("sg:{upgraded/v1}:v*").is_empty());
+    assert_eq!(today(&keys), before, "today's keys are left as they were");
+    assert_eq!(served(store, &segment).await, Some(3));
+    assert_eq!(store.remove_former_layout().await.unwrap(), 0, "nothing is left to remove");
+}
+
+#[tokio::test]
+async fn redis_removes_the_former_layout() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    the_former_layout_is_removed(&store, &[server.port], |pattern| server.keys(pattern)).await;
+}
+
+#[tokio::test]
+async fn redis_cluster_removes_the_former_layout() {
+    let cluster = RedisCluster::start();
+    let store = RedisStore::connect(&cluster.url()).await.unwrap();
+    the_former_layout_is_removed(&store, &cluster.ports, |pattern| cluster.keys(pattern)).await;
+}
 async fn next_notice(notices: &mut (impl futures::Stream<Item = Rollover> + Unpin)) -> Rollover {
     tokio::time::timeout(Duration::from_secs(5), notices.next())
         .await

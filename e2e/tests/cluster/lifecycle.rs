@@ -2,7 +2,8 @@
 //! requested by hand, `pinVersion` rollback, a held version approved, the
 //! schedule, a definition change during a run, a Job deleted by hand, pods
 //! that never start (an unknown image, more CPU than the node has), a
-//! failed definition, and deletion with `deletionPolicy` Delete and Retain.
+//! failed definition, deletion with `deletionPolicy` Delete and Retain,
+//! and the former Redis layout's keys removed by the operator.
 //!
 //! Static lists and a small CSV table keep each run short; every test has
 //! its own namespace, Redis, buckets and operator.
@@ -85,6 +86,32 @@ fn job_creates(tenant: &Tenant, code: impl Fn(u64) -> bool) -> usize {
 fn events_with_reason(tenant: &Tenant, reason: &str) -> Vec<Value> {
     let events: Value = serde_json::from_str(&tenant.kubectl(&["get", "events", "-o", "json"]).stdout).unwrap();
     events["items"].as_array().unwrap().iter().filter(|e| e["reason"] == reason).cloned().collect()
+}
+
+/// An upgrade from the former per-membership Redis layout: its member
+/// sets and per-user hashes, left in the store, are removed by the
+/// operator once it leads; today's keys stay.
+#[test]
+fn the_operator_removes_the_former_redis_layout_when_it_leads() {
+    let tenant = Tenant::new("former-layout");
+    let call = |args: &[&str]| segment_tests::redis_call(tenant.redis.port, args).expect("Redis answers");
+    call(&["SADD", &format!("sg:{{{}/old}}:v1", tenant.namespace), "user-1", "user-2"]);
+    call(&["HSET", "sg:u:user-1", &format!("{}/old", tenant.namespace), "1"]);
+    call(&["HSET", "sg:aliases", "other/kept", "4"]);
+    let former = || {
+        let mut keys = call(&["KEYS", "sg:u:*"]).texts();
+        keys.extend(call(&["KEYS", "sg:{*}:v*"]).texts());
+        keys
+    };
+    assert_eq!(former().len(), 2);
+
+    let _operator = Operator::start(&tenant, &[]);
+    let start = std::time::Instant::now();
+    while !former().is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(60), "still there after 60 s: {:?}", former());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(call(&["HGET", "sg:aliases", "other/kept"]).text().as_deref(), Some("4"), "today's keys stay");
 }
 
 #[test]

@@ -201,6 +201,46 @@ impl Conn {
         }
     }
 
+    /// Every key matching `pattern`, by `SCAN` on the server or on every
+    /// primary of the cluster (each holds its own slots' keys). A key may
+    /// come more than once (SCAN's guarantee); callers must not mind.
+    pub async fn scan_keys(&self, pattern: &str) -> Result<Vec<String>, RedisError> {
+        let scan = |cursor: u64| cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000).clone();
+        let mut keys = Vec::new();
+        match self {
+            Conn::Single(c) => {
+                let mut cursor = 0;
+                loop {
+                    let (next, found): (u64, Vec<String>) = scan(cursor).query_async(&mut c.clone()).await?;
+                    keys.extend(found);
+                    if next == 0 {
+                        break;
+                    }
+                    cursor = next;
+                }
+            }
+            Conn::Cluster(c, table) => {
+                let nodes = Self::load_slots(c, table)
+                    .await
+                    .ok_or_else(|| RedisError::from((ErrorKind::ClusterConnectionNotFound, "CLUSTER SLOTS gave no primaries")))?;
+                for (host, port) in &nodes.addresses {
+                    let mut cursor = 0;
+                    loop {
+                        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host: host.clone(), port: *port });
+                        let reply = c.clone().route_command(scan(cursor), route).await?;
+                        let (next, found): (u64, Vec<String>) = redis::from_redis_value(reply)?;
+                        keys.extend(found);
+                        if next == 0 {
+                            break;
+                        }
+                        cursor = next;
+                    }
+                }
+            }
+        }
+        Ok(keys)
+    }
+
     async fn load_slots(c: &ClusterConnection, table: &SlotTable) -> Option<Arc<Nodes>> {
         let reply = c
             .clone()

@@ -90,6 +90,27 @@ impl SegmentKeys {
     }
 }
 
+/// `SCAN` patterns that find the keys of the former per-membership layout
+/// (a set of members per version, a hash of versions per user); each key
+/// found is checked with [`is_former_layout`] before it is removed.
+pub(crate) const FORMER_LAYOUT_PATTERNS: [&str; 2] = ["sg:u:*", "sg:{*}:v*"];
+
+/// Whether `key` is one the former per-membership layout wrote:
+/// `sg:u:<user>` or `sg:{ns/name}:v<digits>`. No key of today's layout is:
+/// its global keys are not under `sg:u:`, and a segment's keys end in a
+/// word (`meta`, `loaded`, ...), never `v` and digits.
+pub(crate) fn is_former_layout(key: &str) -> bool {
+    if key.strip_prefix("sg:u:").is_some_and(|user| !user.is_empty()) {
+        return true;
+    }
+    let Some(rest) = key.strip_prefix("sg:{") else { return false };
+    let Some((segment, suffix)) = rest.rsplit_once("}:v") else { return false };
+    parse_segment(segment).is_some()
+        && !segment.contains(['{', '}'])
+        && !suffix.is_empty()
+        && suffix.bytes().all(|b| b.is_ascii_digit())
+}
+
 pub(crate) fn parse_segment(field: &str) -> Option<SegmentKey> {
     let (namespace, name) = field.split_once('/')?;
     Some(SegmentKey::new(namespace, name))
@@ -129,6 +150,32 @@ pub(crate) fn order_key(ts: &DateTime<Utc>) -> String {
 mod tests {
     use super::*;
     use chrono::TimeZone;
+
+    /// The former layout's keys are told from today's, whatever the
+    /// segment is called.
+    #[test]
+    fn former_layout_keys_are_told_from_todays() {
+        for former in ["sg:u:user-1", "sg:u:{odd}", "sg:{growth/lapsed}:v12", "sg:{ns/v1}:v3"] {
+            assert!(is_former_layout(former), "{former}");
+        }
+        let v1 = SegmentKeys::new(&SegmentKey::new("ns", "v1"));
+        let today = [
+            ALIASES.to_string(),
+            REPLICAS.to_string(),
+            LOAD_REQUESTS.to_string(),
+            ROLLOVER_CHANNEL.to_string(),
+            v1.meta(),
+            v1.loaded(),
+            v1.promoted(),
+            v1.fenced(),
+            v1.overrides(),
+            v1.changes(),
+            v1.replicas(),
+        ];
+        for key in today.iter().map(String::as_str).chain(["sg:u:", "sg:{ns/name}:v", "sg:{ns/name}:v1x", "sg:{nons}:v1"]) {
+            assert!(!is_former_layout(key), "{key}");
+        }
+    }
 
     #[test]
     fn fields_round_trip() {

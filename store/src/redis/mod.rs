@@ -169,6 +169,35 @@ impl RedisStore {
         &self.inner.options
     }
 
+    /// Removes the keys of the former per-membership layout (docs/storage.md,
+    /// "Key layout"): a Redis that held versions from before index files
+    /// keeps them otherwise, though nothing reads them any more, and they
+    /// hold 89-177 bytes per membership. Finds them with `SCAN` (on every
+    /// primary of a cluster), so Redis is never blocked for long, and
+    /// removes only keys [`keys::is_former_layout`] recognises, with
+    /// `UNLINK`. Idempotent: the operator's leader runs it when its term
+    /// starts. Returns how many keys it removed.
+    pub async fn remove_former_layout(&self) -> Result<u64, StoreError> {
+        const KEYS_PER_BATCH: usize = 500;
+        let limit = self.inner.options.bulk_timeout;
+        let mut removed = 0;
+        for pattern in keys::FORMER_LAYOUT_PATTERNS {
+            let found = within(limit, self.inner.conn.scan_keys(pattern)).await?;
+            let former: Vec<String> =
+                found.into_iter().filter(|key| keys::is_former_layout(key)).collect::<BTreeSet<_>>().into_iter().collect();
+            for chunk in former.chunks(KEYS_PER_BATCH) {
+                let mut batch = Batch::new();
+                for key in chunk {
+                    batch.add(key, cmd("UNLINK").arg(key).clone());
+                }
+                for reply in self.run(batch, limit).await? {
+                    removed += u64::from_redis_value(reply).unwrap_or(0);
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     /// Notices (rollovers, load requests, overrides) from now on, on a
     /// dedicated pub/sub connection. The stream ends when that connection
     /// drops: subscribe again and treat the gap as "anything may have
