@@ -44,6 +44,14 @@ pub(crate) enum Conn {
     Cluster(ClusterConnection, Arc<SlotTable>),
 }
 
+/// Where [`Conn::scan_page`] runs.
+pub(crate) enum ScanTarget {
+    /// The one server.
+    Server,
+    /// A cluster primary, by address.
+    Node(String, u16),
+}
+
 /// Which primary serves each slot, as `CLUSTER SLOTS` last said. Only an
 /// optimisation (it lets one pipeline carry many slots of one node): a
 /// stale entry costs a MOVED reply and a retry through redis-rs' own
@@ -201,44 +209,35 @@ impl Conn {
         }
     }
 
-    /// Every key matching `pattern`, by `SCAN` on the server or on every
-    /// primary of the cluster (each holds its own slots' keys). A key may
-    /// come more than once (SCAN's guarantee); callers must not mind.
-    pub async fn scan_keys(&self, pattern: &str) -> Result<Vec<String>, RedisError> {
-        let scan = |cursor: u64| cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000).clone();
-        let mut keys = Vec::new();
+    /// Where a `SCAN` over every key runs: the server, or each primary of
+    /// the cluster (each holds its own slots' keys).
+    pub async fn scan_targets(&self) -> Result<Vec<ScanTarget>, RedisError> {
         match self {
-            Conn::Single(c) => {
-                let mut cursor = 0;
-                loop {
-                    let (next, found): (u64, Vec<String>) = scan(cursor).query_async(&mut c.clone()).await?;
-                    keys.extend(found);
-                    if next == 0 {
-                        break;
-                    }
-                    cursor = next;
-                }
-            }
+            Conn::Single(_) => Ok(vec![ScanTarget::Server]),
             Conn::Cluster(c, table) => {
                 let nodes = Self::load_slots(c, table)
                     .await
                     .ok_or_else(|| RedisError::from((ErrorKind::ClusterConnectionNotFound, "CLUSTER SLOTS gave no primaries")))?;
-                for (host, port) in &nodes.addresses {
-                    let mut cursor = 0;
-                    loop {
-                        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host: host.clone(), port: *port });
-                        let reply = c.clone().route_command(scan(cursor), route).await?;
-                        let (next, found): (u64, Vec<String>) = redis::from_redis_value(reply)?;
-                        keys.extend(found);
-                        if next == 0 {
-                            break;
-                        }
-                        cursor = next;
-                    }
-                }
+                Ok(nodes.addresses.iter().map(|(host, port)| ScanTarget::Node(host.clone(), *port)).collect())
             }
         }
-        Ok(keys)
+    }
+
+    /// One page of `SCAN cursor MATCH pattern` on `target`: the next cursor
+    /// (0 when done) and the keys found. A key may come on more than one
+    /// page (SCAN's guarantee); callers must not mind.
+    pub async fn scan_page(&self, target: &ScanTarget, cursor: u64, pattern: &str) -> Result<(u64, Vec<String>), RedisError> {
+        let scan = cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000).clone();
+        match (self, target) {
+            (Conn::Single(c), _) => scan.query_async(&mut c.clone()).await,
+            (Conn::Cluster(c, _), ScanTarget::Node(host, port)) => {
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host: host.clone(), port: *port });
+                Ok(redis::from_redis_value(c.clone().route_command(scan, route).await?)?)
+            }
+            (Conn::Cluster(..), ScanTarget::Server) => {
+                Err(RedisError::from((ErrorKind::ClusterConnectionNotFound, "a cluster is scanned node by node")))
+            }
+        }
     }
 
     async fn load_slots(c: &ClusterConnection, table: &SlotTable) -> Option<Arc<Nodes>> {

@@ -172,26 +172,33 @@ impl RedisStore {
     /// Removes the keys of the former per-membership layout (docs/storage.md,
     /// "Key layout"): a Redis that held versions from before index files
     /// keeps them otherwise, though nothing reads them any more, and they
-    /// hold 89-177 bytes per membership. Finds them with `SCAN` (on every
-    /// primary of a cluster), so Redis is never blocked for long, and
-    /// removes only keys [`keys::is_former_layout`] recognises, with
-    /// `UNLINK`. Idempotent: the operator's leader runs it when its term
-    /// starts. Returns how many keys it removed.
+    /// hold 89-177 bytes per membership. Walks `SCAN` a page at a time (on
+    /// every primary of a cluster) and `UNLINK`s, page by page, only the
+    /// keys [`keys::is_former_layout`] recognises: Redis is never blocked
+    /// for long, memory stays one page, and each round trip has its own
+    /// deadline however many keys there are. Idempotent: the operator's
+    /// leader runs it when its term starts. Returns how many keys it removed.
     pub async fn remove_former_layout(&self) -> Result<u64, StoreError> {
-        const KEYS_PER_BATCH: usize = 500;
         let limit = self.inner.options.bulk_timeout;
+        let conn = &self.inner.conn;
         let mut removed = 0;
-        for pattern in keys::FORMER_LAYOUT_PATTERNS {
-            let found = within(limit, self.inner.conn.scan_keys(pattern)).await?;
-            let former: Vec<String> =
-                found.into_iter().filter(|key| keys::is_former_layout(key)).collect::<BTreeSet<_>>().into_iter().collect();
-            for chunk in former.chunks(KEYS_PER_BATCH) {
-                let mut batch = Batch::new();
-                for key in chunk {
-                    batch.add(key, cmd("UNLINK").arg(key).clone());
-                }
-                for reply in self.run(batch, limit).await? {
-                    removed += u64::from_redis_value(reply).unwrap_or(0);
+        for target in within(limit, conn.scan_targets()).await? {
+            for pattern in keys::FORMER_LAYOUT_PATTERNS {
+                let mut cursor = 0;
+                loop {
+                    let (next, found) = within(limit, conn.scan_page(&target, cursor, pattern)).await?;
+                    let mut batch = Batch::new();
+                    for key in found.iter().filter(|key| keys::is_former_layout(key)) {
+                        batch.add(key, cmd("UNLINK").arg(key).clone());
+                    }
+                    // A key listed twice is unlinked once: the second reply is 0.
+                    for reply in self.run(batch, limit).await? {
+                        removed += u64::from_redis_value(reply).unwrap_or(0);
+                    }
+                    if next == 0 {
+                        break;
+                    }
+                    cursor = next;
                 }
             }
         }
