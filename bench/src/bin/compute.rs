@@ -167,6 +167,11 @@ fn pool_bytes() -> usize {
     compute::memory_pool_for(Some(4 << 30))
 }
 
+/// How the benchmark runs DataFusion: with [`pool_bytes`].
+fn bench_options() -> ComputeOptions {
+    ComputeOptions { memory_limit: pool_bytes(), ..ComputeOptions::default() }
+}
+
 /// `--spark`: the fifteen segments on the local Spark engine (`spark-submit
 /// --master local[*]`, one session for all of them, so the JVM starts once;
 /// a 4 GiB driver), their total next to DataFusion's, and the members
@@ -206,8 +211,7 @@ async fn best_of(task: &ComputeTask, name: &str) -> (f64, u64) {
     let mut members = 0;
     for _ in 0..RUNS {
         let start = std::time::Instant::now();
-        let options = ComputeOptions { memory_limit: pool_bytes(), ..ComputeOptions::default() };
-        let report = compute::run_with(task, &options).await.unwrap_or_else(|e| panic!("{name} ({}): {e}", task.segment));
+        let report = compute::run_with(task, &bench_options()).await.unwrap_or_else(|e| panic!("{name} ({}): {e}", task.segment));
         best = best.min(start.elapsed().as_secs_f64());
         members = report.members;
     }
@@ -238,8 +242,7 @@ async fn main() {
         for (i, (name, definition, _)) in reference_segments(&sources).into_iter().enumerate() {
             if name.contains(&wanted) {
                 let task = bench_task(&format!("s{i}"), definition, &sources, snapshot, work.path());
-                let options = ComputeOptions { memory_limit: pool_bytes(), ..ComputeOptions::default() };
-                let plan = compute::explain_analyze(&task, &options).await.unwrap_or_else(|e| panic!("{name}: {e}"));
+                let plan = compute::explain_analyze(&task, &bench_options()).await.unwrap_or_else(|e| panic!("{name}: {e}"));
                 println!("{name}\n{plan}");
             }
         }
