@@ -1223,13 +1223,20 @@ mod tests {
         .unwrap();
         std::env::set_var("DATAFUSION_EXECUTION_BATCH_SIZE", "4321");
         std::env::set_var("DATAFUSION_OPTIMIZER_REPARTITION_SORTS", "true");
+        std::env::set_var("DATAFUSION_EXECUTION_SORT_IN_PLACE_THRESHOLD_BYTES", "1");
         let engine = Engine::new(&task, &ComputeOptions::default());
         std::env::remove_var("DATAFUSION_EXECUTION_BATCH_SIZE");
         std::env::remove_var("DATAFUSION_OPTIMIZER_REPARTITION_SORTS");
+        std::env::remove_var("DATAFUSION_EXECUTION_SORT_IN_PLACE_THRESHOLD_BYTES");
         let state = engine.unwrap().ctx.state();
         let options = state.config().options();
         assert_eq!(state.config().batch_size(), 4321);
         assert!(!options.optimizer.repartition_sorts, "the worker's own setting wins");
+        assert_eq!(
+            options.execution.sort_in_place_threshold_bytes,
+            ComputeOptions::default().memory_limit / 8,
+            "sorts under an eighth of the pool sort in place, whatever the environment says"
+        );
     }
 
     /// The tuned defaults apply unless the admin's environment sets them;
