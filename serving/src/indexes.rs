@@ -105,6 +105,15 @@ impl LoadedVersion {
         HASHER.hash_one(user)
     }
 
+    /// Starts loading the prefilter line of `hash` into the cache without
+    /// waiting for it. The users route calls it on every active version
+    /// before probing any, so the lines' cache misses (one per version:
+    /// the prefilters outgrow the caches) overlap instead of coming one
+    /// after another.
+    pub fn prefetch(&self, hash: u64) {
+        self.prefilter.prefetch(hash);
+    }
+
     /// Whether `user` is a member: the user's override when the version
     /// does not reflect it, else the index. The same rule as the Redis
     /// layout's ingest: an override recorded after the version's lake data
@@ -237,6 +246,20 @@ impl Prefilter {
         let (line, masks) = Prefilter::locate(lines.len(), hash);
         for (word, mask) in lines[line].0.iter_mut().zip(masks) {
             *word |= mask;
+        }
+    }
+
+    fn prefetch(&self, hash: u64) {
+        if let Some(line) = self.lines.get(Prefilter::line(self.lines.len(), hash)) {
+            // SAFETY: a prefetch is a hint: it reads nothing the program
+            // sees and cannot fault, and `line` is a live reference anyway.
+            // SSE is part of every x86-64 target.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(std::ptr::from_ref(line).cast());
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = line;
         }
     }
 

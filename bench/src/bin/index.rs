@@ -26,6 +26,18 @@ use segment_core::manifest::{checksum, encode_part};
 use segment_serving::LoadedVersion;
 use segment_tests::SplitMix64;
 
+/// How a user's segments are looked up over every version.
+#[derive(Clone, Copy)]
+enum Lookup {
+    /// As the users route does: the user hashed once, every version's
+    /// prefilter line prefetched, then each probed.
+    Served,
+    /// Hashed once, each version probed in turn.
+    HashedOnce,
+    /// Hashed again for each version.
+    PerSegment,
+}
+
 fn main() {
     let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let memberships = args.first().copied().unwrap_or(10_000_000);
@@ -132,16 +144,24 @@ fn main() {
             }
         }
         row("served: non-members past the prefilter", 100.0 * passed as f64 / negatives as f64, "%");
-        for (label, once) in [("hashed once", true), ("hashed per segment", false)] {
+        for (label, lookup) in
+            [("as served", Lookup::Served), ("not prefetched", Lookup::HashedOnce), ("hashed per segment", Lookup::PerSegment)]
+        {
             let mut latencies: Vec<f64> = probes[100_000..200_000]
                 .iter()
                 .map(|id| {
                     let start = Instant::now();
-                    let count = if once {
-                        let hash = LoadedVersion::hash(id);
-                        loaded.iter().filter(|version| version.has_hashed(id, hash, None)).count()
-                    } else {
-                        loaded.iter().filter(|version| version.has(id, None)).count()
+                    let count = match lookup {
+                        Lookup::Served => {
+                            let hash = LoadedVersion::hash(id);
+                            loaded.iter().for_each(|version| version.prefetch(hash));
+                            loaded.iter().filter(|version| version.has_hashed(id, hash, None)).count()
+                        }
+                        Lookup::HashedOnce => {
+                            let hash = LoadedVersion::hash(id);
+                            loaded.iter().filter(|version| version.has_hashed(id, hash, None)).count()
+                        }
+                        Lookup::PerSegment => loaded.iter().filter(|version| version.has(id, None)).count(),
                     };
                     std::hint::black_box(count);
                     start.elapsed().as_secs_f64() * 1e6
