@@ -1,6 +1,8 @@
 //! Shared bits of the benchmarks: running external reference tools and
 //! printing figures in one format.
 
+pub mod load;
+
 use std::process::Command;
 use std::time::Instant;
 
