@@ -1,5 +1,8 @@
 //! Shared bits of the benchmarks: running external reference tools and
 //! printing figures in one format.
+//!
+//! - `load`: an HTTP/1.1 load generator, open loop at a rate for latency
+//!   and closed loop for the maximum (the serving benchmark).
 
 pub mod load;
 
