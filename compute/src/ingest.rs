@@ -183,17 +183,16 @@ async fn check_part(dir: &ResultDir, part: &Part) -> Result<(), String> {
 }
 
 /// The previous version's index, to count the change from it by one merge
-/// of the two index files. `None` when it cannot be had (written before
-/// index files, or gone): the rollover guard then holds the version for
-/// approval if it has a change limit.
+/// of the two indexes (a version written before index files has one built
+/// from its parts). `None` when it cannot be had (its files damaged or
+/// gone): the rollover guard then holds the version for approval if it has
+/// a change limit.
 async fn read_previous(previous: Option<VersionFiles>) -> Option<(u64, IdSet)> {
     let previous = previous?;
     let read = async {
         let dir = ResultDir::open(&previous.results_uri).map_err(|e| e.to_string())?;
         let manifest = dir.read_manifest().await.map_err(|e| e.to_string())?.ok_or("no manifest")?;
-        let entry = manifest.index.as_ref().ok_or("no index file")?;
-        let bytes = dir.read_index(entry).await.map_err(|e| e.to_string())?;
-        entry.open_index(bytes).map_err(|e| e.to_string())
+        dir.read_members(&manifest).await.map_err(|e| e.to_string())
     };
     match read.await {
         Ok(before) => Some((previous.version, before)),

@@ -963,7 +963,7 @@ fn the_guard_uses_the_change_ingest_counted_and_holds_a_version_whose_change_was
     let plan = w.reconcile();
     assert!(plan.actions.contains(&Action::Activate { version: v, previous: Some(1) }), "{:?}", plan.actions);
 
-    // v1 was computed before index files: nothing was counted.
+    // v1's files could not be read at ingest: nothing was counted.
     let (mut w, v) = world();
     w.without_index.insert(1);
     w.succeed(v, Ingest);

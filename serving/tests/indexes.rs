@@ -13,11 +13,13 @@ use axum::body::Body;
 use chrono::{DateTime, TimeDelta, Utc};
 use http::{Request, StatusCode};
 use segment_core::api::SegmentKey;
-use segment_core::index::IdSet;
+use segment_core::index::{IdSet, INDEX_FILE};
+use segment_core::manifest::Manifest;
 use segment_core::naming::results_uri;
 use segment_core::store::{MemoryStore, Override, OverrideOp, Seal, StoreError};
 use segment_serving::{router, AppState, IndexOptions, IndexSource, ResultFiles, ServingConfig, ServingStore, Shard};
 use segment_store::redis::RedisStore;
+use segment_store::results::ResultDir;
 use segment_tests::{write_result, RedisServer};
 use serde_json::Value;
 use tower::ServiceExt;
@@ -301,6 +303,45 @@ async fn a_damaged_index_file_is_never_served() {
     std::fs::write(&path, &bytes).unwrap();
     api.wait_ready().await;
     assert_eq!(api.segments_of("u1").await, ["growth/lapsed@1"]);
+}
+
+/// A version computed before index files (its manifest lists none) is
+/// served from an index built from its parts, so a replica is ready after
+/// an upgrade without the version being computed again; parts that fail
+/// their checksum are never served.
+#[tokio::test]
+async fn a_version_from_before_index_files_is_served_from_its_parts() {
+    let store: Arc<dyn ServingStore> = Arc::new(MemoryStore::new());
+    let fixture = Fixture::new(store.clone());
+    let ids = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<String>>();
+    // Parts in order (read one at a time) and out of order (sorted whole).
+    for (segment, parts) in [(vip(), vec![ids(&["u1", "u2"]), ids(&["u3"])]), (lapsed(), vec![ids(&["u3", "u5"]), ids(&["u1"])])]
+    {
+        let uri = results_uri(&fixture.base, &segment, 1);
+        let manifest = write_result(&uri, &segment, 1, snapshot(), &parts).await;
+        let dir = ResultDir::open(&uri).unwrap();
+        dir.write_manifest(&Manifest { index: None, ..manifest }).await.unwrap();
+        std::fs::remove_file(uri.trim_start_matches("file://").to_string() + INDEX_FILE).unwrap();
+        let seal = Seal { snapshot_time: Some(snapshot()), overrides_from: Some(snapshot()), ..Seal::default() };
+        store.seal_with(&segment, 1, &seal).await.unwrap();
+        store.activate(&segment, 1).await.unwrap();
+    }
+    let part = results_uri(&fixture.base, &lapsed(), 1).trim_start_matches("file://").to_string() + "part-00001.txt";
+    let mut bytes = std::fs::read(&part).unwrap();
+    bytes[0] ^= 0x20;
+    std::fs::write(&part, &bytes).unwrap();
+
+    let api = Api::start(store.clone(), fixture.config(Gate::new(&fixture.base), Duration::from_millis(100)));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!api.state.is_ready(), "a part that fails its checksum is not held");
+    bytes[0] ^= 0x20;
+    std::fs::write(&part, &bytes).unwrap();
+    api.wait_ready().await;
+    assert_eq!(api.segments_of("u1").await, ["crm/vip@1", "growth/lapsed@1"]);
+    assert_eq!(api.segments_of("u2").await, ["crm/vip@1"]);
+    assert_eq!(api.segments_of("u5").await, ["growth/lapsed@1"]);
+    assert!(api.segments_of("u4").await.is_empty());
+    assert!(api.is_member(&lapsed(), "u3").await && !api.is_member(&lapsed(), "u2").await);
 }
 
 #[tokio::test]

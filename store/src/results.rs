@@ -12,8 +12,8 @@ use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use segment_core::api::SegmentKey;
-use segment_core::index::{IdSet, INDEX_FILE};
-use segment_core::manifest::{checksum, encode_part, index_checksum, part_file, Manifest, Part, MANIFEST_FILE};
+use segment_core::index::{self, IdSet, IdSetWriter, INDEX_FILE};
+use segment_core::manifest::{checksum, encode_part, index_checksum, part_file, Manifest, Part, ResultError, MANIFEST_FILE};
 use segment_core::naming::results_uri;
 use segment_core::seal::{SealFile, SEAL_FILE};
 use segment_core::store::{Cause, IndexSource, ResultStore, StoreError};
@@ -34,6 +34,18 @@ impl From<ResultsError> for StoreError {
     fn from(e: ResultsError) -> StoreError {
         StoreError::Unavailable(Cause::new("result files", e))
     }
+}
+
+/// Why a version's members could not be had from its files.
+#[derive(Debug, thiserror::Error)]
+pub enum MembersError {
+    /// A file could not be read: perhaps only for now.
+    #[error(transparent)]
+    Unreadable(#[from] ResultsError),
+    /// A file is not what the manifest says it is: every read will fail
+    /// the same way.
+    #[error(transparent)]
+    Invalid(#[from] ResultError),
 }
 
 fn io(path: &Path) -> impl FnOnce(object_store::Error) -> ResultsError + '_ {
@@ -94,6 +106,44 @@ impl ResultDir {
         Ok(bytes)
     }
 
+    /// The version's members as an index: its index file, checked against
+    /// the manifest, or for a result written before index files, an index
+    /// built from its parts, each checked against the manifest. So a
+    /// version computed before an upgrade is served, diffed and compared
+    /// with without being computed again.
+    pub async fn read_members(&self, manifest: &Manifest) -> Result<IdSet, MembersError> {
+        if let Some(index) = &manifest.index {
+            let bytes = self.read_index(index).await?;
+            return Ok(index.open_index(bytes)?);
+        }
+        // A part at a time while the ids come in order, as compute writes
+        // them; parts that do not are read whole and sorted.
+        let mut writer = IdSetWriter::new();
+        for part in &manifest.parts {
+            let bytes = self.read_part(part).await?;
+            for id in part.decode(&bytes)? {
+                if writer.push(id).is_err() {
+                    return self.members_sorted(manifest).await;
+                }
+            }
+        }
+        open_built(writer.finish())
+    }
+
+    /// Every part's ids, sorted, as an index.
+    async fn members_sorted(&self, manifest: &Manifest) -> Result<IdSet, MembersError> {
+        let mut parts = Vec::with_capacity(manifest.parts.len());
+        for part in &manifest.parts {
+            parts.push((part, self.read_part(part).await?));
+        }
+        let mut ids = Vec::new();
+        for (part, bytes) in &parts {
+            ids.extend(part.decode(bytes)?);
+        }
+        let built = index::build(ids).map_err(|e| ResultError::Manifest(format!("the parts' ids: {e}")))?;
+        open_built(built)
+    }
+
     /// Writes the manifest; call it after every part is written.
     pub async fn write_manifest(&self, manifest: &Manifest) -> Result<(), ResultsError> {
         let path = self.path(MANIFEST_FILE);
@@ -147,6 +197,11 @@ impl ResultDir {
     pub async fn delete(&self) -> Result<(), ResultsError> {
         delete_prefix(&self.location.store, &self.location.path).await
     }
+}
+
+/// Opens an index just built from checked parts.
+fn open_built(bytes: Vec<u8>) -> Result<IdSet, MembersError> {
+    Ok(IdSet::open(bytes).map_err(|e| ResultError::Manifest(format!("the index built from the parts: {e}")))?)
 }
 
 async fn delete_prefix(store: &std::sync::Arc<dyn ObjectStore>, prefix: &Path) -> Result<(), ResultsError> {
@@ -279,13 +334,9 @@ impl IndexSource for ResultFiles {
         let dir = ResultDir::open(&uri).map_err(|e| StoreError::Other(format!("{uri}: {e}").into()))?;
         let manifest = dir.read_manifest().await.map_err(|e| unreadable(&e))?;
         let manifest = manifest.ok_or_else(|| StoreError::MissingVersion { segment: segment.to_string(), version })?;
-        // Versions computed before index files existed have none; they are
-        // served again once recomputed.
-        let entry = manifest
-            .index
-            .as_ref()
-            .ok_or_else(|| StoreError::Other(format!("{uri}: the version has no index file; recompute it").into()))?;
-        let bytes = dir.read_index(entry).await.map_err(|e| unreadable(&e))?;
-        entry.open_index(bytes).map_err(|e| StoreError::Other(format!("{uri}: {e}").into()))
+        dir.read_members(&manifest).await.map_err(|e| match e {
+            MembersError::Unreadable(e) => unreadable(&e),
+            MembersError::Invalid(e) => StoreError::Other(format!("{uri}: {e}").into()),
+        })
     }
 }

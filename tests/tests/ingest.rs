@@ -112,9 +112,25 @@ async fn the_change_from_the_active_version_is_counted_from_the_index_files() {
     assert_eq!(report.change, change);
     assert_eq!(verdict_in(&dir, 2).unwrap().seal.change, change);
 
+    // The active version was written before index files (its manifest
+    // lists none, its parts out of order): counted from its parts.
+    let manifest = write_result(&local_uri(&dir, 3), &segment, 3, &[users(50..100), users(0..50)]).await;
+    let without = Manifest { index: None, ..manifest };
+    std::fs::write(dir.path().join("v3/_manifest.json"), serde_json::to_vec(&without).unwrap()).unwrap();
+    std::fs::remove_file(dir.path().join(format!("v3/{INDEX_FILE}"))).unwrap();
+    let from_parts = IngestTask { compare_with: compare_with(3), ..task(&segment, 2, &local_uri(&dir, 2), 0) };
+    assert_eq!(ingest::verify(&from_parts).await.unwrap().change, Some(CountedChange { from: 3, changed: 50 + 3950 }));
+
     let missing = IngestTask { compare_with: compare_with(9), ..task(&segment, 2, &local_uri(&dir, 2), 0) };
     ingest::verify(&missing).await.unwrap();
     assert_eq!(verdict_in(&dir, 2).unwrap().seal.change, None);
+
+    // Its parts damaged: nothing counted.
+    let part = dir.path().join("v3/part-00000.txt");
+    let mut bytes = std::fs::read(&part).unwrap();
+    bytes[0] ^= 0x20;
+    std::fs::write(&part, bytes).unwrap();
+    assert_eq!(ingest::verify(&from_parts).await.unwrap().change, None);
 }
 
 /// A damaged part fails the run (no verdict is written) unless
@@ -154,7 +170,9 @@ async fn a_damaged_part_fails_the_run_unless_tolerated_and_a_damaged_or_missing_
     assert!(error.message.contains(INDEX_FILE) && error.message.contains("checksum"), "{error}");
     assert_eq!(verdict_in(&dir, 3), None);
 
-    // So does a result without one: no replica could serve it.
+    // So does a result without one: compute writes one with every result
+    // (only versions from before index files, already served, are read
+    // from their parts instead).
     let manifest = write_result(&local_uri(&dir, 4), &segment, 4, &[users(0..10)]).await;
     let without = Manifest { index: None, ..manifest };
     std::fs::write(dir.path().join("v4/_manifest.json"), serde_json::to_vec(&without).unwrap()).unwrap();

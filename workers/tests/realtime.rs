@@ -488,11 +488,12 @@ async fn each_rollover_publishes_its_changes_once() {
 
 /// An index file that cannot be read for now (here: listed by the manifest,
 /// missing from object storage, as a read that fails) is retried on every
-/// resync until it reads; a version whose result has no index file (computed
-/// before index files) gives up on the rollovers into and out of it, and
-/// the next rollover between two readable versions publishes again.
+/// resync until it reads; a version whose result has no index file
+/// (computed before index files) is diffed from its parts; one whose index
+/// file fails its checksum gives up on the rollovers into and out of it,
+/// and the next rollover between two readable versions publishes again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unreadable_index_file_is_retried_and_a_missing_one_gives_up() {
+async fn an_unreadable_index_file_is_retried_a_damaged_one_gives_up_and_a_missing_one_is_built_from_the_parts() {
     let setup = Setup::empty().await;
     let snapshot = Utc::now() - chrono::Duration::hours(1);
     setup.computed(1, snapshot, users("u", 0..30)).await;
@@ -512,34 +513,47 @@ async fn an_unreadable_index_file_is_retried_and_a_missing_one_gives_up() {
     // 10 entered (30..40), 10 exited (0..10).
     announcements(&[&metrics], "published", 1).await;
 
-    // v3 was computed before index files: its manifest lists none.
+    // v3 was computed before index files: its manifest lists none. 20
+    // entered (0..10, 40..50), from its parts.
     setup.computed(3, snapshot, users("u", 0..50)).await;
     let dir = ResultDir::open(&results_uri(&setup.results_base(), &setup.segment, 3)).unwrap();
     let manifest = dir.read_manifest().await.unwrap().expect("a manifest");
     dir.write_manifest(&segment_core::manifest::Manifest { index: None, ..manifest }).await.unwrap();
     std::fs::remove_file(setup.results.path().join("growth/vip/v3").join(INDEX_FILE)).unwrap();
     setup.store.activate(&setup.segment, 3).await.unwrap();
-    announcements(&[&metrics], "index_unreadable", 1).await;
-    // Out of it, too.
-    setup.computed(4, snapshot, users("u", 0..5)).await;
-    setup.store.activate(&setup.segment, 4).await.unwrap();
-    announcements(&[&metrics], "index_unreadable", 2).await;
-    // v4 is the base of the next diff: 5 entered (5..10).
-    setup.computed(5, snapshot, users("u", 0..10)).await;
-    setup.store.activate(&setup.segment, 5).await.unwrap();
     announcements(&[&metrics], "published", 2).await;
 
-    let events = parse_events(&read_topic(&setup.broker.brokers(), CHANGES, 25).await);
+    // v4's index file fails its checksum: given up on.
+    setup.computed(4, snapshot, users("u", 0..5)).await;
+    let index_file = setup.results.path().join("growth/vip/v4").join(INDEX_FILE);
+    let mut bytes = std::fs::read(&index_file).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&index_file, bytes).unwrap();
+    setup.store.activate(&setup.segment, 4).await.unwrap();
+    announcements(&[&metrics], "index_unreadable", 1).await;
+    // Out of it, too.
+    setup.computed(5, snapshot, users("u", 0..10)).await;
+    setup.store.activate(&setup.segment, 5).await.unwrap();
+    announcements(&[&metrics], "index_unreadable", 2).await;
+    // v5 is the base of the next diff: 5 entered (10..15).
+    setup.computed(6, snapshot, users("u", 0..15)).await;
+    setup.store.activate(&setup.segment, 6).await.unwrap();
+    announcements(&[&metrics], "published", 3).await;
+
+    let events = parse_events(&read_topic(&setup.broker.brokers(), CHANGES, 45).await);
     stop.send(true).unwrap();
     worker.await.unwrap();
     let of = |version: u64, change: &str| -> BTreeSet<String> {
         events.iter().filter(|e| e.version == version && e.change == change).map(|e| e.user.clone()).collect()
     };
-    assert_eq!(events.len(), 25, "v2's events once, v5's, and none of v3 or v4: {events:?}");
+    assert_eq!(events.len(), 45, "v2's, v3's and v6's events once, and none of v4 or v5: {events:?}");
     assert_eq!(of(2, "entered"), users("u", 30..40).into_iter().collect());
     assert_eq!(of(2, "exited"), users("u", 0..10).into_iter().collect());
-    assert_eq!(of(5, "entered"), users("u", 5..10).into_iter().collect());
-    assert!(events.iter().filter(|e| e.version == 5).all(|e| e.previous_version == 4));
+    assert_eq!(of(3, "entered"), users("u", 0..10).into_iter().chain(users("u", 40..50)).collect());
+    assert!(of(3, "exited").is_empty());
+    assert_eq!(of(6, "entered"), users("u", 10..15).into_iter().collect());
+    assert!(events.iter().filter(|e| e.version == 6).all(|e| e.previous_version == 5));
 }
 
 /// The binary, killed with SIGKILL while it works through a stream and
