@@ -169,9 +169,6 @@ impl Clients {
     }
 }
 
-/// The controller of one term as leader: it watches Segments, the Jobs
-/// they own and the SegmentSources they read, and ends once `stop` fires
-/// and the reconciles in flight have finished.
 /// Removes what the former per-membership Redis layout left
 /// (`RedisStore::remove_former_layout`), once a term: after an upgrade from
 /// it, the first leader reclaims that memory; later terms find nothing. A
@@ -187,6 +184,9 @@ async fn remove_former_layout(store: Arc<RedisStore>) {
     }
 }
 
+/// The controller of one term as leader: it watches Segments, the Jobs
+/// they own and the SegmentSources they read, and ends once `stop` fires
+/// and the reconciles in flight have finished.
 fn controller(
     watch_client: &Client,
     context: impl FnOnce(ClusterCache) -> Arc<Context>,

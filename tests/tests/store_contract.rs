@@ -751,6 +751,7 @@ async fn redis_cluster_removes_the_former_layout() {
     let store = RedisStore::connect(&cluster.url()).await.unwrap();
     the_former_layout_is_removed(&store, &cluster.ports, |pattern| cluster.keys(pattern)).await;
 }
+
 async fn next_notice(notices: &mut (impl futures::Stream<Item = Rollover> + Unpin)) -> Rollover {
     tokio::time::timeout(Duration::from_secs(5), notices.next())
         .await
