@@ -13,14 +13,12 @@ use axum::body::Body;
 use chrono::{DateTime, TimeDelta, Utc};
 use http::{Request, StatusCode};
 use segment_core::api::SegmentKey;
-use segment_core::index::{IdSet, INDEX_FILE};
-use segment_core::manifest::Manifest;
+use segment_core::index::IdSet;
 use segment_core::naming::results_uri;
 use segment_core::store::{MemoryStore, Override, OverrideOp, Seal, StoreError};
 use segment_serving::{router, AppState, IndexOptions, IndexSource, ResultFiles, ServingConfig, ServingStore, Shard};
 use segment_store::redis::RedisStore;
-use segment_store::results::ResultDir;
-use segment_tests::{write_result, RedisServer};
+use segment_tests::{as_before_index_files, write_result, RedisServer};
 use serde_json::Value;
 use tower::ServiceExt;
 
@@ -318,10 +316,8 @@ async fn a_version_from_before_index_files_is_served_from_its_parts() {
     for (segment, parts) in [(vip(), vec![ids(&["u1", "u2"]), ids(&["u3"])]), (lapsed(), vec![ids(&["u3", "u5"]), ids(&["u1"])])]
     {
         let uri = results_uri(&fixture.base, &segment, 1);
-        let manifest = write_result(&uri, &segment, 1, snapshot(), &parts).await;
-        let dir = ResultDir::open(&uri).unwrap();
-        dir.write_manifest(&Manifest { index: None, ..manifest }).await.unwrap();
-        std::fs::remove_file(uri.trim_start_matches("file://").to_string() + INDEX_FILE).unwrap();
+        write_result(&uri, &segment, 1, snapshot(), &parts).await;
+        as_before_index_files(&uri).await;
         let seal = Seal { snapshot_time: Some(snapshot()), overrides_from: Some(snapshot()), ..Seal::default() };
         store.seal_with(&segment, 1, &seal).await.unwrap();
         store.activate(&segment, 1).await.unwrap();

@@ -539,6 +539,16 @@ pub async fn write_result(
     manifest
 }
 
+/// Makes the local (`file://`) result at `uri` one written before index
+/// files existed: its manifest lists no index, and the index file is gone.
+pub async fn as_before_index_files(uri: &str) {
+    let dir = segment_store::results::ResultDir::open(uri).expect("a result location");
+    let manifest = dir.read_manifest().await.expect("the manifest read").expect("a manifest");
+    dir.write_manifest(&segment_core::manifest::Manifest { index: None, ..manifest }).await.expect("the manifest written");
+    let path = Path::new(uri.strip_prefix("file://").expect("a local result")).join(segment_core::index::INDEX_FILE);
+    std::fs::remove_file(path).expect("the index file removed");
+}
+
 /// A fixed-seed splitmix64: the same numbers on every run, with no
 /// dependency; benchmarks and property-style tests draw their data from it.
 #[derive(Debug, Clone)]

@@ -12,6 +12,7 @@ use segment_core::seal::{judge, SealFile, Verdict, SEAL_FILE, SEAL_FORMAT};
 use segment_core::store::{CountedChange, ResultStore};
 use segment_core::task::{IngestTask, VersionFiles};
 use segment_store::results::ObjectResults;
+use segment_tests::as_before_index_files;
 
 fn snapshot() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 6, 1, 12, 0, 0).unwrap()
@@ -114,10 +115,8 @@ async fn the_change_from_the_active_version_is_counted_from_the_index_files() {
 
     // The active version was written before index files (its manifest
     // lists none, its parts out of order): counted from its parts.
-    let manifest = write_result(&local_uri(&dir, 3), &segment, 3, &[users(50..100), users(0..50)]).await;
-    let without = Manifest { index: None, ..manifest };
-    std::fs::write(dir.path().join("v3/_manifest.json"), serde_json::to_vec(&without).unwrap()).unwrap();
-    std::fs::remove_file(dir.path().join(format!("v3/{INDEX_FILE}"))).unwrap();
+    write_result(&local_uri(&dir, 3), &segment, 3, &[users(50..100), users(0..50)]).await;
+    as_before_index_files(&local_uri(&dir, 3)).await;
     let from_parts = IngestTask { compare_with: compare_with(3), ..task(&segment, 2, &local_uri(&dir, 2), 0) };
     assert_eq!(ingest::verify(&from_parts).await.unwrap().change, Some(CountedChange { from: 3, changed: 50 + 3950 }));
 
@@ -173,9 +172,8 @@ async fn a_damaged_part_fails_the_run_unless_tolerated_and_a_damaged_or_missing_
     // So does a result without one: compute writes one with every result
     // (only versions from before index files, already served, are read
     // from their parts instead).
-    let manifest = write_result(&local_uri(&dir, 4), &segment, 4, &[users(0..10)]).await;
-    let without = Manifest { index: None, ..manifest };
-    std::fs::write(dir.path().join("v4/_manifest.json"), serde_json::to_vec(&without).unwrap()).unwrap();
+    write_result(&local_uri(&dir, 4), &segment, 4, &[users(0..10)]).await;
+    as_before_index_files(&local_uri(&dir, 4)).await;
     let error = ingest::verify(&task(&segment, 4, &local_uri(&dir, 4), 5)).await.unwrap_err();
     assert_eq!(error.reason, FailureReason::CorruptResult);
     assert!(error.message.contains("no index file"), "{error}");

@@ -30,8 +30,8 @@ use segment_core::store::{
 };
 use segment_runtime::probes::Probe;
 use segment_store::redis::RedisStore;
-use segment_store::results::{ResultDir, ResultFiles};
-use segment_tests::{KafkaBroker, RedisServer};
+use segment_store::results::ResultFiles;
+use segment_tests::{as_before_index_files, KafkaBroker, RedisServer};
 use segment_worker::realtime::changes::ChangeEvent;
 use segment_worker::realtime::kafka::{self, KafkaSettings, RealtimeConfig, DEFAULT_MAX_CLOCK_SKEW, ERROR_HEADER, REASON_HEADER};
 use segment_worker::realtime::metrics::Metrics;
@@ -516,10 +516,7 @@ async fn an_unreadable_index_file_is_retried_a_damaged_one_gives_up_and_a_missin
     // v3 was computed before index files: its manifest lists none. 20
     // entered (0..10, 40..50), from its parts.
     setup.computed(3, snapshot, users("u", 0..50)).await;
-    let dir = ResultDir::open(&results_uri(&setup.results_base(), &setup.segment, 3)).unwrap();
-    let manifest = dir.read_manifest().await.unwrap().expect("a manifest");
-    dir.write_manifest(&segment_core::manifest::Manifest { index: None, ..manifest }).await.unwrap();
-    std::fs::remove_file(setup.results.path().join("growth/vip/v3").join(INDEX_FILE)).unwrap();
+    as_before_index_files(&results_uri(&setup.results_base(), &setup.segment, 3)).await;
     setup.store.activate(&setup.segment, 3).await.unwrap();
     announcements(&[&metrics], "published", 2).await;
 
