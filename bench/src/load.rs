@@ -47,6 +47,9 @@ struct Connection {
     received: Vec<u8>,
 }
 
+/// How long a run waits with requests out and no answer before it fails.
+const STALLED: Duration = Duration::from_secs(30);
+
 /// How requests are sent.
 #[derive(Clone, Copy, Debug)]
 pub enum Pace {
@@ -99,11 +102,20 @@ pub fn run(
             pending += 1;
         }
     }
+    let mut last_answer = start;
     while scheduled < total || pending > 0 {
         let now = Instant::now();
-        while scheduled < total && start + interval.mul_f64(scheduled as f64) <= now {
+        assert!(
+            pending == 0 || now - last_answer < STALLED,
+            "no answer for {STALLED:?} with {pending} requests out: the server is stuck"
+        );
+        while scheduled < total {
+            let due = start + interval.mul_f64(scheduled as f64);
+            if due > now {
+                break;
+            }
             let connection = &mut pool[(scheduled % connections as u64) as usize];
-            connection.due.push_back(start + interval.mul_f64(scheduled as f64));
+            connection.due.push_back(due);
             if !connection.sent {
                 send(connection, &path());
             }
@@ -129,7 +141,8 @@ pub fn run(
             while let Some((status, length)) = answer(&connection.received) {
                 connection.received.drain(..length);
                 let due = connection.due.pop_front().expect("an answer to a request sent");
-                let micros = due.elapsed().as_micros();
+                last_answer = Instant::now();
+                let micros = (last_answer - due).as_micros();
                 latencies.push(u32::try_from(micros).unwrap_or(u32::MAX));
                 failed += u64::from(!(200..300).contains(&status));
                 pending -= 1;

@@ -117,7 +117,8 @@ impl ResultDir {
             return Ok(index.open_index(bytes)?);
         }
         // A part at a time while the ids come in order, as compute writes
-        // them; parts that do not are read whole and sorted.
+        // them, so only one part's text is held; if they do not, every part
+        // is read again, whole, and sorted (results of some older writer).
         let mut writer = IdSetWriter::new();
         for part in &manifest.parts {
             let bytes = self.read_part(part).await?;

@@ -321,8 +321,9 @@ fn table_header(last: &str) {
     );
 }
 
-/// One round of maxima, each a percentage of the round's ceiling: the
-/// higher of wrk's and [`load`]'s where both were run.
+/// One round: latency at 20K requests/s, then the maxima, each a
+/// percentage of the round's ceiling (the higher of wrk's and [`load`]'s
+/// where both were run).
 struct Round {
     /// Latency at 20K requests/s ([`load`], open loop).
     users_20k: Figures,
@@ -601,9 +602,10 @@ fn index_files(seconds: u64) {
     println!("fixed rates: load (segment_bench::load, open loop: one thread polling without sleeping but yielding its core, latency from when each request was due, {CONNECTIONS} connections)");
     table_header("");
     let connections: usize = CONNECTIONS.parse().expect("a number");
-    let load_at = |address, rate, path: &mut dyn FnMut() -> String| {
-        Figures::from(load::run(address, Pace::Rate(rate), connections, Duration::from_secs(seconds), path))
+    let run_load = |address, pace, path: &mut dyn FnMut() -> String| {
+        Figures::from(load::run(address, pace, connections, Duration::from_secs(seconds), path))
     };
+    let load_at = |address, rate, path: &mut dyn FnMut() -> String| run_load(address, Pace::Rate(rate), path);
     let mut draw = SplitMix64(3);
     let mut random_user = move || user_id(draw.next_u64() % UNIVERSE);
     let mut users_path = || format!("/v1/users/{}/segments", random_user());
@@ -640,8 +642,7 @@ fn index_files(seconds: u64) {
         let wrk_max =
             |name: &str, url: &str, lua: &str| table_row(&format!("max, {name} (wrk) #{round}"), "-", wrk(url, lua, seconds), "");
         let load_max = |name: &str, address, path: &mut dyn FnMut() -> String| {
-            let figures = Figures::from(load::run(address, Pace::Closed, connections, Duration::from_secs(seconds), path));
-            table_row(&format!("max, {name} (load) #{round}"), "-", figures, "")
+            table_row(&format!("max, {name} (load) #{round}"), "-", run_load(address, Pace::Closed, path), "")
         };
         let maxima = [
             wrk_max("users, random", &base_url, &users_lua),
