@@ -3,7 +3,11 @@
 //!
 //! - `load`: an HTTP/1.1 load generator, open loop at a rate for latency
 //!   and closed loop for the maximum (the serving benchmark).
+//! - `cpu`: a process's or its threads' CPU time, user and kernel (how
+//!   much of a request the kernel's TCP work costs, in the serving
+//!   benchmark).
 
+pub mod cpu;
 pub mod load;
 
 use std::process::Command;

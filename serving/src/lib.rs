@@ -39,7 +39,7 @@ pub use auth::{Access, Tokens, TokensError};
 pub use error::{ApiError, ErrorBody};
 pub use indexes::{IndexOptions, IndexSource, LoadedVersion, ResultFiles};
 pub use metrics::Metrics;
-pub use server::{connect_redis, ConnectionLimits, ServeError, Server, ServerOptions};
+pub use server::{connect_redis, ConnectionLimits, ServeError, Server, ServerOptions, THREAD_NAME_PREFIX};
 pub use shard::Shard;
 pub use state::AppState;
 

@@ -46,6 +46,10 @@ pub enum ServeError {
     Panicked { thread: usize },
 }
 
+/// Serving's threads are named this, then their number (`serving-0`): what
+/// `top -H`, `perf` and the serving benchmark's CPU accounting see.
+pub const THREAD_NAME_PREFIX: &str = "serving-";
+
 /// Where and how the API listens.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -144,7 +148,7 @@ impl Server {
             );
             let listeners = Listeners { api: listener, metrics: metrics_listener };
             let handle = std::thread::Builder::new()
-                .name(format!("serving-{thread}"))
+                .name(format!("{THREAD_NAME_PREFIX}{thread}"))
                 .spawn(move || {
                     let served = serve_thread(thread, listeners, connections, config, &*connect, shutdown, shared_tx, shared_rx);
                     let _ = stopped_tx.send(thread);

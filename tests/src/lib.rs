@@ -140,6 +140,11 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
+    /// The server's process id (a benchmark reads its CPU time).
+    pub fn pid(&self) -> u32 {
+        self.process.child.id()
+    }
+
     /// Freezes the server (SIGSTOP): connections stay open, nothing is
     /// answered, until [`RedisServer::resume`].
     pub fn pause(&self) {

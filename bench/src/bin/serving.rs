@@ -45,13 +45,14 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use segment_bench::load::{self, Pace};
-use segment_bench::{redis_benchmark, row, rss_bytes};
+use segment_bench::{cpu, redis_benchmark, row, rss_bytes};
 use segment_core::api::SegmentKey;
 use segment_core::index::IdSetWriter;
 use segment_core::naming::results_uri;
 use segment_core::store::{ReplicaRegistry, Seal, SegmentStore};
 use segment_serving::{
     connect_redis, ConnectionLimits, IndexOptions, IndexSource, ResultFiles, Server, ServerOptions, ServingConfig,
+    THREAD_NAME_PREFIX,
 };
 use segment_store::redis::RedisStore;
 use segment_store::results::ResultDir;
@@ -70,6 +71,8 @@ date: Sat, 05 Dec 2026 07:00:00 GMT\r\n\r\n{\"member\":true,\"version\":1}";
 
 /// Rounds of (ceiling, maxima): the ratio is taken within each round.
 const ROUNDS: usize = 3;
+/// GETs in each round's `redis-benchmark` run (the ceiling).
+const GET_REQUESTS: u64 = 500_000;
 /// Load generator connections, for oha and wrk alike.
 const CONNECTIONS: &str = "64";
 
@@ -331,6 +334,10 @@ struct Round {
     floor_20k: Figures,
     /// `redis-benchmark` GET, requests/s.
     ceiling: f64,
+    /// CPU per request, (user, kernel) µs: serving's threads at the users
+    /// route's maximum (wrk), and redis-server's for the ceiling's GETs.
+    users_cpu: (f64, f64),
+    redis_cpu: (f64, f64),
     users: f64,
     member: f64,
     healthz: f64,
@@ -637,15 +644,21 @@ fn index_files(seconds: u64) {
             at_20k("is-member, random", server.address(), &mut member_path),
             at_20k("floor: fixed answer", floor_address, &mut users_path),
         ];
-        let ceiling = redis_benchmark(redis.port, 500_000, 1, &["GET", "key:__rand_int__"]);
+        let redis_pid = redis.pid().to_string();
+        let redis_before = cpu::process(&redis_pid);
+        let ceiling = redis_benchmark(redis.port, GET_REQUESTS, 1, &["GET", "key:__rand_int__"]);
+        let redis_cpu = (cpu::process(&redis_pid) - redis_before).per_request_us(GET_REQUESTS as f64);
         row(&format!("redis-benchmark GET, -c 16 (ceiling) #{round}"), ceiling, "requests/s");
         let wrk_max =
             |name: &str, url: &str, lua: &str| table_row(&format!("max, {name} (wrk) #{round}"), "-", wrk(url, lua, seconds), "");
         let load_max = |name: &str, address, path: &mut dyn FnMut() -> String| {
             table_row(&format!("max, {name} (load) #{round}"), "-", run_load(address, Pace::Closed, path), "")
         };
+        let serving_before = cpu::threads(THREAD_NAME_PREFIX);
+        let users_wrk = wrk_max("users, random", &base_url, &users_lua);
+        let users_cpu = (cpu::threads(THREAD_NAME_PREFIX) - serving_before).per_request_us(users_wrk.rps * seconds as f64);
         let maxima = [
-            wrk_max("users, random", &base_url, &users_lua),
+            users_wrk,
             load_max("users, random", server.address(), &mut users_path),
             wrk_max("is-member, random", &base_url, &member_lua),
             load_max("is-member, random", server.address(), &mut member_path),
@@ -653,12 +666,20 @@ fn index_files(seconds: u64) {
             wrk_max("floor: fixed answer", &floor_url, &users_lua),
             load_max("floor: fixed answer", floor_address, &mut users_path),
         ];
+        let (user, kernel) = users_cpu;
+        let (redis_user, redis_kernel) = redis_cpu;
+        println!(
+            "CPU per request #{round}: serving's threads at the users maximum (wrk) {user:.2} us user + {kernel:.2} us kernel; \
+             redis-server per GET {redis_user:.2} + {redis_kernel:.2}"
+        );
         let percent = |i: usize| 100.0 * maxima[i].rps / ceiling;
         rounds.push(Round {
             users_20k: latencies[0],
             member_20k: latencies[1],
             floor_20k: latencies[2],
             ceiling,
+            users_cpu,
+            redis_cpu,
             users: percent(0).max(percent(1)),
             member: percent(2).max(percent(3)),
             healthz: percent(4),
@@ -682,6 +703,16 @@ fn index_files(seconds: u64) {
     row("max is-member / ceiling", median_of(|r| r.member), "%");
     row("max /healthz / ceiling (wrk)", median_of(|r| r.healthz), "%");
     row("max fixed answer (floor) / ceiling", floor_ratio, "%");
+    // Where a request's time goes on serving's threads: the kernel's part
+    // (TCP on loopback, a read and a write per request) is what no HTTP
+    // stack or index can remove, next to what the throughput goal leaves.
+    let users_cpu = (median_of(|r| r.users_cpu.0), median_of(|r| r.users_cpu.1));
+    let redis_cpu = (median_of(|r| r.redis_cpu.0), median_of(|r| r.redis_cpu.1));
+    let budget = server.threads() as f64 * 1e6 / (1.5 * ceiling);
+    println!("CPU per request (user + kernel, from /proc), median of rounds:");
+    println!("  {:<46} {:>6.2} + {:.2} us", "serving's threads, users route at its maximum", users_cpu.0, users_cpu.1);
+    println!("  {:<46} {:>6.2} + {:.2} us", "redis-server, GET at the ceiling", redis_cpu.0, redis_cpu.1);
+    println!("  {:<46} {:>6.2} us", format!("150 % of the ceiling leaves, {} thread(s)", server.threads()), budget);
     println!("p99 at 20K/s (load), median of rounds:");
     for (name, p99) in [("users, random", users_20k), ("is-member, random", member_20k), ("floor: fixed answer", floor_20k)] {
         println!("  {name:<46} {p99:>14.3} ms");
@@ -761,6 +792,11 @@ fn index_files(seconds: u64) {
     );
     println!("uncached max / redis-benchmark GET: {users_ratio:.1} %");
     println!("fixed answer max / redis-benchmark GET: {floor_ratio:.1} % (the floor: what any server built as serving reaches)");
+    println!(
+        "  (per users request on serving's threads: {:.2} us in the kernel alone, {:.2} us in all; 150 % leaves {budget:.2} us)",
+        users_cpu.1,
+        users_cpu.0 + users_cpu.1
+    );
     println!(
         "goal: users route p99 <= 1 ms at 20K requests/s, random users: {} (achieved {:.0}/s)",
         met(users_20k <= 1.0),
