@@ -287,6 +287,35 @@ impl IdSet {
         self.first_id(block)
     }
 
+    /// The blocks [`contains_within`](Self::contains_within) may read for
+    /// `blocks`: those of the range, and the one before it, whose ids it
+    /// scans when the range is empty (the usual case with a directory).
+    pub fn blocks_read_within(&self, blocks: std::ops::Range<usize>) -> std::ops::Range<usize> {
+        blocks.start.saturating_sub(1).min(self.blocks)..blocks.end.min(self.blocks)
+    }
+
+    /// The bytes of the block offsets of `blocks`, where a lookup finds the
+    /// blocks' entries: a reader that looks up one id in many sets can ask
+    /// the CPU for these (and then [`block_entries`](Self::block_entries))
+    /// in every set before reading any, so the cache misses overlap.
+    pub fn block_offsets(&self, blocks: std::ops::Range<usize>) -> &[u8] {
+        let blocks = blocks.start.min(self.blocks)..blocks.end.min(self.blocks);
+        &self.bytes[HEADER_LEN + blocks.start * 4..HEADER_LEN + blocks.end * 4]
+    }
+
+    /// The bytes of `block`'s entries (empty past the last block).
+    pub fn block_entries(&self, block: usize) -> &[u8] {
+        if block >= self.blocks {
+            return &[];
+        }
+        let start = self.block_start(block).unwrap_or(self.entries_end);
+        let end = match block + 1 < self.blocks {
+            true => self.block_start(block + 1).unwrap_or(start),
+            false => self.entries_end,
+        };
+        &self.bytes[start..end.max(start)]
+    }
+
     /// [`contains`](Self::contains) with its binary search over the blocks
     /// narrowed to `blocks`: the caller knows that every block before
     /// `blocks.start` begins with an id before `id`, and every block from
@@ -316,12 +345,10 @@ impl IdSet {
     /// where that one is below `id`, so it sorts before `id` too; any other
     /// entry equals `id` up to what it shares, and is compared from there.
     fn block_holds(&self, block: usize, id: &[u8]) -> bool {
-        let Ok(start) = self.block_start(block) else { return false };
-        let end = match block + 1 < self.blocks {
-            true => self.block_start(block + 1).unwrap_or(start),
-            false => self.entries_end,
-        };
-        let entries = &self.bytes[start..end.max(start)];
+        if self.block_start(block).is_err() {
+            return false;
+        }
+        let entries = self.block_entries(block);
         let (mut position, mut matched) = (0usize, 0usize);
         let varint = |position: &mut usize| {
             let (value, used) = get_varint(entries.get(*position..)?)?;

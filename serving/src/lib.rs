@@ -37,7 +37,7 @@ use std::time::Duration;
 pub use api::{max_body_bytes, metrics_router, openapi, router};
 pub use auth::{Access, Tokens, TokensError};
 pub use error::{ApiError, ErrorBody};
-pub use indexes::{IndexOptions, IndexSource, LoadedVersion, ResultFiles};
+pub use indexes::{holding, IndexOptions, IndexSource, LoadedVersion, ResultFiles};
 pub use metrics::Metrics;
 pub use server::{connect_redis, ConnectionLimits, ServeError, Server, ServerOptions, THREAD_NAME_PREFIX};
 pub use shard::Shard;

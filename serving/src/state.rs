@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 
 use crate::auth::Tokens;
 use crate::cache::TtlCache;
-use crate::indexes::{merge_override, IndexOptions, LoadedVersion, Overlay};
+use crate::indexes::{self, merge_override, IndexOptions, LoadedVersion, Overlay};
 use crate::metrics::Metrics;
 use crate::{ServingConfig, ServingStore};
 
@@ -188,12 +188,8 @@ impl AppState {
         let aliases = inner.aliases();
         let overlays = inner.held.overlays.read().unwrap_or_else(|e| e.into_inner());
         let overlay_of = |segment: &SegmentKey| if overlays.is_empty() { None } else { overlays.get(segment) };
-        // Hashed once for every segment's prefilter, whose lines are all
-        // asked for before any is read.
-        let hash = LoadedVersion::hash(user);
-        aliases.values().for_each(|active| active.index.prefetch(hash));
-        let mut active: Vec<Arc<ActiveSegment>> =
-            aliases.values().filter(|active| active.index.has_hashed(user, hash, overlay_of(&active.segment))).cloned().collect();
+        let versions = aliases.values().map(|active| (active, &*active.index, overlay_of(&active.segment)));
+        let mut active: Vec<Arc<ActiveSegment>> = indexes::holding(user, versions).into_iter().cloned().collect();
         active.sort_by(|a, b| a.segment.cmp(&b.segment));
         Ok(active.into())
     }
