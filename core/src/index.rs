@@ -291,7 +291,8 @@ impl IdSet {
     /// `blocks`: those of the range, and the one before it, whose ids it
     /// scans when the range is empty (the usual case with a directory).
     pub fn blocks_read_within(&self, blocks: std::ops::Range<usize>) -> std::ops::Range<usize> {
-        blocks.start.saturating_sub(1).min(self.blocks)..blocks.end.min(self.blocks)
+        let end = blocks.end.min(self.blocks);
+        blocks.start.saturating_sub(1).min(end)..end
     }
 
     /// The bytes of the block offsets of `blocks`, where a lookup finds the
@@ -299,8 +300,11 @@ impl IdSet {
     /// the CPU for these (and then [`block_entries`](Self::block_entries))
     /// in every set before reading any, so the cache misses overlap.
     pub fn block_offsets(&self, blocks: std::ops::Range<usize>) -> &[u8] {
-        let blocks = blocks.start.min(self.blocks)..blocks.end.min(self.blocks);
-        &self.bytes[HEADER_LEN + blocks.start * 4..HEADER_LEN + blocks.end * 4]
+        // Clamped, so that no range (an empty or reversed one included)
+        // reaches past the offsets.
+        let end = blocks.end.min(self.blocks);
+        let start = blocks.start.min(end);
+        &self.bytes[HEADER_LEN + start * 4..HEADER_LEN + end * 4]
     }
 
     /// The bytes of `block`'s entries (empty past the last block).
@@ -915,6 +919,26 @@ mod tests {
             prop_assert_eq!(&page[..], &rest[..rest.len().min(limit)]);
             prop_assert_eq!(next.is_some(), rest.len() > limit);
         }
+    }
+
+    #[test]
+    fn the_blocks_a_lookup_reads_are_within_the_set_whatever_the_range() {
+        let ids: Vec<String> = (0..40).map(|n| format!("id-{n:03}")).collect();
+        let set = IdSet::open(build(ids.iter().map(String::as_str)).unwrap()).unwrap();
+        assert_eq!(set.block_count(), 3);
+        assert_eq!(set.blocks_read_within(2..2), 1..2, "an empty range reads the block before it");
+        assert_eq!(set.blocks_read_within(0..0), 0..0);
+        assert_eq!(set.blocks_read_within(1..3), 0..3);
+        assert_eq!(set.blocks_read_within(5..9), 3..3);
+        assert_eq!(set.blocks_read_within(3..1), 1..1);
+        assert_eq!(set.block_offsets(0..3).len(), 12);
+        assert!(set.block_offsets(3..1).is_empty() && set.block_offsets(7..9).is_empty());
+        // Each block's entries begin with its first id whole (length, bytes).
+        assert_eq!(&set.block_entries(1)[..7], b"\x06id-016");
+        assert_eq!(&set.block_entries(2)[..7], b"\x06id-032");
+        assert!(set.block_entries(3).is_empty());
+        let whole: usize = (0..3).map(|block| set.block_entries(block).len()).sum();
+        assert_eq!(whole, set.entries_end - set.entries_start);
     }
 
     proptest! {
