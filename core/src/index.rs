@@ -349,9 +349,7 @@ impl IdSet {
     /// where that one is below `id`, so it sorts before `id` too; any other
     /// entry equals `id` up to what it shares, and is compared from there.
     fn block_holds(&self, block: usize, id: &[u8]) -> bool {
-        if self.block_start(block).is_err() {
-            return false;
-        }
+        // A block whose offset is out of range has no entries: no id is in it.
         let entries = self.block_entries(block);
         let (mut position, mut matched) = (0usize, 0usize);
         let varint = |position: &mut usize| {
